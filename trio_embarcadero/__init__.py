@@ -1,0 +1,19 @@
+"""trio-embarcadero: the broker ingest path of Embarcadero on Trio."""
+
+from .broker import Broker as Broker
+from .broker import BrokerStatistics as BrokerStatistics
+from .broker import open_broker as open_broker
+from .broker import serve as serve
+from .config import Config as Config
+from .config import load_config as load_config
+from .connection import ConnectionPhase as ConnectionPhase
+from .errors import BrokerError as BrokerError
+from .errors import ConfigError as ConfigError
+from .errors import ConnectionLost as ConnectionLost
+from .errors import EmbarcaderoError as EmbarcaderoError
+from .errors import ErrorCode as ErrorCode
+from .errors import LayoutError as LayoutError
+from .errors import LogFullError as LogFullError
+from .errors import ProtocolError as ProtocolError
+
+__version__ = "0.1.0"

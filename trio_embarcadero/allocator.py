@@ -1,0 +1,184 @@
+"""CXL allocator tasks: from staged batches to committed log entries.
+
+Connection tasks send each whole, validated batch (a staging buffer and its
+header) through a bounded memory channel. An allocator task takes one, asks
+the log for space with :func:`reserve`, which retries with exponential backoff
+while the log cannot take the batch, copies the payload in, commits, and gives
+the staging buffer back. The retry state belongs to the batch, never to the
+connection, so two batches of one connection never share a retry budget.
+
+Batches of one connection enter the log in the order they were received even
+with several allocators: each batch waits for its predecessor's ``done``
+event before it reserves. Predecessors are always taken from the channel
+first (one producer per connection, FIFO channel), so this cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+import trio
+
+from .cxl import CxlLog, Reservation
+from .errors import LogFullError
+from .staging import StagingBuffer
+from .wire import BatchHeader
+
+logger = logging.getLogger(__name__)
+
+
+def backoff_delays(initial: float, maximum: float, retries: int) -> Iterator[float]:
+    """The sleeps between attempts: ``initial`` doubling up to ``maximum``.
+
+    ``backoff_delays(100e-6, 1600e-6, 6)`` yields 100, 200, 400, 800, 1600 and
+    1600 microseconds (in seconds); after ``retries`` delays the caller gives up.
+    """
+    delay = initial
+    for _ in range(retries):
+        yield min(delay, maximum)
+        delay *= 2
+
+
+@attrs.frozen
+class Backoff:
+    """How long and how often to retry a reservation."""
+
+    initial: float
+    maximum: float
+    retries: int
+
+    def delays(self) -> Iterator[float]:
+        return backoff_delays(self.initial, self.maximum, self.retries)
+
+
+@attrs.define
+class AllocationCounters:
+    """Counters shared by allocator tasks and the direct receive path."""
+
+    retries: int = 0
+    backoff_seconds: float = 0.0
+    exhausted: int = 0
+
+
+async def reserve(
+    log: CxlLog,
+    topic: str,
+    header: BatchHeader,
+    backoff: Backoff,
+    counters: AllocationCounters,
+    on_commit: Callable[[Reservation], None] | None = None,
+) -> Reservation:
+    """Reserve log space for a batch, backing off while the log is full.
+
+    Raises:
+        LogFullError: Still no space after ``backoff.retries`` retries.
+    """
+    delays = backoff.delays()
+    # Checkpoint before, never after, a successful reservation: a cancellation
+    # between reserving and using the space would strand it in the stream's
+    # commit order.
+    await trio.lowlevel.checkpoint_if_cancelled()
+    while True:
+        try:
+            reservation = log.get_cxl_buffer(topic, header, on_commit)
+        except LogFullError:
+            delay = next(delays, None)
+            if delay is None:
+                counters.exhausted += 1
+                raise
+            counters.retries += 1
+            counters.backoff_seconds += delay
+            await trio.sleep(delay)
+        else:
+            return reservation
+
+
+class BatchOwner(Protocol):
+    """What an allocator needs from the connection a batch came from."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def failed(self) -> bool: ...
+
+    def batch_committed(self, reservation: Reservation) -> None: ...
+
+    def batch_discarded(self, error: LogFullError | None) -> None: ...
+
+
+@attrs.define(eq=False)
+class StagedBatch:
+    """A whole, validated batch waiting in staging for log space.
+
+    Attributes:
+        owner: The connection that received it.
+        header: Its batch header.
+        buffer: The staging buffer holding the payload at its start.
+        starts: Record offsets from ``scan_records``.
+        after: Set when the same connection's previous batch is resolved.
+        done: Set when this batch is resolved (committed or discarded).
+    """
+
+    owner: BatchOwner
+    header: BatchHeader
+    buffer: StagingBuffer
+    starts: npt.NDArray[np.int64]
+    after: trio.Event | None
+    done: trio.Event = attrs.Factory(trio.Event)
+
+
+async def place_batch(
+    batch: StagedBatch, log: CxlLog, backoff: Backoff, counters: AllocationCounters
+) -> None:
+    """Move one staged batch into the log, or tell its owner why not.
+
+    The staging buffer is released and ``done`` set whatever happens.
+    """
+    owner = batch.owner
+    try:
+        if batch.after is not None:
+            await batch.after.wait()
+        if owner.failed:
+            # An earlier batch of this connection failed; committing this one
+            # would reorder the connection's batches. Its owner already told
+            # the client which messages were acked.
+            owner.batch_discarded(None)
+            return
+        try:
+            reservation = await reserve(
+                log, owner.topic, batch.header, backoff, counters, owner.batch_committed
+            )
+        except LogFullError as exc:
+            owner.batch_discarded(exc)
+            return
+        total = batch.header.total_size
+        np.copyto(reservation.payload, batch.buffer.array[:total])
+        log.complete(reservation, batch.starts)
+    finally:
+        batch.buffer.release()
+        batch.done.set()
+
+
+async def run_allocator(
+    batches: trio.MemoryReceiveChannel[StagedBatch],
+    log: CxlLog,
+    backoff: Backoff,
+    counters: AllocationCounters,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Place staged batches until the channel's send side is closed.
+
+    Returns after the channel is drained, so closing the send side is the
+    graceful way to stop allocators.
+    """
+    async with batches:
+        task_status.started()
+        async for batch in batches:
+            await place_batch(batch, log, backoff, counters)

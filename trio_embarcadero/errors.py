@@ -1,0 +1,104 @@
+"""The one exception hierarchy of trio-embarcadero, and the wire error codes.
+
+Low-level failures (``OSError``, trio's stream errors, struct/numpy errors) are
+translated into these classes once, at the I/O boundary that sees them; code
+above that boundary only ever catches :class:`EmbarcaderoError` subclasses.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes carried by an error frame (wire protocol section 4)."""
+
+    BAD_HANDSHAKE = 1
+    BAD_BATCH_HEADER = 2
+    BAD_MESSAGE_RECORDS = 3
+    LOG_FULL = 4
+    SHUTTING_DOWN = 5
+    NOT_ALLOWED = 6
+    TIMEOUT = 7
+
+
+class EmbarcaderoError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(EmbarcaderoError):
+    """The configuration is invalid.
+
+    Attributes:
+        problems: One line per problem, each ending with the ``$.section.key``
+            path it concerns, so a user can fix them all in one go.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(
+            "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        )
+
+
+class ProtocolError(EmbarcaderoError):
+    """A peer broke the wire protocol; the connection is closed with ``code``.
+
+    Attributes:
+        code: The error code sent to the peer in an error frame.
+    """
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code.name.lower()}: {message}")
+
+
+class ConnectionLost(EmbarcaderoError):
+    """The peer went away (EOF, reset or a local close) before a frame was whole.
+
+    Attributes:
+        received: Bytes of the unfinished frame that had arrived.
+    """
+
+    def __init__(self, message: str, received: int = 0) -> None:
+        self.received = received
+        super().__init__(message)
+
+
+class LogFullError(EmbarcaderoError):
+    """The CXL log cannot take a batch right now.
+
+    Attributes:
+        transient: True when space may come back without intervention (the
+            stream's in-flight window is full); False when the region itself
+            has no free segment left.
+    """
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        self.transient = transient
+        super().__init__(message)
+
+
+class LayoutError(EmbarcaderoError):
+    """An existing CXL file has another layout or size than the config asks for."""
+
+
+class BrokerError(EmbarcaderoError):
+    """The broker told a client about a failure with an error frame.
+
+    Attributes:
+        code: The error frame's code (an :class:`ErrorCode` when known).
+        message: The error frame's text.
+        acked: The last cumulative ack count received before the error.
+    """
+
+    def __init__(self, code: int, message: str, acked: int = 0) -> None:
+        self.code = code
+        self.message = message
+        self.acked = acked
+        try:
+            name = ErrorCode(code).name.lower()
+        except ValueError:
+            name = f"error {code}"
+        super().__init__(f"broker error {name}: {message} (acked {acked})")

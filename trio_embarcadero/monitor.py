@@ -1,0 +1,103 @@
+"""The pool monitor and the pause/resume gate it drives.
+
+Connection tasks pass through the gate at every batch boundary. While the
+gate is closed they do not read their sockets, so the kernel's receive buffer
+fills and TCP flow control slows the publisher down: backpressure without
+dropping anything. The monitor closes the gate when staging-pool use reaches
+the high watermark and opens it again only at the low watermark; the gap
+between the two keeps connections from flapping on every single release.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import NoReturn
+
+import trio
+
+from .staging import StagingPool
+
+logger = logging.getLogger(__name__)
+
+
+class PauseGate:
+    """A gate connection tasks wait at while the broker is under pressure.
+
+    ``trio.Event`` cannot be cleared, so the gate swaps in a fresh event on
+    every pause.
+
+    Attributes:
+        pauses: How many times the gate closed.
+        resumes: How many times it opened again.
+    """
+
+    def __init__(self) -> None:
+        self._open = trio.Event()
+        self._open.set()
+        self.pauses = 0
+        self.resumes = 0
+
+    @property
+    def paused(self) -> bool:
+        """Whether connection tasks are being held."""
+        return not self._open.is_set()
+
+    def pause(self) -> None:
+        """Close the gate (idempotent)."""
+        if not self.paused:
+            self._open = trio.Event()
+            self.pauses += 1
+
+    def resume(self) -> None:
+        """Open the gate and wake every held task (idempotent)."""
+        if self.paused:
+            self._open.set()
+            self.resumes += 1
+
+    async def wait_open(self) -> None:
+        """Return once the gate is open (at once if it is)."""
+        await self._open.wait()
+
+
+def watermark_counts(num_buffers: int, high: float, low: float) -> tuple[int, int]:
+    """Buffer counts for the two watermark fractions.
+
+    The high mark is at least 1 buffer and the low mark strictly below it, so
+    tiny pools still get hysteresis.
+    """
+    high_count = max(1, math.ceil(high * num_buffers))
+    low_count = min(math.floor(low * num_buffers), high_count - 1)
+    return high_count, low_count
+
+
+async def run_pool_monitor(
+    pool: StagingPool,
+    gate: PauseGate,
+    *,
+    high_watermark: float,
+    low_watermark: float,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Pause connection tasks under staging pressure and resume them after.
+
+    Wakes on every allocation and release of ``pool`` (no polling).
+
+    Args:
+        pool: The staging pool to watch.
+        gate: The gate connection tasks wait at.
+        high_watermark: Fraction of buffers in use at which to pause.
+        low_watermark: Fraction in use at or below which to resume.
+        task_status: Started once the monitor watches the pool.
+    """
+    high, low = watermark_counts(pool.num_buffers, high_watermark, low_watermark)
+    task_status.started()
+    while True:
+        used = pool.used
+        if not gate.paused and used >= high:
+            gate.pause()
+            logger.info("staging pool %d/%d in use: pausing receivers", used, pool.num_buffers)
+        elif gate.paused and used <= low:
+            gate.resume()
+            logger.info("staging pool %d/%d in use: resuming receivers", used, pool.num_buffers)
+        await pool.wait_changed()

@@ -1,0 +1,88 @@
+"""The subscribe path: stream a topic's committed records to one subscriber.
+
+Each subscriber has its own task (the connection's) and sends straight from
+the log mapping, one batch's records per write, so a slow subscriber only
+ever waits on its own socket: publishers and other subscribers never wait
+for it, and its buffering is the kernel's socket buffer. It wakes on commits
+of its stream (no polling) and never sends a record of a batch that is not
+committed, because it only reads batches in the stream's committed index.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from .errors import ConnectionLost, ErrorCode, ProtocolError
+from .wire import scan_records
+
+if TYPE_CHECKING:
+    from .broker import Broker
+    from .connection import Connection
+    from .cxl import Stream
+    from .wire import Handshake
+
+logger = logging.getLogger(__name__)
+
+
+async def serve_subscriber(broker: Broker, connection: Connection, handshake: Handshake) -> None:
+    """Send ``handshake.topic``'s records from logical offset ``last_addr`` on.
+
+    Returns when the subscriber closes its side; raises
+    :class:`ProtocolError` (``SHUTTING_DOWN``) when the broker stops.
+    """
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_for_close, connection, nursery.cancel_scope)
+        await _send_records(broker, connection, handshake)
+        nursery.cancel_scope.cancel()
+    if connection.stopping:
+        raise ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down")
+
+
+async def _watch_for_close(connection: Connection, scope: trio.CancelScope) -> None:
+    # A subscriber sends nothing after its handshake; anything it sends is
+    # ignored, and its EOF ends the subscription at once, even while idle.
+    try:
+        while await connection.stream.receive_some(65536):
+            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    logger.info("conn %d %s: subscriber left", connection.id, connection.peer)
+    scope.cancel()
+
+
+async def _send_records(broker: Broker, connection: Connection, handshake: Handshake) -> None:
+    log = broker.log
+    topic = handshake.topic
+    stream: Stream | None = log.existing_stream(topic)
+    while stream is None:
+        with connection.at_boundary():
+            await log.wait_new_stream()
+        if connection.stopping:
+            return
+        stream = log.existing_stream(topic)
+    wanted = handshake.last_addr
+    logger.debug("conn %d %s subscribes to %r from %d", connection.id, connection.peer, topic, wanted)
+    region = log.region
+    while True:
+        while wanted >= stream.next_offset:
+            with connection.at_boundary():
+                await stream.wait_committed()
+            if connection.stopping:
+                return
+        i = bisect.bisect_right(stream.index_first, wanted) - 1
+        batch = stream.committed_batch(i)
+        start = batch.payload_offset
+        end = start + batch.total_size
+        if wanted > batch.first_offset:
+            starts = scan_records(region[start:end], batch.num_msg)
+            start += int(starts[wanted - batch.first_offset])
+        try:
+            await connection.send_frame(memoryview(region[start:end]))
+        except ConnectionLost as exc:
+            logger.info("conn %d %s: subscriber gone: %s", connection.id, connection.peer, exc)
+            return
+        wanted = batch.first_offset + batch.num_msg
