@@ -143,7 +143,10 @@ class DialBackRegistry:
         elif entry.port != port:
             logger.warning(
                 "client %d topic %r asked for acks on port %d; its ack connection uses port %d",
-                client_id, topic, port, entry.port,
+                client_id,
+                topic,
+                port,
+                entry.port,
             )
         entry.users += 1
         await entry.ready.wait()

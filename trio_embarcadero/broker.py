@@ -23,7 +23,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import NoReturn
@@ -123,8 +123,14 @@ class Broker:
         log: The CXL log it writes.
     """
 
-    def __init__(self, config: Config, log: CxlLog) -> None:
+    def __init__(
+        self,
+        config: Config,
+        log: CxlLog,
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None,
+    ) -> None:
         net = config.network
+        self._listeners = listeners
         self.config = config
         self.broker_id = config.broker.id
         self.host = config.broker.host
@@ -217,7 +223,8 @@ class Broker:
         self.shutting_down = True
         logger.info(
             "shutting down: draining %d connection(s) within %.1f s",
-            len(self.connections), self.config.network.shutdown_grace_s,
+            len(self.connections),
+            self.config.network.shutdown_grace_s,
         )
         self._accept_scope.cancel()
         for connection in list(self.connections):
@@ -238,11 +245,15 @@ class Broker:
         with trio.CancelScope(shield=True) as self._service_scope:
             async with trio.open_nursery() as services:
                 if net.use_nonblocking:
-                    await services.start(partial(
-                        run_pool_monitor, self.pool, self.gate,
-                        high_watermark=net.pause_high_watermark,
-                        low_watermark=net.resume_low_watermark,
-                    ))
+                    await services.start(
+                        partial(
+                            run_pool_monitor,
+                            self.pool,
+                            self.gate,
+                            high_watermark=net.pause_high_watermark,
+                            low_watermark=net.resume_low_watermark,
+                        )
+                    )
                 await services.start(self._report)
                 async with trio.open_nursery() as allocators:
                     send, receive = trio.open_memory_channel[StagedBatch](net.allocation_queue_size)
@@ -250,10 +261,15 @@ class Broker:
                         self._batch_send = send
                         workers = net.num_cxl_allocation_workers if net.use_nonblocking else 0
                         for _ in range(workers):
-                            await allocators.start(partial(
-                                run_allocator, receive.clone(), self.log, self.backoff,
-                                self.allocation,
-                            ))
+                            await allocators.start(
+                                partial(
+                                    run_allocator,
+                                    receive.clone(),
+                                    self.log,
+                                    self.backoff,
+                                    self.allocation,
+                                )
+                            )
                         async with trio.open_nursery() as acks:
                             self._dial_backs = DialBackRegistry(
                                 acks, self.broker_id, net.ack_connect_timeout_s
@@ -271,15 +287,26 @@ class Broker:
         self, connections: trio.Nursery, *, task_status: trio.TaskStatus[None]
     ) -> None:
         cfg = self.config.broker
-        listeners = await trio.open_tcp_listeners(cfg.data_port, host=cfg.host)
-        self.port = listeners[0].socket.getsockname()[1]
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]
+        if self._listeners is None:
+            tcp = await trio.open_tcp_listeners(cfg.data_port, host=cfg.host)
+            self.port = tcp[0].socket.getsockname()[1]
+            listeners = tcp
+        else:
+            listeners = self._listeners
         # Its own scope, so a shutdown stops accepting while connections go on.
         with self._accept_scope:
             async with trio.open_nursery() as accepting:
-                await accepting.start(partial(
-                    trio.serve_listeners, self._handle, listeners, handler_nursery=connections
-                ))
-                logger.info("listening on %s:%d", cfg.host, self.port)
+                await accepting.start(
+                    partial(
+                        trio.serve_listeners,
+                        self._handle,
+                        list(listeners),
+                        handler_nursery=connections,
+                    )
+                )
+                if self._listeners is None:
+                    logger.info("listening on %s:%d", cfg.host, self.port)
                 task_status.started()
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
@@ -355,6 +382,7 @@ async def serve(
     config: Config,
     *,
     reset: bool = False,
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None,
     task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run a broker until cancelled, then drain gracefully and return.
@@ -367,6 +395,8 @@ async def serve(
         config: The broker's configuration.
         reset: Discard the contents of an existing CXL file instead of
             re-attaching to it.
+        listeners: Accept on these instead of binding ``broker.host`` and
+            the data port (socket activation, in-memory tests).
         task_status: Receives the :class:`Broker` once it accepts connections.
 
     Raises:
@@ -378,7 +408,7 @@ async def serve(
         that client its connection, with an error frame saying why.
     """
     log = await _open_log(config, reset)
-    broker = Broker(config, log)
+    broker = Broker(config, log, listeners)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(broker._run)
@@ -396,7 +426,12 @@ async def serve(
 
 
 @asynccontextmanager
-async def open_broker(config: Config, *, reset: bool = False) -> AsyncIterator[Broker]:
+async def open_broker(
+    config: Config,
+    *,
+    reset: bool = False,
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None,
+) -> AsyncIterator[Broker]:
     """Run a broker for the duration of an ``async with`` block.
 
     Leaving the block drains the broker gracefully (see :func:`serve`).
@@ -404,12 +439,15 @@ async def open_broker(config: Config, *, reset: bool = False) -> AsyncIterator[B
     Args:
         config: The broker's configuration.
         reset: Start from an empty CXL region.
+        listeners: As for :func:`serve`.
 
     Yields:
         The running :class:`Broker`.
     """
     async with trio.open_nursery() as nursery:
-        broker: Broker = await nursery.start(partial(serve, config, reset=reset))
+        broker: Broker = await nursery.start(
+            partial(serve, config, reset=reset, listeners=listeners)
+        )
         try:
             yield broker
         finally:

@@ -83,8 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(partial(_serve_until_signalled, config, reset=args.reset))
     except* (EmbarcaderoError, OSError) as group:
         failures.extend(_leaves(group))
-    for exc in failures:
-        logger.error("cannot serve: %s", exc)
+    for failure in failures:
+        logger.error("cannot serve: %s", failure)
     return 1 if failures else 0
 
 

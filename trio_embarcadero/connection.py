@@ -207,7 +207,8 @@ class Connection:
             if exc.received == 0:
                 raise
             raise ProtocolError(
-                ErrorCode.BAD_HANDSHAKE, f"short handshake: {exc.received} of {HANDSHAKE_SIZE} bytes"
+                ErrorCode.BAD_HANDSHAKE,
+                f"short handshake: {exc.received} of {HANDSHAKE_SIZE} bytes",
             ) from None
         self.handshake = handshake = parse_handshake(buf)
         if handshake.request == ClientRequest.SUBSCRIBE:
@@ -239,8 +240,13 @@ class Connection:
                 )
             except ConnectionLost as exc:
                 raise ProtocolError(ErrorCode.BAD_HANDSHAKE, str(exc)) from None
-        logger.debug("conn %d %s publishes to %r with %s", self.id, self.peer, handshake.topic,
-                     f"ack {handshake.ack}" + (f" via port {handshake.port}" if dial_back else ""))
+        logger.debug(
+            "conn %d %s publishes to %r with %s",
+            self.id,
+            self.peer,
+            handshake.topic,
+            f"ack {handshake.ack}" + (f" via port {handshake.port}" if dial_back else ""),
+        )
         try:
             async with trio.open_nursery() as nursery:
                 ack_sender_done = trio.Event()
@@ -268,10 +274,12 @@ class Connection:
                 except ProtocolError as exc:
                     self.fail(exc)
                 except trio.TooSlowError:
-                    self.fail(ProtocolError(
-                        ErrorCode.TIMEOUT,
-                        f"batch not received within {broker.config.network.batch_timeout_s} s",
-                    ))
+                    self.fail(
+                        ProtocolError(
+                            ErrorCode.TIMEOUT,
+                            f"batch not received within {broker.config.network.batch_timeout_s} s",
+                        )
+                    )
                 self.phase = ConnectionPhase.DRAINING
                 await self._wait_settled()
                 if self._acks is not None and not dial_back:
@@ -327,9 +335,7 @@ class Connection:
                     await self._receive_direct(header)
             self.phase = ConnectionPhase.COMPLETE
 
-    async def _receive_staged(
-        self, header: BatchHeader, previous: trio.Event | None
-    ) -> trio.Event:
+    async def _receive_staged(self, header: BatchHeader, previous: trio.Event | None) -> trio.Event:
         broker = self.broker
         net = broker.config.network
         total = header.total_size
@@ -366,7 +372,11 @@ class Connection:
         self.phase = ConnectionPhase.WAIT_CXL
         try:
             reservation = await reserve(
-                broker.log, self.topic, header, broker.backoff, broker.allocation,
+                broker.log,
+                self.topic,
+                header,
+                broker.backoff,
+                broker.allocation,
                 self.batch_committed,
             )
         except LogFullError as exc:
@@ -374,7 +384,7 @@ class Connection:
         try:
             self.phase = ConnectionPhase.WAIT_PAYLOAD
             with trio.fail_after(net.batch_timeout_s):
-                await receive_exactly(self._receiver, memoryview(reservation.payload))
+                await receive_exactly(self._receiver, reservation.payload.data)
             starts = scan_records(reservation.payload, header.num_msg)
         except BaseException:
             broker.log.abandon(reservation)

@@ -182,7 +182,11 @@ class Reservation:
     )
 
     def __init__(
-        self, stream: Stream, header: BatchHeader, header_offset: int, payload: npt.NDArray[np.uint8]
+        self,
+        stream: Stream,
+        header: BatchHeader,
+        header_offset: int,
+        payload: npt.NDArray[np.uint8],
     ) -> None:
         self.stream = stream
         self.header = header
@@ -380,7 +384,11 @@ class CxlLog:
             )
         g = self.geometry
         found = {"max_topics": topics, "max_brokers": brokers, "segment size": segment}
-        wanted = {"max_topics": g.max_topics, "max_brokers": g.max_brokers, "segment size": g.segment_size}
+        wanted = {
+            "max_topics": g.max_topics,
+            "max_brokers": g.max_brokers,
+            "segment size": g.segment_size,
+        }
         diffs = [f"{k} {found[k]} (config: {wanted[k]})" for k in found if found[k] != wanted[k]]
         if diffs or region != g.region_size or data != g.data_offset or segments != g.num_segments:
             raise LayoutError(
@@ -420,7 +428,11 @@ class CxlLog:
                 index = existing[topic]
             else:
                 free = next(
-                    (i for i in range(self.geometry.max_topics) if self._read_topic_name(i) is None),
+                    (
+                        i
+                        for i in range(self.geometry.max_topics)
+                        if self._read_topic_name(i) is None
+                    ),
                     None,
                 )
                 if free is None:
@@ -447,8 +459,13 @@ class CxlLog:
             _U32.pack_into(self._mmap, _NEXT_FREE_OFFSET, segment + 1)
         base = g.segment_offset(segment)
         _SEGMENT_HEADER.pack_into(
-            self._mmap, base, SEGMENT_MAGIC, stream.topic_index, stream.broker_id,
-            stream.num_segments, NO_SEGMENT,
+            self._mmap,
+            base,
+            SEGMENT_MAGIC,
+            stream.topic_index,
+            stream.broker_id,
+            stream.num_segments,
+            NO_SEGMENT,
         )
         # Link only after the new segment is initialised, so a reader that
         # follows the link never sees a half-written segment header.
@@ -460,12 +477,15 @@ class CxlLog:
         stream.num_segments += 1
         stream.last_segment = segment
         _STREAM_SEGMENTS.pack_into(
-            self._mmap, stream.entry_offset,
-            _U32.unpack_from(self._mmap, stream.entry_offset)[0], segment, stream.num_segments,
+            self._mmap,
+            stream.entry_offset,
+            _U32.unpack_from(self._mmap, stream.entry_offset)[0],
+            segment,
+            stream.num_segments,
         )
         stream.write_offset = base + SEGMENT_HEADER_SIZE
         stream.segment_end = base + g.segment_size
-        return segment
+        return int(segment)
 
     # -- the write path ------------------------------------------------------------
 
@@ -496,7 +516,10 @@ class CxlLog:
         return None
 
     def get_cxl_buffer(
-        self, topic: str, header: BatchHeader, on_commit: Callable[[Reservation], None] | None = None
+        self,
+        topic: str,
+        header: BatchHeader,
+        on_commit: Callable[[Reservation], None] | None = None,
     ) -> Reservation:
         """Reserve log space for a batch of ``topic`` and write its header.
 
@@ -536,9 +559,20 @@ class CxlLog:
         offset = stream.write_offset
         stream.write_offset += need
         BATCH_HEADER.pack_into(
-            self._mmap, offset, header.batch_seq, header.client_id, header.num_msg,
-            BATCH_RESERVED, self.broker_id, 0, 0, header.total_size, 0,
-            offset + BATCH_HEADER_SIZE, 0, 0,
+            self._mmap,
+            offset,
+            header.batch_seq,
+            header.client_id,
+            header.num_msg,
+            BATCH_RESERVED,
+            self.broker_id,
+            0,
+            0,
+            header.total_size,
+            0,
+            offset + BATCH_HEADER_SIZE,
+            0,
+            0,
         )
         payload = self.region[offset + BATCH_HEADER_SIZE : offset + need]
         reservation = Reservation(stream, header, offset, payload)
@@ -588,8 +622,11 @@ class CxlLog:
             committed.append(head)
         if committed:
             _STREAM_COUNTS.pack_into(
-                self._mmap, stream.entry_offset + _STREAM_COUNTS_OFFSET,
-                stream.next_offset, stream.batches, stream.payload_bytes,
+                self._mmap,
+                stream.entry_offset + _STREAM_COUNTS_OFFSET,
+                stream.next_offset,
+                stream.batches,
+                stream.payload_bytes,
             )
             stream._committed.unpark_all()
             for reservation in committed:
@@ -639,7 +676,9 @@ class CxlLog:
     def _recover(self) -> None:
         for topic, index in self.topics().items():
             self._topic_index[topic] = index
-            (first_segment,) = _U32.unpack_from(self._mmap, self.geometry.stream_offset(index, self.broker_id))
+            (first_segment,) = _U32.unpack_from(
+                self._mmap, self.geometry.stream_offset(index, self.broker_id)
+            )
             if first_segment == NO_SEGMENT:
                 continue
             stream = Stream(self, topic, index, self.broker_id)
@@ -661,17 +700,24 @@ class CxlLog:
             stream.last_segment = segments[-1]
             base = self.geometry.segment_offset(stream.last_segment)
             stream.segment_end = base + self.geometry.segment_size
-            stream.write_offset = max(end, base + SEGMENT_HEADER_SIZE) if end >= base else (
-                base + SEGMENT_HEADER_SIZE
+            stream.write_offset = (
+                max(end, base + SEGMENT_HEADER_SIZE)
+                if end >= base
+                else (base + SEGMENT_HEADER_SIZE)
             )
             _STREAM_COUNTS.pack_into(
-                self._mmap, stream.entry_offset + _STREAM_COUNTS_OFFSET,
-                stream.next_offset, stream.batches, stream.payload_bytes,
+                self._mmap,
+                stream.entry_offset + _STREAM_COUNTS_OFFSET,
+                stream.next_offset,
+                stream.batches,
+                stream.payload_bytes,
             )
             self._streams[topic] = stream
             logger.info(
                 "re-attached topic %r: %d messages in %d batches%s",
-                topic, stream.next_offset, stream.batches,
+                topic,
+                stream.next_offset,
+                stream.batches,
                 f", discarded {discarded} uncommitted batch(es)" if discarded else "",
             )
 
@@ -728,8 +774,8 @@ def read_geometry(buf: Any) -> Geometry:
     Raises:
         LayoutError: The buffer does not start with a layout-1 superblock.
     """
-    magic, version, topics, brokers, _segments, region, segment, _data, _ = (
-        _SUPERBLOCK.unpack_from(buf, 0)
+    magic, version, topics, brokers, _segments, region, segment, _data, _ = _SUPERBLOCK.unpack_from(
+        buf, 0
     )
     if magic != MAGIC or version != LAYOUT_VERSION:
         raise LayoutError(f"not a trio-embarcadero CXL region (magic {magic!r}, version {version})")

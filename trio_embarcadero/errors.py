@@ -36,9 +36,7 @@ class ConfigError(EmbarcaderoError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
-        super().__init__(
-            "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
-        )
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
 class ProtocolError(EmbarcaderoError):

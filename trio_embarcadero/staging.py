@@ -50,7 +50,7 @@ class StagingBuffer:
         self._pool: StagingPool | None = pool
         self.index = index
         self.array = array
-        self.view = memoryview(array)
+        self.view = array.data
 
     @property
     def released(self) -> bool:

@@ -65,7 +65,9 @@ async def _send_records(broker: Broker, connection: Connection, handshake: Hands
             return
         stream = log.existing_stream(topic)
     wanted = handshake.last_addr
-    logger.debug("conn %d %s subscribes to %r from %d", connection.id, connection.peer, topic, wanted)
+    logger.debug(
+        "conn %d %s subscribes to %r from %d", connection.id, connection.peer, topic, wanted
+    )
     region = log.region
     while True:
         while wanted >= stream.next_offset:
@@ -81,7 +83,7 @@ async def _send_records(broker: Broker, connection: Connection, handshake: Hands
             starts = scan_records(region[start:end], batch.num_msg)
             start += int(starts[wanted - batch.first_offset])
         try:
-            await connection.send_frame(memoryview(region[start:end]))
+            await connection.send_frame(region[start:end].data)
         except ConnectionLost as exc:
             logger.info("conn %d %s: subscriber gone: %s", connection.id, connection.peer, exc)
             return

@@ -255,7 +255,9 @@ def padded_size(payload_len: int) -> int:
     return MESSAGE_HEADER_SIZE + -(-payload_len // ALIGN) * ALIGN
 
 
-def encode_message(payload: bytes | bytearray | memoryview, client_order: int, client_id: int) -> bytes:
+def encode_message(
+    payload: bytes | bytearray | memoryview, client_order: int, client_id: int
+) -> bytes:
     """Return one message record: header, payload and zero padding."""
     size = len(payload)
     padded = padded_size(size)
@@ -336,7 +338,9 @@ def _check_sizes(words: npt.NDArray[np.uint64], starts: npt.NDArray[np.int64]) -
     padded = words[index + MH_PADDED_SIZE]
     sizes = words[index + MH_SIZE]
     # paddedSize == 64 + roundup64(size), written without overflow for huge sizes.
-    good = (sizes <= padded - MESSAGE_HEADER_SIZE) & (sizes + (MESSAGE_HEADER_SIZE + ALIGN) > padded)
+    good = (sizes <= padded - MESSAGE_HEADER_SIZE) & (
+        sizes + (MESSAGE_HEADER_SIZE + ALIGN) > padded
+    )
     if not bool(good.all()):
         bad = int((~good).argmax())
         raise _record_error(

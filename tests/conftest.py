@@ -1,0 +1,50 @@
+"""Shared fixtures: small broker configs on private CXL files."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from trio_embarcadero.config import Config, load_config
+
+MakeConfig = Callable[..., Config]
+
+
+@pytest.fixture
+def cxl_path() -> Iterator[str]:
+    """A fresh CXL file path under /dev/shm, removed after the test."""
+    path = f"/dev/shm/trio-embarcadero-test-{uuid.uuid4().hex[:12]}"
+    yield path
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@pytest.fixture
+def make_config(cxl_path: str) -> MakeConfig:
+    """Build a small test config; keyword arguments are dotted-key overrides.
+
+    Defaults: ephemeral port, a 64 MiB region of 8 MiB segments without
+    prefaulting, 8 staging buffers of 1 MiB, short timeouts.
+    """
+
+    def make(**overrides: object) -> Config:
+        values: dict[str, object] = {
+            "broker.port": 0,
+            "cxl.path": cxl_path,
+            "cxl.size_mb": 64,
+            "cxl.segment_mb": 8,
+            "cxl.prefault": False,
+            "network.staging_pool_buffer_size_mb": 1,
+            "network.staging_pool_num_buffers": 8,
+            "network.shutdown_grace_s": 2.0,
+            "network.ack_connect_timeout_s": 2.0,
+        }
+        values.update({k.replace("__", "."): v for k, v in overrides.items()})
+        return load_config(None, env={}, overrides=values)
+
+    return make

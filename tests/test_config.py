@@ -1,0 +1,927 @@
+"""Tests of trio_embarcadero.config: layers, strict types, every problem at once."""
+
+import os
+from pathlib import Path
+
+import attrs
+import pytest
+
+from trio_embarcadero.config import (
+    ENV_PREFIX,
+    LOG_LEVELS,
+    SEED_ENV_VARS,
+    BrokerConfig,
+    Config,
+    CxlConfig,
+    LoggingConfig,
+    NetworkConfig,
+    StorageConfig,
+    config_to_toml,
+    load_config,
+)
+from trio_embarcadero.errors import ConfigError, EmbarcaderoError
+
+MIB = 2**20
+
+
+def write(tmp_path: Path, text: str, name: str = "broker.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems_of(
+    tmp_path: Path,
+    text: str | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, object] | None = None,
+) -> list[str]:
+    path = None if text is None else write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={} if env is None else env, overrides=overrides)
+    return info.value.problems
+
+
+# --- defaults ----------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    config = load_config(env={})
+    assert config == Config()
+    assert config.broker == BrokerConfig(id=0, host="127.0.0.1", port=1214)
+    assert config.broker.data_port == 1214
+    net = config.network
+    assert net.use_nonblocking is True
+    assert net.staging_pool_buffer_size_mb == 4
+    assert net.staging_pool_num_buffers == 32
+    assert net.num_publish_receive_threads == 4
+    assert net.num_cxl_allocation_workers == 2
+    assert net.max_batch_bytes is None
+    assert net.allocation_queue_size == 128
+    assert net.pause_high_watermark == 0.875
+    assert net.resume_low_watermark == 0.5
+    assert (net.backoff_initial_us, net.backoff_max_us, net.backoff_max_retries) == (100, 1600, 10)
+    assert net.handshake_timeout_s == 10.0
+    assert net.batch_timeout_s == 30.0
+    assert net.idle_timeout_s == 0.0
+    assert net.ack_connect_timeout_s == 5.0
+    assert net.shutdown_grace_s == 5.0
+    assert net.stats_interval_s == 5.0
+    assert net.max_connections == 1024
+    assert net.max_buffers_per_connection == 8
+    assert net.staging_buffer_bytes == 4 * MIB
+    assert net.effective_max_batch_bytes == 4 * MIB
+    assert config.cxl == CxlConfig(
+        path="/dev/shm/trio-embarcadero-0",
+        size_mb=1024,
+        segment_mb=32,
+        max_topics=32,
+        max_brokers=4,
+        max_inflight_batches=1024,
+        prefault=True,
+    )
+    assert config.cxl.size_bytes == 1024 * MIB
+    assert config.cxl.segment_bytes == 32 * MIB
+    assert config.storage == StorageConfig(dir="", sync_interval_ms=5.0, sync_bytes=64 * MIB)
+    assert config.logging == LoggingConfig(level="INFO")
+
+
+def test_defaults_ignore_unrelated_environment() -> None:
+    env = {"PATH": "/bin", "EMBARCADERO_SCALOG_SEQ_PORT": "x", "TRIO_EMBARCADEROX": "1"}
+    assert load_config(env=env) == Config()
+
+
+def test_env_none_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRIO_EMBARCADERO_BROKER__PORT", "4321")
+    assert load_config().broker.port == 4321
+    monkeypatch.setenv("TRIO_EMBARCADERO_BROKER__PORT", "x")
+    with pytest.raises(ConfigError):
+        load_config()
+
+
+def test_config_error_is_an_embarcadero_error() -> None:
+    assert issubclass(ConfigError, EmbarcaderoError)
+
+
+# --- derived values ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("port", "broker_id", "data_port"),
+    [(1214, 0, 1214), (1214, 3, 1217), (0, 5, 0), (65535, 0, 65535), (65504, 31, 65535)],
+)
+def test_data_port(port: int, broker_id: int, data_port: int) -> None:
+    assert BrokerConfig(port=port, id=broker_id).data_port == data_port
+
+
+def test_effective_max_batch_bytes_explicit() -> None:
+    net = NetworkConfig(staging_pool_buffer_size_mb=2, max_batch_bytes=1000)
+    assert net.staging_buffer_bytes == 2 * MIB
+    assert net.effective_max_batch_bytes == 1000
+
+
+def test_log_level_any_case_stored_upper(tmp_path: Path) -> None:
+    assert LoggingConfig(level="debug").level == "DEBUG"
+    path = write(tmp_path, '[logging]\nlevel = "Warning"\n')
+    assert load_config(path, env={}).logging.level == "WARNING"
+    assert LOG_LEVELS == ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+# --- file ----------------------------------------------------------------------
+
+
+FULL_FILE = """
+[broker]
+id = 2
+host = "0.0.0.0"
+port = 7000
+
+[network]
+use_nonblocking = false
+staging_pool_buffer_size_mb = 8
+staging_pool_num_buffers = 16
+num_publish_receive_threads = 3
+num_cxl_allocation_workers = 5
+max_batch_bytes = 12345678
+allocation_queue_size = 64
+pause_high_watermark = 1
+resume_low_watermark = 0
+backoff_initial_us = 50
+backoff_max_us = 50
+backoff_max_retries = 0
+handshake_timeout_s = 1.5
+batch_timeout_s = 2
+idle_timeout_s = 60.0
+ack_connect_timeout_s = 0.25
+shutdown_grace_s = 0
+stats_interval_s = 0.5
+max_connections = 10
+max_buffers_per_connection = 2
+
+[cxl]
+path = "/tmp/cxl-test"
+size_mb = 64
+segment_mb = 64
+max_topics = 3
+max_brokers = 32
+max_inflight_batches = 7
+prefault = false
+
+[storage]
+dir = "/var/lib/emb"
+sync_interval_ms = 1
+sync_bytes = 4096
+
+[logging]
+level = "error"
+"""
+
+
+def test_file_values(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, FULL_FILE), env={})
+    assert config == Config(
+        broker=BrokerConfig(id=2, host="0.0.0.0", port=7000),
+        network=NetworkConfig(
+            use_nonblocking=False,
+            staging_pool_buffer_size_mb=8,
+            staging_pool_num_buffers=16,
+            num_publish_receive_threads=3,
+            num_cxl_allocation_workers=5,
+            max_batch_bytes=12345678,
+            allocation_queue_size=64,
+            pause_high_watermark=1.0,
+            resume_low_watermark=0.0,
+            backoff_initial_us=50,
+            backoff_max_us=50,
+            backoff_max_retries=0,
+            handshake_timeout_s=1.5,
+            batch_timeout_s=2.0,
+            idle_timeout_s=60.0,
+            ack_connect_timeout_s=0.25,
+            shutdown_grace_s=0.0,
+            stats_interval_s=0.5,
+            max_connections=10,
+            max_buffers_per_connection=2,
+        ),
+        cxl=CxlConfig(
+            path="/tmp/cxl-test",
+            size_mb=64,
+            segment_mb=64,
+            max_topics=3,
+            max_brokers=32,
+            max_inflight_batches=7,
+            prefault=False,
+        ),
+        storage=StorageConfig(dir="/var/lib/emb", sync_interval_ms=1.0, sync_bytes=4096),
+        logging=LoggingConfig(level="ERROR"),
+    )
+    # TOML integers given for float keys become floats.
+    assert type(config.network.batch_timeout_s) is float
+    assert type(config.network.pause_high_watermark) is float
+    assert config.broker.data_port == 7002
+
+
+def test_partial_file_keeps_other_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[network]\nstaging_pool_num_buffers = 7\n"), env={})
+    assert config == Config(network=NetworkConfig(staging_pool_num_buffers=7))
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, ""), env={}) == Config()
+
+
+def test_path_may_be_str(tmp_path: Path) -> None:
+    path = write(tmp_path, "[broker]\nport = 9\n")
+    assert load_config(str(path), env={}).broker.port == 9
+
+
+# --- precedence ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("in_file", "in_env", "in_overrides", "expected"),
+    [
+        (False, False, False, 1214),
+        (True, False, False, 2000),
+        (False, True, False, 3000),
+        (True, True, False, 3000),
+        (False, False, True, 4000),
+        (True, False, True, 4000),
+        (True, True, True, 4000),
+    ],
+)
+def test_precedence(
+    tmp_path: Path, in_file: bool, in_env: bool, in_overrides: bool, expected: int
+) -> None:
+    path = write(tmp_path, "[broker]\nport = 2000\n") if in_file else None
+    env = {"TRIO_EMBARCADERO_BROKER__PORT": "3000"} if in_env else {}
+    overrides: dict[str, object] = {"broker.port": 4000} if in_overrides else {}
+    assert load_config(path, env=env, overrides=overrides).broker.port == expected
+
+
+def test_layers_merge_per_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "[broker]\nport = 2000\nid = 1\nhost = 'h'\n")
+    config = load_config(
+        path, env={"TRIO_EMBARCADERO_BROKER__ID": "2"}, overrides={"broker.host": "o"}
+    )
+    assert config.broker == BrokerConfig(port=2000, id=2, host="o")
+
+
+# --- environment -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("var", "raw", "field", "value"),
+    [
+        ("EMBARCADERO_USE_NONBLOCKING", "false", "use_nonblocking", False),
+        ("EMBARCADERO_STAGING_POOL_BUFFER_SIZE_MB", "2", "staging_pool_buffer_size_mb", 2),
+        ("EMBARCADERO_STAGING_POOL_NUM_BUFFERS", "64", "staging_pool_num_buffers", 64),
+        ("EMBARCADERO_NUM_PUBLISH_RECEIVE_THREADS", "9", "num_publish_receive_threads", 9),
+        ("EMBARCADERO_NUM_CXL_ALLOCATION_WORKERS", "3", "num_cxl_allocation_workers", 3),
+    ],
+)
+def test_seed_env_vars(var: str, raw: str, field: str, value: object) -> None:
+    config = load_config(env={var: raw})
+    assert getattr(config.network, field) == value
+    assert attrs.evolve(config.network, **{field: getattr(Config().network, field)}) == (
+        NetworkConfig()
+    )
+
+
+def test_seed_env_var_table() -> None:
+    assert SEED_ENV_VARS == {
+        "EMBARCADERO_USE_NONBLOCKING": "network.use_nonblocking",
+        "EMBARCADERO_STAGING_POOL_BUFFER_SIZE_MB": "network.staging_pool_buffer_size_mb",
+        "EMBARCADERO_STAGING_POOL_NUM_BUFFERS": "network.staging_pool_num_buffers",
+        "EMBARCADERO_NUM_PUBLISH_RECEIVE_THREADS": "network.num_publish_receive_threads",
+        "EMBARCADERO_NUM_CXL_ALLOCATION_WORKERS": "network.num_cxl_allocation_workers",
+    }
+    assert ENV_PREFIX == "TRIO_EMBARCADERO_"
+
+
+def test_general_env_scheme() -> None:
+    env = {
+        "TRIO_EMBARCADERO_CXL__SIZE_MB": "64",
+        "TRIO_EMBARCADERO_BROKER__PORT": "0",
+        "TRIO_EMBARCADERO_BROKER__ID": "+3",
+        "TRIO_EMBARCADERO_BROKER__HOST": "::1",
+        "TRIO_EMBARCADERO_NETWORK__PAUSE_HIGH_WATERMARK": "0.75",
+        "TRIO_EMBARCADERO_NETWORK__IDLE_TIMEOUT_S": "12",
+        "TRIO_EMBARCADERO_NETWORK__MAX_BATCH_BYTES": "1048576",
+        "TRIO_EMBARCADERO_NETWORK__USE_NONBLOCKING": "off",
+        "TRIO_EMBARCADERO_CXL__PREFAULT": "no",
+        "TRIO_EMBARCADERO_CXL__PATH": "/dev/shm/x y",
+        "TRIO_EMBARCADERO_STORAGE__DIR": "",
+        "TRIO_EMBARCADERO_STORAGE__SYNC_INTERVAL_MS": "2.5e1",
+        "TRIO_EMBARCADERO_LOGGING__LEVEL": "debug",
+    }
+    config = load_config(env=env)
+    assert config.cxl.size_mb == 64
+    assert config.cxl.segment_mb == 32
+    assert config.broker == BrokerConfig(port=0, id=3, host="::1")
+    assert config.broker.data_port == 0
+    assert config.network.pause_high_watermark == 0.75
+    assert config.network.idle_timeout_s == 12.0
+    assert type(config.network.idle_timeout_s) is float
+    assert config.network.max_batch_bytes == MIB
+    assert config.network.use_nonblocking is False
+    assert config.cxl.prefault is False
+    assert config.cxl.path == "/dev/shm/x y"
+    assert config.storage.dir == ""
+    assert config.storage.sync_interval_ms == 25.0
+    assert config.logging.level == "DEBUG"
+
+
+def test_general_name_beats_seed_name() -> None:
+    env = {
+        "EMBARCADERO_STAGING_POOL_NUM_BUFFERS": "10",
+        "TRIO_EMBARCADERO_NETWORK__STAGING_POOL_NUM_BUFFERS": "20",
+    }
+    assert load_config(env=env).network.staging_pool_num_buffers == 20
+
+
+def test_valid_general_name_beats_bad_seed_value_but_seed_error_is_reported() -> None:
+    env = {
+        "EMBARCADERO_STAGING_POOL_NUM_BUFFERS": "ten",
+        "TRIO_EMBARCADERO_NETWORK__STAGING_POOL_NUM_BUFFERS": "20",
+    }
+    assert problems_of(Path(), env=env) == [
+        "invalid value for type, expected int: 'ten' @ $.network.staging_pool_num_buffers "
+        "(from EMBARCADERO_STAGING_POOL_NUM_BUFFERS)"
+    ]
+
+
+@pytest.mark.parametrize("raw", ["1", "true", "TRUE", "True", "yes", "Yes", "on", "ON"])
+def test_env_bool_true_spellings(tmp_path: Path, raw: str) -> None:
+    # Both default to true, so the file turns them off first.
+    path = write(tmp_path, "[network]\nuse_nonblocking = false\n[cxl]\nprefault = false\n")
+    env = {"EMBARCADERO_USE_NONBLOCKING": raw, "TRIO_EMBARCADERO_CXL__PREFAULT": raw}
+    config = load_config(path, env=env)
+    assert config.network.use_nonblocking is True
+    assert config.cxl.prefault is True
+
+
+@pytest.mark.parametrize("raw", ["0", "false", "FALSE", "False", "no", "NO", "off", "Off"])
+def test_env_bool_false_spellings(raw: str) -> None:
+    env = {"EMBARCADERO_USE_NONBLOCKING": raw, "TRIO_EMBARCADERO_CXL__PREFAULT": raw}
+    config = load_config(env=env)
+    assert config.network.use_nonblocking is False
+    assert config.cxl.prefault is False
+
+
+@pytest.mark.parametrize("raw", ["", "2", "y", "n", "truee", " true", "enabled"])
+def test_env_bool_bad(raw: str) -> None:
+    assert problems_of(Path(), env={"EMBARCADERO_USE_NONBLOCKING": raw}) == [
+        f"invalid value for type, expected bool: {raw!r} @ $.network.use_nonblocking "
+        "(from EMBARCADERO_USE_NONBLOCKING)"
+    ]
+
+
+@pytest.mark.parametrize("raw", ["2.5", "true", "", " 3", "3 ", "0x10", "1_000", "1e3", "٣"])
+def test_env_bad_int(raw: str) -> None:
+    assert problems_of(Path(), env={"EMBARCADERO_STAGING_POOL_NUM_BUFFERS": raw}) == [
+        f"invalid value for type, expected int: {raw!r} @ $.network.staging_pool_num_buffers "
+        "(from EMBARCADERO_STAGING_POOL_NUM_BUFFERS)"
+    ]
+
+
+def test_env_bad_int_general_name() -> None:
+    assert problems_of(Path(), env={"TRIO_EMBARCADERO_BROKER__PORT": "80.0"}) == [
+        "invalid value for type, expected int: '80.0' @ $.broker.port "
+        "(from TRIO_EMBARCADERO_BROKER__PORT)"
+    ]
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "Infinity", "abc", ""])
+def test_env_bad_float(raw: str) -> None:
+    assert problems_of(Path(), env={"TRIO_EMBARCADERO_NETWORK__BATCH_TIMEOUT_S": raw}) == [
+        f"invalid value for type, expected float: {raw!r} @ $.network.batch_timeout_s "
+        "(from TRIO_EMBARCADERO_NETWORK__BATCH_TIMEOUT_S)"
+    ]
+
+
+def test_env_bad_value_hides_the_file_value_it_replaces(tmp_path: Path) -> None:
+    # The file's 0 is overridden, so only the environment's problem is shown.
+    problems = problems_of(
+        tmp_path,
+        "[network]\nstaging_pool_num_buffers = 0\n",
+        env={"EMBARCADERO_STAGING_POOL_NUM_BUFFERS": "x"},
+    )
+    assert problems == [
+        "invalid value for type, expected int: 'x' @ $.network.staging_pool_num_buffers "
+        "(from EMBARCADERO_STAGING_POOL_NUM_BUFFERS)"
+    ]
+
+
+def test_env_out_of_range_names_the_variable() -> None:
+    assert problems_of(Path(), env={"TRIO_EMBARCADERO_BROKER__ID": "40"}) == [
+        "'id' must be <= 31: 40 @ $.broker.id (from TRIO_EMBARCADERO_BROKER__ID)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "var",
+    [
+        "TRIO_EMBARCADERO_X",
+        "TRIO_EMBARCADERO_",
+        "TRIO_EMBARCADERO_NETWORK__NOPE",
+        "TRIO_EMBARCADERO_NOPE__PORT",
+        "TRIO_EMBARCADERO_BROKER_PORT",
+        "TRIO_EMBARCADERO_BROKER__PORT__X",
+        "TRIO_EMBARCADERO_broker__port",
+    ],
+)
+def test_unknown_trio_embarcadero_env_var(var: str) -> None:
+    assert problems_of(Path(), env={var: "1"}) == [
+        "unknown environment variable (expected TRIO_EMBARCADERO_<SECTION>__<KEY> "
+        f"naming a config key) @ $env.{var}"
+    ]
+
+
+# --- overrides -------------------------------------------------------------------
+
+
+def test_overrides() -> None:
+    config = load_config(
+        env={},
+        overrides={
+            "broker.port": 0,
+            "broker.id": 1,
+            "logging.level": "critical",
+            "cxl.path": "/tmp/x",
+            "network.idle_timeout_s": 3,
+        },
+    )
+    assert config.broker == BrokerConfig(port=0, id=1)
+    assert config.logging.level == "CRITICAL"
+    assert config.cxl.path == "/tmp/x"
+    assert config.network.idle_timeout_s == 3.0
+
+
+def test_override_none_resets_max_batch_bytes(tmp_path: Path) -> None:
+    path = write(tmp_path, "[network]\nmax_batch_bytes = 100\n")
+    assert load_config(path, env={}).network.max_batch_bytes == 100
+    config = load_config(path, env={}, overrides={"network.max_batch_bytes": None})
+    assert config.network.max_batch_bytes is None
+
+
+def test_bad_overrides() -> None:
+    problems = problems_of(
+        Path(),
+        overrides={
+            "broker.port": "80",
+            "broker.id": True,
+            "broker.pot": 1,
+            "port": 1,
+            "cxl.size_mb": None,
+            "logging.level": "verbose",
+        },
+    )
+    assert problems == [
+        "unknown key @ $.broker.pot (from override)",
+        "unknown key @ $.port (from override)",
+        "invalid value for type, expected int: True @ $.broker.id (from override)",
+        "invalid value for type, expected int: '80' @ $.broker.port (from override)",
+        "invalid value for type, expected int: None @ $.cxl.size_mb (from override)",
+        "'level' must be in ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL') "
+        "(got 'VERBOSE') @ $.logging.level (from override)",
+    ]
+
+
+# --- bad values in the file ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "[network]\nstaging_pool_num_buffers = 2.5\n",
+            "invalid value for type, expected int: 2.5 @ $.network.staging_pool_num_buffers",
+        ),
+        (
+            "[network]\nstaging_pool_num_buffers = true\n",
+            "invalid value for type, expected int: True @ $.network.staging_pool_num_buffers",
+        ),
+        (
+            "[network]\nstaging_pool_num_buffers = '8'\n",
+            "invalid value for type, expected int: '8' @ $.network.staging_pool_num_buffers",
+        ),
+        (
+            "[network]\nmax_batch_bytes = 1.0\n",
+            "invalid value for type, expected int: 1.0 @ $.network.max_batch_bytes",
+        ),
+        (
+            "[network]\nuse_nonblocking = 1\n",
+            "invalid value for type, expected bool: 1 @ $.network.use_nonblocking",
+        ),
+        (
+            "[network]\nuse_nonblocking = 'true'\n",
+            "invalid value for type, expected bool: 'true' @ $.network.use_nonblocking",
+        ),
+        (
+            "[network]\nbatch_timeout_s = true\n",
+            "invalid value for type, expected float: True @ $.network.batch_timeout_s",
+        ),
+        (
+            "[network]\nbatch_timeout_s = '1.0'\n",
+            "invalid value for type, expected float: '1.0' @ $.network.batch_timeout_s",
+        ),
+        (
+            "[cxl]\npath = 5\n",
+            "invalid value for type, expected str: 5 @ $.cxl.path",
+        ),
+        (
+            "[broker]\nhost = ['a']\n",
+            "invalid value for type, expected str: ['a'] @ $.broker.host",
+        ),
+        (
+            "[network]\nstaging_pool_num_buffer = 8\n",
+            "extra fields found (staging_pool_num_buffer) @ $.network",
+        ),
+        ("[netwrk]\nx = 1\n", "extra fields found (netwrk) @ $"),
+        ("network = 5\n", "expected a table, got int: 5 @ $.network"),
+        (
+            "[network]\nstaging_pool_num_buffers = 0\n",
+            "'staging_pool_num_buffers' must be > 0: 0 @ $.network.staging_pool_num_buffers",
+        ),
+        ("[broker]\nport = -1\n", "'port' must be >= 0: -1 @ $.broker.port"),
+        ("[broker]\nport = 65536\n", "'port' must be <= 65535: 65536 @ $.broker.port"),
+        ("[broker]\nid = 32\n", "'id' must be <= 31: 32 @ $.broker.id"),
+        ("[broker]\nid = -1\n", "'id' must be >= 0: -1 @ $.broker.id"),
+        (
+            "[broker]\nport = 65530\nid = 6\n[cxl]\nmax_brokers = 8\n",
+            "'port' + 'id' (the data port) must be <= 65535: 65530 + 6 @ $.broker.port",
+        ),
+        (
+            "[network]\nmax_batch_bytes = 0\n",
+            "'max_batch_bytes' must be > 0: 0 @ $.network.max_batch_bytes",
+        ),
+        (
+            "[network]\npause_high_watermark = 1.5\n",
+            "'pause_high_watermark' must be <= 1.0: 1.5 @ $.network.pause_high_watermark",
+        ),
+        (
+            "[network]\npause_high_watermark = 0\nresume_low_watermark = 0\n",
+            "'pause_high_watermark' must be > 0.0: 0.0 @ $.network.pause_high_watermark",
+        ),
+        (
+            "[network]\nresume_low_watermark = -0.1\n",
+            "'resume_low_watermark' must be >= 0.0: -0.1 @ $.network.resume_low_watermark",
+        ),
+        (
+            "[network]\nbackoff_max_retries = -1\n",
+            "'backoff_max_retries' must be >= 0: -1 @ $.network.backoff_max_retries",
+        ),
+        (
+            "[network]\nidle_timeout_s = -1\n",
+            "'idle_timeout_s' must be >= 0.0: -1.0 @ $.network.idle_timeout_s",
+        ),
+        (
+            "[network]\nbatch_timeout_s = 0\n",
+            "'batch_timeout_s' must be > 0.0: 0.0 @ $.network.batch_timeout_s",
+        ),
+        (
+            "[network]\nbatch_timeout_s = inf\n",
+            "'batch_timeout_s' must be finite: inf @ $.network.batch_timeout_s",
+        ),
+        (
+            "[network]\nhandshake_timeout_s = nan\n",
+            "'handshake_timeout_s' must be finite: nan @ $.network.handshake_timeout_s",
+        ),
+        ("[cxl]\npath = ''\n", "'path' must not be empty @ $.cxl.path"),
+        ("[cxl]\nmax_brokers = 0\n", "'max_brokers' must be >= 1: 0 @ $.cxl.max_brokers"),
+        ("[cxl]\nmax_brokers = 33\n", "'max_brokers' must be <= 32: 33 @ $.cxl.max_brokers"),
+        ("[cxl]\nsize_mb = 0\n", "'size_mb' must be > 0: 0 @ $.cxl.size_mb"),
+        (
+            "[storage]\nsync_bytes = 0\n",
+            "'sync_bytes' must be > 0: 0 @ $.storage.sync_bytes",
+        ),
+        (
+            "[logging]\nlevel = 'TRACE'\n",
+            "'level' must be in ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL') "
+            "(got 'TRACE') @ $.logging.level",
+        ),
+    ],
+)
+def test_bad_file_value(tmp_path: Path, text: str, problem: str) -> None:
+    assert problems_of(tmp_path, text) == [problem]
+
+
+# --- cross-field -----------------------------------------------------------------
+
+
+def test_max_batch_bytes_above_staging_buffer_when_nonblocking(tmp_path: Path) -> None:
+    text = "[network]\nmax_batch_bytes = 4194305\n"
+    assert problems_of(tmp_path, text) == [
+        "'max_batch_bytes' must be <= the staging buffer size (4194304) when "
+        "use_nonblocking is true: 4194305 @ $.network.max_batch_bytes"
+    ]
+
+
+def test_max_batch_bytes_equal_to_staging_buffer_is_fine(tmp_path: Path) -> None:
+    path = write(tmp_path, "[network]\nmax_batch_bytes = 4194304\n")
+    assert load_config(path, env={}).network.effective_max_batch_bytes == 4 * MIB
+
+
+def test_max_batch_bytes_above_staging_buffer_ok_on_direct_path(tmp_path: Path) -> None:
+    path = write(tmp_path, "[network]\nuse_nonblocking = false\nmax_batch_bytes = 8388608\n")
+    config = load_config(path, env={})
+    assert config.network.effective_max_batch_bytes == 8 * MIB
+    assert config.network.staging_buffer_bytes == 4 * MIB
+
+
+@pytest.mark.parametrize(("low", "high"), [(0.5, 0.5), (0.9, 0.8), (1.0, 1.0)])
+def test_watermark_order(tmp_path: Path, low: float, high: float) -> None:
+    text = f"[network]\nresume_low_watermark = {low}\npause_high_watermark = {high}\n"
+    assert problems_of(tmp_path, text) == [
+        f"'resume_low_watermark' must be < 'pause_high_watermark' ({high}): {low} "
+        "@ $.network.resume_low_watermark"
+    ]
+
+
+def test_backoff_max_below_initial(tmp_path: Path) -> None:
+    text = "[network]\nbackoff_initial_us = 200\nbackoff_max_us = 199\n"
+    assert problems_of(tmp_path, text) == [
+        "'backoff_max_us' must be >= 'backoff_initial_us' (200): 199 @ $.network.backoff_max_us"
+    ]
+
+
+def test_segment_larger_than_region(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, "[cxl]\nsize_mb = 16\n") == [
+        "'segment_mb' must be <= 'size_mb' (16): 32 @ $.cxl.segment_mb"
+    ]
+
+
+def test_batch_bigger_than_segment(tmp_path: Path) -> None:
+    # Exactly segment - 192 fits.
+    text = "[network]\nuse_nonblocking = false\nmax_batch_bytes = 33554240\n"
+    assert load_config(write(tmp_path, text), env={}).network.max_batch_bytes == 32 * MIB - 192
+    text = "[network]\nuse_nonblocking = false\nmax_batch_bytes = 33554241\n"
+    assert problems_of(tmp_path, text) == [
+        "'max_batch_bytes' must be <= the CXL segment size minus 192 header bytes "
+        "(33554240): 33554241 @ $.network.max_batch_bytes"
+    ]
+
+
+def test_unset_batch_size_bigger_than_segment(tmp_path: Path) -> None:
+    # Unset max_batch_bytes means the staging buffer: 4 MiB > 4 MiB - 192.
+    assert problems_of(tmp_path, "[cxl]\nsegment_mb = 4\n") == [
+        "'max_batch_bytes' (unset, so the staging buffer size) must be <= the CXL segment "
+        "size minus 192 header bytes (4194112): 4194304 @ $.network.max_batch_bytes"
+    ]
+
+
+@pytest.mark.parametrize(("broker_id", "max_brokers"), [(4, 4), (31, 2), (1, 1)])
+def test_broker_id_not_below_max_brokers(tmp_path: Path, broker_id: int, max_brokers: int) -> None:
+    text = f"[broker]\nid = {broker_id}\n[cxl]\nmax_brokers = {max_brokers}\n"
+    assert problems_of(tmp_path, text) == [
+        f"'id' must be < cxl.max_brokers ({max_brokers}): {broker_id} @ $.broker.id"
+    ]
+
+
+def test_broker_id_just_below_max_brokers(tmp_path: Path) -> None:
+    path = write(tmp_path, "[broker]\nid = 31\n[cxl]\nmax_brokers = 32\n")
+    assert load_config(path, env={}).broker.id == 31
+
+
+def test_cross_field_checks_run_beside_unrelated_errors(tmp_path: Path) -> None:
+    # A bad backoff value doesn't stop the watermark check, nor does a bad
+    # logging level stop the broker-id check.
+    text = (
+        "[network]\nbackoff_max_retries = -1\nresume_low_watermark = 0.9\n"
+        "[broker]\nid = 4\n[logging]\nlevel = 'x'\n"
+    )
+    assert problems_of(tmp_path, text) == [
+        "'backoff_max_retries' must be >= 0: -1 @ $.network.backoff_max_retries",
+        "'resume_low_watermark' must be < 'pause_high_watermark' (0.875): 0.9 "
+        "@ $.network.resume_low_watermark",
+        "'level' must be in ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL') "
+        "(got 'X') @ $.logging.level",
+        "'id' must be < cxl.max_brokers (4): 4 @ $.broker.id",
+    ]
+
+
+def test_cross_field_check_skipped_when_an_input_is_invalid(tmp_path: Path) -> None:
+    # The watermark order can't be judged when one of them is a string.
+    text = "[network]\nresume_low_watermark = 'high'\npause_high_watermark = 0.1\n"
+    assert problems_of(tmp_path, text) == [
+        "invalid value for type, expected float: 'high' @ $.network.resume_low_watermark"
+    ]
+
+
+def test_direct_construction_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"^'staging_pool_num_buffers' must be > 0: 0$"):
+        NetworkConfig(staging_pool_num_buffers=0)
+    with pytest.raises(TypeError, match="'port' must be <class 'int'>"):
+        BrokerConfig(port="80")  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"^'resume_low_watermark' must be < 'pause_high_watermark' \(0.5\): 0.5$"
+    ):
+        NetworkConfig(pause_high_watermark=0.5)
+    with pytest.raises(ValueError, match=r"^'segment_mb' must be <= 'size_mb' \(8\): 32$"):
+        CxlConfig(size_mb=8)
+    with pytest.raises(ValueError, match=r"^'id' must be < cxl.max_brokers \(4\): 5$"):
+        Config(broker=BrokerConfig(id=5))
+    with pytest.raises(ValueError, match=r"'backoff_max_us' must be >= 'backoff_initial_us'"):
+        attrs.evolve(NetworkConfig(), backoff_initial_us=5000)
+
+
+# --- many problems at once ---------------------------------------------------------
+
+
+def test_many_problems_in_one_error(tmp_path: Path) -> None:
+    text = """
+[broker]
+id = 32
+port = -1
+
+[network]
+staging_pool_num_buffers = 0
+staging_pool_buffer_size_mb = 2.5
+max_batch_bytes = true
+use_nonblocking = 1
+pause_high_watermark = 0.5
+resume_low_watermark = 0.6
+
+[cxl]
+bogus = 1
+max_topics = "many"
+
+[logging]
+level = "loud"
+
+[extra]
+x = 1
+"""
+    env = {
+        "TRIO_EMBARCADERO_X": "1",
+        "EMBARCADERO_NUM_CXL_ALLOCATION_WORKERS": "2.5",
+        "TRIO_EMBARCADERO_STORAGE__SYNC_BYTES": "0",
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env=env, overrides={"broker.hots": "x"})
+    assert info.value.problems == [
+        "unknown environment variable (expected TRIO_EMBARCADERO_<SECTION>__<KEY> "
+        "naming a config key) @ $env.TRIO_EMBARCADERO_X",
+        "invalid value for type, expected int: '2.5' @ $.network.num_cxl_allocation_workers "
+        "(from EMBARCADERO_NUM_CXL_ALLOCATION_WORKERS)",
+        "unknown key @ $.broker.hots (from override)",
+        "'id' must be <= 31: 32 @ $.broker.id",
+        "'port' must be >= 0: -1 @ $.broker.port",
+        "invalid value for type, expected bool: 1 @ $.network.use_nonblocking",
+        "invalid value for type, expected int: 2.5 @ $.network.staging_pool_buffer_size_mb",
+        "'staging_pool_num_buffers' must be > 0: 0 @ $.network.staging_pool_num_buffers",
+        "invalid value for type, expected int: True @ $.network.max_batch_bytes",
+        "'resume_low_watermark' must be < 'pause_high_watermark' (0.5): 0.6 "
+        "@ $.network.resume_low_watermark",
+        "invalid value for type, expected int: 'many' @ $.cxl.max_topics",
+        "extra fields found (bogus) @ $.cxl",
+        "'sync_bytes' must be > 0: 0 @ $.storage.sync_bytes "
+        "(from TRIO_EMBARCADERO_STORAGE__SYNC_BYTES)",
+        "'level' must be in ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL') "
+        "(got 'LOUD') @ $.logging.level",
+        "extra fields found (extra) @ $",
+    ]
+    message = str(info.value)
+    assert message.startswith("invalid configuration:\n  - unknown environment variable")
+    assert message.count("\n  - ") == 15
+
+
+# --- file errors -------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.problems == [
+        f"cannot read config file {str(path)!r}: No such file or directory @ $"
+    ]
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path, env={})
+    assert info.value.problems == [f"cannot read config file {str(tmp_path)!r}: Is a directory @ $"]
+
+
+def test_unreadable_file_still_reports_environment_problems(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            path,
+            env={"TRIO_EMBARCADERO_NOPE": "1", "TRIO_EMBARCADERO_CXL__SIZE_MB": "0"},
+            overrides={"x.y": 1},
+        )
+    # The value 0 isn't judged without the file, but unknown names are.
+    assert info.value.problems == [
+        f"cannot read config file {str(path)!r}: No such file or directory @ $",
+        "unknown environment variable (expected TRIO_EMBARCADERO_<SECTION>__<KEY> "
+        "naming a config key) @ $env.TRIO_EMBARCADERO_NOPE",
+        "unknown key @ $.x.y (from override)",
+    ]
+
+
+def test_toml_syntax_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "[network]\nstaging_pool_num_buffers = \n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.problems == [
+        f"invalid TOML in config file {str(path)!r}: Invalid value (at line 2, column 28) @ $"
+    ]
+
+
+def test_toml_duplicate_key(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    problems = problems_of(tmp_path, "[broker]\nport = 1\nport = 2\n")
+    assert len(problems) == 1
+    assert problems[0].startswith(f"invalid TOML in config file {str(path)!r}: ")
+    assert "(at line 3, column" in problems[0]
+
+
+def test_file_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"[cxl]\npath = '\xe9'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(f"config file {str(path)!r} is not UTF-8: ")
+    assert info.value.problems[0].endswith(" @ $")
+
+
+# --- rendering -----------------------------------------------------------------------
+
+
+def test_config_to_toml_defaults_text() -> None:
+    text = config_to_toml(Config())
+    assert text.startswith('[broker]\nid = 0\nhost = "127.0.0.1"\nport = 1214\n\n[network]\n')
+    assert "\n# max_batch_bytes is unset: the staging buffer size (4194304 bytes)\n" in text
+    assert "\nmax_batch_bytes" not in text
+    assert "\npause_high_watermark = 0.875\n" in text
+    assert "\nidle_timeout_s = 0.0\n" in text
+    assert "\nprefault = true\n" in text
+    assert text.endswith('\n\n[logging]\nlevel = "INFO"\n')
+    sections = [line for line in text.splitlines() if line.startswith("[")]
+    assert sections == ["[broker]", "[network]", "[cxl]", "[storage]", "[logging]"]
+    keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
+    assert len(keys) == 3 + 19 + 7 + 3 + 1
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        Config(),
+        Config(
+            broker=BrokerConfig(id=3, host="::", port=0),
+            network=NetworkConfig(
+                use_nonblocking=False,
+                max_batch_bytes=9_000_000,
+                pause_high_watermark=0.1 + 0.2,
+                resume_low_watermark=1e-7,
+                idle_timeout_s=1e15,
+                stats_interval_s=1.0 / 3.0,
+            ),
+            cxl=CxlConfig(path='/tmp/we"ird\\path\n\t\x7fé✓', max_brokers=8, prefault=False),
+            storage=StorageConfig(dir="/var/x", sync_interval_ms=0.001, sync_bytes=1),
+            logging=LoggingConfig(level="critical"),
+        ),
+    ],
+)
+def test_config_to_toml_round_trip(tmp_path: Path, config: Config) -> None:
+    path = write(tmp_path, config_to_toml(config))
+    assert load_config(path, env={}) == config
+
+
+def test_round_trip_of_loaded_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, FULL_FILE), env={})
+    again = load_config(write(tmp_path, config_to_toml(config), "again.toml"), env={})
+    assert again == config
+
+
+# --- immutability ----------------------------------------------------------------------
+
+
+def test_frozen() -> None:
+    config = Config()
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        config.broker = BrokerConfig(port=1)  # type: ignore[misc]
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        config.network.staging_pool_num_buffers = 1  # type: ignore[misc]
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        config.logging.level = "DEBUG"  # type: ignore[misc]
+    assert config.network.staging_pool_num_buffers == 32
+
+
+def test_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        BrokerConfig(1)  # type: ignore[call-arg]
+
+
+def test_load_config_does_not_touch_os_environ_when_env_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TRIO_EMBARCADERO_BROKER__PORT", "bad")
+    assert load_config(env={}).broker.port == 1214
+    assert os.environ["TRIO_EMBARCADERO_BROKER__PORT"] == "bad"

@@ -1,0 +1,867 @@
+"""The broker's configuration: a frozen attrs tree and the code that loads it.
+
+Values come from four layers, each overriding the one before:
+
+1. the defaults written on the classes below,
+2. a TOML file (one table per section: ``[broker]``, ``[network]``, ``[cxl]``,
+   ``[storage]``, ``[logging]``),
+3. the environment (see :func:`load_config` for the variable names),
+4. overrides, normally the command line flags that were actually given.
+
+Everything is checked in one pass and every problem is reported at once in a
+single :class:`~trio_embarcadero.errors.ConfigError`, one line per problem, each
+ending with the ``$.section.key`` path it concerns, for example::
+
+    'staging_pool_num_buffers' must be > 0: 0 @ $.network.staging_pool_num_buffers
+
+Example:
+    >>> config = load_config(env={}, overrides={"broker.port": 0})
+    >>> config.broker.port, config.network.staging_buffer_bytes
+    (0, 4194304)
+"""
+
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final, TypeAlias, TypeVar
+
+import attrs
+import cattrs
+import cattrs.preconf.tomllib
+import cattrs.v
+from cattrs.errors import AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError
+
+from .errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef, import-not-found, unused-ignore]
+
+__all__ = [
+    "BrokerConfig",
+    "Config",
+    "CxlConfig",
+    "ENV_PREFIX",
+    "LOG_LEVELS",
+    "LoggingConfig",
+    "NetworkConfig",
+    "SEED_ENV_VARS",
+    "StorageConfig",
+    "config_to_toml",
+    "load_config",
+]
+
+_MIB: Final = 2**20
+
+#: Prefix of the general environment scheme, ``TRIO_EMBARCADERO_<SECTION>__<KEY>``.
+ENV_PREFIX: Final = "TRIO_EMBARCADERO_"
+
+#: The C++ original's variable names and the keys they set. The general
+#: ``TRIO_EMBARCADERO_NETWORK__<KEY>`` variable wins when both are set.
+SEED_ENV_VARS: Final[Mapping[str, str]] = {
+    "EMBARCADERO_USE_NONBLOCKING": "network.use_nonblocking",
+    "EMBARCADERO_STAGING_POOL_BUFFER_SIZE_MB": "network.staging_pool_buffer_size_mb",
+    "EMBARCADERO_STAGING_POOL_NUM_BUFFERS": "network.staging_pool_num_buffers",
+    "EMBARCADERO_NUM_PUBLISH_RECEIVE_THREADS": "network.num_publish_receive_threads",
+    "EMBARCADERO_NUM_CXL_ALLOCATION_WORKERS": "network.num_cxl_allocation_workers",
+}
+
+#: The accepted ``logging.level`` values (input is case-insensitive).
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# The C++ client drops an ack connection whose broker id is outside 0-31.
+_MAX_BROKER_ID: Final = 31
+
+# A batch lands in a single CXL segment together with its 128-byte batch
+# header and 64 more bytes of log bookkeeping, so a batch's payload may use at
+# most the segment size minus this.
+_SEGMENT_BATCH_OVERHEAD: Final = 192
+
+_E = TypeVar("_E", bound=Exception)
+
+# Stands for an environment value that failed to parse (already reported).
+_UNPARSABLE: Final = object()
+
+
+class _Invalid(ValueError):
+    """A problem whose text is already the final message (no cattrs rewording)."""
+
+
+def _finite(_instance: object, attribute: "attrs.Attribute[float]", value: float) -> None:
+    # TOML allows nan and inf; neither makes sense for a fraction or a duration.
+    if not math.isfinite(value):
+        raise ValueError(f"'{attribute.name}' must be finite: {value}")
+
+
+def _non_empty(_instance: object, attribute: "attrs.Attribute[str]", value: str) -> None:
+    if not value:
+        raise ValueError(f"'{attribute.name}' must not be empty")
+
+
+def _upper(value: str) -> str:
+    return value.upper()
+
+
+_positive_int = [attrs.validators.instance_of(int), attrs.validators.gt(0)]
+_positive_float = [attrs.validators.instance_of(float), _finite, attrs.validators.gt(0.0)]
+_non_negative_float = [attrs.validators.instance_of(float), _finite, attrs.validators.ge(0.0)]
+
+
+# Cross-field checks. Each is (the fields it reads, the check); the check gets
+# every valid field value of one class (defaults filled in) and yields
+# (path relative to that class, message) pairs. They live outside the classes
+# so the loader can run them even when unrelated fields of the same class are
+# invalid, while ``__attrs_post_init__`` runs the same code on direct
+# construction.
+_Problem: TypeAlias = tuple[str, str]
+_Check: TypeAlias = tuple[frozenset[str], Callable[[Mapping[str, Any]], Iterator[_Problem]]]
+_CHECKS: dict[type, list[_Check]] = {}
+
+
+def _check(
+    cls: type, *needs: str
+) -> Callable[
+    [Callable[[Mapping[str, Any]], Iterator[_Problem]]],
+    Callable[[Mapping[str, Any]], Iterator[_Problem]],
+]:
+    def register(
+        fn: Callable[[Mapping[str, Any]], Iterator[_Problem]],
+    ) -> Callable[[Mapping[str, Any]], Iterator[_Problem]]:
+        _CHECKS.setdefault(cls, []).append((frozenset(needs), fn))
+        return fn
+
+    return register
+
+
+def _cross_field_problems(cls: type, values: Mapping[str, Any]) -> list[_Problem]:
+    return [
+        problem
+        for needs, check in _CHECKS.get(cls, [])
+        if needs <= values.keys()
+        for problem in check(values)
+    ]
+
+
+def _raise_if_inconsistent(obj: attrs.AttrsInstance) -> None:
+    problems = _cross_field_problems(
+        type(obj), {a.name: getattr(obj, a.name) for a in attrs.fields(type(obj))}
+    )
+    if problems:
+        raise ValueError("; ".join(message for _, message in problems))
+
+
+@attrs.frozen(kw_only=True)
+class BrokerConfig:
+    """Who this broker is and where it listens.
+
+    Attributes:
+        id: The broker's id, 0 to 31 (the wire protocol's limit); must also be
+            below ``cxl.max_brokers``.
+        host: The address the listeners bind to.
+        port: The publish/subscribe port; 0 asks the OS for an ephemeral port
+            (tests do that).
+    """
+
+    id: int = attrs.field(
+        default=0,
+        validator=[
+            attrs.validators.instance_of(int),
+            attrs.validators.ge(0),
+            attrs.validators.le(_MAX_BROKER_ID),
+        ],
+    )
+    host: str = attrs.field(default="127.0.0.1", validator=attrs.validators.instance_of(str))
+    port: int = attrs.field(
+        default=1214,
+        validator=[
+            attrs.validators.instance_of(int),
+            attrs.validators.ge(0),
+            attrs.validators.le(65535),
+        ],
+    )
+
+    def __attrs_post_init__(self) -> None:
+        _raise_if_inconsistent(self)
+
+    @property
+    def data_port(self) -> int:
+        """The data port, ``port + id``; 0 when ``port`` is 0 (ephemeral)."""
+        # Several brokers on one host share a base port, as in the C++ original.
+        return 0 if self.port == 0 else self.port + self.id
+
+
+@_check(BrokerConfig, "port", "id")
+def _check_data_port(v: Mapping[str, Any]) -> Iterator[_Problem]:
+    if v["port"] != 0 and v["port"] + v["id"] > 65535:
+        yield (
+            "port",
+            f"'port' + 'id' (the data port) must be <= 65535: {v['port']} + {v['id']}",
+        )
+
+
+@attrs.frozen(kw_only=True)
+class NetworkConfig:
+    """The ingest path: connections, staging pool, allocators, flow control.
+
+    Attributes:
+        use_nonblocking: True for the staged path (receive into a staging
+            buffer, copy into the log later); False to receive straight into
+            the log.
+        staging_pool_buffer_size_mb: Size of one staging buffer, in MiB.
+        staging_pool_num_buffers: Number of staging buffers.
+        num_publish_receive_threads: How many connections may be receiving a
+            batch at once.
+        num_cxl_allocation_workers: Number of allocator tasks.
+        max_batch_bytes: Largest accepted batch payload; None means the
+            staging buffer size.
+        allocation_queue_size: Capacity of the channel between connections and
+            allocators.
+        pause_high_watermark: Fraction of staging buffers in use at which
+            connections pause, in (0, 1].
+        resume_low_watermark: Fraction at which paused connections resume;
+            0 <= x < ``pause_high_watermark``.
+        backoff_initial_us: First allocator retry delay, in microseconds.
+        backoff_max_us: Cap of the retry delay (>= ``backoff_initial_us``).
+        backoff_max_retries: Retries before an allocation gives up.
+        handshake_timeout_s: Time allowed for the 64-byte handshake.
+        batch_timeout_s: Time allowed from a batch's first header byte to its
+            last payload byte.
+        idle_timeout_s: Time a connection may sit between batches; 0 means
+            forever.
+        ack_connect_timeout_s: Time allowed to dial back an ack connection.
+        shutdown_grace_s: Time connections get to finish on shutdown.
+        stats_interval_s: Period of the statistics log line.
+        max_connections: Connections accepted at once.
+        max_buffers_per_connection: Staging buffers one connection may hold.
+    """
+
+    use_nonblocking: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    staging_pool_buffer_size_mb: int = attrs.field(default=4, validator=_positive_int)
+    staging_pool_num_buffers: int = attrs.field(default=32, validator=_positive_int)
+    num_publish_receive_threads: int = attrs.field(default=4, validator=_positive_int)
+    num_cxl_allocation_workers: int = attrs.field(default=2, validator=_positive_int)
+    max_batch_bytes: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_positive_int)
+    )
+    allocation_queue_size: int = attrs.field(default=128, validator=_positive_int)
+    pause_high_watermark: float = attrs.field(
+        default=0.875,
+        validator=[
+            attrs.validators.instance_of(float),
+            _finite,
+            attrs.validators.gt(0.0),
+            attrs.validators.le(1.0),
+        ],
+    )
+    resume_low_watermark: float = attrs.field(default=0.5, validator=_non_negative_float)
+    backoff_initial_us: int = attrs.field(default=100, validator=_positive_int)
+    backoff_max_us: int = attrs.field(default=1600, validator=_positive_int)
+    backoff_max_retries: int = attrs.field(
+        default=10, validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)]
+    )
+    handshake_timeout_s: float = attrs.field(default=10.0, validator=_positive_float)
+    batch_timeout_s: float = attrs.field(default=30.0, validator=_positive_float)
+    idle_timeout_s: float = attrs.field(default=0.0, validator=_non_negative_float)
+    ack_connect_timeout_s: float = attrs.field(default=5.0, validator=_positive_float)
+    shutdown_grace_s: float = attrs.field(default=5.0, validator=_non_negative_float)
+    stats_interval_s: float = attrs.field(default=5.0, validator=_positive_float)
+    max_connections: int = attrs.field(default=1024, validator=_positive_int)
+    max_buffers_per_connection: int = attrs.field(default=8, validator=_positive_int)
+
+    def __attrs_post_init__(self) -> None:
+        _raise_if_inconsistent(self)
+
+    @property
+    def staging_buffer_bytes(self) -> int:
+        """Size of one staging buffer in bytes."""
+        return self.staging_pool_buffer_size_mb * _MIB
+
+    @property
+    def effective_max_batch_bytes(self) -> int:
+        """``max_batch_bytes``, or the staging buffer size when it is None."""
+        if self.max_batch_bytes is None:
+            return self.staging_buffer_bytes
+        return self.max_batch_bytes
+
+
+@_check(NetworkConfig, "use_nonblocking", "staging_pool_buffer_size_mb", "max_batch_bytes")
+def _check_batch_fits_staging(v: Mapping[str, Any]) -> Iterator[_Problem]:
+    # A staged batch is received whole into one staging buffer.
+    staging = v["staging_pool_buffer_size_mb"] * _MIB
+    if v["use_nonblocking"] and v["max_batch_bytes"] is not None and v["max_batch_bytes"] > staging:
+        yield (
+            "max_batch_bytes",
+            f"'max_batch_bytes' must be <= the staging buffer size ({staging}) "
+            f"when use_nonblocking is true: {v['max_batch_bytes']}",
+        )
+
+
+@_check(NetworkConfig, "pause_high_watermark", "resume_low_watermark")
+def _check_watermarks(v: Mapping[str, Any]) -> Iterator[_Problem]:
+    if not v["resume_low_watermark"] < v["pause_high_watermark"]:
+        yield (
+            "resume_low_watermark",
+            f"'resume_low_watermark' must be < 'pause_high_watermark' "
+            f"({v['pause_high_watermark']}): {v['resume_low_watermark']}",
+        )
+
+
+@_check(NetworkConfig, "backoff_initial_us", "backoff_max_us")
+def _check_backoff(v: Mapping[str, Any]) -> Iterator[_Problem]:
+    if v["backoff_max_us"] < v["backoff_initial_us"]:
+        yield (
+            "backoff_max_us",
+            f"'backoff_max_us' must be >= 'backoff_initial_us' "
+            f"({v['backoff_initial_us']}): {v['backoff_max_us']}",
+        )
+
+
+@attrs.frozen(kw_only=True)
+class CxlConfig:
+    """The emulated CXL region (a shared memory file).
+
+    Attributes:
+        path: The file backing the region.
+        size_mb: Region size in MiB.
+        segment_mb: Log segment size in MiB (<= ``size_mb``); a batch never
+            spans two segments.
+        max_topics: Topics the region has room for.
+        max_brokers: Brokers the region has room for, 1 to 32.
+        max_inflight_batches: Per (topic, broker): reservations not yet
+            committed.
+        prefault: Touch every page at start-up so the first batches don't pay
+            for page faults.
+    """
+
+    path: str = attrs.field(
+        default="/dev/shm/trio-embarcadero-0",
+        validator=[attrs.validators.instance_of(str), _non_empty],
+    )
+    size_mb: int = attrs.field(default=1024, validator=_positive_int)
+    segment_mb: int = attrs.field(default=32, validator=_positive_int)
+    max_topics: int = attrs.field(default=32, validator=_positive_int)
+    max_brokers: int = attrs.field(
+        default=4,
+        validator=[
+            attrs.validators.instance_of(int),
+            attrs.validators.ge(1),
+            attrs.validators.le(_MAX_BROKER_ID + 1),
+        ],
+    )
+    max_inflight_batches: int = attrs.field(default=1024, validator=_positive_int)
+    prefault: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+
+    def __attrs_post_init__(self) -> None:
+        _raise_if_inconsistent(self)
+
+    @property
+    def size_bytes(self) -> int:
+        """Region size in bytes."""
+        return self.size_mb * _MIB
+
+    @property
+    def segment_bytes(self) -> int:
+        """Segment size in bytes."""
+        return self.segment_mb * _MIB
+
+
+@_check(CxlConfig, "size_mb", "segment_mb")
+def _check_segment(v: Mapping[str, Any]) -> Iterator[_Problem]:
+    if v["segment_mb"] > v["size_mb"]:
+        yield (
+            "segment_mb",
+            f"'segment_mb' must be <= 'size_mb' ({v['size_mb']}): {v['segment_mb']}",
+        )
+
+
+@attrs.frozen(kw_only=True)
+class StorageConfig:
+    """The disk-backed log behind ack level 2 (not implemented yet; keys kept).
+
+    Attributes:
+        dir: Directory of the disk log; "" means none, so ack level 2 is
+            refused.
+        sync_interval_ms: Longest time between two fsyncs.
+        sync_bytes: Bytes written that trigger an fsync.
+    """
+
+    dir: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+    sync_interval_ms: float = attrs.field(default=5.0, validator=_positive_float)
+    sync_bytes: int = attrs.field(default=64 * _MIB, validator=_positive_int)
+
+
+@attrs.frozen(kw_only=True)
+class LoggingConfig:
+    """Logging set-up done by the command line tool.
+
+    Attributes:
+        level: One of :data:`LOG_LEVELS`; any case is accepted, stored upper
+            case.
+    """
+
+    level: str = attrs.field(
+        default="INFO",
+        converter=_upper,
+        validator=[attrs.validators.instance_of(str), attrs.validators.in_(LOG_LEVELS)],
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """The whole configuration, one attribute per TOML table.
+
+    Attributes:
+        broker: Identity and listening address.
+        network: The ingest path.
+        cxl: The CXL region.
+        storage: The disk log.
+        logging: Log level.
+    """
+
+    broker: BrokerConfig = attrs.field(factory=BrokerConfig)
+    network: NetworkConfig = attrs.field(factory=NetworkConfig)
+    cxl: CxlConfig = attrs.field(factory=CxlConfig)
+    storage: StorageConfig = attrs.field(factory=StorageConfig)
+    logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+
+    def __attrs_post_init__(self) -> None:
+        _raise_if_inconsistent(self)
+
+
+@_check(Config, "network", "cxl")
+def _check_batch_fits_segment(v: Mapping[str, Any]) -> Iterator[_Problem]:
+    network: NetworkConfig = v["network"]
+    cxl: CxlConfig = v["cxl"]
+    limit = cxl.segment_bytes - _SEGMENT_BATCH_OVERHEAD
+    if network.effective_max_batch_bytes > limit:
+        what = (
+            "'max_batch_bytes'"
+            if network.max_batch_bytes is not None
+            else "'max_batch_bytes' (unset, so the staging buffer size)"
+        )
+        yield (
+            "network.max_batch_bytes",
+            f"{what} must be <= the CXL segment size minus {_SEGMENT_BATCH_OVERHEAD} "
+            f"header bytes ({limit}): {network.effective_max_batch_bytes}",
+        )
+
+
+@_check(Config, "broker", "cxl")
+def _check_broker_id(v: Mapping[str, Any]) -> Iterator[_Problem]:
+    broker: BrokerConfig = v["broker"]
+    cxl: CxlConfig = v["cxl"]
+    if broker.id >= cxl.max_brokers:
+        yield ("broker.id", f"'id' must be < cxl.max_brokers ({cxl.max_brokers}): {broker.id}")
+
+
+_SECTIONS: Final[Mapping[str, Any]] = {a.name: a.type for a in attrs.fields(Config)}
+_CLASSES: Final = frozenset([Config, *_SECTIONS.values()])
+
+
+# ---------------------------------------------------------------------------
+# Structuring
+# ---------------------------------------------------------------------------
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _structure_int(value: object, _: object) -> int:
+    # type() and not isinstance(): bool is an int subclass, and TOML `true`
+    # must not become 1.
+    if type(value) is not int:
+        raise _Invalid(f"invalid value for type, expected int: {value!r}")
+    return value
+
+
+def _structure_optional_int(value: object, _: object) -> int | None:
+    return None if value is None else _structure_int(value, int)
+
+
+def _structure_float(value: object, _: object) -> float:
+    # TOML `5` for a float key is fine; `true` is not.
+    if type(value) is float:
+        return value
+    if type(value) is int:
+        try:
+            return float(value)
+        except OverflowError:
+            pass
+    raise _Invalid(f"invalid value for type, expected float: {value!r}")
+
+
+def _structure_bool(value: object, _: object) -> bool:
+    if type(value) is not bool:
+        raise _Invalid(f"invalid value for type, expected bool: {value!r}")
+    return value
+
+
+def _structure_str(value: object, _: object) -> str:
+    if type(value) is not str:
+        raise _Invalid(f"invalid value for type, expected str: {value!r}")
+    return value
+
+
+def _note(exc: _E, cls: type, name: str, type_: Any) -> _E:
+    # The note is what cattrs.transform_error reads to build the `$.a.b` path.
+    exc.add_note(
+        AttributeValidationNote(f"Structuring class {cls.__qualname__} @ {name}", name, type_)
+    )
+    return exc
+
+
+def _default_of(a: "attrs.Attribute[Any]") -> Any:
+    default: Any = a.default
+    if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+        return default.factory()
+    return default
+
+
+def _make_checked_hook(
+    converter: cattrs.Converter, cls: type
+) -> Callable[[object, object], object]:
+    """A structure hook for one config class that reports every problem.
+
+    cattrs' generated hook validates each field's type, but attrs validators
+    only run inside ``cls(...)``, which stops at the first failure and blames the
+    whole table. This hook runs every field's validators itself, then the
+    cross-field checks whose fields are all valid, and raises one
+    ``ClassValidationError`` with per-field notes.
+    """
+    fields = attrs.fields(cls)
+    names = frozenset(a.name for a in fields)
+
+    def hook(data: object, _: object) -> object:
+        if not isinstance(data, Mapping):
+            raise _Invalid(f"expected a table, got {_type_name(data)}: {data!r}")
+        errors: list[Exception] = []
+        values: dict[str, Any] = {}
+        failed: set[str] = set()
+        for a in fields:
+            if a.name not in data:
+                continue
+            try:
+                value = converter.structure(data[a.name], a.type)
+                if a.converter is not None:
+                    value = a.converter(value)
+                if a.validator is not None:
+                    try:
+                        a.validator(None, a, value)
+                    except (TypeError, ValueError) as exc:
+                        # attrs puts (message, attribute, ...) in args; keep the message.
+                        raise _Invalid(str(exc.args[0]) if exc.args else str(exc)) from exc
+            except Exception as exc:
+                errors.append(_note(exc, cls, a.name, a.type))
+                failed.add(a.name)
+            else:
+                values[a.name] = value
+        extra = data.keys() - names
+        if extra:
+            errors.append(ForbiddenExtraKeysError("", cls, {str(k) for k in extra}))
+        complete = {
+            a.name: values[a.name] if a.name in values else _default_of(a)
+            for a in fields
+            if a.name not in failed
+        }
+        for path, message in _cross_field_problems(cls, complete):
+            errors.append(_note(_Invalid(message), cls, path, None))
+        if errors:
+            raise ClassValidationError(f"While structuring {cls.__name__}", errors, cls)
+        return cls(**values)
+
+    return hook
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.preconf.tomllib.make_converter(forbid_extra_keys=True)
+    converter.register_structure_hook(int, _structure_int)
+    converter.register_structure_hook(float, _structure_float)
+    converter.register_structure_hook(bool, _structure_bool)
+    converter.register_structure_hook(str, _structure_str)
+    # Spelled out so max_batch_bytes doesn't depend on how the preconf
+    # converter's union strategy treats bool; None only comes from overrides.
+    converter.register_structure_hook_func(lambda t: t == int | None, _structure_optional_int)
+    converter.register_structure_hook_factory(
+        lambda t: t in _CLASSES, lambda t: _make_checked_hook(converter, t)
+    )
+    return converter
+
+
+_converter: Final = _make_converter()
+
+
+def _format_exception(exc: BaseException, type_: type | None) -> str:
+    if isinstance(exc, _Invalid):
+        return str(exc)
+    return cattrs.v.format_exception(exc, type_)
+
+
+# ---------------------------------------------------------------------------
+# Environment and overrides
+# ---------------------------------------------------------------------------
+
+_INT_RE: Final = re.compile(r"[+-]?[0-9]+")
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def _field_types() -> dict[str, Any]:
+    return {
+        f"{section}.{a.name}": a.type
+        for section, cls in _SECTIONS.items()
+        for a in attrs.fields(cls)
+    }
+
+
+_FIELD_TYPES: Final = _field_types()
+_GENERAL_ENV_VARS: Final = {
+    ENV_PREFIX + key.upper().replace(".", "__"): key for key in _FIELD_TYPES
+}
+
+
+def _parse_env_value(raw: str, type_: Any) -> object:
+    """Converts an environment string to ``type_``; raises ``_Invalid``."""
+    if type_ is bool:
+        lowered = raw.lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise _Invalid(f"invalid value for type, expected bool: {raw!r}")
+    if type_ is int or type_ == int | None:
+        # int() would also take "1_000", " 7 " and non-ASCII digits.
+        if not _INT_RE.fullmatch(raw):
+            raise _Invalid(f"invalid value for type, expected int: {raw!r}")
+        return int(raw)
+    if type_ is float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise _Invalid(f"invalid value for type, expected float: {raw!r}")
+        return value
+    return raw
+
+
+def _env_layer(env: Mapping[str, str], problems: list[str]) -> list[tuple[str, object, str]]:
+    """The environment's settings as (dotted key, value, variable), in apply order.
+
+    Seed names come first so the general names, applied after them, win.
+    Variables that fail to parse are reported in ``problems`` and returned
+    with the value ``_UNPARSABLE`` so the key is still known to be set.
+    """
+    layer: list[tuple[str, str, str]] = []
+    for var, key in SEED_ENV_VARS.items():
+        if var in env:
+            layer.append((key, env[var], var))
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        general_key = _GENERAL_ENV_VARS.get(var)
+        if general_key is None:
+            problems.append(
+                f"unknown environment variable (expected "
+                f"{ENV_PREFIX}<SECTION>__<KEY> naming a config key) @ $env.{var}"
+            )
+            continue
+        layer.append((general_key, env[var], var))
+    parsed: list[tuple[str, object, str]] = []
+    for key, raw, var in layer:
+        try:
+            parsed.append((key, _parse_env_value(raw, _FIELD_TYPES[key]), var))
+        except _Invalid as exc:
+            problems.append(f"{exc} @ $.{key} (from {var})")
+            parsed.append((key, _UNPARSABLE, var))
+    return parsed
+
+
+def _apply(
+    data: dict[str, Any],
+    key: str,
+    value: object,
+    source: str,
+    sources: dict[str, str],
+) -> None:
+    section, name = key.split(".")
+    table = data.setdefault(section, {})
+    # A section that isn't a table is reported by the structuring step.
+    if not isinstance(table, dict):
+        return
+    if value is _UNPARSABLE:
+        # Already reported; drop a lower layer's value so it isn't judged too.
+        table.pop(name, None)
+        sources.pop(f"$.{key}", None)
+        return
+    table[name] = value
+    sources[f"$.{key}"] = source
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file {name!r}: {exc.strerror or exc} @ $"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"config file {name!r} is not UTF-8: {exc} @ $"]) from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"invalid TOML in config file {name!r}: {exc} @ $"]) from exc
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Builds the configuration from defaults, a TOML file, the environment and overrides.
+
+    Later layers win: defaults < file < environment < overrides.
+
+    Environment variables:
+        * ``TRIO_EMBARCADERO_<SECTION>__<KEY>`` for every key, upper case with
+          a double underscore between section and key, e.g.
+          ``TRIO_EMBARCADERO_CXL__SIZE_MB=64``. Any other variable starting
+          with ``TRIO_EMBARCADERO_`` is an error.
+        * The C++ original's names (:data:`SEED_ENV_VARS`), e.g.
+          ``EMBARCADERO_STAGING_POOL_NUM_BUFFERS``. When a seed name and the
+          general name of the same key are both set, the general name wins.
+
+        Values are converted by the key's type: int is an optional sign and
+        decimal digits; float is anything ``float()`` takes except nan and
+        infinities; bool is 1/true/yes/on or 0/false/no/off in any case; str
+        is taken as is. ``network.max_batch_bytes`` can't be reset to None
+        from the environment.
+
+    Args:
+        path: The TOML file, or None for no file.
+        env: The environment; None means ``os.environ``.
+        overrides: Dotted keys (``"broker.port"``) to typed values, applied
+            last, normally the command line flags that were given. None is a
+            value here (only valid for ``network.max_batch_bytes``), so leave
+            out flags that weren't given.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: With every problem found: an unreadable file or a TOML
+            syntax error, unknown keys or variables, values of the wrong type
+            or out of range, and inconsistent combinations.
+    """
+    problems: list[str] = []
+    file_problem: ConfigError | None = None
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = _read_file(path)
+        except ConfigError as exc:
+            file_problem = exc
+            problems.extend(exc.problems)
+
+    sources: dict[str, str] = {}
+    for key, value, var in _env_layer(os.environ if env is None else env, problems):
+        _apply(data, key, value, f"from {var}", sources)
+    for key, value in (overrides or {}).items():
+        if key not in _FIELD_TYPES:
+            problems.append(f"unknown key @ $.{key} (from override)")
+            continue
+        _apply(data, key, value, "from override", sources)
+
+    if file_problem is not None:
+        # Without the file's values, judging the rest would blame keys the
+        # file may well set right.
+        raise ConfigError(problems) from file_problem.__cause__
+
+    try:
+        config = _converter.structure(data, Config)
+    except Exception as exc:
+        problems.extend(
+            _with_source(line, sources)
+            for line in cattrs.transform_error(exc, format_exception=_format_exception)
+        )
+        raise ConfigError(problems) from exc
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _with_source(line: str, sources: Mapping[str, str]) -> str:
+    # Tell the user which variable or flag a bad value came from.
+    _, _, path = line.rpartition(" @ ")
+    source = sources.get(path)
+    return f"{line} ({source})" if source else line
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------
+
+
+def _toml_str(value: str) -> str:
+    out = ['"']
+    for ch in value:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch < " " or ch == "\x7f":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        # repr() round-trips exactly and is valid TOML for finite floats.
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_str(value)
+    raise TypeError(f"cannot render {value!r} as TOML")
+
+
+def config_to_toml(config: Config) -> str:
+    """Renders a configuration as TOML, every key, sections in order.
+
+    ``load_config`` on the text gives back an equal configuration. An unset
+    ``network.max_batch_bytes`` is left out (TOML has no null) with a comment.
+
+    Args:
+        config: The configuration to render.
+
+    Returns:
+        The TOML text.
+    """
+    lines: list[str] = []
+    for section in _SECTIONS:
+        if lines:
+            lines.append("")
+        lines.append(f"[{section}]")
+        table = getattr(config, section)
+        for a in attrs.fields(type(table)):
+            value = getattr(table, a.name)
+            if value is None:
+                # Only max_batch_bytes can be None; say what it means instead.
+                lines.append(
+                    f"# {a.name} is unset: the staging buffer size "
+                    f"({config.network.staging_buffer_bytes} bytes)"
+                )
+                continue
+            lines.append(f"{a.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
