@@ -411,9 +411,15 @@ async def serve(
     broker = Broker(config, log, listeners)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(broker._run)
-            task_status.started(broker)
             try:
+                # Trio does not hand a started task over to its nursery when the
+                # caller of start() was cancelled meanwhile: start() would then
+                # wait for the (shielded, endless) services. Start-up is short
+                # (bind and spawn), so it runs uncancellable, and a cancellation
+                # that came during it begins the drain right after.
+                with trio.CancelScope(shield=True):
+                    await nursery.start(broker._run)
+                task_status.started(broker)
                 await trio.sleep_forever()
             finally:
                 broker.begin_shutdown()
