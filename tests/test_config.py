@@ -866,7 +866,7 @@ def test_config_to_toml_defaults_text() -> None:
     sections = [line for line in text.splitlines() if line.startswith("[")]
     assert sections == ["[broker]", "[network]", "[cxl]", "[storage]", "[logging]"]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert len(keys) == 3 + 19 + 7 + 3 + 1
+    assert len(keys) == 3 + 20 + 7 + 3 + 1
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ cancelled.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -33,12 +34,13 @@ import trio
 
 from .acks import DialBackRegistry, DialBackStatistics
 from .allocator import AllocationCounters, Backoff, StagedBatch, run_allocator
-from .config import Config
+from .config import Config, parse_networks
 from .connection import Connection, ConnectionPhase
 from .cxl import CxlLog, CxlStatistics
 from .errors import ErrorCode, ProtocolError
 from .monitor import PauseGate, run_pool_monitor
 from .staging import StagingPool, StagingPoolStatistics
+from .storage import DiskLog, DiskStatistics
 from .subscription import serve_subscriber
 from .wire import BatchHeader, Handshake, encode_error_frame
 
@@ -75,6 +77,7 @@ class BrokerStatistics:
         allocation_failures: Batches refused after every retry (error 4).
         queued_batches: Staged batches waiting for an allocator.
         dial_backs: Dial-back ack connection counters.
+        disk: Disk log counters (None without ``storage.dir``).
     """
 
     connections: dict[str, int]
@@ -99,6 +102,7 @@ class BrokerStatistics:
     internal_errors: int
     log: CxlStatistics
     dial_backs: DialBackStatistics
+    disk: DiskStatistics | None
 
     def summary(self) -> str:
         """One log line: what moved and where the pressure is."""
@@ -128,6 +132,7 @@ class Broker:
         config: Config,
         log: CxlLog,
         listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None,
+        disk: DiskLog | None = None,
     ) -> None:
         net = config.network
         self._listeners = listeners
@@ -136,6 +141,7 @@ class Broker:
         self.host = config.broker.host
         self.port = 0
         self.log = log
+        self.disk = disk
         self.pool = StagingPool(
             net.staging_pool_num_buffers if net.use_nonblocking else 1,
             net.staging_buffer_bytes if net.use_nonblocking else 1,
@@ -155,6 +161,7 @@ class Broker:
         self._dial_backs: DialBackRegistry | None = None
         self._service_scope: trio.CancelScope | None = None
         self._accept_scope = trio.CancelScope()
+        self._allowed = parse_networks(net.allowed_networks)
 
     # -- what connections use ----------------------------------------------------
 
@@ -212,6 +219,7 @@ class Broker:
             internal_errors=c.internal_errors,
             log=log,
             dial_backs=dial,
+            disk=self.disk.statistics() if self.disk is not None else None,
         )
 
     # -- running ---------------------------------------------------------------------
@@ -255,33 +263,39 @@ class Broker:
                         )
                     )
                 await services.start(self._report)
-                async with trio.open_nursery() as allocators:
-                    send, receive = trio.open_memory_channel[StagedBatch](net.allocation_queue_size)
-                    async with send, receive:
-                        self._batch_send = send
-                        workers = net.num_cxl_allocation_workers if net.use_nonblocking else 0
-                        for _ in range(workers):
-                            await allocators.start(
-                                partial(
-                                    run_allocator,
-                                    receive.clone(),
-                                    self.log,
-                                    self.backoff,
-                                    self.allocation,
-                                )
-                            )
-                        async with trio.open_nursery() as acks:
-                            self._dial_backs = DialBackRegistry(
-                                acks, self.broker_id, net.ack_connect_timeout_s
-                            )
-                            async with trio.open_nursery() as connections:
-                                await connections.start(self._accept, connections)
-                                task_status.started()
-                    # Leaving the block closed the send side: allocators drain
-                    # what is queued, then return.
+                async with trio.open_nursery() as durable:
+                    if self.disk is not None:
+                        await durable.start(self.disk.run)
+                    await self._run_ingest(task_status)
+                    if self.disk is not None:
+                        self.disk.finish()  # sync what the drain committed, then stop
                 services.cancel_scope.cancel()
         if self._service_scope.cancelled_caught:
             logger.warning("shutdown grace period over: remaining work cancelled")
+
+    async def _run_ingest(self, task_status: trio.TaskStatus[None]) -> None:
+        """Allocators, ack connections and connections; returns once drained."""
+        net = self.config.network
+        async with trio.open_nursery() as allocators:
+            send, receive = trio.open_memory_channel[StagedBatch](net.allocation_queue_size)
+            async with send, receive:
+                self._batch_send = send
+                workers = net.num_cxl_allocation_workers if net.use_nonblocking else 0
+                for _ in range(workers):
+                    await allocators.start(
+                        partial(
+                            run_allocator, receive.clone(), self.log, self.backoff, self.allocation
+                        )
+                    )
+                async with trio.open_nursery() as acks:
+                    self._dial_backs = DialBackRegistry(
+                        acks, self.broker_id, net.ack_connect_timeout_s
+                    )
+                    async with trio.open_nursery() as connections:
+                        await connections.start(self._accept, connections)
+                        task_status.started()
+            # Leaving the block closed the send side: allocators drain what is
+            # queued, then return.
 
     async def _accept(
         self, connections: trio.Nursery, *, task_status: trio.TaskStatus[None]
@@ -311,8 +325,9 @@ class Broker:
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         """Serve one connection; nothing a peer does can raise out of here."""
-        if len(self.connections) >= self.config.network.max_connections or self.shutting_down:
-            await self._refuse(stream)
+        refusal = self._refusal(stream)
+        if refusal is not None:
+            await self._refuse(stream, refusal)
             return
         self.counters.connections_accepted += 1
         connection = Connection(self, stream, next(self._ids))
@@ -326,16 +341,25 @@ class Broker:
         finally:
             self.connections.discard(connection)
 
-    async def _refuse(self, stream: trio.abc.Stream) -> None:
-        self.counters.connections_refused += 1
-        error = (
-            ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down")
-            if self.shutting_down
-            else ProtocolError(
-                ErrorCode.NOT_ALLOWED,
-                f"connection limit reached ({self.config.network.max_connections})",
+    def _refusal(self, stream: trio.abc.Stream) -> ProtocolError | None:
+        net = self.config.network
+        if self.shutting_down:
+            return ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down")
+        if len(self.connections) >= net.max_connections:
+            return ProtocolError(
+                ErrorCode.NOT_ALLOWED, f"connection limit reached ({net.max_connections})"
             )
-        )
+        if self._allowed and isinstance(stream, trio.SocketStream):
+            host = stream.socket.getpeername()[0]
+            address = ipaddress.ip_address(host)
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            if not any(address in network for network in self._allowed):
+                return ProtocolError(ErrorCode.NOT_ALLOWED, f"{host} is not an allowed network")
+        return None
+
+    async def _refuse(self, stream: trio.abc.Stream, error: ProtocolError) -> None:
+        self.counters.connections_refused += 1
         self.count_error(error.code)
         logger.warning("refused a connection: %s", error.message)
         with trio.move_on_after(1):
@@ -357,10 +381,9 @@ class Broker:
             last = moved
 
 
-async def _open_log(config: Config, reset: bool) -> CxlLog:
+def _open_logs(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None]:
     cxl = config.cxl
-    open_log = partial(
-        CxlLog.open,
+    log = CxlLog.open(
         cxl.path,
         size=cxl.size_bytes,
         segment_size=cxl.segment_bytes,
@@ -371,11 +394,31 @@ async def _open_log(config: Config, reset: bool) -> CxlLog:
         reset=reset,
         prefault=cxl.prefault,
     )
-    if not cxl.prefault:
+    if not config.storage.dir:
+        return log, None
+    try:
+        disk = DiskLog.open(
+            config.storage.dir,
+            log,
+            sync_interval=config.storage.sync_interval_ms / 1000,
+            sync_bytes=config.storage.sync_bytes,
+            reset=reset,
+        )
+    except BaseException:
+        log.close()
+        raise
+    return log, disk
+
+
+async def _open_log(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None]:
+    if not config.cxl.prefault and not config.storage.dir:
+        # Mapping without faulting pages in is instant; no thread, so tests
+        # on Trio's mock clock see no spurious idle time here.
         await trio.lowlevel.checkpoint()
-        return open_log()
-    # Faulting in a large region takes a while (~1 GB/s); keep the loop free.
-    return await trio.to_thread.run_sync(open_log)
+        return _open_logs(config, reset)
+    # Faulting in a large region (~1 GB/s) and reading disk logs take a
+    # while; keep the event loop free.
+    return await trio.to_thread.run_sync(_open_logs, config, reset)
 
 
 async def serve(
@@ -407,8 +450,8 @@ async def serve(
         Nothing a client sends or fails to send raises out of here; it costs
         that client its connection, with an error frame saying why.
     """
-    log = await _open_log(config, reset)
-    broker = Broker(config, log, listeners)
+    log, disk = await _open_log(config, reset)
+    broker = Broker(config, log, listeners, disk)
     try:
         async with trio.open_nursery() as nursery:
             try:
@@ -424,6 +467,8 @@ async def serve(
             finally:
                 broker.begin_shutdown()
     finally:
+        if disk is not None:
+            disk.close()
         try:
             log.close()
         except BufferError:  # pragma: no cover - a view escaped; the GC unmaps it

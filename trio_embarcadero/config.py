@@ -20,6 +20,7 @@ Example:
     (0, 4194304)
 """
 
+import ipaddress
 import math
 import os
 import re
@@ -98,6 +99,31 @@ def _finite(_instance: object, attribute: "attrs.Attribute[float]", value: float
 def _non_empty(_instance: object, attribute: "attrs.Attribute[str]", value: str) -> None:
     if not value:
         raise ValueError(f"'{attribute.name}' must not be empty")
+
+
+def _networks(_instance: object, attribute: "attrs.Attribute[str]", value: str) -> None:
+    try:
+        parse_networks(value)
+    except ValueError as exc:
+        raise ValueError(f"'{attribute.name}' {exc}") from None
+
+
+def parse_networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Parse a comma-separated list of networks (``"127.0.0.0/8, ::1/128"``).
+
+    Raises:
+        ValueError: Naming the first entry that is not an IP network.
+    """
+    networks = []
+    for part in value.split(","):
+        text = part.strip()
+        if not text:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ValueError(f"has an entry that is not an IP network: {text!r}") from None
+    return tuple(networks)
 
 
 def _upper(value: str) -> str:
@@ -235,6 +261,9 @@ class NetworkConfig:
         stats_interval_s: Period of the statistics log line.
         max_connections: Connections accepted at once.
         max_buffers_per_connection: Staging buffers one connection may hold.
+        allowed_networks: Comma-separated client networks allowed to connect
+            (CIDR, IPv4 or IPv6); empty allows every address that can reach
+            ``broker.host``. Others get error 6 and are closed.
     """
 
     use_nonblocking: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
@@ -269,6 +298,9 @@ class NetworkConfig:
     stats_interval_s: float = attrs.field(default=5.0, validator=_positive_float)
     max_connections: int = attrs.field(default=1024, validator=_positive_int)
     max_buffers_per_connection: int = attrs.field(default=8, validator=_positive_int)
+    allowed_networks: str = attrs.field(
+        default="", validator=[attrs.validators.instance_of(str), _networks]
+    )
 
     def __attrs_post_init__(self) -> None:
         _raise_if_inconsistent(self)

@@ -27,6 +27,7 @@ import enum
 import logging
 import math
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -116,10 +117,16 @@ class Connection:
         return self._error is not None
 
     def batch_committed(self, reservation: Reservation) -> None:
-        num = reservation.header.num_msg
         self.committed += 1
+        disk = self.broker.disk
+        if self.handshake is not None and self.handshake.ack == 2 and disk is not None:
+            disk.when_durable(reservation, partial(self._acked, reservation.header.num_msg))
+        else:
+            self._acked(reservation.header.num_msg)
+
+    def _acked(self, messages: int) -> None:
         if self._acks is not None:
-            self._acks.advance(num)
+            self._acks.advance(messages)
         self._settle()
 
     def batch_discarded(self, error: LogFullError | None) -> None:
@@ -221,7 +228,7 @@ class Connection:
 
     async def _publish(self, handshake: Handshake) -> None:
         broker = self.broker
-        if handshake.ack == 2 and not broker.config.storage.dir:
+        if handshake.ack == 2 and broker.disk is None:
             raise ProtocolError(
                 ErrorCode.NOT_ALLOWED, "ack level 2 needs a disk log (storage.dir is not set)"
             )

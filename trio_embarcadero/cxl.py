@@ -168,10 +168,12 @@ class Reservation:
         header_offset: Byte offset of the batch header in the region.
         payload: The payload's place in the region, a writable uint8 array.
         first_offset: Logical offset of the first message, once committed.
+        batch_index: Position among the stream's committed batches, once committed.
     """
 
     __slots__ = (
         "_on_commit",
+        "batch_index",
         "first_offset",
         "header",
         "header_offset",
@@ -195,6 +197,7 @@ class Reservation:
         self.state = BATCH_RESERVED
         self.starts: npt.NDArray[np.int64] | None = None
         self.first_offset = -1
+        self.batch_index = -1
         self._on_commit: Callable[[Reservation], None] | None = None
 
     @property
@@ -271,6 +274,7 @@ class CxlLog:
         self._streams: dict[str, Stream] = {}
         self._topic_index: dict[str, int] = {}
         self._new_stream = trio.lowlevel.ParkingLot()
+        self._commit_listeners: list[Callable[[Reservation], None]] = []
         self._reservations = 0
         self._abandoned = 0
         self._ring_full = 0
@@ -503,6 +507,15 @@ class CxlLog:
             self._new_stream.unpark_all()
         return stream
 
+    def add_commit_listener(self, listener: Callable[[Reservation], None]) -> None:
+        """Call ``listener`` with every reservation this log commits, in order,
+        before the reservation's own ``on_commit``."""
+        self._commit_listeners.append(listener)
+
+    def streams(self) -> list[Stream]:
+        """This broker's open streams."""
+        return list(self._streams.values())
+
     async def wait_new_stream(self) -> None:
         """Return after this broker opens its next stream (a topic's first publish)."""
         await self._new_stream.park()
@@ -630,6 +643,8 @@ class CxlLog:
             )
             stream._committed.unpark_all()
             for reservation in committed:
+                for listener in self._commit_listeners:
+                    listener(reservation)
                 if reservation._on_commit is not None:
                     reservation._on_commit(reservation)
 
@@ -643,6 +658,7 @@ class CxlLog:
         _U32.pack_into(self._mmap, reservation.header_offset + BH_BATCH_COMPLETE, BATCH_COMMITTED)
         reservation.state = BATCH_COMMITTED
         reservation.first_offset = first
+        reservation.batch_index = len(stream.index_header)
         stream.next_offset = first + num
         stream.batches += 1
         stream.payload_bytes += reservation.header.total_size

@@ -1,0 +1,363 @@
+"""The benchmark's load generator: publishers in a process of their own.
+
+Run by ``trio-embarcadero bench`` (or by hand)::
+
+    python -m trio_embarcadero.loadgen --port 1214 --connections 4 --ack 1 --bytes 2e9
+
+Each connection sends a 64-byte publish handshake, then the same prebuilt
+batch over and over (``[128-B header][num_msg message records]``, built once
+with correct records; only ``batch_seq`` changes between sends), and with
+``--ack 1`` reads the same-connection ack stream. Connections draw batches
+from one shared budget (``--bytes`` of message payload, rounded up to whole
+batches) until it is spent or ``--seconds`` have passed, whichever comes first.
+
+Design, chosen so the generator is rarely the bottleneck:
+
+* blocking sockets, one sender thread per connection: ``sendall`` of a whole
+  batch releases the GIL for the whole copy into the kernel, so the Python
+  work per batch is a ``pack_into`` and a few list appends;
+* with acks, one reader thread per connection decodes the counts and records
+  each batch's ack latency;
+* nothing is validated or allocated per message.
+
+Output, on stdout, one JSON object per line: a ``progress`` line every
+``--interval`` seconds, then one ``result`` line (see :func:`_result`). Times
+are ``time.perf_counter`` seconds. The run window is from the first send to
+the last ack covering every message (``--ack 1``), or to the receiver closing
+the connection after reading it all (``--ack 0``: each connection half-closes
+after its last batch and waits for EOF, so kernel buffers don't count as
+delivered). Ack latency is per batch, measured from the *start* of the
+batch's ``sendall`` (``latency_us``, which includes time blocked on a full
+socket, i.e. backpressure) and from its completion (``latency_after_send_us``,
+the time the receiver took once the batch was in the kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import itertools
+import json
+import resource
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .wire import (
+    ACK_BROKER_ID,
+    ACK_COUNT,
+    BATCH_HEADER_SIZE,
+    ERROR_MARKER,
+    BatchHeader,
+    ClientRequest,
+    Handshake,
+    encode_message,
+    padded_size,
+)
+
+# batch_seq is the header's first field; it is the only one that changes.
+_BATCH_SEQ = struct.Struct("<Q")
+
+#: The C++ evaluation's batch: 2 MiB + one padded 1 KiB message of payload.
+DEFAULT_BATCH_MESSAGES = 1928
+DEFAULT_MESSAGE_SIZE = 1024
+
+
+def build_batch(client_id: int, num_msg: int, message_size: int) -> bytearray:
+    """Header plus ``num_msg`` message records, as one buffer (``batch_seq`` 0).
+
+    Records carry ``client_order`` 0 to ``num_msg - 1``; the same batch is
+    resent, so later batches repeat those numbers (the broker does not check
+    them).
+    """
+    payload = (bytes(range(256)) * (message_size // 256 + 1))[:message_size]
+    body = b"".join(encode_message(payload, i, client_id) for i in range(num_msg))
+    header = BatchHeader(batch_seq=0, client_id=client_id, num_msg=num_msg, total_size=len(body))
+    return bytearray(header.encode() + body)
+
+
+class _Failure(Exception):
+    pass
+
+
+class _Connection:
+    """One publisher connection: a sender thread and, with acks, a reader thread."""
+
+    def __init__(self, gen: LoadGenerator, index: int) -> None:
+        self.gen = gen
+        self.index = index
+        self.client_id = gen.first_client_id + index
+        self.batch = build_batch(self.client_id, gen.num_msg, gen.message_size)
+        self.sock = socket.create_connection((gen.host, gen.port))
+        self.sent_batches = 0
+        self.sent_msgs = 0
+        self.acked_msgs = 0
+        # (cumulative messages after the batch, send start, send end), in order.
+        self.pending: collections.deque[tuple[int, float, float]] = collections.deque()
+        self.latency_us: list[int] = []
+        self.latency_after_send_us: list[int] = []
+        self.last_ack_at = 0.0
+        self.done_at = 0.0
+        self.error: str | None = None
+        self.sending_done = False
+
+    def handshake(self) -> None:
+        gen = self.gen
+        handshake = Handshake(
+            client_id=self.client_id,
+            ack=gen.ack,
+            num_msg=0,
+            last_addr=0,
+            port=0,
+            request=ClientRequest.PUBLISH,
+            topic=gen.topic,
+        )
+        self.sock.sendall(handshake.encode())
+        if gen.ack:
+            head = self._recv_exactly(ACK_BROKER_ID.size)
+            if head is None:
+                raise _Failure(f"connection {self.index}: closed before the ack stream began")
+
+    def _recv_exactly(self, n: int) -> bytes | None:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    def send_loop(self, start: threading.Event) -> None:
+        gen = self.gen
+        batch = self.batch
+        num_msg = gen.num_msg
+        pending = self.pending
+        start.wait()
+        try:
+            seq = 0
+            while next(gen.budget) < gen.total_batches and time.perf_counter() < gen.deadline:
+                _BATCH_SEQ.pack_into(batch, 0, seq)
+                began = time.perf_counter()
+                self.sock.sendall(batch)
+                ended = time.perf_counter()
+                seq += 1
+                self.sent_batches = seq
+                self.sent_msgs += num_msg
+                if gen.ack:
+                    pending.append((self.sent_msgs, began, ended))
+            self.sending_done = True
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self.error = f"connection {self.index}: send failed: {exc}"
+            self.sending_done = True
+
+    def read_loop(self) -> None:
+        """Read acks (or, with ack 0, wait for EOF); record per-batch latencies."""
+        buf = bytearray(1 << 16)
+        view = memoryview(buf)
+        have = 0
+        pending = self.pending
+        try:
+            while True:
+                n = self.sock.recv_into(view[have:])
+                now = time.perf_counter()
+                if n == 0:
+                    if have:
+                        self.error = f"connection {self.index}: {have} stray bytes before EOF"
+                    break
+                have += n
+                if not self.gen.ack:
+                    self.error = f"connection {self.index}: unexpected bytes {bytes(buf[:have])!r}"
+                    break
+                whole = have - have % 8
+                for (count,) in ACK_COUNT.iter_unpack(view[:whole]):
+                    if count == ERROR_MARKER:
+                        self.error = f"connection {self.index}: error frame {bytes(buf[:have])!r}"
+                        return
+                    self.acked_msgs = count
+                    self.last_ack_at = now
+                    while pending and pending[0][0] <= count:
+                        _, began, ended = pending.popleft()
+                        self.latency_us.append(round((now - began) * 1e6))
+                        self.latency_after_send_us.append(round((now - ended) * 1e6))
+                if whole:
+                    buf[: have - whole] = buf[whole:have]
+                    have -= whole
+            # EOF: the receiver has read everything (it closes after our half-close).
+            self.done_at = now
+            if self.gen.ack and self.acked_msgs == self.sent_msgs and self.sent_msgs:
+                self.done_at = self.last_ack_at
+        except OSError as exc:
+            self.error = f"connection {self.index}: receive failed: {exc}"
+        finally:
+            if not self.done_at:
+                self.done_at = time.perf_counter()
+
+
+class LoadGenerator:
+    """The shared budget, the connections and the run's bookkeeping."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.host: str = args.host
+        self.port: int = args.port
+        self.ack: int = args.ack
+        self.topic: str = args.topic
+        self.message_size: int = args.message_size
+        self.num_msg: int = args.batch_messages
+        self.first_client_id: int = args.client_id
+        self.seconds: float = args.seconds
+        self.interval: float = args.interval
+        batch_payload = self.num_msg * self.message_size
+        self.requested_bytes = int(args.bytes)
+        self.total_batches = max(1, -(-self.requested_bytes // batch_payload))
+        self.budget = itertools.count()
+        self.deadline = float("inf")
+        self.connections = [_Connection(self, i) for i in range(args.connections)]
+
+    def run(self) -> dict[str, Any]:
+        for conn in self.connections:
+            conn.handshake()
+        start = threading.Event()
+        senders = [
+            threading.Thread(target=c.send_loop, args=(start,), daemon=True)
+            for c in self.connections
+        ]
+        readers = [threading.Thread(target=c.read_loop, daemon=True) for c in self.connections]
+        for thread in senders + readers:
+            thread.start()
+        cpu0 = _cpu_seconds()
+        t0 = time.perf_counter()
+        self.deadline = t0 + self.seconds
+        start.set()
+        next_tick = t0 + self.interval
+        while any(t.is_alive() for t in readers):
+            readers[0].join(timeout=max(0.0, next_tick - time.perf_counter()))
+            now = time.perf_counter()
+            if now >= next_tick:
+                self._emit({"type": "progress", **self._counts(now - t0)})
+                next_tick += self.interval
+                # Past the bound plus a grace period: the receiver is stuck.
+                if now > self.deadline + max(30.0, self.seconds):
+                    for conn in self.connections:
+                        conn.error = conn.error or "timed out waiting for acks/EOF"
+                        with contextlib.suppress(OSError):
+                            conn.sock.shutdown(socket.SHUT_RDWR)
+        for thread in senders + readers:
+            thread.join(timeout=5)
+        t_end = max(c.done_at for c in self.connections)
+        return self._result(t0, t_end, _cpu_seconds() - cpu0)
+
+    def _counts(self, elapsed: float) -> dict[str, Any]:
+        return {
+            "elapsed": round(elapsed, 6),
+            "sent_msgs": sum(c.sent_msgs for c in self.connections),
+            "sent_bytes": sum(c.sent_msgs for c in self.connections) * self.message_size,
+            "acked_msgs": sum(c.acked_msgs for c in self.connections),
+        }
+
+    def _result(self, t0: float, t_end: float, cpu: float) -> dict[str, Any]:
+        conns = self.connections
+        messages = sum(c.sent_msgs for c in conns)
+        batches = sum(c.sent_batches for c in conns)
+        errors = [c.error for c in conns if c.error]
+        acked = sum(c.acked_msgs for c in conns)
+        elapsed = max(t_end - t0, 1e-9)
+        payload = messages * self.message_size
+        wire = batches * (BATCH_HEADER_SIZE + self.num_msg * padded_size(self.message_size))
+        return {
+            "type": "result",
+            "ok": not errors and (self.ack == 0 or acked == messages),
+            "errors": errors,
+            "ack": self.ack,
+            "connections": len(conns),
+            "message_size": self.message_size,
+            "batch_messages": self.num_msg,
+            "requested_bytes": self.requested_bytes,
+            "batches": batches,
+            "messages": messages,
+            "acked_messages": acked,
+            "payload_bytes": payload,
+            "wire_bytes": wire,
+            "elapsed_s": elapsed,
+            "payload_bytes_per_s": payload / elapsed,
+            "messages_per_s": messages / elapsed,
+            "time_bounded": batches < self.total_batches,
+            "window": "first send to last ack" if self.ack else "first send to receiver EOF",
+            "latency_from": "send start" if self.ack else None,
+            "latency_us": [v for c in conns for v in c.latency_us],
+            "latency_after_send_us": [v for c in conns for v in c.latency_after_send_us],
+            "loadgen_cpu_s": cpu,
+        }
+
+    @staticmethod
+    def _emit(record: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(record) + "\n")
+        sys.stdout.flush()
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _size(text: str) -> int:
+    """An integer byte count; accepts 2e9, 2G, 512M, 64K (decimal units)."""
+    units = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+    text = text.strip().lower().removesuffix("b")
+    scale = units.get(text[-1:], 1)
+    if scale != 1:
+        text = text[:-1]
+    value = float(text) * scale
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trio_embarcadero.loadgen",
+        description="Publish load generator (one process, a thread pair per connection).",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--ack", type=int, choices=(0, 1), default=1)
+    parser.add_argument("--topic", default="bench")
+    parser.add_argument("--client-id", type=int, default=1, help="first client id")
+    parser.add_argument("--message-size", type=int, default=DEFAULT_MESSAGE_SIZE)
+    parser.add_argument("--batch-messages", type=int, default=DEFAULT_BATCH_MESSAGES)
+    parser.add_argument(
+        "--bytes", type=_size, default=2 * 10**9, help="message payload bytes to send in all"
+    )
+    parser.add_argument("--seconds", type=float, default=60.0, help="stop sending after this")
+    parser.add_argument("--interval", type=float, default=1.0, help="progress line period")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one load; prints JSON lines; returns 0 when every message got through."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.connections < 1 or args.message_size < 1 or args.batch_messages < 1:
+        print("connections, message size and batch messages must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        gen = LoadGenerator(args)
+    except OSError as exc:
+        print(f"loadgen: cannot connect to {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        result = gen.run()
+    except (_Failure, OSError) as exc:
+        print(f"loadgen: {exc}", file=sys.stderr)
+        return 1
+    LoadGenerator._emit(result)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
