@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+import trio
 
 from trio_embarcadero.config import Config, load_config
 
@@ -48,3 +49,11 @@ def make_config(cxl_path: str) -> MakeConfig:
         return load_config(None, env={}, overrides=values)
 
     return make
+
+
+async def wait_until(predicate: Callable[[], bool], *, poll: float = 0.01) -> None:
+    """Wait for a broker-side condition that no event announces (bound it with fail_after)."""
+    while True:
+        if predicate():
+            return
+        await trio.sleep(poll)

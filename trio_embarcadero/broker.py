@@ -131,15 +131,23 @@ class Broker:
         self,
         config: Config,
         log: CxlLog,
-        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None,
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
         disk: DiskLog | None = None,
     ) -> None:
         net = config.network
-        self._listeners = listeners
+        self._listeners = list(listeners)
         self.config = config
         self.broker_id = config.broker.id
         self.host = config.broker.host
-        self.port = 0
+        # The bound port of the first TCP listener (the real one for port 0).
+        self.port = next(
+            (
+                lst.socket.getsockname()[1]
+                for lst in self._listeners
+                if isinstance(lst, trio.SocketListener)
+            ),
+            0,
+        )
         self.log = log
         self.disk = disk
         self.pool = StagingPool(
@@ -300,14 +308,6 @@ class Broker:
     async def _accept(
         self, connections: trio.Nursery, *, task_status: trio.TaskStatus[None]
     ) -> None:
-        cfg = self.config.broker
-        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]
-        if self._listeners is None:
-            tcp = await trio.open_tcp_listeners(cfg.data_port, host=cfg.host)
-            self.port = tcp[0].socket.getsockname()[1]
-            listeners = tcp
-        else:
-            listeners = self._listeners
         # Its own scope, so a shutdown stops accepting while connections go on.
         with self._accept_scope:
             async with trio.open_nursery() as accepting:
@@ -315,12 +315,14 @@ class Broker:
                     partial(
                         trio.serve_listeners,
                         self._handle,
-                        list(listeners),
+                        self._listeners,
                         handler_nursery=connections,
                     )
                 )
-                if self._listeners is None:
-                    logger.info("listening on %s:%d", cfg.host, self.port)
+                for listener in self._listeners:
+                    if isinstance(listener, trio.SocketListener):
+                        host, port, *_ = listener.socket.getsockname()
+                        logger.info("listening on %s:%d", host, port)
                 task_status.started()
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
@@ -421,6 +423,53 @@ async def _open_log(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None
     return await trio.to_thread.run_sync(_open_logs, config, reset)
 
 
+async def _start(
+    config: Config,
+    reset: bool,
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None,
+) -> Broker:
+    """Open the logs and bind the listeners: everything that can fail at start."""
+    log, disk = await _open_log(config, reset)
+    try:
+        if listeners is None:
+            listeners = await trio.open_tcp_listeners(
+                config.broker.data_port, host=config.broker.host
+            )
+    except BaseException:
+        _close_logs(log, disk)
+        raise
+    return Broker(config, log, listeners, disk)
+
+
+def _close_logs(log: CxlLog, disk: DiskLog | None) -> None:
+    if disk is not None:
+        disk.close()
+    try:
+        log.close()
+    except BufferError:  # pragma: no cover - a view escaped; the GC unmaps it
+        logger.debug("CXL mapping still referenced at close; leaving it to the GC")
+
+
+async def _serve(broker: Broker, *, task_status: trio.TaskStatus[Broker]) -> NoReturn:
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                # Trio does not hand a started task over to its nursery when the
+                # caller of start() was cancelled meanwhile: start() would then
+                # wait for the (shielded, endless) services. Start-up is short
+                # (spawning tasks), so it runs uncancellable, and a cancellation
+                # that came during it begins the drain right after.
+                with trio.CancelScope(shield=True):
+                    await nursery.start(broker._run)
+                task_status.started(broker)
+                await trio.sleep_forever()
+            finally:
+                broker.begin_shutdown()
+    finally:
+        _close_logs(broker.log, broker.disk)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 async def serve(
     config: Config,
     *,
@@ -436,44 +485,21 @@ async def serve(
 
     Args:
         config: The broker's configuration.
-        reset: Discard the contents of an existing CXL file instead of
-            re-attaching to it.
+        reset: Discard the contents of an existing CXL file (and disk log)
+            instead of re-attaching to it.
         listeners: Accept on these instead of binding ``broker.host`` and
             the data port (socket activation, in-memory tests).
         task_status: Receives the :class:`Broker` once it accepts connections.
 
     Raises:
-        LayoutError: The CXL file exists with another layout.
+        LayoutError: The CXL file or disk log exists with another layout.
         OSError: The CXL file cannot be mapped or the port cannot be bound.
 
     Error handling:
         Nothing a client sends or fails to send raises out of here; it costs
         that client its connection, with an error frame saying why.
     """
-    log, disk = await _open_log(config, reset)
-    broker = Broker(config, log, listeners, disk)
-    try:
-        async with trio.open_nursery() as nursery:
-            try:
-                # Trio does not hand a started task over to its nursery when the
-                # caller of start() was cancelled meanwhile: start() would then
-                # wait for the (shielded, endless) services. Start-up is short
-                # (bind and spawn), so it runs uncancellable, and a cancellation
-                # that came during it begins the drain right after.
-                with trio.CancelScope(shield=True):
-                    await nursery.start(broker._run)
-                task_status.started(broker)
-                await trio.sleep_forever()
-            finally:
-                broker.begin_shutdown()
-    finally:
-        if disk is not None:
-            disk.close()
-        try:
-            log.close()
-        except BufferError:  # pragma: no cover - a view escaped; the GC unmaps it
-            logger.debug("CXL mapping still referenced at close; leaving it to the GC")
-    raise AssertionError("unreachable")  # pragma: no cover
+    await _serve(await _start(config, reset, listeners), task_status=task_status)
 
 
 @asynccontextmanager
@@ -489,16 +515,21 @@ async def open_broker(
 
     Args:
         config: The broker's configuration.
-        reset: Start from an empty CXL region.
+        reset: As for :func:`serve`.
         listeners: As for :func:`serve`.
 
     Yields:
         The running :class:`Broker`.
+
+    Raises:
+        LayoutError: As for :func:`serve`, raised as is (not in a group).
+        OSError: As for :func:`serve`, raised as is.
     """
+    # Start-up failures happen here, before the nursery, so they reach the
+    # caller unwrapped.
+    broker = await _start(config, reset, listeners)
     async with trio.open_nursery() as nursery:
-        broker: Broker = await nursery.start(
-            partial(serve, config, reset=reset, listeners=listeners)
-        )
+        await nursery.start(partial(_serve, broker))
         try:
             yield broker
         finally:

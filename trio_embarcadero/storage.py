@@ -300,19 +300,26 @@ def _read_batches(fd: int, path: Path) -> list[tuple[int, int, int]]:
     """``(file offset, first logical offset, total_size)`` of each whole batch;
     a torn tail is truncated away."""
     size = os.fstat(fd).st_size
-    batches = []
+    batches: list[tuple[int, int, int]] = []
     offset = 0
     expected_first = 0
     while offset + BATCH_HEADER_SIZE <= size:
         header = unpack_batch_header(os.pread(fd, BATCH_HEADER_SIZE, offset))
         end = offset + BATCH_HEADER_SIZE + header.total_size
+        if end > size:
+            break  # the batch an interrupted append left short
+        # Appends copy headers verbatim from the log, so a whole batch whose
+        # header is wrong is not a torn write but another history: refuse it.
         if (
             header.batch_complete != 1
             or header.total_size == 0
-            or end > size
             or header.start_logical_offset != expected_first
         ):
-            break
+            raise LayoutError(
+                f"{path}: batch {len(batches)} at byte {offset} is not the next batch of this "
+                f"log (logical offset {header.start_logical_offset}, expected {expected_first}); "
+                "the file holds different histories"
+            )
         batches.append((offset, header.start_logical_offset, header.total_size))
         expected_first = header.start_logical_offset + header.num_msg
         offset = end

@@ -1,0 +1,169 @@
+"""Ack level 2 and the disk log: durability, group commit, replay, refusal of foreign logs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import MakeConfig, wait_until
+from rawclient import batch, handshake, parse_ack_stream, parse_records, read_all
+
+from trio_embarcadero import LayoutError, open_broker
+from trio_embarcadero.broker import Broker
+from trio_embarcadero.storage import file_name
+
+
+async def publish(
+    port: int, topic: str, client_id: int, batches: int, *, ack: int = 2, first: int = 0
+) -> list[int]:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(handshake(topic, client_id=client_id, ack=ack))
+        for k in range(batches):
+            await stream.send_all(batch(k, client_id, first + 10 * k, 10, 100 + k)[0])
+        await stream.send_eof()
+        broker_id, counts, error = parse_ack_stream(await read_all(stream))
+    assert error is None
+    assert broker_id == 0
+    return counts
+
+
+def committed_bytes(broker: Broker, topic: str) -> bytes:
+    """The stream's committed batches exactly as they sit in the region."""
+    stream = broker.log.existing_stream(topic)
+    assert stream is not None
+    out = []
+    for k in range(stream.batches):
+        b = stream.committed_batch(k)
+        out.append(bytes(broker.log.region[b.header_offset : b.payload_offset + b.total_size]))
+    return b"".join(out)
+
+
+def stored(config_dir: str, topic: str) -> bytes:
+    return (Path(config_dir) / file_name(topic, 0)).read_bytes()
+
+
+@pytest.fixture
+def storage_dir(tmp_path: Path) -> str:
+    return str(tmp_path / "disk")
+
+
+async def test_ack2_counts_only_after_the_sync(make_config: MakeConfig, storage_dir: str) -> None:
+    config = make_config(**{"storage.dir": storage_dir, "storage.sync_interval_ms": 1.0})
+    with trio.fail_after(10):
+        async with open_broker(config) as broker:
+            counts = await publish(broker.port, "durable", 7, 5)
+            assert counts[-1] == 50
+            disk = broker.statistics().disk
+            assert disk is not None
+            assert disk.batches_written == 5
+            assert disk.syncs >= 1
+            assert disk.waiting_batches == 0
+            # What was acked at level 2 is on disk, byte for byte as in the log.
+            assert stored(storage_dir, "durable") == committed_bytes(broker, "durable")
+
+
+async def test_group_commit_covers_many_batches(make_config: MakeConfig, storage_dir: str) -> None:
+    config = make_config(**{"storage.dir": storage_dir, "storage.sync_interval_ms": 50.0})
+    with trio.fail_after(10):
+        async with open_broker(config) as broker:
+            async with trio.open_nursery() as nursery:
+                for client in range(4):
+                    nursery.start_soon(publish, broker.port, "grouped", 100 + client, 10)
+            disk = broker.statistics().disk
+            assert disk is not None
+            assert disk.batches_written == 40
+            assert disk.syncs < 40
+
+
+async def test_lost_region_is_rebuilt_from_disk(
+    make_config: MakeConfig, storage_dir: str, cxl_path: str
+) -> None:
+    config = make_config(**{"storage.dir": storage_dir})
+    with trio.fail_after(10):
+        async with open_broker(config) as broker:
+            await publish(broker.port, "t", 1, 4)
+            before = committed_bytes(broker, "t")
+        os.unlink(cxl_path)  # the machine rebooted: /dev/shm is gone
+        async with open_broker(config) as broker:
+            assert committed_bytes(broker, "t") == before
+            stream = broker.log.existing_stream("t")
+            assert stream is not None
+            assert stream.next_offset == 40
+            disk = broker.statistics().disk
+            assert disk is not None
+            assert disk.batches_replayed == 4
+            # New batches continue the offsets; the disk log grows in step.
+            await publish(broker.port, "t", 1, 1, first=40)
+            assert stream.next_offset == 50
+            records = parse_records(
+                b"".join(
+                    bytes(broker.log.region[b.payload_offset : b.payload_offset + b.total_size])
+                    for b in map(stream.committed_batch, range(stream.batches))
+                )
+            )
+            assert [r[0] for r in records] == list(range(50))
+            assert stored(storage_dir, "t") == committed_bytes(broker, "t")
+
+
+async def test_writer_catches_up_with_batches_committed_before_storage(
+    make_config: MakeConfig, storage_dir: str
+) -> None:
+    with trio.fail_after(10):
+        async with open_broker(make_config()) as broker:
+            await publish(broker.port, "late", 3, 3, ack=1)
+        async with open_broker(make_config(**{"storage.dir": storage_dir})) as broker:
+            await wait_until(lambda: getattr(broker.statistics().disk, "batches_written", 0) == 3)
+            assert stored(storage_dir, "late") == committed_bytes(broker, "late")
+
+
+async def test_torn_tail_is_cut_off(
+    make_config: MakeConfig, storage_dir: str, cxl_path: str
+) -> None:
+    config = make_config(**{"storage.dir": storage_dir})
+    with trio.fail_after(10):
+        async with open_broker(config) as broker:
+            await publish(broker.port, "torn", 2, 3)
+        path = Path(storage_dir) / file_name("torn", 0)
+        whole = path.read_bytes()
+        path.write_bytes(whole + whole[:200])  # half a batch appended by a dying writer
+        os.unlink(cxl_path)
+        async with open_broker(config) as broker:
+            stream = broker.log.existing_stream("torn")
+            assert stream is not None
+            assert stream.next_offset == 30
+        assert path.read_bytes() == whole
+
+
+async def test_disk_log_of_another_history_is_refused(
+    make_config: MakeConfig, storage_dir: str, cxl_path: str
+) -> None:
+    config = make_config(**{"storage.dir": storage_dir})
+    with trio.fail_after(10):
+        async with open_broker(config) as broker:
+            await publish(broker.port, "h", 2, 2)
+        foreign = (Path(storage_dir) / file_name("h", 0)).read_bytes()
+        async with open_broker(config, reset=True) as broker:  # reset wipes both logs
+            assert not (Path(storage_dir) / file_name("h", 0)).exists()
+            await publish(broker.port, "h", 2, 1)
+        # Splice in the other history's first batch: offsets now disagree at batch 1.
+        path = Path(storage_dir) / file_name("h", 0)
+        path.write_bytes(path.read_bytes() + foreign)
+        with pytest.raises(LayoutError, match=r"different histories"):
+            async with open_broker(config):
+                pass
+
+
+async def test_allow_list_refuses_other_networks(make_config: MakeConfig) -> None:
+    with trio.fail_after(10):
+        async with open_broker(make_config(**{"network.allowed_networks": "10.0.0.0/8"})) as broker:
+            async with await trio.open_tcp_stream("127.0.0.1", broker.port) as stream:
+                data = await read_all(stream)
+            _, counts, error = parse_ack_stream(data, with_broker_id=False)
+            assert counts == []
+            assert error == (6, "127.0.0.1 is not an allowed network")
+            assert broker.statistics().errors == {"not_allowed": 1}
+        config = make_config(**{"network.allowed_networks": "10.0.0.0/8, 127.0.0.0/8"})
+        async with open_broker(config) as broker:
+            assert await publish(broker.port, "ok", 1, 1, ack=1) == [10]
