@@ -98,6 +98,7 @@ class Connection:
         self._receiver: Receiver = receiver_for(stream)
         self._sender = Sender(stream)
         self._error: ProtocolError | None = None
+        self._placement_failed = False
         self._acks: AckCounter | None = None
         self._inflight = 0
         self._settled = trio.lowlevel.ParkingLot()
@@ -114,7 +115,9 @@ class Connection:
 
     @property
     def failed(self) -> bool:
-        return self._error is not None
+        """Whether a batch of this connection could not be placed in the log;
+        its later batches must not be either (they would overtake it)."""
+        return self._placement_failed
 
     def batch_committed(self, reservation: Reservation) -> None:
         self.committed += 1
@@ -131,6 +134,7 @@ class Connection:
 
     def batch_discarded(self, error: LogFullError | None) -> None:
         if error is not None:
+            self._placement_failed = True
             self.fail(ProtocolError(ErrorCode.LOG_FULL, f"no log space after retries: {error}"))
         self.broker.counters.batches_discarded += 1
         self._settle()
@@ -254,7 +258,10 @@ class Connection:
             handshake.topic,
             f"ack {handshake.ack}" + (f" via port {handshake.port}" if dial_back else ""),
         )
+        lost: ConnectionLost | None = None
         try:
+            # Only the ack sender runs in this nursery; the outcome is raised
+            # after it, so callers see a plain exception, never a group.
             async with trio.open_nursery() as nursery:
                 ack_sender_done = trio.Event()
                 if handshake.ack >= 1 and not dial_back:
@@ -272,7 +279,6 @@ class Connection:
                     nursery.start_soon(send_acks)
                 else:
                     ack_sender_done.set()
-                lost: ConnectionLost | None = None
                 try:
                     with self._receive_scope:
                         await self._receive_batches()
@@ -281,28 +287,26 @@ class Connection:
                 except ProtocolError as exc:
                     self.fail(exc)
                 except trio.TooSlowError:
+                    timeout = broker.config.network.batch_timeout_s
                     self.fail(
-                        ProtocolError(
-                            ErrorCode.TIMEOUT,
-                            f"batch not received within {broker.config.network.batch_timeout_s} s",
-                        )
+                        ProtocolError(ErrorCode.TIMEOUT, f"batch not received within {timeout} s")
                     )
                 self.phase = ConnectionPhase.DRAINING
                 await self._wait_settled()
                 if self._acks is not None and not dial_back:
                     self._acks.close()
                 await ack_sender_done.wait()
-                if self._error is None and self._stopping:
-                    self._error = ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down")
-                if lost is not None and self._error is None:
-                    if lost.received:
-                        logger.warning("conn %d %s: batch cut short: %s", self.id, self.peer, lost)
-                    raise lost
-                if self._error is not None:
-                    raise self._error
         finally:
             if dial_back and self._acks is not None:
                 broker.dial_backs.detach(handshake.client_id, handshake.topic)
+        if self._error is None and self._stopping:
+            self._error = ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down")
+        if self._error is not None:
+            raise self._error
+        if lost is not None:
+            if lost.received:
+                logger.warning("conn %d %s: batch cut short: %s", self.id, self.peer, lost)
+            raise lost
 
     async def _wait_settled(self) -> None:
         while self._inflight:
@@ -332,17 +336,22 @@ class Connection:
                     ) from None
             if got == 0:  # EOF, or stopped while no batch had started
                 return
+            # batch_timeout_s runs from the first header byte to the last payload
+            # byte; waits for broker resources in between do not stop the clock.
+            deadline = trio.current_time() + net.batch_timeout_s
             async with broker.receive_limiter:
-                with trio.fail_after(net.batch_timeout_s):
+                with trio.fail_at(deadline):
                     await receive_exactly(self._receiver, header_view[got:])
                 header = parse_batch_header(header_buf, net.effective_max_batch_bytes)
                 if net.use_nonblocking:
-                    previous = await self._receive_staged(header, previous)
+                    previous = await self._receive_staged(header, previous, deadline)
                 else:
-                    await self._receive_direct(header)
+                    await self._receive_direct(header, deadline)
             self.phase = ConnectionPhase.COMPLETE
 
-    async def _receive_staged(self, header: BatchHeader, previous: trio.Event | None) -> trio.Event:
+    async def _receive_staged(
+        self, header: BatchHeader, previous: trio.Event | None, deadline: float
+    ) -> trio.Event:
         broker = self.broker
         net = broker.config.network
         total = header.total_size
@@ -355,7 +364,7 @@ class Connection:
             buffer = await broker.pool.acquire()
         try:
             self.phase = ConnectionPhase.WAIT_PAYLOAD
-            with trio.fail_after(net.batch_timeout_s):
+            with trio.fail_at(deadline):
                 await receive_exactly(self._receiver, buffer.view[:total])
             starts = scan_records(buffer.array[:total], header.num_msg)
             broker.count_received(header)
@@ -373,9 +382,8 @@ class Connection:
             raise
         return batch.done
 
-    async def _receive_direct(self, header: BatchHeader) -> None:
+    async def _receive_direct(self, header: BatchHeader, deadline: float) -> None:
         broker = self.broker
-        net = broker.config.network
         self.phase = ConnectionPhase.WAIT_CXL
         try:
             reservation = await reserve(
@@ -390,7 +398,7 @@ class Connection:
             raise ProtocolError(ErrorCode.LOG_FULL, f"no log space after retries: {exc}") from None
         try:
             self.phase = ConnectionPhase.WAIT_PAYLOAD
-            with trio.fail_after(net.batch_timeout_s):
+            with trio.fail_at(deadline):
                 await receive_exactly(self._receiver, reservation.payload.data)
             starts = scan_records(reservation.payload, header.num_msg)
         except BaseException:

@@ -716,11 +716,9 @@ class CxlLog:
             stream.last_segment = segments[-1]
             base = self.geometry.segment_offset(stream.last_segment)
             stream.segment_end = base + self.geometry.segment_size
-            stream.write_offset = (
-                max(end, base + SEGMENT_HEADER_SIZE)
-                if end >= base
-                else (base + SEGMENT_HEADER_SIZE)
-            )
+            # Bump allocation makes a stream's last segment its highest, so a
+            # walk that ended below it means the last segment is still empty.
+            stream.write_offset = end if end > base else base + SEGMENT_HEADER_SIZE
             _STREAM_COUNTS.pack_into(
                 self._mmap,
                 stream.entry_offset + _STREAM_COUNTS_OFFSET,
