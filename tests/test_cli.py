@@ -1,0 +1,360 @@
+"""The command line: serve until a signal, exit codes, config errors, check-config, flag overrides.
+
+``serve`` runs as a real subprocess (``python -m trio_embarcadero``) on an
+ephemeral port, found in its "listening on" log line; check-config also runs
+in-process through ``main``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from rawclient import ERROR_MARKER, batch, handshake, parse_ack_stream
+
+from trio_embarcadero.cli import main
+from trio_embarcadero.config import config_to_toml, load_config
+from trio_embarcadero.cxl import CxlLog
+
+TIMEOUT = 10.0
+LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without any variable that would change the config."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TRIO_EMBARCADERO_", "EMBARCADERO_"))
+    }
+
+
+def write_config(tmp_path: Path, cxl_path: str, extra: str = "") -> Path:
+    path = tmp_path / "broker.toml"
+    path.write_text(
+        f"""
+[broker]
+port = 0
+
+[network]
+staging_pool_buffer_size_mb = 1
+staging_pool_num_buffers = 4
+shutdown_grace_s = 3.0
+{extra}
+
+[cxl]
+path = "{cxl_path}"
+size_mb = 16
+segment_mb = 4
+prefault = false
+"""
+    )
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trio_embarcadero", *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+class Served:
+    """A ``serve`` subprocess whose "listening on" line has been seen."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, stderr: bytes) -> None:
+        self.proc = proc
+        self.port = port
+        self.stderr_so_far = stderr
+
+    def stop(self, signum: int) -> tuple[int, str]:
+        """Send ``signum``; return the exit code and the whole stderr."""
+        self.proc.send_signal(signum)
+        _, rest = self.proc.communicate(timeout=TIMEOUT)
+        return self.proc.returncode, (self.stderr_so_far + rest).decode()
+
+
+@pytest.fixture
+def serve_cli() -> Iterator[Callable[..., Served]]:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> Served:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trio_embarcadero", "serve", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=clean_env(),
+        )
+        started.append(proc)
+        assert proc.stderr is not None
+        fd = proc.stderr.fileno()
+        seen = b""
+        deadline = time.monotonic() + TIMEOUT
+        while (match := LISTENING.search(seen)) is None:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no 'listening on' line in time; stderr so far: {seen!r}"
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                chunk = os.read(fd, 65536)
+                assert chunk, f"serve exited before listening: {seen.decode()}"
+                seen += chunk
+        return Served(proc, int(match.group(1)), seen)
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=TIMEOUT)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, f"EOF after {len(data)} of {n} bytes"
+        data += chunk
+    return bytes(data)
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    data = bytearray()
+    while chunk := sock.recv(65536):
+        data += chunk
+    return bytes(data)
+
+
+def committed_messages(cxl_path: str, topic: str) -> int:
+    """Re-attach to the CXL file the CLI broker left behind; count ``topic``'s messages."""
+    log = CxlLog.open(
+        cxl_path,
+        size=16 << 20,
+        segment_size=4 << 20,
+        max_topics=32,
+        max_brokers=4,
+        broker_id=0,
+        prefault=False,
+    )
+    try:
+        stream = log.existing_stream(topic)
+        return -1 if stream is None else stream.next_offset
+    finally:
+        log.close()
+
+
+# -- serve ----------------------------------------------------------------------------------------
+
+
+def test_serve_publish_then_sigint_drains(
+    tmp_path: Path, cxl_path: str, serve_cli: Callable[..., Served]
+) -> None:
+    served = serve_cli("--config", str(write_config(tmp_path, cxl_path)))
+    assert served.port > 0
+    with socket.create_connection(("127.0.0.1", served.port), timeout=TIMEOUT) as sock:
+        sock.sendall(
+            handshake("cli", client_id=4) + batch(0, 4, 0, 30, 1000)[0] + batch(1, 4, 30, 20, 10)[0]
+        )
+        sock.shutdown(socket.SHUT_WR)
+        broker_id, counts, error = parse_ack_stream(recv_all(sock))
+    assert (broker_id, error) == (0, None)
+    assert counts[-1] == 50
+    assert set(counts) <= {30, 50}
+
+    # An idle publisher is still connected when SIGINT comes: it gets its acks,
+    # then error 5, then EOF; the process exits 0.
+    with socket.create_connection(("127.0.0.1", served.port), timeout=TIMEOUT) as idle:
+        idle.sendall(handshake("cli", client_id=5) + batch(0, 5, 0, 10, 64)[0])
+        assert recv_exactly(idle, 12) == struct.pack("<iQ", 0, 10)
+        code, stderr = served.stop(signal.SIGINT)
+        rest = recv_all(idle)
+    marker, error_code, length = struct.unpack_from("<QII", rest)
+    assert (marker, error_code) == (ERROR_MARKER, 5)
+    assert len(rest) == 16 + length
+    assert code == 0, stderr
+    assert "SIGINT: draining" in stderr
+    assert "shutting down: draining 1 connection(s)" in stderr
+    assert "Traceback" not in stderr
+    # Everything acked is in the CXL file the broker left behind.
+    assert committed_messages(cxl_path, "cli") == 60
+
+
+def test_sigterm_exits_0(tmp_path: Path, cxl_path: str, serve_cli: Callable[..., Served]) -> None:
+    served = serve_cli("--config", str(write_config(tmp_path, cxl_path)), "--log-level", "info")
+    code, stderr = served.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    assert "SIGTERM: draining" in stderr
+    assert "shutting down: draining 0 connection(s)" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_serve_on_a_busy_port_exits_1(tmp_path: Path, cxl_path: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(
+            "serve", "--config", str(write_config(tmp_path, cxl_path)), "--port", str(port)
+        )
+    assert result.returncode == 1, result.stderr
+    assert "cannot serve" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- configuration errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+def test_bad_config_exits_2_with_every_problem(tmp_path: Path, cxl_path: str, command: str) -> None:
+    path = write_config(tmp_path, cxl_path, "staging_pool_num_buffers_typo = 3")
+    path.write_text(
+        path.read_text().replace("staging_pool_num_buffers = 4", "staging_pool_num_buffers = 0")
+    )
+    result = run_cli(command, "--config", str(path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0] == "trio-embarcadero: invalid configuration:"
+    assert sorted(lines[1:]) == sorted(
+        [
+            "  - 'staging_pool_num_buffers' must be > 0: 0 @ $.network.staging_pool_num_buffers",
+            "  - extra fields found (staging_pool_num_buffers_typo) @ $.network",
+        ]
+    )
+    assert not os.path.exists(cxl_path), "a bad config must not create the CXL file"
+
+
+def test_bad_flag_value_names_the_flag(tmp_path: Path, cxl_path: str) -> None:
+    result = run_cli(
+        "check-config", "--config", str(write_config(tmp_path, cxl_path)), "--broker-id", "40"
+    )
+    assert result.returncode == 2
+    assert "@ $.broker.id (from override)" in result.stderr
+    assert result.stdout == ""
+
+
+def test_missing_config_file_exits_2(tmp_path: Path) -> None:
+    result = run_cli("check-config", "--config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2
+    assert "cannot read config file" in result.stderr
+    assert "@ $" in result.stderr
+
+
+# -- check-config ---------------------------------------------------------------------------------
+
+
+def test_check_config_prints_the_effective_config(tmp_path: Path, cxl_path: str) -> None:
+    path = write_config(tmp_path, cxl_path)
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    printed = tomllib.loads(result.stdout)
+    # The file's values...
+    assert printed["broker"]["port"] == 0
+    assert printed["network"]["staging_pool_num_buffers"] == 4
+    assert printed["network"]["shutdown_grace_s"] == 3.0
+    assert printed["cxl"] == {
+        "path": cxl_path,
+        "size_mb": 16,
+        "segment_mb": 4,
+        "max_topics": 32,
+        "max_brokers": 4,
+        "max_inflight_batches": 1024,
+        "prefault": False,
+    }
+    # ...and the defaults of everything else, every key spelled out.
+    assert printed["network"]["num_cxl_allocation_workers"] == 2
+    assert printed["logging"] == {"level": "INFO"}
+    assert set(printed) == {"broker", "network", "cxl", "storage", "logging"}
+    # The output is itself a valid config, equal to the file's.
+    again = tmp_path / "again.toml"
+    again.write_text(result.stdout)
+    assert load_config(again, env={}) == load_config(path, env={})
+    assert result.stdout == config_to_toml(load_config(path, env={}))
+    assert not os.path.exists(cxl_path), "check-config must not create the CXL file"
+
+
+def test_flags_override_the_file(tmp_path: Path, cxl_path: str) -> None:
+    path = write_config(tmp_path, cxl_path).with_name("flags.toml")
+    path.write_text(
+        f'[broker]\nid = 1\nport = 1500\n\n[logging]\nlevel = "warning"\n\n'
+        f'[cxl]\npath = "{cxl_path}"\n'
+    )
+    plain = tomllib.loads(run_cli("check-config", "--config", str(path)).stdout)
+    assert (plain["broker"]["id"], plain["broker"]["port"]) == (1, 1500)
+    assert plain["logging"]["level"] == "WARNING"
+    result = run_cli(
+        "check-config",
+        "--config",
+        str(path),
+        "--port",
+        "4000",
+        "--broker-id",
+        "2",
+        "--log-level",
+        "debug",
+        "--host",
+        "::1",
+    )
+    assert result.returncode == 0, result.stderr
+    printed = tomllib.loads(result.stdout)
+    assert printed["broker"] == {"id": 2, "host": "::1", "port": 4000}
+    assert printed["logging"]["level"] == "DEBUG"
+
+
+# -- main() in-process ----------------------------------------------------------------------------
+
+
+def test_main_check_config_in_process(
+    tmp_path: Path,
+    cxl_path: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for var in list(os.environ):
+        if var.startswith(("TRIO_EMBARCADERO_", "EMBARCADERO_")):
+            monkeypatch.delenv(var)
+    path = write_config(tmp_path, cxl_path)
+    assert main(["check-config", "--config", str(path), "--port", "7", "--broker-id", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    printed = tomllib.loads(out)
+    assert (printed["broker"]["port"], printed["broker"]["id"]) == (7, 3)
+    assert printed["network"]["staging_pool_num_buffers"] == 4
+
+    # Precedence: file < environment < flags.
+    monkeypatch.setenv("TRIO_EMBARCADERO_NETWORK__STAGING_POOL_NUM_BUFFERS", "6")
+    monkeypatch.setenv("TRIO_EMBARCADERO_BROKER__PORT", "9000")
+    assert main(["check-config", "--config", str(path), "--port", "7"]) == 0
+    printed = tomllib.loads(capsys.readouterr().out)
+    assert printed["network"]["staging_pool_num_buffers"] == 6
+    assert printed["broker"]["port"] == 7
+
+    monkeypatch.setenv("TRIO_EMBARCADERO_NETWORK__STAGING_POOL_NUM_BUFFERS", "0")
+    assert main(["check-config", "--config", str(path), "--broker-id", "99"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (
+        "'staging_pool_num_buffers' must be > 0: 0 @ $.network.staging_pool_num_buffers "
+        "(from TRIO_EMBARCADERO_NETWORK__STAGING_POOL_NUM_BUFFERS)" in err
+    )
+    assert "@ $.broker.id (from override)" in err
+
+
+def test_main_without_a_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc_info:
+        main([])
+    assert exc_info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
