@@ -438,12 +438,6 @@ def test_reattach_abandons_a_batch_left_reserved(region: Region) -> None:
     del left
 
 
-@pytest.mark.xfail(
-    reason="BUG: CxlLog.close() raises BufferError (and leaks the fd) while a reservation "
-    "is pending: Stream.pending and Reservation.stream form a cycle that keeps a view "
-    "of the mapping alive",
-    strict=True,
-)
 def test_close_with_a_pending_reservation(region: Region) -> None:
     log = region.open()
     reserve(log, "a", [1])

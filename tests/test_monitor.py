@@ -54,11 +54,6 @@ def test_watermark_counts(num: int, high: float, low: float, expected: tuple[int
         (100, 0.9, 0.29, (90, 29)),  # 0.29 * 100 == 28.999999999999996: floor gives 28
     ],
 )
-@pytest.mark.xfail(
-    reason="BUG: watermark_counts applies ceil/floor to binary-float products, so exact "
-    "fractions such as 0.07 or 0.29 of 100 buffers land one buffer off",
-    strict=True,
-)
 def test_watermark_counts_of_exact_fractions(
     num: int, high: float, low: float, expected: tuple[int, int]
 ) -> None:
@@ -250,12 +245,6 @@ async def test_pool_pressure_pauses_connections_until_the_low_watermark(
         await client.close()
 
 
-@pytest.mark.xfail(
-    reason="BUG: the gate is only checked before the wait for a header, so a connection "
-    "already idle in WAIT_HEADER when the pool monitor pauses reads a whole batch while "
-    "the gate is closed",
-    strict=True,
-)
 async def test_an_idle_connection_does_not_read_while_paused(
     make_config: MakeConfig, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -144,11 +144,6 @@ async def test_waiters_are_served_in_arrival_order() -> None:
     assert pool.used == 0
 
 
-@pytest.mark.xfail(
-    reason="BUG: a waiter woken by a release re-parks at the back of the queue when a "
-    "synchronous allocate() takes the buffer first, so later waiters overtake it",
-    strict=True,
-)
 async def test_a_woken_waiter_keeps_its_place() -> None:
     pool = StagingPool(1, 64)
     held = pool.allocate()
@@ -186,11 +181,6 @@ async def test_cancelled_waiter_takes_nothing() -> None:
     assert (pool.used, pool.free) == (0, 1)
 
 
-@pytest.mark.xfail(
-    reason="BUG: StagingPool.acquire() allocates before its checkpoint, so a cancellation "
-    "delivered at that checkpoint drops a buffer nobody can release",
-    strict=True,
-)
 async def test_acquire_cancelled_at_its_checkpoint_leaks_nothing() -> None:
     pool = StagingPool(2, 64)
     with trio.CancelScope() as scope:

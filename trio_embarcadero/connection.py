@@ -323,17 +323,24 @@ class Connection:
             # are cut short by a graceful shutdown.
             got = 0
             with self.at_boundary():
-                if broker.gate.paused:
-                    self.phase = ConnectionPhase.PAUSED
-                    await broker.gate.wait_open()
-                self.phase = ConnectionPhase.WAIT_HEADER
-                try:
-                    with trio.fail_after(net.idle_timeout_s or math.inf):
-                        got = await self._receiver.receive_into(header_view)
-                except trio.TooSlowError:
-                    raise ProtocolError(
-                        ErrorCode.TIMEOUT, f"idle for {net.idle_timeout_s} s between batches"
-                    ) from None
+                while True:
+                    if broker.gate.paused:
+                        self.phase = ConnectionPhase.PAUSED
+                        await broker.gate.wait_open()
+                    self.phase = ConnectionPhase.WAIT_HEADER
+                    # The idle clock restarts after a pause: waiting at the
+                    # gate is the broker's doing, not the client's.
+                    with broker.gate.interruptible() as paused:
+                        try:
+                            with trio.fail_after(net.idle_timeout_s or math.inf):
+                                got = await self._receiver.receive_into(header_view)
+                        except trio.TooSlowError:
+                            raise ProtocolError(
+                                ErrorCode.TIMEOUT,
+                                f"idle for {net.idle_timeout_s} s between batches",
+                            ) from None
+                    if not paused.cancelled_caught:
+                        break
             if got == 0:  # EOF, or stopped while no batch had started
                 return
             # batch_timeout_s runs from the first header byte to the last payload

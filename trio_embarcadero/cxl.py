@@ -350,11 +350,22 @@ class CxlLog:
         return log
 
     def close(self) -> None:
-        """Unmap the region and close the file."""
-        self._streams.clear()
-        del self.words, self.region
-        self._mmap.close()
-        os.close(self._fd)
+        """Unmap the region and close the file.
+
+        Raises:
+            BufferError: A view of the region is still referenced elsewhere;
+                the file is closed anyway and the mapping goes with the view.
+        """
+        try:
+            # Pending reservations and their streams refer to each other, and
+            # each holds a view of the mapping: break the cycle first.
+            for stream in self._streams.values():
+                stream.pending.clear()
+            self._streams.clear()
+            del self.words, self.region
+            self._mmap.close()
+        finally:
+            os.close(self._fd)
 
     def _format(self) -> None:
         g = self.geometry

@@ -10,8 +10,11 @@ between the two keeps connections from flapping on every single release.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
+from fractions import Fraction
 from typing import NoReturn
 
 import trio
@@ -35,6 +38,7 @@ class PauseGate:
     def __init__(self) -> None:
         self._open = trio.Event()
         self._open.set()
+        self._interruptible: set[trio.CancelScope] = set()
         self.pauses = 0
         self.resumes = 0
 
@@ -48,6 +52,8 @@ class PauseGate:
         if not self.paused:
             self._open = trio.Event()
             self.pauses += 1
+            for scope in self._interruptible:
+                scope.cancel()
 
     def resume(self) -> None:
         """Open the gate and wake every held task (idempotent)."""
@@ -59,6 +65,21 @@ class PauseGate:
         """Return once the gate is open (at once if it is)."""
         await self._open.wait()
 
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[trio.CancelScope]:
+        """A scope that the next :meth:`pause` cancels.
+
+        Connection tasks wrap their wait for the next batch header in it: an
+        idle connection must not read a new batch after the gate closed, and
+        a cancelled receive consumes no bytes.
+        """
+        with trio.CancelScope() as scope:
+            self._interruptible.add(scope)
+            try:
+                yield scope
+            finally:
+                self._interruptible.discard(scope)
+
 
 def watermark_counts(num_buffers: int, high: float, low: float) -> tuple[int, int]:
     """Buffer counts for the two watermark fractions.
@@ -66,8 +87,10 @@ def watermark_counts(num_buffers: int, high: float, low: float) -> tuple[int, in
     The high mark is at least 1 buffer and the low mark strictly below it, so
     tiny pools still get hysteresis.
     """
-    high_count = max(1, math.ceil(high * num_buffers))
-    low_count = min(math.floor(low * num_buffers), high_count - 1)
+    # Exact decimal arithmetic: 0.07 * 100 is 7.000000000000001 in binary
+    # floating point, and ceil() of that would pause one buffer late.
+    high_count = max(1, math.ceil(Fraction(repr(high)) * num_buffers))
+    low_count = min(math.floor(Fraction(repr(low)) * num_buffers), high_count - 1)
     return high_count, low_count
 
 

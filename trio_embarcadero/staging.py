@@ -65,6 +65,14 @@ class StagingBuffer:
             pool._give_back(self.index)
 
 
+class _Waiter:
+    __slots__ = ("handed", "index")
+
+    def __init__(self) -> None:
+        self.handed = trio.Event()
+        self.index: int | None = None
+
+
 class StagingPool:
     """``num_buffers`` preallocated buffers of ``buffer_size`` bytes each.
 
@@ -89,7 +97,7 @@ class StagingPool:
         self._peak = 0
         self._allocations = 0
         self._exhausted = 0
-        self._released = trio.lowlevel.ParkingLot()
+        self._waiters: deque[_Waiter] = deque()
         self._changed = trio.lowlevel.ParkingLot()
 
     @property
@@ -107,35 +115,51 @@ class StagingPool:
         if not self._free:
             self._exhausted += 1
             return None
-        index = self._free.popleft()
+        return self._take(self._free.popleft())
+
+    async def acquire(self) -> StagingBuffer:
+        """Take a buffer, waiting until one is released; waiters are served
+        first come, first served."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        buffer = self.allocate()
+        if buffer is not None:
+            # Never cancellable once the buffer is ours: nobody else could free it.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return buffer
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        try:
+            await waiter.handed.wait()
+        except BaseException:
+            if waiter.index is None:
+                self._waiters.remove(waiter)
+            else:  # handed a buffer just as we were cancelled: pass it on
+                self._give_back(waiter.index)
+            raise
+        assert waiter.index is not None
+        return self._take(waiter.index)
+
+    async def wait_changed(self) -> None:
+        """Return after the next allocation or release."""
+        await self._changed.park()
+
+    def _take(self, index: int) -> StagingBuffer:
         self._in_use[index] = True
         self._allocations += 1
         self._peak = max(self._peak, self.used)
         self._changed.unpark_all()
         return StagingBuffer(self, index, self._slab[index])
 
-    async def acquire(self) -> StagingBuffer:
-        """Take a buffer, waiting (FIFO among waiters) until one is released."""
-        buffer = self.allocate()
-        if buffer is not None:
-            await trio.lowlevel.checkpoint()
-            return buffer
-        while True:
-            await self._released.park()
-            buffer = self.allocate()
-            if buffer is not None:
-                return buffer
-
-    async def wait_changed(self) -> None:
-        """Return after the next allocation or release."""
-        await self._changed.park()
-
     def _give_back(self, index: int) -> None:
-        if not self._in_use[index]:  # pragma: no cover - guarded by StagingBuffer
-            raise RuntimeError(f"staging buffer {index} released twice")
+        if self._waiters:
+            # Hand the buffer straight to the longest waiter, so a synchronous
+            # allocate() cannot take it before that waiter runs.
+            waiter = self._waiters.popleft()
+            waiter.index = index
+            waiter.handed.set()
+            return
         self._in_use[index] = False
         self._free.append(index)
-        self._released.unpark()
         self._changed.unpark_all()
 
     def statistics(self) -> StagingPoolStatistics:

@@ -317,7 +317,8 @@ def _scan_mixed(words: npt.NDArray[np.uint64], num_msg: int, total: int) -> npt.
                 f"in 64..{total - pos}"
             )
         step = size // 8
-        window = words[pos // 8 : total // 8 : step][:_RUN_WINDOW]
+        # Only starts whose whole record fits in the payload can extend the run.
+        window = words[pos // 8 : (total - size) // 8 + 1 : step][:_RUN_WINDOW]
         mismatch = window != size
         run = int(mismatch.argmax()) if bool(mismatch.any()) else len(window)
         runs.append(np.arange(pos, pos + run * size, size, dtype=np.int64))
@@ -383,7 +384,8 @@ def encode_ack(count: int) -> bytes:
 
 def encode_error_frame(code: ErrorCode, text: str) -> bytes:
     """An error frame: the marker, ``<II`` code and length, and UTF-8 text."""
-    raw = text.encode("utf-8", "replace")[:MAX_ERROR_TEXT]
+    # Cut at a character boundary: the spec promises UTF-8 text.
+    raw = text.encode("utf-8", "replace")[:MAX_ERROR_TEXT].decode("utf-8", "ignore").encode()
     return ERROR_FRAME_HEAD.pack(ERROR_MARKER, int(code), len(raw)) + raw
 
 
