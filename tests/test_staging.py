@@ -190,32 +190,33 @@ async def test_acquire_cancelled_at_its_checkpoint_leaks_nothing() -> None:
     assert pool.used == 0
 
 
-async def test_wait_changed_wakes_on_allocate_and_release(
+async def test_wait_used_outside_wakes_only_outside_the_band(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    pool = StagingPool(2, 64)
+    pool = StagingPool(4, 64)
     wakeups: list[int] = []
 
-    async def watcher() -> None:
-        while True:
-            await pool.wait_changed()
-            wakeups.append(pool.used)
+    async def watcher(low: int, high: int) -> None:
+        await pool.wait_used_outside(low, high)
+        wakeups.append(pool.used)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watcher)
+        nursery.start_soon(watcher, -1, 3)
         await settle()
         await trio.sleep(1)
         assert wakeups == []  # nothing changed, nothing woke
-        a = pool.allocate()
+        held = [pool.allocate(), pool.allocate()]
         await settle()
-        assert wakeups == [1]
-        assert a is not None
-        a.release()
+        assert wakeups == []  # 1 and 2 are inside the band (-1, 3)
+        held.append(pool.allocate())
         await settle()
-        assert wakeups == [1, 0]
-        assert pool.allocate() is not None
-        assert pool.allocate() is not None
-        assert pool.allocate() is None  # a failed allocation changes nothing
+        assert wakeups == [3]
+        nursery.start_soon(watcher, 1, 5)
         await settle()
-        assert wakeups == [1, 0, 2]
-        nursery.cancel_scope.cancel()
+        for b in held[:2]:
+            assert b is not None
+            b.release()
+        await settle()
+        assert wakeups == [3, 1]
+    with trio.testing.assert_checkpoints():
+        await pool.wait_used_outside(1, 5)  # already outside: returns at once

@@ -571,3 +571,13 @@ def test_ack_decoder_without_broker_id() -> None:
     assert list(decoder.feed(frame[15:])) == [ErrorFrame(1, "handshake is 3 bytes, want 64")]
     assert decoder.broker_id is None
     assert decoder.pending == 0
+
+
+def test_ack_decoder_reads_an_error_frame_where_the_broker_id_would_be() -> None:
+    # A refused handshake: the error frame is the first thing the broker writes.
+    frame = encode_error_frame(ErrorCode.BAD_HANDSHAKE, "unknown client_req 5")
+    decoder = AckDecoder(expect_broker_id=True)
+    events = [e for i in range(len(frame)) for e in decoder.feed(frame[i : i + 1])]
+    assert events == [ErrorFrame(1, "unknown client_req 5")]
+    assert decoder.broker_id is None
+    assert decoder.pending == 0

@@ -280,6 +280,7 @@ class Broker:
                 services.cancel_scope.cancel()
         if self._service_scope.cancelled_caught:
             logger.warning("shutdown grace period over: remaining work cancelled")
+        logger.info("stats: %s", self.statistics().summary())
 
     async def _run_ingest(self, task_status: trio.TaskStatus[None]) -> None:
         """Allocators, ack connections and connections; returns once drained."""

@@ -17,6 +17,7 @@ from functools import partial
 
 import trio
 
+from . import bench
 from .broker import Broker, serve
 from .config import Config, config_to_toml, load_config
 from .errors import ConfigError, EmbarcaderoError
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check = commands.add_parser("check-config", help="validate a config and print it in full")
     _add_config_options(check)
+    _add_client_commands(commands)
+    bench.add_parser(commands)
     return parser
 
 
@@ -66,6 +69,8 @@ def _load(args: argparse.Namespace) -> Config:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.command == "bench":  # its own options; the broker configs are its own too
+        return bench.run(args)
     try:
         config = _load(args)
     except ConfigError as exc:
@@ -74,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         print(config_to_toml(config), end="")
         return 0
+    if args.command in _CLIENT_COMMANDS:
+        return _run_client_command(args, config)
     logging.basicConfig(
         level=config.logging.level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -86,6 +93,205 @@ def main(argv: Sequence[str] | None = None) -> int:
     for failure in failures:
         logger.error("cannot serve: %s", failure)
     return 1 if failures else 0
+
+
+# -- client commands: publish, subscribe, topics, inspect ------------------------------
+
+_CLIENT_COMMANDS = ("publish", "subscribe", "topics", "inspect")
+
+
+def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .client import DEFAULT_BATCH_BYTES
+
+    publish = commands.add_parser(
+        "publish",
+        help="publish stdin's lines (one message each) or --count generated messages",
+        description="Publish to a broker (the config's broker.host and data port, or "
+        "--host/--port) and report how many messages were acked, and how fast.",
+    )
+    _add_config_options(publish)
+    publish.add_argument("--topic", required=True, help="topic to publish to")
+    publish.add_argument("--ack", type=int, choices=(0, 1, 2), default=1, help="ack level")
+    publish.add_argument(
+        "--count", type=int, metavar="N", help="send N generated messages instead of stdin"
+    )
+    publish.add_argument(
+        "--size", type=int, default=1024, metavar="B", help="bytes per generated message"
+    )
+    publish.add_argument(
+        "--batch-bytes", type=int, default=DEFAULT_BATCH_BYTES, metavar="B", help="batch size"
+    )
+    publish.add_argument(
+        "--dial-back", action="store_true", help="receive acks on a connection the broker opens"
+    )
+    subscribe = commands.add_parser(
+        "subscribe",
+        help="print a topic's messages, one per line",
+        description="Print a topic's messages (payload bytes, one per line) until caught up "
+        "(no new message for --idle seconds), or forever with --follow. A summary goes to "
+        "stderr, or alone to stdout with --summary.",
+    )
+    _add_config_options(subscribe)
+    subscribe.add_argument("--topic", required=True, help="topic to read")
+    subscribe.add_argument(
+        "--from", dest="start", type=int, default=0, metavar="OFFSET", help="first offset"
+    )
+    subscribe.add_argument("--follow", action="store_true", help="wait for new messages")
+    subscribe.add_argument("--count", type=int, metavar="N", help="stop after N messages")
+    subscribe.add_argument(
+        "--idle",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="caught up after this long without a message (default 0.5)",
+    )
+    subscribe.add_argument(
+        "--offsets", action="store_true", help="prefix lines with offset, client id, client order"
+    )
+    subscribe.add_argument(
+        "--summary", action="store_true", help="print only the message count and bytes"
+    )
+    for name, text in (
+        ("topics", "list the topics of a CXL file with their committed totals"),
+        ("inspect", "the CXL file's geometry, topics, and with --topic its batches"),
+    ):
+        cmd = commands.add_parser(name, help=text, description=text)
+        cmd.add_argument("--config", metavar="PATH", help="TOML config file (for cxl.path)")
+        cmd.add_argument("--cxl-path", metavar="PATH", help="the CXL file (overrides cxl.path)")
+        if name == "inspect":
+            cmd.add_argument("--topic", help="also list this topic's batches")
+
+
+def _run_client_command(args: argparse.Namespace, config: Config) -> int:
+    logging.basicConfig(
+        level=config.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command in ("topics", "inspect"):
+        return _inspect(args, args.cxl_path or config.cxl.path)
+    if config.broker.data_port == 0:
+        print("trio-embarcadero: give the broker's port (--port or broker.port)", file=sys.stderr)
+        return 2
+    command = _publish if args.command == "publish" else _subscribe
+    try:
+        return trio.run(command, args, config.broker.host, config.broker.data_port)
+    except (EmbarcaderoError, ValueError) as exc:
+        print(f"trio-embarcadero {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _publish(args: argparse.Namespace, host: str, port: int) -> int:
+    import os
+
+    from .client import open_publisher
+
+    start = trio.current_time()
+    async with open_publisher(
+        host,
+        port,
+        args.topic,
+        ack=args.ack,
+        batch_bytes=args.batch_bytes,
+        dial_back=args.dial_back,
+    ) as pub:
+        if args.count is not None:
+            size = args.size
+            await pub.publish_many(
+                f"{i:012d} ".encode().ljust(size, b".")[:size] for i in range(args.count)
+            )
+        else:
+            # Whatever a pipe or terminal has, without waiting for a full 64 KiB.
+            read = partial(os.read, sys.stdin.fileno(), 1 << 16)
+            rest = b""
+            while chunk := await trio.to_thread.run_sync(read, abandon_on_cancel=True):
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                await pub.publish_many(lines)
+            if rest:
+                await pub.publish(rest)
+    elapsed = max(trio.current_time() - start, 1e-9)
+    confirmed = pub.acked if args.ack else pub.sent
+    print(
+        f"published {pub.published} messages to {args.topic!r}, "
+        f"{'acked' if args.ack else 'sent'} {confirmed}, in {elapsed:.3f} s "
+        f"({confirmed / elapsed:,.0f} msg/s)"
+    )
+    return 0
+
+
+async def _subscribe(args: argparse.Namespace, host: str, port: int) -> int:
+    from .client import Message, open_subscriber
+
+    out = sys.stdout.buffer
+    count = nbytes = 0
+    limit = args.count
+    first = last = None
+    async with open_subscriber(host, port, args.topic, start=args.start) as sub:
+        while limit is None or count < limit:
+            messages: list[Message] = []
+            with trio.move_on_after(float("inf") if args.follow else args.idle):
+                messages = await sub.receive_messages()
+            if not messages:
+                break  # caught up
+            if limit is not None:
+                messages = messages[: limit - count]
+            for m in messages:
+                if not args.summary:
+                    if args.offsets:
+                        out.write(f"{m.offset}\t{m.client_id}\t{m.client_order}\t".encode())
+                    out.write(m.payload)
+                    out.write(b"\n")
+                nbytes += len(m.payload)
+            count += len(messages)
+            first = messages[0].offset if first is None else first
+            last = messages[-1].offset
+        out.flush()
+    span = "" if first is None else f", offsets {first}..{last}"
+    summary = f"{count} messages, {nbytes} bytes from {args.topic!r}{span}"
+    print(summary, file=sys.stdout if args.summary else sys.stderr)
+    return 0
+
+
+def _inspect(args: argparse.Namespace, path: str) -> int:
+    from .logreader import open_log
+
+    try:
+        with open_log(path) as log:
+            topics = log.topics()
+            if args.command == "inspect":
+                g = log.geometry
+                print(
+                    f"{path}: {g.region_size} bytes, {log.segments_used} of {g.num_segments} "
+                    f"segments of {g.segment_size} bytes used, {len(topics)} of "
+                    f"{g.max_topics} topics, {g.max_brokers} brokers"
+                )
+            print(f"{'TOPIC':<32} {'BROKER':>6} {'MESSAGES':>12} {'BATCHES':>9} {'BYTES':>14}")
+            for topic in topics:
+                for s in topic.streams:
+                    print(
+                        f"{topic.name:<32} {s.broker_id:>6} {s.messages:>12} {s.batches:>9} "
+                        f"{s.payload_bytes:>14}"
+                    )
+            if args.command == "inspect" and args.topic:
+                for broker_id in range(log.geometry.max_brokers):
+                    batches = log.batches(args.topic, broker_id)
+                    if batches:
+                        print(f"\n{args.topic} broker {broker_id}:")
+                        print(
+                            f"{'HEADER@':>12} {'STATE':<10} {'CLIENT':>7} {'SEQ':>7} "
+                            f"{'MSGS':>6} {'BYTES':>9} {'FIRST':>10}"
+                        )
+                    for b in batches:
+                        first = "" if b.first_offset < 0 else str(b.first_offset)
+                        print(
+                            f"{b.header_offset:>12} {b.state:<10} {b.client_id:>7} "
+                            f"{b.batch_seq:>7} {b.num_msg:>6} {b.total_size:>9} {first:>10}"
+                        )
+    except (EmbarcaderoError, OSError) as exc:
+        print(f"trio-embarcadero {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

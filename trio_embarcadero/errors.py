@@ -22,6 +22,11 @@ class ErrorCode(enum.IntEnum):
     TIMEOUT = 7
 
 
+#: The code a client reports when the broker closed the connection without an
+#: error frame (the broker failed); never sent on the wire.
+BROKER_FAILED = 0
+
+
 class EmbarcaderoError(Exception):
     """Base class of every error this package raises on purpose."""
 
@@ -86,7 +91,8 @@ class BrokerError(EmbarcaderoError):
     """The broker told a client about a failure with an error frame.
 
     Attributes:
-        code: The error frame's code (an :class:`ErrorCode` when known).
+        code: The error frame's code (an :class:`ErrorCode` when known), or
+            :data:`BROKER_FAILED` when the connection ended without one.
         message: The error frame's text.
         acked: The last cumulative ack count received before the error.
     """
@@ -95,8 +101,11 @@ class BrokerError(EmbarcaderoError):
         self.code = code
         self.message = message
         self.acked = acked
-        try:
-            name = ErrorCode(code).name.lower()
-        except ValueError:
-            name = f"error {code}"
+        if code == BROKER_FAILED:
+            name = "broker_failed"
+        else:
+            try:
+                name = ErrorCode(code).name.lower()
+            except ValueError:
+                name = f"error {code}"
         super().__init__(f"broker error {name}: {message} (acked {acked})")

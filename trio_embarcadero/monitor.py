@@ -104,7 +104,8 @@ async def run_pool_monitor(
 ) -> NoReturn:
     """Pause connection tasks under staging pressure and resume them after.
 
-    Wakes on every allocation and release of ``pool`` (no polling).
+    Sleeps until pool use crosses the watermark that matters next (no
+    polling, and no wake-up per batch in between).
 
     Args:
         pool: The staging pool to watch.
@@ -116,11 +117,13 @@ async def run_pool_monitor(
     high, low = watermark_counts(pool.num_buffers, high_watermark, low_watermark)
     task_status.started()
     while True:
-        used = pool.used
-        if not gate.paused and used >= high:
-            gate.pause()
-            logger.info("staging pool %d/%d in use: pausing receivers", used, pool.num_buffers)
-        elif gate.paused and used <= low:
+        if gate.paused:
+            await pool.wait_used_outside(low, pool.num_buffers + 1)
             gate.resume()
-            logger.info("staging pool %d/%d in use: resuming receivers", used, pool.num_buffers)
-        await pool.wait_changed()
+            logger.info(
+                "staging pool %d/%d in use: resuming receivers", pool.used, pool.num_buffers
+            )
+        else:
+            await pool.wait_used_outside(-1, high)
+            gate.pause()
+            logger.info("staging pool %d/%d in use: pausing receivers", pool.used, pool.num_buffers)

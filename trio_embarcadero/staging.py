@@ -98,6 +98,7 @@ class StagingPool:
         self._allocations = 0
         self._exhausted = 0
         self._waiters: deque[_Waiter] = deque()
+        self._band: tuple[int, int] | None = None
         self._changed = trio.lowlevel.ParkingLot()
 
     @property
@@ -115,7 +116,9 @@ class StagingPool:
         if not self._free:
             self._exhausted += 1
             return None
-        return self._take(self._free.popleft())
+        # Last in, first out: the buffers used most recently are the likeliest
+        # to still be in the CPU cache when the next batch lands in them.
+        return self._take(self._free.pop())
 
     async def acquire(self) -> StagingBuffer:
         """Take a buffer, waiting until one is released; waiters are served
@@ -139,15 +142,31 @@ class StagingPool:
         assert waiter.index is not None
         return self._take(waiter.index)
 
-    async def wait_changed(self) -> None:
-        """Return after the next allocation or release."""
-        await self._changed.park()
+    async def wait_used_outside(self, low: int, high: int) -> None:
+        """Return once ``used <= low`` or ``used >= high`` (at once if it is).
+
+        Only a change that lands outside the band wakes the waiter, so a
+        watcher costs nothing per batch while the pool stays between its marks.
+        """
+        if low < self.used < high:
+            self._band = (low, high)
+            try:
+                await self._changed.park()
+            finally:
+                self._band = None
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def _changed_use(self) -> None:
+        band = self._band
+        if band is not None and not band[0] < self.used < band[1]:
+            self._changed.unpark_all()
 
     def _take(self, index: int) -> StagingBuffer:
         self._in_use[index] = True
         self._allocations += 1
         self._peak = max(self._peak, self.used)
-        self._changed.unpark_all()
+        self._changed_use()
         return StagingBuffer(self, index, self._slab[index])
 
     def _give_back(self, index: int) -> None:
@@ -160,7 +179,7 @@ class StagingPool:
             return
         self._in_use[index] = False
         self._free.append(index)
-        self._changed.unpark_all()
+        self._changed_use()
 
     def statistics(self) -> StagingPoolStatistics:
         """Return a snapshot of the pool's occupancy."""

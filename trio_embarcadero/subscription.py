@@ -88,3 +88,7 @@ async def _send_records(broker: Broker, connection: Connection, handshake: Hands
             logger.info("conn %d %s: subscriber gone: %s", connection.id, connection.peer, exc)
             return
         wanted = batch.first_offset + batch.num_msg
+        # A shutdown stops the stream at the next batch boundary, also while
+        # the subscriber is catching up, so the error frame follows a record.
+        if connection.stopping:
+            return

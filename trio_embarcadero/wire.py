@@ -429,9 +429,12 @@ class AckDecoder:
             if self._need_broker_id:
                 if len(buf) < ACK_BROKER_ID.size:
                     return
-                (self.broker_id,) = ACK_BROKER_ID.unpack_from(buf)
-                del buf[: ACK_BROKER_ID.size]
                 self._need_broker_id = False
+                # A refused handshake gets an error frame where the broker id
+                # would be; broker ids are 0-31, so the marker's 0xFF bytes say so.
+                if buf[: ACK_BROKER_ID.size] != b"\xff" * ACK_BROKER_ID.size:
+                    (self.broker_id,) = ACK_BROKER_ID.unpack_from(buf)
+                    del buf[: ACK_BROKER_ID.size]
                 continue
             if len(buf) < ACK_COUNT.size:
                 return
