@@ -97,10 +97,11 @@ class _Connection:
         self.sent_batches = 0
         self.sent_msgs = 0
         self.acked_msgs = 0
-        # (cumulative messages after the batch, send start, send end), in order.
-        self.pending: collections.deque[tuple[int, float, float]] = collections.deque()
-        self.latency_us: list[int] = []
-        self.latency_after_send_us: list[int] = []
+        # One entry per batch sent with acks on: [cumulative messages after the
+        # batch, send start, send end, ack time]. The entry is queued before
+        # the send, as the ack may arrive before sendall() returns.
+        self.timings: list[list[float]] = []
+        self.pending: collections.deque[list[float]] = collections.deque()
         self.last_ack_at = 0.0
         self.done_at = 0.0
         self.error: str | None = None
@@ -142,14 +143,15 @@ class _Connection:
             seq = 0
             while next(gen.budget) < gen.total_batches and time.perf_counter() < gen.deadline:
                 _BATCH_SEQ.pack_into(batch, 0, seq)
-                began = time.perf_counter()
+                entry = [float(self.sent_msgs + num_msg), time.perf_counter(), 0.0, 0.0]
+                if gen.ack:
+                    self.timings.append(entry)
+                    pending.append(entry)
                 self.sock.sendall(batch)
-                ended = time.perf_counter()
+                entry[2] = time.perf_counter()
                 seq += 1
                 self.sent_batches = seq
                 self.sent_msgs += num_msg
-                if gen.ack:
-                    pending.append((self.sent_msgs, began, ended))
             self.sending_done = True
             self.sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -182,9 +184,7 @@ class _Connection:
                     self.acked_msgs = count
                     self.last_ack_at = now
                     while pending and pending[0][0] <= count:
-                        _, began, ended = pending.popleft()
-                        self.latency_us.append(round((now - began) * 1e6))
-                        self.latency_after_send_us.append(round((now - ended) * 1e6))
+                        pending.popleft()[3] = now
                 if whole:
                     buf[: have - whole] = buf[whole:have]
                     have -= whole
@@ -266,6 +266,7 @@ class LoadGenerator:
         batches = sum(c.sent_batches for c in conns)
         errors = [c.error for c in conns if c.error]
         acked = sum(c.acked_msgs for c in conns)
+        acked_batches = [e for c in conns for e in c.timings if e[3]]
         elapsed = max(t_end - t0, 1e-9)
         payload = messages * self.message_size
         wire = batches * (BATCH_HEADER_SIZE + self.num_msg * padded_size(self.message_size))
@@ -289,8 +290,11 @@ class LoadGenerator:
             "time_bounded": batches < self.total_batches,
             "window": "first send to last ack" if self.ack else "first send to receiver EOF",
             "latency_from": "send start" if self.ack else None,
-            "latency_us": [v for c in conns for v in c.latency_us],
-            "latency_after_send_us": [v for c in conns for v in c.latency_after_send_us],
+            "latency_us": [round((e[3] - e[1]) * 1e6) for e in acked_batches],
+            # An ack can beat sendall()'s return by a hair: count that as 0.
+            "latency_after_send_us": [
+                max(0, round((e[3] - e[2]) * 1e6)) for e in acked_batches if e[2]
+            ],
             "loadgen_cpu_s": cpu,
         }
 

@@ -1,0 +1,246 @@
+"""The benchmark tooling: argument handling, statistics, and one tiny real run.
+
+Performance is never asserted here; the real run only checks that every
+figure is present and sane.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trio_embarcadero import bench, loadgen
+from trio_embarcadero.cli import build_parser
+from trio_embarcadero.wire import scan_records
+
+BATCH_PAYLOAD = 1928 * 1024
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["bench", *argv])
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("2e9", 2 * 10**9),
+        ("2G", 2 * 10**9),
+        ("2GB", 2 * 10**9),
+        ("2GiB", 2 * 2**30),
+        ("512M", 512 * 10**6),
+        ("64KiB", 64 * 1024),
+        ("1000", 1000),
+    ],
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert bench.parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1G", "2X", "G"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench.parse_size(text)
+
+
+def test_defaults_match_the_cxx_evaluation() -> None:
+    plan = bench.make_plan(_args())
+    assert plan.batch_messages == 1928
+    assert plan.message_size == 1024
+    assert plan.batch_total_size == 2_097_664
+    assert plan.connections == 4
+    assert plan.rounds == 3
+    assert [v.name for v in plan.variants] == list(bench.DEFAULT_VARIANTS)
+
+
+def test_variants_parse() -> None:
+    plan = bench.make_plan(_args("--variants", "trio-sink,raw-sink-ack0,direct-ack1"))
+    assert [(v.name, v.kind, v.ack, v.is_broker) for v in plan.variants] == [
+        ("trio-sink", "trio-sink", 1, False),
+        ("raw-sink-ack0", "raw-sink", 0, False),
+        ("direct-ack1", "direct", 1, True),
+    ]
+
+
+@pytest.mark.parametrize("text", ["staged", "broker-ack1", "staged-ack2", "trio-sink,trio-sink"])
+def test_bad_variants_are_usage_errors(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        _args("--variants", text)
+    assert info.value.code == 2
+    assert "variant" in capsys.readouterr().err
+
+
+def test_broker_options_reach_the_broker_config(tmp_path: Path) -> None:
+    plan = bench.make_plan(
+        _args("--broker-option", "network.staging_pool_num_buffers=64", "--bytes", "100M")
+    )
+    b = bench.Bench(plan, live=None)
+    try:
+        variant = plan.variants[2]  # staged-ack0
+        settings = b.broker_settings(variant, str(tmp_path / "cxl"))
+        assert settings["network.staging_pool_num_buffers"] == 64
+        assert settings["network.use_nonblocking"] is True
+        assert settings["broker.port"] == 0
+        b.check_broker_config()  # the broker would accept it
+        # The region holds every batch of a run: the log never wraps.
+        assert settings["cxl.size_mb"] * 2**20 > plan.batches_per_run * plan.batch_total_size
+    finally:
+        b.close()
+
+
+def test_loadgen_batch_is_valid_wire_format() -> None:
+    batch = loadgen.build_batch(client_id=7, num_msg=5, message_size=1000)
+    assert len(batch) == 128 + 5 * 1088
+    starts = scan_records(np.frombuffer(bytes(batch[128:]), dtype=np.uint8), 5)
+    assert list(starts) == [i * 1088 for i in range(5)]
+
+
+def test_percentiles_with_and_without_hdrhistogram(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = list(range(1, 10_001))
+    found = bench.percentiles(values, (50.0, 99.0))
+    assert found[0] == pytest.approx(5000, rel=0.01)
+    assert found[1] == pytest.approx(9900, rel=0.01)
+    monkeypatch.setitem(sys.modules, "hdrh.histogram", None)  # import fails: numpy path
+    assert bench.percentiles(values, (50.0, 99.0)) == pytest.approx(found, rel=0.01)
+    assert all(v != v for v in bench.percentiles([], (50.0,)))  # nan when empty
+
+
+def _run(variant: str, rnd: int, gbps: float) -> bench.RunResult:
+    return bench.RunResult(
+        variant,
+        rnd,
+        ok=True,
+        payload_bytes=10**9,
+        messages=10**6,
+        elapsed_s=1 / gbps,
+        latency_us=[1000, 2000],
+    )
+
+
+def test_summary_ratios_are_of_medians_and_paired() -> None:
+    plan = bench.make_plan(_args("--variants", "trio-sink,raw-sink,staged-ack1", "--rounds", "3"))
+    runs = [
+        _run("trio-sink", 1, 2.0), _run("raw-sink", 1, 4.0), _run("staged-ack1", 1, 1.0),
+        _run("trio-sink", 2, 4.0), _run("raw-sink", 2, 8.0), _run("staged-ack1", 2, 3.0),
+        _run("trio-sink", 3, 3.0), _run("raw-sink", 3, 6.0), _run("staged-ack1", 3, 2.0),
+    ]  # fmt: skip
+    summary = bench.summarize(plan, runs)
+    staged = summary["staged-ack1"]
+    assert staged["gb_per_s"]["median"] == pytest.approx(2.0)
+    assert (staged["gb_per_s"]["min"], staged["gb_per_s"]["max"]) == pytest.approx((1.0, 3.0))
+    assert staged["ratio_to_trio_sink"] == pytest.approx(2.0 / 3.0)
+    assert staged["ratio_to_raw_sink"] == pytest.approx(2.0 / 6.0)
+    # Same-round ratios 0.5, 0.75, 0.667: median 0.667.
+    assert staged["paired_ratio_to_trio_sink"] == pytest.approx(2.0 / 3.0)
+    assert summary["trio-sink"]["ratio_to_trio_sink"] == pytest.approx(1.0)
+    assert staged["latency_ms"]["count"] == 6
+
+
+def test_plot_without_matplotlib_is_a_clear_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert bench.run(_args("--plot", "out.png")) == 2
+    assert "matplotlib" in capsys.readouterr().err
+
+
+@pytest.fixture
+def cxl_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="trio-embarcadero-bench-test-") as d:
+        yield Path(d)
+
+
+def test_tiny_real_run(tmp_path: Path, cxl_dir: Path) -> None:
+    """Three variants, one round, ten batches each, in real processes."""
+    requested = 10 * BATCH_PAYLOAD
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_EMBARCADERO_")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trio_embarcadero",
+            "bench",
+            "--variants",
+            "trio-sink,staged-ack1,direct-ack0",
+            "--rounds",
+            "1",
+            "--connections",
+            "2",
+            "--bytes",
+            str(requested),
+            "--cxl-dir",
+            str(cxl_dir),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "x trio-sink" in proc.stdout  # the table
+    assert "[1/3 r1] trio-sink:" in proc.stderr  # the per-run lines
+    report = json.loads(out.read_text())
+    assert report["ok"] is True
+    assert report["setup"]["bytes_per_run"] == requested
+    assert set(report["variants"]) == {"trio-sink", "staged-ack1", "direct-ack0"}
+    assert len(report["runs"]) == 3
+    for run in report["runs"]:
+        assert run["ok"], run
+        assert run["payload_bytes"] == requested
+        assert run["messages"] == requested // 1024
+        assert run["batches"] == 10
+        assert run["elapsed_s"] > 0
+        assert run["gb_per_s"] > 0
+        assert run["server_cpu_s"] >= 0
+        assert run["server_peak_rss_bytes"] > 0
+    for name, variant in report["variants"].items():
+        assert variant["runs"] == 1
+        assert variant["gb_per_s"]["median"] > 0
+        assert "ratio_to_trio_sink" in variant
+        assert "paired_ratio_to_raw_sink" in variant
+        assert variant["ratio_to_raw_sink"] is None  # raw-sink was not run
+        latency = variant["latency_ms"]
+        if variant["ack"]:
+            assert latency["count"] == 10
+            assert 0 < latency["p50"] <= latency["p99"] <= latency["p99.9"], name
+        else:
+            assert latency["count"] == 0
+    assert report["variants"]["trio-sink"]["ratio_to_trio_sink"] == pytest.approx(1.0)
+    staged = report["variants"]["staged-ack1"]
+    assert staged["pool_size"] == 32
+    assert staged["pool_peak"] >= 1
+    assert list(cxl_dir.iterdir()) == []  # every CXL file was deleted
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
+def test_plot(tmp_path: Path, cxl_dir: Path) -> None:  # pragma: no cover - optional extra
+    png = tmp_path / "bench.png"
+    code = bench.run(
+        _args(
+            "--variants",
+            "trio-sink",
+            "--rounds",
+            "1",
+            "--bytes",
+            str(2 * BATCH_PAYLOAD),
+            "--cxl-dir",
+            str(cxl_dir),
+            "--plot",
+            str(png),
+            "--quiet",
+        )
+    )
+    assert code == 0
+    assert png.stat().st_size > 0

@@ -1,0 +1,216 @@
+"""The broker's subscribe path (wire protocol section 5), end to end on loopback."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+from conftest import MakeConfig, wait_until
+from rawclient import batch, handshake, parse_ack_stream, parse_records, read_all
+
+from trio_embarcadero import BrokerError, ConnectionPhase, ErrorCode, open_broker
+from trio_embarcadero.broker import Broker
+from trio_embarcadero.client import Message, Subscriber, open_publisher, open_subscriber
+
+HOST = "127.0.0.1"
+MIB = 2**20
+
+
+async def raw_publish(port: int, topic: str, client_id: int, batches: list[bytes]) -> list[int]:
+    async with await trio.open_tcp_stream(HOST, port) as stream:
+        await stream.send_all(handshake(topic, client_id=client_id))
+        for data in batches:
+            await stream.send_all(data)
+        await stream.send_eof()
+        _, counts, error = parse_ack_stream(await read_all(stream))
+    assert error is None
+    return counts
+
+
+async def take(sub: Subscriber, count: int) -> list[Message]:
+    out: list[Message] = []
+    while len(out) < count:
+        out.extend(
+            m._replace(payload=memoryview(bytes(m.payload))) for m in await sub.receive_messages()
+        )
+    return out
+
+
+def subscribers(broker: Broker) -> int:
+    return sum(c.phase == ConnectionPhase.SUBSCRIBED for c in broker.connections)
+
+
+async def test_a_topic_that_does_not_exist_yet_is_waited_for(make_config: MakeConfig) -> None:
+    data, payloads = batch(0, 3, 0, 10, 50)
+    with trio.fail_after(10):
+        async with open_broker(make_config()) as broker:
+            async with open_subscriber(HOST, broker.port, "later") as sub:
+                await wait_until(lambda: subscribers(broker) == 1)
+                assert broker.log.existing_stream("later") is None
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(raw_publish, broker.port, "later", 3, [data])
+                    got = await take(sub, 10)
+    assert [bytes(m.payload) for m in got] == payloads
+    assert [m.offset for m in got] == list(range(10))
+
+
+async def test_many_subscribers_at_any_offset_while_publishing(make_config: MakeConfig) -> None:
+    batches = [batch(k, 8, 20 * k, 20, 64 * k + 3) for k in range(10)]
+    payloads = [p for _, ps in batches for p in ps]
+    starts = [0, 0, 5, 20, 21, 199]
+    results: dict[int, list[list[Message]]] = {s: [] for s in starts}
+    with trio.fail_after(10):
+        async with open_broker(make_config()) as broker:
+
+            async def follow(start: int) -> None:
+                async with open_subscriber(HOST, broker.port, "fan", start=start) as sub:
+                    results[start].append(await take(sub, 200 - start))
+
+            async with trio.open_nursery() as nursery:
+                for start in starts:
+                    nursery.start_soon(follow, start)
+                await wait_until(lambda: subscribers(broker) == len(starts))
+                counts = await raw_publish(broker.port, "fan", 8, [d for d, _ in batches])
+    assert counts[-1] == 200
+    for start in starts:
+        for got in results[start]:
+            assert [m.offset for m in got] == list(range(start, 200))
+            assert [bytes(m.payload) for m in got] == payloads[start:]
+            assert {m.client_id for m in got} == {8}
+
+
+async def test_a_stalled_subscriber_does_not_slow_publishers(make_config: MakeConfig) -> None:
+    """One subscriber never reads; the publisher sends several times what
+    the socket buffers hold, and finishes with everything acked."""
+    payload = bytes(range(256)) * 16  # 4 KiB
+    count = 32 * MIB // len(payload)
+    with trio.fail_after(20):
+        async with open_broker(make_config()) as broker:
+            async with open_subscriber(HOST, broker.port, "stall") as stalled:
+                await wait_until(lambda: subscribers(broker) == 1)
+                async with trio.open_nursery() as nursery:
+                    active: list[int] = []
+
+                    async def read_along() -> None:
+                        async with open_subscriber(HOST, broker.port, "stall") as sub:
+                            n = 0
+                            while n < count:
+                                got = await sub.receive_messages()
+                                assert all(m.payload == payload for m in got)
+                                n += len(got)
+                            active.append(n)
+
+                    nursery.start_soon(read_along)
+                    async with open_publisher(
+                        HOST, broker.port, "stall", batch_bytes=512 * 1024
+                    ) as pub:
+                        await pub.publish_many(payload for _ in range(count))
+                    assert pub.acked == count
+                assert active == [count]
+                # The stalled subscriber still gets everything, once it reads.
+                got = await take(stalled, count)
+                assert got[-1].offset == count - 1
+                assert all(m.payload == payload for m in got[:: count // 64])
+
+
+async def test_shutdown_ends_subscriptions_with_error_5(make_config: MakeConfig) -> None:
+    data, payloads = batch(0, 4, 0, 30, 100)
+    errors: list[BrokerError] = []
+    received: list[Message] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async with open_broker(make_config()) as broker:
+
+                async def subscribe(*, task_status: trio.TaskStatus[None]) -> None:
+                    async with open_subscriber(HOST, broker.port, "bye") as sub:
+                        task_status.started()
+                        try:
+                            while True:
+                                received.extend(await take(sub, 1))
+                        except BrokerError as exc:
+                            errors.append(exc)
+
+                await nursery.start(subscribe)
+                await raw_publish(broker.port, "bye", 4, [data])
+                await wait_until(lambda: len(received) == 30)
+            # Leaving the broker's block drained it: the subscriber was told.
+    assert [e.code for e in errors] == [ErrorCode.SHUTTING_DOWN]
+    assert [bytes(m.payload) for m in received] == payloads
+
+
+async def test_shutdown_while_a_subscriber_catches_up(make_config: MakeConfig) -> None:
+    """A subscriber far behind gets error 5 right after a whole record,
+    not the rest of the log first."""
+    payload = bytes(4096)
+    config = make_config(**{"network.shutdown_grace_s": 5.0})
+    with trio.fail_after(10):
+        async with open_broker(config) as broker:
+            async with open_publisher(HOST, broker.port, "catch", batch_bytes=256 * 1024) as pub:
+                await pub.publish_many(payload for _ in range(8000))  # 33 MiB
+            async with open_subscriber(HOST, broker.port, "catch") as sub:
+                first = await sub.receive_messages()
+                assert first[0].offset == 0
+                broker.begin_shutdown()
+
+                async def read_to_the_end() -> None:
+                    while True:
+                        await sub.receive_messages()
+
+                with pytest.raises(BrokerError) as info:
+                    await read_to_the_end()
+            assert info.value.code == ErrorCode.SHUTTING_DOWN
+            assert 0 < sub.position < 8000
+
+
+async def test_the_subscriber_leaving_ends_its_connection(make_config: MakeConfig) -> None:
+    with trio.fail_after(10):
+        async with open_broker(make_config()) as broker:
+            async with open_subscriber(HOST, broker.port, "idle"):
+                await wait_until(lambda: subscribers(broker) == 1)
+            await wait_until(lambda: not broker.connections)
+
+
+async def test_raw_subscriber_reads_spec_records(make_config: MakeConfig) -> None:
+    """Wire level: the stream is exactly the committed records, broker fields filled."""
+    data, payloads = batch(0, 12, 0, 40, 77)
+    with trio.fail_after(10):
+        async with open_broker(make_config()) as broker:
+            await raw_publish(broker.port, "wire", 12, [data])
+            async with await trio.open_tcp_stream(HOST, broker.port) as stream:
+                await stream.send_all(handshake("wire", req=1, last_addr=10))
+                want = 30 * (64 + 128)
+                got = b""
+                while len(got) < want:
+                    got += await stream.receive_some()
+    assert len(got) == want
+    records = parse_records(got)  # checks next_msg_diff == paddedSize
+    assert records == [(10 + i, 12, 10 + i, payloads[10 + i]) for i in range(30)]
+
+
+async def test_no_record_of_an_incomplete_batch_is_sent(make_config: MakeConfig) -> None:
+    """Direct path: a reserved batch holds back itself and everything after it."""
+    config = make_config(**{"network.use_nonblocking": False})
+    first, first_payloads = batch(0, 1, 0, 5, 100)
+    held, held_payloads = batch(0, 2, 0, 5, 100)
+    after, after_payloads = batch(1, 1, 5, 5, 100)
+    with trio.fail_after(10):
+        async with open_broker(config) as broker:
+            await raw_publish(broker.port, "hold", 1, [first])
+            async with open_subscriber(HOST, broker.port, "hold") as sub:
+                assert [bytes(m.payload) for m in await take(sub, 5)] == first_payloads
+                async with await trio.open_tcp_stream(HOST, broker.port) as slow:
+                    await slow.send_all(handshake("hold", client_id=2))
+                    await slow.send_all(held[:-100])  # header and most of the payload
+                    stream = broker.log.existing_stream("hold")
+                    assert stream is not None
+                    await wait_until(lambda: len(stream.pending) == 1)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(raw_publish, broker.port, "hold", 1, [after])
+                        await wait_until(lambda: len(stream.pending) == 2)
+                        with trio.move_on_after(0.2):
+                            early = await sub.receive_messages()
+                            pytest.fail(f"got {len(early)} records of an incomplete batch")
+                        await slow.send_all(held[-100:])
+                        rest = await take(sub, 10)
+    assert [bytes(m.payload) for m in rest] == held_payloads + after_payloads
+    assert [m.offset for m in rest] == list(range(5, 15))

@@ -1,0 +1,436 @@
+"""Read a CXL region's committed messages directly, from any process on the host.
+
+A broker's log is a shared-memory file (see the layout in :mod:`trio_embarcadero.cxl`).
+Another process can map it read-only and read every committed message without
+going through TCP::
+
+    with open_log("/dev/shm/trio-embarcadero-0") as log:
+        for topic in log.topics():
+            print(topic.name, topic.messages)
+        for message in log.messages("orders"):
+            handle(bytes(message.payload), message.offset)
+
+A reader only trusts a batch once its header's ``batch_complete`` word says
+committed. It reads that word before anything else of the batch: the broker
+writes the word last, and on one x86-64 host stores become visible in program
+order, so every byte of a batch seen as committed is final. Abandoned batches
+are skipped; the first reserved (in-flight) batch ends the iteration, because
+batches commit strictly in log order per stream. Nothing here writes to the
+file or takes its lock, so readers never slow the broker down.
+
+The reader keeps, per stream, an index of the committed batches it has seen
+and where to resume walking, so calling :meth:`LogReader.messages` again
+later (with ``start`` set to the next offset wanted) continues cheaply.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from .client import Message
+from .cxl import (
+    BATCH_ABANDONED,
+    BATCH_COMMITTED,
+    BATCH_RESERVED,
+    NO_SEGMENT,
+    SEGMENT_HEADER_SIZE,
+    SUPERBLOCK_SIZE,
+    Geometry,
+    read_geometry,
+)
+from .errors import LayoutError, ProtocolError
+from .wire import (
+    BATCH_HEADER,
+    BATCH_HEADER_SIZE,
+    BH_BATCH_COMPLETE,
+    MESSAGE_HEADER_SIZE,
+    MH_CLIENT_ID,
+    MH_CLIENT_ORDER,
+    MH_LOGICAL_OFFSET,
+    MH_SIZE,
+    scan_records,
+)
+
+logger = logging.getLogger(__name__)
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+# A stream entry of the topic table: first, last segment, segment count, then
+# committed messages, batches and payload bytes at +16.
+_STREAM_ENTRY = struct.Struct("<III4xQQQ")
+_SEGMENT_NEXT_OFFSET = 16
+_NEXT_FREE_OFFSET = 48  # superblock: the next free segment
+_TOPIC_STATE_OFFSET = 32
+_TOPIC_LIVE = 1
+
+
+@attrs.frozen
+class StreamInfo:
+    """The committed totals of one (topic, broker) stream, from the topic table.
+
+    Attributes:
+        broker_id: The broker that writes the stream.
+        messages: Committed messages; also the next logical offset.
+        batches: Committed batches.
+        payload_bytes: Committed payload bytes (whole message records).
+        segments: Log segments the stream holds.
+    """
+
+    broker_id: int
+    messages: int
+    batches: int
+    payload_bytes: int
+    segments: int
+
+
+@attrs.frozen
+class TopicInfo:
+    """A topic and its streams (one per broker that has written to it).
+
+    Attributes:
+        name: The topic name.
+        streams: Its streams, by broker id.
+    """
+
+    name: str
+    streams: tuple[StreamInfo, ...]
+
+    @property
+    def messages(self) -> int:
+        """Committed messages over every broker's stream."""
+        return sum(s.messages for s in self.streams)
+
+    @property
+    def payload_bytes(self) -> int:
+        """Committed payload bytes over every broker's stream."""
+        return sum(s.payload_bytes for s in self.streams)
+
+
+@attrs.frozen
+class BatchInfo:
+    """One batch of a stream as the log holds it (for inspection).
+
+    Attributes:
+        header_offset: Byte offset of its header in the region.
+        state: ``"committed"``, ``"abandoned"`` or ``"reserved"``.
+        batch_seq: The publisher's batch counter.
+        client_id: The publisher.
+        num_msg: Messages in the batch.
+        total_size: Payload bytes.
+        first_offset: Logical offset of its first message (committed only).
+    """
+
+    header_offset: int
+    state: str
+    batch_seq: int
+    client_id: int
+    num_msg: int
+    total_size: int
+    first_offset: int
+
+
+_STATE_NAMES = {
+    BATCH_RESERVED: "reserved",
+    BATCH_COMMITTED: "committed",
+    BATCH_ABANDONED: "abandoned",
+}
+
+
+@attrs.define
+class _Cursor:
+    """What a reader learned about one stream: its committed batches so far
+    and where to look for the next one."""
+
+    firsts: list[int] = attrs.Factory(list)  # first logical offset per batch
+    headers: list[int] = attrs.Factory(list)  # header offset per batch
+    nums: list[int] = attrs.Factory(list)  # messages per batch
+    segment: int = NO_SEGMENT  # segment being walked (NO_SEGMENT: not started)
+    offset: int = 0  # absolute offset of the next header to look at
+
+
+class LogReader:
+    """A read-only view of a CXL region file.
+
+    Use :func:`open_log`. Message payloads are zero-copy views of the mapping,
+    valid until the reader is closed.
+
+    Attributes:
+        path: The region file.
+        geometry: The region's sizes, from its superblock.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size < SUPERBLOCK_SIZE:
+                raise LayoutError(f"{self.path} is {size} bytes: not a CXL region")
+            self._mmap = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        try:
+            self.geometry: Geometry = read_geometry(self._mmap)
+            if self.geometry.region_size != size:
+                raise LayoutError(
+                    f"{self.path} is {size} bytes but its superblock says "
+                    f"{self.geometry.region_size}"
+                )
+        except BaseException:
+            self._mmap.close()
+            raise
+        self._region: npt.NDArray[np.uint8] = np.frombuffer(self._mmap, dtype=np.uint8)
+        self._words: npt.NDArray[np.uint64] = self._region.view("<u8")
+        self._view = memoryview(self._mmap)
+        self._cursors: dict[tuple[str, int], _Cursor] = {}
+        self._closed = False
+
+    # -- lifetime ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap the file. Payload views handed out earlier become invalid."""
+        if self._closed:
+            return
+        self._closed = True
+        self._view.release()
+        del self._words, self._region
+        try:
+            self._mmap.close()
+        except BufferError:
+            # A caller still holds a payload view; the mapping goes with it.
+            logger.debug("%s: payload views still referenced; the GC unmaps the file", self.path)
+
+    def __enter__(self) -> LogReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def segments_used(self) -> int:
+        """Segments handed out so far, over every stream (the bump allocator)."""
+        (used,) = _U32.unpack_from(self._mmap, _NEXT_FREE_OFFSET)
+        return min(int(used), self.geometry.num_segments)
+
+    # -- the topic table ----------------------------------------------------------
+
+    def _topic_indexes(self) -> dict[str, int]:
+        g = self.geometry
+        found: dict[str, int] = {}
+        for i in range(g.max_topics):
+            off = g.topic_offset(i)
+            (state,) = _U32.unpack_from(self._mmap, off + _TOPIC_STATE_OFFSET)
+            if state == _TOPIC_LIVE:
+                name = bytes(self._mmap[off : off + 32]).rstrip(b"\0").decode("ascii", "replace")
+                found[name] = i
+        return found
+
+    def _stream_info(self, topic_index: int, broker_id: int) -> StreamInfo | None:
+        offset = self.geometry.stream_offset(topic_index, broker_id)
+        first, _last, segments, messages, batches, nbytes = _STREAM_ENTRY.unpack_from(
+            self._mmap, offset
+        )
+        if first == NO_SEGMENT:
+            return None
+        return StreamInfo(broker_id, messages, batches, nbytes, segments)
+
+    def topics(self) -> list[TopicInfo]:
+        """Every topic in the region, with each broker stream's committed totals."""
+        out = []
+        for name, index in self._topic_indexes().items():
+            streams = (self._stream_info(index, b) for b in range(self.geometry.max_brokers))
+            out.append(TopicInfo(name, tuple(s for s in streams if s is not None)))
+        return out
+
+    def topic(self, name: str) -> TopicInfo:
+        """One topic's totals.
+
+        Raises:
+            KeyError: No such topic.
+        """
+        for info in self.topics():
+            if info.name == name:
+                return info
+        raise KeyError(name)
+
+    # -- walking a stream -------------------------------------------------------------
+
+    def _cursor(self, topic: str, broker_id: int) -> tuple[_Cursor, int] | None:
+        if not 0 <= broker_id < self.geometry.max_brokers:
+            raise ValueError(f"broker_id {broker_id} is not in 0..{self.geometry.max_brokers - 1}")
+        index = self._topic_indexes().get(topic)
+        if index is None:
+            return None
+        key = (topic, broker_id)
+        cursor = self._cursors.get(key)
+        if cursor is None:
+            cursor = self._cursors[key] = _Cursor()
+        return cursor, index
+
+    def _refresh(self, cursor: _Cursor, topic_index: int, broker_id: int) -> list[BatchInfo]:
+        """Walk from the cursor to the first reserved batch or the end of the
+        written log; index the committed batches found. Returns every batch
+        passed (committed and abandoned) and, last, a reserved one if any."""
+        g = self.geometry
+        buf = self._mmap
+        seen: list[BatchInfo] = []
+        if cursor.segment == NO_SEGMENT:
+            (first,) = _U32.unpack_from(buf, g.stream_offset(topic_index, broker_id))
+            if first == NO_SEGMENT:
+                return seen
+            cursor.segment = first
+            cursor.offset = g.segment_offset(first) + SEGMENT_HEADER_SIZE
+        while True:
+            segment_end = g.segment_offset(cursor.segment) + g.segment_size
+            offset = cursor.offset
+            # Read the link to the next segment before the header: the broker
+            # writes a batch header before it links a new segment, so a link
+            # seen now means a zero header here is final.
+            (next_segment,) = _U32.unpack_from(
+                buf, g.segment_offset(cursor.segment) + _SEGMENT_NEXT_OFFSET
+            )
+            total = 0
+            if offset + BATCH_HEADER_SIZE <= segment_end:
+                (state,) = _U32.unpack_from(buf, offset + BH_BATCH_COMPLETE)
+                (total,) = _U64.unpack_from(buf, offset + 32)
+            if total == 0 or offset + BATCH_HEADER_SIZE + total > segment_end:
+                if next_segment == NO_SEGMENT or next_segment >= g.num_segments:
+                    return seen  # the end of what is written
+                cursor.segment = next_segment
+                cursor.offset = g.segment_offset(next_segment) + SEGMENT_HEADER_SIZE
+                continue
+            # The state word is read first: a header seen as committed is final.
+            seq, cid, num, _c, _b, _o, _p, _t, first_offset, *_ = BATCH_HEADER.unpack_from(
+                buf, offset
+            )
+            info = BatchInfo(
+                offset, _STATE_NAMES.get(state, f"state {state}"), seq, cid, num, total, -1
+            )
+            if state == BATCH_RESERVED:
+                seen.append(info)
+                return seen
+            if state == BATCH_COMMITTED:
+                info = attrs.evolve(info, first_offset=first_offset)
+                cursor.firsts.append(first_offset)
+                cursor.headers.append(offset)
+                cursor.nums.append(num)
+            elif state != BATCH_ABANDONED:
+                raise LayoutError(f"{self.path}: batch at byte {offset} has state {state}")
+            seen.append(info)
+            cursor.offset = offset + BATCH_HEADER_SIZE + total
+
+    def batches(self, topic: str, broker_id: int = 0) -> list[BatchInfo]:
+        """Every batch of a stream up to and including the first reserved one
+        (for inspection; walks the whole stream).
+
+        Raises:
+            ValueError: ``broker_id`` is out of the region's range.
+        """
+        found = self._cursor(topic, broker_id)
+        if found is None:
+            return []
+        _, index = found
+        return self._refresh(_Cursor(), index, broker_id)
+
+    def messages(self, topic: str, broker_id: int = 0, start: int = 0) -> Iterator[Message]:
+        """Yield the committed messages of ``(topic, broker_id)`` from logical
+        offset ``start`` on, in order.
+
+        Stops at the first batch that is not committed yet (or at the end of
+        the log); call again later with ``start`` set to the next offset to
+        continue. A topic that does not exist yields nothing.
+
+        Each :class:`~trio_embarcadero.client.Message` payload is a read-only
+        view of the mapped log, valid until the reader is closed.
+
+        Raises:
+            LayoutError: A committed batch's records are inconsistent.
+            ValueError: ``broker_id`` is out of the region's range.
+        """
+        if start < 0:
+            raise ValueError(f"start must be >= 0, not {start}")
+        found = self._cursor(topic, broker_id)
+        if found is None:
+            return
+        cursor, index = found
+        next_offset = start
+        position = 0  # index in cursor.firsts of the batch holding next_offset
+        while True:
+            if not cursor.firsts or next_offset >= self._end_of(cursor):
+                self._refresh(cursor, index, broker_id)
+                if not cursor.firsts or next_offset >= self._end_of(cursor):
+                    return
+            position = max(position, bisect.bisect_right(cursor.firsts, next_offset) - 1)
+            while position < len(cursor.firsts):
+                first, num = cursor.firsts[position], cursor.nums[position]
+                yield from self._batch_messages(cursor.headers[position], first, num, next_offset)
+                next_offset = max(next_offset, first + num)
+                position += 1
+
+    @staticmethod
+    def _end_of(cursor: _Cursor) -> int:
+        """The logical offset after the last committed batch indexed."""
+        return cursor.firsts[-1] + cursor.nums[-1]
+
+    def _batch_messages(self, header: int, first: int, num: int, start: int) -> Iterator[Message]:
+        (total,) = _U64.unpack_from(self._mmap, header + 32)
+        if start >= first + num:
+            return
+        payload = header + BATCH_HEADER_SIZE
+        try:
+            starts = scan_records(self._region[payload : payload + total], num)
+        except ProtocolError as exc:
+            raise LayoutError(f"{self.path}: committed batch at byte {header}: {exc}") from exc
+        index = (payload + starts) // 8
+        words = self._words
+        offsets = words[index + MH_LOGICAL_OFFSET]
+        expected = np.arange(first, first + num, dtype=np.uint64)
+        if not np.array_equal(offsets, expected):
+            raise LayoutError(
+                f"{self.path}: committed batch at byte {header} has logical offsets "
+                f"{int(offsets[0])}.. where {first}.. are due"
+            )
+        skip = max(0, start - first)
+        data_starts = (payload + starts[skip:] + MESSAGE_HEADER_SIZE).tolist()
+        sizes = words[index[skip:] + MH_SIZE].tolist()
+        orders = words[index[skip:] + MH_CLIENT_ORDER].tolist()
+        clients = words[index[skip:] + MH_CLIENT_ID].tolist()
+        view = self._view
+        for i, (data, size, order, client) in enumerate(
+            zip(data_starts, sizes, orders, clients, strict=True)
+        ):
+            yield Message(view[data : data + size], first + skip + i, client, order)
+
+
+@contextmanager
+def open_log(path: str | os.PathLike[str]) -> Iterator[LogReader]:
+    """Map a CXL region file read-only for the duration of a ``with`` block.
+
+    Args:
+        path: The region file (a broker's ``cxl.path``).
+
+    Yields:
+        A :class:`LogReader`.
+
+    Raises:
+        LayoutError: The file is not a trio-embarcadero region.
+        OSError: The file cannot be opened or mapped.
+    """
+    reader = LogReader(path)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+__all__ = ["BatchInfo", "LogReader", "StreamInfo", "TopicInfo", "open_log"]
