@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import math
 from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING
@@ -330,17 +329,16 @@ class Connection:
                     self.phase = ConnectionPhase.WAIT_HEADER
                     # The idle clock restarts after a pause: waiting at the
                     # gate is the broker's doing, not the client's.
-                    with broker.gate.interruptible() as paused:
-                        try:
-                            with trio.fail_after(net.idle_timeout_s or math.inf):
-                                got = await self._receiver.receive_into(header_view)
-                        except trio.TooSlowError:
-                            raise ProtocolError(
-                                ErrorCode.TIMEOUT,
-                                f"idle for {net.idle_timeout_s} s between batches",
-                            ) from None
-                    if not paused.cancelled_caught:
+                    with broker.gate.interruptible() as wait:
+                        if net.idle_timeout_s:
+                            wait.deadline = trio.current_time() + net.idle_timeout_s
+                        got = await self._receiver.receive_into(header_view)
+                    if not wait.cancelled_caught:
                         break
+                    if not broker.gate.paused:  # the deadline, not a pause
+                        raise ProtocolError(
+                            ErrorCode.TIMEOUT, f"idle for {net.idle_timeout_s} s between batches"
+                        )
             if got == 0:  # EOF, or stopped while no batch had started
                 return
             # batch_timeout_s runs from the first header byte to the last payload
