@@ -137,10 +137,18 @@ class DialBackRegistry:
         key = (client_id, topic)
         entry = self._entries.get(key)
         if entry is None:
+            # The first user dials; the ack task then lives in the registry's
+            # nursery, outliving this connection while others still use it.
             entry = _DialBack(AckCounter(), port)
             self._entries[key] = entry
-            self._nursery.start_soon(self._run, key, entry, host)
-        elif entry.port != port:
+            entry.users += 1
+            try:
+                await self._nursery.start(self._run, key, entry, host)
+            except BaseException:
+                self._release(key, entry)
+                raise
+            return entry.counter
+        if entry.port != port:
             logger.warning(
                 "client %d topic %r asked for acks on port %d; its ack connection uses port %d",
                 client_id,
@@ -169,7 +177,14 @@ class DialBackRegistry:
             if self._entries.get(key) is entry:
                 del self._entries[key]
 
-    async def _run(self, key: tuple[int, str], entry: _DialBack, host: str) -> None:
+    async def _run(
+        self,
+        key: tuple[int, str],
+        entry: _DialBack,
+        host: str,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         client_id, topic = key
         try:
             with trio.fail_after(self._timeout):
@@ -179,9 +194,10 @@ class DialBackRegistry:
             entry.failure = f"cannot open the ack connection to {host}:{entry.port}: {exc!r}"
             logger.warning("client %d topic %r: %s", client_id, topic, entry.failure)
             entry.ready.set()
-            return
+            raise ConnectionLost(entry.failure) from exc
         self._dialed += 1
         entry.ready.set()
+        task_status.started()
         async with stream:
 
             async def send_all(data: bytes) -> None:
