@@ -10,9 +10,11 @@ import argparse
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,8 @@ import pytest
 
 from trio_embarcadero import bench, loadgen
 from trio_embarcadero.cli import build_parser
-from trio_embarcadero.wire import scan_records
+from trio_embarcadero.errors import ErrorCode
+from trio_embarcadero.wire import HANDSHAKE_SIZE, encode_error_frame, scan_records
 
 BATCH_PAYLOAD = 1928 * 1024
 
@@ -71,12 +74,126 @@ def test_variants_parse() -> None:
     ]
 
 
-@pytest.mark.parametrize("text", ["staged", "broker-ack1", "staged-ack2", "trio-sink,trio-sink"])
+@pytest.mark.parametrize(
+    "text", ["staged", "broker-ack1", "staged-ack3", "direct-ack", "trio-sink,trio-sink"]
+)
 def test_bad_variants_are_usage_errors(text: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         _args("--variants", text)
     assert info.value.code == 2
     assert "variant" in capsys.readouterr().err
+
+
+def test_ack2_variants_parse_and_are_not_run_by_default() -> None:
+    plan = bench.make_plan(_args("--variants", "staged-ack2,direct-ack2,staged-ack1"))
+    assert [(v.name, v.kind, v.ack, v.is_broker, v.durable) for v in plan.variants] == [
+        ("staged-ack2", "staged", 2, True, True),
+        ("direct-ack2", "direct", 2, True, True),
+        ("staged-ack1", "staged", 1, True, False),
+    ]
+    assert set(bench.ACK2_VARIANTS) == {"staged-ack2", "direct-ack2"}
+    assert not set(bench.ACK2_VARIANTS) & set(bench.DEFAULT_VARIANTS)
+    assert plan.storage_dir == tempfile.gettempdir()
+
+
+@pytest.mark.parametrize("text", ["trio-sink-ack2", "raw-sink-ack2"])
+def test_sinks_have_no_ack2(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        _args("--variants", text)
+    assert info.value.code == 2
+    assert "disk log" in capsys.readouterr().err
+
+
+def test_only_ack2_runs_get_a_disk_log(tmp_path: Path) -> None:
+    plan = bench.make_plan(
+        _args(
+            "--variants",
+            "staged-ack1,direct-ack2",
+            "--storage-dir",
+            str(tmp_path),
+            "--broker-option",
+            "storage.sync_interval_ms=2.5",
+            "--bytes",
+            "100M",
+        )
+    )
+    assert plan.storage_dir == str(tmp_path)
+    b = bench.Bench(plan, live=None)
+    try:
+        ack1, ack2 = plan.variants
+        cxl = str(tmp_path / "cxl")
+        assert b.broker_settings(ack1, cxl)["storage.dir"] == ""
+        assert b.broker_settings(ack2, cxl)["storage.dir"] == str(tmp_path)
+        assert b.broker_settings(ack2, cxl, str(tmp_path / "run"))["storage.dir"] == str(
+            tmp_path / "run"
+        )
+        assert b.broker_settings(ack2, cxl)["network.use_nonblocking"] is False
+        b.check_broker_config()  # the broker would accept both
+        assert b.check_storage_dir() is None
+        storage = b.storage_setup()
+        assert storage is not None
+        assert storage["dir"] == str(tmp_path)
+        assert storage["sync_interval_ms"] == 2.5
+        assert storage["sync_bytes"] == 64 * 2**20  # the default
+        assert storage["filesystem"] != "unknown"
+    finally:
+        b.close()
+
+
+def test_storage_dir_is_the_bench_s_to_set(capsys: pytest.CaptureFixture[str]) -> None:
+    args = _args("--variants", "staged-ack2", "--broker-option", "storage.dir=/tmp/x")
+    with pytest.raises(ValueError, match="--storage-dir"):
+        bench.make_plan(args)
+    assert bench.run(args) == 2
+    assert "storage.dir" in capsys.readouterr().err
+
+
+def test_missing_storage_dir_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing"
+    args = _args("--variants", "staged-ack2", "--storage-dir", str(missing), "--quiet")
+    assert bench.run(args) == 2
+    assert str(missing) in capsys.readouterr().err
+    # Without ack-2 variants the option is not used at all.
+    plan = bench.make_plan(_args("--variants", "staged-ack1", "--storage-dir", str(missing)))
+    b = bench.Bench(plan, live=None)
+    try:
+        assert b.check_storage_dir() is None
+        assert b.storage_setup() is None
+    finally:
+        b.close()
+
+
+def test_filesystem_names_what_backs_a_path() -> None:
+    assert bench.filesystem("/proc/self").startswith("proc ")
+    assert bench.filesystem("/") != "unknown"
+
+
+def test_loadgen_reports_a_refused_ack2_handshake(capsys: pytest.CaptureFixture[str]) -> None:
+    """A broker without storage.dir answers ack 2 with error 6 where the broker id goes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def refuse() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            got = b""
+            while len(got) < HANDSHAKE_SIZE:
+                got += conn.recv(HANDSHAKE_SIZE - len(got))
+            assert got[4] == 2  # the handshake's ack field (little-endian u32 after client_id)
+            conn.sendall(encode_error_frame(ErrorCode.NOT_ALLOWED, "ack level 2 needs a disk log"))
+
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    try:
+        code = loadgen.main(["--port", str(port), "--ack", "2", "--connections", "1"])
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "refused: error 6 (NOT_ALLOWED): ack level 2 needs a disk log" in err
 
 
 def test_broker_options_reach_the_broker_config(tmp_path: Path) -> None:
@@ -143,6 +260,32 @@ def test_summary_ratios_are_of_medians_and_paired() -> None:
     assert staged["paired_ratio_to_trio_sink"] == pytest.approx(2.0 / 3.0)
     assert summary["trio-sink"]["ratio_to_trio_sink"] == pytest.approx(1.0)
     assert staged["latency_ms"]["count"] == 6
+    assert staged["ratio_to_ack1"] is None  # that is the ack-1 variant itself
+
+
+def test_summary_ack2_cost_is_against_the_same_path_at_ack1() -> None:
+    plan = bench.make_plan(
+        _args("--variants", "staged-ack1,staged-ack2,direct-ack2", "--rounds", "2")
+    )
+    runs = [
+        _run("staged-ack1", 1, 2.0), _run("staged-ack2", 1, 1.0), _run("direct-ack2", 1, 1.5),
+        _run("staged-ack1", 2, 4.0), _run("staged-ack2", 2, 1.0), _run("direct-ack2", 2, 1.5),
+    ]  # fmt: skip
+    for r in runs:
+        if r.variant.endswith("ack2"):
+            r.storage_bytes = 123
+    summary = bench.summarize(plan, runs)
+    staged = summary["staged-ack2"]
+    assert staged["ack"] == 2
+    assert staged["ratio_to_ack1"] == pytest.approx(1.0 / 3.0)
+    assert staged["paired_ratio_to_ack1"] == pytest.approx((0.5 + 0.25) / 2)
+    assert staged["latency_ms"]["count"] == 4
+    assert staged["storage_bytes"]["median"] == 123
+    assert summary["direct-ack2"]["ratio_to_ack1"] is None  # direct-ack1 was not run
+    assert summary["staged-ack1"]["storage_bytes"]["median"] is None
+    notes = bench._notes(plan, summary, None)
+    assert any(n.startswith("Ack-2 cost (staged): staged-ack2 moves 33%") for n in notes)
+    assert not any("(direct)" in n for n in notes)
 
 
 def test_plot_without_matplotlib_is_a_clear_usage_error(
@@ -222,6 +365,64 @@ def test_tiny_real_run(tmp_path: Path, cxl_dir: Path) -> None:
     assert staged["pool_size"] == 32
     assert staged["pool_peak"] >= 1
     assert list(cxl_dir.iterdir()) == []  # every CXL file was deleted
+
+
+def test_tiny_real_ack2_run(tmp_path: Path, cxl_dir: Path) -> None:
+    """staged-ack2, two batches: acks come after the disk log's sync; its directory goes."""
+    requested = 2 * BATCH_PAYLOAD
+    storage_dir = tmp_path / "disk"
+    storage_dir.mkdir()
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_EMBARCADERO_")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trio_embarcadero",
+            "bench",
+            "--variants",
+            "staged-ack2",
+            "--rounds",
+            "1",
+            "--connections",
+            "2",
+            "--bytes",
+            str(requested),
+            "--cxl-dir",
+            str(cxl_dir),
+            "--storage-dir",
+            str(storage_dir),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "staged-ack2" in proc.stdout  # the table
+    assert f"disk logs under {storage_dir}" in proc.stderr
+    report = json.loads(out.read_text())
+    assert report["ok"] is True
+    assert report["setup"]["storage"]["dir"] == str(storage_dir)
+    assert report["setup"]["storage"]["sync_interval_ms"] == 5.0
+    (run,) = report["runs"]
+    assert run["ok"], run
+    assert run["payload_bytes"] == requested
+    assert run["batches"] == 2
+    assert run["wire_bytes"] == 2 * (128 + 1928 * 1088)
+    assert run["storage_bytes"] == run["wire_bytes"]  # every acked batch is on disk
+    assert run["latency_ms"]["count"] == 2
+    variant = report["variants"]["staged-ack2"]
+    assert variant["ack"] == 2
+    assert variant["gb_per_s"]["median"] > 0
+    latency = variant["latency_ms"]
+    assert latency["count"] == 2
+    assert 0 < latency["p50"] <= latency["p99"] <= latency["p99.9"]
+    assert variant["ratio_to_ack1"] is None  # staged-ack1 was not run
+    assert list(storage_dir.iterdir()) == []  # the run's disk log was removed
+    assert list(cxl_dir.iterdir()) == []
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")

@@ -15,7 +15,14 @@ invocation. A variant is a receiver and an ack level:
   or false.
 
 Written ``NAME-ack0`` or ``NAME-ack1``; plain ``trio-sink`` and ``raw-sink``
-mean ack 1. Every receiver and every load generator is a process of its own
+mean ack 1. The broker also runs as ``staged-ack2`` / ``direct-ack2`` (not in
+the default list): the broker config gets ``storage.dir``, a fresh directory
+under ``--storage-dir`` removed after the run, and every ack waits for the
+disk log's group-committed ``fdatasync``; the load generator counts those
+acks like ack 1, so the difference to ``NAME-ack1`` is the cost of
+durability on disk.
+
+Every receiver and every load generator is a process of its own
 (:mod:`trio_embarcadero.sink`, :mod:`trio_embarcadero.loadgen`, and
 ``python -m trio_embarcadero serve``), so the broker's event loop never
 shares an interpreter with its client; this process only watches.
@@ -24,13 +31,16 @@ What is measured (see :mod:`trio_embarcadero.loadgen` for the client side):
 
 * throughput: message payload bytes (``message_size x messages``, the C++
   evaluation's formula, without record and batch headers) from the first
-  send to the last ack (ack 1) or to the receiver closing the connection after
-  reading everything (ack 0); GB = 10**9 bytes;
+  send to the last ack (ack 1; ack 2: the last ack saying it is on disk) or
+  to the receiver closing the connection after reading everything (ack 0);
+  GB = 10**9 bytes;
 * ack latency per batch, from the start of its ``sendall`` to the ack
   covering it, pooled over every round of a variant;
 * the receiver's CPU seconds per GB (``/proc/PID/stat`` utime + stime over
   the run) and its peak RSS (``VmHWM``; for the broker that includes the
-  mapped CXL region, so the private part, peak ``RssAnon``, is shown too).
+  mapped CXL region, so the private part, peak ``RssAnon``, is shown too);
+* for ack 2, the bytes the disk log holds after the run (``storage_bytes``;
+  it must equal the wire bytes sent).
 
 Optional: ``hdrhistogram`` (the ``bench`` extra) for percentiles, otherwise
 numpy; ``matplotlib`` for ``--plot``.
@@ -44,6 +54,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -60,7 +71,7 @@ import attrs
 import numpy as np
 import trio
 
-from .config import load_config
+from .config import StorageConfig, load_config
 from .errors import ConfigError
 from .loadgen import DEFAULT_MESSAGE_SIZE
 from .wire import BATCH_HEADER_SIZE, padded_size
@@ -73,6 +84,8 @@ DEFAULT_VARIANTS = (
     "direct-ack0",
     "direct-ack1",
 )
+#: Variants that need the disk log (``storage.dir``); not run by default.
+ACK2_VARIANTS = ("staged-ack2", "direct-ack2")
 #: The C++ evaluation's batch size; a batch is sealed once header + records reach it.
 DEFAULT_BATCH_SIZE = 2 * 2**20
 DEFAULT_BYTES = 4 * 10**9
@@ -82,7 +95,7 @@ BEST_RAW = "raw-sink"
 TARGET_VS_TRIO_SINK = 0.90
 TARGET_VS_RAW_SINK = 0.75
 
-_VARIANT_RE = re.compile(r"(trio-sink|raw-sink|staged|direct)(?:-ack([01]))?")
+_VARIANT_RE = re.compile(r"(trio-sink|raw-sink|staged|direct)(?:-ack([012]))?")
 _LISTENING_RE = re.compile(r"listening on (\S+):(\d+)")
 _STATS_RE = re.compile(r"pool (\d+)/(\d+) \(peak (\d+)\) pauses (\d+)")
 # Keys the bench sets itself; environment overrides of them are not passed on.
@@ -97,6 +110,7 @@ _CONTROLLED_ENV = frozenset(
         "TRIO_EMBARCADERO_CXL__SIZE_MB",
         "TRIO_EMBARCADERO_CXL__SEGMENT_MB",
         "TRIO_EMBARCADERO_LOGGING__LEVEL",
+        "TRIO_EMBARCADERO_STORAGE__DIR",
     }
 )
 _PROGRESS_INTERVAL = 0.1  # loadgen progress lines (the plot's resolution)
@@ -136,11 +150,18 @@ def _variant(text: str) -> Variant:
     if not match:
         raise argparse.ArgumentTypeError(
             f"unknown variant {text!r}: use trio-sink, raw-sink, staged or direct, "
-            "optionally with -ack0 or -ack1"
+            "optionally with -ack0 or -ack1 (staged and direct also -ack2)"
         )
     kind, ack = match.groups()
     if ack is None and kind in ("staged", "direct"):
-        raise argparse.ArgumentTypeError(f"say the ack level: {kind}-ack0 or {kind}-ack1")
+        raise argparse.ArgumentTypeError(
+            f"say the ack level: {kind}-ack0, {kind}-ack1 or {kind}-ack2"
+        )
+    if ack == "2" and kind not in ("staged", "direct"):
+        raise argparse.ArgumentTypeError(
+            f"variant {text!r}: ack 2 needs the broker's disk log; a sink has none "
+            "(use staged-ack2 or direct-ack2)"
+        )
     return Variant(text.strip(), kind, 1 if ack is None else int(ack))
 
 
@@ -174,9 +195,10 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "bench",
         help="measure throughput and ack latency against minimal receivers",
         description=(
-            "Run the broker (staged and direct path, ack 0 and 1) and two minimal receivers "
-            "against one load generator, in interleaved rounds, each in its own process. "
-            "Prints a live line per second and a table of medians [min-max]."
+            "Run the broker (staged and direct path, ack 0 and 1; ack 2, durable on disk, "
+            "on request) and two minimal receivers against one load generator, in "
+            "interleaved rounds, each in its own process. Prints a live line per second "
+            "and a table of medians [min-max]."
         ),
     )
     parser.add_argument(
@@ -185,7 +207,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         default=[_variant(v) for v in DEFAULT_VARIANTS],
         metavar="LIST",
         help="comma-separated, run in this order each round "
-        f"(default: {','.join(DEFAULT_VARIANTS)})",
+        f"(default: {','.join(DEFAULT_VARIANTS)}; also {','.join(ACK2_VARIANTS)}, "
+        "the broker acking once the batch is fdatasync'ed to its disk log)",
     )
     parser.add_argument("--rounds", type=_positive_int, default=3, help="default: 3")
     parser.add_argument(
@@ -238,6 +261,12 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "--cxl-dir", default="/dev/shm", help="where the per-run CXL files go (default: /dev/shm)"
     )
     parser.add_argument(
+        "--storage-dir",
+        metavar="DIR",
+        help="where the -ack2 variants' per-run disk-log directories go; must be a disk, "
+        f"not tmpfs (default: the system temp dir, here {tempfile.gettempdir()})",
+    )
+    parser.add_argument(
         "--json",
         nargs="?",
         const="-",
@@ -266,6 +295,11 @@ class Variant:
     def is_broker(self) -> bool:
         return self.kind in ("staged", "direct")
 
+    @property
+    def durable(self) -> bool:
+        """Ack 2: the broker runs with a disk log and acks once a batch is synced."""
+        return self.ack == 2
+
 
 @attrs.frozen
 class Plan:
@@ -281,6 +315,7 @@ class Plan:
     host: str
     broker_options: dict[str, object]
     cxl_dir: str
+    storage_dir: str = attrs.field(factory=tempfile.gettempdir)
 
     @property
     def batch_payload(self) -> int:
@@ -322,6 +357,7 @@ class RunResult:
     latency_us: list[int] = attrs.Factory(list)
     latency_after_send_us: list[int] = attrs.Factory(list)
     receiver_failed: bool = False
+    storage_bytes: int | None = None  # ack 2: what the disk log holds after the run
     attempts: int = 1
     earlier_errors: list[str] = attrs.Factory(list)
 
@@ -363,6 +399,7 @@ class RunResult:
             "pool_peak": self.pool_peak,
             "pool_size": self.pool_size,
             "pauses": self.pauses,
+            "storage_bytes": self.storage_bytes,
             "series": [[round(t, 3), b] for t, b in self.series],
         }
 
@@ -438,6 +475,9 @@ def summarize(plan: Plan, runs: Sequence[RunResult]) -> dict[str, Any]:
     variants: dict[str, Any] = {}
     for v in plan.variants:
         mine = [r for r in good if r.variant == v.name]
+        # The broker at ack 0 or 2 next to the same path at ack 1: the cost of
+        # durability (ack 2) or of waiting for acks at all (ack 0).
+        ack1 = f"{v.kind}-ack1" if v.is_broker and v.ack != 1 else None
         latency = [x for r in mine for x in r.latency_us]
         after_send = [x for r in mine for x in r.latency_after_send_us]
         pool_peaks = [r.pool_peak for r in mine if r.pool_peak is not None]
@@ -453,6 +493,8 @@ def summarize(plan: Plan, runs: Sequence[RunResult]) -> dict[str, Any]:
             "ratio_to_raw_sink": ratio(v.name, BEST_RAW),
             "paired_ratio_to_trio_sink": paired(v.name, BASELINE),
             "paired_ratio_to_raw_sink": paired(v.name, BEST_RAW),
+            "ratio_to_ack1": ratio(v.name, ack1) if ack1 else None,
+            "paired_ratio_to_ack1": paired(v.name, ack1) if ack1 else None,
             "latency_ms": _percentiles_ms(latency),
             "latency_after_send_ms": _percentiles_ms(after_send),
             "server_cpu_s_per_gb": _spread([r.cpu_s_per_gb for r in mine]),
@@ -465,6 +507,9 @@ def summarize(plan: Plan, runs: Sequence[RunResult]) -> dict[str, Any]:
             "pool_size": next((r.pool_size for r in mine if r.pool_size is not None), None),
             "pauses": _spread([float(p) for p in pauses]),
             "time_bounded_runs": sum(1 for r in mine if r.time_bounded),
+            "storage_bytes": _spread(
+                [float(r.storage_bytes) for r in mine if r.storage_bytes is not None]
+            ),
         }
     return variants
 
@@ -497,6 +542,35 @@ def process_memory(pid: int) -> dict[str, int]:
         if key in ("VmHWM", "VmRSS", "RssAnon"):
             found[key] = int(rest.split()[0]) * 1024
     return found
+
+
+def filesystem(path: str) -> str:
+    """What backs ``path``: ``"ext4 on /dev/vda"`` (from ``/proc/self/mounts``), or "unknown"."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    target = os.path.realpath(path)
+    best: tuple[int, str] = (-1, "unknown")
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # Spaces and the like are octal escapes (\040) in this file.
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best[0]:  # the last of equal mounts is on top
+            best = (len(point), f"{fields[2]} on {fields[0]}")
+    return best[1]
+
+
+def _tree_bytes(directory: str) -> int:
+    """The sizes of the files under ``directory``, added up."""
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(directory)
+        for name in names
+    )
 
 
 # -- processes ---------------------------------------------------------------------
@@ -606,6 +680,7 @@ class Bench:
             and k not in _CONTROLLED_ENV
         }
         self._tmp = tempfile.TemporaryDirectory(prefix="trio-embarcadero-bench-")
+        self._storage: StorageConfig | None = None
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -628,7 +703,10 @@ class Bench:
         segments = -(-self.plan.batches_per_run // per_segment) + 2
         return segments * segment_mb + 4
 
-    def broker_settings(self, variant: Variant, cxl_path: str) -> dict[str, object]:
+    def broker_settings(
+        self, variant: Variant, cxl_path: str, storage_path: str | None = None
+    ) -> dict[str, object]:
+        """The broker's config keys for one run; ``storage_path`` is the ack-2 disk log."""
         plan = self.plan
         settings: dict[str, object] = {}
         needed_mb = -(-plan.batch_total_size // 2**20)
@@ -645,13 +723,18 @@ class Bench:
                 "cxl.segment_mb": self.segment_mb(),
                 "cxl.size_mb": self.cxl_size_mb(),
                 "logging.level": "INFO",
+                # Only ack-2 runs get a disk log: with one, the broker writes
+                # every committed batch to disk, whatever the ack level.
+                "storage.dir": (storage_path or plan.storage_dir) if variant.durable else "",
             }
         )
         return settings
 
-    def write_broker_config(self, variant: Variant, cxl_path: str) -> str:
+    def write_broker_config(
+        self, variant: Variant, cxl_path: str, storage_path: str | None = None
+    ) -> str:
         tables: dict[str, list[str]] = {}
-        for key, value in self.broker_settings(variant, cxl_path).items():
+        for key, value in self.broker_settings(variant, cxl_path, storage_path).items():
             section, name = key.split(".")
             tables.setdefault(section, []).append(f"{name} = {_toml_value(value)}")
         text = "".join(f"[{s}]\n" + "\n".join(lines) + "\n\n" for s, lines in tables.items())
@@ -664,7 +747,38 @@ class Bench:
         env = {**self.broker_env}
         for v in self.plan.variants:
             if v.is_broker:
-                load_config(self.write_broker_config(v, "/dev/shm/unused"), env=env)
+                config = load_config(self.write_broker_config(v, "/dev/shm/unused"), env=env)
+                if v.durable and self._storage is None:
+                    self._storage = config.storage
+
+    def storage_config(self) -> StorageConfig | None:
+        """The ack-2 runs' ``[storage]`` settings (None without ack-2 variants)."""
+        if self._storage is None and any(v.durable for v in self.plan.variants):
+            self.check_broker_config()
+        return self._storage
+
+    def storage_setup(self) -> dict[str, Any] | None:
+        """Where the ack-2 disk logs go and the group commit they use (for the report)."""
+        storage = self.storage_config()
+        if storage is None:
+            return None
+        return {
+            "dir": self.plan.storage_dir,
+            "filesystem": filesystem(self.plan.storage_dir),
+            "sync_interval_ms": storage.sync_interval_ms,
+            "sync_bytes": storage.sync_bytes,
+        }
+
+    def check_storage_dir(self) -> str | None:
+        """Why the ack-2 variants cannot run (None if they can, or if there are none)."""
+        if not any(v.durable for v in self.plan.variants):
+            return None
+        where = self.plan.storage_dir
+        if not os.path.isdir(where):
+            return f"--storage-dir {where}: not a directory"
+        if not os.access(where, os.W_OK | os.X_OK):
+            return f"--storage-dir {where}: not writable"
+        return None
 
     # -- running ---------------------------------------------------------------------
 
@@ -710,19 +824,22 @@ class Bench:
             else "no acks"
         )
         pool = f", pool peak {r.pool_peak}/{r.pool_size}, pauses {r.pauses}" if r.pool_size else ""
+        disk = f", {r.storage_bytes / 1e9:.2f} GB on disk" if r.storage_bytes is not None else ""
         return (
             f"{label}: {r.gb_per_s:.2f} GB/s, {r.msgs_per_s / 1e6:.2f} M msg/s, {lat_text}, "
-            f"receiver CPU {r.cpu_s_per_gb:.2f} s/GB{pool} "
+            f"receiver CPU {r.cpu_s_per_gb:.2f} s/GB{pool}{disk} "
             f"({r.payload_bytes / 1e9:.2f} GB in {r.elapsed_s:.2f} s; wall {wall:.1f} s)"
         )
 
-    async def start_server(self, nursery: trio.Nursery, variant: Variant, cxl: str) -> Server:
+    async def start_server(
+        self, nursery: trio.Nursery, variant: Variant, cxl: str, storage: str | None = None
+    ) -> Server:
         python = sys.executable
         env = dict(os.environ)
         if variant.is_broker:
             for key in _CONTROLLED_ENV:
                 env.pop(key, None)
-            config = self.write_broker_config(variant, cxl)
+            config = self.write_broker_config(variant, cxl, storage)
             cmd = [python, "-m", "trio_embarcadero", "serve", "--config", config, "--reset"]
         else:
             kind = variant.kind.removesuffix("-sink")
@@ -750,9 +867,18 @@ class Bench:
         plan = self.plan
         cxl = str(Path(plan.cxl_dir) / f"trio-embarcadero-bench-{uuid.uuid4().hex[:12]}")
         result = RunResult(variant.name, rnd, ok=False)
+        storage: str | None = None
         try:
+            if variant.durable:
+                # A fresh disk log per run, on --storage-dir (a disk).
+                try:
+                    storage = tempfile.mkdtemp(
+                        prefix="trio-embarcadero-bench-", dir=plan.storage_dir
+                    )
+                except OSError as exc:
+                    raise BenchError(f"{variant.name}: no disk-log directory: {exc}") from None
             async with trio.open_nursery() as nursery:
-                server = await self.start_server(nursery, variant, cxl)
+                server = await self.start_server(nursery, variant, cxl, storage)
                 try:
                     await self.drive(server, variant, result, label, nursery)
                 finally:
@@ -766,11 +892,22 @@ class Bench:
                         + " | ".join(list(server.tail)[-5:])
                     )
                     result.ok = False
+            if storage is not None:
+                # The broker has stopped: everything it acked is in the files.
+                result.storage_bytes = _tree_bytes(storage)
+                if result.ok and result.storage_bytes != result.wire_bytes:
+                    result.ok = False
+                    result.errors.append(
+                        f"the disk log holds {result.storage_bytes} bytes after acking "
+                        f"{result.wire_bytes} wire bytes at ack 2"
+                    )
         finally:
             try:
                 os.unlink(cxl)
             except FileNotFoundError:
                 pass
+            if storage is not None:
+                shutil.rmtree(storage, ignore_errors=True)
         return result
 
     async def drive(
@@ -973,10 +1110,10 @@ def render_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _notes(plan: Plan, variants: dict[str, Any]) -> list[str]:
+def _notes(plan: Plan, variants: dict[str, Any], storage: dict[str, Any] | None) -> list[str]:
     notes = [
         "GB/s: message payload (message size x messages, 10**9 B) from the first send to the "
-        "last ack (ack 1) or to the receiver closing after reading everything (ack 0).",
+        "last ack (ack 1 and 2) or to the receiver closing after reading everything (ack 0).",
         "x trio-sink / x raw-sink: ratio of medians; same-round (paired) ratios are in --json.",
         "ack ms: per batch, from the start of its sendall to the ack covering it (includes "
         "time blocked on a full socket), pooled over rounds; after-send latency is in --json.",
@@ -991,6 +1128,25 @@ def _notes(plan: Plan, variants: dict[str, Any]) -> list[str]:
                 f"[{raw['gb_per_s']['min']:.2f}-{raw['gb_per_s']['max']:.2f}] into {name} "
                 f"(its own CPU {_fmt(raw['loadgen_cpu_s_per_gb']['median'])} s/GB)."
             )
+    if storage is not None:
+        notes.append(
+            f"ack 2: the count comes once the batch is fdatasync'ed to the broker's disk log "
+            f"(a fresh directory per run under {storage['dir']}, {storage['filesystem']}); "
+            f"group commit: one sync {storage['sync_interval_ms']:g} ms after the first "
+            f"unsynced commit, or once {storage['sync_bytes'] / 2**20:g} MiB wait."
+        )
+    for kind in ("staged", "direct"):
+        durable, acked = variants.get(f"{kind}-ack2"), variants.get(f"{kind}-ack1")
+        if durable is None or acked is None or durable["ratio_to_ack1"] is None:
+            continue
+        lat2, lat1 = durable["latency_ms"], acked["latency_ms"]
+        paired = durable["paired_ratio_to_ack1"]
+        notes.append(
+            f"Ack-2 cost ({kind}): {kind}-ack2 moves {durable['ratio_to_ack1']:.0%} of "
+            f"{kind}-ack1's GB/s (same-round median {_fmt(paired and paired * 100, '.0f')}"
+            f"%); ack p50 {_fmt(lat1['p50'], '.1f')} -> {_fmt(lat2['p50'], '.1f')} ms, "
+            f"p99 {_fmt(lat1['p99'], '.1f')} -> {_fmt(lat2['p99'], '.1f')} ms."
+        )
     for name in ("staged-ack1", "staged-ack0"):
         v = variants.get(name)
         if v is None:
@@ -1012,6 +1168,7 @@ def build_report(bench: Bench) -> dict[str, Any]:
     """The JSON-ready report of a finished bench."""
     plan = bench.plan
     variants = summarize(plan, bench.runs)
+    storage = bench.storage_setup()
     return {
         "setup": {
             "variants": [v.name for v in plan.variants],
@@ -1027,6 +1184,7 @@ def build_report(bench: Bench) -> dict[str, Any]:
             "broker_options": plan.broker_options,
             "broker_env": bench.broker_env,
             "cxl_size_mb": bench.cxl_size_mb(),
+            "storage": storage,
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
             "trio": trio.__version__,
@@ -1034,12 +1192,13 @@ def build_report(bench: Bench) -> dict[str, Any]:
         },
         "units": {
             "gb_per_s": "10**9 bytes of message payload per second",
-            "latency_ms": "per batch, send start to covering ack",
+            "latency_ms": "per batch, send start to covering ack (ack 2: durable on disk)",
             "latency_after_send_ms": "per batch, send completion to covering ack",
+            "storage_bytes": "bytes in the ack-2 run's disk log after the broker stopped",
         },
         "variants": variants,
         "runs": [r.to_json() for r in bench.runs],
-        "notes": _notes(plan, variants),
+        "notes": _notes(plan, variants, storage),
         "ok": all(r.ok for r in bench.runs),
     }
 
@@ -1105,7 +1264,7 @@ def plot(report: dict[str, Any], runs: Sequence[RunResult], path: str) -> None:
     right.set_xscale("log")
     right.set_xlabel("ack latency per batch, ms (send start to ack)")
     right.set_ylabel("fraction of batches")
-    right.set_title("Ack latency CDF (ack 1 variants, pooled rounds)")
+    right.set_title("Ack latency CDF (ack 1 and 2 variants, pooled rounds)")
     if curves:
         right.legend(fontsize="small")
     fig.tight_layout()
@@ -1125,6 +1284,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         room = max(args.batch_size - BATCH_HEADER_SIZE, 1)
         batch_messages = max(1, -(-room // padded_size(args.message_size)))
     options = dict(_parse_option(o) for o in args.broker_option)
+    if "storage.dir" in options:
+        raise ValueError(
+            "--broker-option storage.dir: the bench gives the -ack2 variants a fresh disk log "
+            "per run and the others none; use --storage-dir to say where"
+        )
     return Plan(
         variants=list(args.variants),
         rounds=args.rounds,
@@ -1136,6 +1300,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         host=args.host,
         broker_options=options,
         cxl_dir=args.cxl_dir,
+        storage_dir=args.storage_dir or tempfile.gettempdir(),
     )
 
 
@@ -1167,12 +1332,30 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+        problem = bench.check_storage_dir()
+        if problem:
+            print(f"trio-embarcadero bench: {problem}", file=sys.stderr)
+            return 2
         bench.say(
             f"bench: {len(plan.variants)} variant(s) x {plan.rounds} round(s), "
             f"{plan.batches_per_run * plan.batch_payload / 1e9:.2f} GB per run "
             f"({plan.batches_per_run} batches of {plan.batch_messages} x {plan.message_size} B), "
             f"{plan.connections} connection(s); broker CXL region {bench.cxl_size_mb()} MiB"
         )
+        storage = bench.storage_setup()
+        if storage is not None:
+            bench.say(
+                f"bench: ack-2 disk logs under {storage['dir']} ({storage['filesystem']}), "
+                f"sync after {storage['sync_interval_ms']:g} ms or "
+                f"{storage['sync_bytes'] / 2**20:g} MiB"
+            )
+            if storage["filesystem"].split()[0] in ("tmpfs", "ramfs"):
+                print(
+                    f"trio-embarcadero bench: warning: --storage-dir {storage['dir']} is "
+                    f"{storage['filesystem']}, memory rather than a disk: ack 2 will not "
+                    "measure a disk",
+                    file=sys.stderr,
+                )
         try:
             trio.run(bench.run)
         except* KeyboardInterrupt:

@@ -7,9 +7,13 @@ Run by ``trio-embarcadero bench`` (or by hand)::
 Each connection sends a 64-byte publish handshake, then the same prebuilt
 batch over and over (``[128-B header][num_msg message records]``, built once
 with correct records; only ``batch_seq`` changes between sends), and with
-``--ack 1`` reads the same-connection ack stream. Connections draw batches
-from one shared budget (``--bytes`` of message payload, rounded up to whole
-batches) until it is spent or ``--seconds`` have passed, whichever comes first.
+``--ack 1`` or ``--ack 2`` reads the same-connection ack stream. The two are
+handled alike here; the broker decides what a count means (ack 1: the batch
+is committed in the CXL log; ack 2: it is also on disk, fdatasync'ed to the
+disk log; a broker without ``storage.dir`` refuses ack 2 with error 6, which
+is reported). Connections draw batches from one shared budget (``--bytes`` of
+message payload, rounded up to whole batches) until it is spent or
+``--seconds`` have passed, whichever comes first.
 
 Design, chosen so the generator is rarely the bottleneck:
 
@@ -23,13 +27,14 @@ Design, chosen so the generator is rarely the bottleneck:
 Output, on stdout, one JSON object per line: a ``progress`` line every
 ``--interval`` seconds, then one ``result`` line (see :func:`_result`). Times
 are ``time.perf_counter`` seconds. The run window is from the first send to
-the last ack covering every message (``--ack 1``), or to the receiver closing
-the connection after reading it all (``--ack 0``: each connection half-closes
-after its last batch and waits for EOF, so kernel buffers don't count as
-delivered). Ack latency is per batch, measured from the *start* of the
-batch's ``sendall`` (``latency_us``, which includes time blocked on a full
-socket, i.e. backpressure) and from its completion (``latency_after_send_us``,
-the time the receiver took once the batch was in the kernel).
+the last ack covering every message (``--ack 1`` or ``2``), or to the
+receiver closing the connection after reading it all (``--ack 0``: each
+connection half-closes after its last batch and waits for EOF, so kernel
+buffers don't count as delivered). Ack latency is per batch, measured from
+the *start* of the batch's ``sendall`` (``latency_us``, which includes time
+blocked on a full socket, i.e. backpressure) and from its completion
+(``latency_after_send_us``, the time the receiver took once the batch was in
+the kernel).
 """
 
 from __future__ import annotations
@@ -48,10 +53,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import ErrorCode
 from .wire import (
     ACK_BROKER_ID,
     ACK_COUNT,
     BATCH_HEADER_SIZE,
+    ERROR_FRAME_HEAD,
     ERROR_MARKER,
     BatchHeader,
     ClientRequest,
@@ -79,6 +86,14 @@ def build_batch(client_id: int, num_msg: int, message_size: int) -> bytearray:
     body = b"".join(encode_message(payload, i, client_id) for i in range(num_msg))
     header = BatchHeader(batch_seq=0, client_id=client_id, num_msg=num_msg, total_size=len(body))
     return bytearray(header.encode() + body)
+
+
+#: The result's ``window``, by ack level.
+_WINDOWS = {
+    0: "first send to receiver EOF",
+    1: "first send to last ack",
+    2: "first send to last ack (durable on disk)",
+}
 
 
 class _Failure(Exception):
@@ -123,6 +138,22 @@ class _Connection:
             head = self._recv_exactly(ACK_BROKER_ID.size)
             if head is None:
                 raise _Failure(f"connection {self.index}: closed before the ack stream began")
+            if head == b"\xff" * ACK_BROKER_ID.size:
+                # A refused handshake: an error frame where the broker id would be.
+                raise _Failure(f"connection {self.index}: refused: {self._error_frame(head)}")
+
+    def _error_frame(self, head: bytes) -> str:
+        """The rest of an error frame whose first bytes are ``head``, as text."""
+        rest = self._recv_exactly(ERROR_FRAME_HEAD.size - len(head))
+        if rest is None:
+            return "truncated error frame"
+        _, code, length = ERROR_FRAME_HEAD.unpack(head + rest)
+        text = self._recv_exactly(length) if length else b""
+        try:
+            name = ErrorCode(code).name
+        except ValueError:
+            name = "unknown code"
+        return f"error {code} ({name}): {(text or b'').decode('utf-8', 'replace')}"
 
     def _recv_exactly(self, n: int) -> bytes | None:
         data = b""
@@ -217,7 +248,18 @@ class LoadGenerator:
         self.total_batches = max(1, -(-self.requested_bytes // batch_payload))
         self.budget = itertools.count()
         self.deadline = float("inf")
-        self.connections = [_Connection(self, i) for i in range(args.connections)]
+        self.connections: list[_Connection] = []
+        try:
+            for i in range(args.connections):
+                self.connections.append(_Connection(self, i))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close every connection's socket."""
+        for conn in self.connections:
+            conn.sock.close()
 
     def run(self) -> dict[str, Any]:
         for conn in self.connections:
@@ -288,7 +330,7 @@ class LoadGenerator:
             "payload_bytes_per_s": payload / elapsed,
             "messages_per_s": messages / elapsed,
             "time_bounded": batches < self.total_batches,
-            "window": "first send to last ack" if self.ack else "first send to receiver EOF",
+            "window": _WINDOWS[self.ack],
             "latency_from": "send start" if self.ack else None,
             "latency_us": [round((e[3] - e[1]) * 1e6) for e in acked_batches],
             # An ack can beat sendall()'s return by a hair: count that as 0.
@@ -330,7 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--connections", type=int, default=4)
-    parser.add_argument("--ack", type=int, choices=(0, 1), default=1)
+    parser.add_argument(
+        "--ack",
+        type=int,
+        choices=(0, 1, 2),
+        default=1,
+        help="handshake ack level; 2 (durable on disk) is counted like 1 (default: 1)",
+    )
     parser.add_argument("--topic", default="bench")
     parser.add_argument("--client-id", type=int, default=1, help="first client id")
     parser.add_argument("--message-size", type=int, default=DEFAULT_MESSAGE_SIZE)
@@ -359,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (_Failure, OSError) as exc:
         print(f"loadgen: {exc}", file=sys.stderr)
         return 1
+    finally:
+        gen.close()
     LoadGenerator._emit(result)
     return 0 if result["ok"] else 1
 
