@@ -167,3 +167,38 @@ async def test_allow_list_refuses_other_networks(make_config: MakeConfig) -> Non
         config = make_config(**{"network.allowed_networks": "10.0.0.0/8, 127.0.0.0/8"})
         async with open_broker(config) as broker:
             assert await publish(broker.port, "ok", 1, 1, ack=1) == [10]
+
+
+def test_writes_larger_than_one_writev_resume_without_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short writev (Linux caps one call near 2 GiB) resumes where it stopped."""
+    from trio_embarcadero import storage
+
+    path = tmp_path / "big.log"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        file = storage._StreamFile(path, fd, 0)
+        views = [memoryview(bytes([i]) * (3 * 2**20 + i)) for i in range(5)]
+        real_writev = os.writev
+        calls: list[int] = []
+
+        def short_writev(fd: int, buffers: list[memoryview]) -> int:
+            # Accept at most 1 MiB + 7 bytes per call, like a filesystem under pressure.
+            calls.append(len(buffers))
+            budget = 2**20 + 7
+            taken = []
+            for b in buffers:
+                if budget <= 0:
+                    break
+                taken.append(b[:budget])
+                budget -= len(taken[-1])
+            return real_writev(fd, taken)
+
+        monkeypatch.setattr(os, "writev", short_writev)
+        written = storage._write_and_sync([storage._Job(file, views, 5)])
+        assert written == sum(len(v) for v in views)
+        assert path.read_bytes() == b"".join(bytes(v) for v in views)
+        assert len(calls) > 5
+    finally:
+        os.close(fd)

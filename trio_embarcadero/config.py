@@ -260,7 +260,10 @@ class NetworkConfig:
         shutdown_grace_s: Time connections get to finish on shutdown.
         stats_interval_s: Period of the statistics log line.
         max_connections: Connections accepted at once.
-        max_buffers_per_connection: Staging buffers one connection may hold.
+        max_buffers_per_connection: Batches one connection may have in flight
+            (received whole, not yet acked at its ack level): on the staged
+            path each holds a staging buffer; on either path it bounds how
+            far a publisher can run ahead of the disk log at ack level 2.
         allowed_networks: Comma-separated client networks allowed to connect
             (CIDR, IPv4 or IPv6); empty allows every address that can reach
             ``broker.host``. Others get error 6 and are closed.
@@ -410,13 +413,14 @@ def _check_segment(v: Mapping[str, Any]) -> Iterator[_Problem]:
 
 @attrs.frozen(kw_only=True)
 class StorageConfig:
-    """The disk-backed log behind ack level 2 (not implemented yet; keys kept).
+    """The disk log behind ack level 2 (see :mod:`trio_embarcadero.storage`).
 
     Attributes:
         dir: Directory of the disk log; "" means none, so ack level 2 is
-            refused.
-        sync_interval_ms: Longest time between two fsyncs.
-        sync_bytes: Bytes written that trigger an fsync.
+            refused. When set, every committed batch is appended to it.
+        sync_interval_ms: How long the writer gathers commits after the first
+            unsynced one before it writes and syncs them (group commit).
+        sync_bytes: Bytes waiting that trigger the write and sync sooner.
     """
 
     dir: str = attrs.field(default="", validator=attrs.validators.instance_of(str))

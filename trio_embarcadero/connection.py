@@ -307,6 +307,14 @@ class Connection:
                 logger.warning("conn %d %s: batch cut short: %s", self.id, self.peer, lost)
             raise lost
 
+    async def _wait_below_inflight_cap(self) -> None:
+        # Batches received but not yet acked at this connection's level: with
+        # the staged path they hold buffers; at ack level 2 they wait for the
+        # disk. Either way the publisher must not run further ahead.
+        while self._inflight >= self.broker.config.network.max_buffers_per_connection:
+            self.phase = ConnectionPhase.WAIT_CXL
+            await self._settled.park()
+
     async def _wait_settled(self) -> None:
         while self._inflight:
             await self._settled.park()
@@ -358,11 +366,8 @@ class Connection:
         self, header: BatchHeader, previous: trio.Event | None, deadline: float
     ) -> trio.Event:
         broker = self.broker
-        net = broker.config.network
         total = header.total_size
-        while self._inflight >= net.max_buffers_per_connection:
-            self.phase = ConnectionPhase.WAIT_CXL
-            await self._settled.park()
+        await self._wait_below_inflight_cap()
         buffer = broker.pool.allocate()
         if buffer is None:
             self.phase = ConnectionPhase.PAUSED
@@ -389,6 +394,7 @@ class Connection:
 
     async def _receive_direct(self, header: BatchHeader, deadline: float) -> None:
         broker = self.broker
+        await self._wait_below_inflight_cap()
         self.phase = ConnectionPhase.WAIT_CXL
         try:
             reservation = await reserve(

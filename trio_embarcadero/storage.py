@@ -40,8 +40,10 @@ from .wire import BATCH_HEADER_SIZE, encode_topic, scan_records, unpack_batch_he
 
 logger = logging.getLogger(__name__)
 
-# Writes go out in runs of at most this many buffers (os.writev's IOV_MAX).
+# Writes go out in runs of at most this many buffers (os.writev's IOV_MAX)
+# and about this many bytes.
 _IOV_MAX = 1024
+_WRITE_BYTES = 256 * 2**20
 
 
 def file_name(topic: str, broker_id: int) -> str:
@@ -283,15 +285,27 @@ def _write_and_sync(jobs: list[_Job]) -> int:
     """Append each job's buffers to its file and fdatasync it (worker thread)."""
     written = 0
     for job in jobs:
-        views = job.views
-        for i in range(0, len(views), _IOV_MAX):
-            chunk = views[i : i + _IOV_MAX]
-            want = sum(len(v) for v in chunk)
+        pending = list(job.views)
+        while pending:
+            # One writev moves at most about 2 GiB on Linux; keep each call
+            # well below that and below IOV_MAX, and resume a short write
+            # where it stopped, without copying anything.
+            chunk: list[memoryview] = []
+            size = 0
+            while pending and len(chunk) < _IOV_MAX and (not chunk or size < _WRITE_BYTES):
+                chunk.append(pending[0])
+                size += len(pending.pop(0))
             done = os.writev(job.file.fd, chunk)
-            while done < want:  # a short write: finish the rest piece by piece
-                flat = b"".join(bytes(v) for v in chunk)[done:]
-                done += os.write(job.file.fd, flat)
-            written += want
+            written += done
+            if done < size:
+                rest = []
+                for view in chunk:
+                    if done >= len(view):
+                        done -= len(view)
+                        continue
+                    rest.append(view[done:])
+                    done = 0
+                pending[:0] = rest
         os.fdatasync(job.file.fd)
     return written
 
