@@ -17,8 +17,10 @@ from trio_embarcadero.staging import StagingBuffer, StagingPool
 
 
 def take(pool: StagingPool) -> StagingBuffer:
+    """A buffer holding a whole batch handed on to the log: what the monitor counts."""
     buffer = pool.allocate()
     assert buffer is not None
+    buffer.hand_off()
     return buffer
 
 
@@ -124,9 +126,10 @@ async def test_monitor_hysteresis(autojump_clock: trio.testing.MockClock) -> Non
     def take() -> None:
         b = pool.allocate()
         assert b is not None
+        b.hand_off()
         held.append(b)
 
-    async def used_is(n: int) -> None:
+    async def queued_is(n: int) -> None:
         while pool.used < n:
             take()
         while pool.used > n:
@@ -138,27 +141,27 @@ async def test_monitor_hysteresis(autojump_clock: trio.testing.MockClock) -> Non
             partial(run_pool_monitor, pool, gate, high_watermark=0.75, low_watermark=0.25)
         )
         # watermark_counts(4, 0.75, 0.25) == (3, 1)
-        await used_is(2)
+        await queued_is(2)
         assert not gate.paused
-        await used_is(3)
+        await queued_is(3)
         assert gate.paused
         assert (gate.pauses, gate.resumes) == (1, 0)
-        await used_is(4)
+        await queued_is(4)
         assert pool.allocate() is None
         await settle()
         assert gate.paused
-        await used_is(2)
+        await queued_is(2)
         assert gate.paused  # between the marks: still paused
-        await used_is(3)
-        await used_is(2)
+        await queued_is(3)
+        await queued_is(2)
         assert (gate.pauses, gate.resumes) == (1, 0)
-        await used_is(1)
+        await queued_is(1)
         assert not gate.paused  # at the low mark
         assert (gate.pauses, gate.resumes) == (1, 1)
-        await used_is(2)
+        await queued_is(2)
         assert not gate.paused  # between the marks: still running
-        await used_is(0)
-        await used_is(3)
+        await queued_is(0)
+        await queued_is(3)
         assert gate.paused
         assert (gate.pauses, gate.resumes) == (2, 1)
         # It waits on the pool, not on a timer.
@@ -172,7 +175,7 @@ async def test_monitor_hysteresis(autojump_clock: trio.testing.MockClock) -> Non
 async def test_monitor_pauses_at_once_if_started_under_pressure() -> None:
     pool = StagingPool(2, 64)
     gate = PauseGate()
-    held = [pool.allocate(), pool.allocate()]
+    held = [take(pool), take(pool)]
     async with trio.open_nursery() as nursery:
         await nursery.start(
             partial(run_pool_monitor, pool, gate, high_watermark=1.0, low_watermark=0.0)

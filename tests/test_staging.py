@@ -190,25 +190,31 @@ async def test_acquire_cancelled_at_its_checkpoint_leaks_nothing() -> None:
     assert pool.used == 0
 
 
-async def test_wait_used_outside_wakes_only_outside_the_band(
+async def test_wait_queued_outside_wakes_only_outside_the_band(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     pool = StagingPool(4, 64)
     wakeups: list[int] = []
 
     async def watcher(low: int, high: int) -> None:
-        await pool.wait_used_outside(low, high)
-        wakeups.append(pool.used)
+        await pool.wait_queued_outside(low, high)
+        wakeups.append(pool.queued)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watcher, -1, 3)
         await settle()
         await trio.sleep(1)
         assert wakeups == []  # nothing changed, nothing woke
-        held = [pool.allocate(), pool.allocate()]
+        held = [pool.allocate() for _ in range(4)]
         await settle()
-        assert wakeups == []  # 1 and 2 are inside the band (-1, 3)
-        held.append(pool.allocate())
+        assert wakeups == []  # buffers being filled do not count
+        for b in held[:2]:
+            assert b is not None
+            b.hand_off()
+        await settle()
+        assert wakeups == []  # 1 and 2 queued are inside the band (-1, 3)
+        assert held[2] is not None
+        held[2].hand_off()
         await settle()
         assert wakeups == [3]
         nursery.start_soon(watcher, 1, 5)
@@ -219,4 +225,4 @@ async def test_wait_used_outside_wakes_only_outside_the_band(
         await settle()
         assert wakeups == [3, 1]
     with trio.testing.assert_checkpoints():
-        await pool.wait_used_outside(1, 5)  # already outside: returns at once
+        await pool.wait_queued_outside(1, 5)  # already outside: returns at once

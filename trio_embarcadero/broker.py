@@ -328,12 +328,22 @@ class Broker:
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         """Serve one connection; nothing a peer does can raise out of here."""
-        refusal = self._refusal(stream)
+        peer: tuple[str, int] | None = None
+        if isinstance(stream, trio.SocketStream):
+            try:
+                host, port, *_ = stream.socket.getpeername()
+            except OSError as exc:  # reset before we got to it: nothing to serve
+                self.counters.connections_accepted += 1
+                logger.info("a connection was gone before it was served: %s", exc)
+                await trio.aclose_forcefully(stream)
+                return
+            peer = (host, port)
+        refusal = self._refusal(peer)
         if refusal is not None:
             await self._refuse(stream, refusal)
             return
         self.counters.connections_accepted += 1
-        connection = Connection(self, stream, next(self._ids))
+        connection = Connection(self, stream, next(self._ids), peer)
         self.connections.add(connection)
         try:
             await connection.run()
@@ -344,7 +354,7 @@ class Broker:
         finally:
             self.connections.discard(connection)
 
-    def _refusal(self, stream: trio.abc.Stream) -> ProtocolError | None:
+    def _refusal(self, peer: tuple[str, int] | None) -> ProtocolError | None:
         net = self.config.network
         if self.shutting_down:
             return ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down")
@@ -352,8 +362,8 @@ class Broker:
             return ProtocolError(
                 ErrorCode.NOT_ALLOWED, f"connection limit reached ({net.max_connections})"
             )
-        if self._allowed and isinstance(stream, trio.SocketStream):
-            host = stream.socket.getpeername()[0]
+        if self._allowed and peer is not None:
+            host = peer[0]
             address = ipaddress.ip_address(host)
             if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
                 address = address.ipv4_mapped

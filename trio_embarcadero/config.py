@@ -244,10 +244,11 @@ class NetworkConfig:
             staging buffer size.
         allocation_queue_size: Capacity of the channel between connections and
             allocators.
-        pause_high_watermark: Fraction of staging buffers in use at which
+        pause_high_watermark: Fraction of staging buffers queued for the log
+            (whole batches waiting for or held by an allocator) at which
             connections pause, in (0, 1].
-        resume_low_watermark: Fraction at which paused connections resume;
-            0 <= x < ``pause_high_watermark``.
+        resume_low_watermark: Fraction queued at or below which paused
+            connections resume; 0 <= x < ``pause_high_watermark``.
         backoff_initial_us: First allocator retry delay, in microseconds.
         backoff_max_us: Cap of the retry delay (>= ``backoff_initial_us``).
         backoff_max_retries: Retries before an allocation gives up.

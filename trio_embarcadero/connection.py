@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import math
 from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING
@@ -80,16 +81,21 @@ class Connection:
         committed: Batches of this connection committed to the log.
     """
 
-    def __init__(self, broker: Broker, stream: trio.abc.Stream, conn_id: int) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        stream: trio.abc.Stream,
+        conn_id: int,
+        peer: tuple[str, int] | None = None,
+    ) -> None:
         self.broker = broker
         self.stream = stream
         self.id = conn_id
         self.peer_host: str | None = None
         self.peer = "memory"
-        if isinstance(stream, trio.SocketStream):
-            host, port, *_ = stream.socket.getpeername()
-            self.peer_host = host
-            self.peer = f"{host}:{port}"
+        if peer is not None:
+            self.peer_host = peer[0]
+            self.peer = f"{peer[0]}:{peer[1]}"
         self.phase = ConnectionPhase.INIT
         self.handshake: Handshake | None = None
         self.batches = 0
@@ -337,22 +343,27 @@ class Connection:
                     self.phase = ConnectionPhase.WAIT_HEADER
                     # The idle clock restarts after a pause: waiting at the
                     # gate is the broker's doing, not the client's.
+                    idle_deadline = (
+                        trio.current_time() + net.idle_timeout_s if net.idle_timeout_s else math.inf
+                    )
                     with broker.gate.interruptible() as wait:
-                        if net.idle_timeout_s:
-                            wait.deadline = trio.current_time() + net.idle_timeout_s
+                        wait.deadline = idle_deadline
                         got = await self._receiver.receive_into(header_view)
                     if not wait.cancelled_caught:
                         break
-                    if not broker.gate.paused:  # the deadline, not a pause
+                    # A pause may come and go before this task runs again, so
+                    # the clock, not the gate, tells a timeout from a pause.
+                    if trio.current_time() >= idle_deadline:
                         raise ProtocolError(
                             ErrorCode.TIMEOUT, f"idle for {net.idle_timeout_s} s between batches"
                         )
             if got == 0:  # EOF, or stopped while no batch had started
                 return
-            # batch_timeout_s runs from the first header byte to the last payload
-            # byte; waits for broker resources in between do not stop the clock.
-            deadline = trio.current_time() + net.batch_timeout_s
             async with broker.receive_limiter:
+                # batch_timeout_s runs from the first header byte to the last
+                # payload byte, less the wait for a receive slot: that wait is
+                # the broker's doing (other receivers, maybe stalled ones).
+                deadline = trio.current_time() + net.batch_timeout_s
                 with trio.fail_at(deadline):
                     await receive_exactly(self._receiver, header_view[got:])
                 header = parse_batch_header(header_buf, net.effective_max_batch_bytes)
@@ -380,6 +391,7 @@ class Connection:
             broker.count_received(header)
             self.batches += 1
             batch = StagedBatch(self, header, buffer, starts, previous)
+            buffer.hand_off()
             self.phase = ConnectionPhase.WAIT_CXL
             self._inflight += 1
             try:

@@ -3,9 +3,14 @@
 Connection tasks pass through the gate at every batch boundary. While the
 gate is closed they do not read their sockets, so the kernel's receive buffer
 fills and TCP flow control slows the publisher down: backpressure without
-dropping anything. The monitor closes the gate when staging-pool use reaches
+dropping anything. The monitor closes the gate when the staging buffers
+queued for the log (whole batches waiting for or held by an allocator) reach
 the high watermark and opens it again only at the low watermark; the gap
 between the two keeps connections from flapping on every single release.
+
+Buffers still being filled do not count: they are bounded by the receive
+limiter, and counting them would let clients that stall mid-payload hold
+every healthy publisher at the gate until their batch timeouts.
 """
 
 from __future__ import annotations
@@ -110,20 +115,26 @@ async def run_pool_monitor(
     Args:
         pool: The staging pool to watch.
         gate: The gate connection tasks wait at.
-        high_watermark: Fraction of buffers in use at which to pause.
-        low_watermark: Fraction in use at or below which to resume.
+        high_watermark: Fraction of buffers queued for the log at which to pause.
+        low_watermark: Fraction queued at or below which to resume.
         task_status: Started once the monitor watches the pool.
     """
     high, low = watermark_counts(pool.num_buffers, high_watermark, low_watermark)
     task_status.started()
     while True:
         if gate.paused:
-            await pool.wait_used_outside(low, pool.num_buffers + 1)
+            await pool.wait_queued_outside(low, pool.num_buffers + 1)
             gate.resume()
             logger.info(
-                "staging pool %d/%d in use: resuming receivers", pool.used, pool.num_buffers
+                "staging pool: %d/%d queued for the log: resuming receivers",
+                pool.queued,
+                pool.num_buffers,
             )
         else:
-            await pool.wait_used_outside(-1, high)
+            await pool.wait_queued_outside(-1, high)
             gate.pause()
-            logger.info("staging pool %d/%d in use: pausing receivers", pool.used, pool.num_buffers)
+            logger.info(
+                "staging pool: %d/%d queued for the log: pausing receivers",
+                pool.queued,
+                pool.num_buffers,
+            )

@@ -25,6 +25,7 @@ class StagingPoolStatistics:
     buffer_size: int
     free: int
     used: int
+    queued: int
     peak_used: int
     allocations: int
     exhausted: int
@@ -44,13 +45,27 @@ class StagingBuffer:
         view: The same memory as a flat writable memoryview (a receive target).
     """
 
-    __slots__ = ("_pool", "array", "index", "view")
+    __slots__ = ("_pool", "_queued", "array", "index", "view")
 
     def __init__(self, pool: StagingPool, index: int, array: npt.NDArray[np.uint8]) -> None:
         self._pool: StagingPool | None = pool
+        self._queued = False
         self.index = index
         self.array = array
         self.view = array.data
+
+    def hand_off(self) -> None:
+        """Mark the buffer as holding a whole batch handed on for placement.
+
+        The pool monitor's watermarks count these, not buffers still being
+        filled: a receiver whose client stalls mid-payload is the client's
+        problem (its batch timeout), not pressure from the log.
+        """
+        pool = self._pool
+        if pool is not None and not self._queued:
+            self._queued = True
+            pool._queued += 1
+            pool._changed_use()
 
     @property
     def released(self) -> bool:
@@ -62,6 +77,8 @@ class StagingBuffer:
         ``finally`` may call it without tracking who released first."""
         pool, self._pool = self._pool, None
         if pool is not None:
+            if self._queued:
+                pool._queued -= 1
             pool._give_back(self.index)
 
 
@@ -98,6 +115,7 @@ class StagingPool:
         self._allocations = 0
         self._exhausted = 0
         self._waiters: deque[_Waiter] = deque()
+        self._queued = 0
         self._band: tuple[int, int] | None = None
         self._changed = trio.lowlevel.ParkingLot()
 
@@ -142,13 +160,19 @@ class StagingPool:
         assert waiter.index is not None
         return self._take(waiter.index)
 
-    async def wait_used_outside(self, low: int, high: int) -> None:
-        """Return once ``used <= low`` or ``used >= high`` (at once if it is).
+    @property
+    def queued(self) -> int:
+        """Buffers holding whole batches handed on for placement (see
+        :meth:`StagingBuffer.hand_off`)."""
+        return self._queued
+
+    async def wait_queued_outside(self, low: int, high: int) -> None:
+        """Return once ``queued <= low`` or ``queued >= high`` (at once if it is).
 
         Only a change that lands outside the band wakes the waiter, so a
         watcher costs nothing per batch while the pool stays between its marks.
         """
-        if low < self.used < high:
+        if low < self._queued < high:
             self._band = (low, high)
             try:
                 await self._changed.park()
@@ -159,7 +183,7 @@ class StagingPool:
 
     def _changed_use(self) -> None:
         band = self._band
-        if band is not None and not band[0] < self.used < band[1]:
+        if band is not None and not band[0] < self._queued < band[1]:
             self._changed.unpark_all()
 
     def _take(self, index: int) -> StagingBuffer:
@@ -188,6 +212,7 @@ class StagingPool:
             buffer_size=self.buffer_size,
             free=self.free,
             used=self.used,
+            queued=self._queued,
             peak_used=self._peak,
             allocations=self._allocations,
             exhausted=self._exhausted,
