@@ -245,6 +245,10 @@ class BrokerProcess:
             pass
         finally:
             exited.set()
+            # Cancelled with the nursery (the run or a test failed): a process
+            # from open_process outlives its parent unless it is killed here.
+            if process.returncode is None:
+                process.kill()
 
     def _take(self, chunk: bytes) -> None:
         if self._log_file is not None:
