@@ -25,6 +25,11 @@ logical offsets. Segments are handed out on demand from the shared bump
 allocator, so one topic can fill almost the whole region, and the batch
 headers live inline in front of their payloads: the per-stream batch-header
 log grows with the message log, so it can never fill before the log does.
+The transient "ring full" of the C++ original survives as the in-flight
+window: a stream holds at most ``max_inflight_batches`` reserved but not yet
+committed batches, and :meth:`CxlLog.get_cxl_buffer` reports it full (the
+``ring_full`` counter; allocators back off) beyond that. "Log full" is the
+permanent case: no free segment is left.
 
 A batch header's ``batch_complete`` word is the commit point other processes
 read: 0 = reserved, payload possibly incomplete (a reader stops there);
