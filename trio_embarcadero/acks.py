@@ -99,7 +99,7 @@ class _DialBack:
     failure: str | None = None
 
 
-@attrs.define
+@attrs.frozen
 class DialBackStatistics:
     """Counters of the dial-back ack connections."""
 
