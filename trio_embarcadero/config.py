@@ -34,6 +34,7 @@ import cattrs.v
 from cattrs.errors import AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError
 
 from .errors import ConfigError
+from .wire import MAX_BROKER_ID
 
 try:
     import tomllib
@@ -71,9 +72,6 @@ SEED_ENV_VARS: Final[Mapping[str, str]] = {
 
 #: The accepted ``logging.level`` values (input is case-insensitive).
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-# The C++ client drops an ack connection whose broker id is outside 0-31.
-_MAX_BROKER_ID: Final = 31
 
 # A batch lands in a single CXL segment together with its 128-byte batch
 # header and 64 more bytes of log bookkeeping, so a batch's payload may use at
@@ -195,7 +193,7 @@ class BrokerConfig:
         validator=[
             attrs.validators.instance_of(int),
             attrs.validators.ge(0),
-            attrs.validators.le(_MAX_BROKER_ID),
+            attrs.validators.le(MAX_BROKER_ID),
         ],
     )
     host: str = attrs.field(default="127.0.0.1", validator=attrs.validators.instance_of(str))
@@ -383,7 +381,7 @@ class CxlConfig:
         validator=[
             attrs.validators.instance_of(int),
             attrs.validators.ge(1),
-            attrs.validators.le(_MAX_BROKER_ID + 1),
+            attrs.validators.le(MAX_BROKER_ID + 1),
         ],
     )
     max_inflight_batches: int = attrs.field(default=1024, validator=_positive_int)

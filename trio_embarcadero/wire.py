@@ -51,12 +51,8 @@ MAX_TOPIC_BYTES = 31
 MAX_ERROR_TEXT = 4096
 
 # Byte offsets of batch-header fields the broker writes in place in the log.
-BH_NUM_MSG = 12
 BH_BATCH_COMPLETE = 16
-BH_BROKER_ID = 20
-BH_TOTAL_SIZE = 32
 BH_START_LOGICAL_OFFSET = 40
-BH_LOG_IDX = 48
 
 # Word (u64) indexes of message-header fields, relative to a record's start.
 MH_PADDED_SIZE = 0
@@ -68,7 +64,7 @@ MH_CLIENT_ORDER = 5
 MH_CLIENT_ID = 6
 MH_SIZE = 7
 
-_TOPIC_RE = re.compile(rb"[A-Za-z0-9._-]{1,31}")
+_TOPIC_RE = re.compile(rb"[A-Za-z0-9._-]{1,%d}" % MAX_TOPIC_BYTES)
 
 
 class ClientRequest(enum.IntEnum):
