@@ -61,6 +61,7 @@ from .wire import (
     ClientRequest,
     ErrorFrame,
     Handshake,
+    Message,
     encode_topic,
     padded_size,
 )
@@ -90,26 +91,6 @@ def random_client_id() -> int:
     it pick the same id.
     """
     return random.SystemRandom().randint(32, 999_999)
-
-
-class Message(NamedTuple):
-    """One message as read from a topic.
-
-    Attributes:
-        payload: The message bytes. For messages from a subscriber this is a
-            memoryview of the subscriber's receive buffer, valid only until
-            the subscriber moves on (see :class:`Subscriber`); for messages
-            from the log reader it is a read-only view of the mapped log.
-            ``bytes(message.payload)`` makes a copy you can keep.
-        offset: The message's logical offset in its (topic, broker) stream.
-        client_id: The id of the publisher that sent it.
-        client_order: Its index among that publisher's messages.
-    """
-
-    payload: memoryview
-    offset: int
-    client_id: int
-    client_order: int
 
 
 # -- the publisher ----------------------------------------------------------------

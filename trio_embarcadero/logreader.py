@@ -37,7 +37,6 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from .client import Message
 from .cxl import (
     BATCH_ABANDONED,
     BATCH_COMMITTED,
@@ -58,6 +57,7 @@ from .wire import (
     MH_CLIENT_ORDER,
     MH_LOGICAL_OFFSET,
     MH_SIZE,
+    Message,
     scan_records,
 )
 

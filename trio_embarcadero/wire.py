@@ -21,6 +21,7 @@ import enum
 import re
 import struct
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import attrs
 import numpy as np
@@ -258,6 +259,26 @@ def encode_message(
     return bytes(
         encode_batch([payload], client_id=client_id, first_order=client_order)[BATCH_HEADER_SIZE:]
     )
+
+
+class Message(NamedTuple):
+    """One message as read from a topic.
+
+    Attributes:
+        payload: The message bytes. For messages from a subscriber this is a
+            memoryview of the subscriber's receive buffer, valid only until
+            the subscriber moves on (see :class:`Subscriber`); for messages
+            from the log reader it is a read-only view of the mapped log.
+            ``bytes(message.payload)`` makes a copy you can keep.
+        offset: The message's logical offset in its (topic, broker) stream.
+        client_id: The id of the publisher that sent it.
+        client_order: Its index among that publisher's messages.
+    """
+
+    payload: memoryview
+    offset: int
+    client_id: int
+    client_order: int
 
 
 _ZEROS = bytes(ALIGN)
