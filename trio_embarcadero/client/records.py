@@ -1,0 +1,138 @@
+"""The subscribe side without I/O: message records out of received bytes.
+
+A subscription stream is message records back to back, in logical-offset
+order, possibly ended by one error frame. :class:`RecordDecoder` owns the
+buffer the bytes are received into, hands out each whole record as a
+:class:`~trio_embarcadero.wire.Message` whose payload is a view of that buffer
+(no copy per message), and keeps a partial record for the next receive. It
+imports no Trio: the subscriber receives into :meth:`RecordDecoder.receive_buffer`
+and reports how many bytes arrived.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..errors import BrokerError, ErrorCode, ProtocolError
+from ..wire import (
+    ALIGN,
+    ERROR_FRAME_HEAD,
+    ERROR_MARKER,
+    MESSAGE_HEADER,
+    MESSAGE_HEADER_SIZE,
+    Message,
+)
+
+#: Largest record a subscriber accepts; anything larger is a corrupt stream.
+MAX_RECORD_BYTES = 1 << 30
+#: Free space offered to each receive, at least.
+RECEIVE_SIZE = 1 << 16
+_U64 = struct.Struct("<Q")
+
+
+class RecordDecoder:
+    """Turns a subscription's byte stream into messages (sans-IO).
+
+    Args:
+        position: Logical offset of the first record expected.
+        buffer_bytes: Initial buffer size; it grows for larger records.
+
+    Attributes:
+        position: Logical offset of the next record expected.
+        error: Set once the stream holds an error frame or an invalid record;
+            every message before it has been returned by :meth:`feed`, and
+            nothing after it is decoded.
+    """
+
+    def __init__(self, position: int, buffer_bytes: int) -> None:
+        self.position = position
+        self.error: BrokerError | ProtocolError | None = None
+        self._buffer = bytearray(max(buffer_bytes, 2 * RECEIVE_SIZE))
+        self._view = memoryview(self._buffer)
+        self._start = 0  # first byte not decoded yet
+        self._end = 0  # end of the received bytes
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not form a whole record yet."""
+        return self._end - self._start
+
+    def receive_buffer(self) -> memoryview:
+        """Where to receive the next bytes: free space at the buffer's end.
+
+        It has room for at least :data:`RECEIVE_SIZE` bytes and for the rest
+        of a partial record whose size is known. Messages handed out earlier
+        stay valid until the next call.
+        """
+        start, end = self._start, self._end
+        pending = end - start
+        if not pending:
+            self._start = self._end = 0
+            return self._view
+        need = RECEIVE_SIZE
+        if pending >= _U64.size:
+            (padded,) = _U64.unpack_from(self._buffer, start)
+            if padded != ERROR_MARKER:
+                need = max(need, padded - pending)
+        if len(self._buffer) - end < need:
+            if pending + need > len(self._buffer):
+                # A new buffer: views handed out earlier keep the old one alive.
+                self._buffer = bytearray(max(2 * len(self._buffer), pending + need))
+                self._buffer[:pending] = self._view[start:end]
+                self._view = memoryview(self._buffer)
+            else:
+                self._buffer[:pending] = self._buffer[start:end]
+            self._start, self._end = 0, pending
+        return self._view[self._end :]
+
+    def feed(self, nbytes: int) -> list[Message]:
+        """Take ``nbytes`` received into :meth:`receive_buffer`; return the
+        messages they complete (the payloads are views of the buffer)."""
+        self._end += nbytes
+        if self.error is not None:
+            return []
+        buf, view = self._buffer, self._view
+        pos, end = self._start, self._end
+        out: list[Message] = []
+        expected = self.position
+        unpack = MESSAGE_HEADER.unpack_from
+        while end - pos >= _U64.size:
+            (padded,) = _U64.unpack_from(buf, pos)
+            if padded == ERROR_MARKER:
+                pos = self._error_frame(pos, end)
+                break
+            if padded < MESSAGE_HEADER_SIZE or padded % ALIGN or padded > MAX_RECORD_BYTES:
+                self.error = ProtocolError(
+                    ErrorCode.BAD_MESSAGE_RECORDS,
+                    f"record at offset {expected} has paddedSize {padded}",
+                )
+                break
+            if end - pos < padded:
+                break
+            _, _, offset, _, _, client_order, client_id, size = unpack(buf, pos)
+            if offset != expected or size > padded - MESSAGE_HEADER_SIZE:
+                self.error = ProtocolError(
+                    ErrorCode.BAD_MESSAGE_RECORDS,
+                    f"record with logical offset {offset} and size {size} (paddedSize {padded})"
+                    f" where offset {expected} was due",
+                )
+                break
+            data = pos + MESSAGE_HEADER_SIZE
+            out.append(Message(view[data : data + size], offset, client_id, client_order))
+            expected += 1
+            pos += padded
+        self._start = pos
+        self.position = expected
+        return out
+
+    def _error_frame(self, pos: int, end: int) -> int:
+        """Decode the error frame at ``pos`` if it is whole; where decoding stops."""
+        head = ERROR_FRAME_HEAD.size
+        if end - pos < head:
+            return pos
+        _, code, length = ERROR_FRAME_HEAD.unpack_from(self._buffer, pos)
+        if end - pos < head + length:
+            return pos
+        text = bytes(self._buffer[pos + head : pos + head + length]).decode("utf-8", "replace")
+        self.error = BrokerError(code, text)
+        return end
