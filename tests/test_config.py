@@ -859,6 +859,9 @@ def test_config_to_toml_defaults_text() -> None:
     assert text.startswith('[broker]\nid = 0\nhost = "127.0.0.1"\nport = 1214\n\n[network]\n')
     assert "\n# max_batch_bytes is unset: the staging buffer size (4194304 bytes)\n" in text
     assert "\nmax_batch_bytes" not in text
+    # The comment sits inside the table it is about.
+    network = text.split("\n[network]\n")[1].split("\n[cxl]\n")[0]
+    assert "# max_batch_bytes is unset" in network
     assert "\npause_high_watermark = 0.875\n" in text
     assert "\nidle_timeout_s = 0.0\n" in text
     assert "\nprefault = true\n" in text
@@ -890,8 +893,10 @@ def test_config_to_toml_defaults_text() -> None:
     ],
 )
 def test_config_to_toml_round_trip(tmp_path: Path, config: Config) -> None:
-    path = write(tmp_path, config_to_toml(config))
+    text = config_to_toml(config)
+    path = write(tmp_path, text)
     assert load_config(path, env={}) == config
+    assert ("# max_batch_bytes is unset" in text) == (config.network.max_batch_bytes is None)
 
 
 def test_round_trip_of_loaded_file(tmp_path: Path) -> None:

@@ -22,15 +22,17 @@ Example:
 
 import ipaddress
 import math
+import operator
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Final, TypeAlias, TypeVar
+from typing import Any, ClassVar, Final, TypeAlias, TypeVar
 
 import attrs
 import cattrs
 import cattrs.preconf.tomllib
 import cattrs.v
+import tomli_w
 from cattrs.errors import AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError
 
 from .errors import ConfigError
@@ -79,6 +81,7 @@ LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _SEGMENT_BATCH_OVERHEAD: Final = 192
 
 _E = TypeVar("_E", bound=Exception)
+_T = TypeVar("_T")
 
 # Stands for an environment value that failed to parse (already reported).
 _UNPARSABLE: Final = object()
@@ -128,6 +131,14 @@ def _upper(value: str) -> str:
     return value.upper()
 
 
+def _int_in(low: int, high: int) -> list[Callable[[Any, "attrs.Attribute[int]", int], None]]:
+    return [
+        attrs.validators.instance_of(int),
+        attrs.validators.ge(low),
+        attrs.validators.le(high),
+    ]
+
+
 _positive_int = [attrs.validators.instance_of(int), attrs.validators.gt(0)]
 _positive_float = [attrs.validators.instance_of(float), _finite, attrs.validators.gt(0.0)]
 _non_negative_float = [attrs.validators.instance_of(float), _finite, attrs.validators.ge(0.0)]
@@ -159,6 +170,23 @@ def _check(
     return register
 
 
+_ORDERS: Final[Mapping[str, Callable[[Any, Any], bool]]] = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">=": operator.ge,
+}
+
+
+def _check_order(cls: type, name: str, relation: str, other: str) -> None:
+    """Registers the check that field ``name`` stands in ``relation`` to field ``other``."""
+    holds = _ORDERS[relation]
+
+    @_check(cls, name, other)
+    def check(v: Mapping[str, Any]) -> Iterator[_Problem]:
+        if not holds(v[name], v[other]):
+            yield (name, f"'{name}' must be {relation} '{other}' ({v[other]}): {v[name]}")
+
+
 def _cross_field_problems(cls: type, values: Mapping[str, Any]) -> list[_Problem]:
     return [
         problem
@@ -168,16 +196,24 @@ def _cross_field_problems(cls: type, values: Mapping[str, Any]) -> list[_Problem
     ]
 
 
-def _raise_if_inconsistent(obj: attrs.AttrsInstance) -> None:
-    problems = _cross_field_problems(
-        type(obj), {a.name: getattr(obj, a.name) for a in attrs.fields(type(obj))}
-    )
-    if problems:
-        raise ValueError("; ".join(message for _, message in problems))
+class _Checked:
+    """Base of the config classes: construction runs the class's cross-field checks."""
+
+    __slots__ = ()
+    # Set by attrs on each subclass; declared so type checkers see an attrs class.
+    __attrs_attrs__: ClassVar[Any]
+
+    def __attrs_post_init__(self) -> None:
+        cls = type(self)
+        problems = _cross_field_problems(
+            cls, {a.name: getattr(self, a.name) for a in attrs.fields(cls)}
+        )
+        if problems:
+            raise ValueError("; ".join(message for _, message in problems))
 
 
 @attrs.frozen(kw_only=True)
-class BrokerConfig:
+class BrokerConfig(_Checked):
     """Who this broker is and where it listens.
 
     Attributes:
@@ -188,26 +224,9 @@ class BrokerConfig:
             (tests do that).
     """
 
-    id: int = attrs.field(
-        default=0,
-        validator=[
-            attrs.validators.instance_of(int),
-            attrs.validators.ge(0),
-            attrs.validators.le(MAX_BROKER_ID),
-        ],
-    )
+    id: int = attrs.field(default=0, validator=_int_in(0, MAX_BROKER_ID))
     host: str = attrs.field(default="127.0.0.1", validator=attrs.validators.instance_of(str))
-    port: int = attrs.field(
-        default=1214,
-        validator=[
-            attrs.validators.instance_of(int),
-            attrs.validators.ge(0),
-            attrs.validators.le(65535),
-        ],
-    )
-
-    def __attrs_post_init__(self) -> None:
-        _raise_if_inconsistent(self)
+    port: int = attrs.field(default=1214, validator=_int_in(0, 65535))
 
     @property
     def data_port(self) -> int:
@@ -226,7 +245,7 @@ def _check_data_port(v: Mapping[str, Any]) -> Iterator[_Problem]:
 
 
 @attrs.frozen(kw_only=True)
-class NetworkConfig:
+class NetworkConfig(_Checked):
     """The ingest path: connections, staging pool, allocators, flow control.
 
     Attributes:
@@ -304,9 +323,6 @@ class NetworkConfig:
         default="", validator=[attrs.validators.instance_of(str), _networks]
     )
 
-    def __attrs_post_init__(self) -> None:
-        _raise_if_inconsistent(self)
-
     @property
     def staging_buffer_bytes(self) -> int:
         """Size of one staging buffer in bytes."""
@@ -332,28 +348,12 @@ def _check_batch_fits_staging(v: Mapping[str, Any]) -> Iterator[_Problem]:
         )
 
 
-@_check(NetworkConfig, "pause_high_watermark", "resume_low_watermark")
-def _check_watermarks(v: Mapping[str, Any]) -> Iterator[_Problem]:
-    if not v["resume_low_watermark"] < v["pause_high_watermark"]:
-        yield (
-            "resume_low_watermark",
-            f"'resume_low_watermark' must be < 'pause_high_watermark' "
-            f"({v['pause_high_watermark']}): {v['resume_low_watermark']}",
-        )
-
-
-@_check(NetworkConfig, "backoff_initial_us", "backoff_max_us")
-def _check_backoff(v: Mapping[str, Any]) -> Iterator[_Problem]:
-    if v["backoff_max_us"] < v["backoff_initial_us"]:
-        yield (
-            "backoff_max_us",
-            f"'backoff_max_us' must be >= 'backoff_initial_us' "
-            f"({v['backoff_initial_us']}): {v['backoff_max_us']}",
-        )
+_check_order(NetworkConfig, "resume_low_watermark", "<", "pause_high_watermark")
+_check_order(NetworkConfig, "backoff_max_us", ">=", "backoff_initial_us")
 
 
 @attrs.frozen(kw_only=True)
-class CxlConfig:
+class CxlConfig(_Checked):
     """The emulated CXL region (a shared memory file).
 
     Attributes:
@@ -376,19 +376,9 @@ class CxlConfig:
     size_mb: int = attrs.field(default=1024, validator=_positive_int)
     segment_mb: int = attrs.field(default=32, validator=_positive_int)
     max_topics: int = attrs.field(default=32, validator=_positive_int)
-    max_brokers: int = attrs.field(
-        default=4,
-        validator=[
-            attrs.validators.instance_of(int),
-            attrs.validators.ge(1),
-            attrs.validators.le(MAX_BROKER_ID + 1),
-        ],
-    )
+    max_brokers: int = attrs.field(default=4, validator=_int_in(1, MAX_BROKER_ID + 1))
     max_inflight_batches: int = attrs.field(default=1024, validator=_positive_int)
     prefault: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
-
-    def __attrs_post_init__(self) -> None:
-        _raise_if_inconsistent(self)
 
     @property
     def size_bytes(self) -> int:
@@ -401,17 +391,11 @@ class CxlConfig:
         return self.segment_mb * _MIB
 
 
-@_check(CxlConfig, "size_mb", "segment_mb")
-def _check_segment(v: Mapping[str, Any]) -> Iterator[_Problem]:
-    if v["segment_mb"] > v["size_mb"]:
-        yield (
-            "segment_mb",
-            f"'segment_mb' must be <= 'size_mb' ({v['size_mb']}): {v['segment_mb']}",
-        )
+_check_order(CxlConfig, "segment_mb", "<=", "size_mb")
 
 
 @attrs.frozen(kw_only=True)
-class StorageConfig:
+class StorageConfig(_Checked):
     """The disk log behind ack level 2 (see :mod:`trio_embarcadero.storage`).
 
     Attributes:
@@ -428,7 +412,7 @@ class StorageConfig:
 
 
 @attrs.frozen(kw_only=True)
-class LoggingConfig:
+class LoggingConfig(_Checked):
     """Logging set-up done by the command line tool.
 
     Attributes:
@@ -444,7 +428,7 @@ class LoggingConfig:
 
 
 @attrs.frozen(kw_only=True)
-class Config:
+class Config(_Checked):
     """The whole configuration, one attribute per TOML table.
 
     Attributes:
@@ -460,9 +444,6 @@ class Config:
     cxl: CxlConfig = attrs.field(factory=CxlConfig)
     storage: StorageConfig = attrs.field(factory=StorageConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
-
-    def __attrs_post_init__(self) -> None:
-        _raise_if_inconsistent(self)
 
 
 @_check(Config, "network", "cxl")
@@ -504,12 +485,20 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
-def _structure_int(value: object, _: object) -> int:
-    # type() and not isinstance(): bool is an int subclass, and TOML `true`
-    # must not become 1.
-    if type(value) is not int:
-        raise _Invalid(f"invalid value for type, expected int: {value!r}")
-    return value
+def _structure_exactly(type_: type[_T]) -> Callable[[object, object], _T]:
+    """A structure hook that takes values of exactly ``type_`` and nothing else."""
+
+    def structure(value: object, _: object) -> _T:
+        # type() and not isinstance(): bool is an int subclass, and TOML `true`
+        # must not become 1.
+        if type(value) is not type_:
+            raise _Invalid(f"invalid value for type, expected {type_.__name__}: {value!r}")
+        return value
+
+    return structure
+
+
+_structure_int: Final = _structure_exactly(int)
 
 
 def _structure_optional_int(value: object, _: object) -> int | None:
@@ -526,18 +515,6 @@ def _structure_float(value: object, _: object) -> float:
         except OverflowError:
             pass
     raise _Invalid(f"invalid value for type, expected float: {value!r}")
-
-
-def _structure_bool(value: object, _: object) -> bool:
-    if type(value) is not bool:
-        raise _Invalid(f"invalid value for type, expected bool: {value!r}")
-    return value
-
-
-def _structure_str(value: object, _: object) -> str:
-    if type(value) is not str:
-        raise _Invalid(f"invalid value for type, expected str: {value!r}")
-    return value
 
 
 def _note(exc: _E, cls: type, name: str, type_: Any) -> _E:
@@ -614,8 +591,8 @@ def _make_converter() -> cattrs.Converter:
     converter = cattrs.preconf.tomllib.make_converter(forbid_extra_keys=True)
     converter.register_structure_hook(int, _structure_int)
     converter.register_structure_hook(float, _structure_float)
-    converter.register_structure_hook(bool, _structure_bool)
-    converter.register_structure_hook(str, _structure_str)
+    converter.register_structure_hook(bool, _structure_exactly(bool))
+    converter.register_structure_hook(str, _structure_exactly(str))
     # Spelled out so max_batch_bytes doesn't depend on how the preconf
     # converter's union strategy treats bool; None only comes from overrides.
     converter.register_structure_hook_func(lambda t: t == int | None, _structure_optional_int)
@@ -845,37 +822,14 @@ def _with_source(line: str, sources: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _toml_str(value: str) -> str:
-    out = ['"']
-    for ch in value:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch < " " or ch == "\x7f":
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        # repr() round-trips exactly and is valid TOML for finite floats.
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_str(value)
-    raise TypeError(f"cannot render {value!r} as TOML")
-
-
 def config_to_toml(config: Config) -> str:
     """Renders a configuration as TOML, every key, sections in order.
 
-    ``load_config`` on the text gives back an equal configuration. An unset
-    ``network.max_batch_bytes`` is left out (TOML has no null) with a comment.
+    The configuration is unstructured by the module's converter and each
+    section dumped by ``tomli_w``. ``load_config`` on the text gives back an
+    equal configuration. An unset ``network.max_batch_bytes`` is left out
+    (TOML has no null); a comment at the end of the ``[network]`` table says
+    what unset means.
 
     Args:
         config: The configuration to render.
@@ -883,20 +837,16 @@ def config_to_toml(config: Config) -> str:
     Returns:
         The TOML text.
     """
-    lines: list[str] = []
-    for section in _SECTIONS:
-        if lines:
-            lines.append("")
-        lines.append(f"[{section}]")
-        table = getattr(config, section)
-        for a in attrs.fields(type(table)):
-            value = getattr(table, a.name)
-            if value is None:
-                # Only max_batch_bytes can be None; say what it means instead.
-                lines.append(
-                    f"# {a.name} is unset: the staging buffer size "
-                    f"({config.network.staging_buffer_bytes} bytes)"
-                )
-                continue
-            lines.append(f"{a.name} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
+    data: dict[str, dict[str, Any]] = _converter.unstructure(config)
+    notes: dict[str, str] = {}
+    if data["network"]["max_batch_bytes"] is None:
+        # The only key that can be None.
+        del data["network"]["max_batch_bytes"]
+        notes["network"] = (
+            f"# max_batch_bytes is unset: the staging buffer size "
+            f"({config.network.staging_buffer_bytes} bytes)\n"
+        )
+    # One dump per table so the comment lands inside the table it is about.
+    return "\n".join(
+        tomli_w.dumps({section: table}) + notes.get(section, "") for section, table in data.items()
+    )
