@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trio_embarcadero import bench, loadgen
 from trio_embarcadero.cli import build_parser
 from trio_embarcadero.errors import ErrorCode
+from trio_embarcadero.tools import bench, loadgen
 from trio_embarcadero.wire import HANDSHAKE_SIZE, encode_error_frame, scan_records
 
 BATCH_PAYLOAD = 1928 * 1024

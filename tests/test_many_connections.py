@@ -23,7 +23,13 @@ import pytest
 import trio
 
 from trio_embarcadero.logreader import open_log
-from trio_embarcadero.noloss import TOPIC, BrokerProcess, encode_batch, payload, write_broker_config
+from trio_embarcadero.tools.noloss import (
+    TOPIC,
+    BrokerProcess,
+    encode_batch,
+    payload,
+    write_broker_config,
+)
 from trio_embarcadero.wire import AckCount, AckDecoder, ClientRequest, ErrorFrame, Handshake
 
 CONNECTIONS = 1000

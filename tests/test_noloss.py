@@ -2,7 +2,7 @@
 
 The long run is on demand::
 
-    python -m trio_embarcadero.noloss --seconds 60 --faults disconnect,kill,pressure --ack 2
+    python -m trio_embarcadero.tools.noloss --seconds 60 --faults disconnect,kill,pressure --ack 2
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from trio_embarcadero.cxl import CxlLog
-from trio_embarcadero.noloss import (
+from trio_embarcadero.tools.noloss import (
     TOPIC,
     Client,
     Report,
@@ -34,7 +34,7 @@ MAX_SIZE = 100
 async def run_checker(*args: str) -> tuple[int, dict[str, object], str]:
     with trio.fail_after(60):
         result = await trio.run_process(
-            [sys.executable, "-m", "trio_embarcadero.noloss", "--json", *args],
+            [sys.executable, "-m", "trio_embarcadero.tools.noloss", "--json", *args],
             capture_stdout=True,
             capture_stderr=True,
             check=False,
@@ -82,7 +82,7 @@ async def test_no_loss_on_the_direct_path() -> None:
 
 
 def test_bad_options_exit_2() -> None:
-    from trio_embarcadero.noloss import main
+    from trio_embarcadero.tools.noloss import main
 
     assert main(["--path", "direct", "--faults", "pressure", "--seconds", "1"]) == 2
     with pytest.raises(SystemExit) as info:

@@ -13,7 +13,7 @@
 The publishers speak the wire protocol directly (``noloss.encode_batch``,
 deterministic payloads); the log is read back with
 :class:`~trio_embarcadero.logreader.LogReader` and checked with
-:func:`trio_embarcadero.noloss.verify` (offsets gap-free, every committed batch
+:func:`trio_embarcadero.tools.noloss.verify` (offsets gap-free, every committed batch
 one that was sent, whole and byte-identical, per-client order, nothing acked
 missing), plus the exact per-client sequence each scenario implies.
 """
@@ -32,7 +32,7 @@ from conftest import wait_until
 
 from trio_embarcadero.cxl import CxlLog
 from trio_embarcadero.logreader import open_log
-from trio_embarcadero.noloss import (
+from trio_embarcadero.tools.noloss import (
     TOPIC,
     BrokerProcess,
     Client,

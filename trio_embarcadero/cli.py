@@ -4,6 +4,9 @@
 that drained after SIGINT/SIGTERM), 1 on a runtime failure, 2 on a usage or
 configuration error. Only this module configures logging and signals; the
 library never does.
+
+The tools (``bench``) are imported only when their command runs: the broker
+that ``serve`` starts, and ``import trio_embarcadero.cli``, never load them.
 """
 
 from __future__ import annotations
@@ -12,17 +15,52 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import trio
 
-from . import bench
 from .broker import Broker, serve
 from .config import Config, config_to_toml, load_config
 from .errors import ConfigError, EmbarcaderoError
 
 logger = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that can leave adding its arguments until it parses.
+
+    ``trio-embarcadero bench``'s options are defined with the bench, in
+    :mod:`trio_embarcadero.tools`; its subcommand parser imports them when the
+    command line names ``bench`` (for a run or for ``--help``), not when the
+    parser is built, so that no other command loads the tools.
+
+    Args:
+        add_arguments: Called with the parser before it first parses.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._add_arguments = add_arguments
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        """Add the deferred arguments, then parse as usual."""
+        if self._add_arguments is not None:
+            add_arguments, self._add_arguments = self._add_arguments, None
+            add_arguments(self)
+        return super().parse_known_args(*args, **kwargs)
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from .tools.bench.plan import add_arguments
+
+    add_arguments(parser)
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +73,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="trio-embarcadero",
         description="Embarcadero broker ingest path on Trio.",
     )
@@ -48,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config and print it in full")
     _add_config_options(check)
     _add_client_commands(commands)
-    bench.add_parser(commands)
+    commands.add_parser(
+        "bench",
+        help="measure throughput and ack latency against minimal receivers",
+        add_arguments=_add_bench_arguments,
+    )
     return parser
 
 
@@ -70,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.command == "bench":  # its own options; the broker configs are its own too
-        return bench.run(args)
+        from .tools.bench import run as run_bench
+
+        return run_bench(args)
     try:
         config = _load(args)
     except ConfigError as exc:
@@ -100,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 _CLIENT_COMMANDS = ("publish", "subscribe", "topics", "inspect")
 
 
-def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_client_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
     from .client import DEFAULT_BATCH_BYTES
 
     publish = commands.add_parser(

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m trio_embarcadero.noloss --seconds 20 [--publishers 4] [--seed S]
+    python -m trio_embarcadero.tools.noloss --seconds 20 [--publishers 4] [--seed S]
         [--ack 1|2] [--faults disconnect,kill,pressure]
 
 It runs a broker as a subprocess (``python -m trio_embarcadero serve``) on a
@@ -65,16 +65,11 @@ from pathlib import Path
 import attrs
 import trio
 
-from .logreader import open_log
-from .wire import (
-    AckCount,
-    AckDecoder,
-    BatchHeader,
-    ClientRequest,
-    ErrorFrame,
-    Handshake,
-    encode_message,
-)
+from .. import wire
+from ..logreader import open_log
+from ..wire import AckCount, AckDecoder, ErrorFrame
+from .procfs import process_memory
+from .rawwire import publish_handshake
 
 TOPIC = "noloss"
 FAULTS = ("disconnect", "kill", "pressure")
@@ -106,12 +101,8 @@ def payload(client_id: int, index: int, max_size: int) -> bytes:
 
 def encode_batch(client_id: int, seq: int, first: int, count: int, max_size: int) -> bytes:
     """Batch ``seq`` of a client: header and messages ``first .. first+count-1``."""
-    body = b"".join(
-        encode_message(payload(client_id, first + i, max_size), first + i, client_id)
-        for i in range(count)
-    )
-    header = BatchHeader(batch_seq=seq, client_id=client_id, num_msg=count, total_size=len(body))
-    return header.encode() + body
+    payloads = (payload(client_id, first + i, max_size) for i in range(count))
+    return bytes(wire.encode_batch(payloads, client_id=client_id, batch_seq=seq, first_order=first))
 
 
 # -- the broker subprocess ----------------------------------------------------------------------
@@ -127,12 +118,12 @@ def clean_environment() -> dict[str, str]:
 
 
 def proc_status_kib(pid: int, field: str) -> int:
-    """A ``/proc/<pid>/status`` memory field (``VmHWM``, ``VmRSS``) in KiB."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-    raise KeyError(field)
+    """A ``/proc/<pid>/status`` memory field (``VmHWM``, ``VmRSS``) in KiB.
+
+    Raises:
+        KeyError: The process has no such field (or is gone).
+    """
+    return process_memory(pid)[field] // 1024
 
 
 class BrokerProcess:
@@ -187,6 +178,7 @@ class BrokerProcess:
 
     @property
     def running(self) -> bool:
+        """Whether the last process started is still running."""
         return self.process is not None and self.process.returncode is None
 
     async def start(self, nursery: trio.Nursery, *extra_args: str) -> int:
@@ -392,6 +384,8 @@ class Client:
 
 @attrs.frozen
 class Options:
+    """The checker's options, as given on the command line (see :func:`build_parser`)."""
+
     seconds: float
     publishers: int
     seed: int
@@ -422,10 +416,12 @@ class Run:
         self._changes = trio.lowlevel.ParkingLot()
 
     def broker_up(self) -> None:
+        """The broker listens (again): wake the publishers waiting for it."""
         self._up.set()
         self._changes.unpark_all()
 
     def broker_down(self) -> None:
+        """The broker is about to be killed: publishers wait until :meth:`broker_up`."""
         if self._up.is_set():
             self._up = trio.Event()
 
@@ -438,10 +434,12 @@ class Run:
         return self.broker.port
 
     def stop(self) -> None:
+        """End the run: publishers finish their sessions and return."""
         self.stopping = True
         self._changes.unpark_all()
 
     async def publisher(self, client: Client, rng: random.Random) -> None:
+        """One publisher: sessions, each resuming from the last ack, until the run ends."""
         started = trio.current_time()
         sent_total = 0
         while not self.stopping:
@@ -500,19 +498,10 @@ class Run:
                 done.set()
                 news.unpark_all()
 
-        handshake = Handshake(
-            client_id=client.client_id,
-            ack=opts.ack,
-            num_msg=0,
-            last_addr=0,
-            port=0,
-            request=ClientRequest.PUBLISH,
-            topic=TOPIC,
-        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_acks)
             try:
-                await stream.send_all(handshake.encode())
+                await stream.send_all(publish_handshake(client.client_id, opts.ack, TOPIC))
                 while not self.stopping and not done.is_set():
                     while next_index - client.acked >= _WINDOW and not done.is_set():
                         await news.park()
@@ -565,17 +554,9 @@ class Run:
             return None
         client_id = _VICTIM_ID + self.kills
         data = encode_batch(client_id, 0, 0, _MAX_BATCH_MESSAGES, self.options.max_size)
-        handshake = Handshake(
-            client_id=client_id,
-            ack=1,
-            num_msg=0,
-            last_addr=0,
-            port=0,
-            request=ClientRequest.PUBLISH,
-            topic=TOPIC,
-        )
+        handshake = publish_handshake(client_id, 1, TOPIC)
         try:
-            await stream.send_all(handshake.encode() + data[: rng.randint(129, len(data) - 1)])
+            await stream.send_all(handshake + data[: rng.randint(129, len(data) - 1)])
         except trio.BrokenResourceError:
             await trio.aclose_forcefully(stream)
             return None
@@ -638,9 +619,11 @@ class Report:
 
     @property
     def ok(self) -> bool:
+        """Whether every check held."""
         return not self.problems
 
     def problem(self, text: str) -> None:
+        """Record a failed check (the first 20 are kept)."""
         if len(self.problems) < 20:
             self.problems.append(text)
         elif len(self.problems) == 20:
@@ -791,6 +774,7 @@ async def run_checker(options: Options, workdir: Path, cxl_path: str) -> tuple[R
 
 
 def summary(options: Options, run: Run, report: Report, elapsed: float) -> dict[str, object]:
+    """The run and its verdict as one JSON-ready record (what ``--json`` prints)."""
     broker = run.broker
     return {
         "ok": report.ok,
@@ -830,6 +814,7 @@ def summary(options: Options, run: Run, report: Report, elapsed: float) -> dict[
 
 
 def format_summary(s: dict[str, object]) -> str:
+    """A :func:`summary` record as the human-readable report."""
     faults = ",".join(s["faults"]) if isinstance(s["faults"], list) else s["faults"]
     lines = [
         f"no-loss check: {s['seconds']} s, {s['publishers']} publishers, ack {s['ack']}, "
@@ -870,8 +855,9 @@ def _faults(text: str) -> frozenset[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The checker's command line."""
     parser = argparse.ArgumentParser(
-        prog="python -m trio_embarcadero.noloss",
+        prog="python -m trio_embarcadero.tools.noloss",
         description="Publish to a broker subprocess under injected faults, then check from "
         "the CXL log that every acknowledged message is there, once, intact and in order.",
     )
@@ -910,6 +896,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the checker; returns 0 (every check held), 1 (one failed) or 2 (no run)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.seconds <= 0 or args.publishers < 1 or args.max_size < 0 or args.cxl_mb < 8:
         print("noloss: --seconds, --publishers, --max-size, --cxl-mb out of range", file=sys.stderr)

@@ -10,8 +10,8 @@ ratio to these numbers.
 
 Two kinds, each run as its own process::
 
-    python -m trio_embarcadero.sink trio --port 0   # Trio, stream.socket.recv_into
-    python -m trio_embarcadero.sink raw --port 0    # blocking sockets, MSG_WAITALL, threads
+    python -m trio_embarcadero.tools.sink trio --port 0   # Trio, stream.socket.recv_into
+    python -m trio_embarcadero.tools.sink raw --port 0    # blocking sockets, MSG_WAITALL, threads
 
 ``trio`` is the fair baseline (the same event loop and receive call the broker
 uses); ``raw`` is the best a Python process can do on this machine. Both
@@ -25,7 +25,6 @@ import argparse
 import functools
 import signal
 import socket
-import struct
 import sys
 import threading
 from collections.abc import Sequence
@@ -33,57 +32,48 @@ from types import FrameType
 
 import trio
 
-HANDSHAKE = struct.Struct("<IIQQII32s")
-BATCH_HEADER = struct.Struct("<QIIIIIIQQQQQ56x")
-ACK_BROKER_ID = struct.Struct("<i")
-ACK_COUNT = struct.Struct("<Q")
+from ..wire import ACK_BROKER_ID, ACK_COUNT, BATCH_HEADER, HANDSHAKE
+from .rawwire import recv_exactly, trio_recv_exactly
+
 # Receive buffers start at this size and grow to the largest batch seen.
 _INITIAL_BUFFER = 4 * 2**20
 
 
-def _batch_size(header: bytearray) -> tuple[int, int]:
+def _batch_size(header: memoryview) -> tuple[int, int]:
     """(num_msg, total_size) of a batch header."""
     fields = BATCH_HEADER.unpack(header)
     return fields[2], fields[7]
 
 
+def _new_buffers() -> tuple[memoryview, memoryview, bytearray]:
+    """A connection's receive buffers: handshake, batch header, first payload buffer."""
+    return (
+        memoryview(bytearray(HANDSHAKE.size)),
+        memoryview(bytearray(BATCH_HEADER.size)),
+        bytearray(_INITIAL_BUFFER),
+    )
+
+
 # -- Trio sink ---------------------------------------------------------------------
-
-
-async def _recv_exactly(sock: trio.socket.SocketType, view: memoryview) -> bool:
-    """Fill ``view``; False on EOF before the first byte, OSError on a short read."""
-    got = 0
-    want = len(view)
-    while got < want:
-        n = await sock.recv_into(view[got:])
-        if n == 0:
-            if got == 0:
-                return False
-            raise ConnectionResetError(f"peer closed after {got} of {want} bytes")
-        got += n
-    return True
 
 
 async def _serve_trio_connection(stream: trio.SocketStream) -> None:
     sock = stream.socket
-    handshake = bytearray(HANDSHAKE.size)
-    header = bytearray(BATCH_HEADER.size)
-    header_view = memoryview(header)
-    buffer = bytearray(_INITIAL_BUFFER)
+    handshake, header, buffer = _new_buffers()
     view = memoryview(buffer)
     count = 0
     try:
-        if not await _recv_exactly(sock, memoryview(handshake)):
+        if not await trio_recv_exactly(sock, handshake):
             return
         ack = HANDSHAKE.unpack(handshake)[1]
         if ack:
             await stream.send_all(ACK_BROKER_ID.pack(0))
-        while await _recv_exactly(sock, header_view):
+        while await trio_recv_exactly(sock, header):
             num_msg, total = _batch_size(header)
             if total > len(buffer):
                 buffer = bytearray(total)
                 view = memoryview(buffer)
-            await _recv_exactly(sock, view[:total])
+            await trio_recv_exactly(sock, view[:total])
             count += num_msg
             if ack:
                 await stream.send_all(ACK_COUNT.pack(count))
@@ -109,39 +99,23 @@ async def _run_trio_sink(host: str, port: int) -> None:
 # -- raw sink ----------------------------------------------------------------------
 
 
-def _recv_exactly_blocking(sock: socket.socket, view: memoryview) -> bool:
-    got = 0
-    want = len(view)
-    while got < want:
-        n = sock.recv_into(view[got:], want - got, socket.MSG_WAITALL)
-        if n == 0:
-            if got == 0:
-                return False
-            raise ConnectionResetError(f"peer closed after {got} of {want} bytes")
-        got += n
-    return True
-
-
 def _serve_raw_connection(sock: socket.socket) -> None:
-    handshake = bytearray(HANDSHAKE.size)
-    header = bytearray(BATCH_HEADER.size)
-    header_view = memoryview(header)
-    buffer = bytearray(_INITIAL_BUFFER)
+    handshake, header, buffer = _new_buffers()
     view = memoryview(buffer)
     count = 0
     with sock:
         try:
-            if not _recv_exactly_blocking(sock, memoryview(handshake)):
+            if not recv_exactly(sock, handshake):
                 return
             ack = HANDSHAKE.unpack(handshake)[1]
             if ack:
                 sock.sendall(ACK_BROKER_ID.pack(0))
-            while _recv_exactly_blocking(sock, header_view):
+            while recv_exactly(sock, header):
                 num_msg, total = _batch_size(header)
                 if total > len(buffer):
                     buffer = bytearray(total)
                     view = memoryview(buffer)
-                _recv_exactly_blocking(sock, view[:total])
+                recv_exactly(sock, view[:total])
                 count += num_msg
                 if ack:
                     sock.sendall(ACK_COUNT.pack(count))
@@ -177,7 +151,7 @@ def _run_raw_sink(host: str, port: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one sink until SIGINT/SIGTERM; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m trio_embarcadero.sink",
+        prog="python -m trio_embarcadero.tools.sink",
         description="Minimal receivers of the publish protocol (benchmark baselines).",
     )
     parser.add_argument("kind", choices=("trio", "raw"))

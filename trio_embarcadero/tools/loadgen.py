@@ -2,7 +2,7 @@
 
 Run by ``trio-embarcadero bench`` (or by hand)::
 
-    python -m trio_embarcadero.loadgen --port 1214 --connections 4 --ack 1 --bytes 2e9
+    python -m trio_embarcadero.tools.loadgen --port 1214 --connections 4 --ack 1 --bytes 2e9
 
 Each connection sends a 64-byte publish handshake, then the same prebuilt
 batch over and over (``[128-B header][num_msg message records]``, built once
@@ -44,6 +44,8 @@ import collections
 import contextlib
 import itertools
 import json
+import math
+import re
 import resource
 import socket
 import struct
@@ -53,19 +55,17 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import ErrorCode
-from .wire import (
+from ..errors import ErrorCode
+from ..wire import (
     ACK_BROKER_ID,
     ACK_COUNT,
     BATCH_HEADER_SIZE,
     ERROR_FRAME_HEAD,
     ERROR_MARKER,
-    BatchHeader,
-    ClientRequest,
-    Handshake,
-    encode_message,
+    encode_batch,
     padded_size,
 )
+from .rawwire import publish_handshake, recv_exactly
 
 # batch_seq is the header's first field; it is the only one that changes.
 _BATCH_SEQ = struct.Struct("<Q")
@@ -83,9 +83,7 @@ def build_batch(client_id: int, num_msg: int, message_size: int) -> bytearray:
     them).
     """
     payload = (bytes(range(256)) * (message_size // 256 + 1))[:message_size]
-    body = b"".join(encode_message(payload, i, client_id) for i in range(num_msg))
-    header = BatchHeader(batch_seq=0, client_id=client_id, num_msg=num_msg, total_size=len(body))
-    return bytearray(header.encode() + body)
+    return encode_batch([payload] * num_msg, client_id=client_id)
 
 
 #: The result's ``window``, by ack level.
@@ -124,18 +122,9 @@ class _Connection:
 
     def handshake(self) -> None:
         gen = self.gen
-        handshake = Handshake(
-            client_id=self.client_id,
-            ack=gen.ack,
-            num_msg=0,
-            last_addr=0,
-            port=0,
-            request=ClientRequest.PUBLISH,
-            topic=gen.topic,
-        )
-        self.sock.sendall(handshake.encode())
+        self.sock.sendall(publish_handshake(self.client_id, gen.ack, gen.topic))
         if gen.ack:
-            head = self._recv_exactly(ACK_BROKER_ID.size)
+            head = self._receive(ACK_BROKER_ID.size)
             if head is None:
                 raise _Failure(f"connection {self.index}: closed before the ack stream began")
             if head == b"\xff" * ACK_BROKER_ID.size:
@@ -144,25 +133,24 @@ class _Connection:
 
     def _error_frame(self, head: bytes) -> str:
         """The rest of an error frame whose first bytes are ``head``, as text."""
-        rest = self._recv_exactly(ERROR_FRAME_HEAD.size - len(head))
+        rest = self._receive(ERROR_FRAME_HEAD.size - len(head))
         if rest is None:
             return "truncated error frame"
         _, code, length = ERROR_FRAME_HEAD.unpack(head + rest)
-        text = self._recv_exactly(length) if length else b""
+        text = self._receive(length)
         try:
             name = ErrorCode(code).name
         except ValueError:
             name = "unknown code"
         return f"error {code} ({name}): {(text or b'').decode('utf-8', 'replace')}"
 
-    def _recv_exactly(self, n: int) -> bytes | None:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                return None
-            data += chunk
-        return data
+    def _receive(self, n: int) -> bytes | None:
+        """The next ``n`` bytes, or None if the receiver closed the connection first."""
+        data = bytearray(n)
+        try:
+            return bytes(data) if recv_exactly(self.sock, memoryview(data)) else None
+        except ConnectionResetError:  # closed part way: as short as closed before
+            return None
 
     def send_loop(self, start: threading.Event) -> None:
         gen = self.gen
@@ -262,6 +250,8 @@ class LoadGenerator:
             conn.sock.close()
 
     def run(self) -> dict[str, Any]:
+        """Handshake, send until the budget or the time is spent, wait for the last
+        acks (or EOF); prints progress lines meanwhile and returns the result record."""
         for conn in self.connections:
             conn.handshake()
         start = threading.Event()
@@ -351,22 +341,34 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _size(text: str) -> int:
-    """An integer byte count; accepts 2e9, 2G, 512M, 64K (decimal units)."""
-    units = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-    text = text.strip().lower().removesuffix("b")
-    scale = units.get(text[-1:], 1)
-    if scale != 1:
-        text = text[:-1]
-    value = float(text) * scale
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+def parse_size(text: str) -> int:
+    """A byte count: ``2e9``, ``2G``/``2GB`` (10**9) or ``2GiB`` (2**30); K, M, G, T.
+
+    The one size syntax of the tools (the bench's ``--bytes`` and
+    ``--batch-size`` too).
+
+    Raises:
+        argparse.ArgumentTypeError: Not a size, or not above 0.
+    """
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    number, unit, binary = match.groups()
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    power = "kmgt".find(unit.lower()) + 1 if unit else 0
+    value *= (1024 if binary else 1000) ** power
+    if not 0 < value < 2**63 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"size must be > 0: {text!r}")
     return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The load generator's command line."""
     parser = argparse.ArgumentParser(
-        prog="python -m trio_embarcadero.loadgen",
+        prog="python -m trio_embarcadero.tools.loadgen",
         description="Publish load generator (one process, a thread pair per connection).",
     )
     parser.add_argument("--host", default="127.0.0.1")
@@ -384,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--message-size", type=int, default=DEFAULT_MESSAGE_SIZE)
     parser.add_argument("--batch-messages", type=int, default=DEFAULT_BATCH_MESSAGES)
     parser.add_argument(
-        "--bytes", type=_size, default=2 * 10**9, help="message payload bytes to send in all"
+        "--bytes", type=parse_size, default=2 * 10**9, help="message payload bytes to send in all"
     )
     parser.add_argument("--seconds", type=float, default=60.0, help="stop sending after this")
     parser.add_argument("--interval", type=float, default=1.0, help="progress line period")

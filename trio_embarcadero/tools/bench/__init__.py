@@ -1,0 +1,87 @@
+"""``trio-embarcadero bench``: broker throughput and ack latency next to the machine's limit.
+
+One invocation runs every *variant* against the same load generator, in
+interleaved rounds (round 1: every variant once, round 2: again, ...), because
+shared machines drift by tens of percent within minutes; figures are medians
+with their min-max spread, and every ratio compares runs of the same
+invocation. A variant is a receiver and an ack level:
+
+* ``trio-sink``: a minimal Trio receiver (``stream.socket.recv_into`` into
+  one reused buffer, same framing, an 8-byte ack per batch); the fair baseline.
+* ``raw-sink``: blocking-socket ``recv_into`` with ``MSG_WAITALL`` in a plain
+  Python process; the best raw receiver, and the measure of what the load
+  generator alone can push.
+* ``staged`` / ``direct``: the broker with ``network.use_nonblocking`` true
+  or false.
+
+Written ``NAME-ack0`` or ``NAME-ack1``; plain ``trio-sink`` and ``raw-sink``
+mean ack 1. The broker also runs as ``staged-ack2`` / ``direct-ack2`` (not in
+the default list): the broker config gets ``storage.dir``, a fresh directory
+under ``--storage-dir`` removed after the run, and every ack waits for the
+disk log's group-committed ``fdatasync``; the load generator counts those
+acks like ack 1, so the difference to ``NAME-ack1`` is the cost of
+durability on disk.
+
+Every receiver and every load generator is a process of its own
+(:mod:`trio_embarcadero.tools.sink`, :mod:`trio_embarcadero.tools.loadgen`,
+and ``python -m trio_embarcadero serve``), so the broker's event loop never
+shares an interpreter with its client; this process only watches.
+
+What is measured (see :mod:`trio_embarcadero.tools.loadgen` for the client side):
+
+* throughput: message payload bytes (``message_size x messages``, the C++
+  evaluation's formula, without record and batch headers) from the first
+  send to the last ack (ack 1; ack 2: the last ack saying it is on disk) or
+  to the receiver closing the connection after reading everything (ack 0);
+  GB = 10**9 bytes;
+* ack latency per batch, from the start of its ``sendall`` to the ack
+  covering it, pooled over every round of a variant;
+* the receiver's CPU seconds per GB (``/proc/PID/stat`` utime + stime over
+  the run) and its peak RSS (``VmHWM``; for the broker that includes the
+  mapped CXL region, so the private part, peak ``RssAnon``, is shown too);
+* for ack 2, the bytes the disk log holds after the run (``storage_bytes``;
+  it must equal the wire bytes sent).
+
+Optional: ``hdrhistogram`` (the ``bench`` extra) for percentiles, otherwise
+numpy; ``matplotlib`` for ``--plot``.
+
+Where things are:
+
+* :mod:`.plan`: what to run: the options, the variants, the batch and region
+  sizes (:class:`Plan`);
+* :mod:`.runner`: running it: the processes, the rounds, the ``/proc``
+  sampling, the live lines (:class:`Bench`);
+* :mod:`.results`: one run's figures (:class:`RunResult`) and latency percentiles;
+* :mod:`.report`: the summaries and ratios, the table, the JSON, the plot;
+* :mod:`.command`: the command itself (:func:`run`), which ties them together.
+"""
+
+from ..loadgen import parse_size
+from ..procfs import filesystem
+from .command import main, run
+from .plan import ACK2_VARIANTS, DEFAULT_VARIANTS, Plan, Variant, add_arguments, make_plan
+from .report import _notes as _notes  # for tests of the notes alone
+from .report import build_report, plot, render_table, summarize
+from .results import RunResult, percentiles
+from .runner import Bench, BenchError
+
+__all__ = [
+    "ACK2_VARIANTS",
+    "DEFAULT_VARIANTS",
+    "Bench",
+    "BenchError",
+    "Plan",
+    "RunResult",
+    "Variant",
+    "add_arguments",
+    "build_report",
+    "filesystem",
+    "main",
+    "make_plan",
+    "parse_size",
+    "percentiles",
+    "plot",
+    "render_table",
+    "run",
+    "summarize",
+]

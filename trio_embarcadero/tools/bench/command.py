@@ -1,0 +1,98 @@
+"""The bench command: make the plan, run it, print and write the report.
+
+``trio-embarcadero bench`` and ``python -m trio_embarcadero.tools.bench`` both
+end up in :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from ...errors import ConfigError
+from .plan import add_arguments, make_plan
+from .report import build_report, plot, render_table
+from .runner import Bench
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``trio-embarcadero bench``; returns the exit status (1 if a run failed)."""
+    if args.plot:
+        try:
+            import matplotlib  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+        except ImportError:
+            print(
+                "trio-embarcadero bench: --plot needs matplotlib, which is not installed "
+                "(pip install matplotlib); run without --plot or install it",
+                file=sys.stderr,
+            )
+            return 2
+    try:
+        plan = make_plan(args)
+    except ValueError as exc:
+        print(f"trio-embarcadero bench: {exc}", file=sys.stderr)
+        return 2
+    table_out = sys.stderr if args.json == "-" else sys.stdout
+    bench = Bench(plan, live=None if args.quiet else sys.stderr)
+    try:
+        try:
+            bench.check_broker_config()
+        except ConfigError as exc:
+            print(
+                f"trio-embarcadero bench: the broker config would be refused:\n{exc}",
+                file=sys.stderr,
+            )
+            return 2
+        problem = bench.check_storage_dir()
+        if problem:
+            print(f"trio-embarcadero bench: {problem}", file=sys.stderr)
+            return 2
+        bench.say(
+            f"bench: {len(plan.variants)} variant(s) x {plan.rounds} round(s), "
+            f"{plan.batches_per_run * plan.batch_payload / 1e9:.2f} GB per run "
+            f"({plan.batches_per_run} batches of {plan.batch_messages} x {plan.message_size} B), "
+            f"{plan.connections} connection(s); broker CXL region {plan.cxl_size_mb} MiB"
+        )
+        storage = bench.storage_setup()
+        if storage is not None:
+            bench.say(
+                f"bench: ack-2 disk logs under {storage['dir']} ({storage['filesystem']}), "
+                f"sync after {storage['sync_interval_ms']:g} ms or "
+                f"{storage['sync_bytes'] / 2**20:g} MiB"
+            )
+            if storage["filesystem"].split()[0] in ("tmpfs", "ramfs"):
+                print(
+                    f"trio-embarcadero bench: warning: --storage-dir {storage['dir']} is "
+                    f"{storage['filesystem']}, memory rather than a disk: ack 2 will not "
+                    "measure a disk",
+                    file=sys.stderr,
+                )
+        try:
+            trio.run(bench.run)
+        except* KeyboardInterrupt:
+            print("trio-embarcadero bench: interrupted; reporting the runs done", file=sys.stderr)
+        report = build_report(bench)
+    finally:
+        bench.close()
+    print(render_table(report), file=table_out, flush=True)
+    if args.json == "-":
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(report, bench.runs, args.plot)
+        print(f"plot written to {args.plot}", file=table_out)
+    return 0 if report["ok"] and bench.runs else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m trio_embarcadero.tools.bench``: the same as ``trio-embarcadero bench``."""
+    parser = argparse.ArgumentParser(prog="trio-embarcadero bench")
+    add_arguments(parser)
+    return run(parser.parse_args(sys.argv[1:] if argv is None else argv))

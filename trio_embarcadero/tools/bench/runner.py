@@ -1,0 +1,526 @@
+"""How the bench runs: the receiver and load-generator processes, the rounds, the sampling.
+
+:class:`Bench` runs every variant of a :class:`~.plan.Plan` once per round.
+A run starts the receiver (``python -m trio_embarcadero serve`` with a config
+written for it, or ``python -m trio_embarcadero.tools.sink``), waits for its
+"listening on" line, then starts ``python -m trio_embarcadero.tools.loadgen``
+against it and reads its JSON lines, while sampling the receiver's CPU time
+and memory from ``/proc``. This process only watches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+
+from ...config import StorageConfig, load_config
+from ..procfs import filesystem, process_cpu_seconds, process_memory
+from .plan import PROGRESS_INTERVAL, Plan, Variant
+from .results import RunResult, percentiles
+
+_LISTENING_RE = re.compile(r"listening on (\S+):(\d+)")
+_STATS_RE = re.compile(r"pool (\d+)/(\d+) \(peak (\d+)\) pauses (\d+)")
+# Keys the bench sets itself; environment overrides of them are not passed on.
+_CONTROLLED_ENV = frozenset(
+    {
+        "EMBARCADERO_USE_NONBLOCKING",
+        "TRIO_EMBARCADERO_BROKER__HOST",
+        "TRIO_EMBARCADERO_BROKER__PORT",
+        "TRIO_EMBARCADERO_NETWORK__USE_NONBLOCKING",
+        "TRIO_EMBARCADERO_NETWORK__STATS_INTERVAL_S",
+        "TRIO_EMBARCADERO_CXL__PATH",
+        "TRIO_EMBARCADERO_CXL__SIZE_MB",
+        "TRIO_EMBARCADERO_CXL__SEGMENT_MB",
+        "TRIO_EMBARCADERO_LOGGING__LEVEL",
+        "TRIO_EMBARCADERO_STORAGE__DIR",
+    }
+)
+_LIVE_INTERVAL = 1.0  # live lines printed here
+_STATS_INTERVAL = 0.5  # the broker's statistics log line
+_SERVER_STOP_TIMEOUT = 20.0
+_ATTEMPTS = 3  # per run, when the receiver fails (not when it is merely slow)
+
+
+class BenchError(Exception):
+    """A run could not be carried out (receiver failed to start, died, ...)."""
+
+
+def _tree_bytes(directory: str) -> int:
+    """The sizes of the files under ``directory``, added up."""
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(directory)
+        for name in names
+    )
+
+
+# -- processes ---------------------------------------------------------------------
+
+
+async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[str]:
+    """The lines of a child's output stream, as they come."""
+    pending = b""
+    while True:
+        data = await stream.receive_some(1 << 16)
+        if not data:
+            break
+        pending += data
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            yield line.decode("utf-8", "replace")
+    if pending:
+        yield pending.decode("utf-8", "replace")
+
+
+async def _pump(stream: trio.abc.ReceiveStream | None, on_line: Callable[[str], None]) -> None:
+    """Hand every line of ``stream`` to ``on_line`` until it ends."""
+    if stream is None:
+        return
+    try:
+        async for line in _lines(stream):
+            on_line(line)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def _stop_process(process: trio.Process, sig: int) -> None:
+    """Signal, wait (bounded), then kill; shielded so cleanup survives cancellation."""
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            try:
+                process.send_signal(sig)
+            except ProcessLookupError:
+                pass
+            with trio.move_on_after(_SERVER_STOP_TIMEOUT):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+class Server:
+    """A receiver process (sink or broker) and what its output says."""
+
+    def __init__(self, variant: Variant, process: trio.Process) -> None:
+        self.variant = variant
+        self.process = process
+        self.address: tuple[str, int] | None = None
+        self.listening = trio.Event()
+        self.tail: deque[str] = deque(maxlen=30)
+        self.pool_used: int | None = None
+        self.pool_size: int | None = None
+        self.pool_peak: int | None = None
+        self.pauses: int | None = None
+        self.stats_seen = trio.Event()
+
+    def on_line(self, line: str) -> None:
+        """Take one line of the receiver's stdout or stderr."""
+        self.tail.append(line)
+        if self.address is None and (m := _LISTENING_RE.search(line)):
+            self.address = (m.group(1), int(m.group(2)))
+            self.listening.set()
+        elif m := _STATS_RE.search(line):
+            used, size, peak, pauses = (int(g) for g in m.groups())
+            self.pool_used, self.pool_size, self.pool_peak, self.pauses = used, size, peak, pauses
+            self.stats_seen.set()
+
+
+# -- the bench ---------------------------------------------------------------------
+
+
+def _toml_value(value: object) -> str:
+    """``value`` written as a TOML value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+class Bench:
+    """Runs the plan; holds the results."""
+
+    def __init__(self, plan: Plan, *, live: TextIO | None) -> None:
+        self.plan = plan
+        self.live = live
+        self.runs: list[RunResult] = []
+        self.broker_env = {
+            k: v
+            for k, v in os.environ.items()
+            if (k.startswith("TRIO_EMBARCADERO_") or k.startswith("EMBARCADERO_"))
+            and k not in _CONTROLLED_ENV
+        }
+        self._tmp = tempfile.TemporaryDirectory(prefix="trio-embarcadero-bench-")
+        self._storage: StorageConfig | None = None
+
+    def close(self) -> None:
+        """Remove the broker configs written so far."""
+        self._tmp.cleanup()
+
+    # -- broker config ---------------------------------------------------------------
+
+    def broker_settings(
+        self, variant: Variant, cxl_path: str, storage_path: str | None = None
+    ) -> dict[str, object]:
+        """The broker's config keys for one run; ``storage_path`` is the ack-2 disk log."""
+        plan = self.plan
+        settings: dict[str, object] = {}
+        needed_mb = -(-plan.batch_total_size // 2**20)
+        if needed_mb > 4:  # the default staging buffer: make room for the batch
+            settings["network.staging_pool_buffer_size_mb"] = needed_mb
+        settings.update(plan.broker_options)
+        settings.update(
+            {
+                "broker.host": plan.host,
+                "broker.port": 0,
+                "network.use_nonblocking": variant.kind == "staged",
+                "network.stats_interval_s": _STATS_INTERVAL,
+                "cxl.path": cxl_path,
+                "cxl.segment_mb": self.plan.segment_mb,
+                "cxl.size_mb": self.plan.cxl_size_mb,
+                "logging.level": "INFO",
+                # Only ack-2 runs get a disk log: with one, the broker writes
+                # every committed batch to disk, whatever the ack level.
+                "storage.dir": (storage_path or plan.storage_dir) if variant.durable else "",
+            }
+        )
+        return settings
+
+    def write_broker_config(
+        self, variant: Variant, cxl_path: str, storage_path: str | None = None
+    ) -> str:
+        """Write :meth:`broker_settings` as the run's TOML config; returns its path."""
+        tables: dict[str, list[str]] = {}
+        for key, value in self.broker_settings(variant, cxl_path, storage_path).items():
+            section, name = key.split(".")
+            tables.setdefault(section, []).append(f"{name} = {_toml_value(value)}")
+        text = "".join(f"[{s}]\n" + "\n".join(lines) + "\n\n" for s, lines in tables.items())
+        path = Path(self._tmp.name) / f"{variant.name}.toml"
+        path.write_text(text)
+        return str(path)
+
+    def check_broker_config(self) -> None:
+        """Fail before running anything if the broker would refuse its config."""
+        env = {**self.broker_env}
+        for v in self.plan.variants:
+            if v.is_broker:
+                config = load_config(self.write_broker_config(v, "/dev/shm/unused"), env=env)
+                if v.durable and self._storage is None:
+                    self._storage = config.storage
+
+    def storage_config(self) -> StorageConfig | None:
+        """The ack-2 runs' ``[storage]`` settings (None without ack-2 variants)."""
+        if self._storage is None and any(v.durable for v in self.plan.variants):
+            self.check_broker_config()
+        return self._storage
+
+    def storage_setup(self) -> dict[str, Any] | None:
+        """Where the ack-2 disk logs go and the group commit they use (for the report)."""
+        storage = self.storage_config()
+        if storage is None:
+            return None
+        return {
+            "dir": self.plan.storage_dir,
+            "filesystem": filesystem(self.plan.storage_dir),
+            "sync_interval_ms": storage.sync_interval_ms,
+            "sync_bytes": storage.sync_bytes,
+        }
+
+    def check_storage_dir(self) -> str | None:
+        """Why the ack-2 variants cannot run (None if they can, or if there are none)."""
+        if not any(v.durable for v in self.plan.variants):
+            return None
+        where = self.plan.storage_dir
+        if not os.path.isdir(where):
+            return f"--storage-dir {where}: not a directory"
+        if not os.access(where, os.W_OK | os.X_OK):
+            return f"--storage-dir {where}: not writable"
+        return None
+
+    # -- running ---------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        """Print a live line (unless ``--quiet``)."""
+        if self.live is not None:
+            print(text, file=self.live, flush=True)
+
+    async def run(self) -> None:
+        """Every variant once per round, in order; a run whose receiver failed is retried."""
+        total = len(self.plan.variants) * self.plan.rounds
+        done = 0
+        for rnd in range(1, self.plan.rounds + 1):
+            for variant in self.plan.variants:
+                done += 1
+                label = f"[{done}/{total} r{rnd}] {variant.name}"
+                started = time.monotonic()
+                earlier: list[str] = []
+                for attempt in range(1, _ATTEMPTS + 1):
+                    try:
+                        result = await self.run_once(variant, rnd, label)
+                    except* BenchError as group:
+                        errors = [str(e) for e in group.exceptions]
+                        result = RunResult(
+                            variant.name, rnd, ok=False, errors=errors, receiver_failed=True
+                        )
+                    result.attempts = attempt
+                    result.earlier_errors = earlier
+                    # A receiver that died or never started (a stray signal, a port
+                    # race) says nothing about throughput: try that run again.
+                    if result.ok or not result.receiver_failed or attempt == _ATTEMPTS:
+                        break
+                    self.say(f"{label}: retrying: {'; '.join(result.errors)[:300]}")
+                    earlier = [*earlier, *result.errors]
+                self.runs.append(result)
+                self.say(self.run_line(label, result, time.monotonic() - started))
+
+    def run_line(self, label: str, r: RunResult, wall: float) -> str:
+        """The line printed after a run."""
+        if not r.ok:
+            return f"{label}: FAILED: {'; '.join(r.errors)}"
+        lat = percentiles(r.latency_us, (50.0, 99.0))
+        lat_text = (
+            f"ack p50 {lat[0] / 1000:.1f} ms p99 {lat[1] / 1000:.1f} ms"
+            if r.latency_us
+            else "no acks"
+        )
+        pool = f", pool peak {r.pool_peak}/{r.pool_size}, pauses {r.pauses}" if r.pool_size else ""
+        disk = f", {r.storage_bytes / 1e9:.2f} GB on disk" if r.storage_bytes is not None else ""
+        return (
+            f"{label}: {r.gb_per_s:.2f} GB/s, {r.msgs_per_s / 1e6:.2f} M msg/s, {lat_text}, "
+            f"receiver CPU {r.cpu_s_per_gb:.2f} s/GB{pool}{disk} "
+            f"({r.payload_bytes / 1e9:.2f} GB in {r.elapsed_s:.2f} s; wall {wall:.1f} s)"
+        )
+
+    async def start_server(
+        self, nursery: trio.Nursery, variant: Variant, cxl: str, storage: str | None = None
+    ) -> Server:
+        """Start the variant's receiver and wait until it listens.
+
+        Raises:
+            BenchError: It exited or did not listen in time.
+        """
+        python = sys.executable
+        env = dict(os.environ)
+        if variant.is_broker:
+            for key in _CONTROLLED_ENV:
+                env.pop(key, None)
+            config = self.write_broker_config(variant, cxl, storage)
+            cmd = [python, "-m", "trio_embarcadero", "serve", "--config", config, "--reset"]
+        else:
+            kind = variant.kind.removesuffix("-sink")
+            cmd = [python, "-m", "trio_embarcadero.tools.sink", kind, "--host", self.plan.host]
+        process = await trio.lowlevel.open_process(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        server = Server(variant, process)
+        nursery.start_soon(_pump, process.stdout, server.on_line)
+        nursery.start_soon(_pump, process.stderr, server.on_line)
+        # Broker start-up faults the whole CXL region in (~1 GB/s here).
+        with trio.move_on_after(60 + self.plan.cxl_size_mb / 200):
+            while not server.listening.is_set():
+                if process.poll() is not None:
+                    break
+                with trio.move_on_after(0.1):
+                    await server.listening.wait()
+        if server.address is None:
+            await _stop_process(process, signal.SIGKILL)
+            tail = " | ".join(server.tail)
+            raise BenchError(f"{variant.name}: receiver did not start: {tail}")
+        return server
+
+    async def run_once(self, variant: Variant, rnd: int, label: str) -> RunResult:
+        """One run: a fresh CXL file (and disk log), the receiver, the load, the cleanup."""
+        plan = self.plan
+        cxl = str(Path(plan.cxl_dir) / f"trio-embarcadero-bench-{uuid.uuid4().hex[:12]}")
+        result = RunResult(variant.name, rnd, ok=False)
+        storage: str | None = None
+        try:
+            if variant.durable:
+                # A fresh disk log per run, on --storage-dir (a disk).
+                try:
+                    storage = tempfile.mkdtemp(
+                        prefix="trio-embarcadero-bench-", dir=plan.storage_dir
+                    )
+                except OSError as exc:
+                    raise BenchError(f"{variant.name}: no disk-log directory: {exc}") from None
+            async with trio.open_nursery() as nursery:
+                server = await self.start_server(nursery, variant, cxl, storage)
+                try:
+                    await self.drive(server, variant, result, label, nursery)
+                finally:
+                    await _stop_process(
+                        server.process, signal.SIGINT if variant.is_broker else signal.SIGTERM
+                    )
+                if variant.is_broker and server.process.returncode not in (0, None):
+                    result.receiver_failed = True
+                    result.errors.append(
+                        f"broker exited with {server.process.returncode}: "
+                        + " | ".join(list(server.tail)[-5:])
+                    )
+                    result.ok = False
+            if storage is not None:
+                # The broker has stopped: everything it acked is in the files.
+                result.storage_bytes = _tree_bytes(storage)
+                if result.ok and result.storage_bytes != result.wire_bytes:
+                    result.ok = False
+                    result.errors.append(
+                        f"the disk log holds {result.storage_bytes} bytes after acking "
+                        f"{result.wire_bytes} wire bytes at ack 2"
+                    )
+        finally:
+            try:
+                os.unlink(cxl)
+            except FileNotFoundError:
+                pass
+            if storage is not None:
+                shutil.rmtree(storage, ignore_errors=True)
+        return result
+
+    async def drive(
+        self,
+        server: Server,
+        variant: Variant,
+        result: RunResult,
+        label: str,
+        nursery: trio.Nursery,
+    ) -> None:
+        """Run the load generator against ``server``, sampling it; fills in ``result``."""
+        plan = self.plan
+        assert server.address is not None
+        host, port = server.address
+        pid = server.process.pid
+        cmd = [
+            sys.executable,
+            "-m",
+            "trio_embarcadero.tools.loadgen",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--connections",
+            str(plan.connections),
+            "--ack",
+            str(variant.ack),
+            "--message-size",
+            str(plan.message_size),
+            "--batch-messages",
+            str(plan.batch_messages),
+            "--bytes",
+            str(plan.bytes),
+            "--seconds",
+            str(plan.seconds),
+            "--interval",
+            str(PROGRESS_INTERVAL),
+        ]
+        final: dict[str, Any] = {}
+        loadgen_err: deque[str] = deque(maxlen=10)
+        last_live = [0.0, 0]  # elapsed, bytes at the previous live line
+        peak_anon = 0
+
+        def on_loadgen_line(line: str) -> None:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                loadgen_err.append(line)
+                return
+            if record.get("type") == "result":
+                final.update(record)
+                return
+            if record.get("type") != "progress":
+                return
+            elapsed, sent = record["elapsed"], record["sent_bytes"]
+            result.series.append((elapsed, sent))
+            if elapsed - last_live[0] >= _LIVE_INTERVAL - 1e-3:
+                span = elapsed - last_live[0]
+                rate = (sent - last_live[1]) / span
+                sent_msgs = record["sent_msgs"]
+                acked = record["acked_msgs"] / sent_msgs if variant.ack and sent_msgs else None
+                self.say(self.live_line(label, elapsed, rate, acked, server))
+                last_live[:] = [elapsed, sent]
+
+        cpu0 = process_cpu_seconds(pid)
+        memory0 = process_memory(pid)
+        loadgen = await trio.lowlevel.open_process(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            async with trio.open_nursery() as pumps:
+                pumps.start_soon(_pump, loadgen.stdout, on_loadgen_line)
+                pumps.start_soon(_pump, loadgen.stderr, loadgen_err.append)
+                with trio.move_on_after(plan.seconds + 120) as scope:
+                    while loadgen.poll() is None:
+                        peak_anon = max(peak_anon, process_memory(pid).get("RssAnon", 0))
+                        if server.process.poll() is not None:
+                            break
+                        with trio.move_on_after(0.5):
+                            await loadgen.wait()
+                if scope.cancelled_caught:
+                    result.errors.append("load generator did not finish in time")
+        finally:
+            await _stop_process(loadgen, signal.SIGKILL if result.errors else signal.SIGTERM)
+        if variant.is_broker and server.process.returncode is None:
+            # One more statistics line, so short runs get their pool peak too.
+            server.stats_seen = trio.Event()
+            with trio.move_on_after(_STATS_INTERVAL * 1.5):
+                await server.stats_seen.wait()
+        cpu1 = process_cpu_seconds(pid)
+        memory1 = process_memory(pid)
+        if server.process.returncode is not None:
+            result.receiver_failed = True
+            result.errors.append(
+                f"receiver died ({server.process.returncode}): " + " | ".join(server.tail)
+            )
+        if not final:
+            result.errors.append("load generator failed: " + " | ".join(loadgen_err))
+            return
+        result.errors.extend(final["errors"])
+        result.ok = bool(final["ok"]) and not result.errors
+        result.payload_bytes = final["payload_bytes"]
+        result.wire_bytes = final["wire_bytes"]
+        result.messages = final["messages"]
+        result.batches = final["batches"]
+        result.elapsed_s = final["elapsed_s"]
+        result.time_bounded = final["time_bounded"]
+        result.latency_us = final["latency_us"]
+        result.latency_after_send_us = final["latency_after_send_us"]
+        result.loadgen_cpu_s = final["loadgen_cpu_s"]
+        result.server_cpu_s = cpu1 - cpu0
+        result.server_peak_rss = memory1.get("VmHWM", memory0.get("VmHWM", 0))
+        result.server_peak_anon = max(peak_anon, memory1.get("RssAnon", 0))
+        result.pool_peak, result.pool_size, result.pauses = (
+            server.pool_peak,
+            server.pool_size,
+            server.pauses,
+        )
+
+    def live_line(
+        self, label: str, elapsed: float, rate: float, acked: float | None, server: Server
+    ) -> str:
+        """The once-a-second line during a run."""
+        parts = [
+            f"  {label} {elapsed:5.1f}s",
+            f"{rate / 1e6:8.0f} MB/s",
+            f"{rate / self.plan.message_size / 1e6:6.2f} M msg/s",
+        ]
+        if acked is not None:
+            parts.append(f"acked {acked:4.0%}")
+        if server.pool_size is not None:
+            parts.append(
+                f"pool {server.pool_used}/{server.pool_size} (peak {server.pool_peak})"
+                f" pauses {server.pauses}"
+            )
+        return "  ".join(parts)

@@ -1,0 +1,62 @@
+"""What ``/proc`` says about the tools' child processes and the file systems they use.
+
+The bench samples its receivers' CPU time and memory; the no-loss checker
+reads its broker's peak memory. Every reader returns an empty or "unknown"
+answer rather than raising when a process is gone or ``/proc`` is missing:
+a sample that cannot be taken must not end a run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from ``/proc/PID/stat`` (0.0 if unreadable)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    # The command name may contain spaces and parentheses; fields follow the last ')'.
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def process_memory(pid: int) -> dict[str, int]:
+    """The memory fields of ``/proc/PID/status`` (``VmHWM``, ``VmRSS``, ``RssAnon``...) in
+    bytes; empty if unreadable."""
+    found: dict[str, int] = {}
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return found
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        value = rest.split()
+        if len(value) == 2 and value[1] == "kB":
+            found[key] = int(value[0]) * 1024
+    return found
+
+
+def filesystem(path: str) -> str:
+    """What backs ``path``: ``"ext4 on /dev/vda"`` (from ``/proc/self/mounts``), or "unknown"."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    target = os.path.realpath(path)
+    best: tuple[int, str] = (-1, "unknown")
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # Spaces and the like are octal escapes (\040) in this file.
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best[0]:  # the last of equal mounts is on top
+            best = (len(point), f"{fields[2]} on {fields[0]}")
+    return best[1]
