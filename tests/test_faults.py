@@ -39,11 +39,10 @@ from memory import (
 from trio.testing import MockClock
 
 from trio_embarcadero import BrokerError, ErrorCode, open_broker
-from trio_embarcadero.broker import Broker
+from trio_embarcadero.broker import Broker, ConnectionPhase
 from trio_embarcadero.client import Message, open_publisher, open_subscriber
 from trio_embarcadero.config import Config
-from trio_embarcadero.connection import ConnectionPhase
-from trio_embarcadero.logreader import open_log
+from trio_embarcadero.log import open_log
 
 QUIET = {"network.stats_interval_s": 1000.0}
 
@@ -238,7 +237,7 @@ async def test_the_per_connection_cap_keeps_buffers_for_others(
             assert healthy.arrival_of(len(healthy.data) - 1) == 0.0
             assert broker.statistics().pool.peak_used == 3
             # Let the stuck topic go: every greedy batch commits, in order.
-            broker.log.abandon(held)
+            broker.commits.abandon(held)
             await trio.sleep(0.1)
             assert greedy.acks()[1][-1:] == [60]
             assert broker.statistics().pool.used == 0
@@ -313,7 +312,7 @@ class Held:
 
 def hold_log(broker: Broker, held: Held) -> None:
     reservation = broker.log.get_cxl_buffer("t", header(64))
-    held.release_actions.append(lambda: broker.log.abandon(reservation))
+    held.release_actions.append(lambda: broker.commits.abandon(reservation))
 
 
 def hold_pool(broker: Broker, held: Held) -> None:

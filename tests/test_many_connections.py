@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from trio_embarcadero.logreader import open_log
+from trio_embarcadero.log import open_log
 from trio_embarcadero.noloss import TOPIC, BrokerProcess, encode_batch, payload, write_broker_config
 from trio_embarcadero.wire import AckCount, AckDecoder, ClientRequest, ErrorFrame, Handshake
 

@@ -56,7 +56,7 @@ async def drain_with_staged_batches(make_config: MakeConfig) -> tuple[MemoryClie
 
             async def release() -> None:
                 await trio.sleep_until(RELEASE_AT)
-                broker.log.abandon(held.pop())
+                broker.commits.abandon(held.pop())
 
             nursery.start_soon(release)
             await trio.sleep(0.020)

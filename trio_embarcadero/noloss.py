@@ -65,7 +65,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from .logreader import open_log
+from .log import open_log
 from .wire import (
     AckCount,
     AckDecoder,
