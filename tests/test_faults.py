@@ -36,6 +36,7 @@ from memory import (
     settle,
     walk_file,
 )
+from tcpclient import publish
 from trio.testing import MockClock
 
 from trio_embarcadero import BrokerError, ErrorCode, open_broker
@@ -572,14 +573,8 @@ async def test_a_connection_reset_before_its_handler_runs(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
             await wait_until(lambda: broker.statistics().connections_accepted >= 1)
-            async with await trio.open_tcp_stream("127.0.0.1", broker.port) as stream:
-                await stream.send_all(
-                    rawclient.handshake("t", client_id=3) + rawclient.batch(0, 3, 0, 10, 100)[0]
-                )
-                await stream.send_eof()
-                assert rawclient.parse_ack_stream(await rawclient.read_all(stream)) == (
-                    0,
-                    [10],
-                    None,
-                )
+            received = await publish(
+                broker.port, "t", [rawclient.batch(0, 3, 0, 10, 100)[0]], client_id=3
+            )
+            assert rawclient.parse_ack_stream(received) == (0, [10], None)
             assert broker.statistics().internal_errors == 0
