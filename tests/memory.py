@@ -27,7 +27,8 @@ from rawclient import BATCH_HEADER, parse_ack_stream
 from trio_embarcadero import open_broker
 from trio_embarcadero.broker import Broker
 from trio_embarcadero.config import Config
-from trio_embarcadero.cxl import CxlLog, read_geometry, walk_stream
+from trio_embarcadero.log import CxlLog
+from trio_embarcadero.log.layout import iter_batches, read_geometry
 from trio_embarcadero.wire import BatchHeader
 
 ClientStream = trio.StapledStream[trio.testing.MemorySendStream, trio.testing.MemoryReceiveStream]
@@ -203,7 +204,7 @@ def walk_file(path: str, topic_index: int = 0, broker_id: int = 0) -> list[Batch
     """Every batch header of a stream, read from the file (committed or not)."""
     with read_only_region(path) as region:
         geometry = read_geometry(region)
-        return [h for _, h in walk_stream(region, geometry, topic_index, broker_id)]
+        return [h for _, h in iter_batches(region, geometry, topic_index, broker_id)]
 
 
 def open_small_log(path: str, **overrides: object) -> CxlLog:

@@ -21,7 +21,7 @@ from memory import (
     settle,
 )
 
-from trio_embarcadero.allocator import (
+from trio_embarcadero.broker.allocator import (
     AllocationCounters,
     Backoff,
     StagedBatch,
@@ -30,9 +30,10 @@ from trio_embarcadero.allocator import (
     reserve,
     run_allocator,
 )
-from trio_embarcadero.cxl import CxlLog, Reservation
+from trio_embarcadero.broker.commits import CommitFeed
+from trio_embarcadero.broker.staging import StagingPool
 from trio_embarcadero.errors import LogFullError
-from trio_embarcadero.staging import StagingPool
+from trio_embarcadero.log import CxlLog, Reservation
 from trio_embarcadero.wire import scan_records
 
 US = 1e-6
@@ -221,13 +222,13 @@ async def test_place_batch_keeps_a_connections_order(log: CxlLog) -> None:
     b1 = staged(pool, owner, 1, 3, None)
     b2 = staged(pool, owner, 2, 4, b1.done)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(place_batch, b2, log, BACKOFF, counters)
+        nursery.start_soon(place_batch, b2, log, CommitFeed(log), BACKOFF, counters)
         await settle()
         # The second batch waits for the first: nothing reserved, its buffer still held.
         assert log.statistics().reservations == 0
         assert not b2.done.is_set()
         assert pool.used == 2
-        nursery.start_soon(place_batch, b1, log, BACKOFF, counters)
+        nursery.start_soon(place_batch, b1, log, CommitFeed(log), BACKOFF, counters)
     assert owner.committed == [(1, 0), (2, 3)]
     assert owner.discarded == []
     assert b1.done.is_set()
@@ -262,7 +263,9 @@ async def test_two_allocators_keep_a_connections_order(
     async with trio.open_nursery() as nursery:
         async with receive:
             for _ in range(2):
-                await nursery.start(run_allocator, receive.clone(), log, BACKOFF, counters)
+                await nursery.start(
+                    run_allocator, receive.clone(), log, CommitFeed(log), BACKOFF, counters
+                )
         async with send:
             await send.send(b1)
             await send.send(b2)
@@ -272,7 +275,7 @@ async def test_two_allocators_keep_a_connections_order(
             assert counters.retries == 3
             assert owner.committed == []
             assert pool.used == 2
-            log.abandon(held)
+            CommitFeed(log).abandon(held)
         # Closing the channel lets the allocators drain it and return.
     assert trio.current_time() == approx(ATTEMPTS[3])
     assert owner.committed == [(1, 0), (2, 3)]
@@ -290,8 +293,8 @@ async def test_a_batch_that_gets_no_space_is_discarded(
     b2 = staged(pool, owner, 2, 2, b1.done)
     backoff = Backoff(100 * US, 1600 * US, 2)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(place_batch, b2, log, backoff, counters)
-        nursery.start_soon(place_batch, b1, log, backoff, counters)
+        nursery.start_soon(place_batch, b2, log, CommitFeed(log), backoff, counters)
+        nursery.start_soon(place_batch, b1, log, CommitFeed(log), backoff, counters)
     assert trio.current_time() == approx(300 * US)
     assert owner.committed == []
     assert len(owner.discarded) == 2
@@ -304,7 +307,7 @@ async def test_a_batch_that_gets_no_space_is_discarded(
     assert pool.used == 0
     assert counters.exhausted == 1
     assert log.statistics().reservations == 1  # only the held one
-    log.abandon(held)
+    CommitFeed(log).abandon(held)
 
 
 async def test_a_failed_owners_later_batch_is_discarded(log: CxlLog) -> None:
@@ -312,7 +315,7 @@ async def test_a_failed_owners_later_batch_is_discarded(log: CxlLog) -> None:
     owner = Owner(failed=True)
     counters = AllocationCounters()
     batch = staged(pool, owner, 3, 2, None)
-    await place_batch(batch, log, BACKOFF, counters)
+    await place_batch(batch, log, CommitFeed(log), BACKOFF, counters)
     assert owner.discarded == [None]
     assert owner.committed == []
     assert batch.done.is_set()
@@ -333,7 +336,7 @@ async def test_run_allocator_drains_the_channel(log: CxlLog) -> None:
             previous = batch.done
             send.send_nowait(batch)
     # Started after the send side closed: it still commits everything queued, then returns.
-    await run_allocator(receive, log, BACKOFF, counters)
+    await run_allocator(receive, log, CommitFeed(log), BACKOFF, counters)
     assert [seq for seq, _ in owner.committed] == [0, 1, 2, 3, 4]
     assert [first for _, first in owner.committed] == [0, 2, 4, 6, 8]
     assert pool.used == 0
@@ -398,5 +401,5 @@ async def test_broker_allocator_backs_off_exactly_then_gives_up(
         assert sum(stats.connections.values()) == 0
         assert stats.errors == {"log_full": 1}
         assert stats.internal_errors == 0
-        broker.log.abandon(held)
+        broker.commits.abandon(held)
         del held

@@ -18,13 +18,22 @@ import trio
 from conftest import MakeConfig, wait_until
 from rawclient import (
     BATCH_HEADER,
-    ERROR_MARKER,
     HANDSHAKE,
     batch,
     handshake,
     parse_ack_stream,
     parse_records,
     read_all,
+)
+from tcpclient import (
+    ack_listener,
+    closed_port,
+    connect,
+    error_frame,
+    exchange,
+    publish,
+    recv_exactly,
+    send_and_read,
 )
 
 from trio_embarcadero import ErrorCode, open_broker
@@ -34,7 +43,6 @@ PATHS = pytest.mark.parametrize("use_nonblocking", [True, False], ids=["staged",
 
 TOPIC = "shared"
 GOOD_ID, LATE_ID, BAD_ID = 1, 2, 3
-FRAME_HEAD = struct.Struct("<QII")
 
 
 # -- the well-behaved publishers ------------------------------------------------------------------
@@ -56,7 +64,7 @@ class GoodPublisher:
 @asynccontextmanager
 async def good_publisher(port: int) -> AsyncIterator[GoodPublisher]:
     """Open the good publisher and get its first batch acked; closed on the way out."""
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+    async with await connect(port) as stream:
         await stream.send_all(
             handshake(TOPIC, client_id=GOOD_ID) + batch(0, GOOD_ID, 0, 20, 100)[0]
         )
@@ -66,12 +74,9 @@ async def good_publisher(port: int) -> AsyncIterator[GoodPublisher]:
 
 async def publish_late(port: int) -> None:
     """A fresh publisher after the bad case: served fully."""
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-        await stream.send_all(handshake(TOPIC, client_id=LATE_ID))
-        for k in range(3):
-            await stream.send_all(batch(k, LATE_ID, 10 * k, 10, 50 + k)[0])
-        await stream.send_eof()
-        broker_id, counts, error = parse_ack_stream(await read_all(stream))
+    frames = [batch(k, LATE_ID, 10 * k, 10, 50 + k)[0] for k in range(3)]
+    received = await publish(port, TOPIC, frames, client_id=LATE_ID)
+    broker_id, counts, error = parse_ack_stream(received)
     assert (broker_id, error) == (0, None)
     assert counts == sorted(set(counts))
     assert set(counts) <= {10, 20, 30}
@@ -81,25 +86,22 @@ async def publish_late(port: int) -> None:
 GOOD_MESSAGES = 40 + 30
 
 
+# -- the misbehaving publisher --------------------------------------------------------------------
+
+#: How the bad publisher starts: a handshake and one good batch of 10 messages.
+BAD_START = handshake(TOPIC, client_id=BAD_ID) + batch(0, BAD_ID, 0, 10, 8)[0]
+
+
+@asynccontextmanager
+async def bad_publisher(port: int) -> AsyncIterator[trio.SocketStream]:
+    """Open the bad publisher and get its good batch acked; closed on the way out."""
+    async with await connect(port) as stream:
+        await stream.send_all(BAD_START)
+        assert await recv_exactly(stream, 12) == struct.pack("<iQ", 0, 10)
+        yield stream
+
+
 # -- helpers --------------------------------------------------------------------------------------
-
-
-async def recv_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = await stream.receive_some(n - len(data))
-        assert chunk, f"EOF after {len(data)} of {n} bytes"
-        data += chunk
-    return bytes(data)
-
-
-def error_frame(data: bytes) -> tuple[int, str]:
-    """The error frame that makes up all of ``data``."""
-    assert len(data) >= 16, f"no error frame: {data!r}"
-    marker, code, length = FRAME_HEAD.unpack_from(data)
-    assert marker == ERROR_MARKER
-    assert len(data) == 16 + length, "bytes after the error frame"
-    return code, data[16:].decode()
 
 
 def log_clients(broker: Broker) -> list[tuple[int, int]]:
@@ -145,27 +147,6 @@ async def check_served_and_clean(
     assert log_clients(broker) == expected
     assert stats.internal_errors == 0
     assert stats.errors == errors
-
-
-async def exchange(port: int, data: bytes, *, eof: bool = False) -> bytes:
-    """Open a connection, send ``data`` (and EOF), return all the broker writes.
-
-    Sending runs beside the reading, and a reset while sending is tolerated:
-    a broker may close a connection without reading what it was sent.
-    """
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-
-        async def send() -> None:
-            try:
-                await stream.send_all(data)
-                if eof:
-                    await stream.send_eof()
-            except trio.BrokenResourceError:
-                pass
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send)
-            return await read_all(stream)
 
 
 # -- handshake errors: the error frame is the first thing the broker writes -----------------------
@@ -255,17 +236,15 @@ async def test_connection_limit(make_config: MakeConfig) -> None:
 
 async def test_dial_back_to_a_closed_port(make_config: MakeConfig) -> None:
     with trio.fail_after(10):
-        (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        closed_port = listener.socket.getsockname()[1]
-        await listener.aclose()
+        unused_port = await closed_port()
         async with open_broker(make_config()) as broker:
             async with good_publisher(broker.port) as good:
                 received = await exchange(
-                    broker.port, raw_handshake(port=closed_port, topic=b"dial")
+                    broker.port, raw_handshake(port=unused_port, topic=b"dial")
                 )
                 code, text = error_frame(received)
                 assert code == ErrorCode.BAD_HANDSHAKE
-                assert str(closed_port) in text
+                assert str(unused_port) in text
                 await check_served_and_clean(broker, good, errors={"bad_handshake": 1})
                 assert broker.statistics().dial_backs.failed == 1
                 assert broker.statistics().dial_backs.active == 0
@@ -374,22 +353,10 @@ async def test_bad_batch(make_config: MakeConfig, use_nonblocking: bool, case: s
     with trio.fail_after(10):
         async with open_broker(config) as broker:
             async with good_publisher(broker.port) as good:
-                async with await trio.open_tcp_stream("127.0.0.1", broker.port) as stream:
-                    # One good batch, acked, then the bad one.
-                    await stream.send_all(
-                        handshake(TOPIC, client_id=BAD_ID) + batch(0, BAD_ID, 0, 10, 8)[0]
-                    )
-                    assert await recv_exactly(stream, 12) == struct.pack("<iQ", 0, 10)
-
-                    async def send_bad() -> None:
-                        try:
-                            await stream.send_all(data)
-                        except trio.BrokenResourceError:
-                            pass  # the broker may close before reading it all
-
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(send_bad)
-                        rest = await read_all(stream)
+                # One good batch, acked, then the bad one (the broker may close before
+                # reading it all).
+                async with bad_publisher(broker.port) as stream:
+                    rest = await send_and_read(stream, data)
                 await check_served_and_clean(
                     broker,
                     good,
@@ -418,11 +385,7 @@ async def test_half_close_mid_batch(
             async with good_publisher(broker.port) as good:
                 # A good batch then part of the next, EOF right behind: the good one is
                 # committed and acked, the cut one disappears, and there is no error frame.
-                received = await exchange(
-                    broker.port,
-                    handshake(TOPIC, client_id=BAD_ID) + batch(0, BAD_ID, 0, 10, 8)[0] + BIG[:cut],
-                    eof=True,
-                )
+                received = await exchange(broker.port, BAD_START + BIG[:cut], eof=True)
                 assert parse_ack_stream(received) == (0, [10], None)
                 await check_served_and_clean(
                     broker,
@@ -442,19 +405,17 @@ async def test_reset_mid_batch(make_config: MakeConfig, use_nonblocking: bool, c
     with trio.fail_after(10):
         async with open_broker(config) as broker:
             async with good_publisher(broker.port) as good:
-                stream = await trio.open_tcp_stream("127.0.0.1", broker.port)
-                await stream.send_all(
-                    handshake(TOPIC, client_id=BAD_ID) + batch(0, BAD_ID, 0, 10, 8)[0]
-                )
-                assert await recv_exactly(stream, 12) == struct.pack("<iQ", 0, 10)
-                await stream.send_all(BIG[:cut])
-                if cut >= 128:  # let the broker start on the payload first
-                    await wait_until(lambda: broker.statistics().connections["wait_payload"] == 1)
-                # SO_LINGER 0: close with a reset, not a FIN.
-                stream.socket.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                )
-                await stream.aclose()
+                async with bad_publisher(broker.port) as stream:
+                    await stream.send_all(BIG[:cut])
+                    if cut >= 128:  # let the broker start on the payload first
+                        await wait_until(
+                            lambda: broker.statistics().connections["wait_payload"] == 1
+                        )
+                    # SO_LINGER 0: close with a reset, not a FIN.
+                    stream.socket.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    await stream.aclose()
                 await check_served_and_clean(
                     broker,
                     good,
@@ -473,11 +434,7 @@ async def test_batch_timeout(make_config: MakeConfig, use_nonblocking: bool, sta
     with trio.fail_after(10):
         async with open_broker(config) as broker:
             async with good_publisher(broker.port) as good:
-                async with await trio.open_tcp_stream("127.0.0.1", broker.port) as stream:
-                    await stream.send_all(
-                        handshake(TOPIC, client_id=BAD_ID) + batch(0, BAD_ID, 0, 10, 8)[0]
-                    )
-                    assert await recv_exactly(stream, 12) == struct.pack("<iQ", 0, 10)
+                async with bad_publisher(broker.port) as stream:
                     start = trio.current_time()
                     await stream.send_all(BIG[:stall_at])
                     # ...and stall: the broker gives up on the batch, not on us.
@@ -503,7 +460,7 @@ async def test_batch_timeout_covers_the_whole_batch(
     with trio.fail_after(10):
         async with open_broker(config) as broker:
             async with good_publisher(broker.port) as good:
-                async with await trio.open_tcp_stream("127.0.0.1", broker.port) as stream:
+                async with await connect(broker.port) as stream:
                     await stream.send_all(handshake(TOPIC, client_id=BAD_ID))
                     assert await recv_exactly(stream, 4) == struct.pack("<i", 0)
                     # Each piece comes within the timeout, the whole batch does not.
@@ -531,9 +488,7 @@ async def test_idle_timeout(make_config: MakeConfig, use_nonblocking: bool) -> N
     with trio.fail_after(10):
         async with open_broker(config) as broker:
             start = trio.current_time()
-            received = await exchange(
-                broker.port, handshake(TOPIC, client_id=BAD_ID) + batch(0, BAD_ID, 0, 10, 8)[0]
-            )
+            received = await exchange(broker.port, BAD_START)
             assert trio.current_time() - start >= 0.2
             # A publisher that keeps sending is not idle.
             await publish_late(broker.port)
@@ -560,9 +515,10 @@ async def test_bad_batch_on_a_dial_back_client(
     with trio.fail_after(10):
         async with open_broker(config) as broker:
             async with good_publisher(broker.port) as good:
-                (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-                ack_port = listener.socket.getsockname()[1]
-                async with listener, await trio.open_tcp_stream("127.0.0.1", broker.port) as pub:
+                async with (
+                    ack_listener() as (listener, ack_port),
+                    await connect(broker.port) as pub,
+                ):
                     await pub.send_all(
                         handshake(TOPIC, client_id=BAD_ID, port=ack_port)
                         + batch(0, BAD_ID, 0, 10, 8)[0]

@@ -25,7 +25,7 @@ from rawclient import ERROR_MARKER, batch, handshake, parse_ack_stream
 
 from trio_embarcadero.cli import main
 from trio_embarcadero.config import config_to_toml, load_config
-from trio_embarcadero.cxl import CxlLog
+from trio_embarcadero.log import CxlLog
 
 TIMEOUT = 10.0
 LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")

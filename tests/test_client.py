@@ -35,7 +35,7 @@ from trio_embarcadero.client import (
     open_publisher_on_stream,
     open_subscriber,
 )
-from trio_embarcadero.logreader import open_log
+from trio_embarcadero.log import open_log
 from trio_embarcadero.wire import BATCH_HEADER, HANDSHAKE_SIZE, MESSAGE_HEADER
 
 HOST = "127.0.0.1"

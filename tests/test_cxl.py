@@ -5,14 +5,16 @@ from __future__ import annotations
 import gc
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import rawclient
 from memory import header, read_only_region, walk_file
 
-from trio_embarcadero.cxl import (
+from trio_embarcadero.errors import LayoutError, LogFullError
+from trio_embarcadero.log import CxlLog, Reservation
+from trio_embarcadero.log.layout import (
     BATCH_ABANDONED,
     BATCH_COMMITTED,
     BATCH_RESERVED,
@@ -20,14 +22,11 @@ from trio_embarcadero.cxl import (
     NO_SEGMENT,
     SEGMENT_HEADER_SIZE,
     SEGMENT_MAGIC,
-    CxlLog,
     Geometry,
-    Reservation,
+    iter_batches,
     read_geometry,
     segment_chain,
-    walk_stream,
 )
-from trio_embarcadero.errors import LayoutError, LogFullError
 from trio_embarcadero.wire import BATCH_HEADER_SIZE, scan_records
 
 SEG = 64 * 1024
@@ -89,19 +88,19 @@ def reserve(
     *,
     seq: int = 0,
     client_id: int = 1,
-    on_commit: Callable[[Reservation], None] | None = None,
+    owner: object = None,
 ) -> Reservation:
     """Reserve space for a batch and copy its payload in (not committed yet)."""
     data = body(sizes, client_id)
     r = log.get_cxl_buffer(
-        topic, header(len(data), len(sizes), batch_seq=seq, client_id=client_id), on_commit
+        topic, header(len(data), len(sizes), batch_seq=seq, client_id=client_id), owner
     )
     r.payload[:] = np.frombuffer(data, dtype=np.uint8)
     return r
 
 
-def complete(log: CxlLog, r: Reservation) -> None:
-    log.complete(r, scan_records(r.payload, r.header.num_msg))
+def complete(log: CxlLog, r: Reservation) -> list[Reservation]:
+    return log.complete(r, scan_records(r.payload, r.header.num_msg))
 
 
 def commit(log: CxlLog, topic: str, sizes: list[int], *, seq: int = 0) -> tuple[int, int]:
@@ -154,7 +153,7 @@ def test_fresh_region_is_formatted(region: Region) -> None:
                 NO_SEGMENT,
                 NO_SEGMENT,
             )
-            assert list(walk_stream(log.region, g, t, b)) == []
+            assert list(iter_batches(log.region, g, t, b)) == []
     stats = log.statistics()
     assert (stats.topics, stats.segments_used, stats.segments_total) == (0, 0, NUM_SEGMENTS)
     assert stats.reservations == stats.batches_committed == stats.log_full == 0
@@ -172,16 +171,13 @@ def test_region_without_room_for_a_segment_is_refused(region: Region) -> None:
 def test_complete_commits_with_gap_free_offsets(region: Region) -> None:
     log = region.open()
     committed: list[tuple[int, int]] = []
-
-    def on_commit(r: Reservation) -> None:
-        committed.append((r.batch_index, r.first_offset))
-
     sizes = [[10, 20, 30], [0], [100] * 5]
     for seq, batch in enumerate(sizes):
-        r = reserve(log, "a", batch, seq=seq, on_commit=on_commit)
+        r = reserve(log, "a", batch, seq=seq)
         assert r.state == BATCH_RESERVED
         assert r.first_offset == -1
-        complete(log, r)
+        assert complete(log, r) == [r]
+        committed.append((r.batch_index, r.first_offset))
         assert r.state == BATCH_COMMITTED
     assert committed == [(0, 0), (1, 3), (2, 4)]
     stream = log.stream("a")
@@ -210,31 +206,21 @@ def test_complete_commits_with_gap_free_offsets(region: Region) -> None:
 
 def test_out_of_order_completion_commits_in_reservation_order(region: Region) -> None:
     log = region.open()
-    events: list[tuple[str, int]] = []
-    log.add_commit_listener(lambda r: events.append(("listener", r.header.batch_seq)))
-
-    def on_commit(r: Reservation) -> None:
-        events.append(("own", r.header.batch_seq))
-
-    r1 = reserve(log, "a", [1, 2], seq=1, on_commit=on_commit)
-    r2 = reserve(log, "a", [3, 4, 5], seq=2, on_commit=on_commit)
-    r3 = reserve(log, "a", [6], seq=3, on_commit=on_commit)
-    complete(log, r2)
-    complete(log, r3)
-    assert events == []
+    owner = object()
+    r1 = reserve(log, "a", [1, 2], seq=1, owner=owner)
+    r2 = reserve(log, "a", [3, 4, 5], seq=2, owner=owner)
+    r3 = reserve(log, "a", [6], seq=3, owner=owner)
+    assert complete(log, r2) == []
+    assert complete(log, r3) == []
     assert (r2.state, r3.state) == (BATCH_RESERVED, BATCH_RESERVED)
     assert log.stream("a").next_offset == 0
     assert states(log, "a") == [0, 0, 0]
     assert stream_counts(log, "a") == (0, 0, 0)
-    complete(log, r1)
-    assert events == [
-        ("listener", 1),
-        ("own", 1),
-        ("listener", 2),
-        ("own", 2),
-        ("listener", 3),
-        ("own", 3),
-    ]
+    # The call that unblocks them returns every batch it committed, in order,
+    # each with the owner it was reserved for.
+    committed = complete(log, r1)
+    assert committed == [r1, r2, r3]
+    assert all(r.owner is owner for r in committed)
     assert [r.first_offset for r in (r1, r2, r3)] == [0, 2, 5]
     assert states(log, "a") == [1, 1, 1]
     assert [r[0] for r in records_of(log, "a")] == list(range(6))
@@ -246,16 +232,16 @@ def test_abandon_in_the_middle_keeps_offsets_gap_free(region: Region) -> None:
     r2 = reserve(log, "a", [3, 4, 5], seq=2)
     r3 = reserve(log, "a", [6], seq=3)
     r4 = reserve(log, "a", [7, 8], seq=4)
-    complete(log, r3)
-    log.abandon(r2)
+    assert complete(log, r3) == []
+    assert log.abandon(r2) == []
     assert r2.state == BATCH_ABANDONED
     assert states(log, "a") == [0, 2, 0, 0]  # r3 still waits for r1
-    complete(log, r1)
-    complete(log, r4)
+    assert complete(log, r1) == [r1, r3]  # r3 was held back only by r1
+    assert complete(log, r4) == [r4]
     assert (r1.first_offset, r2.first_offset, r3.first_offset, r4.first_offset) == (0, -1, 2, 3)
     assert states(log, "a") == [1, 2, 1, 1]
-    log.abandon(r2)  # idempotent
-    log.abandon(r1)  # committed: no effect
+    assert log.abandon(r2) == []  # idempotent
+    assert log.abandon(r1) == []  # committed: no effect
     assert r1.state == BATCH_COMMITTED
     assert log.statistics().batches_abandoned == 1
     stream = log.stream("a")
@@ -504,7 +490,7 @@ def test_reader_mapping_tells_committed_from_inflight(region: Region) -> None:
     with read_only_region(region.path) as view:
         geometry = read_geometry(view)
         assert geometry == log.geometry
-        seen = [(h.batch_seq, h.batch_complete) for _, h in walk_stream(view, geometry, 0, 0)]
+        seen = [(h.batch_seq, h.batch_complete) for _, h in iter_batches(view, geometry, 0, 0)]
         assert seen == [
             (1, BATCH_COMMITTED),
             (2, BATCH_RESERVED),
@@ -512,14 +498,14 @@ def test_reader_mapping_tells_committed_from_inflight(region: Region) -> None:
             (4, BATCH_ABANDONED),
         ]
         complete(log, r2)  # stores become visible in the other mapping
-        seen = [(h.batch_seq, h.batch_complete) for _, h in walk_stream(view, geometry, 0, 0)]
+        seen = [(h.batch_seq, h.batch_complete) for _, h in iter_batches(view, geometry, 0, 0)]
         assert seen == [
             (1, BATCH_COMMITTED),
             (2, BATCH_COMMITTED),
             (3, BATCH_COMMITTED),
             (4, BATCH_ABANDONED),
         ]
-        starts = [h.start_logical_offset for _, h in walk_stream(view, geometry, 0, 0)]
+        starts = [h.start_logical_offset for _, h in iter_batches(view, geometry, 0, 0)]
         assert starts[:3] == [0, 1, 3]
     del r1, r2, r3, r4
 

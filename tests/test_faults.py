@@ -36,14 +36,14 @@ from memory import (
     settle,
     walk_file,
 )
+from tcpclient import publish
 from trio.testing import MockClock
 
 from trio_embarcadero import BrokerError, ErrorCode, open_broker
-from trio_embarcadero.broker import Broker
+from trio_embarcadero.broker import Broker, ConnectionPhase
 from trio_embarcadero.client import Message, open_publisher, open_subscriber
 from trio_embarcadero.config import Config
-from trio_embarcadero.connection import ConnectionPhase
-from trio_embarcadero.logreader import open_log
+from trio_embarcadero.log import open_log
 
 QUIET = {"network.stats_interval_s": 1000.0}
 
@@ -238,7 +238,7 @@ async def test_the_per_connection_cap_keeps_buffers_for_others(
             assert healthy.arrival_of(len(healthy.data) - 1) == 0.0
             assert broker.statistics().pool.peak_used == 3
             # Let the stuck topic go: every greedy batch commits, in order.
-            broker.log.abandon(held)
+            broker.commits.abandon(held)
             await trio.sleep(0.1)
             assert greedy.acks()[1][-1:] == [60]
             assert broker.statistics().pool.used == 0
@@ -313,7 +313,7 @@ class Held:
 
 def hold_log(broker: Broker, held: Held) -> None:
     reservation = broker.log.get_cxl_buffer("t", header(64))
-    held.release_actions.append(lambda: broker.log.abandon(reservation))
+    held.release_actions.append(lambda: broker.commits.abandon(reservation))
 
 
 def hold_pool(broker: Broker, held: Held) -> None:
@@ -573,14 +573,8 @@ async def test_a_connection_reset_before_its_handler_runs(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
             await wait_until(lambda: broker.statistics().connections_accepted >= 1)
-            async with await trio.open_tcp_stream("127.0.0.1", broker.port) as stream:
-                await stream.send_all(
-                    rawclient.handshake("t", client_id=3) + rawclient.batch(0, 3, 0, 10, 100)[0]
-                )
-                await stream.send_eof()
-                assert rawclient.parse_ack_stream(await rawclient.read_all(stream)) == (
-                    0,
-                    [10],
-                    None,
-                )
+            received = await publish(
+                broker.port, "t", [rawclient.batch(0, 3, 0, 10, 100)[0]], client_id=3
+            )
+            assert rawclient.parse_ack_stream(received) == (0, [10], None)
             assert broker.statistics().internal_errors == 0

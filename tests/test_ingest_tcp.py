@@ -1,7 +1,8 @@
 """The publish path over real TCP: every ack mode, log contents byte for byte, pressure, full log.
 
-Clients are the raw spec client (``rawclient``); the log is read back both from
-the mapped region and over a subscribe connection.
+Clients are the raw spec client (``rawclient``, over loopback TCP through
+``tcpclient``); the log is read back both from the mapped region and over a
+subscribe connection.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import trio
 from conftest import MakeConfig, wait_until
 from rawclient import (
     BATCH_HEADER,
-    ERROR_MARKER,
     HANDSHAKE,
     MESSAGE_HEADER,
     handshake,
@@ -24,6 +24,17 @@ from rawclient import (
     payload_for,
     read_all,
     record,
+)
+from tcpclient import (
+    ack_listener,
+    closed_port,
+    connect,
+    connections,
+    publish,
+    recv_ack_item,
+    recv_broker_id,
+    recv_exactly,
+    subscribe_bytes,
 )
 
 from trio_embarcadero import ConnectionPhase, ErrorCode, open_broker
@@ -83,65 +94,6 @@ def prefix_sums(plan: Sequence[Sequence[int]]) -> set[int]:
         total += len(sizes)
         out.add(total)
     return out
-
-
-async def recv_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = await stream.receive_some(n - len(data))
-        assert chunk, f"EOF after {len(data)} of {n} bytes"
-        data += chunk
-    return bytes(data)
-
-
-async def recv_ack_item(stream: trio.abc.ReceiveStream) -> int | tuple[int, str]:
-    """One item of an ack stream after the broker id: a count or an error frame."""
-    (value,) = struct.unpack("<Q", await recv_exactly(stream, 8))
-    if value != ERROR_MARKER:
-        return value
-    code, length = struct.unpack("<II", await recv_exactly(stream, 8))
-    return code, (await recv_exactly(stream, length)).decode()
-
-
-async def recv_broker_id(stream: trio.abc.ReceiveStream) -> int:
-    (broker_id,) = struct.unpack("<i", await recv_exactly(stream, 4))
-    return broker_id
-
-
-async def publish(
-    port: int,
-    topic: str,
-    frames: Sequence[bytes],
-    *,
-    client_id: int,
-    ack: int = 1,
-    ack_port: int = 0,
-    refused: bool = False,
-) -> bytes:
-    """Send a handshake and ``frames``, half-close, return everything the broker wrote.
-
-    With ``refused``, a reset while sending is expected: the broker closes a
-    connection it refuses without reading the rest of what was sent.
-    """
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-        await stream.send_all(handshake(topic, client_id=client_id, ack=ack, port=ack_port))
-        received = b""
-
-        async def reader() -> None:
-            nonlocal received
-            received = await read_all(stream)
-
-        async with trio.open_nursery() as nursery:
-            # Read while sending: acks must never block the publisher's sends.
-            nursery.start_soon(reader)
-            try:
-                for frame in frames:
-                    await stream.send_all(frame)
-                await stream.send_eof()
-            except trio.BrokenResourceError:
-                if not refused:
-                    raise
-        return received
 
 
 def assert_growing_counts(counts: list[int], plan: Sequence[Sequence[int]]) -> None:
@@ -211,13 +163,6 @@ def committed_region_bytes(broker: Broker, topic: str, first_batch: int = 0) -> 
     return b"".join(parts)
 
 
-async def subscribe_bytes(port: int, topic: str, nbytes: int, *, last_addr: int = 0) -> bytes:
-    """Read exactly ``nbytes`` of a topic's record stream over a subscribe connection."""
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-        await stream.send_all(handshake(topic, client_id=99, ack=0, req=1, last_addr=last_addr))
-        return await recv_exactly(stream, nbytes)
-
-
 def without_offsets(records: list[tuple[int, int, int, bytes]]) -> list[tuple[int, int, bytes]]:
     return [(cid, order, payload) for _, cid, order, payload in records]
 
@@ -237,13 +182,11 @@ async def test_ack0_no_ack_stream_and_exact_log(
     config = make_config(**{"network.use_nonblocking": use_nonblocking})
     frames, expected = plan_batches(client_id=5)
     # With ack 0 the port field means nothing: the broker must not dial it.
-    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    closed_port = listener.socket.getsockname()[1] if with_port else 0
-    await listener.aclose()
+    unused_port = await closed_port() if with_port else 0
     with trio.fail_after(10):
         async with open_broker(config) as broker:
             received = await publish(
-                broker.port, "ack0", frames, client_id=5, ack=0, ack_port=closed_port
+                broker.port, "ack0", frames, client_id=5, ack=0, ack_port=unused_port
             )
             # Ack level 0: not one byte comes back, just EOF once everything is in.
             assert received == b""
@@ -303,18 +246,16 @@ async def test_ack1_dial_back_counts_and_exact_log(
     frames, expected = plan_batches(client_id=7)
     with trio.fail_after(10):
         async with open_broker(config) as broker:
-            (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-            ack_port = listener.socket.getsockname()[1]
             ack_data: list[bytes] = []
 
-            async def accept_acks() -> None:
+            async def accept_acks(listener: trio.SocketListener) -> None:
                 while True:
                     ack_stream = await listener.accept()
                     async with ack_stream:
                         ack_data.append(await read_all(ack_stream))
 
-            async with listener, trio.open_nursery() as nursery:
-                nursery.start_soon(accept_acks)
+            async with ack_listener() as (listener, ack_port), trio.open_nursery() as nursery:
+                nursery.start_soon(accept_acks, listener)
                 received = await publish(
                     broker.port, "dial", frames, client_id=7, ack_port=ack_port
                 )
@@ -346,12 +287,8 @@ async def test_dial_back_two_connections_share_one_ack_connection(
     )
     with trio.fail_after(10):
         async with open_broker(config) as broker:
-            (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-            ack_port = listener.socket.getsockname()[1]
-            async with listener:
-                pub_a = await trio.open_tcp_stream("127.0.0.1", broker.port)
-                pub_b = await trio.open_tcp_stream("127.0.0.1", broker.port)
-                async with pub_a, pub_b:
+            async with ack_listener() as (listener, ack_port):
+                async with connections(broker.port, 2) as (pub_a, pub_b):
                     await pub_a.send_all(handshake(topic, client_id=cid, port=ack_port))
                     await pub_a.send_all(frame_a0)
                     ack = await listener.accept()
@@ -392,14 +329,10 @@ async def test_dial_back_two_concurrent_connections_sum_on_one_ack_stream(
     frames_b, expected_b = plan_batches(cid, plan_b, first_seq=100, first_order=1000)
     with trio.fail_after(10):
         async with open_broker(config) as broker:
-            (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-            ack_port = listener.socket.getsockname()[1]
-            async with listener:
+            async with ack_listener() as (listener, ack_port):
                 # Both publish connections are attached (handshake done, idle) before
                 # either sends, so they share the client's one ack connection.
-                pub_a = await trio.open_tcp_stream("127.0.0.1", broker.port)
-                pub_b = await trio.open_tcp_stream("127.0.0.1", broker.port)
-                async with pub_a, pub_b:
+                async with connections(broker.port, 2) as (pub_a, pub_b):
                     await pub_a.send_all(handshake(topic, client_id=cid, port=ack_port))
                     ack = await listener.accept()
                     await pub_b.send_all(handshake(topic, client_id=cid, port=ack_port))
@@ -489,7 +422,7 @@ async def test_eof_commits_and_acks_every_batch_before_closing(
     frames, expected = plan_batches(11, plan)
     with trio.fail_after(10):
         async with open_broker(config) as broker:
-            async with await trio.open_tcp_stream("127.0.0.1", broker.port) as stream:
+            async with await connect(broker.port) as stream:
                 # Everything in one write, EOF right behind it, nothing read until then.
                 await stream.send_all(handshake("eof", client_id=11) + b"".join(frames))
                 await stream.send_eof()
@@ -522,7 +455,7 @@ async def test_broker_overwrites_the_fields_it_owns(
     hello = HANDSHAKE.pack(23, 1, 777, 10**12, 0, 0, b"owned".ljust(32, b"\0"))
     with trio.fail_after(10):
         async with open_broker(config) as broker:
-            async with await trio.open_tcp_stream("127.0.0.1", broker.port) as stream:
+            async with await connect(broker.port) as stream:
                 await stream.send_all(hello)
                 # One ordinary batch first, so the garbage batch does not start at 0.
                 first, first_payloads = make_batch(0, 24, 0, [3, 4])
@@ -554,11 +487,8 @@ async def test_broker_id_heads_the_ack_streams(make_config: MakeConfig) -> None:
             assert received[:4] == struct.pack("<i", 3)
             assert parse_ack_stream(received) == (3, [10], None)
             # Dial-back streams start with it too.
-            (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-            async with listener, await trio.open_tcp_stream("127.0.0.1", broker.port) as pub:
-                await pub.send_all(
-                    handshake("id3", client_id=13, port=listener.socket.getsockname()[1])
-                )
+            async with ack_listener() as (listener, ack_port), await connect(broker.port) as pub:
+                await pub.send_all(handshake("id3", client_id=13, port=ack_port))
                 async with await listener.accept() as ack:
                     await pub.send_all(make_batch(0, 13, 0, [5] * 4)[0])
                     await pub.send_eof()
@@ -583,7 +513,7 @@ async def test_statistics_after_a_run_and_phases_while_idle(
     sizes = [len(f) - 128 for f in frames]
     with trio.fail_after(10):
         async with open_broker(config) as broker:
-            async with await trio.open_tcp_stream("127.0.0.1", broker.port) as stream:
+            async with await connect(broker.port) as stream:
                 await stream.send_all(handshake("stats", client_id=14) + frames[0])
                 assert await recv_broker_id(stream) == 0
                 assert await recv_ack_item(stream) == 50
@@ -633,7 +563,7 @@ async def test_statistics_after_a_run_and_phases_while_idle(
 async def test_subscriber_phase_is_visible(make_config: MakeConfig) -> None:
     with trio.fail_after(10):
         async with open_broker(make_config()) as broker:
-            async with await trio.open_tcp_stream("127.0.0.1", broker.port) as sub:
+            async with await connect(broker.port) as sub:
                 await sub.send_all(handshake("later", client_id=1, ack=0, req=1))
                 await wait_until(lambda: broker.statistics().connections["subscribed"] == 1)
                 frames, expected = plan_batches(15, [[33] * 3])
@@ -728,7 +658,7 @@ async def lockstep_publish(
     came after it before EOF. The sender may find the connection reset once
     the broker gives up, which is expected.
     """
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+    async with await connect(port) as stream:
         await stream.send_all(handshake(topic, client_id=client_id))
         go_send, go_receive = trio.open_memory_channel[None](len(frames))
         counts: list[int] = []
@@ -826,7 +756,7 @@ async def test_shutdown_sends_final_acks_then_error_5(
     with trio.fail_after(10):
         async with AsyncExitStack() as streams:
             async with open_broker(config) as broker:
-                stream = await connect(streams, broker.port)
+                stream = await connect_for_good(streams, broker.port)
                 await stream.send_all(handshake("bye", client_id=18) + b"".join(frames))
                 # Nothing is read here: the acks pile up in our receive buffer.
                 await wait_until(lambda: broker.statistics().messages_committed == 40)
@@ -841,9 +771,9 @@ async def test_shutdown_sends_final_acks_then_error_5(
     assert error[0] == ErrorCode.SHUTTING_DOWN
 
 
-async def connect(streams: AsyncExitStack, port: int) -> trio.SocketStream:
+async def connect_for_good(streams: AsyncExitStack, port: int) -> trio.SocketStream:
     """A client connection that outlives the broker block and is closed in any case."""
-    return await streams.enter_async_context(await trio.open_tcp_stream("127.0.0.1", port))
+    return await streams.enter_async_context(await connect(port))
 
 
 @PATHS
@@ -851,13 +781,10 @@ async def test_shutdown_with_dial_back_acks(make_config: MakeConfig, use_nonbloc
     config = make_config(**{"network.use_nonblocking": use_nonblocking})
     frames, _ = plan_batches(19, [[300] * 20] * 2)
     with trio.fail_after(10):
-        (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        async with listener, AsyncExitStack() as streams:
+        async with ack_listener() as (listener, ack_port), AsyncExitStack() as streams:
             async with open_broker(config) as broker:
-                pub = await connect(streams, broker.port)
-                await pub.send_all(
-                    handshake("bye", client_id=19, port=listener.socket.getsockname()[1])
-                )
+                pub = await connect_for_good(streams, broker.port)
+                await pub.send_all(handshake("bye", client_id=19, port=ack_port))
                 ack = await streams.enter_async_context(await listener.accept())
                 await pub.send_all(b"".join(frames))
                 await wait_until(lambda: broker.statistics().messages_committed == 40)
@@ -885,7 +812,7 @@ async def test_shutdown_lets_the_batch_in_flight_finish(
     with trio.fail_after(10):
         async with AsyncExitStack() as streams, trio.open_nursery() as nursery:
             async with open_broker(config) as broker:
-                stream = await connect(streams, broker.port)
+                stream = await connect_for_good(streams, broker.port)
                 await stream.send_all(handshake("inflight", client_id=20) + first + big[:1000])
                 await wait_until(lambda: broker.statistics().connections["wait_payload"] == 1)
 
@@ -914,7 +841,7 @@ async def test_shutdown_grace_bounds_a_stalled_batch(
     with trio.fail_after(10):
         async with AsyncExitStack() as streams:
             async with open_broker(config) as broker:
-                stream = await connect(streams, broker.port)
+                stream = await connect_for_good(streams, broker.port)
                 await stream.send_all(handshake("stall", client_id=21) + first + big[:1000])
                 await wait_until(lambda: broker.statistics().connections["wait_payload"] == 1)
                 start = trio.current_time()

@@ -13,7 +13,7 @@ from rawclient import batch, handshake, parse_ack_stream, payload_for, read_all
 from trio_embarcadero import LayoutError, open_broker
 from trio_embarcadero.cli import main
 from trio_embarcadero.client import Message, open_publisher, open_subscriber
-from trio_embarcadero.logreader import open_log
+from trio_embarcadero.log import open_log
 
 HOST = "127.0.0.1"
 

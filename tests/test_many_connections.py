@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from tcpclient import connect, recv_exactly
 
-from trio_embarcadero.logreader import open_log
+from trio_embarcadero.log import open_log
 from trio_embarcadero.tools.noloss import (
     TOPIC,
     BrokerProcess,
@@ -52,15 +53,6 @@ def raise_open_file_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def recv_exactly(stream: trio.SocketStream, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = await stream.receive_some(n - len(data))
-        assert chunk, f"EOF after {len(data)} of {n} bytes"
-        data += chunk
-    return bytes(data)
-
-
 async def test_1000_concurrent_publishers(
     tmp_path: Path, cxl_path: str, record_property: Callable[[str, object], None]
 ) -> None:
@@ -86,7 +78,7 @@ async def test_1000_concurrent_publishers(
             async def publisher(client_id: int) -> None:
                 nonlocal connected
                 async with opening:
-                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    stream = await connect(port)
                     handshake = Handshake(
                         client_id=client_id,
                         ack=1,

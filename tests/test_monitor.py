@@ -12,8 +12,8 @@ import trio.testing
 from conftest import MakeConfig
 from memory import header, memory_broker, next_deadline, open_client, settle
 
-from trio_embarcadero.monitor import PauseGate, run_pool_monitor, watermark_counts
-from trio_embarcadero.staging import StagingBuffer, StagingPool
+from trio_embarcadero.broker.monitor import PauseGate, run_pool_monitor, watermark_counts
+from trio_embarcadero.broker.staging import StagingBuffer, StagingPool
 
 
 def take(pool: StagingPool) -> StagingBuffer:
@@ -309,7 +309,7 @@ async def test_allocator_backoff_fills_the_pool_and_pauses_the_publisher(
         assert (stats.pool.used, stats.paused, stats.batches_committed) == (3, True, 0)
         assert client.server.bytes_received == read
 
-        broker.log.abandon(held)
+        broker.commits.abandon(held)
         del held
         await trio.sleep(0.0016)  # past the allocator's next attempt
         await settle()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import trio
 
-from trio_embarcadero.cxl import CxlLog
+from trio_embarcadero.log import CxlLog
 from trio_embarcadero.tools.noloss import (
     TOPIC,
     Client,

@@ -12,7 +12,7 @@
 
 The publishers speak the wire protocol directly (``noloss.encode_batch``,
 deterministic payloads); the log is read back with
-:class:`~trio_embarcadero.logreader.LogReader` and checked with
+:class:`~trio_embarcadero.log.LogReader` and checked with
 :func:`trio_embarcadero.tools.noloss.verify` (offsets gap-free, every committed batch
 one that was sent, whole and byte-identical, per-client order, nothing acked
 missing), plus the exact per-client sequence each scenario implies.
@@ -30,8 +30,7 @@ import pytest
 import trio
 from conftest import wait_until
 
-from trio_embarcadero.cxl import CxlLog
-from trio_embarcadero.logreader import open_log
+from trio_embarcadero.log import CxlLog, open_log
 from trio_embarcadero.tools.noloss import (
     TOPIC,
     BrokerProcess,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import pytest
 import rawclient
 import trio
@@ -9,6 +12,7 @@ from conftest import MakeConfig
 from memory import MemoryClient, header, memory_broker, open_client, settle, walk_file
 from trio.testing import MockClock
 
+from trio_embarcadero.broker import Broker
 from trio_embarcadero.config import Config
 
 US = 1e-6
@@ -23,6 +27,14 @@ def quiet_config(make_config: MakeConfig, **overrides: object) -> Config:
     values: dict[str, object] = {"network.stats_interval_s": 1000.0}
     values.update(overrides)
     return make_config(**values)
+
+
+@asynccontextmanager
+async def one_client(config: Config) -> AsyncIterator[tuple[Broker, MemoryClient]]:
+    """A memory broker with one client connected at once (read in the background)."""
+    async with trio.open_nursery() as nursery:
+        async with memory_broker(config) as (broker, listener):
+            yield broker, await open_client(listener, nursery)
 
 
 # -- graceful shutdown -----------------------------------------------------------------------
@@ -56,7 +68,7 @@ async def drain_with_staged_batches(make_config: MakeConfig) -> tuple[MemoryClie
 
             async def release() -> None:
                 await trio.sleep_until(RELEASE_AT)
-                broker.log.abandon(held.pop())
+                broker.commits.abandon(held.pop())
 
             nursery.start_soon(release)
             await trio.sleep(0.020)
@@ -142,42 +154,38 @@ async def test_shutdown_grace_cuts_a_batch_that_never_finishes(
 
 async def test_handshake_timeout(make_config: MakeConfig, autojump_clock: MockClock) -> None:
     config = quiet_config(make_config, **{"network.handshake_timeout_s": 3.0})
-    async with trio.open_nursery() as nursery:
-        async with memory_broker(config) as (broker, listener):
-            client = await open_client(listener, nursery)
-            await trio.sleep(1.0)
-            await client.send(rawclient.handshake("t")[:10])  # then nothing
-            await settle()
-            assert client.chunks == []
-            await trio.sleep(2.5)
-            # Error 7 at exactly 3 s after the connection began, as its first bytes.
-            assert client.acks(with_broker_id=False) == (
-                None,
-                [],
-                (7, "no handshake within 3.0 s"),
-            )
-            assert client.arrival_of(0) == 3.0
-            assert client.eof_at == 3.0
-            stats = broker.statistics()
-            assert stats.errors == {"timeout": 1}
-            assert sum(stats.connections.values()) == 0
+    async with one_client(config) as (broker, client):
+        await trio.sleep(1.0)
+        await client.send(rawclient.handshake("t")[:10])  # then nothing
+        await settle()
+        assert client.chunks == []
+        await trio.sleep(2.5)
+        # Error 7 at exactly 3 s after the connection began, as its first bytes.
+        assert client.acks(with_broker_id=False) == (
+            None,
+            [],
+            (7, "no handshake within 3.0 s"),
+        )
+        assert client.arrival_of(0) == 3.0
+        assert client.eof_at == 3.0
+        stats = broker.statistics()
+        assert stats.errors == {"timeout": 1}
+        assert sum(stats.connections.values()) == 0
 
 
 async def test_slow_but_complete_handshake_is_accepted(
     make_config: MakeConfig, autojump_clock: MockClock
 ) -> None:
     config = quiet_config(make_config, **{"network.handshake_timeout_s": 3.0})
-    async with trio.open_nursery() as nursery:
-        async with memory_broker(config) as (broker, listener):
-            client = await open_client(listener, nursery)
-            hs = rawclient.handshake("t")
-            await client.send(hs[:63])
-            await trio.sleep(3.0 - EPS)
-            await client.send(hs[63:])
-            await settle()
-            assert broker.statistics().connections["wait_header"] == 1
-            assert client.acks() == (0, [], None)
-            await client.close()
+    async with one_client(config) as (broker, client):
+        hs = rawclient.handshake("t")
+        await client.send(hs[:63])
+        await trio.sleep(3.0 - EPS)
+        await client.send(hs[63:])
+        await settle()
+        assert broker.statistics().connections["wait_header"] == 1
+        assert client.acks() == (0, [], None)
+        await client.close()
 
 
 IDLE_CONFIG = {"network.idle_timeout_s": 2.0}
@@ -185,23 +193,21 @@ IDLE_CONFIG = {"network.idle_timeout_s": 2.0}
 
 async def idle_connection(make_config: MakeConfig) -> MemoryClient:
     """Handshake at 0.5 s, a batch at 1 s, then silence: idle from 1 s on."""
-    async with trio.open_nursery() as nursery:
-        async with memory_broker(quiet_config(make_config, **IDLE_CONFIG)) as (broker, listener):
-            client = await open_client(listener, nursery)
-            await trio.sleep(0.5)
-            await client.send(rawclient.handshake("t", client_id=6, ack=1))
-            await trio.sleep(0.5)
-            await client.send(rawclient.batch(0, 6, 0, 10, 100)[0])
-            await settle()
-            assert client.acks() == (0, [10], None)
-            await trio.sleep(2.0 - EPS)  # 2.99999 s: not yet
-            await settle()
-            assert client.eof_at is None
-            assert broker.statistics().connections["wait_header"] == 1
-            await trio.sleep(2 * EPS)
-            assert client.eof_at == 3.0
-            assert broker.statistics().batches_committed == 1
-        return client
+    async with one_client(quiet_config(make_config, **IDLE_CONFIG)) as (broker, client):
+        await trio.sleep(0.5)
+        await client.send(rawclient.handshake("t", client_id=6, ack=1))
+        await trio.sleep(0.5)
+        await client.send(rawclient.batch(0, 6, 0, 10, 100)[0])
+        await settle()
+        assert client.acks() == (0, [10], None)
+        await trio.sleep(2.0 - EPS)  # 2.99999 s: not yet
+        await settle()
+        assert client.eof_at is None
+        assert broker.statistics().connections["wait_header"] == 1
+        await trio.sleep(2 * EPS)
+        assert client.eof_at == 3.0
+        assert broker.statistics().batches_committed == 1
+    return client
 
 
 async def test_idle_timeout_counts_from_the_last_batch(
@@ -215,14 +221,12 @@ async def test_idle_timeout_counts_from_the_last_batch(
 async def test_no_idle_timeout_by_default(
     make_config: MakeConfig, autojump_clock: MockClock
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        async with memory_broker(quiet_config(make_config)) as (broker, listener):
-            client = await open_client(listener, nursery)
-            await client.send(rawclient.handshake("t", client_id=6, ack=1))
-            await trio.sleep(500.0)
-            assert client.eof_at is None
-            assert broker.statistics().connections["wait_header"] == 1
-            await client.close()
+    async with one_client(quiet_config(make_config)) as (broker, client):
+        await client.send(rawclient.handshake("t", client_id=6, ack=1))
+        await trio.sleep(500.0)
+        assert client.eof_at is None
+        assert broker.statistics().connections["wait_header"] == 1
+        await client.close()
 
 
 BATCH_CONFIG = {"network.batch_timeout_s": 1.0}
@@ -230,19 +234,17 @@ BATCH_CONFIG = {"network.batch_timeout_s": 1.0}
 
 async def stalled_header(make_config: MakeConfig) -> MemoryClient:
     """One byte of a batch header at 0.25 s, then nothing."""
-    async with trio.open_nursery() as nursery:
-        async with memory_broker(quiet_config(make_config, **BATCH_CONFIG)) as (broker, listener):
-            client = await open_client(listener, nursery)
-            await client.send(rawclient.handshake("t", client_id=7, ack=1))
-            await trio.sleep(0.25)
-            await client.send(rawclient.batch(0, 7, 0, 10, 100)[0][:1])
-            await trio.sleep(1.0 - EPS)
-            await settle()
-            assert client.eof_at is None
-            await trio.sleep(2 * EPS)
-            assert client.eof_at == 1.25
-            assert broker.statistics().batches_received == 0
-        return client
+    async with one_client(quiet_config(make_config, **BATCH_CONFIG)) as (broker, client):
+        await client.send(rawclient.handshake("t", client_id=7, ack=1))
+        await trio.sleep(0.25)
+        await client.send(rawclient.batch(0, 7, 0, 10, 100)[0][:1])
+        await trio.sleep(1.0 - EPS)
+        await settle()
+        assert client.eof_at is None
+        await trio.sleep(2 * EPS)
+        assert client.eof_at == 1.25
+        assert broker.statistics().batches_received == 0
+    return client
 
 
 async def test_batch_timeout_counts_from_the_first_header_byte(
@@ -257,39 +259,35 @@ async def test_batch_timeout_covers_header_and_payload_together(
     make_config: MakeConfig, autojump_clock: MockClock
 ) -> None:
     data, _ = rawclient.batch(0, 7, 0, 10, 100)
-    async with trio.open_nursery() as nursery:
-        async with memory_broker(quiet_config(make_config, **BATCH_CONFIG)) as (broker, listener):
-            client = await open_client(listener, nursery)
-            await client.send(rawclient.handshake("t", client_id=7, ack=1))
-            await trio.sleep(0.25)
-            await client.send(data[:1])
-            await trio.sleep(0.9)
-            await client.send(data[1:200])  # header whole at 1.15 s, payload started
-            await trio.sleep(0.1 - EPS)
-            await settle()
-            assert client.eof_at is None
-            await trio.sleep(2 * EPS)
-            # 1 s after the first header byte, not 1 s after the header was whole.
-            assert client.eof_at == 1.25
-            assert client.acks() == (0, [], (7, "batch not received within 1.0 s"))
-            assert broker.statistics().batches_received == 0
+    async with one_client(quiet_config(make_config, **BATCH_CONFIG)) as (broker, client):
+        await client.send(rawclient.handshake("t", client_id=7, ack=1))
+        await trio.sleep(0.25)
+        await client.send(data[:1])
+        await trio.sleep(0.9)
+        await client.send(data[1:200])  # header whole at 1.15 s, payload started
+        await trio.sleep(0.1 - EPS)
+        await settle()
+        assert client.eof_at is None
+        await trio.sleep(2 * EPS)
+        # 1 s after the first header byte, not 1 s after the header was whole.
+        assert client.eof_at == 1.25
+        assert client.acks() == (0, [], (7, "batch not received within 1.0 s"))
+        assert broker.statistics().batches_received == 0
 
 
 async def test_a_slow_batch_within_the_limit_is_accepted(
     make_config: MakeConfig, autojump_clock: MockClock
 ) -> None:
     data, _ = rawclient.batch(0, 7, 0, 10, 100)
-    async with trio.open_nursery() as nursery:
-        async with memory_broker(quiet_config(make_config, **BATCH_CONFIG)) as (broker, listener):
-            client = await open_client(listener, nursery)
-            await client.send(rawclient.handshake("t", client_id=7, ack=1))
-            await client.send(data[:100])
-            await trio.sleep(0.5)
-            await client.send(data[100:1000])
-            await trio.sleep(0.5 - EPS)
-            await client.send(data[1000:])
-            await settle()
-            assert client.acks() == (0, [10], None)
-            assert client.arrival_of(4) == pytest.approx(1.0 - EPS)
-            assert broker.statistics().batches_committed == 1
-            await client.close()
+    async with one_client(quiet_config(make_config, **BATCH_CONFIG)) as (broker, client):
+        await client.send(rawclient.handshake("t", client_id=7, ack=1))
+        await client.send(data[:100])
+        await trio.sleep(0.5)
+        await client.send(data[100:1000])
+        await trio.sleep(0.5 - EPS)
+        await client.send(data[1000:])
+        await settle()
+        assert client.acks() == (0, [10], None)
+        assert client.arrival_of(4) == pytest.approx(1.0 - EPS)
+        assert broker.statistics().batches_committed == 1
+        await client.close()

@@ -7,7 +7,7 @@ import trio
 import trio.testing
 from memory import settle
 
-from trio_embarcadero.staging import StagingBuffer, StagingPool
+from trio_embarcadero.broker.staging import StagingBuffer, StagingPool
 
 
 def test_allocate_until_empty() -> None:

@@ -12,7 +12,7 @@ from rawclient import batch, handshake, parse_ack_stream, parse_records, read_al
 
 from trio_embarcadero import LayoutError, open_broker
 from trio_embarcadero.broker import Broker
-from trio_embarcadero.storage import file_name
+from trio_embarcadero.log.disk import file_name
 
 
 async def publish(
@@ -173,7 +173,7 @@ def test_writes_larger_than_one_writev_resume_without_loss(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A short writev (Linux caps one call near 2 GiB) resumes where it stopped."""
-    from trio_embarcadero import storage
+    from trio_embarcadero.log import disk as storage
 
     path = tmp_path / "big.log"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
@@ -196,7 +196,7 @@ def test_writes_larger_than_one_writev_resume_without_loss(
             return real_writev(fd, taken)
 
         monkeypatch.setattr(os, "writev", short_writev)
-        written = storage._write_and_sync([storage._Job(file, views, 5)])
+        written = storage.write_and_sync([storage.WriteJob("t", views, 5, file)])
         assert written == sum(len(v) for v in views)
         assert path.read_bytes() == b"".join(bytes(v) for v in views)
         assert len(calls) > 5

@@ -6,7 +6,8 @@ import pytest
 import trio
 import trio.testing
 from conftest import MakeConfig, wait_until
-from rawclient import batch, handshake, parse_ack_stream, parse_records, read_all
+from rawclient import batch, handshake, parse_ack_stream, parse_records
+from tcpclient import connect, publish
 
 from trio_embarcadero import BrokerError, ConnectionPhase, ErrorCode, open_broker
 from trio_embarcadero.broker import Broker
@@ -17,12 +18,7 @@ MIB = 2**20
 
 
 async def raw_publish(port: int, topic: str, client_id: int, batches: list[bytes]) -> list[int]:
-    async with await trio.open_tcp_stream(HOST, port) as stream:
-        await stream.send_all(handshake(topic, client_id=client_id))
-        for data in batches:
-            await stream.send_all(data)
-        await stream.send_eof()
-        _, counts, error = parse_ack_stream(await read_all(stream))
+    _, counts, error = parse_ack_stream(await publish(port, topic, batches, client_id=client_id))
     assert error is None
     return counts
 
@@ -176,7 +172,7 @@ async def test_raw_subscriber_reads_spec_records(make_config: MakeConfig) -> Non
     with trio.fail_after(10):
         async with open_broker(make_config()) as broker:
             await raw_publish(broker.port, "wire", 12, [data])
-            async with await trio.open_tcp_stream(HOST, broker.port) as stream:
+            async with await connect(broker.port) as stream:
                 await stream.send_all(handshake("wire", req=1, last_addr=10))
                 want = 30 * (64 + 128)
                 got = b""
@@ -198,7 +194,7 @@ async def test_no_record_of_an_incomplete_batch_is_sent(make_config: MakeConfig)
             await raw_publish(broker.port, "hold", 1, [first])
             async with open_subscriber(HOST, broker.port, "hold") as sub:
                 assert [bytes(m.payload) for m in await take(sub, 5)] == first_payloads
-                async with await trio.open_tcp_stream(HOST, broker.port) as slow:
+                async with await connect(broker.port) as slow:
                     await slow.send_all(handshake("hold", client_id=2))
                     await slow.send_all(held[:-100])  # header and most of the payload
                     stream = broker.log.existing_stream("hold")

@@ -2,6 +2,7 @@
 
 from .broker import Broker as Broker
 from .broker import BrokerStatistics as BrokerStatistics
+from .broker import ConnectionPhase as ConnectionPhase
 from .broker import open_broker as open_broker
 from .broker import serve as serve
 from .client import Message as Message
@@ -13,7 +14,6 @@ from .client import open_subscriber as open_subscriber
 from .client import open_subscriber_on_stream as open_subscriber_on_stream
 from .config import Config as Config
 from .config import load_config as load_config
-from .connection import ConnectionPhase as ConnectionPhase
 from .errors import BrokerError as BrokerError
 from .errors import ConfigError as ConfigError
 from .errors import ConnectionLost as ConnectionLost
@@ -22,7 +22,7 @@ from .errors import ErrorCode as ErrorCode
 from .errors import LayoutError as LayoutError
 from .errors import LogFullError as LogFullError
 from .errors import ProtocolError as ProtocolError
-from .logreader import LogReader as LogReader
-from .logreader import open_log as open_log
+from .log import LogReader as LogReader
+from .log import open_log as open_log
 
 __version__ = "0.1.0"

@@ -298,7 +298,7 @@ async def _subscribe(args: argparse.Namespace, host: str, port: int) -> int:
 
 
 def _inspect(args: argparse.Namespace, path: str) -> int:
-    from .logreader import open_log
+    from .log import open_log
 
     try:
         with open_log(path) as log:

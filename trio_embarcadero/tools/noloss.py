@@ -30,7 +30,7 @@ log. Those are counted apart ("duplicates"), not as loss.
 Message ``i`` of client ``c`` has a payload computed from ``(c, i)``. Every
 batch carries a per-client ``batch_seq`` that is never reused. At the end the
 broker is stopped gracefully and the log is read back with
-:class:`~trio_embarcadero.logreader.LogReader`:
+:class:`~trio_embarcadero.log.LogReader`:
 
 * logical offsets run from 0 without a gap or a repeat;
 * every committed batch is one the checker sent, at most once, holding
@@ -66,7 +66,7 @@ import attrs
 import trio
 
 from .. import wire
-from ..logreader import open_log
+from ..log import open_log
 from ..wire import AckCount, AckDecoder, ErrorFrame
 from .procfs import process_memory
 from .rawwire import publish_handshake

@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from .errors import ConnectionLost
-from .wire import encode_ack, encode_ack_start
+from ..errors import ConnectionLost
+from ..wire import encode_ack, encode_ack_start
 
 logger = logging.getLogger(__name__)
 

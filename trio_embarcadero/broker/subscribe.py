@@ -1,5 +1,7 @@
-"""The subscribe path: stream a topic's committed records to one subscriber.
+"""The subscribe session: stream a topic's committed records to one subscriber.
 
+It is handed the log, the commit feed to wait on, and its connection (whose
+stop signal ends it at a batch boundary); nothing else of the broker.
 Each subscriber has its own task (the connection's) and sends straight from
 the log mapping, one batch's records per write, so a slow subscriber only
 ever waits on its own socket: publishers and other subscribers never wait
@@ -12,23 +14,21 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import TYPE_CHECKING
 
 import trio
 
-from .errors import ConnectionLost, ErrorCode, ProtocolError
-from .wire import scan_records
-
-if TYPE_CHECKING:
-    from .broker import Broker
-    from .connection import Connection
-    from .cxl import Stream
-    from .wire import Handshake
+from ..errors import ConnectionLost, ErrorCode, ProtocolError
+from ..log import CxlLog, Stream
+from ..wire import Handshake, scan_records
+from .commits import CommitFeed
+from .connection import Connection
 
 logger = logging.getLogger(__name__)
 
 
-async def serve_subscriber(broker: Broker, connection: Connection, handshake: Handshake) -> None:
+async def serve_subscriber(
+    connection: Connection, handshake: Handshake, log: CxlLog, commits: CommitFeed
+) -> None:
     """Send ``handshake.topic``'s records from logical offset ``last_addr`` on.
 
     Returns when the subscriber closes its side; raises
@@ -36,7 +36,7 @@ async def serve_subscriber(broker: Broker, connection: Connection, handshake: Ha
     """
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_for_close, connection, nursery.cancel_scope)
-        await _send_records(broker, connection, handshake)
+        await _send_records(connection, handshake, log, commits)
         nursery.cancel_scope.cancel()
     if connection.stopping:
         raise ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down")
@@ -54,13 +54,14 @@ async def _watch_for_close(connection: Connection, scope: trio.CancelScope) -> N
     scope.cancel()
 
 
-async def _send_records(broker: Broker, connection: Connection, handshake: Handshake) -> None:
-    log = broker.log
+async def _send_records(
+    connection: Connection, handshake: Handshake, log: CxlLog, commits: CommitFeed
+) -> None:
     topic = handshake.topic
     stream: Stream | None = log.existing_stream(topic)
     while stream is None:
         with connection.at_boundary():
-            await log.wait_new_stream()
+            await commits.wait_commit(topic)
         if connection.stopping:
             return
         stream = log.existing_stream(topic)
@@ -72,7 +73,7 @@ async def _send_records(broker: Broker, connection: Connection, handshake: Hands
     while True:
         while wanted >= stream.next_offset:
             with connection.at_boundary():
-                await stream.wait_committed()
+                await commits.wait_commit(topic)
             if connection.stopping:
                 return
         i = bisect.bisect_right(stream.index_first, wanted) - 1

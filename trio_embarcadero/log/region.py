@@ -1,48 +1,22 @@
-"""The emulated CXL region: a shared-memory file holding every topic's log.
+"""A broker's read-write handle on the CXL region: reserve, commit, recover.
 
-Layout (version 1, all integers little-endian)::
+The file layout is described in :mod:`trio_embarcadero.log.layout`. Segments
+are handed out on demand from the shared bump allocator, so one topic can
+fill almost the whole region, and the batch headers live inline in front of
+their payloads: the per-stream batch-header log grows with the message log,
+so it can never fill before the log does. The transient "ring full" of the
+C++ original survives as the in-flight window: a stream holds at most
+``max_inflight_batches`` reserved but not yet committed batches, and
+:meth:`CxlLog.get_cxl_buffer` reports it full (the ``ring_full`` counter;
+allocators back off) beyond that. "Log full" is the permanent case: no free
+segment is left.
 
-    offset 0          superblock (4096 B)
-                        0  magic  b"TEMBCXL1"       8  layout version (u32)
-                       12  max_topics (u32)        16  max_brokers (u32)
-                       20  num_segments (u32)      24  region size (u64)
-                       32  segment size (u64)      40  data offset (u64)
-                       48  next free segment (u32), the bump allocator
-    offset 4096       topic table: max_topics entries of 64 + 64 * max_brokers B
-                        topic header: name[32] (NUL padded), state u32 @32
-                        (0 free, 1 live), then one 64-B stream entry per broker:
-                          0 first segment (u32)   4 last segment (u32)
-                          8 segment count (u32)  16 committed messages (u64)
-                         24 committed batches    32 committed payload bytes
-    data offset       num_segments segments of segment size bytes each
-                        segment header (64 B): magic u32 "SGM1", topic u32,
-                        broker u32, chain index u32, next segment u32 @16
-                        then batches back to back from +64:
-                        [128-B batch header][payload of total_size bytes]
-
-A *stream* is one (topic, broker) pair: its own chain of segments, its own
-logical offsets. Segments are handed out on demand from the shared bump
-allocator, so one topic can fill almost the whole region, and the batch
-headers live inline in front of their payloads: the per-stream batch-header
-log grows with the message log, so it can never fill before the log does.
-The transient "ring full" of the C++ original survives as the in-flight
-window: a stream holds at most ``max_inflight_batches`` reserved but not yet
-committed batches, and :meth:`CxlLog.get_cxl_buffer` reports it full (the
-``ring_full`` counter; allocators back off) beyond that. "Log full" is the
-permanent case: no free segment is left.
-
-A batch header's ``batch_complete`` word is the commit point other processes
-read: 0 = reserved, payload possibly incomplete (a reader stops there);
-1 = committed (``start_logical_offset`` and every record's ``logical_offset``
-and ``next_msg_diff`` are final); 2 = abandoned (never visible; readers skip
-``total_size`` bytes). A header whose ``total_size`` is 0 is unwritten space:
-the end of the segment's data. Batches are committed strictly in log order per
-stream, which is what keeps logical offsets gap-free when a batch reserved
-earlier is abandoned or finishes later than one reserved after it.
-
-On real CXL every store of a commit would be followed by a cache-line flush
-and fence; on a /dev/shm file shared by processes of one x86-64 host, stores
-become visible in program order, so writing ``batch_complete`` last is enough.
+Batches are committed strictly in log order per stream, which is what keeps
+logical offsets gap-free when a batch reserved earlier is abandoned or
+finishes later than one reserved after it. :meth:`CxlLog.complete` and
+:meth:`CxlLog.abandon` return the batches they committed; this module calls
+nobody back, and knows nothing of Trio or sockets: the broker fans committed
+batches out to acks, subscribers and the disk.
 
 Shared structures (superblock allocator, topic table) are changed under an
 ``flock`` of the file, so brokers in other processes can share the region.
@@ -55,18 +29,15 @@ import fcntl
 import logging
 import mmap
 import os
-import struct
 from collections import deque
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import attrs
 import numpy as np
 import numpy.typing as npt
-import trio
 
-from .errors import LayoutError, LogFullError
-from .wire import (
+from ..errors import LayoutError, LogFullError
+from ..wire import (
     BATCH_HEADER,
     BATCH_HEADER_SIZE,
     BH_BATCH_COMPLETE,
@@ -76,63 +47,33 @@ from .wire import (
     stamp_records,
     unpack_batch_header,
 )
+from .layout import (
+    BATCH_ABANDONED,
+    BATCH_COMMITTED,
+    BATCH_RESERVED,
+    NEXT_FREE_OFFSET,
+    NO_SEGMENT,
+    SEGMENT_HEADER,
+    SEGMENT_HEADER_SIZE,
+    SEGMENT_MAGIC,
+    SEGMENT_NEXT_OFFSET,
+    STREAM_COUNTS,
+    STREAM_COUNTS_OFFSET,
+    STREAM_SEGMENTS,
+    U32,
+    U64,
+    Geometry,
+    check_layout,
+    format_region,
+    iter_batches,
+    read_topic_name,
+    read_topics,
+    segment_chain,
+    segments_handed_out,
+    write_topic,
+)
 
 logger = logging.getLogger(__name__)
-
-MAGIC = b"TEMBCXL1"
-LAYOUT_VERSION = 1
-SUPERBLOCK_SIZE = 4096
-SEGMENT_MAGIC = 0x314D4753  # "SGM1"
-SEGMENT_HEADER_SIZE = 64
-TOPIC_HEADER_SIZE = 64
-STREAM_ENTRY_SIZE = 64
-NO_SEGMENT = 0xFFFFFFFF
-
-BATCH_RESERVED = 0
-BATCH_COMMITTED = 1
-BATCH_ABANDONED = 2
-
-_SUPERBLOCK = struct.Struct("<8sIIIIQQQI")
-_NEXT_FREE_OFFSET = 48
-_SEGMENT_HEADER = struct.Struct("<IIIII")
-_SEGMENT_NEXT_OFFSET = 16
-_STREAM_SEGMENTS = struct.Struct("<III")
-_STREAM_COUNTS = struct.Struct("<QQQ")
-_STREAM_COUNTS_OFFSET = 16
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-
-
-@attrs.frozen
-class Geometry:
-    """Sizes that fix where everything is in a region."""
-
-    region_size: int
-    segment_size: int
-    max_topics: int
-    max_brokers: int
-
-    @property
-    def topic_entry_size(self) -> int:
-        return TOPIC_HEADER_SIZE + STREAM_ENTRY_SIZE * self.max_brokers
-
-    @property
-    def data_offset(self) -> int:
-        end = SUPERBLOCK_SIZE + self.max_topics * self.topic_entry_size
-        return -(-end // 4096) * 4096
-
-    @property
-    def num_segments(self) -> int:
-        return max(0, (self.region_size - self.data_offset) // self.segment_size)
-
-    def topic_offset(self, topic_index: int) -> int:
-        return SUPERBLOCK_SIZE + topic_index * self.topic_entry_size
-
-    def stream_offset(self, topic_index: int, broker_id: int) -> int:
-        return self.topic_offset(topic_index) + TOPIC_HEADER_SIZE + broker_id * STREAM_ENTRY_SIZE
-
-    def segment_offset(self, segment: int) -> int:
-        return self.data_offset + segment * self.segment_size
 
 
 @attrs.frozen
@@ -174,14 +115,16 @@ class Reservation:
         payload: The payload's place in the region, a writable uint8 array.
         first_offset: Logical offset of the first message, once committed.
         batch_index: Position among the stream's committed batches, once committed.
+        owner: Whatever the caller of :meth:`CxlLog.get_cxl_buffer` tied to the
+            batch (the broker: where its ack goes); the log never looks at it.
     """
 
     __slots__ = (
-        "_on_commit",
         "batch_index",
         "first_offset",
         "header",
         "header_offset",
+        "owner",
         "payload",
         "starts",
         "state",
@@ -194,6 +137,7 @@ class Reservation:
         header: BatchHeader,
         header_offset: int,
         payload: npt.NDArray[np.uint8],
+        owner: object = None,
     ) -> None:
         self.stream = stream
         self.header = header
@@ -203,7 +147,7 @@ class Reservation:
         self.starts: npt.NDArray[np.int64] | None = None
         self.first_offset = -1
         self.batch_index = -1
-        self._on_commit: Callable[[Reservation], None] | None = None
+        self.owner = owner
 
     @property
     def payload_offset(self) -> int:
@@ -236,11 +180,6 @@ class Stream:
         # every committed batch, in order (bisect by logical offset).
         self.index_first: list[int] = []
         self.index_header: list[int] = []
-        self._committed = trio.lowlevel.ParkingLot()
-
-    async def wait_committed(self) -> None:
-        """Return after the next batch of this stream commits."""
-        await self._committed.park()
 
     def committed_batch(self, i: int) -> CommittedBatch:
         """The ``i``-th committed batch of this stream."""
@@ -278,8 +217,6 @@ class CxlLog:
         self.words: npt.NDArray[np.uint64] = self.region.view("<u8")
         self._streams: dict[str, Stream] = {}
         self._topic_index: dict[str, int] = {}
-        self._new_stream = trio.lowlevel.ParkingLot()
-        self._commit_listeners: list[Callable[[Reservation], None]] = []
         self._reservations = 0
         self._abandoned = 0
         self._ring_full = 0
@@ -343,9 +280,9 @@ class CxlLog:
                 mapping = mmap.mmap(fd, size, flags=flags)
                 log = cls(fd, mapping, geometry, broker_id, max_inflight_batches)
                 if fresh:
-                    log._format()
+                    format_region(mapping, geometry)
                 else:
-                    log._check_layout(path)
+                    check_layout(mapping, geometry, path)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         except BaseException:
@@ -372,70 +309,14 @@ class CxlLog:
         finally:
             os.close(self._fd)
 
-    def _format(self) -> None:
-        g = self.geometry
-        _SUPERBLOCK.pack_into(
-            self._mmap,
-            0,
-            MAGIC,
-            LAYOUT_VERSION,
-            g.max_topics,
-            g.max_brokers,
-            g.num_segments,
-            g.region_size,
-            g.segment_size,
-            g.data_offset,
-            0,
-        )
-        for t in range(g.max_topics):
-            for b in range(g.max_brokers):
-                _STREAM_SEGMENTS.pack_into(
-                    self._mmap, g.stream_offset(t, b), NO_SEGMENT, NO_SEGMENT, 0
-                )
-
-    def _check_layout(self, path: str) -> None:
-        magic, version, topics, brokers, segments, region, segment, data, _ = (
-            _SUPERBLOCK.unpack_from(self._mmap, 0)
-        )
-        if magic != MAGIC or version != LAYOUT_VERSION:
-            raise LayoutError(
-                f"{path} is not a trio-embarcadero CXL region of layout {LAYOUT_VERSION} "
-                f"(magic {magic!r}, version {version}); start with --reset to discard it"
-            )
-        g = self.geometry
-        found = {"max_topics": topics, "max_brokers": brokers, "segment size": segment}
-        wanted = {
-            "max_topics": g.max_topics,
-            "max_brokers": g.max_brokers,
-            "segment size": g.segment_size,
-        }
-        diffs = [f"{k} {found[k]} (config: {wanted[k]})" for k in found if found[k] != wanted[k]]
-        if diffs or region != g.region_size or data != g.data_offset or segments != g.num_segments:
-            raise LayoutError(
-                f"{path} was made with another layout: {', '.join(diffs) or 'sizes differ'}; "
-                "start with --reset to discard it, or fix the config"
-            )
-
     # -- topics and segments (shared; under flock) ---------------------------------
 
     def _lock(self) -> _FileLock:
         return _FileLock(self._fd)
 
-    def _read_topic_name(self, index: int) -> str | None:
-        off = self.geometry.topic_offset(index)
-        (state,) = _U32.unpack_from(self._mmap, off + 32)
-        if state != 1:
-            return None
-        return bytes(self._mmap[off : off + 32]).rstrip(b"\0").decode("ascii")
-
     def topics(self) -> dict[str, int]:
         """Every live topic in the region and its table index."""
-        found: dict[str, int] = {}
-        for i in range(self.geometry.max_topics):
-            name = self._read_topic_name(i)
-            if name is not None:
-                found[name] = i
-        return found
+        return read_topics(self._mmap, self.geometry)
 
     def _find_or_create_topic(self, topic: str) -> int:
         index = self._topic_index.get(topic)
@@ -451,7 +332,7 @@ class CxlLog:
                     (
                         i
                         for i in range(self.geometry.max_topics)
-                        if self._read_topic_name(i) is None
+                        if read_topic_name(self._mmap, self.geometry, i) is None
                     ),
                     None,
                 )
@@ -462,9 +343,7 @@ class CxlLog:
                         f"cannot create {topic!r}",
                         transient=False,
                     )
-                off = self.geometry.topic_offset(free)
-                self._mmap[off : off + 32] = raw
-                _U32.pack_into(self._mmap, off + 32, 1)
+                write_topic(self._mmap, self.geometry, free, raw)
                 index = free
                 logger.info("created topic %r (table slot %d)", topic, index)
         self._topic_index[topic] = index
@@ -473,12 +352,12 @@ class CxlLog:
     def _take_segment(self, stream: Stream) -> int:
         g = self.geometry
         with self._lock():
-            (segment,) = _U32.unpack_from(self._mmap, _NEXT_FREE_OFFSET)
+            segment = segments_handed_out(self._mmap, g)
             if segment >= g.num_segments:
                 return NO_SEGMENT
-            _U32.pack_into(self._mmap, _NEXT_FREE_OFFSET, segment + 1)
+            U32.pack_into(self._mmap, NEXT_FREE_OFFSET, segment + 1)
         base = g.segment_offset(segment)
-        _SEGMENT_HEADER.pack_into(
+        SEGMENT_HEADER.pack_into(
             self._mmap,
             base,
             SEGMENT_MAGIC,
@@ -490,16 +369,16 @@ class CxlLog:
         # Link only after the new segment is initialised, so a reader that
         # follows the link never sees a half-written segment header.
         if stream.last_segment == NO_SEGMENT:
-            _U32.pack_into(self._mmap, stream.entry_offset, segment)
+            U32.pack_into(self._mmap, stream.entry_offset, segment)
         else:
             prev = g.segment_offset(stream.last_segment)
-            _U32.pack_into(self._mmap, prev + _SEGMENT_NEXT_OFFSET, segment)
+            U32.pack_into(self._mmap, prev + SEGMENT_NEXT_OFFSET, segment)
         stream.num_segments += 1
         stream.last_segment = segment
-        _STREAM_SEGMENTS.pack_into(
+        STREAM_SEGMENTS.pack_into(
             self._mmap,
             stream.entry_offset,
-            _U32.unpack_from(self._mmap, stream.entry_offset)[0],
+            U32.unpack_from(self._mmap, stream.entry_offset)[0],
             segment,
             stream.num_segments,
         )
@@ -520,21 +399,11 @@ class CxlLog:
             index = self._find_or_create_topic(topic)
             stream = Stream(self, topic, index, self.broker_id)
             self._streams[topic] = stream
-            self._new_stream.unpark_all()
         return stream
-
-    def add_commit_listener(self, listener: Callable[[Reservation], None]) -> None:
-        """Call ``listener`` with every reservation this log commits, in order,
-        before the reservation's own ``on_commit``."""
-        self._commit_listeners.append(listener)
 
     def streams(self) -> list[Stream]:
         """This broker's open streams."""
         return list(self._streams.values())
-
-    async def wait_new_stream(self) -> None:
-        """Return after this broker opens its next stream (a topic's first publish)."""
-        await self._new_stream.park()
 
     def existing_stream(self, topic: str) -> Stream | None:
         """This broker's stream of ``topic`` if the topic exists, else None."""
@@ -548,7 +417,7 @@ class CxlLog:
         self,
         topic: str,
         header: BatchHeader,
-        on_commit: Callable[[Reservation], None] | None = None,
+        owner: object = None,
     ) -> Reservation:
         """Reserve log space for a batch of ``topic`` and write its header.
 
@@ -558,7 +427,7 @@ class CxlLog:
         Args:
             topic: The batch's topic (created on first use).
             header: The validated batch header from the publisher.
-            on_commit: Called once with the reservation when it commits.
+            owner: Kept on the reservation for the caller (see :class:`Reservation`).
 
         Returns:
             The reservation, whose ``payload`` array is where the payload goes.
@@ -604,13 +473,14 @@ class CxlLog:
             0,
         )
         payload = self.region[offset + BATCH_HEADER_SIZE : offset + need]
-        reservation = Reservation(stream, header, offset, payload)
-        reservation._on_commit = on_commit
+        reservation = Reservation(stream, header, offset, payload, owner)
         stream.pending.append(reservation)
         self._reservations += 1
         return reservation
 
-    def complete(self, reservation: Reservation, starts: npt.NDArray[np.int64]) -> None:
+    def complete(
+        self, reservation: Reservation, starts: npt.NDArray[np.int64]
+    ) -> list[Reservation]:
         """Mark a reservation's payload as fully in place and commit what can be.
 
         The batch commits now if every batch reserved before it on its stream
@@ -619,26 +489,35 @@ class CxlLog:
         Args:
             reservation: A reservation from :meth:`get_cxl_buffer`.
             starts: The record offsets from :func:`~trio_embarcadero.wire.scan_records`.
+
+        Returns:
+            The batches this call committed, in log order: possibly none (an
+            earlier batch is still being received), possibly several (this
+            one was the last that held them back).
         """
         reservation.starts = starts
-        self._advance(reservation.stream)
+        return self._advance(reservation.stream)
 
-    def abandon(self, reservation: Reservation) -> None:
+    def abandon(self, reservation: Reservation) -> list[Reservation]:
         """Give up a reservation whose payload will never be whole.
 
         Its space stays in the log, marked abandoned; readers skip it and it
         consumes no logical offsets.
+
+        Returns:
+            The later batches of its stream that it held back and that are
+            committed now (see :meth:`complete`).
         """
         if reservation.resolved:
-            return
+            return []
         reservation.state = BATCH_ABANDONED
-        _U32.pack_into(self._mmap, reservation.header_offset + BH_BATCH_COMPLETE, BATCH_ABANDONED)
+        U32.pack_into(self._mmap, reservation.header_offset + BH_BATCH_COMPLETE, BATCH_ABANDONED)
         self._abandoned += 1
-        self._advance(reservation.stream)
+        return self._advance(reservation.stream)
 
-    def _advance(self, stream: Stream) -> None:
+    def _advance(self, stream: Stream) -> list[Reservation]:
         pending = stream.pending
-        committed = []
+        committed: list[Reservation] = []
         while pending:
             head = pending[0]
             if head.state == BATCH_ABANDONED:
@@ -650,28 +529,23 @@ class CxlLog:
             self._commit(stream, head)
             committed.append(head)
         if committed:
-            _STREAM_COUNTS.pack_into(
+            STREAM_COUNTS.pack_into(
                 self._mmap,
-                stream.entry_offset + _STREAM_COUNTS_OFFSET,
+                stream.entry_offset + STREAM_COUNTS_OFFSET,
                 stream.next_offset,
                 stream.batches,
                 stream.payload_bytes,
             )
-            stream._committed.unpark_all()
-            for reservation in committed:
-                for listener in self._commit_listeners:
-                    listener(reservation)
-                if reservation._on_commit is not None:
-                    reservation._on_commit(reservation)
+        return committed
 
     def _commit(self, stream: Stream, reservation: Reservation) -> None:
         assert reservation.starts is not None
         first = stream.next_offset
         num = len(reservation.starts)
         stamp_records(self.words, reservation.payload_offset, reservation.starts, first)
-        _U64.pack_into(self._mmap, reservation.header_offset + BH_START_LOGICAL_OFFSET, first)
+        U64.pack_into(self._mmap, reservation.header_offset + BH_START_LOGICAL_OFFSET, first)
         # The commit point: everything above is in place before this store.
-        _U32.pack_into(self._mmap, reservation.header_offset + BH_BATCH_COMPLETE, BATCH_COMMITTED)
+        U32.pack_into(self._mmap, reservation.header_offset + BH_BATCH_COMPLETE, BATCH_COMMITTED)
         reservation.state = BATCH_COMMITTED
         reservation.first_offset = first
         reservation.batch_index = len(stream.index_header)
@@ -701,14 +575,13 @@ class CxlLog:
 
     def walk(self, topic_index: int, broker_id: int) -> Iterator[tuple[int, BatchHeader]]:
         """Yield ``(header_offset, header)`` of every batch written to a stream,
-        in log order and whatever its state, stopping at the first unwritten
-        header of the last segment."""
-        return walk_stream(self._mmap, self.geometry, topic_index, broker_id)
+        in log order and whatever its state."""
+        return iter_batches(self._mmap, self.geometry, topic_index, broker_id)
 
     def _recover(self) -> None:
         for topic, index in self.topics().items():
             self._topic_index[topic] = index
-            (first_segment,) = _U32.unpack_from(
+            (first_segment,) = U32.unpack_from(
                 self._mmap, self.geometry.stream_offset(index, self.broker_id)
             )
             if first_segment == NO_SEGMENT:
@@ -719,7 +592,7 @@ class CxlLog:
             for offset, header in self.walk(index, self.broker_id):
                 end = offset + BATCH_HEADER_SIZE + header.total_size
                 if header.batch_complete == BATCH_RESERVED:
-                    _U32.pack_into(self._mmap, offset + BH_BATCH_COMPLETE, BATCH_ABANDONED)
+                    U32.pack_into(self._mmap, offset + BH_BATCH_COMPLETE, BATCH_ABANDONED)
                     discarded += 1
                 elif header.batch_complete == BATCH_COMMITTED:
                     stream.index_first.append(header.start_logical_offset)
@@ -735,9 +608,9 @@ class CxlLog:
             # Bump allocation makes a stream's last segment its highest, so a
             # walk that ended below it means the last segment is still empty.
             stream.write_offset = end if end > base else base + SEGMENT_HEADER_SIZE
-            _STREAM_COUNTS.pack_into(
+            STREAM_COUNTS.pack_into(
                 self._mmap,
-                stream.entry_offset + _STREAM_COUNTS_OFFSET,
+                stream.entry_offset + STREAM_COUNTS_OFFSET,
                 stream.next_offset,
                 stream.batches,
                 stream.payload_bytes,
@@ -753,10 +626,9 @@ class CxlLog:
 
     def statistics(self) -> CxlStatistics:
         """Return a snapshot of this broker's log counters."""
-        (next_free,) = _U32.unpack_from(self._mmap, _NEXT_FREE_OFFSET)
         return CxlStatistics(
             topics=len(self._streams),
-            segments_used=next_free,
+            segments_used=segments_handed_out(self._mmap, self.geometry),
             segments_total=self.geometry.num_segments,
             reservations=self._reservations,
             batches_committed=self._batches,
@@ -766,50 +638,6 @@ class CxlLog:
             ring_full=self._ring_full,
             log_full=self._log_full,
         )
-
-
-def segment_chain(buf: Any, geometry: Geometry, topic_index: int, broker_id: int) -> Iterator[int]:
-    """Yield the segment numbers of a stream, in order."""
-    (segment,) = _U32.unpack_from(buf, geometry.stream_offset(topic_index, broker_id))
-    seen = 0
-    while segment != NO_SEGMENT and seen < geometry.num_segments:
-        yield segment
-        seen += 1
-        (segment,) = _U32.unpack_from(buf, geometry.segment_offset(segment) + _SEGMENT_NEXT_OFFSET)
-
-
-def walk_stream(
-    buf: Any, geometry: Geometry, topic_index: int, broker_id: int
-) -> Iterator[tuple[int, BatchHeader]]:
-    """Yield ``(header_offset, header)`` for every batch written to a stream.
-
-    Works on any buffer holding the region (a broker's mapping or a read-only
-    mapping in another process).
-    """
-    for segment in segment_chain(buf, geometry, topic_index, broker_id):
-        base = geometry.segment_offset(segment)
-        end = base + geometry.segment_size
-        offset = base + SEGMENT_HEADER_SIZE
-        while offset + BATCH_HEADER_SIZE <= end:
-            header = unpack_batch_header(buf[offset : offset + BATCH_HEADER_SIZE])
-            if header.total_size == 0 or offset + BATCH_HEADER_SIZE + header.total_size > end:
-                break
-            yield offset, header
-            offset += BATCH_HEADER_SIZE + header.total_size
-
-
-def read_geometry(buf: Any) -> Geometry:
-    """Read a region's geometry from its superblock.
-
-    Raises:
-        LayoutError: The buffer does not start with a layout-1 superblock.
-    """
-    magic, version, topics, brokers, _segments, region, segment, _data, _ = _SUPERBLOCK.unpack_from(
-        buf, 0
-    )
-    if magic != MAGIC or version != LAYOUT_VERSION:
-        raise LayoutError(f"not a trio-embarcadero CXL region (magic {magic!r}, version {version})")
-    return Geometry(region, segment, topics, brokers)
 
 
 class _FileLock:

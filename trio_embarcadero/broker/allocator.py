@@ -16,7 +16,7 @@ first (one producer per connection, FIFO channel), so this cannot deadlock.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Protocol
 
 import attrs
@@ -24,10 +24,11 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from .cxl import CxlLog, Reservation
-from .errors import LogFullError
+from ..errors import LogFullError
+from ..log import CxlLog, Reservation
+from ..wire import BatchHeader
+from .commits import CommitConsumer, CommitFeed
 from .staging import StagingBuffer
-from .wire import BatchHeader
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,12 @@ async def reserve(
     header: BatchHeader,
     backoff: Backoff,
     counters: AllocationCounters,
-    on_commit: Callable[[Reservation], None] | None = None,
+    owner: object = None,
 ) -> Reservation:
     """Reserve log space for a batch, backing off while the log is full.
+
+    ``owner`` goes on the reservation: the commit feed hands it the batch
+    once committed.
 
     Raises:
         LogFullError: Still no space after ``backoff.retries`` retries.
@@ -85,7 +89,7 @@ async def reserve(
     await trio.lowlevel.checkpoint_if_cancelled()
     while True:
         try:
-            reservation = log.get_cxl_buffer(topic, header, on_commit)
+            reservation = log.get_cxl_buffer(topic, header, owner)
         except LogFullError:
             delay = next(delays, None)
             if delay is None:
@@ -98,7 +102,7 @@ async def reserve(
             return reservation
 
 
-class BatchOwner(Protocol):
+class BatchOwner(CommitConsumer, Protocol):
     """What an allocator needs from the connection a batch came from."""
 
     @property
@@ -106,8 +110,6 @@ class BatchOwner(Protocol):
 
     @property
     def failed(self) -> bool: ...
-
-    def batch_committed(self, reservation: Reservation) -> None: ...
 
     def batch_discarded(self, error: LogFullError | None) -> None: ...
 
@@ -134,7 +136,11 @@ class StagedBatch:
 
 
 async def place_batch(
-    batch: StagedBatch, log: CxlLog, backoff: Backoff, counters: AllocationCounters
+    batch: StagedBatch,
+    log: CxlLog,
+    commits: CommitFeed,
+    backoff: Backoff,
+    counters: AllocationCounters,
 ) -> None:
     """Move one staged batch into the log, or tell its owner why not.
 
@@ -151,15 +157,13 @@ async def place_batch(
             owner.batch_discarded(None)
             return
         try:
-            reservation = await reserve(
-                log, owner.topic, batch.header, backoff, counters, owner.batch_committed
-            )
+            reservation = await reserve(log, owner.topic, batch.header, backoff, counters, owner)
         except LogFullError as exc:
             owner.batch_discarded(exc)
             return
         total = batch.header.total_size
         np.copyto(reservation.payload, batch.buffer.array[:total])
-        log.complete(reservation, batch.starts)
+        commits.complete(reservation, batch.starts)
     finally:
         batch.buffer.release()
         batch.done.set()
@@ -168,6 +172,7 @@ async def place_batch(
 async def run_allocator(
     batches: trio.MemoryReceiveChannel[StagedBatch],
     log: CxlLog,
+    commits: CommitFeed,
     backoff: Backoff,
     counters: AllocationCounters,
     *,
@@ -181,4 +186,4 @@ async def run_allocator(
     async with batches:
         task_status.started()
         async for batch in batches:
-            await place_batch(batch, log, backoff, counters)
+            await place_batch(batch, log, commits, backoff, counters)

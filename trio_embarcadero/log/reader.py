@@ -1,6 +1,6 @@
 """Read a CXL region's committed messages directly, from any process on the host.
 
-A broker's log is a shared-memory file (see the layout in :mod:`trio_embarcadero.cxl`).
+A broker's log is a shared-memory file (see :mod:`trio_embarcadero.log.layout`).
 Another process can map it read-only and read every committed message without
 going through TCP::
 
@@ -29,7 +29,6 @@ import bisect
 import logging
 import mmap
 import os
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -37,21 +36,9 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from .cxl import (
-    BATCH_ABANDONED,
-    BATCH_COMMITTED,
-    BATCH_RESERVED,
-    NO_SEGMENT,
-    SEGMENT_HEADER_SIZE,
-    SUPERBLOCK_SIZE,
-    Geometry,
-    read_geometry,
-)
-from .errors import LayoutError, ProtocolError
-from .wire import (
-    BATCH_HEADER,
+from ..errors import LayoutError, ProtocolError
+from ..wire import (
     BATCH_HEADER_SIZE,
-    BH_BATCH_COMPLETE,
     MESSAGE_HEADER_SIZE,
     MH_CLIENT_ID,
     MH_CLIENT_ORDER,
@@ -60,18 +47,24 @@ from .wire import (
     Message,
     scan_records,
 )
+from .layout import (
+    BATCH_ABANDONED,
+    BATCH_COMMITTED,
+    BATCH_RESERVED,
+    BH_TOTAL_SIZE,
+    NO_SEGMENT,
+    SUPERBLOCK_SIZE,
+    U64,
+    Geometry,
+    WalkPosition,
+    iter_batches,
+    read_geometry,
+    read_stream_entry,
+    read_topics,
+    segments_handed_out,
+)
 
 logger = logging.getLogger(__name__)
-
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-# A stream entry of the topic table: first, last segment, segment count, then
-# committed messages, batches and payload bytes at +16.
-_STREAM_ENTRY = struct.Struct("<III4xQQQ")
-_SEGMENT_NEXT_OFFSET = 16
-_NEXT_FREE_OFFSET = 48  # superblock: the next free segment
-_TOPIC_STATE_OFFSET = 32
-_TOPIC_LIVE = 1
 
 
 @attrs.frozen
@@ -154,8 +147,7 @@ class _Cursor:
     firsts: list[int] = attrs.Factory(list)  # first logical offset per batch
     headers: list[int] = attrs.Factory(list)  # header offset per batch
     nums: list[int] = attrs.Factory(list)  # messages per batch
-    segment: int = NO_SEGMENT  # segment being walked (NO_SEGMENT: not started)
-    offset: int = 0  # absolute offset of the next header to look at
+    position: WalkPosition = attrs.Factory(WalkPosition)  # where the next batch is
 
 
 class LogReader:
@@ -219,30 +211,20 @@ class LogReader:
     @property
     def segments_used(self) -> int:
         """Segments handed out so far, over every stream (the bump allocator)."""
-        (used,) = _U32.unpack_from(self._mmap, _NEXT_FREE_OFFSET)
-        return min(int(used), self.geometry.num_segments)
+        return segments_handed_out(self._mmap, self.geometry)
 
     # -- the topic table ----------------------------------------------------------
 
     def _topic_indexes(self) -> dict[str, int]:
-        g = self.geometry
-        found: dict[str, int] = {}
-        for i in range(g.max_topics):
-            off = g.topic_offset(i)
-            (state,) = _U32.unpack_from(self._mmap, off + _TOPIC_STATE_OFFSET)
-            if state == _TOPIC_LIVE:
-                name = bytes(self._mmap[off : off + 32]).rstrip(b"\0").decode("ascii", "replace")
-                found[name] = i
-        return found
+        return read_topics(self._mmap, self.geometry)
 
     def _stream_info(self, topic_index: int, broker_id: int) -> StreamInfo | None:
-        offset = self.geometry.stream_offset(topic_index, broker_id)
-        first, _last, segments, messages, batches, nbytes = _STREAM_ENTRY.unpack_from(
-            self._mmap, offset
-        )
-        if first == NO_SEGMENT:
+        entry = read_stream_entry(self._mmap, self.geometry, topic_index, broker_id)
+        if entry.first_segment == NO_SEGMENT:
             return None
-        return StreamInfo(broker_id, messages, batches, nbytes, segments)
+        return StreamInfo(
+            broker_id, entry.messages, entry.batches, entry.payload_bytes, entry.segments
+        )
 
     def topics(self) -> list[TopicInfo]:
         """Every topic in the region, with each broker stream's committed totals."""
@@ -281,53 +263,30 @@ class LogReader:
         """Walk from the cursor to the first reserved batch or the end of the
         written log; index the committed batches found. Returns every batch
         passed (committed and abandoned) and, last, a reserved one if any."""
-        g = self.geometry
-        buf = self._mmap
         seen: list[BatchInfo] = []
-        if cursor.segment == NO_SEGMENT:
-            (first,) = _U32.unpack_from(buf, g.stream_offset(topic_index, broker_id))
-            if first == NO_SEGMENT:
-                return seen
-            cursor.segment = first
-            cursor.offset = g.segment_offset(first) + SEGMENT_HEADER_SIZE
-        while True:
-            segment_end = g.segment_offset(cursor.segment) + g.segment_size
-            offset = cursor.offset
-            # Read the link to the next segment before the header: the broker
-            # writes a batch header before it links a new segment, so a link
-            # seen now means a zero header here is final.
-            (next_segment,) = _U32.unpack_from(
-                buf, g.segment_offset(cursor.segment) + _SEGMENT_NEXT_OFFSET
-            )
-            total = 0
-            if offset + BATCH_HEADER_SIZE <= segment_end:
-                (state,) = _U32.unpack_from(buf, offset + BH_BATCH_COMPLETE)
-                (total,) = _U64.unpack_from(buf, offset + 32)
-            if total == 0 or offset + BATCH_HEADER_SIZE + total > segment_end:
-                if next_segment == NO_SEGMENT or next_segment >= g.num_segments:
-                    return seen  # the end of what is written
-                cursor.segment = next_segment
-                cursor.offset = g.segment_offset(next_segment) + SEGMENT_HEADER_SIZE
-                continue
-            # The state word is read first: a header seen as committed is final.
-            seq, cid, num, _c, _b, _o, _p, _t, first_offset, *_ = BATCH_HEADER.unpack_from(
-                buf, offset
-            )
+        for offset, h in iter_batches(
+            self._mmap, self.geometry, topic_index, broker_id, cursor.position
+        ):
+            state = h.batch_complete
             info = BatchInfo(
-                offset, _STATE_NAMES.get(state, f"state {state}"), seq, cid, num, total, -1
+                offset,
+                _STATE_NAMES.get(state, f"state {state}"),
+                h.batch_seq,
+                h.client_id,
+                h.num_msg,
+                h.total_size,
+                h.start_logical_offset if state == BATCH_COMMITTED else -1,
             )
+            seen.append(info)
             if state == BATCH_RESERVED:
-                seen.append(info)
-                return seen
+                break  # batches commit in log order: nothing after it is visible yet
             if state == BATCH_COMMITTED:
-                info = attrs.evolve(info, first_offset=first_offset)
-                cursor.firsts.append(first_offset)
+                cursor.firsts.append(h.start_logical_offset)
                 cursor.headers.append(offset)
-                cursor.nums.append(num)
+                cursor.nums.append(h.num_msg)
             elif state != BATCH_ABANDONED:
                 raise LayoutError(f"{self.path}: batch at byte {offset} has state {state}")
-            seen.append(info)
-            cursor.offset = offset + BATCH_HEADER_SIZE + total
+        return seen
 
     def batches(self, topic: str, broker_id: int = 0) -> list[BatchInfo]:
         """Every batch of a stream up to and including the first reserved one
@@ -350,7 +309,7 @@ class LogReader:
         the log); call again later with ``start`` set to the next offset to
         continue. A topic that does not exist yields nothing.
 
-        Each :class:`~trio_embarcadero.client.Message` payload is a read-only
+        Each :class:`~trio_embarcadero.wire.Message` payload is a read-only
         view of the mapped log, valid until the reader is closed.
 
         Raises:
@@ -383,7 +342,7 @@ class LogReader:
         return cursor.firsts[-1] + cursor.nums[-1]
 
     def _batch_messages(self, header: int, first: int, num: int, start: int) -> Iterator[Message]:
-        (total,) = _U64.unpack_from(self._mmap, header + 32)
+        (total,) = U64.unpack_from(self._mmap, header + BH_TOTAL_SIZE)
         if start >= first + num:
             return
         payload = header + BATCH_HEADER_SIZE

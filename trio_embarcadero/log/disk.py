@@ -3,12 +3,13 @@
 The CXL region lives in RAM. With ``storage.dir`` set, every batch this broker
 commits is also appended to ``<dir>/<topic>@<broker id>.log`` exactly as it
 sits in the log (its 128-byte header, ``batch_complete = 1`` and the assigned
-logical offsets included, then its records), in commit order. One writer task
-does the appends and the ``fdatasync`` on a worker thread, so the event loop
-never blocks on the disk, and one sync covers every batch committed since the
-last (group commit): a sync happens ``storage.sync_interval_ms`` after the
-first unsynced commit, or sooner once ``storage.sync_bytes`` are waiting.
-Publishers with ack level 2 get their count only after the sync.
+logical offsets included, then its records), in commit order. This module is
+the disk format and its bookkeeping; it knows nothing of Trio. The broker's
+writer task (:mod:`trio_embarcadero.broker.durability`) tells it what was
+committed, takes the pending appends as :meth:`DiskLog.take_jobs`, runs
+:func:`write_and_sync` on a worker thread (group commit: one ``fdatasync``
+covers every batch committed since the last) and hands the finished jobs
+back to :meth:`DiskLog.jobs_done`, which says how far each stream is durable.
 
 On start the disk log is reconciled with the CXL region:
 
@@ -27,16 +28,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 
 import attrs
-import trio
 
-from .cxl import CxlLog, Reservation, Stream
-from .errors import LayoutError
-from .wire import BATCH_HEADER_SIZE, encode_topic, scan_records, unpack_batch_header
+from ..errors import LayoutError
+from ..wire import BATCH_HEADER_SIZE, encode_topic, scan_records, unpack_batch_header
+from .region import CxlLog, Reservation, Stream
 
 logger = logging.getLogger(__name__)
 
@@ -68,20 +66,31 @@ class _StreamFile:
         self.path = path
         self.fd = fd
         self.synced = on_disk  # batches of the stream that are on disk and synced
-        self.durable_waiters: deque[tuple[int, Callable[[], None]]] = deque()
 
 
 @attrs.frozen
-class _Job:
-    file: _StreamFile
+class WriteJob:
+    """Appends to one stream's file, then its sync.
+
+    Attributes:
+        topic: The stream's topic.
+        views: The batches to append, as views of the region.
+        upto: The stream's committed batch count these bring the file to.
+    """
+
+    topic: str
     views: list[memoryview]
     upto: int
+    _file: _StreamFile
 
 
 class DiskLog:
     """This broker's disk logs; see the module docstring.
 
     Use :meth:`open` (blocking: run it on a worker thread at start-up).
+
+    Attributes:
+        waiting_bytes: Bytes committed since the last :meth:`take_jobs`.
     """
 
     def __init__(self, directory: Path, log: CxlLog, sync_interval: float, sync_bytes: int) -> None:
@@ -90,10 +99,8 @@ class DiskLog:
         self._interval = sync_interval
         self._sync_bytes = sync_bytes
         self._files: dict[str, _StreamFile] = {}
-        self._waiting_batches = 0
-        self._waiting_bytes = 0
-        self._finishing = False
-        self._wakeup = trio.lowlevel.ParkingLot()
+        self.waiting_batches = 0
+        self.waiting_bytes = 0
         self._batches_written = 0
         self._bytes_written = 0
         self._syncs = 0
@@ -121,7 +128,6 @@ class DiskLog:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         disk = cls(path, log, sync_interval, sync_bytes)
-        log.add_commit_listener(disk._committed)
         suffix = f"@{log.broker_id}.log"
         for file in sorted(path.glob(f"*{suffix}")):
             if reset:
@@ -136,12 +142,11 @@ class DiskLog:
             disk._files[topic] = disk._recover(topic, file)
         # Batches committed in the region but not on disk (acked at level 1,
         # not yet synced when the broker stopped) are the writer's first job.
-        disk._waiting_batches = disk._waiting_bytes = 0
         for stream in log.streams():
             known = disk._files.get(stream.topic)
             for k in range(known.synced if known else 0, stream.batches):
-                disk._waiting_batches += 1
-                disk._waiting_bytes += BATCH_HEADER_SIZE + stream.committed_batch(k).total_size
+                disk.waiting_batches += 1
+                disk.waiting_bytes += BATCH_HEADER_SIZE + stream.committed_batch(k).total_size
         return disk
 
     def _recover(self, topic: str, path: Path) -> _StreamFile:
@@ -181,6 +186,7 @@ class DiskLog:
         except BaseException:
             self._log.abandon(reservation)
             raise
+        # Nothing else is reserved at start-up, so this commits it at once.
         self._log.complete(reservation, starts)
         if reservation.first_offset != first:
             raise LayoutError(
@@ -190,27 +196,31 @@ class DiskLog:
         self._replayed += 1
 
     def close(self) -> None:
-        """Close every file (after :meth:`run` has returned)."""
+        """Close every file (once the writer has stopped)."""
         for file in self._files.values():
             os.close(file.fd)
         self._files.clear()
 
-    # -- ack level 2 ---------------------------------------------------------------
+    # -- what the writer task calls -----------------------------------------------
 
-    def when_durable(self, reservation: Reservation, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once the committed ``reservation`` is synced to disk."""
-        file = self._file(reservation.stream)
-        if reservation.batch_index < file.synced:
-            callback()
-        else:
-            file.durable_waiters.append((reservation.batch_index, callback))
+    @property
+    def sync_interval(self) -> float:
+        """Seconds to gather commits before a sync (``storage.sync_interval_ms``)."""
+        return self._interval
 
-    def finish(self) -> None:
-        """Let :meth:`run` return once everything committed is synced."""
-        self._finishing = True
-        self._wakeup.unpark_all()
+    @property
+    def sync_bytes(self) -> int:
+        """Bytes waiting that trigger a sync before the interval is over."""
+        return self._sync_bytes
 
-    # -- the writer --------------------------------------------------------------------
+    def durable_batches(self, stream: Stream) -> int:
+        """How many of ``stream``'s committed batches are synced to disk."""
+        return self._file(stream).synced
+
+    def committed(self, reservation: Reservation) -> None:
+        """Count a newly committed batch as waiting for the disk."""
+        self.waiting_batches += 1
+        self.waiting_bytes += BATCH_HEADER_SIZE + reservation.header.total_size
 
     def _file(self, stream: Stream) -> _StreamFile:
         file = self._files.get(stream.topic)
@@ -221,12 +231,9 @@ class DiskLog:
             file = self._files[stream.topic] = _StreamFile(path, fd, 0)
         return file
 
-    def _committed(self, reservation: Reservation) -> None:
-        self._waiting_batches += 1
-        self._waiting_bytes += BATCH_HEADER_SIZE + reservation.header.total_size
-        self._wakeup.unpark_all()
-
-    def _jobs(self) -> list[_Job]:
+    def take_jobs(self) -> list[WriteJob]:
+        """Everything committed and not yet on disk, as one job per stream."""
+        self.waiting_batches = self.waiting_bytes = 0
         region = self._log.region
         jobs = []
         for stream in self._log.streams():
@@ -239,35 +246,18 @@ class DiskLog:
                 end = start + BATCH_HEADER_SIZE + stream.committed_batch(k).total_size
                 views.append(region[start:end].data)
             if views:
-                jobs.append(_Job(file, views, stream.batches))
+                jobs.append(WriteJob(stream.topic, views, stream.batches, file))
         return jobs
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Append and sync committed batches until :meth:`finish` and drained."""
-        task_status.started()
-        while True:
-            while self._waiting_batches == 0:
-                if self._finishing:
-                    return
-                await self._wakeup.park()
-            # Group commit: gather for up to the sync interval, or until enough
-            # bytes wait, so one fdatasync covers many batches.
-            with trio.move_on_after(self._interval):
-                while self._waiting_bytes < self._sync_bytes and not self._finishing:
-                    await self._wakeup.park()
-            self._waiting_batches = self._waiting_bytes = 0
-            jobs = self._jobs()
-            started = trio.current_time()
-            written = await trio.to_thread.run_sync(_write_and_sync, jobs)
-            self._last_sync = trio.current_time() - started
-            self._syncs += 1
-            self._bytes_written += written
-            for job in jobs:
-                self._batches_written += job.upto - job.file.synced
-                job.file.synced = job.upto
-                waiters = job.file.durable_waiters
-                while waiters and waiters[0][0] < job.upto:
-                    waiters.popleft()[1]()
+    def jobs_done(self, jobs: list[WriteJob], written: int, seconds: float) -> None:
+        """Record jobs that :func:`write_and_sync` finished: each job's stream
+        is now durable up to ``job.upto`` batches."""
+        self._last_sync = seconds
+        self._syncs += 1
+        self._bytes_written += written
+        for job in jobs:
+            self._batches_written += job.upto - job._file.synced
+            job._file.synced = job.upto
 
     def statistics(self) -> DiskStatistics:
         """Return a snapshot of the disk log's counters."""
@@ -277,12 +267,13 @@ class DiskLog:
             syncs=self._syncs,
             last_sync_seconds=self._last_sync,
             batches_replayed=self._replayed,
-            waiting_batches=sum(len(f.durable_waiters) for f in self._files.values()),
+            waiting_batches=self.waiting_batches,
         )
 
 
-def _write_and_sync(jobs: list[_Job]) -> int:
-    """Append each job's buffers to its file and fdatasync it (worker thread)."""
+def write_and_sync(jobs: list[WriteJob]) -> int:
+    """Append each job's buffers to its file and fdatasync it; returns the
+    bytes written. Blocking: the broker runs it on a worker thread."""
     written = 0
     for job in jobs:
         pending = list(job.views)
@@ -295,7 +286,7 @@ def _write_and_sync(jobs: list[_Job]) -> int:
             while pending and len(chunk) < _IOV_MAX and (not chunk or size < _WRITE_BYTES):
                 chunk.append(pending[0])
                 size += len(pending.pop(0))
-            done = os.writev(job.file.fd, chunk)
+            done = os.writev(job._file.fd, chunk)
             written += done
             if done < size:
                 rest = []
@@ -306,7 +297,7 @@ def _write_and_sync(jobs: list[_Job]) -> int:
                     rest.append(view[done:])
                     done = 0
                 pending[:0] = rest
-        os.fdatasync(job.file.fd)
+        os.fdatasync(job._file.fd)
     return written
 
 
@@ -343,4 +334,4 @@ def _read_batches(fd: int, path: Path) -> list[tuple[int, int, int]]:
     return batches
 
 
-__all__ = ["DiskLog", "DiskStatistics", "file_name"]
+__all__ = ["DiskLog", "DiskStatistics", "WriteJob", "file_name", "write_and_sync"]

@@ -5,10 +5,14 @@
     serve()
     └── service scope (shielded: outer cancellation starts a graceful drain)
         ├── pool monitor, statistics reporter
-        └── allocator nursery: num_cxl_allocation_workers allocator tasks
-            └── ack nursery: dial-back ack connections
-                └── connection nursery: one task per connection
-                    └── listener (trio.serve_listeners)
+        └── durable nursery: disk writer (with storage.dir)
+            └── allocator nursery: num_cxl_allocation_workers allocator tasks
+                └── ack nursery: dial-back ack connections
+                    └── connection nursery: one task per connection
+                        └── listener (trio.serve_listeners)
+
+Each connection task gets a :class:`~.publish.IngestPath` (the parts of the
+ingest path a session may use) and never this module.
 
 Shutdown is cancellation: when the scope around :func:`serve` is cancelled
 (or :func:`open_broker`'s block exits), the broker stops accepting, lets
@@ -29,92 +33,24 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import NoReturn
 
-import attrs
 import trio
 
+from ..config import Config, parse_networks
+from ..errors import ErrorCode, ProtocolError
+from ..log import CxlLog, DiskLog
+from ..wire import encode_error_frame
 from .acks import DialBackRegistry, DialBackStatistics
 from .allocator import AllocationCounters, Backoff, StagedBatch, run_allocator
-from .config import Config, parse_networks
+from .commits import CommitFeed
 from .connection import Connection, ConnectionPhase
-from .cxl import CxlLog, CxlStatistics
-from .errors import ErrorCode, ProtocolError
+from .durability import Durability
 from .monitor import PauseGate, run_pool_monitor
-from .staging import StagingPool, StagingPoolStatistics
-from .storage import DiskLog, DiskStatistics
-from .subscription import serve_subscriber
-from .wire import BatchHeader, Handshake, encode_error_frame
+from .publish import IngestPath
+from .session import serve_connection
+from .staging import StagingPool
+from .statistics import BrokerStatistics, IngestCounters
 
 logger = logging.getLogger(__name__)
-
-
-@attrs.define
-class IngestCounters:
-    """Counters the connection tasks keep."""
-
-    connections_accepted: int = 0
-    connections_refused: int = 0
-    batches_received: int = 0
-    messages_received: int = 0
-    bytes_received: int = 0
-    batches_discarded: int = 0
-    internal_errors: int = 0
-
-
-@attrs.frozen
-class BrokerStatistics:
-    """A snapshot of everything the broker counts.
-
-    Attributes:
-        connections: Open connections by :class:`ConnectionPhase` value.
-        pool: Staging pool occupancy.
-        log: CXL log counters (commits, full events, segments).
-        errors: Error frames sent, by lower-case error code name.
-        paused: Whether the pool monitor is holding receivers.
-        pauses: Times the pool monitor paused receivers.
-        resumes: Times it resumed them.
-        allocation_retries: Reservation attempts retried after a full log.
-        backoff_seconds: Total time spent in those retries' sleeps.
-        allocation_failures: Batches refused after every retry (error 4).
-        queued_batches: Staged batches waiting for an allocator.
-        dial_backs: Dial-back ack connection counters.
-        disk: Disk log counters (None without ``storage.dir``).
-    """
-
-    connections: dict[str, int]
-    connections_accepted: int
-    connections_refused: int
-    batches_received: int
-    messages_received: int
-    bytes_received: int
-    batches_committed: int
-    messages_committed: int
-    bytes_committed: int
-    batches_discarded: int
-    pool: StagingPoolStatistics
-    paused: bool
-    pauses: int
-    resumes: int
-    allocation_retries: int
-    backoff_seconds: float
-    allocation_failures: int
-    queued_batches: int
-    errors: dict[str, int]
-    internal_errors: int
-    log: CxlStatistics
-    dial_backs: DialBackStatistics
-    disk: DiskStatistics | None
-
-    def summary(self) -> str:
-        """One log line: what moved and where the pressure is."""
-        busy = ",".join(f"{k}={v}" for k, v in sorted(self.connections.items()) if v)
-        return (
-            f"conns[{busy or 'none'}] recv {self.batches_received}b/{self.messages_received}m/"
-            f"{self.bytes_received / 2**20:.1f}MiB committed {self.batches_committed}b/"
-            f"{self.messages_committed}m pool {self.pool.used}/{self.pool.num_buffers} "
-            f"(peak {self.pool.peak_used}) pauses {self.pauses} retries {self.allocation_retries} "
-            f"ring_full {self.log.ring_full} log_full {self.log.log_full} "
-            f"errors {sum(self.errors.values())}"
-        )
 
 
 class Broker:
@@ -125,6 +61,7 @@ class Broker:
         host: The address it listens on.
         port: The data port it is bound to (the real one when configured as 0).
         log: The CXL log it writes.
+        commits: Where reservations are completed or abandoned (the commit feed).
     """
 
     def __init__(
@@ -149,7 +86,10 @@ class Broker:
             0,
         )
         self.log = log
-        self.disk = disk
+        self.durability = Durability(disk) if disk is not None else None
+        self.commits = CommitFeed(
+            log, self.durability.committed if self.durability is not None else None
+        )
         self.pool = StagingPool(
             net.staging_pool_num_buffers if net.use_nonblocking else 1,
             net.staging_buffer_bytes if net.use_nonblocking else 1,
@@ -161,39 +101,18 @@ class Broker:
         )
         self.allocation = AllocationCounters()
         self.counters = IngestCounters()
-        self.errors: collections.Counter[str] = collections.Counter()
         self.connections: set[Connection] = set()
         self.shutting_down = False
         self._ids = itertools.count(1)
-        self._batch_send: trio.MemorySendChannel[StagedBatch] | None = None
-        self._dial_backs: DialBackRegistry | None = None
+        self._ingest: IngestPath | None = None
         self._service_scope: trio.CancelScope | None = None
         self._accept_scope = trio.CancelScope()
         self._allowed = parse_networks(net.allowed_networks)
 
-    # -- what connections use ----------------------------------------------------
-
     @property
-    def batch_send(self) -> trio.MemorySendChannel[StagedBatch]:
-        assert self._batch_send is not None
-        return self._batch_send
-
-    @property
-    def dial_backs(self) -> DialBackRegistry:
-        assert self._dial_backs is not None
-        return self._dial_backs
-
-    def count_received(self, header: BatchHeader) -> None:
-        c = self.counters
-        c.batches_received += 1
-        c.messages_received += header.num_msg
-        c.bytes_received += header.total_size
-
-    def count_error(self, code: ErrorCode) -> None:
-        self.errors[code.name.lower()] += 1
-
-    async def serve_subscriber(self, connection: Connection, handshake: Handshake) -> None:
-        await serve_subscriber(self, connection, handshake)
+    def disk(self) -> DiskLog | None:
+        """The disk log behind ack level 2 (None without ``storage.dir``)."""
+        return self.durability.disk if self.durability is not None else None
 
     # -- observing -----------------------------------------------------------------
 
@@ -202,8 +121,9 @@ class Broker:
         phases = collections.Counter(c.phase.value for c in self.connections)
         log = self.log.statistics()
         c = self.counters
-        channel = self._batch_send.statistics().current_buffer_used if self._batch_send else 0
-        dial = self._dial_backs.statistics() if self._dial_backs else DialBackStatistics(0, 0, 0)
+        ingest = self._ingest
+        channel = ingest.batches.statistics().current_buffer_used if ingest else 0
+        dial = ingest.dial_backs.statistics() if ingest else DialBackStatistics(0, 0, 0)
         return BrokerStatistics(
             connections={p.value: phases.get(p.value, 0) for p in ConnectionPhase},
             connections_accepted=c.connections_accepted,
@@ -223,11 +143,11 @@ class Broker:
             backoff_seconds=self.allocation.backoff_seconds,
             allocation_failures=self.allocation.exhausted,
             queued_batches=channel,
-            errors=dict(self.errors),
-            internal_errors=c.internal_errors,
+            errors=dict(c.errors),
+            internal_errors=c.internal_errors + self.commits.internal_errors,
             log=log,
             dial_backs=dial,
-            disk=self.disk.statistics() if self.disk is not None else None,
+            disk=self.durability.statistics() if self.durability is not None else None,
         )
 
     # -- running ---------------------------------------------------------------------
@@ -272,11 +192,11 @@ class Broker:
                     )
                 await services.start(self._report)
                 async with trio.open_nursery() as durable:
-                    if self.disk is not None:
-                        await durable.start(self.disk.run)
+                    if self.durability is not None:
+                        await durable.start(self.durability.run)
                     await self._run_ingest(task_status)
-                    if self.disk is not None:
-                        self.disk.finish()  # sync what the drain committed, then stop
+                    if self.durability is not None:
+                        self.durability.finish()  # sync what the drain committed, then stop
                 services.cancel_scope.cancel()
         if self._service_scope.cancelled_caught:
             logger.warning("shutdown grace period over: remaining work cancelled")
@@ -288,17 +208,35 @@ class Broker:
         async with trio.open_nursery() as allocators:
             send, receive = trio.open_memory_channel[StagedBatch](net.allocation_queue_size)
             async with send, receive:
-                self._batch_send = send
                 workers = net.num_cxl_allocation_workers if net.use_nonblocking else 0
                 for _ in range(workers):
                     await allocators.start(
                         partial(
-                            run_allocator, receive.clone(), self.log, self.backoff, self.allocation
+                            run_allocator,
+                            receive.clone(),
+                            self.log,
+                            self.commits,
+                            self.backoff,
+                            self.allocation,
                         )
                     )
                 async with trio.open_nursery() as acks:
-                    self._dial_backs = DialBackRegistry(
-                        acks, self.broker_id, net.ack_connect_timeout_s
+                    self._ingest = IngestPath(
+                        network=net,
+                        broker_id=self.broker_id,
+                        log=self.log,
+                        commits=self.commits,
+                        pool=self.pool,
+                        gate=self.gate,
+                        receive_limiter=self.receive_limiter,
+                        backoff=self.backoff,
+                        allocation=self.allocation,
+                        batches=send,
+                        dial_backs=DialBackRegistry(
+                            acks, self.broker_id, net.ack_connect_timeout_s
+                        ),
+                        durability=self.durability,
+                        counters=self.counters,
                     )
                     async with trio.open_nursery() as connections:
                         await connections.start(self._accept, connections)
@@ -343,15 +281,17 @@ class Broker:
             await self._refuse(stream, refusal)
             return
         self.counters.connections_accepted += 1
-        connection = Connection(self, stream, next(self._ids), peer)
+        connection = Connection(stream, next(self._ids), peer)
         self.connections.add(connection)
+        assert self._ingest is not None  # set before the listener starts
         try:
-            await connection.run()
+            await serve_connection(connection, self._ingest)
         except Exception:
             # A bug, not a peer fault: keep serving everyone else, loudly.
             self.counters.internal_errors += 1
             logger.exception("conn %d %s: internal error", connection.id, connection.peer)
         finally:
+            await trio.aclose_forcefully(stream)
             self.connections.discard(connection)
 
     def _refusal(self, peer: tuple[str, int] | None) -> ProtocolError | None:
@@ -373,7 +313,7 @@ class Broker:
 
     async def _refuse(self, stream: trio.abc.Stream, error: ProtocolError) -> None:
         self.counters.connections_refused += 1
-        self.count_error(error.code)
+        self.counters.count_error(error.code)
         logger.warning("refused a connection: %s", error.message)
         with trio.move_on_after(1):
             try:
@@ -547,4 +487,4 @@ async def open_broker(
             nursery.cancel_scope.cancel()
 
 
-__all__ = ["Broker", "BrokerStatistics", "open_broker", "serve"]
+__all__ = ["Broker", "open_broker", "serve"]

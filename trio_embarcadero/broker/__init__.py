@@ -1,0 +1,17 @@
+"""The broker service: the nursery tree around the log core.
+
+A batch travels listener -> :mod:`.session` (handshake) -> :mod:`.publish`
+(receive into :mod:`.staging`, or straight into the log) -> :mod:`.allocator`
+(reserve with backoff, copy) -> the log core's commit -> :mod:`.commits`
+(the commit feed) -> :mod:`.acks`, :mod:`.subscribe` wake-ups and
+:mod:`.durability` (the disk). :mod:`.monitor` pauses receivers under
+staging pressure; :mod:`.service` owns the tree (``serve``, ``open_broker``).
+"""
+
+from .connection import ConnectionPhase as ConnectionPhase
+from .service import Broker as Broker
+from .service import open_broker as open_broker
+from .service import serve as serve
+from .statistics import BrokerStatistics as BrokerStatistics
+
+__all__ = ["Broker", "BrokerStatistics", "ConnectionPhase", "open_broker", "serve"]

@@ -1,0 +1,99 @@
+"""The commit feed: where committed batches go after the log.
+
+The log core's :meth:`~trio_embarcadero.log.CxlLog.complete` and
+:meth:`~trio_embarcadero.log.CxlLog.abandon` return the batches they
+committed. Everything in the broker that finishes or gives up a batch goes
+through :class:`CommitFeed`, which hands each committed batch, in log order,
+to its consumers:
+
+1. the disk writer (counts it as waiting for the disk, with ``storage.dir``);
+2. the batch's owner, the publish session that received it (its ack count,
+   or at ack level 2 a wait for the disk);
+3. subscribers of the topic, woken once per call.
+
+A consumer that raises is logged and counted (``internal_errors``); the
+others still get the batch and the allocator or session that committed it
+goes on, because a bug in one consumer must not stop the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol, cast
+
+import numpy as np
+import numpy.typing as npt
+import trio
+
+from ..log import CxlLog, Reservation
+
+logger = logging.getLogger(__name__)
+
+
+class CommitConsumer(Protocol):
+    """What the feed tells a batch's owner."""
+
+    def batch_committed(self, reservation: Reservation) -> None: ...
+
+
+class CommitFeed:
+    """Commit or abandon reservations, then fan the committed batches out.
+
+    Args:
+        log: The broker's log.
+        on_disk: Called with every committed batch first (the disk writer),
+            or None without a disk log.
+    """
+
+    def __init__(self, log: CxlLog, on_disk: Callable[[Reservation], None] | None = None) -> None:
+        self._log = log
+        self._on_disk = on_disk
+        self._waiters: dict[str, trio.lowlevel.ParkingLot] = {}
+        self.internal_errors = 0
+
+    def complete(self, reservation: Reservation, starts: npt.NDArray[np.int64]) -> None:
+        """The payload of ``reservation`` is in place: commit what can be."""
+        self._fan_out(self._log.complete(reservation, starts))
+
+    def abandon(self, reservation: Reservation) -> None:
+        """Give ``reservation`` up; batches it held back may commit now."""
+        self._fan_out(self._log.abandon(reservation))
+
+    async def wait_commit(self, topic: str) -> None:
+        """Return after this broker's next commit to ``topic``."""
+        lot = self._waiters.get(topic)
+        if lot is None:
+            lot = self._waiters[topic] = trio.lowlevel.ParkingLot()
+        try:
+            await lot.park()
+        finally:
+            # Subscribers may name any topic: keep a lot only while it is used.
+            if not lot and self._waiters.get(topic) is lot:
+                del self._waiters[topic]
+
+    def _fan_out(self, committed: list[Reservation]) -> None:
+        if not committed:
+            return
+        for reservation in committed:
+            if self._on_disk is not None:
+                self._guarded(self._on_disk, reservation)
+            owner = reservation.owner
+            if owner is not None:
+                # The log keeps owners opaque; the broker only ever sets sessions.
+                self._guarded(cast(CommitConsumer, owner).batch_committed, reservation)
+        lot = self._waiters.get(committed[0].stream.topic)
+        if lot is not None:
+            lot.unpark_all()
+
+    def _guarded(self, consumer: Callable[[Reservation], None], reservation: Reservation) -> None:
+        try:
+            consumer(reservation)
+        except Exception:
+            self.internal_errors += 1
+            logger.exception(
+                "internal error handing out batch %d of %r (consumer %r)",
+                reservation.header.batch_seq,
+                reservation.stream.topic,
+                consumer,
+            )

@@ -1,0 +1,94 @@
+"""What the broker counts, and the frozen snapshot it hands out."""
+
+from __future__ import annotations
+
+import collections
+
+import attrs
+
+from ..errors import ErrorCode
+from ..log import CxlStatistics, DiskStatistics
+from ..wire import BatchHeader
+from .acks import DialBackStatistics
+from .staging import StagingPoolStatistics
+
+
+@attrs.define
+class IngestCounters:
+    """Counters the connection tasks keep."""
+
+    connections_accepted: int = 0
+    connections_refused: int = 0
+    batches_received: int = 0
+    messages_received: int = 0
+    bytes_received: int = 0
+    batches_discarded: int = 0
+    internal_errors: int = 0
+    errors: collections.Counter[str] = attrs.Factory(collections.Counter)
+
+    def count_received(self, header: BatchHeader) -> None:
+        """A whole, valid batch arrived."""
+        self.batches_received += 1
+        self.messages_received += header.num_msg
+        self.bytes_received += header.total_size
+
+    def count_error(self, code: ErrorCode) -> None:
+        """An error frame with ``code`` is being sent."""
+        self.errors[code.name.lower()] += 1
+
+
+@attrs.frozen
+class BrokerStatistics:
+    """A snapshot of everything the broker counts.
+
+    Attributes:
+        connections: Open connections by :class:`ConnectionPhase` value.
+        pool: Staging pool occupancy.
+        log: CXL log counters (commits, full events, segments).
+        errors: Error frames sent, by lower-case error code name.
+        paused: Whether the pool monitor is holding receivers.
+        pauses: Times the pool monitor paused receivers.
+        resumes: Times it resumed them.
+        allocation_retries: Reservation attempts retried after a full log.
+        backoff_seconds: Total time spent in those retries' sleeps.
+        allocation_failures: Batches refused after every retry (error 4).
+        queued_batches: Staged batches waiting for an allocator.
+        dial_backs: Dial-back ack connection counters.
+        disk: Disk log counters (None without ``storage.dir``).
+    """
+
+    connections: dict[str, int]
+    connections_accepted: int
+    connections_refused: int
+    batches_received: int
+    messages_received: int
+    bytes_received: int
+    batches_committed: int
+    messages_committed: int
+    bytes_committed: int
+    batches_discarded: int
+    pool: StagingPoolStatistics
+    paused: bool
+    pauses: int
+    resumes: int
+    allocation_retries: int
+    backoff_seconds: float
+    allocation_failures: int
+    queued_batches: int
+    errors: dict[str, int]
+    internal_errors: int
+    log: CxlStatistics
+    dial_backs: DialBackStatistics
+    disk: DiskStatistics | None
+
+    def summary(self) -> str:
+        """One log line: what moved and where the pressure is."""
+        busy = ",".join(f"{k}={v}" for k, v in sorted(self.connections.items()) if v)
+        return (
+            f"conns[{busy or 'none'}] recv {self.batches_received}b/{self.messages_received}m/"
+            f"{self.bytes_received / 2**20:.1f}MiB committed {self.batches_committed}b/"
+            f"{self.messages_committed}m pool {self.pool.used}/{self.pool.num_buffers} "
+            f"(peak {self.pool.peak_used}) pauses {self.pauses} retries {self.allocation_retries} "
+            f"ring_full {self.log.ring_full} log_full {self.log.log_full} "
+            f"errors {sum(self.errors.values())}"
+        )

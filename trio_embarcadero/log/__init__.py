@@ -1,0 +1,22 @@
+"""The log core: the CXL region, its disk tier and readers for other processes.
+
+Nothing here imports Trio or touches sockets. The writer (:class:`CxlLog`)
+reserves space, commits and recovers, and returns what it committed; the
+broker service above fans that out. :mod:`.layout` is the one description of
+the file; :mod:`.reader` maps it read-only in any process; :mod:`.disk` keeps
+the disk copy behind ack level 2.
+"""
+
+from .disk import DiskLog as DiskLog
+from .disk import DiskStatistics as DiskStatistics
+from .layout import Geometry as Geometry
+from .reader import BatchInfo as BatchInfo
+from .reader import LogReader as LogReader
+from .reader import StreamInfo as StreamInfo
+from .reader import TopicInfo as TopicInfo
+from .reader import open_log as open_log
+from .region import CommittedBatch as CommittedBatch
+from .region import CxlLog as CxlLog
+from .region import CxlStatistics as CxlStatistics
+from .region import Reservation as Reservation
+from .region import Stream as Stream
