@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trio_embarcadero.cli import build_parser
 from trio_embarcadero.errors import ErrorCode
 from trio_embarcadero.tools import bench, loadgen
+from trio_embarcadero.tools.bench.report import _notes
 from trio_embarcadero.wire import HANDSHAKE_SIZE, encode_error_frame, scan_records
 
 BATCH_PAYLOAD = 1928 * 1024
 
 
 def _args(*argv: str) -> argparse.Namespace:
-    return build_parser().parse_args(["bench", *argv])
+    return bench.build_parser().parse_args(list(argv))
 
 
 @pytest.mark.parametrize(
@@ -283,7 +283,7 @@ def test_summary_ack2_cost_is_against_the_same_path_at_ack1() -> None:
     assert staged["storage_bytes"]["median"] == 123
     assert summary["direct-ack2"]["ratio_to_ack1"] is None  # direct-ack1 was not run
     assert summary["staged-ack1"]["storage_bytes"]["median"] is None
-    notes = bench._notes(plan, summary, None)
+    notes = _notes(plan, summary, None)
     assert any(n.startswith("Ack-2 cost (staged): staged-ack2 moves 33%") for n in notes)
     assert not any("(direct)" in n for n in notes)
 

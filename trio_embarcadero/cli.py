@@ -15,9 +15,8 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
 import trio
 
@@ -26,41 +25,6 @@ from .config import Config, config_to_toml, load_config
 from .errors import ConfigError, EmbarcaderoError
 
 logger = logging.getLogger(__name__)
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser that can leave adding its arguments until it parses.
-
-    ``trio-embarcadero bench``'s options are defined with the bench, in
-    :mod:`trio_embarcadero.tools`; its subcommand parser imports them when the
-    command line names ``bench`` (for a run or for ``--help``), not when the
-    parser is built, so that no other command loads the tools.
-
-    Args:
-        add_arguments: Called with the parser before it first parses.
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._add_arguments = add_arguments
-
-    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
-        """Add the deferred arguments, then parse as usual."""
-        if self._add_arguments is not None:
-            add_arguments, self._add_arguments = self._add_arguments, None
-            add_arguments(self)
-        return super().parse_known_args(*args, **kwargs)
-
-
-def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from .tools.bench.plan import add_arguments
-
-    add_arguments(parser)
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +37,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = _Parser(
+    parser = argparse.ArgumentParser(
         prog="trio-embarcadero",
         description="Embarcadero broker ingest path on Trio.",
     )
@@ -86,10 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config and print it in full")
     _add_config_options(check)
     _add_client_commands(commands)
+    # The bench parses its own options (in the tools, loaded only when it
+    # runs): what follows "bench" is handed to it untouched.
     commands.add_parser(
         "bench",
         help="measure throughput and ack latency against minimal receivers",
-        add_arguments=_add_bench_arguments,
+        add_help=False,
     )
     return parser
 
@@ -110,11 +76,14 @@ def _load(args: argparse.Namespace) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser()
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     if args.command == "bench":  # its own options; the broker configs are its own too
-        from .tools.bench import run as run_bench
+        from .tools.bench import main as bench_main
 
-        return run_bench(args)
+        return bench_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         config = _load(args)
     except ConfigError as exc:
@@ -144,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 _CLIENT_COMMANDS = ("publish", "subscribe", "topics", "inspect")
 
 
-def _add_client_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
+def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from .client import DEFAULT_BATCH_BYTES
 
     publish = commands.add_parser(

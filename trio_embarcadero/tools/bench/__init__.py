@@ -58,9 +58,8 @@ Where things are:
 
 from ..loadgen import parse_size
 from ..procfs import filesystem
-from .command import main, run
+from .command import build_parser, main, run
 from .plan import ACK2_VARIANTS, DEFAULT_VARIANTS, Plan, Variant, add_arguments, make_plan
-from .report import _notes as _notes  # for tests of the notes alone
 from .report import build_report, plot, render_table, summarize
 from .results import RunResult, percentiles
 from .runner import Bench, BenchError
@@ -74,6 +73,7 @@ __all__ = [
     "RunResult",
     "Variant",
     "add_arguments",
+    "build_parser",
     "build_report",
     "filesystem",
     "main",

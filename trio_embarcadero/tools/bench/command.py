@@ -91,8 +91,13 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report["ok"] and bench.runs else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m trio_embarcadero.tools.bench``: the same as ``trio-embarcadero bench``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``trio-embarcadero bench``'s options."""
     parser = argparse.ArgumentParser(prog="trio-embarcadero bench")
     add_arguments(parser)
-    return run(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``trio-embarcadero bench`` (also ``python -m trio_embarcadero.tools.bench``)."""
+    return run(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
