@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,85 @@ def test_writes_larger_than_one_writev_resume_without_loss(
         assert len(calls) > 5
     finally:
         os.close(fd)
+
+
+class FileSystemCalls:
+    """Records creations and syncs (``os`` is patched to go through it), in order.
+
+    Events are ``("mkdir", path)``, ``("create", path)`` (an ``open`` with
+    ``O_CREAT``), ``("sync", path)`` (``fsync`` or ``fdatasync``, of a file or a
+    directory) and whatever a test appends itself. Worker threads append too;
+    ``list.append`` is atomic.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[tuple[str, str]] = []
+        real_open, real_mkdir = os.open, os.mkdir
+        real_syncs = {"fsync": os.fsync, "fdatasync": os.fdatasync}
+
+        def recording_open(path: str | Path, flags: int, mode: int = 0o777, **kw: object) -> int:
+            fd = real_open(path, flags, mode, **kw)  # type: ignore[arg-type]
+            if flags & os.O_CREAT:
+                self.events.append(("create", str(path)))
+            return fd
+
+        def recording_mkdir(path: str | Path, mode: int = 0o777, **kw: object) -> None:
+            real_mkdir(path, mode, **kw)  # type: ignore[arg-type]
+            self.events.append(("mkdir", str(path)))
+
+        def recording_sync(name: str) -> object:
+            def sync(fd: int) -> None:
+                real_syncs[name](fd)
+                self.events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+
+            return sync
+
+        monkeypatch.setattr(os, "open", recording_open)
+        monkeypatch.setattr(os, "mkdir", recording_mkdir)
+        for name in real_syncs:
+            monkeypatch.setattr(os, name, recording_sync(name))
+
+    def index(self, event: tuple[str, str], after: int = -1) -> int:
+        """Where ``event`` first happened after index ``after``."""
+        later = self.events[after + 1 :]
+        assert event in later, f"{event} never happened after #{after}: {self.events}"
+        return after + 1 + later.index(event)
+
+
+async def test_new_directories_and_files_are_synced_in_their_parent_before_ack2(
+    make_config: MakeConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power loss must not take a file (or directory) away whose batches were acked at
+    level 2: its entry is synced in its directory before the first count goes out."""
+    base = str(tmp_path)  # pytest's is resolved, like the paths /proc/self/fd shows
+    outer, storage = f"{base}/disk", f"{base}/disk/broker0"
+    log_file = f"{storage}/{file_name('fresh', 0)}"
+    calls = FileSystemCalls(monkeypatch)
+    config = make_config(**{"storage.dir": storage, "storage.sync_interval_ms": 1.0})
+    with trio.fail_after(10):
+        async with open_broker(config) as broker:
+            # Both directories are new: each is synced in its parent once made.
+            assert calls.index(("mkdir", outer)) < calls.index(("sync", base))
+            assert calls.index(("mkdir", storage)) < calls.index(("sync", outer))
+            async with await trio.open_tcp_stream("127.0.0.1", broker.port) as stream:
+                await stream.send_all(handshake("fresh", client_id=3, ack=2))
+                await stream.send_all(batch(0, 3, 0, 10, 100)[0])
+                assert await receive_exactly(stream, 12) == struct.pack("<iQ", 0, 10)
+                calls.events.append(("acked", "10"))
+                await stream.send_eof()
+                await read_all(stream)
+    created = calls.index(("create", log_file))
+    data_synced = calls.index(("sync", log_file))
+    entry_synced = calls.index(("sync", storage), after=created)
+    acked = calls.index(("acked", "10"))
+    assert created < data_synced < acked
+    assert created < entry_synced < acked
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await stream.receive_some(size - len(data))
+        assert chunk, f"EOF after {len(data)} of {size} bytes"
+        data += chunk
+    return data

@@ -11,6 +11,12 @@ committed, takes the pending appends as :meth:`DiskLog.take_jobs`, runs
 covers every batch committed since the last) and hands the finished jobs
 back to :meth:`DiskLog.jobs_done`, which says how far each stream is durable.
 
+A file's synced data is only as durable as its directory entry: a file
+created after the last sync of its directory can vanish whole in a power
+loss. So every directory this module creates is made durable in its parent
+(``fsync`` of the parent) and every new log file in the directory before
+any of its batches counts as synced.
+
 On start the disk log is reconciled with the CXL region:
 
 * a torn last batch (the machine died mid-append) is cut off;
@@ -64,8 +70,12 @@ class DiskStatistics:
 class _StreamFile:
     def __init__(self, path: Path, fd: int, on_disk: int) -> None:
         self.path = path
-        self.fd = fd
+        self.fd = fd  # -1 until the writer creates the file
         self.synced = on_disk  # batches of the stream that are on disk and synced
+        # Whether the directory entry is known to be durable: files found at
+        # start-up are (open() syncs the directory), new ones once the
+        # writer has synced the directory after creating them.
+        self.entry_durable = fd >= 0
 
 
 @attrs.frozen
@@ -126,7 +136,7 @@ class DiskLog:
             OSError: The directory or a file cannot be used.
         """
         path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
+        _make_directories(path)
         disk = cls(path, log, sync_interval, sync_bytes)
         suffix = f"@{log.broker_id}.log"
         for file in sorted(path.glob(f"*{suffix}")):
@@ -140,6 +150,10 @@ class DiskLog:
                 logger.warning("ignoring %s: not a topic's disk log", file)
                 continue
             disk._files[topic] = disk._recover(topic, file)
+        # Make what is there durable as it is now: the entries of the files
+        # found, and the removal of those a reset discarded (else they could
+        # come back after a power loss and be replayed).
+        _sync_directory(path)
         # Batches committed in the region but not on disk (acked at level 1,
         # not yet synced when the broker stopped) are the writer's first job.
         for stream in log.streams():
@@ -198,7 +212,8 @@ class DiskLog:
     def close(self) -> None:
         """Close every file (once the writer has stopped)."""
         for file in self._files.values():
-            os.close(file.fd)
+            if file.fd >= 0:
+                os.close(file.fd)
         self._files.clear()
 
     # -- what the writer task calls -----------------------------------------------
@@ -225,10 +240,10 @@ class DiskLog:
     def _file(self, stream: Stream) -> _StreamFile:
         file = self._files.get(stream.topic)
         if file is None:
+            # Created by the writer (write_and_sync, on its worker thread),
+            # so the event loop never waits for the file system.
             path = self.directory / file_name(stream.topic, self._log.broker_id)
-            # O_APPEND + create: a file opened once per topic, on its first commit.
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-            file = self._files[stream.topic] = _StreamFile(path, fd, 0)
+            file = self._files[stream.topic] = _StreamFile(path, -1, 0)
         return file
 
     def take_jobs(self) -> list[WriteJob]:
@@ -273,32 +288,77 @@ class DiskLog:
 
 def write_and_sync(jobs: list[WriteJob]) -> int:
     """Append each job's buffers to its file and fdatasync it; returns the
-    bytes written. Blocking: the broker runs it on a worker thread."""
+    bytes written. Blocking: the broker runs it on a worker thread.
+
+    A stream's first job creates its file; the directory is then synced too,
+    before this returns, so that no batch of a new file counts as durable
+    while the file itself could still vanish.
+    """
     written = 0
     for job in jobs:
-        pending = list(job.views)
-        while pending:
-            # One writev moves at most about 2 GiB on Linux; keep each call
-            # well below that and below IOV_MAX, and resume a short write
-            # where it stopped, without copying anything.
-            chunk: list[memoryview] = []
-            size = 0
-            while pending and len(chunk) < _IOV_MAX and (not chunk or size < _WRITE_BYTES):
-                chunk.append(pending[0])
-                size += len(pending.pop(0))
-            done = os.writev(job._file.fd, chunk)
-            written += done
-            if done < size:
-                rest = []
-                for view in chunk:
-                    if done >= len(view):
-                        done -= len(view)
-                        continue
-                    rest.append(view[done:])
-                    done = 0
-                pending[:0] = rest
-        os.fdatasync(job._file.fd)
+        file = job._file
+        if file.fd < 0:
+            # O_APPEND: every write goes to the end, whatever the offset.
+            file.fd = os.open(file.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        written += _append(file.fd, job.views)
+        os.fdatasync(file.fd)
+    new = [job._file for job in jobs if not job._file.entry_durable]
+    if new:
+        _sync_directory(new[0].path.parent)  # one directory holds every file
+        for file in new:
+            file.entry_durable = True
     return written
+
+
+def _append(fd: int, views: list[memoryview]) -> int:
+    """Write every view to ``fd``, in order; returns the bytes written."""
+    written = 0
+    pending = list(views)
+    while pending:
+        # One writev moves at most about 2 GiB on Linux; keep each call
+        # well below that and below IOV_MAX, and resume a short write
+        # where it stopped, without copying anything.
+        chunk: list[memoryview] = []
+        size = 0
+        while pending and len(chunk) < _IOV_MAX and (not chunk or size < _WRITE_BYTES):
+            chunk.append(pending[0])
+            size += len(pending.pop(0))
+        done = os.writev(fd, chunk)
+        written += done
+        if done < size:
+            rest = []
+            for view in chunk:
+                if done >= len(view):
+                    done -= len(view)
+                    continue
+                rest.append(view[done:])
+                done = 0
+            pending[:0] = rest
+    return written
+
+
+def _sync_directory(path: Path) -> None:
+    """fsync a directory: the entries created or removed in it become durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_directories(path: Path) -> None:
+    """``mkdir -p path``, each new directory made durable in its parent."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:  # made meanwhile by someone else; it still needs the sync
+            if not directory.is_dir():
+                raise
+        _sync_directory(directory.parent)
 
 
 def _read_batches(fd: int, path: Path) -> list[tuple[int, int, int]]:
