@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -85,6 +85,10 @@ class Served:
     def stop(self, signum: int) -> tuple[int, str]:
         """Send ``signum``; return the exit code and the whole stderr."""
         self.proc.send_signal(signum)
+        return self.wait()
+
+    def wait(self) -> tuple[int, str]:
+        """Wait for the exit; return the exit code and the whole stderr."""
         _, rest = self.proc.communicate(timeout=TIMEOUT)
         return self.proc.returncode, (self.stderr_so_far + rest).decode()
 
@@ -93,9 +97,9 @@ class Served:
 def serve_cli() -> Iterator[Callable[..., Served]]:
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(*args: str) -> Served:
+    def start(*args: str, launcher: Sequence[str] = ("-m", "trio_embarcadero")) -> Served:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "trio_embarcadero", "serve", *args],
+            [sys.executable, *launcher, "serve", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=clean_env(),
@@ -212,6 +216,57 @@ def test_serve_on_a_busy_port_exits_1(tmp_path: Path, cxl_path: str) -> None:
     assert result.returncode == 1, result.stderr
     assert "cannot serve" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+#: Runs the command line with ``os.fdatasync`` failing (EIO) on the disk log of
+#: topic "doomed": the hook lives in the test's child process, not the package.
+FAILING_DISK = """
+import errno, os, sys
+
+real_fdatasync = os.fdatasync
+
+def fdatasync(fd):
+    if os.readlink(f"/proc/self/fd/{fd}").endswith("/doomed@0.log"):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    real_fdatasync(fd)
+
+os.fdatasync = fdatasync
+from trio_embarcadero.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_disk_log_stops_serve_with_exit_1(
+    tmp_path: Path, cxl_path: str, serve_cli: Callable[..., Served]
+) -> None:
+    storage = tmp_path / "disk"
+    config = write_config(tmp_path, cxl_path)
+    config.write_text(config.read_text() + f'\n[storage]\ndir = "{storage}"\n')
+    served = serve_cli("--config", str(config), launcher=("-c", FAILING_DISK))
+    # An ack-1 publisher on a disk that works, idle with its count.
+    with socket.create_connection(("127.0.0.1", served.port), timeout=TIMEOUT) as idle:
+        idle.sendall(handshake("fine", client_id=5) + batch(0, 5, 0, 10, 64)[0])
+        assert recv_exactly(idle, 12) == struct.pack("<iQ", 0, 10)
+        # Then an ack-2 batch whose sync fails: error 8 instead of a count.
+        with socket.create_connection(("127.0.0.1", served.port), timeout=TIMEOUT) as sock:
+            sock.sendall(handshake("doomed", client_id=6, ack=2) + batch(0, 6, 0, 10, 64)[0])
+            broker_id, counts, error = parse_ack_stream(recv_all(sock))
+        assert (broker_id, counts) == (0, [])
+        assert error is not None
+        assert error[0] == 8
+        assert error[1].startswith("storage failure: ")
+        _, counts, error = parse_ack_stream(recv_all(idle), with_broker_id=False)
+    assert (counts, error) == ([], (5, "broker is shutting down"))
+    code, stderr = served.wait()
+    assert code == 1, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, stderr
+    assert str(storage / "doomed@0.log") in errors[0]
+    assert "EIO" in errors[0]
+    # What was committed stays in the CXL file (acked at level 1 or not acked at all).
+    assert committed_messages(cxl_path, "fine") == 10
+    assert committed_messages(cxl_path, "doomed") == 10
 
 
 # -- configuration errors -------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,8 +14,17 @@ import trio
 from conftest import MakeConfig, wait_until
 from rawclient import batch, handshake, parse_ack_stream, parse_records, read_all
 
-from trio_embarcadero import LayoutError, open_broker
+from trio_embarcadero import (
+    BrokerError,
+    ErrorCode,
+    LayoutError,
+    StorageError,
+    open_broker,
+    open_publisher,
+    serve,
+)
 from trio_embarcadero.broker import Broker
+from trio_embarcadero.config import Config
 from trio_embarcadero.log.disk import file_name
 
 
@@ -197,12 +209,51 @@ def test_writes_larger_than_one_writev_resume_without_loss(
             return real_writev(fd, taken)
 
         monkeypatch.setattr(os, "writev", short_writev)
-        written = storage.write_and_sync([storage.WriteJob("t", views, 5, file)])
-        assert written == sum(len(v) for v in views)
+        job = storage.WriteJob("t", views, 5, file)
+        result = storage.write_and_sync([job])
+        assert result == storage.SyncResult([job], sum(len(v) for v in views))
         assert path.read_bytes() == b"".join(bytes(v) for v in views)
         assert len(calls) > 5
     finally:
         os.close(fd)
+
+
+def test_a_failed_directory_sync_leaves_the_new_file_not_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_and_sync reports the jobs it finished before a failure: an existing
+    file's job is done, a new file's is not while its directory entry is not synced."""
+    from trio_embarcadero.log import disk as storage
+
+    fd = os.open(tmp_path / "old.log", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    existing = storage._StreamFile(tmp_path / "old.log", fd, 0)
+    fresh = storage._StreamFile(tmp_path / "new.log", -1, 0)
+    try:
+        jobs = [
+            storage.WriteJob(name, [memoryview(b"x" * 64)], 1, file)
+            for name, file in (("old", existing), ("new", fresh))
+        ]
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path):
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        result = storage.write_and_sync(jobs)
+        assert result.done == jobs[:1]
+        assert result.written == 128
+        assert result.failure is not None
+        assert (result.failure.operation, result.failure.path) == ("fsync directory", str(tmp_path))
+        assert str(result.failure) == (
+            f"disk log {tmp_path}: fsync directory failed: EIO (Input/output error)"
+        )
+        assert not fresh.entry_durable
+    finally:
+        os.close(fd)
+        if fresh.fd >= 0:
+            os.close(fresh.fd)
 
 
 class FileSystemCalls:
@@ -285,3 +336,130 @@ async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
         assert chunk, f"EOF after {len(data)} of {size} bytes"
         data += chunk
     return data
+
+
+# -- a disk that fails -------------------------------------------------------------------
+
+
+class FailingDisk:
+    """``os.fdatasync`` of the named files fails with EIO once armed, after
+    blocking until released (so a test can act while the writer is stuck)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *paths: str) -> None:
+        self.paths = set(paths)
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        real_fdatasync = os.fdatasync
+
+        def fdatasync(fd: int) -> None:
+            if self.armed and os.readlink(f"/proc/self/fd/{fd}") in self.paths:
+                self.entered.set()
+                self.release.wait(10)
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real_fdatasync(fd)
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+
+async def open_raw_publisher(port: int, topic: str, client_id: int, ack: int) -> trio.SocketStream:
+    """A publish connection whose first batch (10 messages) is acked."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(handshake(topic, client_id=client_id, ack=ack))
+    await stream.send_all(batch(0, client_id, 0, 10, 100)[0])
+    assert await receive_exactly(stream, 12) == struct.pack("<iQ", 0, 10)
+    return stream
+
+
+async def test_a_failing_disk_stops_the_broker_after_telling_every_publisher(
+    make_config: MakeConfig,
+    storage_dir: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """EIO from fdatasync: ack-2 publishers waiting for it get error 8 after their
+    durable count, ack-1 publishers their counts and error 5, and open_broker raises
+    one StorageError once the broker has drained."""
+    doomed, other = (f"{storage_dir}/{file_name(t, 0)}" for t in ("doomed", "other"))
+    disk = FailingDisk(monkeypatch, doomed, other)
+    config = make_config(**{"storage.dir": storage_dir, "storage.sync_interval_ms": 1.0})
+    with trio.fail_after(10), pytest.raises(StorageError) as stopped:
+        await publish_while_the_disk_fails(config, disk)
+    failure = stopped.value
+    assert (failure.operation, failure.path, failure.errno) == ("fdatasync", doomed, errno.EIO)
+    assert isinstance(failure.__cause__, OSError)
+    # One line says what broke, naming the file and the errno.
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert doomed in errors[0]
+    assert "EIO" in errors[0]
+
+
+async def publish_while_the_disk_fails(config: Config, disk: FailingDisk) -> None:
+    async with open_broker(config) as broker:
+        durable = await open_raw_publisher(broker.port, "doomed", 1, ack=2)
+        stored = await open_raw_publisher(broker.port, "fine", 2, ack=1)
+        async with durable, stored:
+            with pytest.raises(BrokerError) as refused:
+                await publish_until_refused(broker, disk, durable, stored)
+            # The Python client: error 8, with the durable count.
+            assert refused.value.code == ErrorCode.STORAGE_FAILURE == 8
+            assert refused.value.acked == 1
+            assert refused.value.message.startswith(
+                "storage failure: the disk log failed (fdatasync: EIO (Input/output error))"
+            )
+            # On the wire: no count after the durable one, then error 8 ...
+            _, counts, error = parse_ack_stream(await read_all(durable), with_broker_id=False)
+            assert (counts, error) == ([], (8, refused.value.message))
+            # ... and the ack-1 publisher had all its counts; it is told the broker stops.
+            _, counts, error = parse_ack_stream(await read_all(stored), with_broker_id=False)
+            assert (counts, error) == ([], (5, "broker is shutting down"))
+        assert broker.statistics().errors == {"storage_failure": 2, "shutting_down": 1}
+        await trio.sleep_forever()  # the broker ends the block once it has drained
+
+
+async def publish_until_refused(
+    broker: Broker, disk: FailingDisk, durable: trio.SocketStream, stored: trio.SocketStream
+) -> None:
+    async with open_publisher(
+        "127.0.0.1", broker.port, "other", ack=2, linger=None, client_id=3
+    ) as publisher:
+        await publisher.publish(b"synced")
+        await publisher.flush()
+        disk.armed = True
+        await durable.send_all(batch(1, 1, 10, 10, 100)[0])
+        await trio.to_thread.run_sync(disk.entered.wait, 10, abandon_on_cancel=True)
+        # The disk hangs: level 2 waits for it, level 1 does not.
+        await publisher.publish(b"never synced")
+        await wait_until(lambda: getattr(broker.statistics().disk, "waiting_batches", 0) == 2)
+        await stored.send_all(batch(1, 2, 10, 10, 100)[0])
+        assert await receive_exactly(stored, 8) == struct.pack("<Q", 20)
+        disk.release.set()  # and now it fails
+        await publisher.flush()
+
+
+async def test_serve_raises_the_storage_error_itself(
+    make_config: MakeConfig, storage_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doomed = f"{storage_dir}/{file_name('doomed', 0)}"
+    disk = FailingDisk(monkeypatch, doomed)
+    disk.armed = True
+    disk.release.set()
+    raised: list[BaseException] = []
+
+    async def embedder(*, task_status: trio.TaskStatus[Broker]) -> None:
+        try:
+            await serve(make_config(**{"storage.dir": storage_dir}), task_status=task_status)
+        except BaseException as exc:
+            raised.append(exc)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(embedder)
+            async with await trio.open_tcp_stream("127.0.0.1", broker.port) as stream:
+                await stream.send_all(handshake("doomed", ack=1) + batch(0, 1, 0, 10, 100)[0])
+                _, counts, error = parse_ack_stream(await read_all(stream))
+            assert (counts, error) == ([10], (5, "broker is shutting down"))
+    assert len(raised) == 1
+    assert isinstance(raised[0], StorageError)
+    assert raised[0].path == doomed

@@ -22,6 +22,7 @@ from .errors import ErrorCode as ErrorCode
 from .errors import LayoutError as LayoutError
 from .errors import LogFullError as LogFullError
 from .errors import ProtocolError as ProtocolError
+from .errors import StorageError as StorageError
 from .log import LogReader as LogReader
 from .log import open_log as open_log
 

@@ -1,7 +1,8 @@
 """The ``trio-embarcadero`` command line.
 
 ``main(argv) -> int`` returns the exit status: 0 after a clean run (a broker
-that drained after SIGINT/SIGTERM), 1 on a runtime failure, 2 on a usage or
+that drained after SIGINT/SIGTERM), 1 on a runtime failure (also a broker
+that drained and stopped because its disk log failed), 2 on a usage or
 configuration error. Only this module configures logging and signals; the
 library never does.
 
@@ -22,7 +23,7 @@ import trio
 
 from .broker import Broker, serve
 from .config import Config, config_to_toml, load_config
-from .errors import ConfigError, EmbarcaderoError
+from .errors import ConfigError, EmbarcaderoError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except* (EmbarcaderoError, OSError) as group:
         failures.extend(_leaves(group))
     for failure in failures:
-        logger.error("cannot serve: %s", failure)
+        # A storage failure was logged by the broker when it happened.
+        if not isinstance(failure, StorageError):
+            logger.error("cannot serve: %s", failure)
     return 1 if failures else 0
 
 

@@ -8,6 +8,8 @@ above that boundary only ever catches :class:`EmbarcaderoError` subclasses.
 from __future__ import annotations
 
 import enum
+import errno as _errno
+import os
 
 
 class ErrorCode(enum.IntEnum):
@@ -20,6 +22,7 @@ class ErrorCode(enum.IntEnum):
     SHUTTING_DOWN = 5
     NOT_ALLOWED = 6
     TIMEOUT = 7
+    STORAGE_FAILURE = 8
 
 
 #: The code a client reports when the broker closed the connection without an
@@ -85,6 +88,33 @@ class LogFullError(EmbarcaderoError):
 
 class LayoutError(EmbarcaderoError):
     """An existing CXL file has another layout or size than the config asks for."""
+
+
+class StorageError(EmbarcaderoError):
+    """The disk log behind ack level 2 could not be written or synced.
+
+    A running broker that meets one stops gracefully (its waiting ack-2
+    publishers get error 8) and :func:`~trio_embarcadero.serve` /
+    :func:`~trio_embarcadero.open_broker` raise it afterwards.
+
+    Attributes:
+        operation: What failed: ``"create"``, ``"write"``, ``"fdatasync"`` or
+            ``"fsync directory"``.
+        path: The file (or directory) it failed on.
+        errno: The ``OSError``'s errno (0 when it had none).
+    """
+
+    def __init__(self, operation: str, path: str, errno: int | None) -> None:
+        self.operation = operation
+        self.path = path
+        self.errno = errno or 0
+        super().__init__(f"disk log {path}: {operation} failed: {self.reason}")
+
+    @property
+    def reason(self) -> str:
+        """The errno's symbol and text, e.g. ``EIO (Input/output error)``."""
+        name = _errno.errorcode.get(self.errno, f"errno {self.errno}")
+        return f"{name} ({os.strerror(self.errno)})"
 
 
 class BrokerError(EmbarcaderoError):

@@ -7,21 +7,33 @@ blocks on the disk, and one sync covers every batch committed since the last
 (group commit): a sync happens ``storage.sync_interval_ms`` after the first
 unsynced commit, or sooner once ``storage.sync_bytes`` are waiting.
 Publishers with ack level 2 are told only after the sync.
+
+A write or sync that fails stops the writer for good: after a failed
+``fdatasync`` the file's state is unknown, so nothing more is promised. Every
+batch still waiting, and every one committed later, is told the
+:class:`~trio_embarcadero.errors.StorageError`, and the broker is told to
+stop (``on_failure``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 
 import attrs
 import trio
 
+from ..errors import StorageError
 from ..log import DiskLog, DiskStatistics, Reservation
 from ..log.disk import write_and_sync
 
 logger = logging.getLogger(__name__)
+
+
+#: Told once whether a batch is durable: None when it is, else why it never will be.
+DurableCallback = Callable[[StorageError | None], None]
 
 
 class Durability:
@@ -29,11 +41,20 @@ class Durability:
 
     Args:
         disk: The opened (and reconciled) disk log.
+        on_failure: Called once if the disk log fails, after every waiter
+            was told.
+
+    Attributes:
+        failure: Why the disk log failed, or None while it works.
     """
 
-    def __init__(self, disk: DiskLog) -> None:
+    def __init__(
+        self, disk: DiskLog, on_failure: Callable[[StorageError], None] | None = None
+    ) -> None:
         self.disk = disk
-        self._waiters: dict[str, deque[tuple[int, Callable[[], None]]]] = {}
+        self.failure: StorageError | None = None
+        self._on_failure = on_failure
+        self._waiters: dict[str, deque[tuple[int, DurableCallback]]] = {}
         self._finishing = False
         self._wakeup = trio.lowlevel.ParkingLot()
 
@@ -42,10 +63,13 @@ class Durability:
         self.disk.committed(reservation)
         self._wakeup.unpark_all()
 
-    def when_durable(self, reservation: Reservation, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once the committed ``reservation`` is synced to disk."""
+    def when_durable(self, reservation: Reservation, callback: DurableCallback) -> None:
+        """Call ``callback(None)`` once the committed ``reservation`` is synced
+        to disk, or ``callback(error)`` once it is clear it never will be."""
         if reservation.batch_index < self.disk.durable_batches(reservation.stream):
-            callback()
+            callback(None)
+        elif self.failure is not None:
+            callback(self.failure)
         else:
             waiters = self._waiters.setdefault(reservation.stream.topic, deque())
             waiters.append((reservation.batch_index, callback))
@@ -71,16 +95,32 @@ class Durability:
                     await self._wakeup.park()
             jobs = disk.take_jobs()
             started = trio.current_time()
-            written = await trio.to_thread.run_sync(write_and_sync, jobs)
-            disk.jobs_done(jobs, written, trio.current_time() - started)
-            for job in jobs:
-                waiters = self._waiters.get(job.topic)
-                while waiters and waiters[0][0] < job.upto:
-                    callback = waiters.popleft()[1]
-                    try:
-                        callback()
-                    except Exception:  # one waiter's bug must not stop the disk writer
-                        logger.exception("internal error in an ack-2 waiter of %r", job.topic)
+            result = await trio.to_thread.run_sync(write_and_sync, jobs)
+            disk.jobs_done(result.done, result.written, trio.current_time() - started)
+            for job in result.done:
+                self._release(job.topic, job.upto, None)
+            if result.failure is not None:
+                self._fail(result.failure)
+                return
+
+    def _release(self, topic: str, upto: float, failure: StorageError | None) -> None:
+        """Tell the waiters of ``topic``'s batches before ``upto``."""
+        waiters = self._waiters.get(topic)
+        while waiters and waiters[0][0] < upto:
+            callback = waiters.popleft()[1]
+            try:
+                callback(failure)
+            except Exception:  # one waiter's bug must not stop the disk writer
+                logger.exception("internal error in an ack-2 waiter of %r", topic)
+
+    def _fail(self, failure: StorageError) -> None:
+        # The one line that says what broke; the broker's own lines follow.
+        logger.error("%s; the broker stops", failure)
+        self.failure = failure
+        for topic in list(self._waiters):
+            self._release(topic, math.inf, failure)
+        if self._on_failure is not None:
+            self._on_failure(failure)
 
     def statistics(self) -> DiskStatistics:
         """The disk log's counters; ``waiting_batches`` counts ack-2 batches

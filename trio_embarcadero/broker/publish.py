@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 
 import attrs
 import trio
 
 from ..config import NetworkConfig
-from ..errors import ConnectionLost, ErrorCode, LogFullError, ProtocolError
+from ..errors import ConnectionLost, ErrorCode, LogFullError, ProtocolError, StorageError
 from ..log import CxlLog, Reservation
 from ..transport import receive_exactly
 from ..wire import BATCH_HEADER_SIZE, BatchHeader, Handshake, parse_batch_header, scan_records
@@ -113,13 +114,27 @@ class PublishSession:
         durability = self.ingest.durability
         messages = reservation.header.num_msg
         if self.handshake.ack == 2 and durability is not None:
-            durability.when_durable(reservation, lambda: self._acked(messages))
+            durability.when_durable(reservation, partial(self._made_durable, messages))
         else:
             self._acked(messages)
 
     def _acked(self, messages: int) -> None:
         if self._acks is not None:
             self._acks.advance(messages)
+        self._settle()
+
+    def _made_durable(self, messages: int, failure: StorageError | None) -> None:
+        if failure is None:
+            self._acked(messages)
+            return
+        # Settled without a count: the final count stays what is durable.
+        self.fail(
+            ProtocolError(
+                ErrorCode.STORAGE_FAILURE,
+                f"storage failure: the disk log failed ({failure.operation}: {failure.reason}); "
+                "the broker is stopping",
+            )
+        )
         self._settle()
 
     def batch_discarded(self, error: LogFullError | None) -> None:

@@ -20,6 +20,10 @@ every connection finish the batch it is receiving, commits everything staged,
 sends every ack owed and error 5 to each publisher, then returns. The whole
 drain is bounded by ``network.shutdown_grace_s``; what is left after that is
 cancelled.
+
+A broker whose disk log fails stops itself the same way (its waiting ack-2
+publishers get error 8 instead of their counts) and then raises the
+:class:`~trio_embarcadero.errors.StorageError`, once, not in a group.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import NoReturn
 import trio
 
 from ..config import Config, parse_networks
-from ..errors import ErrorCode, ProtocolError
+from ..errors import ErrorCode, ProtocolError, StorageError
 from ..log import CxlLog, DiskLog
 from ..wire import encode_error_frame
 from .acks import DialBackRegistry, DialBackStatistics
@@ -62,6 +66,7 @@ class Broker:
         port: The data port it is bound to (the real one when configured as 0).
         log: The CXL log it writes.
         commits: Where reservations are completed or abandoned (the commit feed).
+        failure: Why the broker stopped itself (its disk log failed), or None.
     """
 
     def __init__(
@@ -86,7 +91,9 @@ class Broker:
             0,
         )
         self.log = log
-        self.durability = Durability(disk) if disk is not None else None
+        self.failure: StorageError | None = None
+        self._failed = trio.Event()
+        self.durability = Durability(disk, self._storage_failed) if disk is not None else None
         self.commits = CommitFeed(
             log, self.durability.committed if self.durability is not None else None
         )
@@ -169,6 +176,13 @@ class Broker:
             self._service_scope.deadline = (
                 trio.current_time() + self.config.network.shutdown_grace_s
             )
+
+    def _storage_failed(self, error: StorageError) -> None:
+        # Committed batches keep their acks at levels 0 and 1; only the disk
+        # is gone, so the broker drains as on a signal, then raises.
+        self.failure = error
+        self._failed.set()
+        self.begin_shutdown()
 
     def abort(self) -> None:
         """Cancel everything now, without waiting for the drain to finish."""
@@ -413,11 +427,15 @@ async def _serve(broker: Broker, *, task_status: trio.TaskStatus[Broker]) -> NoR
                 with trio.CancelScope(shield=True):
                     await nursery.start(broker._run)
                 task_status.started(broker)
-                await trio.sleep_forever()
+                await broker._failed.wait()  # else runs until cancelled
             finally:
                 broker.begin_shutdown()
     finally:
         _close_logs(broker.log, broker.disk)
+        if broker.failure is not None:
+            # Drained: the caller learns why the broker stopped, also when it
+            # had asked it to stop meanwhile (this replaces the Cancelled).
+            raise broker.failure
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -444,7 +462,11 @@ async def serve(
 
     Raises:
         LayoutError: The CXL file or disk log exists with another layout.
-        OSError: The CXL file cannot be mapped or the port cannot be bound.
+        OSError: The CXL file cannot be mapped, the disk log directory cannot
+            be used, or the port cannot be bound.
+        StorageError: The disk log could not be written or synced while
+            running: the broker drained (see the module docstring) and
+            stopped on its own.
 
     Error handling:
         Nothing a client sends or fails to send raises out of here; it costs
@@ -462,7 +484,9 @@ async def open_broker(
 ) -> AsyncIterator[Broker]:
     """Run a broker for the duration of an ``async with`` block.
 
-    Leaving the block drains the broker gracefully (see :func:`serve`).
+    Leaving the block drains the broker gracefully (see :func:`serve`). If
+    the broker stops on its own (its disk log failed), the block is cancelled
+    once the broker has drained, and the failure is raised.
 
     Args:
         config: The broker's configuration.
@@ -475,16 +499,31 @@ async def open_broker(
     Raises:
         LayoutError: As for :func:`serve`, raised as is (not in a group).
         OSError: As for :func:`serve`, raised as is.
+        StorageError: As for :func:`serve`, raised as is, in place of
+            whatever the block raised meanwhile (that is its ``__context__``).
     """
     # Start-up failures happen here, before the nursery, so they reach the
     # caller unwrapped.
     broker = await _start(config, reset, listeners)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(partial(_serve, broker))
-        try:
-            yield broker
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(_serve_for_block, broker, nursery.cancel_scope))
+            try:
+                yield broker
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        if broker.failure is not None:
+            raise broker.failure  # after the drain, outside the nursery: no group
+
+
+async def _serve_for_block(
+    broker: Broker, block: trio.CancelScope, *, task_status: trio.TaskStatus[Broker]
+) -> None:
+    try:
+        await _serve(broker, task_status=task_status)
+    except StorageError:
+        block.cancel()  # the broker is gone: end the block; open_broker raises
 
 
 __all__ = ["Broker", "open_broker", "serve"]

@@ -10,6 +10,9 @@ committed, takes the pending appends as :meth:`DiskLog.take_jobs`, runs
 :func:`write_and_sync` on a worker thread (group commit: one ``fdatasync``
 covers every batch committed since the last) and hands the finished jobs
 back to :meth:`DiskLog.jobs_done`, which says how far each stream is durable.
+A write or sync that fails does not raise: :func:`write_and_sync` reports
+the jobs it finished and the :class:`~trio_embarcadero.errors.StorageError`
+that stopped it, and the writer stops.
 
 A file's synced data is only as durable as its directory entry: a file
 created after the last sync of its directory can vanish whole in a power
@@ -32,13 +35,15 @@ refused: the two belong to different histories.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
 
-from ..errors import LayoutError
+from ..errors import LayoutError, StorageError
 from ..wire import BATCH_HEADER_SIZE, encode_topic, scan_records, unpack_batch_header
 from .region import CxlLog, Reservation, Stream
 
@@ -286,28 +291,69 @@ class DiskLog:
         )
 
 
-def write_and_sync(jobs: list[WriteJob]) -> int:
-    """Append each job's buffers to its file and fdatasync it; returns the
-    bytes written. Blocking: the broker runs it on a worker thread.
+@attrs.frozen
+class SyncResult:
+    """What :func:`write_and_sync` got done.
+
+    Attributes:
+        done: The jobs whose batches are now on disk and synced (hand them to
+            :meth:`DiskLog.jobs_done`).
+        written: Bytes written.
+        failure: The failure that stopped it before every job was done, or
+            None.
+    """
+
+    done: list[WriteJob]
+    written: int
+    failure: StorageError | None = None
+
+
+def write_and_sync(jobs: list[WriteJob]) -> SyncResult:
+    """Append each job's buffers to its file and fdatasync it. Blocking: the
+    broker runs it on a worker thread.
 
     A stream's first job creates its file; the directory is then synced too,
     before this returns, so that no batch of a new file counts as durable
     while the file itself could still vanish.
+
+    Returns:
+        The jobs done; the first ``OSError`` ends the call and is reported
+        in it as a :class:`~trio_embarcadero.errors.StorageError` (nothing
+        more is tried: after a failed sync the file's state is unknown).
     """
+    done: list[WriteJob] = []
+    new: list[WriteJob] = []
     written = 0
-    for job in jobs:
-        file = job._file
-        if file.fd < 0:
-            # O_APPEND: every write goes to the end, whatever the offset.
-            file.fd = os.open(file.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        written += _append(file.fd, job.views)
-        os.fdatasync(file.fd)
-    new = [job._file for job in jobs if not job._file.entry_durable]
-    if new:
-        _sync_directory(new[0].path.parent)  # one directory holds every file
-        for file in new:
-            file.entry_durable = True
-    return written
+    try:
+        for job in jobs:
+            file = job._file
+            if file.fd < 0:
+                with _failing_as("create", file.path):
+                    # O_APPEND: every write goes to the end, whatever the offset.
+                    file.fd = os.open(file.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            with _failing_as("write", file.path):
+                written += _append(file.fd, job.views)
+            with _failing_as("fdatasync", file.path):
+                os.fdatasync(file.fd)
+            (done if file.entry_durable else new).append(job)
+        if new:
+            directory = new[0]._file.path.parent  # one directory holds every file
+            with _failing_as("fsync directory", directory):
+                _sync_directory(directory)
+            for job in new:
+                job._file.entry_durable = True
+            done += new
+    except StorageError as failure:
+        return SyncResult(done, written, failure)
+    return SyncResult(done, written)
+
+
+@contextlib.contextmanager
+def _failing_as(operation: str, path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(operation, str(path), exc.errno) from exc
 
 
 def _append(fd: int, views: list[memoryview]) -> int:
@@ -394,4 +440,4 @@ def _read_batches(fd: int, path: Path) -> list[tuple[int, int, int]]:
     return batches
 
 
-__all__ = ["DiskLog", "DiskStatistics", "WriteJob", "file_name", "write_and_sync"]
+__all__ = ["DiskLog", "DiskStatistics", "SyncResult", "WriteJob", "file_name", "write_and_sync"]
