@@ -298,6 +298,7 @@ async def test_error_frame_becomes_broker_error(make_config: MakeConfig) -> None
     assert info.value.code == ErrorCode.NOT_ALLOWED
     assert info.value.acked == 0
     assert "disk log" in info.value.message
+    assert str(info.value).endswith("(acked 0)")  # a publisher's error says how far it got
 
 
 async def test_broker_failure_without_error_frame() -> None:

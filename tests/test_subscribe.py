@@ -131,6 +131,9 @@ async def test_shutdown_ends_subscriptions_with_error_5(make_config: MakeConfig)
                 await wait_until(lambda: len(received) == 30)
             # Leaving the broker's block drained it: the subscriber was told.
     assert [e.code for e in errors] == [ErrorCode.SHUTTING_DOWN]
+    # A subscriber has no acks: its error says nothing about them.
+    assert errors[0].acked is None
+    assert str(errors[0]) == "broker error shutting_down: broker is shutting down"
     assert [bytes(m.payload) for m in received] == payloads
 
 
