@@ -207,3 +207,8 @@ def test_topics_and_inspect_commands(
     assert out.count(" committed ") == 5
     assert main(["topics", "--cxl-path", cxl_path + "-missing"]) == 1
     assert "No such file" in capsys.readouterr().err
+    # A topic that is not there is an error, not an empty listing.
+    assert main(["inspect", "--cxl-path", cxl_path, "--topic", "nosuch"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"trio-embarcadero inspect: topic 'nosuch' does not exist in {cxl_path}\n"
