@@ -60,7 +60,7 @@ async def watchdog(subscriber: Subscriber, *, silence: float) -> list[str]:
             message = await anext(subscriber)
         if message is None:
             return seen  # the alarm
-        seen.append(bytes(message.payload).decode())
+        seen.append(message.payload.decode())
 
 
 # -- the test harness ----------------------------------------------------------------

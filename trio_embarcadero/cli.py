@@ -361,7 +361,7 @@ def _subscription_start(args: argparse.Namespace, config: Config) -> tuple[int, 
 
 
 async def _subscribe(args: argparse.Namespace, host: str, port: int, start: int, note: str) -> int:
-    from .client import Message, open_subscriber
+    from .client import MessageView, open_subscriber
 
     out = sys.stdout.buffer
     count = nbytes = 0
@@ -369,9 +369,10 @@ async def _subscribe(args: argparse.Namespace, host: str, port: int, start: int,
     first = last = None
     async with open_subscriber(host, port, args.topic, start=start) as sub:
         while limit is None or count < limit:
-            messages: list[Message] = []
+            messages: list[MessageView] = []
             with trio.move_on_after(float("inf") if args.follow else args.idle):
-                messages = await sub.receive_messages()
+                # Zero copy: each payload is written out before the next receive.
+                messages = await sub.receive_views()
             if not messages:
                 break  # caught up
             if limit is not None:
