@@ -14,7 +14,7 @@ import pytest
 import trio
 from conftest import MakeConfig
 
-from trio_embarcadero import open_broker
+from trio_embarcadero import open_broker, open_log
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -76,7 +76,13 @@ async def test_publisher_and_subscriber_as_separate_processes(
         out = capsys.readouterr().out.splitlines()
         assert out == [f"298: {reading(298)}", f"299: {reading(299)}", "next offset: 300"]
         assert load("read_log").main([cxl_path]) == 0
-        assert capsys.readouterr().out.startswith("procs: 300 messages")
+        payload = sum(len(reading(i)) for i in range(300))
+        with open_log(cxl_path) as log:
+            records = log.topic("procs").payload_bytes
+        assert payload < records  # records have 64-byte headers and padding
+        assert capsys.readouterr().out == (
+            f"procs: 300 messages, {payload} payload bytes ({records} bytes of records)\n"
+        )
 
 
 def run_pytest(path: Path, *options: str, cwd: Path) -> subprocess.CompletedProcess[str]:
