@@ -217,6 +217,11 @@ async def test_no_record_of_an_incomplete_batch_is_sent(make_config: MakeConfig)
 # -- payloads: copies by default, views on request -------------------------------------
 
 
+async def publish_payloads(port: int, topic: str, payloads: list[bytes]) -> None:
+    async with open_publisher(HOST, port, topic, batch_bytes=MIB // 4) as pub:
+        await pub.publish_many(payloads)
+
+
 async def test_kept_messages_keep_their_payloads(make_config: MakeConfig) -> None:
     """Messages a subscriber handed out stay as they were while it receives
     more (its receive buffer is reused for every receive)."""
@@ -224,8 +229,7 @@ async def test_kept_messages_keep_their_payloads(make_config: MakeConfig) -> Non
     kept: list[Message] = []
     with trio.fail_after(20):
         async with open_broker(make_config()) as broker:
-            async with open_publisher(HOST, broker.port, "keep", batch_bytes=MIB // 4) as pub:
-                await pub.publish_many(payloads)
+            await publish_payloads(broker.port, "keep", payloads)
             async with open_subscriber(HOST, broker.port, "keep") as sub:
                 while len(kept) < 10_000:
                     kept.extend(await sub.receive_messages())
@@ -245,8 +249,7 @@ async def test_receive_views_is_the_zero_copy_opt_in(make_config: MakeConfig) ->
     kept: list[Message] = []
     with trio.fail_after(20):
         async with open_broker(make_config()) as broker:
-            async with open_publisher(HOST, broker.port, "views", batch_bytes=MIB // 4) as pub:
-                await pub.publish_many(payloads)
+            await publish_payloads(broker.port, "views", payloads)
             async with open_subscriber(HOST, broker.port, "views") as sub:
                 # Mixed with iteration: a message it received but did not hand
                 # out yet comes first, as a view.

@@ -295,9 +295,7 @@ class MessageView(NamedTuple):
 
     Attributes:
         payload: A view of the message bytes (see above for how long it is valid).
-        offset: The message's logical offset in its (topic, broker) stream.
-        client_id: The id of the publisher that sent it.
-        client_order: Its index among that publisher's messages.
+        offset: As for :class:`Message`; so are ``client_id`` and ``client_order``.
     """
 
     payload: memoryview
