@@ -23,11 +23,22 @@ def main(argv: list[str] | None = None) -> int:
     with open_log(args.path) as log:
         if args.topic is None:
             for topic in log.topics():
-                print(f"{topic.name}: {topic.messages} messages, {topic.payload_bytes} bytes")
+                # The topic table counts whole records (64-byte header and
+                # padding included); the payload bytes are the messages' own.
+                # Views: each payload is only measured, so nothing is copied.
+                payload = sum(
+                    len(message.payload)
+                    for stream in topic.streams
+                    for message in log.message_views(topic.name, stream.broker_id)
+                )
+                print(
+                    f"{topic.name}: {topic.messages} messages, {payload} payload bytes "
+                    f"({topic.payload_bytes} bytes of records)"
+                )
             return 0
         last = args.start - 1
         for message in log.messages(args.topic, start=args.start):
-            print(f"{message.offset}: {bytes(message.payload).decode(errors='replace')}")
+            print(f"{message.offset}: {message.payload.decode(errors='replace')}")
             last = message.offset
         # Call messages() again later with start=last + 1 to read what came since.
         print(f"next offset: {last + 1}")

@@ -19,8 +19,7 @@ async def subscribe(host: str, port: int, topic: str, start: int, count: int) ->
     read = 0
     async with open_subscriber(host, port, topic, start=start) as subscriber:
         async for message in subscriber:
-            # message.payload is only valid until the next message: decode now.
-            text = bytes(message.payload).decode(errors="replace")
+            text = message.payload.decode(errors="replace")  # bytes, yours to keep
             print(f"{message.offset} (client {message.client_id}): {text}")
             read += 1
             if read == count:

@@ -6,8 +6,10 @@ flaky; here the broker runs on in-memory streams (``open_broker(config,
 listeners=[...])``) and Trio's ``autojump_clock`` skips ahead whenever every
 task is waiting, so the test takes milliseconds and its timings are exact.
 
-Run it with pytest (``pytest-trio`` provides the ``autojump_clock`` fixture;
-this project's ``pyproject.toml`` turns on ``trio_mode``)::
+Run it with pytest and ``pytest-trio``, which runs the tests marked
+``trio`` and provides the ``autojump_clock`` fixture. The file marks its own
+tests (``pytestmark`` below), so it needs no ``trio_mode`` setting and runs
+the same when copied into another project::
 
     pytest examples/test_app_with_mock_clock.py
 
@@ -36,6 +38,9 @@ from trio_embarcadero import (
     open_subscriber_on_stream,
 )
 
+# Every test here runs under Trio (pytest-trio), whatever the project's pytest settings.
+pytestmark = pytest.mark.trio
+
 # -- the application under test -------------------------------------------------------
 
 
@@ -55,7 +60,7 @@ async def watchdog(subscriber: Subscriber, *, silence: float) -> list[str]:
             message = await anext(subscriber)
         if message is None:
             return seen  # the alarm
-        seen.append(bytes(message.payload).decode())
+        seen.append(message.payload.decode())
 
 
 # -- the test harness ----------------------------------------------------------------

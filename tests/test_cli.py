@@ -23,11 +23,14 @@ from pathlib import Path
 import pytest
 from rawclient import ERROR_MARKER, batch, handshake, parse_ack_stream
 
+import trio_embarcadero
 from trio_embarcadero.cli import main
+from trio_embarcadero.client import DEFAULT_BATCH_BYTES
 from trio_embarcadero.config import config_to_toml, load_config
 from trio_embarcadero.log import CxlLog
 
 TIMEOUT = 10.0
+REPO = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
 
 
@@ -406,6 +409,56 @@ def test_main_check_config_in_process(
         "(from TRIO_EMBARCADERO_NETWORK__STAGING_POOL_NUM_BUFFERS)" in err
     )
     assert "@ $.broker.id (from override)" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["publish", "--count", "-5"], "argument --count: must be a positive integer, not -5"),
+        (["publish", "--count", "0"], "argument --count: must be a positive integer, not 0"),
+        (["publish", "--size", "0"], "argument --size: must be a positive integer, not 0"),
+        (["publish", "--size", "1k"], "argument --size: not an integer: '1k'"),
+        (["publish", "--batch-bytes", "-1"], "argument --batch-bytes: must be a positive"),
+        (["subscribe", "--count", "-2"], "argument --count: must be a positive integer, not -2"),
+        (["subscribe", "--idle", "0"], "argument --idle: must be a positive number of seconds"),
+        (["subscribe", "--idle", "nan"], "argument --idle: must be a positive number of seconds"),
+        (["subscribe", "--from", "start"], "argument --from: must be an offset >= 0, 'end' or -N"),
+    ],
+)
+def test_bad_counts_and_sizes_are_usage_errors(
+    args: list[str], problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc_info:
+        main([*args, "--topic", "t", "--port", "1"])
+    assert exc_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"trio-embarcadero {args[0]}: error: {problem}" in err
+
+
+def test_version_is_the_package_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"trio-embarcadero {trio_embarcadero.__version__}\n"
+    # One source: the package metadata's version is read from __version__.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" not in project["project"]
+    assert project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "trio_embarcadero.__version__"
+    }
+
+
+def test_publish_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc_info:
+        main(["publish", "--help"])
+    assert exc_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ack level (default: 1)" in text
+    assert "bytes per generated message (default: 1024)" in text
+    assert f"batch size (default: {DEFAULT_BATCH_BYTES})" in text
+    # No "(default: None)" or "(default: False)" noise.
+    assert "default: None" not in text
+    assert "default: False" not in text
 
 
 def test_main_without_a_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

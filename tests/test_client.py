@@ -26,7 +26,8 @@ from rawclient import (
     read_all,
 )
 
-from trio_embarcadero import BrokerError, ConnectionLost, ErrorCode, open_broker
+from trio_embarcadero import BrokerError, ConnectionLost, ConnectionPhase, ErrorCode, open_broker
+from trio_embarcadero.broker import Broker
 from trio_embarcadero.client import (
     BROKER_FAILED,
     Message,
@@ -50,16 +51,12 @@ def sizes(seed: int, count: int, largest: int = 3000) -> list[int]:
 
 
 async def read_messages(port: int, topic: str, count: int, *, start: int = 0) -> list[Message]:
-    """``count`` messages from ``start``, payloads copied."""
+    """``count`` messages from ``start``."""
     out: list[Message] = []
     async with open_subscriber(HOST, port, topic, start=start) as sub:
         while len(out) < count:
-            out.extend(copied(m) for m in await sub.receive_messages())
+            out.extend(await sub.receive_messages())
     return out
-
-
-def copied(m: Message) -> Message:
-    return m._replace(payload=memoryview(bytes(m.payload)))
 
 
 def check_stream(messages: list[Message], expected: dict[int, list[bytes]], first: int = 0) -> None:
@@ -119,7 +116,7 @@ async def test_many_publishers_every_message_exactly_once(make_config: MakeConfi
                 async with open_subscriber(HOST, broker.port, "many") as sub:
                     task_status.started()
                     async for m in sub:
-                        early.append(m._replace(payload=memoryview(bytes(m.payload))))
+                        early.append(m)
                         if len(early) == total:
                             return
 
@@ -129,10 +126,10 @@ async def test_many_publishers_every_message_exactly_once(make_config: MakeConfi
                     await nursery.start(publish, cid)
             late = await read_messages(broker.port, "many", total)
             with open_log(broker.config.cxl.path) as log:
-                logged = [m.payload.tobytes() for m in log.messages("many")]
+                logged = [m.payload for m in log.messages("many")]
     check_stream(early, expected)
     check_stream(late, expected)
-    assert logged == [bytes(m.payload) for m in late]
+    assert logged == [m.payload for m in late]
 
 
 async def test_subscribers_at_arbitrary_offsets(make_config: MakeConfig) -> None:
@@ -298,6 +295,7 @@ async def test_error_frame_becomes_broker_error(make_config: MakeConfig) -> None
     assert info.value.code == ErrorCode.NOT_ALLOWED
     assert info.value.acked == 0
     assert "disk log" in info.value.message
+    assert str(info.value).endswith("(acked 0)")  # a publisher's error says how far it got
 
 
 async def test_broker_failure_without_error_frame() -> None:
@@ -536,7 +534,7 @@ def test_publisher_is_exported() -> None:
 # -- the publish and subscribe commands ----------------------------------------------
 
 
-async def test_publish_and_subscribe_commands(make_config: MakeConfig) -> None:
+async def test_publish_and_subscribe_commands(make_config: MakeConfig, cxl_path: str) -> None:
     results: dict[str, subprocess.CompletedProcess[bytes]] = {}
     with trio.fail_after(30):
         async with open_broker(make_config()) as broker:
@@ -558,13 +556,11 @@ async def test_publish_and_subscribe_commands(make_config: MakeConfig) -> None:
                     cli, "gen", "publish", "--topic", "gen", "--count", "1000", "--size", "50"
                 )
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(cli, "all", "subscribe", "--topic", "lines", "--offsets")
-                nursery.start_soon(
-                    cli, "two", "subscribe", "--topic", "lines", "--from", "1", "--count", "2"
-                )
-                nursery.start_soon(
-                    cli, "summary", "subscribe", "--topic", "gen", "--from", "4", "--summary"
-                )
+                # --cxl-path: the broker's file, where the topics are checked.
+                sub = ("subscribe", "--cxl-path", cxl_path, "--topic")
+                nursery.start_soon(cli, "all", *sub, "lines", "--offsets")
+                nursery.start_soon(cli, "two", *sub, "lines", "--from", "1", "--count", "2")
+                nursery.start_soon(cli, "summary", *sub, "gen", "--from", "4", "--summary")
             await cli("refused", "publish", "--topic", "x", "--ack", "2", "--count", "1")
     out = {name: r.stdout.decode() for name, r in results.items()}
     for name in ("lines", "gen", "all", "two", "summary"):
@@ -585,3 +581,80 @@ async def test_publish_and_subscribe_commands(make_config: MakeConfig) -> None:
     assert out["summary"].strip() == "996 messages, 49800 bytes from 'gen', offsets 4..999"
     assert results["refused"].returncode == 1
     assert "not_allowed" in results["refused"].stderr.decode()
+
+
+async def run_cli(port: int, *args: str) -> tuple[int, str, str]:
+    """``python -m trio_embarcadero ARGS --port PORT``: exit status, stdout, stderr."""
+    result = await trio.run_process(
+        [sys.executable, "-m", "trio_embarcadero", *args, "--port", str(port)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_subscribe_command_refuses_a_topic_that_does_not_exist(
+    make_config: MakeConfig, cxl_path: str
+) -> None:
+    with trio.fail_after(30):
+        async with open_broker(make_config()) as broker:
+            async with open_publisher(HOST, broker.port, "there") as pub:
+                await pub.publish(b"x")
+            missing = await run_cli(
+                broker.port, "subscribe", "--cxl-path", cxl_path, "--topic", "nosuch"
+            )
+            # Without the broker's file there is no telling: the summary says so.
+            unchecked = await run_cli(
+                broker.port, "subscribe", "--cxl-path", cxl_path + "-elsewhere", "--topic", "nosuch"
+            )
+    code, out, err = missing
+    assert (code, out) == (1, ""), err
+    assert err == (
+        f"trio-embarcadero subscribe: topic 'nosuch' does not exist in {cxl_path} "
+        "(the topics command lists them; --follow waits for it)\n"
+    )
+    code, out, err = unchecked
+    assert (code, out) == (0, ""), err
+    assert err.startswith("0 messages, 0 bytes from 'nosuch' (could not check that 'nosuch' ")
+    assert "No such file" in err
+
+
+def subscribers(broker: Broker) -> int:
+    return sum(c.phase == ConnectionPhase.SUBSCRIBED for c in broker.connections)
+
+
+async def test_subscribe_command_from_the_end_and_the_last_n(
+    make_config: MakeConfig, cxl_path: str
+) -> None:
+    sub = ("subscribe", "--cxl-path", cxl_path, "--topic", "tail", "--offsets")
+    results: dict[str, tuple[int, str, str]] = {}
+    with trio.fail_after(30):
+        async with open_broker(make_config()) as broker:
+
+            async def cli(name: str, *args: str) -> None:
+                results[name] = await run_cli(broker.port, *sub, *args)
+
+            async with open_publisher(HOST, broker.port, "tail") as pub:
+                await pub.publish_many(b"old %d" % i for i in range(10))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cli, "last3", "--from", "-3")
+                nursery.start_soon(cli, "last30", "--from=-30", "--summary")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cli, "end", "--from", "end", "--follow", "--count", "2")
+                nursery.start_soon(cli, "last1", "--from", "-1", "--follow", "--count", "2")
+                # Both resolved --from before subscribing: publish once both wait.
+                await wait_until(lambda: subscribers(broker) == 2)
+                async with open_publisher(HOST, broker.port, "tail") as pub:
+                    await pub.publish_many([b"new 10", b"new 11"])
+    for code, _, err in results.values():
+        assert code == 0, err
+    offsets = {
+        name: [line.split("\t")[0] for line in out.splitlines()]
+        for name, (_, out, _) in results.items()
+    }
+    assert offsets["last3"] == ["7", "8", "9"]
+    assert results["last30"][1] == "10 messages, 50 bytes from 'tail', offsets 0..9\n"
+    assert offsets["end"] == ["10", "11"]
+    assert results["end"][1].splitlines()[0].endswith("\tnew 10")
+    assert offsets["last1"] == ["9", "10"]

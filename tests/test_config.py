@@ -1,6 +1,8 @@
 """Tests of trio_embarcadero.config: layers, strict types, every problem at once."""
 
 import os
+import re
+import tomllib
 from pathlib import Path
 
 import attrs
@@ -930,3 +932,43 @@ def test_load_config_does_not_touch_os_environ_when_env_given(
     monkeypatch.setenv("TRIO_EMBARCADERO_BROKER__PORT", "bad")
     assert load_config(env={}).broker.port == 1214
     assert os.environ["TRIO_EMBARCADERO_BROKER__PORT"] == "bad"
+
+
+# --- the shipped config.toml ------------------------------------------------------
+
+SHIPPED = Path(__file__).resolve().parent.parent / "config.toml"
+# A key the file documents but leaves at its default: "# key = value  # why".
+_COMMENTED_KEY = re.compile(r"#\s*([a-z_][a-z0-9_]*)\s*=\s")
+_TABLE = re.compile(r"\[([a-z_]+)\]")
+
+
+def documented_keys(text: str) -> dict[str, set[str]]:
+    """Every key of ``text`` per table: those set and those shown commented out."""
+    keys: dict[str, set[str]] = {t: set(v) for t, v in tomllib.loads(text).items()}
+    table = None
+    for line in text.splitlines():
+        if match := _TABLE.fullmatch(line.strip()):
+            table = match.group(1)
+        elif table is not None and (match := _COMMENTED_KEY.match(line.strip())):
+            keys.setdefault(table, set()).add(match.group(1))
+    return keys
+
+
+def test_config_toml_documents_every_key_and_nothing_else() -> None:
+    schema = {
+        section.name: {field.name for field in attrs.fields(section.type)}
+        for section in attrs.fields(Config)
+    }
+    documented = documented_keys(SHIPPED.read_text(encoding="utf-8"))
+    missing = {t: sorted(k - documented.get(t, set())) for t, k in schema.items()}
+    unknown = {t: sorted(k - schema.get(t, set())) for t, k in documented.items()}
+    assert {t: k for t, k in missing.items() if k} == {}, "keys config.toml does not document"
+    assert {t: k for t, k in unknown.items() if k} == {}, "keys config.toml has but no config does"
+
+
+def test_config_toml_loads_and_its_commented_keys_are_valid(tmp_path: Path) -> None:
+    text = SHIPPED.read_text(encoding="utf-8")
+    assert load_config(SHIPPED, env={}) == Config()
+    # Uncommenting every documented key still gives a valid config.
+    uncommented = re.sub(r"(?m)^#\s*(?=[a-z_][a-z0-9_]*\s*=\s)", "", text)
+    assert load_config(write(tmp_path, uncommented), env={}).network.max_batch_bytes is not None

@@ -4,6 +4,7 @@ process where being one is the point."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import trio
 from conftest import MakeConfig
 
-from trio_embarcadero import open_broker
+from trio_embarcadero import open_broker, open_log
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -75,25 +76,36 @@ async def test_publisher_and_subscriber_as_separate_processes(
         out = capsys.readouterr().out.splitlines()
         assert out == [f"298: {reading(298)}", f"299: {reading(299)}", "next offset: 300"]
         assert load("read_log").main([cxl_path]) == 0
-        assert capsys.readouterr().out.startswith("procs: 300 messages")
+        payload = sum(len(reading(i)) for i in range(300))
+        with open_log(cxl_path) as log:
+            records = log.topic("procs").payload_bytes
+        assert payload < records  # records have 64-byte headers and padding
+        assert capsys.readouterr().out == (
+            f"procs: 300 messages, {payload} payload bytes ({records} bytes of records)\n"
+        )
 
 
-def test_mock_clock_example_passes_under_pytest() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            str(EXAMPLES / "test_app_with_mock_clock.py"),
-            "-q",
-            "-p",
-            "no:cacheprovider",
-        ],
-        cwd=EXAMPLES.parent,
+def run_pytest(path: Path, *options: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", str(path), "-q", "-p", "no:cacheprovider", *options],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_mock_clock_example_passes_under_pytest() -> None:
+    result = run_pytest(EXAMPLES / "test_app_with_mock_clock.py", cwd=EXAMPLES.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
+
+
+def test_mock_clock_example_passes_copied_out_of_the_repository(tmp_path: Path) -> None:
+    """Without this project's pytest settings (trio_mode) it marks its own tests."""
+    copy = tmp_path / "test_app_with_mock_clock.py"
+    copy.write_text((EXAMPLES / "test_app_with_mock_clock.py").read_text())
+    result = run_pytest(copy, "-c", os.devnull, "--rootdir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout

@@ -26,10 +26,7 @@ async def subscribed(port: int, topic: str, count: int, start: int = 0) -> list[
     out: list[Message] = []
     async with open_subscriber(HOST, port, topic, start=start) as sub:
         while len(out) < count:
-            out.extend(
-                m._replace(payload=memoryview(bytes(m.payload)))
-                for m in await sub.receive_messages()
-            )
+            out.extend(await sub.receive_messages())
     return out
 
 
@@ -181,8 +178,33 @@ def test_payload_views_outliving_the_reader_are_harmless(
 
     trio.run(fill)
     with open_log(cxl_path) as log:
-        kept = next(log.messages("views"))
+        kept = next(log.message_views("views"))
     assert kept.offset == 0  # closing with a view alive left the mapping to the GC
+
+
+def test_messages_are_copies_and_views_are_the_opt_in(
+    make_config: MakeConfig, cxl_path: str
+) -> None:
+    payloads = [bytes([i]) * (i * 10) for i in range(50)]
+
+    async def fill() -> None:
+        async with open_broker(make_config()) as broker:
+            async with open_publisher(HOST, broker.port, "copies") as pub:
+                await pub.publish_many(payloads)
+
+    trio.run(fill)
+    with open_log(cxl_path) as log:
+        copies = list(log.messages("copies", start=1))
+        views = list(log.message_views("copies", start=1))
+        assert [v.payload for v in views] == payloads[1:]
+        assert {(type(v.payload), v.payload.readonly) for v in views} == {(memoryview, True)}
+        assert [v.to_message() for v in views] == copies
+        with pytest.raises(ValueError, match="start"):
+            list(log.message_views("copies", start=-1))
+    # Copies are bytes of their own: valid after the reader is closed.
+    assert {type(m.payload) for m in copies} == {bytes}
+    assert [m.payload for m in copies] == payloads[1:]
+    assert [m.offset for m in copies] == list(range(1, 50))
 
 
 def test_topics_and_inspect_commands(
@@ -207,3 +229,8 @@ def test_topics_and_inspect_commands(
     assert out.count(" committed ") == 5
     assert main(["topics", "--cxl-path", cxl_path + "-missing"]) == 1
     assert "No such file" in capsys.readouterr().err
+    # A topic that is not there is an error, not an empty listing.
+    assert main(["inspect", "--cxl-path", cxl_path, "--topic", "nosuch"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"trio-embarcadero inspect: topic 'nosuch' does not exist in {cxl_path}\n"

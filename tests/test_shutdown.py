@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -95,6 +96,31 @@ async def test_shutdown_commits_staged_batches_and_acks_them(
     assert error == (5, "broker is shutting down")
     assert client.arrival_of(4) == approx(COMMIT_AT)
     assert client.arrival_of(len(client.data) - 1) == approx(COMMIT_AT)
+
+
+async def test_error_5_at_shutdown_is_expected_not_an_error(
+    make_config: MakeConfig, autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Telling each client "shutting down" is logged at INFO and counted apart
+    from the errors, which stay for faults."""
+    caplog.set_level(logging.INFO, logger="trio_embarcadero")
+    async with trio.open_nursery() as nursery:
+        async with memory_broker(quiet_config(make_config)) as (broker, listener):
+            publisher = await open_client(listener, nursery)
+            await publisher.send(rawclient.handshake("t", client_id=5, ack=1))
+            await publisher.send(rawclient.batch(0, 5, 0, 10, 300)[0])
+            subscriber = await open_client(listener, nursery)
+            await subscriber.send(rawclient.handshake("t", req=1))
+            await settle()
+    for client in (publisher, subscriber):
+        assert client.eof_at is not None
+        assert client.data.endswith(b"broker is shutting down")
+    assert broker.counters.errors == {}
+    assert broker.counters.shutdown_notices == 2
+    told = [r for r in caplog.records if "shutting down" in r.getMessage()]
+    assert {r.levelno for r in told} == {logging.INFO}
+    assert len([r for r in told if "closed" in r.getMessage()]) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_a_paused_connection_stops_at_once(

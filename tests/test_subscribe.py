@@ -6,12 +6,13 @@ import pytest
 import trio
 import trio.testing
 from conftest import MakeConfig, wait_until
-from rawclient import batch, handshake, parse_ack_stream, parse_records
+from rawclient import MESSAGE_HEADER, batch, handshake, parse_ack_stream, parse_records, payload_for
 from tcpclient import connect, publish
 
 from trio_embarcadero import BrokerError, ConnectionPhase, ErrorCode, open_broker
 from trio_embarcadero.broker import Broker
 from trio_embarcadero.client import Message, Subscriber, open_publisher, open_subscriber
+from trio_embarcadero.client.records import RecordDecoder
 
 HOST = "127.0.0.1"
 MIB = 2**20
@@ -26,9 +27,7 @@ async def raw_publish(port: int, topic: str, client_id: int, batches: list[bytes
 async def take(sub: Subscriber, count: int) -> list[Message]:
     out: list[Message] = []
     while len(out) < count:
-        out.extend(
-            m._replace(payload=memoryview(bytes(m.payload))) for m in await sub.receive_messages()
-        )
+        out.extend(await sub.receive_messages())
     return out
 
 
@@ -131,6 +130,9 @@ async def test_shutdown_ends_subscriptions_with_error_5(make_config: MakeConfig)
                 await wait_until(lambda: len(received) == 30)
             # Leaving the broker's block drained it: the subscriber was told.
     assert [e.code for e in errors] == [ErrorCode.SHUTTING_DOWN]
+    # A subscriber has no acks: its error says nothing about them.
+    assert errors[0].acked is None
+    assert str(errors[0]) == "broker error shutting_down: broker is shutting down"
     assert [bytes(m.payload) for m in received] == payloads
 
 
@@ -210,3 +212,92 @@ async def test_no_record_of_an_incomplete_batch_is_sent(make_config: MakeConfig)
                         rest = await take(sub, 10)
     assert [bytes(m.payload) for m in rest] == held_payloads + after_payloads
     assert [m.offset for m in rest] == list(range(5, 15))
+
+
+# -- payloads: copies by default, views on request -------------------------------------
+
+
+async def publish_payloads(port: int, topic: str, payloads: list[bytes]) -> None:
+    async with open_publisher(HOST, port, topic, batch_bytes=MIB // 4) as pub:
+        await pub.publish_many(payloads)
+
+
+async def test_kept_messages_keep_their_payloads(make_config: MakeConfig) -> None:
+    """Messages a subscriber handed out stay as they were while it receives
+    more (its receive buffer is reused for every receive)."""
+    payloads = [payload_for(7, i, 37 + i % 300) for i in range(20_000)]
+    kept: list[Message] = []
+    with trio.fail_after(20):
+        async with open_broker(make_config()) as broker:
+            await publish_payloads(broker.port, "keep", payloads)
+            async with open_subscriber(HOST, broker.port, "keep") as sub:
+                while len(kept) < 10_000:
+                    kept.extend(await sub.receive_messages())
+                async for message in sub:
+                    kept.append(message)
+                    if len(kept) == len(payloads):
+                        break
+                assert sub.received > 2  # many receives into the same buffer
+    assert [m.offset for m in kept] == list(range(len(payloads)))
+    assert [m.payload for m in kept] == payloads
+    assert {type(m.payload) for m in kept} == {bytes}
+
+
+async def test_receive_views_is_the_zero_copy_opt_in(make_config: MakeConfig) -> None:
+    payloads = [payload_for(3, i, 1 + i % 2000) for i in range(3000)]
+    seen: list[bytes] = []
+    kept: list[Message] = []
+    with trio.fail_after(20):
+        async with open_broker(make_config()) as broker:
+            await publish_payloads(broker.port, "views", payloads)
+            async with open_subscriber(HOST, broker.port, "views") as sub:
+                # Mixed with iteration: a message it received but did not hand
+                # out yet comes first, as a view.
+                first = await anext(sub)
+                while len(seen) < len(payloads) - 1:
+                    views = await sub.receive_views()
+                    assert {type(v.payload) for v in views} == {memoryview}
+                    seen.extend(bytes(v.payload) for v in views)  # used at once
+                    kept.append(views[-1].to_message())
+    assert [first.payload, *seen] == payloads
+    assert all(type(m.payload) is bytes for m in kept)
+    assert [m.payload for m in kept] == [payloads[m.offset] for m in kept]
+
+
+def encoded_records(payloads: list[bytes], first: int = 0) -> bytes:
+    """A subscription stream: committed records, logical offsets from ``first``."""
+    out = bytearray()
+    for i, payload in enumerate(payloads):
+        padded = MESSAGE_HEADER.size + -(-len(payload) // 64) * 64
+        out += MESSAGE_HEADER.pack(padded, 0, first + i, 0, 0, i, 9, len(payload))
+        out += payload.ljust(padded - MESSAGE_HEADER.size, b"\0")
+    return bytes(out)
+
+
+@pytest.mark.parametrize("piece", [1, 63, 1000, 65536, 1 << 20])
+def test_the_decoder_copies_and_views_the_same_messages(piece: int) -> None:
+    """Sans-IO, bytes arriving in pieces of every size; a 300 KiB record included."""
+    payloads = [payload_for(9, i, size) for i, size in enumerate([0, 1, 64, 300_000, 5, 1000])]
+    stream = encoded_records(payloads * 3, first=10)
+    results = {}
+    for copy in (True, False):
+        decoder = RecordDecoder(10, 4096)
+        got: list[tuple[bytes, int, int, int]] = []
+        for at in range(0, len(stream), piece):
+            chunk = stream[at : at + piece]
+            while chunk:
+                room = decoder.receive_buffer()
+                n = min(len(room), len(chunk))
+                room[:n] = chunk[:n]
+                chunk = chunk[n:]
+                messages = decoder.feed(n) if copy else decoder.feed_views(n)
+                # Views are read before the next receive_buffer(); copies later.
+                got.extend((bytes(m.payload), *m[1:]) for m in messages)
+                if copy:
+                    assert all(type(m.payload) is bytes for m in messages)
+        assert decoder.error is None
+        assert decoder.pending == 0
+        results[copy] = got
+    assert results[True] == results[False]
+    assert [g[0] for g in results[True]] == payloads * 3
+    assert [g[1] for g in results[True]] == list(range(10, 10 + 3 * len(payloads)))

@@ -14,18 +14,69 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import trio
 
+from . import __version__
 from .broker import Broker, serve
 from .config import Config, config_to_toml, load_config
 from .errors import ConfigError, EmbarcaderoError, StorageError
 
 logger = logging.getLogger(__name__)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default after its help, when it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if (
+            text is None
+            or "%(default)" in text
+            or not action.option_strings
+            or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS))
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer > 0 (counts and sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def _start_offset(text: str) -> int | str:
+    """An argparse type for ``subscribe --from``: an offset, "end", or -N (the last N)."""
+    if text == "end":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be an offset >= 0, 'end' or -N (the last N messages), not {text!r}"
+        ) from None
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -41,16 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-embarcadero",
         description="Embarcadero broker ingest path on Trio.",
+        formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve_cmd = commands.add_parser("serve", help="run a broker until SIGINT/SIGTERM")
+    command = partial(commands.add_parser, formatter_class=_HelpFormatter)
+    serve_cmd = command("serve", help="run a broker until SIGINT/SIGTERM")
     _add_config_options(serve_cmd)
     serve_cmd.add_argument(
         "--reset", action="store_true", help="discard the CXL file's contents and start empty"
     )
-    check = commands.add_parser("check-config", help="validate a config and print it in full")
+    check = command("check-config", help="validate a config and print it in full")
     _add_config_options(check)
-    _add_client_commands(commands)
+    _add_client_commands(command)
     # The bench parses its own options (in the tools, loaded only when it
     # runs): what follows "bench" is handed to it untouched.
     commands.add_parser(
@@ -115,11 +169,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 _CLIENT_COMMANDS = ("publish", "subscribe", "topics", "inspect")
 
+_AddCommand = Callable[..., argparse.ArgumentParser]
 
-def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+
+class _CommandFailed(Exception):
+    """A client command cannot go on; its message says why (exit status 1)."""
+
+
+def _add_client_commands(command: _AddCommand) -> None:
     from .client import DEFAULT_BATCH_BYTES
 
-    publish = commands.add_parser(
+    publish = command(
         "publish",
         help="publish stdin's lines (one message each) or --count generated messages",
         description="Publish to a broker (the config's broker.host and data port, or "
@@ -129,37 +189,50 @@ def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     publish.add_argument("--topic", required=True, help="topic to publish to")
     publish.add_argument("--ack", type=int, choices=(0, 1, 2), default=1, help="ack level")
     publish.add_argument(
-        "--count", type=int, metavar="N", help="send N generated messages instead of stdin"
+        "--count", type=_positive_int, metavar="N", help="send N generated messages, not stdin"
     )
     publish.add_argument(
-        "--size", type=int, default=1024, metavar="B", help="bytes per generated message"
+        "--size", type=_positive_int, default=1024, metavar="B", help="bytes per generated message"
     )
     publish.add_argument(
-        "--batch-bytes", type=int, default=DEFAULT_BATCH_BYTES, metavar="B", help="batch size"
+        "--batch-bytes",
+        type=_positive_int,
+        default=DEFAULT_BATCH_BYTES,
+        metavar="B",
+        help="batch size",
     )
     publish.add_argument(
         "--dial-back", action="store_true", help="receive acks on a connection the broker opens"
     )
-    subscribe = commands.add_parser(
+    subscribe = command(
         "subscribe",
         help="print a topic's messages, one per line",
         description="Print a topic's messages (payload bytes, one per line) until caught up "
         "(no new message for --idle seconds), or forever with --follow. A summary goes to "
-        "stderr, or alone to stdout with --summary.",
+        "stderr, or alone to stdout with --summary. Without --follow, a topic that does not "
+        "exist is an error; that check and --from end / -N read the broker's CXL file "
+        "(cxl.path of --config, or --cxl-path), so run them on the broker's host.",
     )
     _add_config_options(subscribe)
+    subscribe.add_argument("--cxl-path", metavar="PATH", help="the CXL file (overrides cxl.path)")
     subscribe.add_argument("--topic", required=True, help="topic to read")
     subscribe.add_argument(
-        "--from", dest="start", type=int, default=0, metavar="OFFSET", help="first offset"
+        "--from",
+        dest="start",
+        type=_start_offset,
+        default=0,
+        metavar="OFFSET",
+        help="first logical offset; 'end': only messages committed from now on; "
+        "-N: the last N committed messages, then what follows",
     )
     subscribe.add_argument("--follow", action="store_true", help="wait for new messages")
-    subscribe.add_argument("--count", type=int, metavar="N", help="stop after N messages")
+    subscribe.add_argument("--count", type=_positive_int, metavar="N", help="stop after N messages")
     subscribe.add_argument(
         "--idle",
-        type=float,
+        type=_positive_seconds,
         default=0.5,
         metavar="SECONDS",
-        help="caught up after this long without a message (default 0.5)",
+        help="caught up after this long without a message",
     )
     subscribe.add_argument(
         "--offsets", action="store_true", help="prefix lines with offset, client id, client order"
@@ -171,7 +244,7 @@ def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         ("topics", "list the topics of a CXL file with their committed totals"),
         ("inspect", "the CXL file's geometry, topics, and with --topic its batches"),
     ):
-        cmd = commands.add_parser(name, help=text, description=text)
+        cmd = command(name, help=text, description=text)
         cmd.add_argument("--config", metavar="PATH", help="TOML config file (for cxl.path)")
         cmd.add_argument("--cxl-path", metavar="PATH", help="the CXL file (overrides cxl.path)")
         if name == "inspect":
@@ -187,10 +260,12 @@ def _run_client_command(args: argparse.Namespace, config: Config) -> int:
     if config.broker.data_port == 0:
         print("trio-embarcadero: give the broker's port (--port or broker.port)", file=sys.stderr)
         return 2
-    command = _publish if args.command == "publish" else _subscribe
     try:
-        return trio.run(command, args, config.broker.host, config.broker.data_port)
-    except (EmbarcaderoError, ValueError) as exc:
+        if args.command == "publish":
+            return trio.run(_publish, args, config.broker.host, config.broker.data_port)
+        start, note = _subscription_start(args, config)
+        return trio.run(_subscribe, args, config.broker.host, config.broker.data_port, start, note)
+    except (_CommandFailed, EmbarcaderoError, ValueError) as exc:
         print(f"trio-embarcadero {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -236,18 +311,71 @@ async def _publish(args: argparse.Namespace, host: str, port: int) -> int:
     return 0
 
 
-async def _subscribe(args: argparse.Namespace, host: str, port: int) -> int:
-    from .client import Message, open_subscriber
+def _subscription_start(args: argparse.Namespace, config: Config) -> tuple[int, str]:
+    """Check that the topic exists and resolve ``--from`` against its committed count.
+
+    The subscribe protocol cannot tell either: the broker holds a subscription
+    to a missing topic, or from beyond the end, until messages arrive. The
+    broker's CXL file can, exactly: the topic table lists every topic and each
+    stream's committed count (this broker's stream is ``broker.id``'s). So
+    both are read from the file the config names, before subscribing.
+
+    Returns:
+        The logical offset to subscribe from, and a note for a subscription
+        that receives nothing ("" when the topic was checked).
+
+    Raises:
+        _CommandFailed: The topic does not exist (and ``--follow`` is not
+            given), or ``--from end`` / ``-N`` but the file cannot be read.
+    """
+    from .log import open_log
+
+    wanted: int | str = args.start
+    back: int | None = None  # how far before the committed end to start
+    if isinstance(wanted, str):  # "end"
+        back = 0
+    elif wanted < 0:
+        back = -wanted
+    elif args.follow:
+        return wanted, ""  # nothing to check: a missing topic is waited for
+    path = args.cxl_path or config.cxl.path
+    try:
+        with open_log(path) as log:
+            topic = next((t for t in log.topics() if t.name == args.topic), None)
+    except (EmbarcaderoError, OSError) as exc:
+        if back is not None:
+            raise _CommandFailed(
+                f"--from {wanted} needs the broker's CXL file to find the end of "
+                f"{args.topic!r}: {exc} (run it on the broker's host with its --config, "
+                "or give --cxl-path)"
+            ) from None
+        # A broker on another host: subscribe without the check.
+        return int(wanted), f"could not check that {args.topic!r} exists: {exc}"
+    if topic is None and not args.follow:
+        raise _CommandFailed(
+            f"topic {args.topic!r} does not exist in {path} (the topics command lists "
+            "them; --follow waits for it)"
+        )
+    if back is None:
+        return int(wanted), ""
+    streams = () if topic is None else topic.streams
+    committed = next((s.messages for s in streams if s.broker_id == config.broker.id), 0)
+    return max(0, committed - back), ""
+
+
+async def _subscribe(args: argparse.Namespace, host: str, port: int, start: int, note: str) -> int:
+    from .client import MessageView, open_subscriber
 
     out = sys.stdout.buffer
     count = nbytes = 0
     limit = args.count
     first = last = None
-    async with open_subscriber(host, port, args.topic, start=args.start) as sub:
+    async with open_subscriber(host, port, args.topic, start=start) as sub:
         while limit is None or count < limit:
-            messages: list[Message] = []
+            messages: list[MessageView] = []
             with trio.move_on_after(float("inf") if args.follow else args.idle):
-                messages = await sub.receive_messages()
+                # Zero copy: each payload is written out before the next receive.
+                messages = await sub.receive_views()
             if not messages:
                 break  # caught up
             if limit is not None:
@@ -265,6 +393,8 @@ async def _subscribe(args: argparse.Namespace, host: str, port: int) -> int:
         out.flush()
     span = "" if first is None else f", offsets {first}..{last}"
     summary = f"{count} messages, {nbytes} bytes from {args.topic!r}{span}"
+    if note and not count:
+        summary += f" ({note})"
     print(summary, file=sys.stdout if args.summary else sys.stderr)
     return 0
 
@@ -275,6 +405,8 @@ def _inspect(args: argparse.Namespace, path: str) -> int:
     try:
         with open_log(path) as log:
             topics = log.topics()
+            if args.command == "inspect" and args.topic not in {None, *(t.name for t in topics)}:
+                raise _CommandFailed(f"topic {args.topic!r} does not exist in {path}")
             if args.command == "inspect":
                 g = log.geometry
                 print(
@@ -304,7 +436,7 @@ def _inspect(args: argparse.Namespace, path: str) -> int:
                             f"{b.header_offset:>12} {b.state:<10} {b.client_id:>7} "
                             f"{b.batch_seq:>7} {b.num_msg:>6} {b.total_size:>9} {first:>10}"
                         )
-    except (EmbarcaderoError, OSError) as exc:
+    except (_CommandFailed, EmbarcaderoError, OSError) as exc:
         print(f"trio-embarcadero {args.command}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -124,10 +124,11 @@ class BrokerError(EmbarcaderoError):
         code: The error frame's code (an :class:`ErrorCode` when known), or
             :data:`BROKER_FAILED` when the connection ended without one.
         message: The error frame's text.
-        acked: The last cumulative ack count received before the error.
+        acked: For a publisher, the last cumulative ack count received
+            before the error; None for a subscriber, which has no acks.
     """
 
-    def __init__(self, code: int, message: str, acked: int = 0) -> None:
+    def __init__(self, code: int, message: str, acked: int | None = None) -> None:
         self.code = code
         self.message = message
         self.acked = acked
@@ -138,4 +139,5 @@ class BrokerError(EmbarcaderoError):
                 name = ErrorCode(code).name.lower()
             except ValueError:
                 name = f"error {code}"
-        super().__init__(f"broker error {name}: {message} (acked {acked})")
+        suffix = "" if acked is None else f" (acked {acked})"
+        super().__init__(f"broker error {name}: {message}{suffix}")

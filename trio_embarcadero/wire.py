@@ -262,24 +262,50 @@ def encode_message(
 
 
 class Message(NamedTuple):
-    """One message as read from a topic.
+    """One message as read from a topic; its payload is yours to keep.
+
+    What :class:`~trio_embarcadero.client.Subscriber` and
+    :meth:`LogReader.messages <trio_embarcadero.log.LogReader.messages>` hand
+    out. For reading without a copy per message, see :class:`MessageView`.
 
     Attributes:
-        payload: The message bytes. For messages from a subscriber this is a
-            memoryview of the subscriber's receive buffer, valid only until
-            the subscriber moves on (see
-            :class:`~trio_embarcadero.client.Subscriber`); for messages from
-            the log reader it is a read-only view of the mapped log.
-            ``bytes(message.payload)`` makes a copy you can keep.
+        payload: The message bytes (a copy of them).
         offset: The message's logical offset in its (topic, broker) stream.
         client_id: The id of the publisher that sent it.
         client_order: Its index among that publisher's messages.
+    """
+
+    payload: bytes
+    offset: int
+    client_id: int
+    client_order: int
+
+
+class MessageView(NamedTuple):
+    """One message whose payload is a zero-copy view, for readers that opt in.
+
+    :meth:`Subscriber.receive_views
+    <trio_embarcadero.client.Subscriber.receive_views>` hands these out with
+    views of the subscriber's receive buffer: **valid only until its next
+    receive**, after which the buffer is reused and a kept view shows other
+    messages' bytes. :meth:`LogReader.message_views
+    <trio_embarcadero.log.LogReader.message_views>` hands out read-only views
+    of the mapped log, valid until the reader is closed. Use the payload at
+    once (write it, parse it, compare it), or keep :meth:`to_message`.
+
+    Attributes:
+        payload: A view of the message bytes (see above for how long it is valid).
+        offset: As for :class:`Message`; so are ``client_id`` and ``client_order``.
     """
 
     payload: memoryview
     offset: int
     client_id: int
     client_order: int
+
+    def to_message(self) -> Message:
+        """A :class:`Message` with a copy of the payload, valid for good."""
+        return Message(self.payload.tobytes(), self.offset, self.client_id, self.client_order)
 
 
 _ZEROS = bytes(ALIGN)

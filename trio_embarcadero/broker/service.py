@@ -52,7 +52,7 @@ from .monitor import PauseGate, run_pool_monitor
 from .publish import IngestPath
 from .session import serve_connection
 from .staging import StagingPool
-from .statistics import BrokerStatistics, IngestCounters
+from .statistics import BrokerStatistics, IngestCounters, error_frame_log_level
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ class Broker:
             allocation_failures=self.allocation.exhausted,
             queued_batches=channel,
             errors=dict(c.errors),
+            shutdown_notices=c.shutdown_notices,
             internal_errors=c.internal_errors + self.commits.internal_errors,
             log=log,
             dial_backs=dial,
@@ -328,7 +329,7 @@ class Broker:
     async def _refuse(self, stream: trio.abc.Stream, error: ProtocolError) -> None:
         self.counters.connections_refused += 1
         self.counters.count_error(error.code)
-        logger.warning("refused a connection: %s", error.message)
+        logger.log(error_frame_log_level(error.code), "refused a connection: %s", error.message)
         with trio.move_on_after(1):
             try:
                 await stream.send_all(encode_error_frame(error.code, error.message))

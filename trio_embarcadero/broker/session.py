@@ -16,6 +16,7 @@ from ..transport import receive_exactly
 from ..wire import HANDSHAKE_SIZE, ClientRequest, Handshake, encode_error_frame, parse_handshake
 from .connection import Connection, ConnectionPhase
 from .publish import IngestPath, PublishSession
+from .statistics import error_frame_log_level
 from .subscribe import serve_subscriber
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,13 @@ async def _receive_handshake(connection: Connection, ingest: IngestPath) -> Hand
 
 async def _refuse(connection: Connection, error: ProtocolError, ingest: IngestPath) -> None:
     ingest.counters.count_error(error.code)
-    logger.warning("conn %d %s closed: %s", connection.id, connection.peer, error)
+    logger.log(
+        error_frame_log_level(error.code),
+        "conn %d %s closed: %s",
+        connection.id,
+        connection.peer,
+        error,
+    )
     with trio.move_on_after(ingest.network.ack_connect_timeout_s) as scope:
         scope.shield = True
         try:

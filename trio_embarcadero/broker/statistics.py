@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 
 import attrs
 
@@ -25,6 +26,7 @@ class IngestCounters:
     batches_discarded: int = 0
     internal_errors: int = 0
     errors: collections.Counter[str] = attrs.Factory(collections.Counter)
+    shutdown_notices: int = 0
 
     def count_received(self, header: BatchHeader) -> None:
         """A whole, valid batch arrived."""
@@ -33,8 +35,21 @@ class IngestCounters:
         self.bytes_received += header.total_size
 
     def count_error(self, code: ErrorCode) -> None:
-        """An error frame with ``code`` is being sent."""
-        self.errors[code.name.lower()] += 1
+        """An error frame with ``code`` is being sent.
+
+        Error 5 is what every client is told at a graceful shutdown: expected,
+        not a fault, so it is counted in :attr:`shutdown_notices` instead.
+        """
+        if code == ErrorCode.SHUTTING_DOWN:
+            self.shutdown_notices += 1
+        else:
+            self.errors[code.name.lower()] += 1
+
+
+def error_frame_log_level(code: ErrorCode) -> int:
+    """How loudly to log sending an error frame: a fault is a warning; error 5
+    at shutdown is expected and goes to INFO."""
+    return logging.INFO if code == ErrorCode.SHUTTING_DOWN else logging.WARNING
 
 
 @attrs.frozen
@@ -45,7 +60,9 @@ class BrokerStatistics:
         connections: Open connections by :class:`ConnectionPhase` value.
         pool: Staging pool occupancy.
         log: CXL log counters (commits, full events, segments).
-        errors: Error frames sent, by lower-case error code name.
+        errors: Error frames sent for faults, by lower-case error code name.
+        shutdown_notices: Connections sent error 5 because the broker is
+            shutting down (expected at a shutdown, so not in ``errors``).
         paused: Whether the pool monitor is holding receivers.
         pauses: Times the pool monitor paused receivers.
         resumes: Times it resumed them.
@@ -76,6 +93,7 @@ class BrokerStatistics:
     allocation_failures: int
     queued_batches: int
     errors: dict[str, int]
+    shutdown_notices: int
     internal_errors: int
     log: CxlStatistics
     dial_backs: DialBackStatistics

@@ -16,8 +16,10 @@ turns the broker's ack counts into :attr:`Publisher.acked`. Memory is bounded
 by an in-flight window: :meth:`Publisher.publish` waits while too many bytes
 are published but not yet acknowledged.
 
-A subscriber receives into a buffer it owns and hands out messages whose
-payloads are memoryviews of that buffer (no copy per message).
+A subscriber receives into a buffer it owns and hands out messages with a
+copy of their payload (``bytes``, yours to keep); :meth:`Subscriber.receive_views`
+is the zero-copy opt-in, whose payloads are views of that buffer, valid until
+the next receive.
 
 Modules, each importing only those before it and the base modules:
 
@@ -39,6 +41,7 @@ Error handling:
 
 from ..errors import BROKER_FAILED as BROKER_FAILED
 from ..wire import Message as Message
+from ..wire import MessageView as MessageView
 from .connect import random_client_id as random_client_id
 from .publisher import DEFAULT_BATCH_BYTES as DEFAULT_BATCH_BYTES
 from .publisher import DEFAULT_CLOSE_TIMEOUT as DEFAULT_CLOSE_TIMEOUT
@@ -57,6 +60,7 @@ __all__ = [
     "DEFAULT_BATCH_BYTES",
     "DEFAULT_LINGER",
     "Message",
+    "MessageView",
     "Publisher",
     "Subscriber",
     "open_publisher",

@@ -3,15 +3,21 @@
 A subscription stream is message records back to back, in logical-offset
 order, possibly ended by one error frame. :class:`RecordDecoder` owns the
 buffer the bytes are received into, hands out each whole record as a
-:class:`~trio_embarcadero.wire.Message` whose payload is a view of that buffer
-(no copy per message), and keeps a partial record for the next receive. It
-imports no Trio: the subscriber receives into :meth:`RecordDecoder.receive_buffer`
-and reports how many bytes arrived.
+:class:`~trio_embarcadero.wire.Message` (payload copied) or a
+:class:`~trio_embarcadero.wire.MessageView` (payload a view of that buffer),
+and keeps a partial record for the next receive. It imports no Trio: the
+subscriber receives into :meth:`RecordDecoder.receive_buffer` and reports how
+many bytes arrived.
+
+Copies cost little: the records a receive completes are copied into one
+``bytes`` object at once, and each payload is sliced out of it, which is no
+slower per message than slicing a memoryview.
 """
 
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from ..errors import BrokerError, ErrorCode, ProtocolError
 from ..wire import (
@@ -21,6 +27,7 @@ from ..wire import (
     MESSAGE_HEADER,
     MESSAGE_HEADER_SIZE,
     Message,
+    MessageView,
 )
 
 #: Largest record a subscriber accepts; anything larger is a corrupt stream.
@@ -61,7 +68,7 @@ class RecordDecoder:
         """Where to receive the next bytes: free space at the buffer's end.
 
         It has room for at least :data:`RECEIVE_SIZE` bytes and for the rest
-        of a partial record whose size is known. Messages handed out earlier
+        of a partial record whose size is known. Views handed out earlier
         stay valid until the next call.
         """
         start, end = self._start, self._end
@@ -87,13 +94,32 @@ class RecordDecoder:
 
     def feed(self, nbytes: int) -> list[Message]:
         """Take ``nbytes`` received into :meth:`receive_buffer`; return the
-        messages they complete (the payloads are views of the buffer)."""
+        messages they complete, their payloads copied."""
+        messages: list[Message] = self._decode(nbytes, Message, copy=True)
+        return messages
+
+    def feed_views(self, nbytes: int) -> list[MessageView]:
+        """As :meth:`feed`, but the payloads are views of the buffer, valid
+        until the next :meth:`receive_buffer` call."""
+        views: list[MessageView] = self._decode(nbytes, MessageView, copy=False)
+        return views
+
+    def _decode(self, nbytes: int, make: Any, *, copy: bool) -> list[Any]:
+        """The records ``nbytes`` complete, each as ``make(payload, offset,
+        client_id, client_order)``; payloads are copied or views."""
         self._end += nbytes
         if self.error is not None:
             return []
         buf, view = self._buffer, self._view
         pos, end = self._start, self._end
-        out: list[Message] = []
+        # Payloads are sliced from ``source`` at ``index - base``: the buffer
+        # itself, or one copy of what was received (only once a record is
+        # whole, so a large record arriving in pieces is not copied each time).
+        source: bytes | memoryview = view
+        base = 0
+        if copy and self._record_ends_by(pos, end):
+            source, base = bytes(view[pos:end]), pos
+        out: list[Any] = []
         expected = self.position
         unpack = MESSAGE_HEADER.unpack_from
         while end - pos >= _U64.size:
@@ -117,13 +143,20 @@ class RecordDecoder:
                     f" where offset {expected} was due",
                 )
                 break
-            data = pos + MESSAGE_HEADER_SIZE
-            out.append(Message(view[data : data + size], offset, client_id, client_order))
+            data = pos + MESSAGE_HEADER_SIZE - base
+            out.append(make(source[data : data + size], offset, client_id, client_order))
             expected += 1
             pos += padded
         self._start = pos
         self.position = expected
         return out
+
+    def _record_ends_by(self, pos: int, end: int) -> bool:
+        """Whether the record at ``pos`` has arrived whole, by its paddedSize."""
+        if end - pos < _U64.size:
+            return False
+        padded: int = _U64.unpack_from(self._buffer, pos)[0]
+        return padded != ERROR_MARKER and padded <= end - pos
 
     def _error_frame(self, pos: int, end: int) -> int:
         """Decode the error frame at ``pos`` if it is whole; where decoding stops."""

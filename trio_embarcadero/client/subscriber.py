@@ -7,19 +7,29 @@ they land in.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import trio
 
 from ..errors import BROKER_FAILED, BrokerError, ConnectionLost, ErrorCode, ProtocolError
 from ..transport import Receiver, receiver_for
-from ..wire import UNASSIGNED_OFFSET, ClientRequest, Handshake, Message, encode_topic
+from ..wire import (
+    UNASSIGNED_OFFSET,
+    ClientRequest,
+    Handshake,
+    Message,
+    MessageView,
+    encode_topic,
+)
 from .connect import choose_client_id, connect, send_handshake
 from .records import RecordDecoder
 
 #: Default size of a subscriber's receive buffer (it grows for larger records).
 DEFAULT_RECEIVE_BUFFER = 1 << 20
+
+_M = TypeVar("_M", Message, MessageView)
 
 
 class Subscriber:
@@ -27,14 +37,14 @@ class Subscriber:
 
     Get one from :func:`open_subscriber` or :func:`open_subscriber_on_stream`
     and iterate it (``async for message in subscriber``), or call
-    :meth:`receive_messages` for whatever has arrived, in bulk.
+    :meth:`receive_messages` for whatever has arrived, in bulk. Either way
+    each :class:`Message` has its own copy of the payload (``bytes``), which
+    you may keep.
 
-    .. warning::
-        Zero copy: a :class:`Message`'s ``payload`` is a memoryview of the
-        subscriber's receive buffer. It is valid until the iteration moves on
-        to the next message (for :meth:`receive_messages`: until the next
-        call); after that the buffer is reused and the view shows other
-        bytes. Copy what you keep: ``bytes(message.payload)``.
+    Zero copy is the opt-in :meth:`receive_views`: its
+    :class:`MessageView` payloads are views of the subscriber's receive
+    buffer, valid only until the next receive, for a reader that uses each
+    payload at once (writes it out, parses it) and keeps nothing.
 
     Attributes:
         topic: The topic.
@@ -78,19 +88,44 @@ class Subscriber:
     async def receive_messages(self) -> list[Message]:
         """Every whole message that has arrived, at least one; waits for one.
 
-        The payload views are valid until the next call (or iteration step).
+        The payloads are copies, yours to keep.
 
         Raises:
             BrokerError: As for iteration.
             ProtocolError: As for iteration.
         """
-        if self._next < len(self._ready):
-            # Messages an iteration has not handed out yet come first.
-            rest = self._ready[self._next :]
-            self._ready, self._next = [], 0
+        if rest := self._take_ready():
             await trio.lowlevel.checkpoint()
             return rest
+        return await self._receive(self._decoder.feed)
+
+    async def receive_views(self) -> list[MessageView]:
+        """As :meth:`receive_messages`, without copying the payloads.
+
+        Each payload is a view of the receive buffer, **valid only until the
+        next receive** (a call of this, :meth:`receive_messages` or the next
+        iteration step); after that the buffer is reused and a kept view
+        shows other messages' bytes. Use them at once, or keep
+        :meth:`MessageView.to_message`.
+
+        Raises:
+            BrokerError: As for iteration.
+            ProtocolError: As for iteration.
+        """
+        if rest := self._take_ready():
+            # Messages an iteration has not handed out yet: copies already.
+            await trio.lowlevel.checkpoint()
+            return [MessageView(memoryview(m.payload), *m[1:]) for m in rest]
+        return await self._receive(self._decoder.feed_views)
+
+    def _take_ready(self) -> list[Message]:
+        """The messages an iteration received but has not handed out yet."""
+        rest = self._ready[self._next :]
         self._ready, self._next = [], 0
+        return rest
+
+    async def _receive(self, feed: Callable[[int], list[_M]]) -> list[_M]:
+        """Receive until ``feed`` (of the decoder) turns the bytes into messages."""
         decoder = self._decoder
         while True:
             if self._error is not None:
@@ -105,7 +140,7 @@ class Subscriber:
             if n == 0:
                 self._error = self._end_of_stream()
                 continue
-            messages = decoder.feed(n)
+            messages = feed(n)
             # An error after the messages is raised by the next call.
             self._error = decoder.error
             if messages:

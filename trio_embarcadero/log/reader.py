@@ -8,7 +8,11 @@ going through TCP::
         for topic in log.topics():
             print(topic.name, topic.messages)
         for message in log.messages("orders"):
-            handle(bytes(message.payload), message.offset)
+            handle(message.payload, message.offset)  # bytes, yours to keep
+
+:meth:`LogReader.messages` copies each payload out of the mapping;
+:meth:`LogReader.message_views` hands out views of it instead (zero copy,
+valid until the reader is closed).
 
 A reader only trusts a batch once its header's ``batch_complete`` word says
 committed. It reads that word before anything else of the batch: the broker
@@ -31,6 +35,7 @@ import mmap
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import attrs
 import numpy as np
@@ -45,6 +50,7 @@ from ..wire import (
     MH_LOGICAL_OFFSET,
     MH_SIZE,
     Message,
+    MessageView,
     scan_records,
 )
 from .layout import (
@@ -153,8 +159,9 @@ class _Cursor:
 class LogReader:
     """A read-only view of a CXL region file.
 
-    Use :func:`open_log`. Message payloads are zero-copy views of the mapping,
-    valid until the reader is closed.
+    Use :func:`open_log`. :meth:`messages` copies each payload out of the
+    mapping; :meth:`message_views` hands out zero-copy views of it, valid
+    until the reader is closed.
 
     Attributes:
         path: The region file.
@@ -309,13 +316,27 @@ class LogReader:
         the log); call again later with ``start`` set to the next offset to
         continue. A topic that does not exist yields nothing.
 
-        Each :class:`~trio_embarcadero.wire.Message` payload is a read-only
-        view of the mapped log, valid until the reader is closed.
+        Each :class:`~trio_embarcadero.wire.Message` payload is a copy
+        (``bytes``), valid after the reader is closed.
 
         Raises:
             LayoutError: A committed batch's records are inconsistent.
             ValueError: ``broker_id`` is out of the region's range.
         """
+        return self._walk(topic, broker_id, start, copy=True)
+
+    def message_views(
+        self, topic: str, broker_id: int = 0, start: int = 0
+    ) -> Iterator[MessageView]:
+        """As :meth:`messages`, without copying the payloads.
+
+        Each :class:`~trio_embarcadero.wire.MessageView` payload is a
+        read-only view of the mapped log, valid until the reader is closed.
+        """
+        return self._walk(topic, broker_id, start, copy=False)
+
+    def _walk(self, topic: str, broker_id: int, start: int, *, copy: bool) -> Iterator[Any]:
+        """The body of :meth:`messages` and :meth:`message_views`."""
         if start < 0:
             raise ValueError(f"start must be >= 0, not {start}")
         found = self._cursor(topic, broker_id)
@@ -332,7 +353,9 @@ class LogReader:
             position = max(position, bisect.bisect_right(cursor.firsts, next_offset) - 1)
             while position < len(cursor.firsts):
                 first, num = cursor.firsts[position], cursor.nums[position]
-                yield from self._batch_messages(cursor.headers[position], first, num, next_offset)
+                yield from self._batch_messages(
+                    cursor.headers[position], first, num, next_offset, copy
+                )
                 next_offset = max(next_offset, first + num)
                 position += 1
 
@@ -341,7 +364,9 @@ class LogReader:
         """The logical offset after the last committed batch indexed."""
         return cursor.firsts[-1] + cursor.nums[-1]
 
-    def _batch_messages(self, header: int, first: int, num: int, start: int) -> Iterator[Message]:
+    def _batch_messages(
+        self, header: int, first: int, num: int, start: int, copy: bool
+    ) -> Iterator[Any]:
         (total,) = U64.unpack_from(self._mmap, header + BH_TOTAL_SIZE)
         if start >= first + num:
             return
@@ -364,11 +389,13 @@ class LogReader:
         sizes = words[index[skip:] + MH_SIZE].tolist()
         orders = words[index[skip:] + MH_CLIENT_ORDER].tolist()
         clients = words[index[skip:] + MH_CLIENT_ID].tolist()
-        view = self._view
+        # Slicing the mmap copies into bytes; slicing its memoryview does not.
+        source: mmap.mmap | memoryview = self._mmap if copy else self._view
+        make: Any = Message if copy else MessageView
         for i, (data, size, order, client) in enumerate(
             zip(data_starts, sizes, orders, clients, strict=True)
         ):
-            yield Message(view[data : data + size], first + skip + i, client, order)
+            yield make(source[data : data + size], first + skip + i, client, order)
 
 
 @contextmanager

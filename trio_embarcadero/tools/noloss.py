@@ -688,7 +688,7 @@ def verify(cxl_path: str, clients: Sequence[Client], max_size: int) -> Report:
                     sent is None
                     or owner != batch.client_id
                     or index != sent.first + k
-                    or bytes(message.payload) != payload(owner, index, max_size)
+                    or message.payload != payload(owner, index, max_size)
                 ):
                     report.corrupt_messages += 1
                     report.problem(
