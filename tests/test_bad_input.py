@@ -234,6 +234,39 @@ async def test_connection_limit(make_config: MakeConfig) -> None:
                 assert stats.pool.used == 0
 
 
+async def connect_from(source: str, port: int) -> trio.SocketStream:
+    """A connection to the broker from another loopback address (another host to it)."""
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
+async def test_connection_limit_per_host(make_config: MakeConfig) -> None:
+    config = make_config(**{"network.max_connections_per_host": 2})
+    with trio.fail_after(10):
+        async with open_broker(config) as broker:
+            async with good_publisher(broker.port) as good, await connect(broker.port) as idle:
+                await wait_until(lambda: sum(broker.statistics().connections.values()) == 2)
+                received = await exchange(broker.port, raw_handshake())
+                assert error_frame(received) == (
+                    ErrorCode.NOT_ALLOWED,
+                    "connection limit per host reached (2 from 127.0.0.1)",
+                )
+                # Another address is another host: served.
+                async with await connect_from("127.0.0.2", broker.port) as other:
+                    received = await send_and_read(other, BAD_START, eof=True)
+                assert parse_ack_stream(received) == (0, [10], None)
+                await idle.aclose()
+                # The host's slot is free again once one of its connections is gone.
+                await wait_until(lambda: sum(broker.statistics().connections.values()) == 1)
+                await check_served_and_clean(
+                    broker, good, errors={"not_allowed": 1}, bad_committed=10
+                )
+            stats = broker.statistics()
+            assert (stats.connections_refused, stats.connections_accepted) == (1, 4)
+
+
 async def test_dial_back_to_a_closed_port(make_config: MakeConfig) -> None:
     with trio.fail_after(10):
         unused_port = await closed_port()
