@@ -379,6 +379,9 @@ async def test_direct_path_a_stalled_payload_delays_its_topic_at_most_the_stall_
     )
     async with trio.open_nursery() as nursery:
         async with memory_broker(config) as (broker, listener):
+            healthy = await open_client(listener, nursery)
+            await healthy.send(rawclient.handshake("t", client_id=HEALTHY_ID))
+            await healthy.send(rawclient.batch(0, HEALTHY_ID, 0, 10, 1000)[0])  # creates "t"
             stalled = await open_client(listener, nursery)
             data, _ = rawclient.batch(0, 40, 0, 10, 1000)
             await stalled.send(rawclient.handshake("t", client_id=40) + data[: 128 + 5000])
@@ -386,33 +389,31 @@ async def test_direct_path_a_stalled_payload_delays_its_topic_at_most_the_stall_
             await other.send(
                 rawclient.handshake("u", client_id=2) + rawclient.batch(0, 2, 0, 5, 10)[0]
             )
-            await trio.sleep(0.5)  # the healthy publisher comes later: its batches queue behind
-            healthy = await open_client(listener, nursery)
+            await trio.sleep(0.5)  # the healthy publisher goes on later: its batches queue behind
             subscriber = await open_client(listener, nursery)
             await subscriber.send(rawclient.handshake("t", client_id=3, req=1))
-            await healthy.send(rawclient.handshake("t", client_id=HEALTHY_ID))
-            for k in range(3):
+            for k in range(1, 4):
                 await healthy.send(rawclient.batch(k, HEALTHY_ID, 10 * k, 10, 1000)[0])
             await settle()
             assert other.acks() == (0, [5], None)
-            assert healthy.acks() == (0, [], None)  # received, not committable yet
-            assert subscriber.data == b""
+            assert healthy.acks() == (0, [10], None)  # received, not committable yet
+            assert len(subscriber.data) == 10 * (64 + 1024)
             await trio.sleep(STALL_TIMEOUT)
             # The stalled batch was given up at 1 s, long before its batch
             # timeout; everything behind it went through then.
             assert stalled.acks()[2] == STALLED
             assert stalled.eof_at == STALL_TIMEOUT
             _, counts, error = healthy.acks()
-            assert (counts[-1:], error) == ([30], None)
-            assert healthy.arrival_of(4) == STALL_TIMEOUT
-            assert len(subscriber.data) == 30 * (64 + 1024)
-            assert subscriber.arrival_of(0) == STALL_TIMEOUT
+            assert (counts[-1:], error) == ([40], None)
+            assert healthy.arrival_of(len(healthy.data) - 1) == STALL_TIMEOUT
+            assert len(subscriber.data) == 40 * (64 + 1024)
+            assert subscriber.arrival_of(len(subscriber.data) - 1) == STALL_TIMEOUT
             assert broker.receive_limiter.borrowed_tokens == 0
             for client in (other, healthy, subscriber):
                 await client.close()
             await settle()
     states = [(h.client_id, h.batch_complete) for h in walk_file(config.cxl.path)]
-    assert states == [(40, 2)] + [(HEALTHY_ID, 1)] * 3
+    assert states == [(HEALTHY_ID, 1), (40, 2)] + [(HEALTHY_ID, 1)] * 3
 
 
 async def test_a_slow_payload_that_keeps_moving_is_not_a_stall(

@@ -380,7 +380,8 @@ class CxlConfig(_Checked):
         size_mb: Region size in MiB.
         segment_mb: Log segment size in MiB (<= ``size_mb``); a batch never
             spans two segments.
-        max_topics: Topics the region has room for.
+        max_topics: Topics the region has room for; a topic takes its slot
+            with its first valid batch.
         max_brokers: Brokers the region has room for, 1 to 32.
         max_inflight_batches: Per (topic, broker): reservations not yet
             committed.

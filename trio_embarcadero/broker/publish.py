@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 import trio
 
 from ..config import NetworkConfig
@@ -163,9 +165,11 @@ class PublishSession:
             raise ProtocolError(
                 ErrorCode.NOT_ALLOWED, "ack level 2 needs a disk log (storage.dir is not set)"
             )
-        # A topic name that cannot be created (table full) is refused up front.
+        # A topic that could not be created (table full) is refused up front;
+        # one that can is created by its first reservation, not here, so
+        # handshakes alone cannot fill the table.
         try:
-            ingest.log.stream(handshake.topic)
+            ingest.log.check_topic_room(handshake.topic)
         except LogFullError as exc:
             raise ProtocolError(ErrorCode.LOG_FULL, str(exc)) from None
         dial_back = handshake.ack >= 1 and handshake.port != 0
@@ -338,21 +342,11 @@ class PublishSession:
         ingest, conn = self.ingest, self.connection
         limiter = ingest.receive_limiter
         await self._wait_below_inflight_cap()
-        conn.phase = ConnectionPhase.WAIT_CXL
-        try:
-            # Returns holding a receive slot, which it never held while
-            # backing off.
-            reservation = await reserve(
-                ingest.log,
-                self.topic,
-                header,
-                ingest.backoff,
-                ingest.allocation,
-                self,
-                slot=limiter,
-            )
-        except LogFullError as exc:
-            raise ProtocolError(ErrorCode.LOG_FULL, f"no log space after retries: {exc}") from None
+        if ingest.log.existing_stream(self.topic) is None:
+            await self._receive_first_batch(header, clock)
+            return
+        # Returns holding a receive slot, which it never held while backing off.
+        reservation = await self._reserve(header, slot=limiter)
         try:
             try:
                 conn.phase = ConnectionPhase.WAIT_PAYLOAD
@@ -366,10 +360,44 @@ class PublishSession:
             # at most.
             ingest.commits.abandon(reservation)
             raise
-        ingest.counters.count_received(header)
+        self._complete_direct(reservation, starts)
+
+    async def _receive_first_batch(self, header: BatchHeader, clock: BatchClock) -> None:
+        """The direct path's first batch of a topic that does not exist yet.
+
+        A topic takes its table slot with its first reservation, and the
+        direct path reserves before the payload can be checked. So this one
+        batch is received aside and reserved only once it is valid: a batch
+        that fails validation, stalls or is cut short creates no topic.
+        """
+        async with self.ingest.receive_limiter:
+            # Allocated under the slot: at most num_publish_receive_threads
+            # of these are being filled at once.
+            payload = np.empty(header.total_size, dtype=np.uint8)
+            self.connection.phase = ConnectionPhase.WAIT_PAYLOAD
+            await self._receive_payload(payload.data, clock)
+        starts = scan_records(payload, header.num_msg)
+        reservation = await self._reserve(header)
+        np.copyto(reservation.payload, payload)
+        self._complete_direct(reservation, starts)
+
+    async def _reserve(
+        self, header: BatchHeader, *, slot: trio.CapacityLimiter | None = None
+    ) -> Reservation:
+        ingest = self.ingest
+        self.connection.phase = ConnectionPhase.WAIT_CXL
+        try:
+            return await reserve(
+                ingest.log, self.topic, header, ingest.backoff, ingest.allocation, self, slot=slot
+            )
+        except LogFullError as exc:
+            raise ProtocolError(ErrorCode.LOG_FULL, f"no log space after retries: {exc}") from None
+
+    def _complete_direct(self, reservation: Reservation, starts: npt.NDArray[np.int64]) -> None:
+        self.ingest.counters.count_received(reservation.header)
         self.batches += 1
         self._inflight += 1
-        ingest.commits.complete(reservation, starts)
+        self.ingest.commits.complete(reservation, starts)
 
     async def _receive_payload(self, view: memoryview, clock: BatchClock) -> None:
         """Fill ``view`` (the caller holds a receive slot) while the client's clock runs.
