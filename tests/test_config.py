@@ -72,6 +72,7 @@ def test_defaults() -> None:
     assert net.stats_interval_s == 5.0
     assert net.max_connections == 1024
     assert net.max_connections_per_host == 256
+    assert net.subscriber_send_timeout_s == 10.0
     assert net.max_buffers_per_connection == 8
     assert net.staging_buffer_bytes == 4 * MIB
     assert net.effective_max_batch_bytes == 4 * MIB
@@ -872,7 +873,7 @@ def test_config_to_toml_defaults_text() -> None:
     sections = [line for line in text.splitlines() if line.startswith("[")]
     assert sections == ["[broker]", "[network]", "[cxl]", "[storage]", "[logging]"]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert len(keys) == 3 + 23 + 7 + 3 + 1
+    assert len(keys) == 3 + 24 + 7 + 3 + 1
 
 
 @pytest.mark.parametrize(

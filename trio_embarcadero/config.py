@@ -297,6 +297,10 @@ class NetworkConfig(_Checked):
         allowed_networks: Comma-separated client networks allowed to connect
             (CIDR, IPv4 or IPv6); empty allows every address that can reach
             ``broker.host``. Others get error 6 and are closed.
+        subscriber_send_timeout_s: Time one write to a subscriber (one
+            batch's records) may take before the subscriber is closed, so one
+            that stopped reading cannot hold its connection, or a graceful
+            shutdown, forever.
     """
 
     use_nonblocking: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
@@ -341,6 +345,7 @@ class NetworkConfig(_Checked):
     allowed_networks: str = attrs.field(
         default="", validator=[attrs.validators.instance_of(str), _networks]
     )
+    subscriber_send_timeout_s: float = attrs.field(default=10.0, validator=_positive_float)
 
     @property
     def staging_buffer_bytes(self) -> int:
