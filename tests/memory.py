@@ -1,7 +1,8 @@
 """In-memory transport for broker tests: no sockets, so the mock clock is safe.
 
 * :class:`MemoryListener` is a ``trio.abc.Listener``: :meth:`MemoryListener.connect`
-  makes a ``memory_stream_pair()``, queues the server end for ``accept()`` (the
+  makes a ``memory_stream_pair()`` (or, for a peer that never reads, a
+  ``lockstep_stream_pair()``), queues the server end for ``accept()`` (the
   broker's real ``serve_listeners`` loop) and returns the client end.
 * Every server end is wrapped in a :class:`CountingStream`, so a test can see
   exactly how many bytes the broker has read from a connection and whether it
@@ -32,6 +33,7 @@ from trio_embarcadero.log.layout import iter_batches, read_geometry
 from trio_embarcadero.wire import BatchHeader
 
 ClientStream = trio.StapledStream[trio.testing.MemorySendStream, trio.testing.MemoryReceiveStream]
+LockstepStream = trio.StapledStream[trio.abc.SendStream, trio.abc.ReceiveStream]
 
 
 class CountingStream(trio.abc.HalfCloseableStream):
@@ -42,7 +44,7 @@ class CountingStream(trio.abc.HalfCloseableStream):
         receiving: Whether a ``receive_some`` call is in progress.
     """
 
-    def __init__(self, inner: ClientStream) -> None:
+    def __init__(self, inner: ClientStream | LockstepStream) -> None:
         self.inner = inner
         self.bytes_received = 0
         self.receiving = False
@@ -86,10 +88,21 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
     async def connect(self) -> ClientStream:
         """Open a connection; returns the client end."""
         client, server = trio.testing.memory_stream_pair()
+        await self._enqueue(server)
+        return client
+
+    async def connect_lockstep(self) -> LockstepStream:
+        """Open a connection without buffering: every send waits for the other
+        side to receive it, so a client that never reads blocks the broker's
+        sends for good (a TCP peer whose window stays shut)."""
+        client, server = trio.testing.lockstep_stream_pair()
+        await self._enqueue(server)
+        return client
+
+    async def _enqueue(self, server: ClientStream | LockstepStream) -> None:
         counting = CountingStream(server)
         self.accepted.append(counting)
         await self._queue[0].send(counting)
-        return client
 
     async def accept(self) -> trio.abc.Stream:
         if self.closed:

@@ -29,6 +29,7 @@ from tcpclient import (
     ack_listener,
     closed_port,
     connect,
+    connections,
     error_frame,
     exchange,
     publish,
@@ -127,8 +128,12 @@ async def check_served_and_clean(
     errors: dict[str, int],
     bad_committed: int = 0,
     abandoned: int = 0,
+    elsewhere: int = 0,
 ) -> None:
-    """Finish the good publisher, run a late one, then check the broker's books."""
+    """Finish the good publisher, run a late one, then check the broker's books.
+
+    ``elsewhere``: messages the case committed to other topics than TOPIC.
+    """
     await good.finish()
     await publish_late(broker.port)
     await wait_until(lambda: not any(broker.statistics().connections.values()))
@@ -136,7 +141,7 @@ async def check_served_and_clean(
     assert stats.pool.used == 0, "a staging buffer leaked"
     assert stats.queued_batches == 0
     assert not stats.paused
-    assert stats.messages_committed == GOOD_MESSAGES + bad_committed
+    assert stats.messages_committed == GOOD_MESSAGES + bad_committed + elsewhere
     assert stats.log.batches_abandoned == abandoned
     expected = (
         [(GOOD_ID, i) for i in range(20)]
@@ -234,6 +239,39 @@ async def test_connection_limit(make_config: MakeConfig) -> None:
                 assert stats.pool.used == 0
 
 
+async def connect_from(source: str, port: int) -> trio.SocketStream:
+    """A connection to the broker from another loopback address (another host to it)."""
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
+async def test_connection_limit_per_host(make_config: MakeConfig) -> None:
+    config = make_config(**{"network.max_connections_per_host": 2})
+    with trio.fail_after(10):
+        async with open_broker(config) as broker:
+            async with good_publisher(broker.port) as good, await connect(broker.port) as idle:
+                await wait_until(lambda: sum(broker.statistics().connections.values()) == 2)
+                received = await exchange(broker.port, raw_handshake())
+                assert error_frame(received) == (
+                    ErrorCode.NOT_ALLOWED,
+                    "connection limit per host reached (2 from 127.0.0.1)",
+                )
+                # Another address is another host: served.
+                async with await connect_from("127.0.0.2", broker.port) as other:
+                    received = await send_and_read(other, BAD_START, eof=True)
+                assert parse_ack_stream(received) == (0, [10], None)
+                await idle.aclose()
+                # The host's slot is free again once one of its connections is gone.
+                await wait_until(lambda: sum(broker.statistics().connections.values()) == 1)
+                await check_served_and_clean(
+                    broker, good, errors={"not_allowed": 1}, bad_committed=10
+                )
+            stats = broker.statistics()
+            assert (stats.connections_refused, stats.connections_accepted) == (1, 4)
+
+
 async def test_dial_back_to_a_closed_port(make_config: MakeConfig) -> None:
     with trio.fail_after(10):
         unused_port = await closed_port()
@@ -250,20 +288,37 @@ async def test_dial_back_to_a_closed_port(make_config: MakeConfig) -> None:
                 assert broker.statistics().dial_backs.active == 0
 
 
-async def test_topic_table_full(make_config: MakeConfig) -> None:
-    config = make_config(**{"cxl.max_topics": 2})
+async def test_handshakes_alone_do_not_fill_the_topic_table(make_config: MakeConfig) -> None:
+    config = make_config(**{"cxl.max_topics": 4})
     with trio.fail_after(10):
         async with open_broker(config) as broker, good_publisher(broker.port) as good:
-            # A publish handshake creates its topic, even without a batch.
-            assert (
-                await exchange(broker.port, raw_handshake(ack=0, topic=b"other"), eof=True) == b""
-            )
-            received = await exchange(broker.port, raw_handshake(topic=b"third"))
-            code, text = error_frame(received)
-            assert code == ErrorCode.LOG_FULL
-            assert "topic table is full" in text
-            await check_served_and_clean(broker, good, errors={"log_full": 1})
-            assert sorted(broker.log.topics()) == ["other", TOPIC]
+            async with connections(broker.port, 4) as idle:
+                for k, stream in enumerate(idle):
+                    await stream.send_all(raw_handshake(topic=f"idle{k}".encode()))
+                    assert await recv_exactly(stream, 4) == struct.pack("<i", 0)
+                # Four publishers that never sent a batch hold no table slot.
+                assert sorted(broker.log.topics()) == [TOPIC]
+                for k in range(3):
+                    received = await publish(
+                        broker.port, f"new{k}", [batch(0, 9, 0, 10, 100)[0]], client_id=9
+                    )
+                    assert parse_ack_stream(received) == (0, [10], None)
+                # Full now: a handshake for another new topic is refused...
+                received = await exchange(broker.port, raw_handshake(topic=b"fifth"))
+                assert error_frame(received) == (
+                    ErrorCode.LOG_FULL,
+                    "topic table full (4 topics); cannot create 'fifth'",
+                )
+                # ...and so is a batch of an idle publisher, whose handshake came
+                # while there was room.
+                received = await send_and_read(idle[0], batch(0, BAD_ID, 0, 10, 100)[0])
+                assert parse_ack_stream(received, with_broker_id=False)[2] == (
+                    ErrorCode.LOG_FULL,
+                    "no log space after retries: topic table full (4 topics); "
+                    "cannot create 'idle0'",
+                )
+            await check_served_and_clean(broker, good, errors={"log_full": 2}, elsewhere=30)
+            assert sorted(broker.log.topics()) == ["new0", "new1", "new2", TOPIC]
 
 
 # -- batch errors: after the broker id and the counts so far --------------------------------------
@@ -599,3 +654,47 @@ async def test_valid_batch_before_a_bad_one_is_committed(
             assert (broker_id, counts) == (0, [10])
             assert error is not None
             assert error[0] == ErrorCode.BAD_MESSAGE_RECORDS
+
+
+# -- a topic is created by its first good batch ----------------------------------------------
+
+BAD_RECORDS = header(num_msg=3, total_size=len(GOOD_BODY)) + GOOD_BODY
+
+
+@PATHS
+@pytest.mark.parametrize("bad", ["header", "records", "stall"])
+async def test_a_batch_that_fails_creates_no_topic(
+    make_config: MakeConfig, use_nonblocking: bool, bad: str
+) -> None:
+    config = make_config(
+        **{
+            "cxl.max_topics": 2,
+            "network.use_nonblocking": use_nonblocking,
+            "network.payload_stall_timeout_s": 0.2,
+        }
+    )
+    first = {
+        "header": header(num_msg=0, total_size=len(GOOD_BODY)),
+        "records": BAD_RECORDS,
+        "stall": BAD_RECORDS[: 128 + 100],
+    }[bad]
+    code = {
+        "header": ErrorCode.BAD_BATCH_HEADER,
+        "records": ErrorCode.BAD_MESSAGE_RECORDS,
+        "stall": ErrorCode.TIMEOUT,
+    }[bad]
+    with trio.fail_after(10):
+        async with open_broker(config) as broker, good_publisher(broker.port) as good:
+            received = await exchange(broker.port, raw_handshake(topic=b"failed"), first)
+            error = parse_ack_stream(received)[2]
+            assert error is not None
+            assert error[0] == code
+            assert sorted(broker.log.topics()) == [TOPIC]
+            # The slot it did not take is there for a topic whose batch is good.
+            received = await publish(
+                broker.port, "second", [batch(0, 9, 0, 10, 100)[0]], client_id=9
+            )
+            assert parse_ack_stream(received) == (0, [10], None)
+            await check_served_and_clean(broker, good, errors={code.name.lower(): 1}, elsewhere=10)
+            assert sorted(broker.log.topics()) == ["second", TOPIC]
+            assert broker.statistics().log.batches_abandoned == 0

@@ -65,12 +65,16 @@ def test_defaults() -> None:
     assert net.resume_low_watermark == 0.5
     assert (net.backoff_initial_us, net.backoff_max_us, net.backoff_max_retries) == (100, 1600, 10)
     assert net.handshake_timeout_s == 10.0
+    assert net.header_timeout_s == 2.0
     assert net.batch_timeout_s == 30.0
+    assert net.payload_stall_timeout_s == 1.0
     assert net.idle_timeout_s == 0.0
     assert net.ack_connect_timeout_s == 5.0
     assert net.shutdown_grace_s == 5.0
     assert net.stats_interval_s == 5.0
     assert net.max_connections == 1024
+    assert net.max_connections_per_host == 256
+    assert net.subscriber_send_timeout_s == 10.0
     assert net.max_buffers_per_connection == 8
     assert net.staging_buffer_bytes == 4 * MIB
     assert net.effective_max_batch_bytes == 4 * MIB
@@ -871,7 +875,7 @@ def test_config_to_toml_defaults_text() -> None:
     sections = [line for line in text.splitlines() if line.startswith("[")]
     assert sections == ["[broker]", "[network]", "[cxl]", "[storage]", "[logging]"]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert len(keys) == 3 + 20 + 7 + 3 + 1
+    assert len(keys) == 3 + 24 + 7 + 3 + 1
 
 
 @pytest.mark.parametrize(

@@ -353,11 +353,16 @@ def test_inflight_window_full_is_transient(region: Region) -> None:
 def test_topic_table_full(region: Region) -> None:
     log = region.open(max_topics=2)
     commit(log, "a", [1])
+    log.check_topic_room("b")  # creates nothing
+    assert set(log.topics()) == {"a"}
     log.stream("b")
-    with pytest.raises(LogFullError) as info:
-        log.stream("c")
-    assert info.value.transient is False
-    assert "topic table is full (2 topics); cannot create 'c'" in str(info.value)
+    log.check_topic_room("a")
+    log.check_topic_room("b")
+    for attempt in (log.check_topic_room, log.stream):
+        with pytest.raises(LogFullError) as info:
+            attempt("c")
+        assert info.value.transient is False
+        assert str(info.value) == "topic table full (2 topics); cannot create 'c'"
     assert set(log.topics()) == {"a", "b"}
     assert commit(log, "a", [1])[0] == 1
 

@@ -3,8 +3,9 @@
 * Stalled clients (mid-handshake, mid-header, mid-payload) on the mock clock
   with in-memory connections: they cannot starve a healthy publisher, they
   get error 7 exactly when their timeout runs out, and their staging buffers
-  come back. Two configurations where they *can* starve it are strict xfails
-  (bugs, see their reasons).
+  come back. Receive slots are held only while a payload arrives, never
+  across the broker's own waits, and those waits do not count against a
+  client's batch clock.
 * A publisher vanishes (both directions closed) in each phase of its
   connection, on both receive paths: nothing leaks, nothing partial becomes
   visible, the batches it had sent whole are committed whole, and a
@@ -60,14 +61,20 @@ def phase_of(broker: Broker, server: CountingStream) -> ConnectionPhase | None:
 
 POOL = 4
 HANDSHAKE_TIMEOUT = 3.0
+HEADER_TIMEOUT = 2.0
+STALL_TIMEOUT = 1.0
 BATCH_TIMEOUT = 5.0
 STALL_CONFIG = {
     **QUIET,
     "network.staging_pool_num_buffers": POOL,
     "network.max_buffers_per_connection": 1,
     "network.handshake_timeout_s": HANDSHAKE_TIMEOUT,
+    "network.header_timeout_s": HEADER_TIMEOUT,
+    "network.payload_stall_timeout_s": STALL_TIMEOUT,
     "network.batch_timeout_s": BATCH_TIMEOUT,
 }
+HEADER_TIMED_OUT = (ErrorCode.TIMEOUT, f"batch header not received within {HEADER_TIMEOUT} s")
+STALLED = (ErrorCode.TIMEOUT, f"batch payload made no progress for {STALL_TIMEOUT} s")
 #: Room for every stalled connection plus one in the receive limiter, and a
 #: monitor that resumes as soon as a healthy batch leaves the pool.
 SERVED_CONFIG = {
@@ -106,14 +113,11 @@ class Stalled:
             self.payloads.append(client)
 
 
-async def stalled_and_healthy(
-    config: Config, *, filling: int = POOL - 1, rounds: int = 1
-) -> tuple[Stalled, MemoryClient, list[int]]:
+async def stalled_and_healthy(config: Config) -> tuple[Stalled, MemoryClient, list[int]]:
     """Stall connections at t=0, then publish five batches on a healthy one.
 
-    ``filling`` stalled connections get a receive slot and a buffer at once;
-    the rest wait for a slot, whose wait does not count against their batch
-    clock, so they time out ``rounds`` batch timeouts later at the latest.
+    The ``POOL - 1`` stalled payloads each hold a receive slot and a buffer;
+    the stalled headers hold neither.
 
     Returns the stalled clients, the healthy one and the committed batches'
     client ids in log order, once every stalled connection has timed out.
@@ -124,13 +128,14 @@ async def stalled_and_healthy(
             await stalled.open(listener, nursery)
             await settle()
             stats = broker.statistics()
-            assert stats.pool.used == filling
-            assert stats.connections["wait_payload"] == filling
+            assert stats.pool.used == POOL - 1
+            assert stats.connections["wait_payload"] == POOL - 1
+            assert broker.receive_limiter.borrowed_tokens == POOL - 1
             healthy = await open_client(listener, nursery)
             await healthy.send(rawclient.handshake("t", client_id=HEALTHY_ID))
             for k in range(HEALTHY_BATCHES):
                 await healthy.send(rawclient.batch(k, HEALTHY_ID, 10 * k, 10, 1000)[0])
-            await trio.sleep(rounds * BATCH_TIMEOUT + 1)
+            await trio.sleep(BATCH_TIMEOUT + 1)
             stats = broker.statistics()
             assert stats.pool.used == 0, "a stalled connection's buffer did not come back"
             assert sum(stats.connections.values()) == 1  # the healthy one, idle
@@ -158,13 +163,12 @@ async def test_stalled_clients_cannot_starve_a_healthy_publisher(
             (ErrorCode.TIMEOUT, f"no handshake within {HANDSHAKE_TIMEOUT} s"),
         )
         assert client.eof_at == HANDSHAKE_TIMEOUT
-    for client in stalled.headers + stalled.payloads:
-        assert client.acks() == (
-            0,
-            [],
-            (ErrorCode.TIMEOUT, f"batch not received within {BATCH_TIMEOUT} s"),
-        )
-        assert client.eof_at == BATCH_TIMEOUT
+    for client in stalled.headers:
+        assert client.acks() == (0, [], HEADER_TIMED_OUT)
+        assert client.eof_at == HEADER_TIMEOUT
+    for client in stalled.payloads:
+        assert client.acks() == (0, [], STALLED)
+        assert client.eof_at == STALL_TIMEOUT
     # Nothing of theirs reached the log.
     assert committed == [HEALTHY_ID] * HEALTHY_BATCHES
 
@@ -187,14 +191,130 @@ async def test_stalled_clients_with_the_default_receive_limiter(
             "network.num_publish_receive_threads": 4,  # the default; 5 connections stall mid-batch
         }
     )
-    # Two mid-header and two mid-payload connections hold the 4 slots; the
-    # third mid-payload one and the healthy publisher queue for a slot.
-    _, healthy, _ = await stalled_and_healthy(config, filling=2, rounds=2)
-    _, counts, error = healthy.acks()
-    assert error is None
-    assert counts[-1:] == [10 * HEALTHY_BATCHES]
-    # Served once the slot holders timed out, not before, and not timed out itself.
-    assert healthy.arrival_of(len(healthy.data) - 1) == BATCH_TIMEOUT
+    # The three stalled payloads hold three of the 4 slots; the stalled
+    # headers hold none, so the healthy publisher gets the fourth at once.
+    _, healthy, _ = await stalled_and_healthy(config)
+    assert healthy.acks() == (0, [10 * (k + 1) for k in range(HEALTHY_BATCHES)], None)
+    assert healthy.arrival_of(len(healthy.data) - 1) == 0.0
+
+
+async def test_stalled_headers_do_not_delay_an_honest_publisher(
+    make_config: MakeConfig, autojump_clock: MockClock
+) -> None:
+    """Four connections that sent one header byte each used to hold all four
+    receive slots until their batch timeout; a header now holds none."""
+    config = make_config(**{**QUIET, "network.batch_timeout_s": 4.0})
+    assert config.network.num_publish_receive_threads == 4
+    async with trio.open_nursery() as nursery:
+        async with memory_broker(config) as (broker, listener):
+            stallers = []
+            for k in range(4):
+                client = await open_client(listener, nursery)
+                await client.send(rawclient.handshake(f"s{k}", client_id=20 + k) + b"\x01")
+                stallers.append(client)
+            await trio.sleep(0.2)
+            assert broker.statistics().connections["wait_header"] == 4
+            honest = await open_client(listener, nursery)
+            await honest.send(rawclient.handshake("t", client_id=HEALTHY_ID))
+            for k in range(3):
+                await honest.send(rawclient.batch(k, HEALTHY_ID, 10 * k, 10, 1000)[0])
+            await settle()
+            assert honest.acks() == (0, [10, 20, 30], None)
+            assert honest.arrival_of(len(honest.data) - 1) == 0.2
+            assert broker.receive_limiter.borrowed_tokens == 0
+            await trio.sleep(config.network.header_timeout_s)
+            # Each staller got error 7 header_timeout_s after its first byte.
+            for client in stallers:
+                assert client.acks()[2] == (
+                    ErrorCode.TIMEOUT,
+                    f"batch header not received within {config.network.header_timeout_s} s",
+                )
+                assert client.eof_at == config.network.header_timeout_s
+            await honest.close()
+
+
+# -- the broker's own waits: no slot held, no batch clock running --------------------------------
+
+WAIT_CONFIG = {
+    **QUIET,
+    "network.num_publish_receive_threads": 1,
+    "network.batch_timeout_s": 1.0,
+    "network.backoff_max_retries": 1000,  # 1.6 s of backoff at most
+    "cxl.max_inflight_batches": 1,
+}
+
+
+async def test_no_slot_or_batch_clock_across_a_staging_buffer_wait(
+    make_config: MakeConfig, autojump_clock: MockClock
+) -> None:
+    config = make_config(
+        **{
+            **WAIT_CONFIG,
+            "network.staging_pool_num_buffers": 2,
+            "network.pause_high_watermark": 1.0,
+        }
+    )
+    async with trio.open_nursery() as nursery:
+        async with memory_broker(config) as (broker, listener):
+            held = [broker.pool.allocate() for _ in range(2)]
+            client = await open_client(listener, nursery)
+            await client.send(
+                rawclient.handshake("t", client_id=3) + rawclient.batch(0, 3, 0, 10, 300)[0]
+            )
+            await trio.sleep(3.0)  # three batch timeouts of the broker's waiting
+            assert phase_of(broker, client.server) is ConnectionPhase.PAUSED
+            assert broker.receive_limiter.borrowed_tokens == 0
+            assert client.acks() == (0, [], None)
+            for buffer in held:
+                assert buffer is not None
+                buffer.release()
+            await settle()
+            assert client.acks() == (0, [10], None)
+            await client.close()
+
+
+@pytest.mark.parametrize("use_nonblocking", [True, False], ids=["staged", "direct"])
+async def test_no_slot_or_batch_clock_while_the_log_is_held(
+    make_config: MakeConfig, autojump_clock: MockClock, use_nonblocking: bool
+) -> None:
+    """A publisher whose topic's log window is full waits without the only
+    receive slot (staged: for its in-flight window, as at ack 2 for the disk;
+    direct: backing off for log space), so another topic's publisher is
+    served at once; and the wait does not count against its batch clock."""
+    config = make_config(
+        **{
+            **WAIT_CONFIG,
+            "network.use_nonblocking": use_nonblocking,
+            "network.max_buffers_per_connection": 1,
+        }
+    )
+    async with trio.open_nursery() as nursery:
+        async with memory_broker(config) as (broker, listener):
+            held = broker.log.get_cxl_buffer("stuck", header(64))
+            waiting = await open_client(listener, nursery)
+            # Staged: B0 backs off in an allocator, B1 waits for the window.
+            # Direct: B0 backs off for log space; B1 follows it.
+            await waiting.send(
+                rawclient.handshake("stuck", client_id=7)
+                + b"".join(rawclient.batch(k, 7, 10 * k, 10, 300)[0] for k in range(2))
+            )
+            await settle()
+            assert phase_of(broker, waiting.server) is ConnectionPhase.WAIT_CXL
+            other = await open_client(listener, nursery)
+            await other.send(
+                rawclient.handshake("free", client_id=HEALTHY_ID)
+                + rawclient.batch(0, HEALTHY_ID, 0, 10, 300)[0]
+            )
+            await settle()
+            assert other.acks() == (0, [10], None)
+            assert other.arrival_of(4) == 0.0
+            assert broker.receive_limiter.borrowed_tokens == 0
+            await trio.sleep(1.5)  # longer than the batch timeout, shorter than the backoff
+            broker.commits.abandon(held)
+            await trio.sleep(0.1)
+            assert waiting.acks() == (0, [10, 20], None)
+            for client in (waiting, other):
+                await client.close()
 
 
 async def test_the_per_connection_cap_keeps_buffers_for_others(
@@ -246,18 +366,22 @@ async def test_the_per_connection_cap_keeps_buffers_for_others(
             await healthy.close()
 
 
-async def test_direct_path_a_stalled_batch_delays_its_topic_at_most_batch_timeout(
+async def test_direct_path_a_stalled_payload_delays_its_topic_at_most_the_stall_timeout(
     make_config: MakeConfig, autojump_clock: MockClock
 ) -> None:
     """On the direct path a batch is received into log space reserved when its
     header arrived, and batches commit in reservation order: a publisher
     stalled mid-payload holds back the commits (and acks) of every publisher
-    of its topic, but only until its batch times out and is abandoned."""
+    of its topic, but only until its payload has made no progress for
+    payload_stall_timeout_s; then it is abandoned and the rest commit."""
     config = make_config(
         **{**STALL_CONFIG, "network.use_nonblocking": False, "network.backoff_max_retries": 1000}
     )
     async with trio.open_nursery() as nursery:
-        async with memory_broker(config) as (_, listener):
+        async with memory_broker(config) as (broker, listener):
+            healthy = await open_client(listener, nursery)
+            await healthy.send(rawclient.handshake("t", client_id=HEALTHY_ID))
+            await healthy.send(rawclient.batch(0, HEALTHY_ID, 0, 10, 1000)[0])  # creates "t"
             stalled = await open_client(listener, nursery)
             data, _ = rawclient.batch(0, 40, 0, 10, 1000)
             await stalled.send(rawclient.handshake("t", client_id=40) + data[: 128 + 5000])
@@ -265,28 +389,63 @@ async def test_direct_path_a_stalled_batch_delays_its_topic_at_most_batch_timeou
             await other.send(
                 rawclient.handshake("u", client_id=2) + rawclient.batch(0, 2, 0, 5, 10)[0]
             )
-            await trio.sleep(1.0)  # the healthy publisher comes later: its batches queue behind
-            healthy = await open_client(listener, nursery)
-            await healthy.send(rawclient.handshake("t", client_id=HEALTHY_ID))
-            for k in range(3):
+            await trio.sleep(0.5)  # the healthy publisher goes on later: its batches queue behind
+            subscriber = await open_client(listener, nursery)
+            await subscriber.send(rawclient.handshake("t", client_id=3, req=1))
+            for k in range(1, 4):
                 await healthy.send(rawclient.batch(k, HEALTHY_ID, 10 * k, 10, 1000)[0])
             await settle()
             assert other.acks() == (0, [5], None)
-            assert healthy.acks() == (0, [], None)  # received, not committable yet
-            await trio.sleep(BATCH_TIMEOUT)
-            # The stalled batch was given up at 5 s; everything behind it went through then.
-            assert stalled.acks()[2] == (
-                ErrorCode.TIMEOUT,
-                f"batch not received within {BATCH_TIMEOUT} s",
-            )
+            assert healthy.acks() == (0, [10], None)  # received, not committable yet
+            assert len(subscriber.data) == 10 * (64 + 1024)
+            await trio.sleep(STALL_TIMEOUT)
+            # The stalled batch was given up at 1 s, long before its batch
+            # timeout; everything behind it went through then.
+            assert stalled.acks()[2] == STALLED
+            assert stalled.eof_at == STALL_TIMEOUT
             _, counts, error = healthy.acks()
-            assert (counts[-1:], error) == ([30], None)
-            assert healthy.arrival_of(4) == BATCH_TIMEOUT
-            for client in (other, healthy):
+            assert (counts[-1:], error) == ([40], None)
+            assert healthy.arrival_of(len(healthy.data) - 1) == STALL_TIMEOUT
+            assert len(subscriber.data) == 40 * (64 + 1024)
+            assert subscriber.arrival_of(len(subscriber.data) - 1) == STALL_TIMEOUT
+            assert broker.receive_limiter.borrowed_tokens == 0
+            for client in (other, healthy, subscriber):
                 await client.close()
             await settle()
     states = [(h.client_id, h.batch_complete) for h in walk_file(config.cxl.path)]
-    assert states == [(40, 2)] + [(HEALTHY_ID, 1)] * 3
+    assert states == [(HEALTHY_ID, 1), (40, 2)] + [(HEALTHY_ID, 1)] * 3
+
+
+async def test_a_slow_payload_that_keeps_moving_is_not_a_stall(
+    make_config: MakeConfig, autojump_clock: MockClock
+) -> None:
+    """The stall timeout is about progress: bytes every 0.9 s keep a payload
+    alive, and the batch clock still bounds the whole batch."""
+    config = make_config(**{**STALL_CONFIG, "network.use_nonblocking": False})
+    data, _ = rawclient.batch(0, 7, 0, 10, 100)
+    async with trio.open_nursery() as nursery:
+        async with memory_broker(config) as (broker, listener):
+            client = await open_client(listener, nursery)
+            await client.send(rawclient.handshake("t", client_id=7) + data[:200])
+            for start in range(200, len(data), 600):
+                await trio.sleep(0.9)
+                await client.send(data[start : start + 600])
+            await settle()
+            assert trio.current_time() == pytest.approx(0.9 * 4)
+            assert client.acks() == (0, [10], None)
+            # The same pace for longer than the batch timeout is cut by the batch clock.
+            started = trio.current_time()
+            await client.send(data[:200])
+            for start in range(200, 700, 100):
+                await trio.sleep(0.9)
+                await client.send(data[start : start + 100])
+            await trio.sleep(1.0)
+            assert client.acks()[2] == (
+                ErrorCode.TIMEOUT,
+                f"batch not received within {BATCH_TIMEOUT} s",
+            )
+            assert client.eof_at == pytest.approx(started + BATCH_TIMEOUT)
+            assert broker.statistics().batches_committed == 1
 
 
 # -- a publisher vanishes in each phase ------------------------------------------------------------

@@ -63,7 +63,9 @@ async def test_1000_concurrent_publishers(
         cxl_path=cxl_path,
         cxl_mb=64,
         segment_mb=8,
-        extra=f"max_connections = {CONNECTIONS + 100}\n",
+        # Every connection comes from this one host.
+        extra=f"max_connections = {CONNECTIONS + 100}\n"
+        f"max_connections_per_host = {CONNECTIONS + 100}\n",
     )
     finals: dict[int, tuple[list[int], list[tuple[int, str]]]] = {}
     with trio.fail_after(30):

@@ -131,7 +131,7 @@ def batch_states(cxl_path: str, topic: str) -> list[str]:
 
 
 def config_file(
-    tmp_path: Path, cxl_path: str, *, direct: bool = False, storage_dir: str = ""
+    tmp_path: Path, cxl_path: str, *, direct: bool = False, storage_dir: str = "", extra: str = ""
 ) -> Path:
     path = tmp_path / "broker.toml"
     write_broker_config(
@@ -141,6 +141,7 @@ def config_file(
         segment_mb=SEGMENT_MB,
         direct=direct,
         storage_dir=storage_dir,
+        extra=extra,
     )
     return path
 
@@ -157,7 +158,10 @@ def assert_verified(cxl_path: str, clients: list[Client]) -> None:
 
 @pytest.mark.parametrize("direct", [False, True], ids=["staged", "direct"])
 async def test_kill_9_under_load_then_reattach(tmp_path: Path, cxl_path: str, direct: bool) -> None:
-    config = config_file(tmp_path, cxl_path, direct=direct)
+    # The stalled batch below must still be in flight when the broker is killed.
+    config = config_file(
+        tmp_path, cxl_path, direct=direct, extra="payload_stall_timeout_s = 60.0\n"
+    )
     clients = [Client(client_id=k) for k in (1, 2, 3)]
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
@@ -166,14 +170,17 @@ async def test_kill_9_under_load_then_reattach(tmp_path: Path, cxl_path: str, di
             async with trio.open_nursery() as load:
                 for client in clients:
                     load.start_soon(publish, port, client)
-                # A publisher stalled in the middle of a batch, on a topic of its own.
+                # A publisher stalled in the middle of its second batch, on a topic of its own.
                 stalled = await trio.open_tcp_stream("127.0.0.1", port)
                 await stalled.send_all(
-                    handshake(99, topic="stall") + encode_batch(99, 0, 0, 50, MAX_SIZE)[:1000]
+                    handshake(99, topic="stall")
+                    + encode_batch(99, 0, 0, 50, MAX_SIZE)
+                    + encode_batch(99, 1, 50, 50, MAX_SIZE)[:1000]
                 )
                 await wait_until(lambda: all(c.acked >= 2000 for c in clients))
-                if direct:  # its batch is received straight into reserved log space
-                    await wait_until(lambda: batch_states(cxl_path, "stall") == ["reserved"])
+                # Direct: its second batch is received straight into reserved log space.
+                in_flight = ["committed", "reserved"] if direct else ["committed"]
+                await wait_until(lambda: batch_states(cxl_path, "stall") == in_flight)
                 assert await broker.kill() == -9
                 acked_at_kill = [c.acked for c in clients]
             await stalled.aclose()
@@ -187,9 +194,9 @@ async def test_kill_9_under_load_then_reattach(tmp_path: Path, cxl_path: str, di
             port = await broker.start(nursery)
             if direct:
                 assert "discarded 1 uncommitted batch(es)" in broker.stderr
-                assert batch_states(cxl_path, "stall") == ["abandoned"]
+                assert batch_states(cxl_path, "stall") == ["committed", "abandoned"]
             else:
-                assert batch_states(cxl_path, "stall") == []
+                assert batch_states(cxl_path, "stall") == ["committed"]
             assert "reserved" not in batch_states(cxl_path, TOPIC)
             # Every acked message is there, and every visible batch is whole and ours.
             assert_verified(cxl_path, clients)

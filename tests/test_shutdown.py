@@ -158,7 +158,10 @@ async def test_a_paused_connection_stops_at_once(
 async def test_shutdown_grace_cuts_a_batch_that_never_finishes(
     make_config: MakeConfig, caplog: pytest.LogCaptureFixture, autojump_clock: MockClock
 ) -> None:
-    config = quiet_config(make_config, **{"network.shutdown_grace_s": 2.0})
+    config = quiet_config(
+        make_config,
+        **{"network.shutdown_grace_s": 2.0, "network.payload_stall_timeout_s": 10.0},
+    )
     data, _ = rawclient.batch(0, 5, 0, 10, 300)
     async with trio.open_nursery() as nursery:
         async with memory_broker(config) as (broker, listener):

@@ -1,11 +1,16 @@
-"""The broker's subscribe path (wire protocol section 5), end to end on loopback."""
+"""The broker's subscribe path (wire protocol section 7): end to end on loopback, and a
+subscriber that never reads on the mock clock."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
 from conftest import MakeConfig, wait_until
+from memory import MemoryListener, memory_broker, open_client, settle
 from rawclient import MESSAGE_HEADER, batch, handshake, parse_ack_stream, parse_records, payload_for
 from tcpclient import connect, publish
 
@@ -13,6 +18,7 @@ from trio_embarcadero import BrokerError, ConnectionPhase, ErrorCode, open_broke
 from trio_embarcadero.broker import Broker
 from trio_embarcadero.client import Message, Subscriber, open_publisher, open_subscriber
 from trio_embarcadero.client.records import RecordDecoder
+from trio_embarcadero.config import Config
 
 HOST = "127.0.0.1"
 MIB = 2**20
@@ -301,3 +307,61 @@ def test_the_decoder_copies_and_views_the_same_messages(piece: int) -> None:
     assert results[True] == results[False]
     assert [g[0] for g in results[True]] == payloads * 3
     assert [g[1] for g in results[True]] == list(range(10, 10 + 3 * len(payloads)))
+
+
+# -- a subscriber that never reads (mock clock, in-memory connections) ---------------------------
+
+
+@asynccontextmanager
+async def stuck_subscriber(
+    config: Config, nursery: trio.Nursery
+) -> AsyncIterator[tuple[Broker, MemoryListener]]:
+    """A broker whose one subscriber of "t" never reads, blocked in a send from t=0."""
+    async with memory_broker(config) as (broker, listener):
+        publisher = await open_client(listener, nursery)
+        await publisher.send(handshake("t", client_id=5) + batch(0, 5, 0, 10, 300)[0])
+        stuck = await listener.connect_lockstep()
+        nursery.start_soon(stuck.send_all, handshake("t", client_id=6, req=1))
+        await settle()
+        assert subscribers(broker) == 1
+        yield broker, listener
+
+
+STUCK_CONFIG = {"network.stats_interval_s": 1000.0, "network.shutdown_grace_s": 30.0}
+
+
+async def test_a_subscriber_that_never_reads_is_closed(
+    make_config: MakeConfig,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = make_config(**STUCK_CONFIG)
+    timeout = config.network.subscriber_send_timeout_s
+    assert timeout == 10.0
+    async with trio.open_nursery() as nursery:
+        async with stuck_subscriber(config, nursery) as (broker, listener):
+            await trio.sleep(timeout - 0.001)
+            assert subscribers(broker) == 1
+            await trio.sleep(0.002)
+            assert subscribers(broker) == 0
+            assert "subscriber did not take a batch's records within 10.0 s; closed" in caplog.text
+            # Others are served as ever.
+            reader = await open_client(listener, nursery)
+            await reader.send(handshake("t", client_id=7, req=1))
+            await settle()
+            assert [r[1] for r in parse_records(reader.data)] == [5] * 10
+            await trio.sleep(5.0)
+            stop_at = trio.current_time()
+        # Nothing is left for the drain to wait for.
+        assert trio.current_time() == stop_at
+
+
+async def test_shutdown_waits_for_a_stuck_subscriber_no_longer_than_its_send_timeout(
+    make_config: MakeConfig, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(**STUCK_CONFIG)
+    async with trio.open_nursery() as nursery:
+        async with stuck_subscriber(config, nursery):
+            await trio.sleep(1.0)
+            # Leaving the block starts the drain at 1 s; the grace period is 30 s.
+        assert trio.current_time() == config.network.subscriber_send_timeout_s

@@ -270,14 +270,26 @@ class NetworkConfig(_Checked):
         backoff_max_us: Cap of the retry delay (>= ``backoff_initial_us``).
         backoff_max_retries: Retries before an allocation gives up.
         handshake_timeout_s: Time allowed for the 64-byte handshake.
-        batch_timeout_s: Time allowed from a batch's first header byte to its
-            last payload byte.
+        header_timeout_s: Time allowed from a batch's first header byte to
+            its 128th. The header holds no receive slot; this only keeps a
+            connection from sitting half-way through one.
+        batch_timeout_s: Time the client may take from a batch's first header
+            byte to its last payload byte. The broker's own waits in between
+            (receive slot, in-flight window, staging buffer, log space) do
+            not count.
+        payload_stall_timeout_s: Time a payload may make no progress at all
+            before the batch is given up; it bounds how long a stalled
+            publisher holds a receive slot and, on the direct path, the
+            commits of its topic.
         idle_timeout_s: Time a connection may sit between batches; 0 means
             forever.
         ack_connect_timeout_s: Time allowed to dial back an ack connection.
         shutdown_grace_s: Time connections get to finish on shutdown.
         stats_interval_s: Period of the statistics log line.
         max_connections: Connections accepted at once.
+        max_connections_per_host: Connections accepted at once from one
+            client address (connections without one, such as in-memory
+            streams, are not counted).
         max_buffers_per_connection: Batches one connection may have in flight
             (received whole, not yet acked at its ack level): on the staged
             path each holds a staging buffer; on either path it bounds how
@@ -285,6 +297,10 @@ class NetworkConfig(_Checked):
         allowed_networks: Comma-separated client networks allowed to connect
             (CIDR, IPv4 or IPv6); empty allows every address that can reach
             ``broker.host``. Others get error 6 and are closed.
+        subscriber_send_timeout_s: Time one write to a subscriber (one
+            batch's records) may take before the subscriber is closed, so one
+            that stopped reading cannot hold its connection, or a graceful
+            shutdown, forever.
     """
 
     use_nonblocking: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
@@ -312,16 +328,24 @@ class NetworkConfig(_Checked):
         default=10, validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)]
     )
     handshake_timeout_s: float = attrs.field(default=10.0, validator=_positive_float)
+    # The header is one client write, normally one TCP segment: 2 s leaves
+    # room for a few retransmissions of a lost segment (Linux's minimum RTO
+    # is 200 ms, doubling each time) and ends a half-sent header long before
+    # batch_timeout_s would.
+    header_timeout_s: float = attrs.field(default=2.0, validator=_positive_float)
     batch_timeout_s: float = attrs.field(default=30.0, validator=_positive_float)
+    payload_stall_timeout_s: float = attrs.field(default=1.0, validator=_positive_float)
     idle_timeout_s: float = attrs.field(default=0.0, validator=_non_negative_float)
     ack_connect_timeout_s: float = attrs.field(default=5.0, validator=_positive_float)
     shutdown_grace_s: float = attrs.field(default=5.0, validator=_non_negative_float)
     stats_interval_s: float = attrs.field(default=5.0, validator=_positive_float)
     max_connections: int = attrs.field(default=1024, validator=_positive_int)
+    max_connections_per_host: int = attrs.field(default=256, validator=_positive_int)
     max_buffers_per_connection: int = attrs.field(default=8, validator=_positive_int)
     allowed_networks: str = attrs.field(
         default="", validator=[attrs.validators.instance_of(str), _networks]
     )
+    subscriber_send_timeout_s: float = attrs.field(default=10.0, validator=_positive_float)
 
     @property
     def staging_buffer_bytes(self) -> int:
@@ -361,7 +385,8 @@ class CxlConfig(_Checked):
         size_mb: Region size in MiB.
         segment_mb: Log segment size in MiB (<= ``size_mb``); a batch never
             spans two segments.
-        max_topics: Topics the region has room for.
+        max_topics: Topics the region has room for; a topic takes its slot
+            with its first valid batch.
         max_brokers: Brokers the region has room for, 1 to 32.
         max_inflight_batches: Per (topic, broker): reservations not yet
             committed.

@@ -73,11 +73,18 @@ async def reserve(
     backoff: Backoff,
     counters: AllocationCounters,
     owner: object = None,
+    *,
+    slot: trio.CapacityLimiter | None = None,
 ) -> Reservation:
     """Reserve log space for a batch, backing off while the log is full.
 
     ``owner`` goes on the reservation: the commit feed hands it the batch
     once committed.
+
+    With ``slot`` (the direct path's receive slots), every attempt is made
+    holding one of its tokens, and the token is given back for each backoff
+    sleep: a full log is no reason to keep other connections from receiving.
+    The reservation is returned with the token held; the caller releases it.
 
     Raises:
         LogFullError: Still no space after ``backoff.retries`` retries.
@@ -88,18 +95,24 @@ async def reserve(
     # commit order.
     await trio.lowlevel.checkpoint_if_cancelled()
     while True:
+        if slot is not None:
+            await slot.acquire()
         try:
-            reservation = log.get_cxl_buffer(topic, header, owner)
+            return log.get_cxl_buffer(topic, header, owner)
         except LogFullError:
+            if slot is not None:
+                slot.release()
             delay = next(delays, None)
             if delay is None:
                 counters.exhausted += 1
                 raise
-            counters.retries += 1
-            counters.backoff_seconds += delay
-            await trio.sleep(delay)
-        else:
-            return reservation
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
+        counters.retries += 1
+        counters.backoff_seconds += delay
+        await trio.sleep(delay)
 
 
 class BatchOwner(CommitConsumer, Protocol):

@@ -2,12 +2,19 @@
 
 After the handshake a publisher streams ``[batch header][payload]`` pairs.
 ``WAIT_HEADER`` covers the wait for the first header byte, which holds no
-resource; from that byte to the last payload byte the session holds one slot
-of the receive limiter (``num_publish_receive_threads``), so idle publishers
-cannot starve busy ones. On the staged path (``use_nonblocking``) the payload
-goes into a staging buffer and ``WAIT_CXL`` is the hand-off to the allocator
-tasks; on the direct path ``WAIT_CXL`` is the reservation of log space, and
-the payload is received straight into the log.
+resource, and the rest of the header, which must come within
+``header_timeout_s`` and holds no resource either. Only the payload is
+received holding one slot of the receive limiter
+(``num_publish_receive_threads``), and a payload that makes no progress for
+``payload_stall_timeout_s`` is given up, so a stalled publisher cannot keep
+a slot for long. The broker's own waits (the in-flight window, a staging
+buffer, log space, a free slot) hold no slot and do not count against the
+client's ``batch_timeout_s``.
+
+On the staged path (``use_nonblocking``) the payload goes into a staging
+buffer and ``WAIT_CXL`` is the hand-off to the allocator tasks; on the
+direct path ``WAIT_CXL`` is the reservation of log space, and the payload is
+received straight into the log.
 
 The session is handed an :class:`IngestPath` (the shared parts of the
 ingest path it may use) and never sees the broker itself. It owns the
@@ -20,15 +27,19 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 import trio
 
 from ..config import NetworkConfig
 from ..errors import ConnectionLost, ErrorCode, LogFullError, ProtocolError, StorageError
 from ..log import CxlLog, Reservation
-from ..transport import receive_exactly
+from ..transport import Receiver, receive_exactly
 from ..wire import BATCH_HEADER_SIZE, BatchHeader, Handshake, parse_batch_header, scan_records
 from .acks import AckCounter, DialBackRegistry, run_ack_sender
 from .allocator import AllocationCounters, Backoff, StagedBatch, reserve
@@ -169,9 +180,11 @@ class PublishSession:
             raise ProtocolError(
                 ErrorCode.NOT_ALLOWED, "ack level 2 needs a disk log (storage.dir is not set)"
             )
-        # A topic name that cannot be created (table full) is refused up front.
+        # A topic that could not be created (table full) is refused up front;
+        # one that can is created by its first reservation, not here, so
+        # handshakes alone cannot fill the table.
         try:
-            ingest.log.stream(handshake.topic)
+            ingest.log.check_topic_room(handshake.topic)
         except LogFullError as exc:
             raise ProtocolError(ErrorCode.LOG_FULL, str(exc)) from None
         dial_back = handshake.ack >= 1 and handshake.port != 0
@@ -209,11 +222,6 @@ class PublishSession:
                     lost = exc
                 except ProtocolError as exc:
                     self.fail(exc)
-                except trio.TooSlowError:
-                    timeout = ingest.network.batch_timeout_s
-                    self.fail(
-                        ProtocolError(ErrorCode.TIMEOUT, f"batch not received within {timeout} s")
-                    )
                 conn.phase = ConnectionPhase.DRAINING
                 await self._wait_settled()
                 if self._acks is not None and not dial_back:
@@ -289,22 +297,33 @@ class PublishSession:
                         )
             if got == 0:  # EOF, or stopped while no batch had started
                 return
-            async with ingest.receive_limiter:
-                # batch_timeout_s runs from the first header byte to the last
-                # payload byte, less the wait for a receive slot: that wait is
-                # the broker's doing (other receivers, maybe stalled ones).
-                deadline = trio.current_time() + net.batch_timeout_s
-                with trio.fail_at(deadline):
-                    await receive_exactly(receiver, header_view[got:])
-                header = parse_batch_header(header_buf, net.effective_max_batch_bytes)
-                if net.use_nonblocking:
-                    previous = await self._receive_staged(header, previous, deadline)
-                else:
-                    await self._receive_direct(header, deadline)
+            # The batch has begun: from here the client's clock runs while
+            # its bytes are awaited, and only then.
+            clock = BatchClock(net.batch_timeout_s)
+            header = await self._receive_header(header_buf, got, clock)
+            if net.use_nonblocking:
+                previous = await self._receive_staged(header, previous, clock)
+            else:
+                await self._receive_direct(header, clock)
             conn.phase = ConnectionPhase.COMPLETE
 
+    async def _receive_header(self, buf: bytearray, got: int, clock: BatchClock) -> BatchHeader:
+        # No receive slot: a header costs the broker nothing but this
+        # connection, so a publisher that stops in one holds up nobody.
+        net = self.ingest.network
+        with clock.running() as batch_deadline:
+            deadline = min(batch_deadline, trio.current_time() + net.header_timeout_s)
+            with trio.move_on_at(deadline):
+                await receive_exactly(self.connection.receiver, memoryview(buf)[got:])
+                return parse_batch_header(buf, net.effective_max_batch_bytes)
+        if deadline == batch_deadline:
+            raise clock.expired()
+        raise ProtocolError(
+            ErrorCode.TIMEOUT, f"batch header not received within {net.header_timeout_s} s"
+        )
+
     async def _receive_staged(
-        self, header: BatchHeader, previous: trio.Event | None, deadline: float
+        self, header: BatchHeader, previous: trio.Event | None, clock: BatchClock
     ) -> trio.Event:
         ingest, conn = self.ingest, self.connection
         total = header.total_size
@@ -315,8 +334,8 @@ class PublishSession:
             buffer = await ingest.pool.acquire()
         try:
             conn.phase = ConnectionPhase.WAIT_PAYLOAD
-            with trio.fail_at(deadline):
-                await receive_exactly(conn.receiver, buffer.view[:total])
+            async with ingest.receive_limiter:
+                await self._receive_payload(buffer.view[:total], clock)
             starts = scan_records(buffer.array[:total], header.num_msg)
             ingest.counters.count_received(header)
             self.batches += 1
@@ -334,25 +353,113 @@ class PublishSession:
             raise
         return batch.done
 
-    async def _receive_direct(self, header: BatchHeader, deadline: float) -> None:
+    async def _receive_direct(self, header: BatchHeader, clock: BatchClock) -> None:
         ingest, conn = self.ingest, self.connection
+        limiter = ingest.receive_limiter
         await self._wait_below_inflight_cap()
-        conn.phase = ConnectionPhase.WAIT_CXL
+        if ingest.log.existing_stream(self.topic) is None:
+            await self._receive_first_batch(header, clock)
+            return
+        # Returns holding a receive slot, which it never held while backing off.
+        reservation = await self._reserve(header, slot=limiter)
         try:
-            reservation = await reserve(
-                ingest.log, self.topic, header, ingest.backoff, ingest.allocation, self
+            try:
+                conn.phase = ConnectionPhase.WAIT_PAYLOAD
+                await self._receive_payload(reservation.payload.data, clock)
+            finally:
+                limiter.release()
+            starts = scan_records(reservation.payload, header.num_msg)
+        except BaseException:
+            # Batches reserved after this one commit once it is given up:
+            # a stalled payload holds its topic back payload_stall_timeout_s
+            # at most.
+            ingest.commits.abandon(reservation)
+            raise
+        self._complete_direct(reservation, starts)
+
+    async def _receive_first_batch(self, header: BatchHeader, clock: BatchClock) -> None:
+        """The direct path's first batch of a topic that does not exist yet.
+
+        A topic takes its table slot with its first reservation, and the
+        direct path reserves before the payload can be checked. So this one
+        batch is received aside and reserved only once it is valid: a batch
+        that fails validation, stalls or is cut short creates no topic.
+        """
+        async with self.ingest.receive_limiter:
+            # Allocated under the slot: at most num_publish_receive_threads
+            # of these are being filled at once.
+            payload = np.empty(header.total_size, dtype=np.uint8)
+            self.connection.phase = ConnectionPhase.WAIT_PAYLOAD
+            await self._receive_payload(payload.data, clock)
+        starts = scan_records(payload, header.num_msg)
+        reservation = await self._reserve(header)
+        np.copyto(reservation.payload, payload)
+        self._complete_direct(reservation, starts)
+
+    async def _reserve(
+        self, header: BatchHeader, *, slot: trio.CapacityLimiter | None = None
+    ) -> Reservation:
+        ingest = self.ingest
+        self.connection.phase = ConnectionPhase.WAIT_CXL
+        try:
+            return await reserve(
+                ingest.log, self.topic, header, ingest.backoff, ingest.allocation, self, slot=slot
             )
         except LogFullError as exc:
             raise ProtocolError(ErrorCode.LOG_FULL, f"no log space after retries: {exc}") from None
-        try:
-            conn.phase = ConnectionPhase.WAIT_PAYLOAD
-            with trio.fail_at(deadline):
-                await receive_exactly(conn.receiver, reservation.payload.data)
-            starts = scan_records(reservation.payload, header.num_msg)
-        except BaseException:
-            ingest.commits.abandon(reservation)
-            raise
-        ingest.counters.count_received(header)
+
+    def _complete_direct(self, reservation: Reservation, starts: npt.NDArray[np.int64]) -> None:
+        self.ingest.counters.count_received(reservation.header)
         self.batches += 1
         self._inflight += 1
-        ingest.commits.complete(reservation, starts)
+        self.ingest.commits.complete(reservation, starts)
+
+    async def _receive_payload(self, view: memoryview, clock: BatchClock) -> None:
+        """Fill ``view`` (the caller holds a receive slot) while the client's clock runs.
+
+        Raises:
+            ProtocolError: ``TIMEOUT`` when the payload made no progress for
+                ``payload_stall_timeout_s`` or the batch clock ran out.
+            ConnectionLost: EOF or a broken stream first.
+        """
+        stall = self.ingest.network.payload_stall_timeout_s
+        receiver: Receiver = self.connection.receiver
+        got, want = 0, len(view)
+        with clock.running() as deadline:
+            while got < want:
+                with trio.move_on_at(min(deadline, trio.current_time() + stall)) as wait:
+                    n = await receiver.receive_into(view[got:])
+                if wait.cancelled_caught:
+                    if trio.current_time() >= deadline:
+                        raise clock.expired()
+                    raise ProtocolError(
+                        ErrorCode.TIMEOUT, f"batch payload made no progress for {stall} s"
+                    )
+                if n == 0:
+                    raise ConnectionLost(f"peer closed after {got} of {want} bytes", received=got)
+                got += n
+
+
+class BatchClock:
+    """The time a client has for one batch (``batch_timeout_s``).
+
+    It runs only inside :meth:`running`, around the waits for the client's
+    bytes; the broker's own waits between them cost the client nothing.
+    """
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self.left = budget
+
+    @contextmanager
+    def running(self) -> Iterator[float]:
+        """Run the clock for the block; yields the deadline it runs out at."""
+        start = trio.current_time()
+        try:
+            yield start + self.left
+        finally:
+            self.left -= trio.current_time() - start
+
+    def expired(self) -> ProtocolError:
+        """The error for a client whose clock ran out."""
+        return ProtocolError(ErrorCode.TIMEOUT, f"batch not received within {self.budget} s")

@@ -57,6 +57,17 @@ from .statistics import BrokerStatistics, IngestCounters, error_frame_log_level
 logger = logging.getLogger(__name__)
 
 
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _client_address(host: str) -> _Address:
+    """The client's address; an IPv4 client reaching an IPv6 socket counts as IPv4."""
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 class Broker:
     """A running broker; handed out by :func:`serve` and :func:`open_broker`.
 
@@ -115,6 +126,7 @@ class Broker:
         self._service_scope: trio.CancelScope | None = None
         self._accept_scope = trio.CancelScope()
         self._allowed = parse_networks(net.allowed_networks)
+        self._per_host: collections.Counter[_Address] = collections.Counter()
 
     @property
     def disk(self) -> DiskLog | None:
@@ -291,13 +303,16 @@ class Broker:
                 await trio.aclose_forcefully(stream)
                 return
             peer = (host, port)
-        refusal = self._refusal(peer)
+        address = _client_address(peer[0]) if peer is not None else None
+        refusal = self._refusal(address)
         if refusal is not None:
             await self._refuse(stream, refusal)
             return
         self.counters.connections_accepted += 1
         connection = Connection(stream, next(self._ids), peer)
         self.connections.add(connection)
+        if address is not None:
+            self._per_host[address] += 1
         assert self._ingest is not None  # set before the listener starts
         try:
             await serve_connection(connection, self._ingest)
@@ -308,8 +323,12 @@ class Broker:
         finally:
             await trio.aclose_forcefully(stream)
             self.connections.discard(connection)
+            if address is not None:
+                self._per_host[address] -= 1
+                if not self._per_host[address]:
+                    del self._per_host[address]
 
-    def _refusal(self, peer: tuple[str, int] | None) -> ProtocolError | None:
+    def _refusal(self, address: _Address | None) -> ProtocolError | None:
         net = self.config.network
         if self.shutting_down:
             return ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down")
@@ -317,13 +336,16 @@ class Broker:
             return ProtocolError(
                 ErrorCode.NOT_ALLOWED, f"connection limit reached ({net.max_connections})"
             )
-        if self._allowed and peer is not None:
-            host = peer[0]
-            address = ipaddress.ip_address(host)
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-                address = address.ipv4_mapped
-            if not any(address in network for network in self._allowed):
-                return ProtocolError(ErrorCode.NOT_ALLOWED, f"{host} is not an allowed network")
+        if address is None:
+            return None
+        if self._allowed and not any(address in network for network in self._allowed):
+            return ProtocolError(ErrorCode.NOT_ALLOWED, f"{address} is not an allowed network")
+        # One host must not take every connection the broker has.
+        if self._per_host[address] >= net.max_connections_per_host:
+            limit = net.max_connections_per_host
+            return ProtocolError(
+                ErrorCode.NOT_ALLOWED, f"connection limit per host reached ({limit} from {address})"
+            )
         return None
 
     async def _refuse(self, stream: trio.abc.Stream, error: ProtocolError) -> None:

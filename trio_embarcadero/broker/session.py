@@ -31,7 +31,13 @@ async def serve_connection(connection: Connection, ingest: IngestPath) -> None:
         handshake = connection.handshake = await _receive_handshake(connection, ingest)
         if handshake.request == ClientRequest.SUBSCRIBE:
             connection.phase = ConnectionPhase.SUBSCRIBED
-            await serve_subscriber(connection, handshake, ingest.log, ingest.commits)
+            await serve_subscriber(
+                connection,
+                handshake,
+                ingest.log,
+                ingest.commits,
+                ingest.network.subscriber_send_timeout_s,
+            )
         else:
             await PublishSession(connection, handshake, ingest).run()
     except ConnectionLost as exc:

@@ -1,13 +1,17 @@
 """The subscribe session: stream a topic's committed records to one subscriber.
 
-It is handed the log, the commit feed to wait on, and its connection (whose
-stop signal ends it at a batch boundary); nothing else of the broker.
-Each subscriber has its own task (the connection's) and sends straight from
-the log mapping, one batch's records per write, so a slow subscriber only
-ever waits on its own socket: publishers and other subscribers never wait
-for it, and its buffering is the kernel's socket buffer. It wakes on commits
-of its stream (no polling) and never sends a record of a batch that is not
-committed, because it only reads batches in the stream's committed index.
+It is handed the log, the commit feed to wait on, its connection (whose
+stop signal ends it at a batch boundary) and its send timeout; nothing else
+of the broker. Each subscriber has its own task (the connection's) and sends
+straight from the log mapping, one batch's records per write, so a slow
+subscriber only ever waits on its own socket: publishers and other
+subscribers never wait for it, and its buffering is the kernel's socket
+buffer. A write (one batch's records) that does not finish within
+``subscriber_send_timeout_s`` closes the subscriber, so one that stopped
+reading cannot hold its connection, or a graceful shutdown, forever. It wakes on
+commits of its stream (no polling) and never sends a record of a batch that
+is not committed, because it only reads batches in the stream's committed
+index.
 """
 
 from __future__ import annotations
@@ -27,18 +31,24 @@ logger = logging.getLogger(__name__)
 
 
 async def serve_subscriber(
-    connection: Connection, handshake: Handshake, log: CxlLog, commits: CommitFeed
+    connection: Connection,
+    handshake: Handshake,
+    log: CxlLog,
+    commits: CommitFeed,
+    send_timeout: float,
 ) -> None:
     """Send ``handshake.topic``'s records from logical offset ``last_addr`` on.
 
-    Returns when the subscriber closes its side; raises
+    Returns when the subscriber closes its side, or when one write to it
+    did not finish within ``send_timeout`` seconds (logged; the stream is
+    then cut inside a batch, so no error frame can follow); raises
     :class:`ProtocolError` (``SHUTTING_DOWN``) when the broker stops.
     """
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_for_close, connection, nursery.cancel_scope)
-        await _send_records(connection, handshake, log, commits)
+        at_boundary = await _send_records(connection, handshake, log, commits, send_timeout)
         nursery.cancel_scope.cancel()
-    if connection.stopping:
+    if connection.stopping and at_boundary:
         raise ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down")
 
 
@@ -55,15 +65,24 @@ async def _watch_for_close(connection: Connection, scope: trio.CancelScope) -> N
 
 
 async def _send_records(
-    connection: Connection, handshake: Handshake, log: CxlLog, commits: CommitFeed
-) -> None:
+    connection: Connection,
+    handshake: Handshake,
+    log: CxlLog,
+    commits: CommitFeed,
+    send_timeout: float,
+) -> bool:
+    """Send records until the broker stops or the subscriber goes.
+
+    Returns whether the stream ended at a record boundary (False: a write
+    was cut short after ``send_timeout``).
+    """
     topic = handshake.topic
     stream: Stream | None = log.existing_stream(topic)
     while stream is None:
         with connection.at_boundary():
             await commits.wait_commit(topic)
         if connection.stopping:
-            return
+            return True
         stream = log.existing_stream(topic)
     wanted = handshake.last_addr
     logger.debug(
@@ -75,7 +94,7 @@ async def _send_records(
             with connection.at_boundary():
                 await commits.wait_commit(topic)
             if connection.stopping:
-                return
+                return True
         i = bisect.bisect_right(stream.index_first, wanted) - 1
         batch = stream.committed_batch(i)
         start = batch.payload_offset
@@ -83,13 +102,22 @@ async def _send_records(
         if wanted > batch.first_offset:
             starts = scan_records(region[start:end], batch.num_msg)
             start += int(starts[wanted - batch.first_offset])
-        try:
-            await connection.send_frame(region[start:end].data)
-        except ConnectionLost as exc:
-            logger.info("conn %d %s: subscriber gone: %s", connection.id, connection.peer, exc)
-            return
+        with trio.move_on_after(send_timeout) as sending:
+            try:
+                await connection.send_frame(region[start:end].data)
+            except ConnectionLost as exc:
+                logger.info("conn %d %s: subscriber gone: %s", connection.id, connection.peer, exc)
+                return True
+        if sending.cancelled_caught:
+            logger.warning(
+                "conn %d %s: subscriber did not take a batch's records within %s s; closed",
+                connection.id,
+                connection.peer,
+                send_timeout,
+            )
+            return False
         wanted = batch.first_offset + batch.num_msg
         # A shutdown stops the stream at the next batch boundary, also while
         # the subscriber is catching up, so the error frame follows a record.
         if connection.stopping:
-            return
+            return True

@@ -318,6 +318,36 @@ class CxlLog:
         """Every live topic in the region and its table index."""
         return read_topics(self._mmap, self.geometry)
 
+    def check_topic_room(self, topic: str) -> None:
+        """Check that ``topic`` exists or the topic table has a free slot for it.
+
+        Creates nothing: a topic takes its slot with its first reservation
+        (:meth:`get_cxl_buffer`), so the answer can change before then.
+
+        Raises:
+            LogFullError: The topic is new and the table is full.
+        """
+        if topic in self._topic_index or topic in self.topics():
+            return
+        if self._free_topic_slot() is None:
+            raise self._topic_table_full(topic)
+
+    def _free_topic_slot(self) -> int | None:
+        return next(
+            (
+                i
+                for i in range(self.geometry.max_topics)
+                if read_topic_name(self._mmap, self.geometry, i) is None
+            ),
+            None,
+        )
+
+    def _topic_table_full(self, topic: str) -> LogFullError:
+        return LogFullError(
+            f"topic table full ({self.geometry.max_topics} topics); cannot create {topic!r}",
+            transient=False,
+        )
+
     def _find_or_create_topic(self, topic: str) -> int:
         index = self._topic_index.get(topic)
         if index is not None:
@@ -328,21 +358,10 @@ class CxlLog:
             if topic in existing:
                 index = existing[topic]
             else:
-                free = next(
-                    (
-                        i
-                        for i in range(self.geometry.max_topics)
-                        if read_topic_name(self._mmap, self.geometry, i) is None
-                    ),
-                    None,
-                )
+                free = self._free_topic_slot()
                 if free is None:
                     self._log_full += 1
-                    raise LogFullError(
-                        f"topic table is full ({self.geometry.max_topics} topics); "
-                        f"cannot create {topic!r}",
-                        transient=False,
-                    )
+                    raise self._topic_table_full(topic)
                 write_topic(self._mmap, self.geometry, free, raw)
                 index = free
                 logger.info("created topic %r (table slot %d)", topic, index)
