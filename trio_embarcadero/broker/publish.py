@@ -29,7 +29,7 @@ from ..errors import ConnectionLost, ErrorCode, LogFullError, ProtocolError
 from ..log import CxlLog, Reservation
 from ..transport import receive_exactly
 from ..wire import BATCH_HEADER_SIZE, BatchHeader, Handshake, parse_batch_header, scan_records
-from .acks import AckCounter, DialBackRegistry, run_ack_sender
+from .acks import AckCounter, DialBackLease, DialBackRegistry, run_ack_sender
 from .allocator import AllocationCounters, Backoff, StagedBatch, reserve
 from .commits import CommitFeed
 from .connection import Connection, ConnectionPhase
@@ -160,24 +160,16 @@ class PublishSession:
         except LogFullError as exc:
             raise ProtocolError(ErrorCode.LOG_FULL, str(exc)) from None
         dial_back = handshake.ack >= 1 and handshake.port != 0
-        if dial_back:
-            if conn.peer_host is None:
-                raise ProtocolError(ErrorCode.BAD_HANDSHAKE, "dial-back acks need a TCP peer")
-            try:
-                self._acks = await ingest.dial_backs.attach(
-                    handshake.client_id, handshake.topic, conn.peer_host, handshake.port
-                )
-            except ConnectionLost as exc:
-                raise ProtocolError(ErrorCode.BAD_HANDSHAKE, str(exc)) from None
-        logger.debug(
-            "conn %d %s publishes to %r with %s",
-            conn.id,
-            conn.peer,
-            handshake.topic,
-            f"ack {handshake.ack}" + (f" via port {handshake.port}" if dial_back else ""),
-        )
+        lease = await self._attach_dial_back() if dial_back else None
         lost: ConnectionLost | None = None
         try:
+            logger.debug(
+                "conn %d %s publishes to %r with %s",
+                conn.id,
+                conn.peer,
+                handshake.topic,
+                f"ack {handshake.ack}" + (f" via port {handshake.port}" if dial_back else ""),
+            )
             # Only the ack sender runs in this nursery; the outcome is raised
             # after it, so callers see a plain exception, never a group.
             async with trio.open_nursery() as nursery:
@@ -205,8 +197,8 @@ class PublishSession:
                     self._acks.close()
                 await ack_sender_done.wait()
         finally:
-            if dial_back and self._acks is not None:
-                ingest.dial_backs.detach(handshake.client_id, handshake.topic)
+            if lease is not None:
+                lease.release()
         if self._error is None and conn.stopping:
             self._error = ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down")
         if self._error is not None:
@@ -215,6 +207,19 @@ class PublishSession:
             if lost.received:
                 logger.warning("conn %d %s: batch cut short: %s", conn.id, conn.peer, lost)
             raise lost
+
+    async def _attach_dial_back(self) -> DialBackLease:
+        handshake, conn = self.handshake, self.connection
+        if conn.peer_host is None:
+            raise ProtocolError(ErrorCode.BAD_HANDSHAKE, "dial-back acks need a TCP peer")
+        try:
+            lease = await self.ingest.dial_backs.attach(
+                handshake.client_id, handshake.topic, conn.peer_host, handshake.port
+            )
+        except ConnectionLost as exc:
+            raise ProtocolError(ErrorCode.BAD_HANDSHAKE, str(exc)) from None
+        self._acks = lease.counter
+        return lease
 
     async def _send_acks(self, counter: AckCounter, done: trio.Event) -> None:
         conn = self.connection
