@@ -286,7 +286,11 @@ class PublishSession:
                 deadline = trio.current_time() + net.batch_timeout_s
                 with trio.fail_at(deadline):
                     await receive_exactly(receiver, header_view[got:])
-                header = parse_batch_header(header_buf, net.effective_max_batch_bytes)
+                # The header and every record must name the handshake's client:
+                # nobody publishes under another client's id.
+                header = parse_batch_header(
+                    header_buf, net.effective_max_batch_bytes, client_id=self.handshake.client_id
+                )
                 if net.use_nonblocking:
                     previous = await self._receive_staged(header, previous, deadline)
                 else:
@@ -307,7 +311,9 @@ class PublishSession:
             conn.phase = ConnectionPhase.WAIT_PAYLOAD
             with trio.fail_at(deadline):
                 await receive_exactly(conn.receiver, buffer.view[:total])
-            starts = scan_records(buffer.array[:total], header.num_msg)
+            starts = scan_records(
+                buffer.array[:total], header.num_msg, client_id=self.handshake.client_id
+            )
             ingest.counters.count_received(header)
             self.batches += 1
             batch = StagedBatch(self, header, buffer, starts, previous)
@@ -338,7 +344,9 @@ class PublishSession:
             conn.phase = ConnectionPhase.WAIT_PAYLOAD
             with trio.fail_at(deadline):
                 await receive_exactly(conn.receiver, reservation.payload.data)
-            starts = scan_records(reservation.payload, header.num_msg)
+            starts = scan_records(
+                reservation.payload, header.num_msg, client_id=self.handshake.client_id
+            )
         except BaseException:
             ingest.commits.abandon(reservation)
             raise
