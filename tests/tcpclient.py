@@ -28,9 +28,9 @@ HOST = "127.0.0.1"
 ERROR_HEAD = struct.Struct("<QII")
 
 
-async def connect(port: int) -> trio.SocketStream:
-    """A loopback connection to ``port``."""
-    return await trio.open_tcp_stream(HOST, port)
+async def connect(port: int, *, local_host: str | None = None) -> trio.SocketStream:
+    """A loopback connection to ``port``, from ``local_host`` if given (any of 127/8)."""
+    return await trio.open_tcp_stream(HOST, port, local_address=local_host)
 
 
 @asynccontextmanager
@@ -133,9 +133,9 @@ async def subscribe_bytes(port: int, topic: str, nbytes: int, *, last_addr: int 
 
 
 @asynccontextmanager
-async def ack_listener() -> AsyncIterator[tuple[trio.SocketListener, int]]:
+async def ack_listener(host: str = HOST) -> AsyncIterator[tuple[trio.SocketListener, int]]:
     """A loopback listener for dial-back ack connections and its port; closed on the way out."""
-    (listener,) = await trio.open_tcp_listeners(0, host=HOST)
+    (listener,) = await trio.open_tcp_listeners(0, host=host)
     async with listener:
         yield listener, listener.socket.getsockname()[1]
 

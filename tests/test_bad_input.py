@@ -324,12 +324,12 @@ async def test_handshakes_alone_do_not_fill_the_topic_table(make_config: MakeCon
 # -- batch errors: after the broker id and the counts so far --------------------------------------
 
 
-def header(*, num_msg: int, total_size: int, seq: int = 1) -> bytes:
-    return BATCH_HEADER.pack(seq, BAD_ID, num_msg, 0, 0, 0, 0, total_size, 0, 0, 0, 0)
+def header(*, num_msg: int, total_size: int, seq: int = 1, client_id: int = BAD_ID) -> bytes:
+    return BATCH_HEADER.pack(seq, client_id, num_msg, 0, 0, 0, 0, total_size, 0, 0, 0, 0)
 
 
-def records(count: int, size: int, first: int = 10) -> bytes:
-    return batch(1, BAD_ID, first, count, size)[0][128:]
+def records(count: int, size: int, first: int = 10, client_id: int = BAD_ID) -> bytes:
+    return batch(1, client_id, first, count, size)[0][128:]
 
 
 def with_word(body: bytes, record_start: int, word: int, value: int) -> bytes:
@@ -341,6 +341,7 @@ def with_word(body: bytes, record_start: int, word: int, value: int) -> bytes:
 
 ONE_MIB = 1 << 20
 GOOD_BODY = records(4, 100)  # 4 records of 192 bytes
+MIXED_BODY = records(3, 10) + records(3, 100, 13)  # 3 of 128 bytes, 3 of 192
 BAD_BATCHES: dict[str, tuple[bytes, ErrorCode]] = {
     "total-size-zero": (header(num_msg=1, total_size=0), ErrorCode.BAD_BATCH_HEADER),
     "total-size-above-max": (
@@ -392,8 +393,30 @@ BAD_BATCHES: dict[str, tuple[bytes, ErrorCode]] = {
         ErrorCode.BAD_MESSAGE_RECORDS,
     ),
     "mixed-sizes-one-wrong": (
-        header(num_msg=6, total_size=3 * 128 + 3 * 192)
-        + with_word(records(3, 10) + records(3, 100, 13), 3 * 128 + 1 * 192, 7, 150),
+        header(num_msg=6, total_size=len(MIXED_BODY))
+        + with_word(MIXED_BODY, 3 * 128 + 1 * 192, 7, 150),
+        ErrorCode.BAD_MESSAGE_RECORDS,
+    ),
+    # Publishing under another client's id: in the header, in all records, in one.
+    "header-names-another-client": (
+        header(num_msg=4, total_size=len(GOOD_BODY), client_id=GOOD_ID) + GOOD_BODY,
+        ErrorCode.BAD_BATCH_HEADER,
+    ),
+    "records-name-another-client": (
+        header(num_msg=4, total_size=len(GOOD_BODY)) + records(4, 100, client_id=GOOD_ID),
+        ErrorCode.BAD_MESSAGE_RECORDS,
+    ),
+    "one-record-names-another-client": (
+        header(num_msg=4, total_size=len(GOOD_BODY)) + with_word(GOOD_BODY, 3 * 192, 6, GOOD_ID),
+        ErrorCode.BAD_MESSAGE_RECORDS,
+    ),
+    "record-client-id-beyond-32-bits": (
+        header(num_msg=4, total_size=len(GOOD_BODY)) + with_word(GOOD_BODY, 0, 6, BAD_ID + 2**32),
+        ErrorCode.BAD_MESSAGE_RECORDS,
+    ),
+    "mixed-sizes-one-record-names-another-client": (
+        header(num_msg=6, total_size=len(MIXED_BODY))
+        + with_word(MIXED_BODY, 3 * 128 + 2 * 192, 6, LATE_ID),
         ErrorCode.BAD_MESSAGE_RECORDS,
     ),
 }
@@ -641,8 +664,8 @@ async def test_valid_batch_before_a_bad_one_is_committed(
                 # Meanwhile: a valid batch, then a bad one, in one write.
                 received = await exchange(
                     broker.port,
-                    handshake("victim", client_id=42)
-                    + batch(0, 42, 0, 10, 10)[0]
+                    handshake("victim", client_id=BAD_ID)
+                    + batch(0, BAD_ID, 0, 10, 10)[0]
                     + header(num_msg=3, total_size=len(GOOD_BODY))
                     + GOOD_BODY,
                 )

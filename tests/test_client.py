@@ -465,6 +465,29 @@ async def test_dial_back_acks(make_config: MakeConfig) -> None:
     check_stream(got, {21: payloads})
 
 
+async def test_two_dial_back_publishers_with_one_client_id_on_one_host(
+    make_config: MakeConfig,
+) -> None:
+    with trio.fail_after(10):
+        async with open_broker(make_config()) as broker:
+            async with open_publisher(
+                HOST, broker.port, "dial3", client_id=22, dial_back=True
+            ) as first:
+                await first.publish(b"first")
+                await first.flush()
+                # The second listens on another port: refused, the first unaffected.
+                with pytest.raises(BrokerError) as info:
+                    async with open_publisher(
+                        HOST, broker.port, "dial3", client_id=22, dial_back=True
+                    ) as second:
+                        await second.publish(b"second")
+                await first.publish(b"again")
+                await first.flush()
+                assert first.acked == 2
+    assert info.value.code == ErrorCode.NOT_ALLOWED
+    assert "share one ack port" in info.value.message
+
+
 async def test_dial_back_error_frame_arrives_on_the_publish_connection(
     make_config: MakeConfig,
 ) -> None:

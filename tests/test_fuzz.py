@@ -85,31 +85,41 @@ def spec_handshake(data: bytes) -> SpecHandshake | None:
     return SpecHandshake(client_id, ack, last_addr, port, req, name.decode())
 
 
-def spec_header(data: bytes, max_batch: int) -> tuple[int, int] | None:
+def spec_header(
+    data: bytes, max_batch: int, client_id: int | None = None
+) -> tuple[int, int] | None:
     """``(num_msg, total_size)`` of a batch header the broker accepts, or None.
 
     Beyond the spec's ``0 < total_size <= max`` and ``num_msg >= 1``, a size
     that no run of 64-byte-padded records can fill is refused up front (a
-    multiple of 64 holding at least ``num_msg`` 64-byte records).
+    multiple of 64 holding at least ``num_msg`` 64-byte records). With
+    ``client_id``, the header must carry it.
     """
     fields = BATCH_HEADER.unpack(data)
     num, total = fields[2], fields[7]
     if not 0 < total <= max_batch or total % 64 or not 1 <= num <= total // 64:
         return None
+    if client_id is not None and fields[1] != client_id:
+        return None
     return num, total
 
 
-def spec_records(payload: bytes, num_msg: int) -> list[int] | None:
-    """Record start offsets of a valid payload (section 3), or None."""
+def spec_records(payload: bytes, num_msg: int, client_id: int | None = None) -> list[int] | None:
+    """Record start offsets of a valid payload (section 3), or None.
+
+    With ``client_id``, every record must carry it.
+    """
     starts: list[int] = []
     pos = 0
     while pos < len(payload):
         if pos + 64 > len(payload):
             return None
-        padded, *_, size = MESSAGE_HEADER.unpack_from(payload, pos)
+        padded, *_, owner, size = MESSAGE_HEADER.unpack_from(payload, pos)
         if padded < 64 or padded % 64 or pos + padded > len(payload):
             return None
         if padded != 64 + -(-size // 64) * 64:
+            return None
+        if client_id is not None and owner != client_id:
             return None
         starts.append(pos)
         pos += padded
@@ -124,10 +134,12 @@ SIZES = st.one_of(st.integers(0, 200), st.sampled_from([0, 1, 63, 64, 65, 127, 1
 
 
 @st.composite
-def valid_batches(draw: st.DrawFn, max_records: int = 20) -> bytes:
-    """A batch the spec accepts (header + records), sometimes past MAX_BATCH."""
+def valid_batches(draw: st.DrawFn, max_records: int = 20, client: int | None = None) -> bytes:
+    """A batch the spec accepts (header + records) of ``client`` (else of a
+    random one), sometimes past MAX_BATCH."""
     sizes = draw(st.lists(SIZES, min_size=1, max_size=max_records))
-    client = draw(st.integers(1, 9))
+    if client is None:
+        client = draw(st.integers(1, 9))
     first = draw(st.integers(0, 1000))
     body = b"".join(
         record(payload_for(client, first + i, n), first + i, client) for i, n in enumerate(sizes)
@@ -145,8 +157,8 @@ def mutated(draw: st.DrawFn, base: st.SearchStrategy[bytes]) -> bytes:
         kind = draw(st.sampled_from(["record", "u64", "u64", "u32", "byte", "cut", "insert"]))
         starts = record_starts(data)
         if kind == "record" and starts:
-            # paddedSize or size of one record of the (possibly damaged) payload
-            at = draw(st.sampled_from(starts)) + draw(st.sampled_from([0, 56]))
+            # paddedSize, client_id or size of one record of the (possibly damaged) payload
+            at = draw(st.sampled_from(starts)) + draw(st.sampled_from([0, 48, 56]))
             value = draw(st.one_of(st.sampled_from(INTERESTING_U64), st.integers(0, 300)))
             struct.pack_into("<Q", data, at, value)
         elif kind == "u64" and len(data) >= 8:
@@ -185,21 +197,31 @@ def record_starts(batch: bytes | bytearray) -> list[int]:
     return starts
 
 
-CHUNKS = st.one_of(
-    valid_batches(),
-    valid_batches(),
-    mutated(valid_batches()),
-    mutated(valid_batches()),
-    st.binary(min_size=1, max_size=300),
-)
+def chunks(client: int | None = None) -> st.SearchStrategy[bytes]:
+    """What follows a handshake: batches of ``client`` (else of random
+    clients), valid and mutated, and random bytes."""
+    return st.one_of(
+        valid_batches(client=client),
+        valid_batches(client=client),
+        mutated(valid_batches(client=client)),
+        mutated(valid_batches(client=client)),
+        st.binary(min_size=1, max_size=300),
+    )
+
+
+CHUNKS = chunks()
 
 
 @st.composite
 def publish_streams(draw: st.DrawFn) -> bytes:
-    """Batches, good and bad, after a valid ack-1 handshake; sometimes cut short."""
+    """Batches, good and bad, after a valid ack-1 handshake; sometimes cut short.
+
+    Mostly batches of the handshake's client, sometimes of a random one.
+    """
     client = draw(st.integers(1, 9))
     stream = HANDSHAKE.pack(client, 1, 0, 0, 0, 0, TOPIC.encode().ljust(32, b"\0"))
-    stream += b"".join(draw(st.lists(CHUNKS, max_size=5)))
+    own = chunks(client)
+    stream += b"".join(draw(st.lists(st.one_of(own, own, CHUNKS), max_size=5)))
     if draw(st.booleans()):
         stream = stream[: draw(st.integers(64, len(stream)))]
     return stream
@@ -303,16 +325,30 @@ HEADERS = st.one_of(
 )
 
 
+def client_ids(data: bytes, at: int) -> st.SearchStrategy[int | None]:
+    """The client id a parser is asked to check: none, the one at byte ``at``
+    of ``data`` (a u32), or another."""
+    (own,) = struct.unpack_from("<I", data, at)
+    return st.one_of(st.none(), st.just(own), st.just(own), st.sampled_from([0, 1, 3, U32]))
+
+
 @settings(database=None, max_examples=600, deadline=None)
-@given(data=HEADERS, max_batch=st.one_of(st.just(MAX_BATCH), st.integers(1, 2**40)))
-def test_parse_batch_header_accepts_what_the_spec_accepts(data: bytes, max_batch: int) -> None:
-    expected = spec_header(data, max_batch)
+@given(
+    data=HEADERS,
+    max_batch=st.one_of(st.just(MAX_BATCH), st.integers(1, 2**40)),
+    draw=st.data(),
+)
+def test_parse_batch_header_accepts_what_the_spec_accepts(
+    data: bytes, max_batch: int, draw: st.DataObject
+) -> None:
+    client = draw.draw(client_ids(data, 8))
+    expected = spec_header(data, max_batch, client)
     if expected is None:
         with pytest.raises(ProtocolError) as info:
-            parse_batch_header(data, max_batch)
+            parse_batch_header(data, max_batch, client_id=client)
         assert info.value.code is ErrorCode.BAD_BATCH_HEADER
         return
-    header = parse_batch_header(data, max_batch)
+    header = parse_batch_header(data, max_batch, client_id=client)
     assert expected == (header.num_msg, header.total_size)
     assert header.batch_seq == BATCH_HEADER.unpack(data)[0]
 
@@ -336,17 +372,20 @@ def payloads(draw: st.DrawFn) -> tuple[bytes, int]:
 
 
 @settings(database=None, max_examples=800, deadline=None)
-@given(case=payloads())
-def test_scan_records_accepts_what_the_spec_accepts(case: tuple[bytes, int]) -> None:
+@given(case=payloads(), draw=st.data())
+def test_scan_records_accepts_what_the_spec_accepts(
+    case: tuple[bytes, int], draw: st.DataObject
+) -> None:
     data, num = case
-    expected = spec_records(data, num)
+    client = draw.draw(client_ids(data, 48))  # the first record's (low half)
+    expected = spec_records(data, num, client)
     array = np.frombuffer(bytearray(data), dtype=np.uint8)
     if expected is None:
         with pytest.raises(ProtocolError) as info:
-            scan_records(array, num)
+            scan_records(array, num, client_id=client)
         assert info.value.code is ErrorCode.BAD_MESSAGE_RECORDS
     else:
-        assert [int(s) for s in scan_records(array, num)] == expected
+        assert [int(s) for s in scan_records(array, num, client_id=client)] == expected
     assert bytes(array) == data  # validation never writes
 
 
@@ -397,7 +436,7 @@ def expected_outcome(stream: bytes) -> Outcome | None:
         head = stream[pos : pos + 128]
         if len(head) < 128:
             break  # EOF inside a header: dropped, no error frame
-        sizes = spec_header(head, MAX_BATCH)
+        sizes = spec_header(head, MAX_BATCH, hs.client_id)
         if sizes is None:
             error = ErrorCode.BAD_BATCH_HEADER
             break
@@ -405,7 +444,7 @@ def expected_outcome(stream: bytes) -> Outcome | None:
         body = stream[pos + 128 : pos + 128 + total]
         if len(body) < total:
             break  # EOF inside a payload: dropped, no error frame
-        if spec_records(body, num) is None:
+        if spec_records(body, num, hs.client_id) is None:
             error = ErrorCode.BAD_MESSAGE_RECORDS
             break
         batches.append((head, body))

@@ -442,12 +442,12 @@ async def test_broker_overwrites_the_fields_it_owns(
 ) -> None:
     """Whatever a client puts in broker-set fields, the log holds the broker's values."""
     config = make_config(**{"network.use_nonblocking": use_nonblocking})
-    payloads = [payload_for(23, i, size) for i, size in enumerate([0, 1, 100, 64, 1000])]
+    payloads = [payload_for(23, 2 + i, size) for i, size in enumerate([0, 1, 100, 64, 1000])]
     body = bytearray()
     for i, p in enumerate(payloads):
         padded = 64 + -(-len(p) // 64) * 64
         # segment_header, logical_offset and next_msg_diff are garbage here.
-        body += MESSAGE_HEADER.pack(padded, 0xDEAD, 5 + i, 7, 0, i, 23, len(p))
+        body += MESSAGE_HEADER.pack(padded, 0xDEAD, 5 + i, 7, 0, 2 + i, 23, len(p))
         body += p + b"\xee" * (padded - 64 - len(p))
     # batch_complete, broker_id, start_logical_offset and log_idx are garbage too.
     head = BATCH_HEADER.pack(0, 23, len(payloads), 7, 9, 0, 0, len(body), 123, 456, 0, 0)
@@ -458,7 +458,7 @@ async def test_broker_overwrites_the_fields_it_owns(
             async with await connect(broker.port) as stream:
                 await stream.send_all(hello)
                 # One ordinary batch first, so the garbage batch does not start at 0.
-                first, first_payloads = make_batch(0, 24, 0, [3, 4])
+                first, first_payloads = make_batch(0, 23, 0, [3, 4])
                 await stream.send_all(first + head + bytes(body))
                 await stream.send_eof()
                 broker_id, counts, error = parse_ack_stream(await read_all(stream))
@@ -466,9 +466,9 @@ async def test_broker_overwrites_the_fields_it_owns(
             assert counts in ([2, 7], [7])
             records = log_records(broker, "owned")  # checks every broker-set field
             assert without_offsets(records) == [
-                (24, 0, first_payloads[0]),
-                (24, 1, first_payloads[1]),
-                *((23, i, p) for i, p in enumerate(payloads)),
+                (23, 0, first_payloads[0]),
+                (23, 1, first_payloads[1]),
+                *((23, 2 + i, p) for i, p in enumerate(payloads)),
             ]
             assert [r[0] for r in records] == list(range(7))
             assert broker.log.existing_stream("owned").committed_batch(1).first_offset == 2

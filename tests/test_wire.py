@@ -211,6 +211,17 @@ def test_bad_batch_headers_are_rejected(num_msg: int, total_size: int, why: str)
     assert info.value.message == f"batch 5: {why}"
 
 
+def test_a_batch_header_must_name_the_handshakes_client() -> None:
+    data = raw_batch_header(num_msg=4, total_size=1024, client_id=3)
+    assert parse_batch_header(data, MAX_BATCH, client_id=3).client_id == 3
+    with pytest.raises(ProtocolError) as info:
+        parse_batch_header(data, MAX_BATCH, client_id=4)
+    assert info.value.code is ErrorCode.BAD_BATCH_HEADER
+    assert info.value.message == (
+        "batch 5: client_id 3 is not this publisher's (4, from its handshake)"
+    )
+
+
 @pytest.mark.parametrize(
     ("num_msg", "total_size"), [(1, 64), (1, MAX_BATCH), (MAX_BATCH // 64, MAX_BATCH), (2, 128)]
 )
@@ -240,7 +251,9 @@ def put_word(data: bytearray, offset: int, value: int) -> None:
     struct.pack_into("<Q", data, offset, value)
 
 
-def reference_scan(data: bytes | bytearray, num_msg: int) -> list[int] | None:
+def reference_scan(
+    data: bytes | bytearray, num_msg: int, client_id: int | None = None
+) -> list[int] | None:
     """Plain-Python walk of a payload; None where the spec says it is invalid."""
     starts: list[int] = []
     pos = 0
@@ -250,6 +263,8 @@ def reference_scan(data: bytes | bytearray, num_msg: int) -> list[int] | None:
         if padded < 64 or padded % 64 or pos + padded > len(data):
             return None
         if padded != 64 + -(-size // 64) * 64:
+            return None
+        if client_id is not None and struct.unpack_from("<Q", data, pos + 48)[0] != client_id:
             return None
         starts.append(pos)
         pos += padded
@@ -375,6 +390,43 @@ def test_size_inconsistent_with_padded_size(size: int, padded: int) -> None:
     )
 
 
+MIXED_SIZES = [0, 100, 100, 100, 1000, 5, 5, 64]
+
+
+@pytest.mark.parametrize("sizes", [[100] * 10, MIXED_SIZES], ids=["uniform", "mixed"])
+def test_records_must_name_the_handshakes_client(sizes: list[int]) -> None:
+    data = build(sizes, client_id=4)
+    starts = reference_scan(data, len(sizes))
+    assert starts is not None
+    assert scan_records(as_array(data), len(sizes), client_id=4).tolist() == starts
+    for record in (0, 3, len(sizes) - 1):
+        for other in (5, 0, 4 + 2**32, 2**64 - 1):  # the field is 64 bits on the wire
+            bad = bytearray(data)
+            put_word(bad, starts[record] + 48, other)
+            with pytest.raises(ProtocolError) as info:
+                scan_records(as_array(bad), len(sizes), client_id=4)
+            assert info.value.code is ErrorCode.BAD_MESSAGE_RECORDS
+            assert info.value.message == (
+                f"record {record} at byte {starts[record]}: client_id {other} is not this "
+                "publisher's (4, from its handshake)"
+            )
+            # Readers of the log do not ask; the records are well-formed.
+            assert scan(bad, len(sizes)) == starts
+
+
+def test_the_first_bad_record_is_named_whatever_is_wrong_with_it() -> None:
+    data = build([100] * 10, client_id=4)
+    put_word(data, 2 * 192 + 48, 5)  # record 2: another client
+    put_word(data, 6 * 192 + 56, 10)  # record 6: size 10 in 192 bytes
+    with pytest.raises(ProtocolError) as info:
+        scan_records(as_array(data), 10, client_id=4)
+    assert info.value.message.startswith("record 2 at byte 384: client_id 5 ")
+    put_word(data, 2 * 192 + 48, 4)
+    with pytest.raises(ProtocolError) as info:
+        scan_records(as_array(data), 10, client_id=4)
+    assert info.value.message == "record 6 at byte 1152: size 10 does not match paddedSize 192"
+
+
 def test_too_few_records() -> None:
     data = build([100, 0, 5])
     assert (
@@ -437,16 +489,16 @@ def test_scan_agrees_with_the_reference_on_corrupted_batches(
     assert starts is not None
     if value is not None:
         record = data.draw(st.integers(0, len(sizes) - 1))
-        field = data.draw(st.sampled_from([0, 56]))  # paddedSize or size
+        field = data.draw(st.sampled_from([0, 48, 56]))  # paddedSize, client_id or size
         put_word(payload, starts[record] + field, value)
     num_msg = len(sizes) + num_delta
-    expected = reference_scan(payload, num_msg)
+    expected = reference_scan(payload, num_msg, client_id=4)
     if expected is None:
         with pytest.raises(ProtocolError) as info:
-            scan_records(as_array(payload), num_msg)
+            scan_records(as_array(payload), num_msg, client_id=4)
         assert info.value.code is ErrorCode.BAD_MESSAGE_RECORDS
     else:
-        assert scan(payload, num_msg) == expected
+        assert scan_records(as_array(payload), num_msg, client_id=4).tolist() == expected
 
 
 # -- stamping ------------------------------------------------------------------------------

@@ -219,13 +219,22 @@ def unpack_batch_header(data: bytes | bytearray | memoryview) -> BatchHeader:
     )
 
 
-def parse_batch_header(data: bytes | bytearray | memoryview, max_batch_bytes: int) -> BatchHeader:
-    """Parse a batch header received from a publisher and validate its sizes.
+def parse_batch_header(
+    data: bytes | bytearray | memoryview, max_batch_bytes: int, *, client_id: int | None = None
+) -> BatchHeader:
+    """Parse a batch header received from a publisher and validate it.
+
+    Args:
+        data: The 128 header bytes.
+        max_batch_bytes: The largest ``total_size`` accepted.
+        client_id: If given, the id the header must carry (the publisher's,
+            from its handshake).
 
     Raises:
         ProtocolError: ``BAD_BATCH_HEADER`` when ``total_size`` is 0, above
-            ``max_batch_bytes`` or not a whole number of 64-byte units, or
-            when ``num_msg`` is 0 or cannot fit in ``total_size``.
+            ``max_batch_bytes`` or not a whole number of 64-byte units, when
+            ``num_msg`` is 0 or cannot fit in ``total_size``, or when
+            ``client_id`` is not the one asked for.
     """
     header = unpack_batch_header(data)
     total, num = header.total_size, header.num_msg
@@ -243,6 +252,12 @@ def parse_batch_header(data: bytes | bytearray | memoryview, max_batch_bytes: in
         raise ProtocolError(
             ErrorCode.BAD_BATCH_HEADER,
             f"batch {header.batch_seq}: num_msg {num} cannot fill total_size {total}",
+        )
+    if client_id is not None and header.client_id != client_id:
+        raise ProtocolError(
+            ErrorCode.BAD_BATCH_HEADER,
+            f"batch {header.batch_seq}: client_id {header.client_id} is not this "
+            f"publisher's ({client_id}, from its handshake)",
         )
     return header
 
@@ -412,7 +427,9 @@ def encode_batch(
 _RUN_WINDOW = 256
 
 
-def scan_records(payload: npt.NDArray[np.uint8], num_msg: int) -> npt.NDArray[np.int64]:
+def scan_records(
+    payload: npt.NDArray[np.uint8], num_msg: int, *, client_id: int | None = None
+) -> npt.NDArray[np.int64]:
     """Validate a batch payload and return the byte offset of every record.
 
     The payload must be exactly ``num_msg`` records whose ``paddedSize`` is
@@ -421,6 +438,8 @@ def scan_records(payload: npt.NDArray[np.uint8], num_msg: int) -> npt.NDArray[np
     Args:
         payload: The whole batch payload, its length a multiple of 64.
         num_msg: The record count the batch header announced.
+        client_id: If given, the ``client_id`` every record must carry (the
+            publisher's, from its handshake); readers of the log pass nothing.
 
     Returns:
         The start offsets, ascending, one per record.
@@ -432,14 +451,28 @@ def scan_records(payload: npt.NDArray[np.uint8], num_msg: int) -> npt.NDArray[np
     words = payload.view("<u8")
     first = int(words[0])
     if first >= MESSAGE_HEADER_SIZE and first % ALIGN == 0 and first * num_msg == total:
-        # The common case (one message size per batch): one strided comparison.
-        step = first // 8
-        if bool((words[::step] == first).all()):
+        # The common case (one message size per batch): one row per record, so
+        # every header field is a strided column, compared without a gather.
+        records = words.reshape(num_msg, first // 8)
+        if bool((records[:, MH_PADDED_SIZE] == first).all()):
             starts = np.arange(0, total, first, dtype=np.int64)
-            _check_sizes(words, starts)
+            _check_records(
+                starts,
+                records[:, MH_PADDED_SIZE],
+                records[:, MH_SIZE],
+                records[:, MH_CLIENT_ID],
+                client_id,
+            )
             return starts
     starts = _scan_mixed(words, num_msg, total)
-    _check_sizes(words, starts)
+    index = starts // 8
+    _check_records(
+        starts,
+        words[index + MH_PADDED_SIZE],
+        words[index + MH_SIZE],
+        words[index + MH_CLIENT_ID] if client_id is not None else None,
+        client_id,
+    )
     return starts
 
 
@@ -476,20 +509,34 @@ def _scan_mixed(words: npt.NDArray[np.uint64], num_msg: int, total: int) -> npt.
     return np.concatenate(runs)
 
 
-def _check_sizes(words: npt.NDArray[np.uint64], starts: npt.NDArray[np.int64]) -> None:
-    index = starts // 8
-    padded = words[index + MH_PADDED_SIZE]
-    sizes = words[index + MH_SIZE]
+def _check_records(
+    starts: npt.NDArray[np.int64],
+    padded: npt.NDArray[np.uint64],
+    sizes: npt.NDArray[np.uint64],
+    owners: npt.NDArray[np.uint64] | None,
+    client_id: int | None,
+) -> None:
+    """Check each record's ``size`` against its ``paddedSize`` and, if
+    ``client_id`` is given, its ``client_id`` (``owners``) against that."""
     # paddedSize == 64 + roundup64(size), written without overflow for huge sizes.
     good = (sizes <= padded - MESSAGE_HEADER_SIZE) & (
         sizes + (MESSAGE_HEADER_SIZE + ALIGN) > padded
     )
-    if not bool(good.all()):
-        bad = int((~good).argmax())
+    if client_id is not None and owners is not None:
+        good &= owners == np.uint64(client_id)
+    if bool(good.all()):
+        return
+    # The rare path: find the first bad record and say what is wrong with it.
+    bad = int((~good).argmax())
+    where = f"record {bad} at byte {int(starts[bad])}"
+    size, padded_size = int(sizes[bad]), int(padded[bad])
+    if padded_size - MESSAGE_HEADER_SIZE - ALIGN < size <= padded_size - MESSAGE_HEADER_SIZE:
+        assert owners is not None
         raise _record_error(
-            f"record {bad} at byte {int(starts[bad])}: size {int(sizes[bad])} does not match "
-            f"paddedSize {int(padded[bad])}"
+            f"{where}: client_id {int(owners[bad])} is not this publisher's "
+            f"({client_id}, from its handshake)"
         )
+    raise _record_error(f"{where}: size {size} does not match paddedSize {padded_size}")
 
 
 def stamp_records(

@@ -7,9 +7,10 @@ behind gets the latest count, never a backlog.
 
 * Same-connection mode (handshake ``port == 0``): the counter belongs to the
   publish connection and the counts go back on it.
-* Dial-back mode: one counter and one outbound connection per
-  (client id, topic), shared by every publish connection of that client; the
-  :class:`DialBackRegistry` owns them. Error frames never travel there (the
+* Dial-back mode: one counter and one outbound connection per (client
+  address, client id, topic), shared by every publish connection of that
+  client; the :class:`DialBackRegistry` owns them and hands each publish
+  connection a :class:`DialBackLease`. Error frames never travel there (the
   C++ client would read one as a huge count).
 """
 
@@ -21,7 +22,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from ..errors import ConnectionLost
+from ..errors import ConnectionLost, ErrorCode, ProtocolError
 from ..wire import encode_ack, encode_ack_start
 
 logger = logging.getLogger(__name__)
@@ -90,130 +91,226 @@ async def run_ack_sender(
         await send_all(encode_ack(counter.sent))
 
 
-@attrs.define
-class _DialBack:
-    counter: AckCounter
+#: Who shares a dial-back ack connection: the client's address as the broker
+#: sees it, its client id, and the topic.
+DialBackKey = tuple[str, int, str]
+
+Connect = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+# Clients send nothing on an ack connection; the broker reads it only to notice
+# its close, and throws away whatever arrives anyway.
+_WATCH_BYTES = 4096
+
+
+@attrs.define(eq=False)
+class _AckLink:
+    """One dial-back ack connection, from its dial to its close."""
+
+    key: DialBackKey
     port: int
+    counter: AckCounter = attrs.Factory(AckCounter)
     users: int = 0
     ready: trio.Event = attrs.Factory(trio.Event)
     failure: str | None = None
+    lost: bool = False
+    dial_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+
+    @property
+    def name(self) -> str:
+        host, client_id, topic = self.key
+        return f"client {client_id} at {host} topic {topic!r} (ack port {self.port})"
+
+
+class DialBackLease:
+    """One publish connection's share of a dial-back ack connection.
+
+    Returned by :meth:`DialBackRegistry.attach`. :meth:`release` (or leaving
+    the ``with`` block) gives the share back; only the first call counts, so
+    a connection can never release a share twice, nor release another
+    connection's.
+
+    Attributes:
+        counter: Where the connection's acked messages are counted.
+    """
+
+    __slots__ = ("_link", "_registry", "counter")
+
+    def __init__(self, registry: DialBackRegistry, link: _AckLink) -> None:
+        self._registry: DialBackRegistry | None = registry
+        self._link = link
+        self.counter = link.counter
+        link.users += 1
+
+    def release(self) -> None:
+        """Give the share back; the last share's release flushes and closes the connection."""
+        registry, self._registry = self._registry, None
+        if registry is not None:
+            registry._release(self._link)
+
+    def __enter__(self) -> DialBackLease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 @attrs.frozen
 class DialBackStatistics:
-    """Counters of the dial-back ack connections."""
+    """Counters of the dial-back ack connections.
+
+    Attributes:
+        active: Ack connections being dialed or open that publish connections
+            join (one per client address, client id and topic).
+        dialed: Ack connections opened.
+        failed: Dials that failed (refused, unreachable or too slow).
+        lost: Ack connections the client closed or that broke while in use.
+    """
 
     active: int
     dialed: int
     failed: int
+    lost: int
 
 
 class DialBackRegistry:
-    """One outbound ack connection per (client id, topic), shared by all of
-    that client's publish connections to this broker.
+    """One outbound ack connection per (client address, client id, topic),
+    shared by all of that client's publish connections to this broker.
+
+    An ack connection is joined only while it is being dialed or is open and
+    sound: once it failed, was closed by the client or broke, it is retired
+    (later publish connections dial a new one), and the connections that
+    still hold a share of it keep counting into it until they end.
 
     Args:
         nursery: Where the ack connection tasks run (outlives connections).
         broker_id: Written first on every ack stream.
         connect_timeout: Seconds allowed to dial the client.
+        connect: Opens a stream to ``(host, port)``; TCP unless a test says otherwise.
     """
 
-    def __init__(self, nursery: trio.Nursery, broker_id: int, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        broker_id: int,
+        connect_timeout: float,
+        connect: Connect = trio.open_tcp_stream,
+    ) -> None:
         self._nursery = nursery
         self._broker_id = broker_id
         self._timeout = connect_timeout
-        self._entries: dict[tuple[int, str], _DialBack] = {}
+        self._connect = connect
+        self._links: dict[DialBackKey, _AckLink] = {}
         self._dialed = 0
         self._failed = 0
+        self._lost = 0
 
-    async def attach(self, client_id: int, topic: str, host: str, port: int) -> AckCounter:
-        """Join (or open) the ack connection of ``(client_id, topic)``.
+    async def attach(self, client_id: int, topic: str, host: str, port: int) -> DialBackLease:
+        """Join (or dial) the ack connection of ``(host, client_id, topic)``.
 
-        Every successful call must be paired with :meth:`detach`.
+        Waits until the connection is open. The returned lease must be
+        released once; if this call raises (also when it is cancelled while
+        waiting for the dial) it holds no share.
 
         Raises:
+            ProtocolError: ``NOT_ALLOWED``: that client already has an ack
+                connection for the topic on another port.
             ConnectionLost: The client's ack port could not be reached.
         """
-        key = (client_id, topic)
-        entry = self._entries.get(key)
-        if entry is None:
-            # The first user dials; the ack task then lives in the registry's
-            # nursery, outliving this connection while others still use it.
-            entry = _DialBack(AckCounter(), port)
-            self._entries[key] = entry
-            entry.users += 1
-            try:
-                await self._nursery.start(self._run, key, entry, host)
-            except BaseException:
-                self._release(key, entry)
-                raise
-            return entry.counter
-        if entry.port != port:
-            logger.warning(
-                "client %d topic %r asked for acks on port %d; its ack connection uses port %d",
-                client_id,
-                topic,
-                port,
-                entry.port,
+        key = (host, client_id, topic)
+        link = self._links.get(key)
+        if link is None:
+            # The dial belongs to the registry, not to this connection: others
+            # may join while it runs, and it goes on if this one goes away.
+            link = self._links[key] = _AckLink(key, port)
+            self._nursery.start_soon(self._run, link)
+        elif link.port != port:
+            raise ProtocolError(
+                ErrorCode.NOT_ALLOWED,
+                f"client {client_id} at {host} already receives acks for topic {topic!r} on "
+                f"port {link.port}, this connection asks for port {port}: the publish "
+                f"connections of one client id share one ack port; use port {link.port}, "
+                f"or another client id",
             )
-        entry.users += 1
-        await entry.ready.wait()
-        if entry.failure is not None:
-            self._release(key, entry)
-            raise ConnectionLost(entry.failure)
-        return entry.counter
-
-    def detach(self, client_id: int, topic: str) -> None:
-        """Leave the ack connection; the last user's leave flushes and closes it."""
-        key = (client_id, topic)
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._release(key, entry)
-
-    def _release(self, key: tuple[int, str], entry: _DialBack) -> None:
-        entry.users -= 1
-        if entry.users == 0:
-            entry.counter.close()
-            if self._entries.get(key) is entry:
-                del self._entries[key]
-
-    async def _run(
-        self,
-        key: tuple[int, str],
-        entry: _DialBack,
-        host: str,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        client_id, topic = key
+        lease = DialBackLease(self, link)
         try:
-            with trio.fail_after(self._timeout):
-                stream = await trio.open_tcp_stream(host, entry.port)
+            await link.ready.wait()
+            if link.failure is not None:
+                raise ConnectionLost(link.failure)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
+
+    def _release(self, link: _AckLink) -> None:
+        link.users -= 1
+        if link.users == 0:
+            self._retire(link)
+            link.counter.close()
+            link.dial_scope.cancel()  # a dial still under way is for nobody now
+
+    def _retire(self, link: _AckLink) -> None:
+        """Let no later publish connection join ``link``."""
+        if self._links.get(link.key) is link:
+            del self._links[link.key]
+
+    def _lose(self, link: _AckLink, reason: str) -> None:
+        self._retire(link)
+        if not link.lost:
+            link.lost = True
+            self._lost += 1
+            logger.info("%s: %s; later publish connections dial anew", link.name, reason)
+
+    async def _run(self, link: _AckLink) -> None:
+        host = link.key[0]
+        stream: trio.abc.Stream | None = None
+        try:
+            with link.dial_scope, trio.fail_after(self._timeout):
+                stream = await self._connect(host, link.port)
         except (OSError, trio.TooSlowError) as exc:
             self._failed += 1
-            entry.failure = f"cannot open the ack connection to {host}:{entry.port}: {exc!r}"
-            logger.warning("client %d topic %r: %s", client_id, topic, entry.failure)
-            entry.ready.set()
-            raise ConnectionLost(entry.failure) from exc
+            link.failure = f"cannot open the ack connection to {host}:{link.port}: {exc!r}"
+            logger.warning("%s: %s", link.name, link.failure)
+        finally:
+            if stream is None:  # failed, abandoned by every waiter, or broker stopped
+                if link.failure is None:
+                    link.failure = f"the ack connection to {host}:{link.port} was not opened"
+                self._retire(link)
+                link.ready.set()
+        if stream is None:
+            return
         self._dialed += 1
-        entry.ready.set()
-        task_status.started()
-        async with stream:
+        link.ready.set()
 
-            async def send_all(data: bytes) -> None:
-                try:
-                    await stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise ConnectionLost(f"ack connection lost: {exc!r}") from exc
-
+        async def send_all(data: bytes) -> None:
             try:
-                await run_ack_sender(entry.counter, send_all, self._broker_id)
-            except ConnectionLost as exc:
-                logger.info("client %d topic %r: %s", client_id, topic, exc)
-            if self._entries.get(key) is entry:  # the peer went away first
-                del self._entries[key]
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ConnectionLost(f"ack connection lost: {exc!r}") from exc
+
+        try:
+            async with stream, trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch, link, stream)
+                try:
+                    await run_ack_sender(link.counter, send_all, self._broker_id)
+                except ConnectionLost as exc:
+                    self._lose(link, str(exc))
+                nursery.cancel_scope.cancel()
+        finally:
+            self._retire(link)
+
+    async def _watch(self, link: _AckLink, stream: trio.abc.Stream) -> None:
+        # A dead ack connection shows only here as long as no count is due, so
+        # this is what keeps a later publish connection from joining it.
+        try:
+            while await stream.receive_some(_WATCH_BYTES):
+                pass
+            reason = "the client closed the ack connection"
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            reason = f"ack connection lost: {exc!r}"
+        if not link.counter.closed:  # else it is being flushed and closed anyway
+            self._lose(link, reason)
 
     def statistics(self) -> DialBackStatistics:
         return DialBackStatistics(
-            active=len(self._entries), dialed=self._dialed, failed=self._failed
+            active=len(self._links), dialed=self._dialed, failed=self._failed, lost=self._lost
         )

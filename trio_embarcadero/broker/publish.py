@@ -41,7 +41,7 @@ from ..errors import ConnectionLost, ErrorCode, LogFullError, ProtocolError, Sto
 from ..log import CxlLog, Reservation
 from ..transport import Receiver, receive_exactly
 from ..wire import BATCH_HEADER_SIZE, BatchHeader, Handshake, parse_batch_header, scan_records
-from .acks import AckCounter, DialBackRegistry, run_ack_sender
+from .acks import AckCounter, DialBackLease, DialBackRegistry, run_ack_sender
 from .allocator import AllocationCounters, Backoff, StagedBatch, reserve
 from .commits import CommitFeed
 from .connection import Connection, ConnectionPhase
@@ -188,24 +188,16 @@ class PublishSession:
         except LogFullError as exc:
             raise ProtocolError(ErrorCode.LOG_FULL, str(exc)) from None
         dial_back = handshake.ack >= 1 and handshake.port != 0
-        if dial_back:
-            if conn.peer_host is None:
-                raise ProtocolError(ErrorCode.BAD_HANDSHAKE, "dial-back acks need a TCP peer")
-            try:
-                self._acks = await ingest.dial_backs.attach(
-                    handshake.client_id, handshake.topic, conn.peer_host, handshake.port
-                )
-            except ConnectionLost as exc:
-                raise ProtocolError(ErrorCode.BAD_HANDSHAKE, str(exc)) from None
-        logger.debug(
-            "conn %d %s publishes to %r with %s",
-            conn.id,
-            conn.peer,
-            handshake.topic,
-            f"ack {handshake.ack}" + (f" via port {handshake.port}" if dial_back else ""),
-        )
+        lease = await self._attach_dial_back() if dial_back else None
         lost: ConnectionLost | None = None
         try:
+            logger.debug(
+                "conn %d %s publishes to %r with %s",
+                conn.id,
+                conn.peer,
+                handshake.topic,
+                f"ack {handshake.ack}" + (f" via port {handshake.port}" if dial_back else ""),
+            )
             # Only the ack sender runs in this nursery; the outcome is raised
             # after it, so callers see a plain exception, never a group.
             async with trio.open_nursery() as nursery:
@@ -228,8 +220,8 @@ class PublishSession:
                     self._acks.close()
                 await ack_sender_done.wait()
         finally:
-            if dial_back and self._acks is not None:
-                ingest.dial_backs.detach(handshake.client_id, handshake.topic)
+            if lease is not None:
+                lease.release()
         if self._error is None and conn.stopping:
             self._error = ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down")
         if self._error is not None:
@@ -238,6 +230,19 @@ class PublishSession:
             if lost.received:
                 logger.warning("conn %d %s: batch cut short: %s", conn.id, conn.peer, lost)
             raise lost
+
+    async def _attach_dial_back(self) -> DialBackLease:
+        handshake, conn = self.handshake, self.connection
+        if conn.peer_host is None:
+            raise ProtocolError(ErrorCode.BAD_HANDSHAKE, "dial-back acks need a TCP peer")
+        try:
+            lease = await self.ingest.dial_backs.attach(
+                handshake.client_id, handshake.topic, conn.peer_host, handshake.port
+            )
+        except ConnectionLost as exc:
+            raise ProtocolError(ErrorCode.BAD_HANDSHAKE, str(exc)) from None
+        self._acks = lease.counter
+        return lease
 
     async def _send_acks(self, counter: AckCounter, done: trio.Event) -> None:
         conn = self.connection
@@ -315,7 +320,11 @@ class PublishSession:
             deadline = min(batch_deadline, trio.current_time() + net.header_timeout_s)
             with trio.move_on_at(deadline):
                 await receive_exactly(self.connection.receiver, memoryview(buf)[got:])
-                return parse_batch_header(buf, net.effective_max_batch_bytes)
+                # The header and every record must name the handshake's client:
+                # nobody publishes under another client's id.
+                return parse_batch_header(
+                    buf, net.effective_max_batch_bytes, client_id=self.handshake.client_id
+                )
         if deadline == batch_deadline:
             raise clock.expired()
         raise ProtocolError(
@@ -336,7 +345,9 @@ class PublishSession:
             conn.phase = ConnectionPhase.WAIT_PAYLOAD
             async with ingest.receive_limiter:
                 await self._receive_payload(buffer.view[:total], clock)
-            starts = scan_records(buffer.array[:total], header.num_msg)
+            starts = scan_records(
+                buffer.array[:total], header.num_msg, client_id=self.handshake.client_id
+            )
             ingest.counters.count_received(header)
             self.batches += 1
             batch = StagedBatch(self, header, buffer, starts, previous)
@@ -368,7 +379,9 @@ class PublishSession:
                 await self._receive_payload(reservation.payload.data, clock)
             finally:
                 limiter.release()
-            starts = scan_records(reservation.payload, header.num_msg)
+            starts = scan_records(
+                reservation.payload, header.num_msg, client_id=self.handshake.client_id
+            )
         except BaseException:
             # Batches reserved after this one commit once it is given up:
             # a stalled payload holds its topic back payload_stall_timeout_s
@@ -391,7 +404,7 @@ class PublishSession:
             payload = np.empty(header.total_size, dtype=np.uint8)
             self.connection.phase = ConnectionPhase.WAIT_PAYLOAD
             await self._receive_payload(payload.data, clock)
-        starts = scan_records(payload, header.num_msg)
+        starts = scan_records(payload, header.num_msg, client_id=self.handshake.client_id)
         reservation = await self._reserve(header)
         np.copyto(reservation.payload, payload)
         self._complete_direct(reservation, starts)

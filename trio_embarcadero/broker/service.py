@@ -142,7 +142,7 @@ class Broker:
         c = self.counters
         ingest = self._ingest
         channel = ingest.batches.statistics().current_buffer_used if ingest else 0
-        dial = ingest.dial_backs.statistics() if ingest else DialBackStatistics(0, 0, 0)
+        dial = ingest.dial_backs.statistics() if ingest else DialBackStatistics(0, 0, 0, 0)
         return BrokerStatistics(
             connections={p.value: phases.get(p.value, 0) for p in ConnectionPhase},
             connections_accepted=c.connections_accepted,

@@ -540,6 +540,9 @@ async def open_publisher(
             client (the C++ client's mode) instead of on this connection. The
             client listens on an ephemeral port of its local address; error
             frames still arrive on the publish connection. Needs ``ack >= 1``.
+            Each such publisher listens on a port of its own, so two of them
+            on one host must not share ``client_id`` and topic: the broker
+            refuses the second with ``NOT_ALLOWED``.
         close_timeout: Seconds to wait, when closing with ``ack=0``, for the
             broker to end the stream, and after an error for the last
             dial-back acks.
