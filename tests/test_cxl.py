@@ -420,7 +420,9 @@ def test_reattach_abandons_a_batch_left_reserved(region: Region) -> None:
     assert [h.batch_complete for h in walk_file(region.path)] == [1, 1, 2, 1]
     assert [h.batch_seq for h in walk_file(region.path)] == [0, 1, 2, 3]
     assert [r[0] for r in records_of(log, "a")] == [0, 1, 2, 3]
-    crashed.abandon(left)  # let the dead handle go
+    # The dead handle finds its batch changed: it neither overwrites it nor commits more.
+    assert crashed.abandon(left) == []
+    assert [h.batch_complete for h in walk_file(region.path)] == [1, 1, 2, 1]
     del left
 
 

@@ -84,7 +84,8 @@ class LogFullError(EmbarcaderoError):
 
 
 class LayoutError(EmbarcaderoError):
-    """An existing CXL file has another layout or size than the config asks for."""
+    """An existing CXL file has another layout or size than the config asks for,
+    or the log's contents contradict themselves (another process wrote them)."""
 
 
 class BrokerError(EmbarcaderoError):

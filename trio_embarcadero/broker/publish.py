@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from ..config import NetworkConfig
-from ..errors import ConnectionLost, ErrorCode, LogFullError, ProtocolError
+from ..errors import ConnectionLost, ErrorCode, LayoutError, LogFullError, ProtocolError
 from ..log import CxlLog, Reservation
 from ..transport import receive_exactly
 from ..wire import BATCH_HEADER_SIZE, BatchHeader, Handshake, parse_batch_header, scan_records
@@ -148,6 +148,8 @@ class PublishSession:
         Raises:
             ProtocolError: What the client is to be told (after its acks).
             ConnectionLost: The client vanished.
+            LayoutError: The log refused a commit (another process changed
+                one of this broker's batches); fatal to the broker.
         """
         ingest, handshake, conn = self.ingest, self.handshake, self.connection
         if handshake.ack == 2 and ingest.durability is None:
@@ -177,6 +179,7 @@ class PublishSession:
             f"ack {handshake.ack}" + (f" via port {handshake.port}" if dial_back else ""),
         )
         lost: ConnectionLost | None = None
+        refused: LayoutError | None = None
         try:
             # Only the ack sender runs in this nursery; the outcome is raised
             # after it, so callers see a plain exception, never a group.
@@ -199,14 +202,22 @@ class PublishSession:
                     self.fail(
                         ProtocolError(ErrorCode.TIMEOUT, f"batch not received within {timeout} s")
                     )
-                conn.phase = ConnectionPhase.DRAINING
-                await self._wait_settled()
-                if self._acks is not None and not dial_back:
-                    self._acks.close()
-                await ack_sender_done.wait()
+                except LayoutError as exc:
+                    # The log refused a commit: another process wrote this
+                    # broker's streams. Nothing more settles; the broker stops.
+                    refused = exc
+                    nursery.cancel_scope.cancel()
+                if refused is None:
+                    conn.phase = ConnectionPhase.DRAINING
+                    await self._wait_settled()
+                    if self._acks is not None and not dial_back:
+                        self._acks.close()
+                    await ack_sender_done.wait()
         finally:
             if dial_back and self._acks is not None:
                 ingest.dial_backs.detach(handshake.client_id, handshake.topic)
+        if refused is not None:
+            raise refused
         if self._error is None and conn.stopping:
             self._error = ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down")
         if self._error is not None:

@@ -36,7 +36,7 @@ from typing import NoReturn
 import trio
 
 from ..config import Config, parse_networks
-from ..errors import ErrorCode, ProtocolError
+from ..errors import ErrorCode, LayoutError, ProtocolError
 from ..log import CxlLog, DiskLog
 from ..wire import encode_error_frame
 from .acks import DialBackRegistry, DialBackStatistics
@@ -286,6 +286,11 @@ class Broker:
         assert self._ingest is not None  # set before the listener starts
         try:
             await serve_connection(connection, self._ingest)
+        except LayoutError:
+            # The log refused to commit: another process wrote this broker's
+            # streams. Stop the broker, as an allocator that meets it does,
+            # rather than go on acking into a log that is not ours alone.
+            raise
         except Exception:
             # A bug, not a peer fault: keep serving everyone else, loudly.
             self.counters.internal_errors += 1

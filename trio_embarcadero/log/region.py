@@ -20,7 +20,9 @@ batches out to acks, subscribers and the disk.
 
 Shared structures (superblock allocator, topic table) are changed under an
 ``flock`` of the file, so brokers in other processes can share the region.
-Each broker writes only its own streams.
+Each broker writes only its own streams. A commit checks that its batch's
+state word is still the "reserved" it wrote: if another process changed it,
+this handle stops writing (see :meth:`CxlLog.complete`).
 """
 
 from __future__ import annotations
@@ -207,8 +209,12 @@ class CxlLog:
         geometry: Geometry,
         broker_id: int,
         max_inflight_batches: int,
+        path: str = "",
     ) -> None:
         self._fd = fd
+        self.path = path
+        # Set when another process changed one of our batches: nothing more is written.
+        self._foreign: str | None = None
         self._mmap = mapping
         self.geometry = geometry
         self.broker_id = broker_id
@@ -278,7 +284,7 @@ class CxlLog:
                     )
                 flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if prefault else 0)
                 mapping = mmap.mmap(fd, size, flags=flags)
-                log = cls(fd, mapping, geometry, broker_id, max_inflight_batches)
+                log = cls(fd, mapping, geometry, broker_id, max_inflight_batches, path)
                 if fresh:
                     format_region(mapping, geometry)
                 else:
@@ -437,6 +443,7 @@ class CxlLog:
                 ``max_inflight_batches`` uncommitted reservations;
                 ``transient=False`` when no segment is left for the batch.
         """
+        self._refuse_if_foreign()
         stream = self.stream(topic)
         if len(stream.pending) >= self.max_inflight_batches:
             self._ring_full += 1
@@ -486,6 +493,14 @@ class CxlLog:
         The batch commits now if every batch reserved before it on its stream
         is resolved; otherwise it commits when they are.
 
+        Before it commits a batch, it checks that the batch's state word in
+        the region is still the "reserved" that :meth:`get_cxl_buffer` wrote.
+        If another process changed it (say, its recovery marked the batch
+        abandoned), committing over that would hide the change from readers
+        that already acted on it, and that process may be writing this
+        broker's streams: the batch is left as it is, never committed nor
+        acked, and this handle writes nothing more (every later call raises).
+
         Args:
             reservation: A reservation from :meth:`get_cxl_buffer`.
             starts: The record offsets from :func:`~trio_embarcadero.wire.scan_records`.
@@ -494,9 +509,15 @@ class CxlLog:
             The batches this call committed, in log order: possibly none (an
             earlier batch is still being received), possibly several (this
             one was the last that held them back).
+
+        Raises:
+            LayoutError: Another process changed a batch of this broker.
         """
+        self._refuse_if_foreign()
         reservation.starts = starts
-        return self._advance(reservation.stream)
+        committed = self._advance(reservation.stream)
+        self._refuse_if_foreign()
+        return committed
 
     def abandon(self, reservation: Reservation) -> list[Reservation]:
         """Give up a reservation whose payload will never be whole.
@@ -504,11 +525,17 @@ class CxlLog:
         Its space stays in the log, marked abandoned; readers skip it and it
         consumes no logical offsets.
 
+        It never raises (it runs on error paths): if another process changed
+        the batch's state word, the word is left alone, this handle stops
+        writing (see :meth:`complete`) and nothing is returned.
+
         Returns:
             The later batches of its stream that it held back and that are
             committed now (see :meth:`complete`).
         """
-        if reservation.resolved:
+        if reservation.resolved or self._foreign is not None:
+            return []
+        if not self._still_reserved(reservation):
             return []
         reservation.state = BATCH_ABANDONED
         U32.pack_into(self._mmap, reservation.header_offset + BH_BATCH_COMPLETE, BATCH_ABANDONED)
@@ -523,7 +550,7 @@ class CxlLog:
             if head.state == BATCH_ABANDONED:
                 pending.popleft()
                 continue
-            if head.starts is None:
+            if head.starts is None or not self._still_reserved(head):
                 break
             pending.popleft()
             self._commit(stream, head)
@@ -537,6 +564,28 @@ class CxlLog:
                 stream.payload_bytes,
             )
         return committed
+
+    def _still_reserved(self, reservation: Reservation) -> bool:
+        """Whether the region still says "reserved" for ``reservation``; if
+        not, another process wrote it: stop writing."""
+        if self._foreign is not None:
+            return False
+        offset = reservation.header_offset
+        (state,) = U32.unpack_from(self._mmap, offset + BH_BATCH_COMPLETE)
+        if state == BATCH_RESERVED:
+            return True
+        self._foreign = (
+            f"{self.path}: broker {self.broker_id}'s batch at byte {offset} of topic "
+            f"{reservation.stream.topic!r} is no longer reserved (its state word is {state}): "
+            "another process has written this broker's streams, so this broker commits "
+            "nothing more"
+        )
+        logger.error("%s", self._foreign)
+        return False
+
+    def _refuse_if_foreign(self) -> None:
+        if self._foreign is not None:
+            raise LayoutError(self._foreign)
 
     def _commit(self, stream: Stream, reservation: Reservation) -> None:
         assert reservation.starts is not None
