@@ -22,7 +22,7 @@ import trio
 
 from .broker import Broker, serve
 from .config import Config, config_to_toml, load_config
-from .errors import ConfigError, EmbarcaderoError
+from .errors import ConfigError, EmbarcaderoError, StartupError
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except* (EmbarcaderoError, OSError) as group:
         failures.extend(_leaves(group))
     for failure in failures:
-        logger.error("cannot serve: %s", failure)
+        if isinstance(failure, StartupError):  # says what to do already
+            logger.error("%s", failure)
+        else:
+            logger.error("cannot serve: %s", failure)
     return 1 if failures else 0
 
 

@@ -88,6 +88,15 @@ class LayoutError(EmbarcaderoError):
     or the log's contents contradict themselves (another process wrote them)."""
 
 
+class StartupError(EmbarcaderoError):
+    """The broker refuses to start; the message says why and how to go on
+    (the command line prints it as it is)."""
+
+
+class UnsafeFileError(StartupError):
+    """A file the broker would use is a symbolic link or belongs to another user."""
+
+
 class BrokerError(EmbarcaderoError):
     """The broker told a client about a failure with an error frame.
 

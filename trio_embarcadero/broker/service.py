@@ -351,6 +351,7 @@ def _open_logs(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None]:
         max_inflight_batches=cxl.max_inflight_batches,
         reset=reset,
         prefault=cxl.prefault,
+        mode=cxl.mode,
     )
     if not config.storage.dir:
         return log, None
@@ -361,6 +362,7 @@ def _open_logs(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None]:
             sync_interval=config.storage.sync_interval_ms / 1000,
             sync_bytes=config.storage.sync_bytes,
             reset=reset,
+            mode=config.storage.mode,
         )
     except BaseException:
         log.close()
@@ -448,8 +450,10 @@ async def serve(
         task_status: Receives the :class:`Broker` once it accepts connections.
 
     Raises:
+        UnsafeFileError: A file is a symbolic link or another user's.
         LayoutError: The CXL file or disk log exists with another layout.
-        OSError: The CXL file cannot be mapped or the port cannot be bound.
+        OSError: The CXL file or disk log cannot be created or mapped, or the
+            port cannot be bound.
 
     Error handling:
         Nothing a client sends or fails to send raises out of here; it costs
@@ -478,7 +482,9 @@ async def open_broker(
         The running :class:`Broker`.
 
     Raises:
-        LayoutError: As for :func:`serve`, raised as is (not in a group).
+        StartupError: As for :func:`serve` (its subclasses too), raised as
+            is (not in a group).
+        LayoutError: As for :func:`serve`, raised as is.
         OSError: As for :func:`serve`, raised as is.
     """
     # Start-up failures happen here, before the nursery, so they reach the

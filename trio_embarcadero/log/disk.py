@@ -22,6 +22,9 @@ On start the disk log is reconciled with the CXL region:
 
 A disk log that disagrees with the region about a batch's logical offset is
 refused: the two belong to different histories.
+
+Files are created with ``storage.mode`` (0600 by default), and a link or
+another user's file in their place is refused (:mod:`.ownership`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import attrs
 
 from ..errors import LayoutError
 from ..wire import BATCH_HEADER_SIZE, encode_topic, scan_records, unpack_batch_header
+from .ownership import make_private_dir, open_private_file
 from .region import CxlLog, Reservation, Stream
 
 logger = logging.getLogger(__name__)
@@ -93,9 +97,17 @@ class DiskLog:
         waiting_bytes: Bytes committed since the last :meth:`take_jobs`.
     """
 
-    def __init__(self, directory: Path, log: CxlLog, sync_interval: float, sync_bytes: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        log: CxlLog,
+        sync_interval: float,
+        sync_bytes: int,
+        mode: int = 0o600,
+    ) -> None:
         self.directory = directory
         self._log = log
+        self._mode = mode
         self._interval = sync_interval
         self._sync_bytes = sync_bytes
         self._files: dict[str, _StreamFile] = {}
@@ -118,18 +130,36 @@ class DiskLog:
         sync_interval: float,
         sync_bytes: int,
         reset: bool = False,
+        mode: int = 0o600,
     ) -> DiskLog:
         """Open (or create) the disk logs of ``log``'s broker and reconcile them.
 
+        Args:
+            directory: The disk log directory (created if need be).
+            log: The broker's CXL log.
+            sync_interval: Seconds to gather commits before a sync.
+            sync_bytes: Bytes waiting that trigger a sync sooner.
+            reset: Remove this broker's files first.
+            mode: Permission bits of the files (and of the directory, plus x,
+                if it is created).
+
         Raises:
+            UnsafeFileError: A file is a symbolic link or another user's.
             LayoutError: A disk log disagrees with the CXL region.
             OSError: The directory or a file cannot be used.
         """
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        disk = cls(path, log, sync_interval, sync_bytes)
-        suffix = f"@{log.broker_id}.log"
-        for file in sorted(path.glob(f"*{suffix}")):
+        make_private_dir(directory, mode)
+        disk = cls(Path(directory), log, sync_interval, sync_bytes, mode)
+        try:
+            disk._reconcile(reset)
+        except BaseException:
+            disk.close()
+            raise
+        return disk
+
+    def _reconcile(self, reset: bool) -> None:
+        suffix = f"@{self._log.broker_id}.log"
+        for file in sorted(self.directory.glob(f"*{suffix}")):
             if reset:
                 file.unlink()
                 continue
@@ -139,18 +169,17 @@ class DiskLog:
             except ValueError:
                 logger.warning("ignoring %s: not a topic's disk log", file)
                 continue
-            disk._files[topic] = disk._recover(topic, file)
+            self._files[topic] = self._recover(topic, file)
         # Batches committed in the region but not on disk (acked at level 1,
         # not yet synced when the broker stopped) are the writer's first job.
-        for stream in log.streams():
-            known = disk._files.get(stream.topic)
+        for stream in self._log.streams():
+            known = self._files.get(stream.topic)
             for k in range(known.synced if known else 0, stream.batches):
-                disk.waiting_batches += 1
-                disk.waiting_bytes += BATCH_HEADER_SIZE + stream.committed_batch(k).total_size
-        return disk
+                self.waiting_batches += 1
+                self.waiting_bytes += BATCH_HEADER_SIZE + stream.committed_batch(k).total_size
 
     def _recover(self, topic: str, path: Path) -> _StreamFile:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        fd = open_private_file(str(path), os.O_RDWR | os.O_APPEND, self._mode, "disk log")
         try:
             batches = _read_batches(fd, path)
             stream = self._log.stream(topic)
@@ -227,7 +256,9 @@ class DiskLog:
         if file is None:
             path = self.directory / file_name(stream.topic, self._log.broker_id)
             # O_APPEND + create: a file opened once per topic, on its first commit.
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = open_private_file(
+                str(path), os.O_RDWR | os.O_APPEND | os.O_CREAT, self._mode, "disk log"
+            )
             file = self._files[stream.topic] = _StreamFile(path, fd, 0)
         return file
 

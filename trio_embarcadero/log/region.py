@@ -74,6 +74,7 @@ from .layout import (
     segments_handed_out,
     write_topic,
 )
+from .ownership import check_replaceable, open_private_file
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +247,7 @@ class CxlLog:
         max_inflight_batches: int = 1024,
         reset: bool = False,
         prefault: bool = True,
+        mode: int = 0o600,
     ) -> CxlLog:
         """Map the region file, creating or re-attaching to it.
 
@@ -254,7 +256,11 @@ class CxlLog:
         the previous owner stopped is marked abandoned so it never becomes
         visible. ``reset=True`` starts from an empty region.
 
+        Args:
+            mode: Permission bits of the file.
+
         Raises:
+            UnsafeFileError: The file is a symbolic link or another user's.
             LayoutError: The file exists with another layout or size.
             OSError: The file cannot be created or mapped.
         """
@@ -264,12 +270,31 @@ class CxlLog:
                 f"{path}: a region of {size} bytes has no room for one {segment_size}-byte segment "
                 f"after its {geometry.data_offset}-byte tables"
             )
+        log = cls._map_file(path, geometry, broker_id, max_inflight_batches, reset, prefault, mode)
+        log._recover()
+        return log
+
+    @classmethod
+    def _map_file(
+        cls,
+        path: str,
+        geometry: Geometry,
+        broker_id: int,
+        max_inflight_batches: int,
+        reset: bool,
+        prefault: bool,
+        mode: int,
+    ) -> CxlLog:
+        size = geometry.region_size
+        flags = os.O_RDWR | os.O_CREAT
         if reset:
+            check_replaceable(path, "CXL file")
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            flags |= os.O_EXCL  # nothing may have slipped into its place
+        fd = open_private_file(path, flags, mode, "CXL file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
@@ -282,8 +307,8 @@ class CxlLog:
                         f"{path} is {existing} bytes but the config asks for {size} "
                         "(cxl.size_mb); start with --reset to discard it, or fix the config"
                     )
-                flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if prefault else 0)
-                mapping = mmap.mmap(fd, size, flags=flags)
+                map_flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if prefault else 0)
+                mapping = mmap.mmap(fd, size, flags=map_flags)
                 log = cls(fd, mapping, geometry, broker_id, max_inflight_batches, path)
                 if fresh:
                     format_region(mapping, geometry)
@@ -294,7 +319,6 @@ class CxlLog:
         except BaseException:
             os.close(fd)
             raise
-        log._recover()
         return log
 
     def close(self) -> None:
