@@ -1,6 +1,6 @@
 """Who may read the log.
 
-* The CXL file and the disk log files are created with ``cxl.mode`` /
+* The CXL file, the disk log files and their lock files are created with ``cxl.mode`` /
   ``storage.mode`` (0600 by default, whatever the umask), and set to it when they exist.
 * A symbolic link in their place is refused, so is a file of another user; nothing is
   followed, truncated or unlinked.
@@ -21,7 +21,7 @@ from memory import open_small_log
 from trio_embarcadero import open_broker, open_publisher
 from trio_embarcadero.errors import UnsafeFileError
 from trio_embarcadero.log.disk import file_name
-from trio_embarcadero.log.ownership import open_private_file
+from trio_embarcadero.log.ownership import disk_lock_path, open_private_file, region_lock_path
 
 
 def mode_of(path: str | Path) -> int:
@@ -63,7 +63,9 @@ async def test_files_get_the_configured_mode(
         async with open_broker(config) as broker:
             await publish_one(broker.port)
     assert mode_of(config.cxl.path) == cxl
+    assert mode_of(region_lock_path(config.cxl.path)) == cxl
     assert mode_of(storage) == directory
+    assert mode_of(disk_lock_path(str(storage))) == disk
     assert mode_of(storage / file_name("t", 0)) == disk
 
     # Files made before (or loosened since) are set to the configured mode again.

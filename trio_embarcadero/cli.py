@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run a broker until SIGINT/SIGTERM")
     _add_config_options(serve_cmd)
     serve_cmd.add_argument(
-        "--reset", action="store_true", help="discard the CXL file's contents and start empty"
+        "--reset",
+        action="store_true",
+        help="start empty: discard the CXL file (every broker's streams in it) and this "
+        "broker's disk log files in storage.dir; refused while any broker serves the file",
     )
     check = commands.add_parser("check-config", help="validate a config and print it in full")
     _add_config_options(check)

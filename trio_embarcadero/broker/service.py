@@ -36,8 +36,9 @@ from typing import NoReturn
 import trio
 
 from ..config import Config, parse_networks
-from ..errors import ErrorCode, LayoutError, ProtocolError
+from ..errors import ErrorCode, LayoutError, ListenError, ProtocolError
 from ..log import CxlLog, DiskLog
+from ..log.ownership import BrokerLock, claim_disk_log, claim_region
 from ..wire import encode_error_frame
 from .acks import DialBackRegistry, DialBackStatistics
 from .allocator import AllocationCounters, Backoff, StagedBatch, run_allocator
@@ -340,33 +341,53 @@ class Broker:
 
 
 def _open_logs(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None]:
-    cxl = config.cxl
-    log = CxlLog.open(
-        cxl.path,
-        size=cxl.size_bytes,
-        segment_size=cxl.segment_bytes,
-        max_topics=cxl.max_topics,
-        max_brokers=cxl.max_brokers,
-        broker_id=config.broker.id,
-        max_inflight_batches=cxl.max_inflight_batches,
-        reset=reset,
-        prefault=cxl.prefault,
-        mode=cxl.mode,
-    )
-    if not config.storage.dir:
-        return log, None
+    cxl, storage, broker_id = config.cxl, config.storage, config.broker.id
+    # Both locks first: a broker that finds either taken must leave the
+    # region and the disk log exactly as they are (no reset, no recovery).
+    region_lock = claim_region(cxl.path, broker_id, mode=cxl.mode, reset=reset)
+    disk_lock: BrokerLock | None = None
+    log: CxlLog | None = None
     try:
-        disk = DiskLog.open(
-            config.storage.dir,
-            log,
-            sync_interval=config.storage.sync_interval_ms / 1000,
-            sync_bytes=config.storage.sync_bytes,
+        if storage.dir:
+            disk_lock = claim_disk_log(storage.dir, broker_id, mode=storage.mode)
+        log = CxlLog.open(
+            cxl.path,
+            size=cxl.size_bytes,
+            segment_size=cxl.segment_bytes,
+            max_topics=cxl.max_topics,
+            max_brokers=cxl.max_brokers,
+            broker_id=broker_id,
+            max_inflight_batches=cxl.max_inflight_batches,
             reset=reset,
-            mode=config.storage.mode,
+            prefault=cxl.prefault,
+            mode=cxl.mode,
+            lock=region_lock,
         )
+        disk = None
+        if disk_lock is not None:
+            disk = DiskLog.open(
+                storage.dir,
+                log,
+                sync_interval=storage.sync_interval_ms / 1000,
+                sync_bytes=storage.sync_bytes,
+                reset=reset,
+                mode=storage.mode,
+                lock=disk_lock,
+            )
     except BaseException:
-        log.close()
+        if disk_lock is not None:
+            disk_lock.close()
+        if log is not None:
+            log.close()  # and its lock
+        else:
+            region_lock.close()
         raise
+    if reset:
+        logger.warning(
+            "--reset: %s starts empty (every broker's streams in it discarded)%s",
+            cxl.path,
+            f"; broker {broker_id}'s disk log in {storage.dir} emptied too" if storage.dir else "",
+        )
     return log, disk
 
 
@@ -386,15 +407,25 @@ async def _start(
     reset: bool,
     listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None,
 ) -> Broker:
-    """Open the logs and bind the listeners: everything that can fail at start."""
-    log, disk = await _open_log(config, reset)
+    """Bind the listeners, then open the logs: everything that can fail at start.
+
+    The listeners come first: a broker that cannot listen (a port taken by a
+    broker already running) fails before it opens, let alone recovers, the
+    region and the disk log.
+    """
+    bound: list[trio.SocketListener] = []
+    if listeners is None:
+        host, port = config.broker.host, config.broker.data_port
+        try:
+            bound = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise ListenError(host, port, exc) from exc
+        listeners = bound
     try:
-        if listeners is None:
-            listeners = await trio.open_tcp_listeners(
-                config.broker.data_port, host=config.broker.host
-            )
+        log, disk = await _open_log(config, reset)
     except BaseException:
-        _close_logs(log, disk)
+        for listener in bound:  # only those bound here; a caller's stay open
+            listener.socket.close()
         raise
     return Broker(config, log, listeners, disk)
 
@@ -443,17 +474,21 @@ async def serve(
 
     Args:
         config: The broker's configuration.
-        reset: Discard the contents of an existing CXL file (and disk log)
-            instead of re-attaching to it.
+        reset: Start empty: discard the CXL file (every broker's streams in
+            it) and this broker's files in the disk log, instead of
+            re-attaching to them. Refused while any broker serves the region.
         listeners: Accept on these instead of binding ``broker.host`` and
             the data port (socket activation, in-memory tests).
         task_status: Receives the :class:`Broker` once it accepts connections.
 
     Raises:
+        ListenError: A listener cannot be bound (checked first).
+        AlreadyServedError: Another live process serves this broker id on
+            the CXL file or the disk log (or, with ``reset``, any broker id
+            on the CXL file); nothing was changed.
         UnsafeFileError: A file is a symbolic link or another user's.
         LayoutError: The CXL file or disk log exists with another layout.
-        OSError: The CXL file or disk log cannot be created or mapped, or the
-            port cannot be bound.
+        OSError: The CXL file or disk log cannot be created or mapped.
 
     Error handling:
         Nothing a client sends or fails to send raises out of here; it costs

@@ -23,8 +23,10 @@ On start the disk log is reconciled with the CXL region:
 A disk log that disagrees with the region about a batch's logical offset is
 refused: the two belong to different histories.
 
+Only one process writes a broker's files: :meth:`DiskLog.open` holds the
+directory's lock on the broker id (:mod:`.ownership`) until :meth:`DiskLog.close`.
 Files are created with ``storage.mode`` (0600 by default), and a link or
-another user's file in their place is refused (:mod:`.ownership`).
+another user's file in their place is refused.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import attrs
 
 from ..errors import LayoutError
 from ..wire import BATCH_HEADER_SIZE, encode_topic, scan_records, unpack_batch_header
-from .ownership import make_private_dir, open_private_file
+from .ownership import BrokerLock, claim_disk_log, open_private_file
 from .region import CxlLog, Reservation, Stream
 
 logger = logging.getLogger(__name__)
@@ -108,6 +110,7 @@ class DiskLog:
         self.directory = directory
         self._log = log
         self._mode = mode
+        self._owner: BrokerLock | None = None
         self._interval = sync_interval
         self._sync_bytes = sync_bytes
         self._files: dict[str, _StreamFile] = {}
@@ -131,8 +134,13 @@ class DiskLog:
         sync_bytes: int,
         reset: bool = False,
         mode: int = 0o600,
+        lock: BrokerLock | None = None,
     ) -> DiskLog:
         """Open (or create) the disk logs of ``log``'s broker and reconcile them.
+
+        Before any file is removed (``reset``) or replayed, the broker id is
+        locked on the directory (:func:`~.ownership.claim_disk_log`); the
+        disk log keeps the lock until :meth:`close`.
 
         Args:
             directory: The disk log directory (created if need be).
@@ -142,19 +150,26 @@ class DiskLog:
             reset: Remove this broker's files first.
             mode: Permission bits of the files (and of the directory, plus x,
                 if it is created).
+            lock: The lock, already taken by the caller; the disk log takes
+                it over. None: take it here.
 
         Raises:
+            AlreadyServedError: Another live process serves this broker id
+                on the directory.
             UnsafeFileError: A file is a symbolic link or another user's.
             LayoutError: A disk log disagrees with the CXL region.
             OSError: The directory or a file cannot be used.
         """
-        make_private_dir(directory, mode)
+        owner = claim_disk_log(directory, log.broker_id, mode=mode) if lock is None else lock
         disk = cls(Path(directory), log, sync_interval, sync_bytes, mode)
         try:
             disk._reconcile(reset)
         except BaseException:
             disk.close()
+            if lock is None:  # a lock the caller gave stays the caller's on failure
+                owner.close()
             raise
+        disk._owner = owner
         return disk
 
     def _reconcile(self, reset: bool) -> None:
@@ -225,10 +240,13 @@ class DiskLog:
         self._replayed += 1
 
     def close(self) -> None:
-        """Close every file (once the writer has stopped)."""
+        """Close every file (once the writer has stopped) and release the lock."""
         for file in self._files.values():
             os.close(file.fd)
         self._files.clear()
+        if self._owner is not None:
+            self._owner.close()
+            self._owner = None
 
     # -- what the writer task calls -----------------------------------------------
 

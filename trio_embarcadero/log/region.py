@@ -20,9 +20,11 @@ batches out to acks, subscribers and the disk.
 
 Shared structures (superblock allocator, topic table) are changed under an
 ``flock`` of the file, so brokers in other processes can share the region.
-Each broker writes only its own streams. A commit checks that its batch's
-state word is still the "reserved" it wrote: if another process changed it,
-this handle stops writing (see :meth:`CxlLog.complete`).
+Each broker writes only its own streams, and holds a lock on its broker id
+for its whole life (:mod:`.ownership`), so no other process writes them. A
+commit still checks that its batch's state word is the "reserved" it wrote:
+if another process changed it, this handle stops writing (see
+:meth:`CxlLog.complete`).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ from .layout import (
     segments_handed_out,
     write_topic,
 )
-from .ownership import check_replaceable, open_private_file
+from .ownership import BrokerLock, check_replaceable, claim_region, open_private_file
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +216,7 @@ class CxlLog:
     ) -> None:
         self._fd = fd
         self.path = path
+        self._owner: BrokerLock | None = None
         # Set when another process changed one of our batches: nothing more is written.
         self._foreign: str | None = None
         self._mmap = mapping
@@ -248,6 +251,7 @@ class CxlLog:
         reset: bool = False,
         prefault: bool = True,
         mode: int = 0o600,
+        lock: BrokerLock | None = None,
     ) -> CxlLog:
         """Map the region file, creating or re-attaching to it.
 
@@ -256,10 +260,20 @@ class CxlLog:
         the previous owner stopped is marked abandoned so it never becomes
         visible. ``reset=True`` starts from an empty region.
 
+        Before anything is reset or recovered, broker ``broker_id`` is locked
+        on the region (:func:`~.ownership.claim_region`; with ``reset``, every
+        broker id is, until the region is recreated). The handle keeps the
+        lock until :meth:`close`.
+
         Args:
-            mode: Permission bits of the file.
+            mode: Permission bits of the file (and its lock file).
+            lock: The lock, already taken by the caller with
+                :func:`~.ownership.claim_region` (``reset`` must match); the
+                handle takes it over. None: take it here.
 
         Raises:
+            AlreadyServedError: Another live process serves this broker id on
+                the region (or, with ``reset``, any broker id).
             UnsafeFileError: The file is a symbolic link or another user's.
             LayoutError: The file exists with another layout or size.
             OSError: The file cannot be created or mapped.
@@ -270,8 +284,27 @@ class CxlLog:
                 f"{path}: a region of {size} bytes has no room for one {segment_size}-byte segment "
                 f"after its {geometry.data_offset}-byte tables"
             )
-        log = cls._map_file(path, geometry, broker_id, max_inflight_batches, reset, prefault, mode)
-        log._recover()
+        if lock is None:
+            owner = claim_region(path, broker_id, mode=mode, reset=reset)
+        elif lock.broker_id != broker_id or lock.whole != reset:
+            raise ValueError("the lock given is not this broker's (or not whole for a reset)")
+        else:
+            owner = lock
+        try:
+            log = cls._map_file(
+                path, geometry, broker_id, max_inflight_batches, reset, prefault, mode
+            )
+            try:
+                log._recover()
+            except BaseException:
+                log.close()
+                raise
+        except BaseException:
+            if lock is None:
+                owner.close()
+            raise
+        log._owner = owner
+        owner.keep_own_slot()  # the region is recreated: other brokers may attach
         return log
 
     @classmethod
@@ -338,6 +371,9 @@ class CxlLog:
             self._mmap.close()
         finally:
             os.close(self._fd)
+            if self._owner is not None:
+                self._owner.close()
+                self._owner = None
 
     # -- topics and segments (shared; under flock) ---------------------------------
 
