@@ -81,6 +81,7 @@ def test_defaults() -> None:
         max_inflight_batches=1024,
         prefault=True,
         mode=0o600,
+        allow_weak_memory_ordering=False,
     )
     assert config.cxl.size_bytes == 1024 * MIB
     assert config.cxl.segment_bytes == 32 * MIB
@@ -916,7 +917,7 @@ def test_config_to_toml_defaults_text() -> None:
     sections = [line for line in text.splitlines() if line.startswith("[")]
     assert sections == ["[broker]", "[network]", "[cxl]", "[storage]", "[logging]"]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert len(keys) == 3 + 20 + 8 + 4 + 1
+    assert len(keys) == 3 + 20 + 9 + 4 + 1
 
 
 @pytest.mark.parametrize(
@@ -938,6 +939,7 @@ def test_config_to_toml_defaults_text() -> None:
                 max_brokers=8,
                 prefault=False,
                 mode=0o640,
+                allow_weak_memory_ordering=True,
             ),
             storage=StorageConfig(dir="/var/x", sync_interval_ms=0.001, sync_bytes=1, mode=0o777),
             logging=LoggingConfig(level="critical"),

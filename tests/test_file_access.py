@@ -1,14 +1,19 @@
-"""Who may read the log.
+"""Who may read the log, and on which machines the broker writes it.
 
 * The CXL file, the disk log files and their lock files are created with ``cxl.mode`` /
   ``storage.mode`` (0600 by default, whatever the umask), and set to it when they exist.
 * A symbolic link in their place is refused, so is a file of another user; nothing is
   followed, truncated or unlinked.
+* The broker refuses to start on a machine without x86-64 store ordering unless
+  ``cxl.allow_weak_memory_ordering`` is set.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import platform
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +24,14 @@ from conftest import MakeConfig
 from memory import open_small_log
 
 from trio_embarcadero import open_broker, open_publisher
-from trio_embarcadero.errors import UnsafeFileError
+from trio_embarcadero.cli import main
+from trio_embarcadero.errors import StartupError, UnsafeFileError
 from trio_embarcadero.log.disk import file_name
 from trio_embarcadero.log.ownership import disk_lock_path, open_private_file, region_lock_path
+
+
+def exists(path: str) -> bool:
+    return os.path.exists(path)
 
 
 def mode_of(path: str | Path) -> int:
@@ -36,8 +46,8 @@ def umask_0() -> Iterator[None]:
     os.umask(old)
 
 
-async def publish_one(port: int) -> None:
-    async with open_publisher("127.0.0.1", port, "t", ack=2) as pub:
+async def publish_one(port: int, *, ack: int = 2) -> None:
+    async with open_publisher("127.0.0.1", port, "t", ack=ack) as pub:
         await pub.publish(b"secret")
         await pub.flush()
         assert pub.acked == 1
@@ -134,3 +144,63 @@ def test_a_cxl_file_planted_by_another_user_is_refused(cxl_path: str) -> None:
         open_small_log(cxl_path, reset=True)  # not unlinked either
     assert os.stat(cxl_path).st_uid == 4242
     assert mode_of(cxl_path) == 0o666
+
+
+# -- memory ordering ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def on_arm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+
+
+@pytest.mark.usefixtures("on_arm")
+async def test_a_weakly_ordered_machine_is_refused(make_config: MakeConfig, cxl_path: str) -> None:
+    with pytest.raises(StartupError) as info:
+        async with open_broker(make_config()):
+            pass  # pragma: no cover - refused
+    message = str(info.value)
+    assert message.startswith("this machine is aarch64, not x86-64: ")
+    assert "relies on x86-64 store ordering" in message
+    assert "set cxl.allow_weak_memory_ordering = true" in message
+    # Refused before anything was created.
+    assert not exists(cxl_path)
+    assert not exists(region_lock_path(cxl_path))
+    with pytest.raises(StartupError, match="aarch64"):
+        open_small_log(cxl_path)
+
+    # The explicit override runs it.
+    with trio.fail_after(10):
+        async with open_broker(make_config(**{"cxl.allow_weak_memory_ordering": True})) as b:
+            await publish_one(b.port, ack=1)
+
+
+@pytest.mark.usefixtures("on_arm")
+def test_serve_on_a_weakly_ordered_machine_exits_1(
+    tmp_path: Path, cxl_path: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in list(os.environ):
+        if var.startswith(("TRIO_EMBARCADERO_", "EMBARCADERO_")):
+            monkeypatch.delenv(var)
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        f'[network]\nstaging_pool_buffer_size_mb = 1\n\n[cxl]\npath = "{cxl_path}"\n'
+        "size_mb = 16\nsegment_mb = 4\nprefault = false\n"
+    )
+    # Its port is taken too: the machine is checked before anything else.
+    with socket.socket() as busy, caplog.at_level(logging.ERROR):
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        assert main(["serve", "--config", str(config), "--port", port]) == 1
+    [record] = caplog.records
+    assert record.getMessage().startswith("this machine is aarch64, not x86-64")
+    assert not exists(cxl_path)
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "AMD64"])
+def test_x86_64_needs_no_override(
+    monkeypatch: pytest.MonkeyPatch, cxl_path: str, machine: str
+) -> None:
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    open_small_log(cxl_path).close()

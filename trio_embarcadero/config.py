@@ -385,6 +385,12 @@ class CxlConfig(_Checked):
         mode: Permission bits of the file and its lock file (default 0o600:
             only the broker's user may read the log); 0o640 lets the file's
             group read it with ``open_log``. Existing files are set to it too.
+        allow_weak_memory_ordering: Run on a machine that is not x86-64. The
+            commit protocol relies on x86-64 store ordering: elsewhere a
+            process reading the CXL file (``open_log``, ``topics``,
+            ``inspect``) may see a batch as committed before its bytes and
+            read stale data. The broker and its TCP subscribers are not
+            affected (they read the log in the thread that writes it).
     """
 
     path: str = attrs.field(
@@ -398,6 +404,9 @@ class CxlConfig(_Checked):
     max_inflight_batches: int = attrs.field(default=1024, validator=_positive_int)
     prefault: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     mode: int = attrs.field(default=0o600, validator=_file_mode, metadata=_OCTAL)
+    allow_weak_memory_ordering: bool = attrs.field(
+        default=False, validator=attrs.validators.instance_of(bool)
+    )
 
     @property
     def size_bytes(self) -> int:

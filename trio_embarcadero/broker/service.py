@@ -39,6 +39,7 @@ from ..config import Config, parse_networks
 from ..errors import ErrorCode, LayoutError, ListenError, ProtocolError
 from ..log import CxlLog, DiskLog
 from ..log.ownership import BrokerLock, claim_disk_log, claim_region
+from ..log.region import check_memory_ordering
 from ..wire import encode_error_frame
 from .acks import DialBackRegistry, DialBackStatistics
 from .allocator import AllocationCounters, Backoff, StagedBatch, run_allocator
@@ -362,6 +363,7 @@ def _open_logs(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None]:
             prefault=cxl.prefault,
             mode=cxl.mode,
             lock=region_lock,
+            allow_weak_memory_ordering=cxl.allow_weak_memory_ordering,
         )
         disk = None
         if disk_lock is not None:
@@ -413,6 +415,7 @@ async def _start(
     broker already running) fails before it opens, let alone recovers, the
     region and the disk log.
     """
+    check_memory_ordering(config.cxl.allow_weak_memory_ordering)
     bound: list[trio.SocketListener] = []
     if listeners is None:
         host, port = config.broker.host, config.broker.data_port
@@ -487,6 +490,7 @@ async def serve(
             the CXL file or the disk log (or, with ``reset``, any broker id
             on the CXL file); nothing was changed.
         UnsafeFileError: A file is a symbolic link or another user's.
+        StartupError: The machine is not x86-64 (``cxl.allow_weak_memory_ordering``).
         LayoutError: The CXL file or disk log exists with another layout.
         OSError: The CXL file or disk log cannot be created or mapped.
 

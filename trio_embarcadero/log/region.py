@@ -25,6 +25,10 @@ for its whole life (:mod:`.ownership`), so no other process writes them. A
 commit still checks that its batch's state word is the "reserved" it wrote:
 if another process changed it, this handle stops writing (see
 :meth:`CxlLog.complete`).
+
+The commit protocol relies on x86-64 store ordering (see
+:mod:`.layout`); :func:`check_memory_ordering` refuses other machines unless
+told otherwise.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import fcntl
 import logging
 import mmap
 import os
+import platform
 from collections import deque
 from collections.abc import Iterator
 
@@ -40,7 +45,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import LayoutError, LogFullError
+from ..errors import LayoutError, LogFullError, StartupError
 from ..wire import (
     BATCH_HEADER,
     BATCH_HEADER_SIZE,
@@ -79,6 +84,37 @@ from .layout import (
 from .ownership import BrokerLock, check_replaceable, claim_region, open_private_file
 
 logger = logging.getLogger(__name__)
+
+#: ``platform.machine()`` of the machines whose stores become visible to other
+#: cores in program order (x86-64's total store order), lower case.
+STRONGLY_ORDERED_MACHINES = frozenset({"x86_64", "amd64"})
+
+
+def check_memory_ordering(allow_weak: bool = False) -> None:
+    """Refuse to write a region on a machine without x86-64 store ordering.
+
+    A commit writes a batch's payload and logical offsets, then its
+    ``batch_complete`` word, with plain stores and no fences: on x86-64 other
+    processes see those stores in that order. On a weakly ordered machine
+    (ARM, POWER, RISC-V) a reader in another process could see the batch as
+    committed before its bytes, and read stale data.
+
+    Args:
+        allow_weak: Run anyway (``cxl.allow_weak_memory_ordering``).
+
+    Raises:
+        StartupError: The machine is not x86-64 and ``allow_weak`` is false.
+    """
+    machine = platform.machine()
+    if allow_weak or machine.lower() in STRONGLY_ORDERED_MACHINES:
+        return
+    raise StartupError(
+        f"this machine is {machine or 'of unknown architecture'}, not x86-64: the CXL log's "
+        "commit protocol relies on x86-64 store ordering (a batch's bytes become visible to "
+        "other processes before its commit word), so a process reading the CXL file could "
+        "see a committed batch with stale bytes; set cxl.allow_weak_memory_ordering = true "
+        "to run anyway if no other process reads the CXL file while the broker writes it"
+    )
 
 
 @attrs.frozen
@@ -252,6 +288,7 @@ class CxlLog:
         prefault: bool = True,
         mode: int = 0o600,
         lock: BrokerLock | None = None,
+        allow_weak_memory_ordering: bool = False,
     ) -> CxlLog:
         """Map the region file, creating or re-attaching to it.
 
@@ -270,14 +307,17 @@ class CxlLog:
             lock: The lock, already taken by the caller with
                 :func:`~.ownership.claim_region` (``reset`` must match); the
                 handle takes it over. None: take it here.
+            allow_weak_memory_ordering: See :func:`check_memory_ordering`.
 
         Raises:
             AlreadyServedError: Another live process serves this broker id on
                 the region (or, with ``reset``, any broker id).
             UnsafeFileError: The file is a symbolic link or another user's.
+            StartupError: The machine is not x86-64 (see :func:`check_memory_ordering`).
             LayoutError: The file exists with another layout or size.
             OSError: The file cannot be created or mapped.
         """
+        check_memory_ordering(allow_weak_memory_ordering)
         geometry = Geometry(size, segment_size, max_topics, max_brokers)
         if geometry.num_segments < 1:
             raise LayoutError(
