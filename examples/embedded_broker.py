@@ -19,6 +19,7 @@ from functools import partial
 import trio
 
 from trio_embarcadero import BrokerError, load_config, open_publisher, open_subscriber, serve
+from trio_embarcadero.log import remove_region
 
 
 async def run(orders: int, cxl_path: str) -> float:
@@ -73,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"broker error: {exc}")
         return 1
     finally:
-        if os.path.exists(path):
-            os.unlink(path)
+        remove_region(path)  # the CXL file and its lock file
     print(f"total amount: {total:.2f}")
     return 0
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -10,19 +9,17 @@ import pytest
 import trio
 
 from trio_embarcadero.config import Config, load_config
+from trio_embarcadero.log import remove_region
 
 MakeConfig = Callable[..., Config]
 
 
 @pytest.fixture
 def cxl_path() -> Iterator[str]:
-    """A fresh CXL file path under /dev/shm, removed after the test."""
+    """A fresh CXL file path under /dev/shm, removed (with its lock file) after the test."""
     path = f"/dev/shm/trio-embarcadero-test-{uuid.uuid4().hex[:12]}"
     yield path
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    remove_region(path)
 
 
 @pytest.fixture

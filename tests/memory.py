@@ -235,6 +235,15 @@ def open_small_log(path: str, **overrides: object) -> CxlLog:
     return CxlLog.open(path, **params)  # type: ignore[arg-type]
 
 
+def lose_lock(log: CxlLog) -> None:
+    """Release ``log``'s broker lock as its process dying would, leaving it open,
+    so another handle in this process can re-attach as the next broker."""
+    owner = log._owner
+    assert owner is not None
+    owner.close()
+    log._owner = None
+
+
 def close_log(log: CxlLog) -> None:
     """Close a log once nothing a test held still views its mapping."""
     gc.collect()

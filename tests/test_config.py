@@ -86,10 +86,14 @@ def test_defaults() -> None:
         max_brokers=4,
         max_inflight_batches=1024,
         prefault=True,
+        mode=0o600,
+        allow_weak_memory_ordering=False,
     )
     assert config.cxl.size_bytes == 1024 * MIB
     assert config.cxl.segment_bytes == 32 * MIB
-    assert config.storage == StorageConfig(dir="", sync_interval_ms=5.0, sync_bytes=64 * MIB)
+    assert config.storage == StorageConfig(
+        dir="", sync_interval_ms=5.0, sync_bytes=64 * MIB, mode=0o600
+    )
     assert config.logging == LoggingConfig(level="INFO")
 
 
@@ -417,6 +421,48 @@ def test_env_bad_value_hides_the_file_value_it_replaces(tmp_path: Path) -> None:
     assert problems == [
         "invalid value for type, expected int: 'x' @ $.network.staging_pool_num_buffers "
         "(from EMBARCADERO_STAGING_POOL_NUM_BUFFERS)"
+    ]
+
+
+# -- file modes -------------------------------------------------------------------------
+
+
+def test_modes_are_octal_in_toml_and_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "[cxl]\nmode = 0o640\n\n[storage]\nmode = 0o700\n")
+    config = load_config(path, env={})
+    assert (config.cxl.mode, config.storage.mode) == (0o640, 0o700)
+    for raw in ("660", "0660", "0o660", "0O660"):
+        env = {"TRIO_EMBARCADERO_CXL__MODE": raw, "TRIO_EMBARCADERO_STORAGE__MODE": raw}
+        config = load_config(None, env=env)
+        assert (config.cxl.mode, config.storage.mode) == (0o660, 0o660), raw
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("0o400", "0o400"),  # the owner could not write its own log
+        ("0o200", "0o200"),
+        ("0o4600", "0o4600"),  # setuid
+        ("600", "0o1130"),  # decimal by mistake
+        ("-1", "-0o1"),
+    ],
+)
+def test_bad_modes_are_refused(tmp_path: Path, text: str, shown: str) -> None:
+    message = (
+        "'mode' must be a file mode from 0o600 to 0o777 that lets the owner read and write, "
+        f"written in octal (TOML 0o600, environment 600 or 0o600): {shown}"
+    )
+    assert problems_of(tmp_path, f"[cxl]\nmode = {text}\n[storage]\nmode = {text}\n") == [
+        f"{message} @ $.cxl.mode",
+        f"{message} @ $.storage.mode",
+    ]
+
+
+@pytest.mark.parametrize("raw", ["", "8", "0o9", "rw-------", "0x180", " 600"])
+def test_env_bad_mode(raw: str) -> None:
+    assert problems_of(Path(), env={"TRIO_EMBARCADERO_CXL__MODE": raw}) == [
+        f"invalid value for type, expected an octal file mode: {raw!r} @ $.cxl.mode "
+        "(from TRIO_EMBARCADERO_CXL__MODE)"
     ]
 
 
@@ -871,11 +917,13 @@ def test_config_to_toml_defaults_text() -> None:
     assert "\npause_high_watermark = 0.875\n" in text
     assert "\nidle_timeout_s = 0.0\n" in text
     assert "\nprefault = true\n" in text
+    # File modes read as what they are: octal.
+    assert text.count("\nmode = 0o600\n") == 2
     assert text.endswith('\n\n[logging]\nlevel = "INFO"\n')
     sections = [line for line in text.splitlines() if line.startswith("[")]
     assert sections == ["[broker]", "[network]", "[cxl]", "[storage]", "[logging]"]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert len(keys) == 3 + 24 + 7 + 3 + 1
+    assert len(keys) == 3 + 24 + 9 + 4 + 1
 
 
 @pytest.mark.parametrize(
@@ -892,8 +940,14 @@ def test_config_to_toml_defaults_text() -> None:
                 idle_timeout_s=1e15,
                 stats_interval_s=1.0 / 3.0,
             ),
-            cxl=CxlConfig(path='/tmp/we"ird\\path\n\t\x7fé✓', max_brokers=8, prefault=False),
-            storage=StorageConfig(dir="/var/x", sync_interval_ms=0.001, sync_bytes=1),
+            cxl=CxlConfig(
+                path='/tmp/we"ird\\path\n\t\x7fé✓',
+                max_brokers=8,
+                prefault=False,
+                mode=0o640,
+                allow_weak_memory_ordering=True,
+            ),
+            storage=StorageConfig(dir="/var/x", sync_interval_ms=0.001, sync_bytes=1, mode=0o777),
             logging=LoggingConfig(level="critical"),
         ),
     ],

@@ -25,7 +25,7 @@ import trio
 from . import __version__
 from .broker import Broker, serve
 from .config import Config, config_to_toml, load_config
-from .errors import ConfigError, EmbarcaderoError, StorageError
+from .errors import ConfigError, EmbarcaderoError, StartupError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd = command("serve", help="run a broker until SIGINT/SIGTERM")
     _add_config_options(serve_cmd)
     serve_cmd.add_argument(
-        "--reset", action="store_true", help="discard the CXL file's contents and start empty"
+        "--reset",
+        action="store_true",
+        help="start empty: discard the CXL file (every broker's streams in it) and this "
+        "broker's disk log files in storage.dir; refused while any broker serves the file",
     )
     check = command("check-config", help="validate a config and print it in full")
     _add_config_options(check)
@@ -159,8 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except* (EmbarcaderoError, OSError) as group:
         failures.extend(_leaves(group))
     for failure in failures:
-        # A storage failure was logged by the broker when it happened.
-        if not isinstance(failure, StorageError):
+        if isinstance(failure, StorageError):
+            pass  # logged by the broker when it happened
+        elif isinstance(failure, StartupError):  # says what to do already
+            logger.error("%s", failure)
+        else:
             logger.error("cannot serve: %s", failure)
     return 1 if failures else 0
 

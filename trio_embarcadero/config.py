@@ -127,6 +127,21 @@ def parse_networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Ne
     return tuple(networks)
 
 
+def _file_mode(_instance: object, attribute: "attrs.Attribute[int]", value: int) -> None:
+    # The broker must read and write its own files; anything beyond rwx (setuid,
+    # sticky) makes no sense for a log.
+    if not isinstance(value, int) or not 0 <= value <= 0o777 or value & 0o600 != 0o600:
+        shown = f"{value:#o}" if isinstance(value, int) else repr(value)
+        raise ValueError(
+            f"'{attribute.name}' must be a file mode from 0o600 to 0o777 that lets the owner "
+            f"read and write, written in octal (TOML 0o600, environment 600 or 0o600): {shown}"
+        )
+
+
+#: Metadata of the fields that hold file modes: read from the environment in octal.
+_OCTAL: Final = {"octal": True}
+
+
 def _upper(value: str) -> str:
     return value.upper()
 
@@ -392,6 +407,15 @@ class CxlConfig(_Checked):
             committed.
         prefault: Touch every page at start-up so the first batches don't pay
             for page faults.
+        mode: Permission bits of the file and its lock file (default 0o600:
+            only the broker's user may read the log); 0o640 lets the file's
+            group read it with ``open_log``. Existing files are set to it too.
+        allow_weak_memory_ordering: Run on a machine that is not x86-64. The
+            commit protocol relies on x86-64 store ordering: elsewhere a
+            process reading the CXL file (``open_log``, ``topics``,
+            ``inspect``) may see a batch as committed before its bytes and
+            read stale data. The broker and its TCP subscribers are not
+            affected (they read the log in the thread that writes it).
     """
 
     path: str = attrs.field(
@@ -404,6 +428,10 @@ class CxlConfig(_Checked):
     max_brokers: int = attrs.field(default=4, validator=_int_in(1, MAX_BROKER_ID + 1))
     max_inflight_batches: int = attrs.field(default=1024, validator=_positive_int)
     prefault: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    mode: int = attrs.field(default=0o600, validator=_file_mode, metadata=_OCTAL)
+    allow_weak_memory_ordering: bool = attrs.field(
+        default=False, validator=attrs.validators.instance_of(bool)
+    )
 
     @property
     def size_bytes(self) -> int:
@@ -421,7 +449,7 @@ _check_order(CxlConfig, "segment_mb", "<=", "size_mb")
 
 @attrs.frozen(kw_only=True)
 class StorageConfig(_Checked):
-    """The disk log behind ack level 2 (see :mod:`trio_embarcadero.storage`).
+    """The disk log behind ack level 2 (see :mod:`trio_embarcadero.log.disk`).
 
     Attributes:
         dir: Directory of the disk log; "" means none, so ack level 2 is
@@ -429,11 +457,15 @@ class StorageConfig(_Checked):
         sync_interval_ms: How long the writer gathers commits after the first
             unsynced one before it writes and syncs them (group commit).
         sync_bytes: Bytes waiting that trigger the write and sync sooner.
+        mode: Permission bits of the disk log files and their lock file
+            (default 0o600), and, plus the matching x bits, of ``dir`` when the
+            broker creates it. Existing files are set to it too.
     """
 
     dir: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
     sync_interval_ms: float = attrs.field(default=5.0, validator=_positive_float)
     sync_bytes: int = attrs.field(default=64 * _MIB, validator=_positive_int)
+    mode: int = attrs.field(default=0o600, validator=_file_mode, metadata=_OCTAL)
 
 
 @attrs.frozen(kw_only=True)
@@ -654,13 +686,26 @@ def _field_types() -> dict[str, Any]:
 
 
 _FIELD_TYPES: Final = _field_types()
+_OCTAL_KEYS: Final = frozenset(
+    f"{section}.{a.name}"
+    for section, cls in _SECTIONS.items()
+    for a in attrs.fields(cls)
+    if a.metadata.get("octal")
+)
+_OCTAL_RE: Final = re.compile(r"(?:0o)?([0-7]+)", re.IGNORECASE)
 _GENERAL_ENV_VARS: Final = {
     ENV_PREFIX + key.upper().replace(".", "__"): key for key in _FIELD_TYPES
 }
 
 
-def _parse_env_value(raw: str, type_: Any) -> object:
+def _parse_env_value(raw: str, type_: Any, *, octal: bool = False) -> object:
     """Converts an environment string to ``type_``; raises ``_Invalid``."""
+    if octal:
+        # A mode is octal whether written 640, 0640 or 0o640.
+        match = _OCTAL_RE.fullmatch(raw)
+        if match is None:
+            raise _Invalid(f"invalid value for type, expected an octal file mode: {raw!r}")
+        return int(match.group(1), 8)
     if type_ is bool:
         lowered = raw.lower()
         if lowered in _TRUE:
@@ -709,7 +754,8 @@ def _env_layer(env: Mapping[str, str], problems: list[str]) -> list[tuple[str, o
     parsed: list[tuple[str, object, str]] = []
     for key, raw, var in layer:
         try:
-            parsed.append((key, _parse_env_value(raw, _FIELD_TYPES[key]), var))
+            value = _parse_env_value(raw, _FIELD_TYPES[key], octal=key in _OCTAL_KEYS)
+            parsed.append((key, value, var))
         except _Invalid as exc:
             problems.append(f"{exc} @ $.{key} (from {var})")
             parsed.append((key, _UNPARSABLE, var))
@@ -779,8 +825,9 @@ def load_config(
         Values are converted by the key's type: int is an optional sign and
         decimal digits; float is anything ``float()`` takes except nan and
         infinities; bool is 1/true/yes/on or 0/false/no/off in any case; str
-        is taken as is. ``network.max_batch_bytes`` can't be reset to None
-        from the environment.
+        is taken as is; a file mode (``cxl.mode``, ``storage.mode``) is octal,
+        written 640, 0640 or 0o640. ``network.max_batch_bytes`` can't be
+        reset to None from the environment.
 
     Args:
         path: The TOML file, or None for no file.
@@ -873,5 +920,20 @@ def config_to_toml(config: Config) -> str:
         )
     # One dump per table so the comment lands inside the table it is about.
     return "\n".join(
-        tomli_w.dumps({section: table}) + notes.get(section, "") for section, table in data.items()
+        _octal_modes(section, tomli_w.dumps({section: table})) + notes.get(section, "")
+        for section, table in data.items()
     )
+
+
+def _octal_modes(section: str, text: str) -> str:
+    """Write the file modes of a dumped table as octal literals (``0o600``, not ``384``)."""
+    for key in _OCTAL_KEYS:
+        table, _, name = key.partition(".")
+        if table == section:
+            text = re.sub(
+                rf"^({name} = )(\d+)$",
+                lambda m: f"{m.group(1)}0o{int(m.group(2)):o}",
+                text,
+                flags=re.MULTILINE,
+            )
+    return text

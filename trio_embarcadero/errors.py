@@ -87,7 +87,52 @@ class LogFullError(EmbarcaderoError):
 
 
 class LayoutError(EmbarcaderoError):
-    """An existing CXL file has another layout or size than the config asks for."""
+    """An existing CXL file has another layout or size than the config asks for,
+    or the log's contents contradict themselves (another process wrote them)."""
+
+
+class StartupError(EmbarcaderoError):
+    """The broker refuses to start; the message says why and how to go on
+    (the command line prints it as it is)."""
+
+
+class AlreadyServedError(StartupError):
+    """Another live broker process serves this broker id on this CXL region or disk log.
+
+    Attributes:
+        path: The CXL file or disk log directory.
+        broker_id: The broker id that is taken.
+        pid: The process that holds it, None when it could not be read.
+    """
+
+    def __init__(self, path: str, broker_id: int, pid: int | None, hint: str) -> None:
+        self.path = path
+        self.broker_id = broker_id
+        self.pid = pid
+        who = f"pid {pid}" if pid is not None else "another process (pid unknown)"
+        super().__init__(f"{path} broker {broker_id} is already served by {who}: {hint}")
+
+
+class UnsafeFileError(StartupError):
+    """A file the broker would use is a symbolic link or belongs to another user."""
+
+
+class ListenError(StartupError):
+    """A listener could not be bound.
+
+    Attributes:
+        host: The address asked for.
+        port: The port asked for.
+        errno: The ``OSError``'s errno (negative for a name resolution error).
+    """
+
+    def __init__(self, host: str, port: int, error: OSError) -> None:
+        self.host = host
+        self.port = port
+        self.errno = error.errno
+        reason = error.strerror or str(error)
+        address = f"[{host}]" if ":" in host else host
+        super().__init__(f"cannot listen on {address}:{port}: {reason[:1].lower()}{reason[1:]}")
 
 
 class StorageError(EmbarcaderoError):

@@ -37,7 +37,14 @@ import numpy.typing as npt
 import trio
 
 from ..config import NetworkConfig
-from ..errors import ConnectionLost, ErrorCode, LogFullError, ProtocolError, StorageError
+from ..errors import (
+    ConnectionLost,
+    ErrorCode,
+    LayoutError,
+    LogFullError,
+    ProtocolError,
+    StorageError,
+)
 from ..log import CxlLog, Reservation
 from ..transport import Receiver, receive_exactly
 from ..wire import BATCH_HEADER_SIZE, BatchHeader, Handshake, parse_batch_header, scan_records
@@ -174,6 +181,8 @@ class PublishSession:
         Raises:
             ProtocolError: What the client is to be told (after its acks).
             ConnectionLost: The client vanished.
+            LayoutError: The log refused a commit (another process changed
+                one of this broker's batches); fatal to the broker.
         """
         ingest, handshake, conn = self.ingest, self.handshake, self.connection
         if handshake.ack == 2 and ingest.durability is None:
@@ -190,6 +199,7 @@ class PublishSession:
         dial_back = handshake.ack >= 1 and handshake.port != 0
         lease = await self._attach_dial_back() if dial_back else None
         lost: ConnectionLost | None = None
+        refused: LayoutError | None = None
         try:
             logger.debug(
                 "conn %d %s publishes to %r with %s",
@@ -214,14 +224,22 @@ class PublishSession:
                     lost = exc
                 except ProtocolError as exc:
                     self.fail(exc)
-                conn.phase = ConnectionPhase.DRAINING
-                await self._wait_settled()
-                if self._acks is not None and not dial_back:
-                    self._acks.close()
-                await ack_sender_done.wait()
+                except LayoutError as exc:
+                    # The log refused a commit: another process wrote this
+                    # broker's streams. Nothing more settles; the broker stops.
+                    refused = exc
+                    nursery.cancel_scope.cancel()
+                if refused is None:
+                    conn.phase = ConnectionPhase.DRAINING
+                    await self._wait_settled()
+                    if self._acks is not None and not dial_back:
+                        self._acks.close()
+                    await ack_sender_done.wait()
         finally:
             if lease is not None:
                 lease.release()
+        if refused is not None:
+            raise refused
         if self._error is None and conn.stopping:
             self._error = ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down")
         if self._error is not None:

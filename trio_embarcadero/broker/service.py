@@ -40,8 +40,10 @@ from typing import NoReturn
 import trio
 
 from ..config import Config, parse_networks
-from ..errors import ErrorCode, ProtocolError, StorageError
+from ..errors import ErrorCode, LayoutError, ListenError, ProtocolError, StorageError
 from ..log import CxlLog, DiskLog
+from ..log.ownership import BrokerLock, claim_disk_log, claim_region
+from ..log.region import check_memory_ordering
 from ..wire import encode_error_frame
 from .acks import DialBackRegistry, DialBackStatistics
 from .allocator import AllocationCounters, Backoff, StagedBatch, run_allocator
@@ -316,6 +318,11 @@ class Broker:
         assert self._ingest is not None  # set before the listener starts
         try:
             await serve_connection(connection, self._ingest)
+        except LayoutError:
+            # The log refused to commit: another process wrote this broker's
+            # streams. Stop the broker, as an allocator that meets it does,
+            # rather than go on acking into a log that is not ours alone.
+            raise
         except Exception:
             # A bug, not a peer fault: keep serving everyone else, loudly.
             self.counters.internal_errors += 1
@@ -372,31 +379,54 @@ class Broker:
 
 
 def _open_logs(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None]:
-    cxl = config.cxl
-    log = CxlLog.open(
-        cxl.path,
-        size=cxl.size_bytes,
-        segment_size=cxl.segment_bytes,
-        max_topics=cxl.max_topics,
-        max_brokers=cxl.max_brokers,
-        broker_id=config.broker.id,
-        max_inflight_batches=cxl.max_inflight_batches,
-        reset=reset,
-        prefault=cxl.prefault,
-    )
-    if not config.storage.dir:
-        return log, None
+    cxl, storage, broker_id = config.cxl, config.storage, config.broker.id
+    # Both locks first: a broker that finds either taken must leave the
+    # region and the disk log exactly as they are (no reset, no recovery).
+    region_lock = claim_region(cxl.path, broker_id, mode=cxl.mode, reset=reset)
+    disk_lock: BrokerLock | None = None
+    log: CxlLog | None = None
     try:
-        disk = DiskLog.open(
-            config.storage.dir,
-            log,
-            sync_interval=config.storage.sync_interval_ms / 1000,
-            sync_bytes=config.storage.sync_bytes,
+        if storage.dir:
+            disk_lock = claim_disk_log(storage.dir, broker_id, mode=storage.mode)
+        log = CxlLog.open(
+            cxl.path,
+            size=cxl.size_bytes,
+            segment_size=cxl.segment_bytes,
+            max_topics=cxl.max_topics,
+            max_brokers=cxl.max_brokers,
+            broker_id=broker_id,
+            max_inflight_batches=cxl.max_inflight_batches,
             reset=reset,
+            prefault=cxl.prefault,
+            mode=cxl.mode,
+            lock=region_lock,
+            allow_weak_memory_ordering=cxl.allow_weak_memory_ordering,
         )
+        disk = None
+        if disk_lock is not None:
+            disk = DiskLog.open(
+                storage.dir,
+                log,
+                sync_interval=storage.sync_interval_ms / 1000,
+                sync_bytes=storage.sync_bytes,
+                reset=reset,
+                mode=storage.mode,
+                lock=disk_lock,
+            )
     except BaseException:
-        log.close()
+        if disk_lock is not None:
+            disk_lock.close()
+        if log is not None:
+            log.close()  # and its lock
+        else:
+            region_lock.close()
         raise
+    if reset:
+        logger.warning(
+            "--reset: %s starts empty (every broker's streams in it discarded)%s",
+            cxl.path,
+            f"; broker {broker_id}'s disk log in {storage.dir} emptied too" if storage.dir else "",
+        )
     return log, disk
 
 
@@ -416,15 +446,26 @@ async def _start(
     reset: bool,
     listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None,
 ) -> Broker:
-    """Open the logs and bind the listeners: everything that can fail at start."""
-    log, disk = await _open_log(config, reset)
+    """Bind the listeners, then open the logs: everything that can fail at start.
+
+    The listeners come first: a broker that cannot listen (a port taken by a
+    broker already running) fails before it opens, let alone recovers, the
+    region and the disk log.
+    """
+    check_memory_ordering(config.cxl.allow_weak_memory_ordering)
+    bound: list[trio.SocketListener] = []
+    if listeners is None:
+        host, port = config.broker.host, config.broker.data_port
+        try:
+            bound = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise ListenError(host, port, exc) from exc
+        listeners = bound
     try:
-        if listeners is None:
-            listeners = await trio.open_tcp_listeners(
-                config.broker.data_port, host=config.broker.host
-            )
+        log, disk = await _open_log(config, reset)
     except BaseException:
-        _close_logs(log, disk)
+        for listener in bound:  # only those bound here; a caller's stay open
+            listener.socket.close()
         raise
     return Broker(config, log, listeners, disk)
 
@@ -477,16 +518,22 @@ async def serve(
 
     Args:
         config: The broker's configuration.
-        reset: Discard the contents of an existing CXL file (and disk log)
-            instead of re-attaching to it.
+        reset: Start empty: discard the CXL file (every broker's streams in
+            it) and this broker's files in the disk log, instead of
+            re-attaching to them. Refused while any broker serves the region.
         listeners: Accept on these instead of binding ``broker.host`` and
             the data port (socket activation, in-memory tests).
         task_status: Receives the :class:`Broker` once it accepts connections.
 
     Raises:
+        ListenError: A listener cannot be bound (checked first).
+        AlreadyServedError: Another live process serves this broker id on
+            the CXL file or the disk log (or, with ``reset``, any broker id
+            on the CXL file); nothing was changed.
+        UnsafeFileError: A file is a symbolic link or another user's.
+        StartupError: The machine is not x86-64 (``cxl.allow_weak_memory_ordering``).
         LayoutError: The CXL file or disk log exists with another layout.
-        OSError: The CXL file cannot be mapped, the disk log directory cannot
-            be used, or the port cannot be bound.
+        OSError: The CXL file or disk log cannot be created or mapped.
         StorageError: The disk log could not be written or synced while
             running: the broker drained (see the module docstring) and
             stopped on its own.
@@ -520,7 +567,9 @@ async def open_broker(
         The running :class:`Broker`.
 
     Raises:
-        LayoutError: As for :func:`serve`, raised as is (not in a group).
+        StartupError: As for :func:`serve` (its subclasses too), raised as
+            is (not in a group).
+        LayoutError: As for :func:`serve`, raised as is.
         OSError: As for :func:`serve`, raised as is.
         StorageError: As for :func:`serve`, raised as is, in place of
             whatever the block raised meanwhile (that is its ``__context__``).

@@ -10,6 +10,7 @@ the disk copy behind ack level 2.
 from .disk import DiskLog as DiskLog
 from .disk import DiskStatistics as DiskStatistics
 from .layout import Geometry as Geometry
+from .ownership import remove_region as remove_region
 from .reader import BatchInfo as BatchInfo
 from .reader import LogReader as LogReader
 from .reader import StreamInfo as StreamInfo

@@ -31,11 +31,17 @@ On start the disk log is reconciled with the CXL region:
 
 A disk log that disagrees with the region about a batch's logical offset is
 refused: the two belong to different histories.
+
+Only one process writes a broker's files: :meth:`DiskLog.open` holds the
+directory's lock on the broker id (:mod:`.ownership`) until :meth:`DiskLog.close`.
+Files are created with ``storage.mode`` (0600 by default), and a link or
+another user's file in their place is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from collections.abc import Iterator
@@ -43,8 +49,9 @@ from pathlib import Path
 
 import attrs
 
-from ..errors import LayoutError, StorageError
+from ..errors import LayoutError, StorageError, UnsafeFileError
 from ..wire import BATCH_HEADER_SIZE, encode_topic, scan_records, unpack_batch_header
+from .ownership import BrokerLock, claim_disk_log, open_private_file, sync_directory
 from .region import CxlLog, Reservation, Stream
 
 logger = logging.getLogger(__name__)
@@ -73,8 +80,9 @@ class DiskStatistics:
 
 
 class _StreamFile:
-    def __init__(self, path: Path, fd: int, on_disk: int) -> None:
+    def __init__(self, path: Path, fd: int, on_disk: int, mode: int) -> None:
         self.path = path
+        self.mode = mode  # permission bits, for the writer that creates it
         self.fd = fd  # -1 until the writer creates the file
         self.synced = on_disk  # batches of the stream that are on disk and synced
         # Whether the directory entry is known to be durable: files found at
@@ -108,9 +116,18 @@ class DiskLog:
         waiting_bytes: Bytes committed since the last :meth:`take_jobs`.
     """
 
-    def __init__(self, directory: Path, log: CxlLog, sync_interval: float, sync_bytes: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        log: CxlLog,
+        sync_interval: float,
+        sync_bytes: int,
+        mode: int = 0o600,
+    ) -> None:
         self.directory = directory
         self._log = log
+        self._mode = mode
+        self._owner: BrokerLock | None = None
         self._interval = sync_interval
         self._sync_bytes = sync_bytes
         self._files: dict[str, _StreamFile] = {}
@@ -133,18 +150,48 @@ class DiskLog:
         sync_interval: float,
         sync_bytes: int,
         reset: bool = False,
+        mode: int = 0o600,
+        lock: BrokerLock | None = None,
     ) -> DiskLog:
         """Open (or create) the disk logs of ``log``'s broker and reconcile them.
 
+        Before any file is removed (``reset``) or replayed, the broker id is
+        locked on the directory (:func:`~.ownership.claim_disk_log`); the
+        disk log keeps the lock until :meth:`close`.
+
+        Args:
+            directory: The disk log directory (created if need be).
+            log: The broker's CXL log.
+            sync_interval: Seconds to gather commits before a sync.
+            sync_bytes: Bytes waiting that trigger a sync sooner.
+            reset: Remove this broker's files first.
+            mode: Permission bits of the files (and of the directory, plus x,
+                if it is created).
+            lock: The lock, already taken by the caller; the disk log takes
+                it over. None: take it here.
+
         Raises:
+            AlreadyServedError: Another live process serves this broker id
+                on the directory.
+            UnsafeFileError: A file is a symbolic link or another user's.
             LayoutError: A disk log disagrees with the CXL region.
             OSError: The directory or a file cannot be used.
         """
-        path = Path(directory)
-        _make_directories(path)
-        disk = cls(path, log, sync_interval, sync_bytes)
-        suffix = f"@{log.broker_id}.log"
-        for file in sorted(path.glob(f"*{suffix}")):
+        owner = claim_disk_log(directory, log.broker_id, mode=mode) if lock is None else lock
+        disk = cls(Path(directory), log, sync_interval, sync_bytes, mode)
+        try:
+            disk._reconcile(reset)
+        except BaseException:
+            disk.close()
+            if lock is None:  # a lock the caller gave stays the caller's on failure
+                owner.close()
+            raise
+        disk._owner = owner
+        return disk
+
+    def _reconcile(self, reset: bool) -> None:
+        suffix = f"@{self._log.broker_id}.log"
+        for file in sorted(self.directory.glob(f"*{suffix}")):
             if reset:
                 file.unlink()
                 continue
@@ -154,22 +201,21 @@ class DiskLog:
             except ValueError:
                 logger.warning("ignoring %s: not a topic's disk log", file)
                 continue
-            disk._files[topic] = disk._recover(topic, file)
+            self._files[topic] = self._recover(topic, file)
         # Make what is there durable as it is now: the entries of the files
         # found, and the removal of those a reset discarded (else they could
         # come back after a power loss and be replayed).
-        _sync_directory(path)
+        sync_directory(self.directory)
         # Batches committed in the region but not on disk (acked at level 1,
         # not yet synced when the broker stopped) are the writer's first job.
-        for stream in log.streams():
-            known = disk._files.get(stream.topic)
+        for stream in self._log.streams():
+            known = self._files.get(stream.topic)
             for k in range(known.synced if known else 0, stream.batches):
-                disk.waiting_batches += 1
-                disk.waiting_bytes += BATCH_HEADER_SIZE + stream.committed_batch(k).total_size
-        return disk
+                self.waiting_batches += 1
+                self.waiting_bytes += BATCH_HEADER_SIZE + stream.committed_batch(k).total_size
 
     def _recover(self, topic: str, path: Path) -> _StreamFile:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        fd = open_private_file(str(path), os.O_RDWR | os.O_APPEND, self._mode, "disk log")
         try:
             batches = _read_batches(fd, path)
             stream = self._log.stream(topic)
@@ -186,7 +232,7 @@ class DiskLog:
                 self._replay(fd, stream, path, file_offset, first, total)
             if missing > 0:
                 logger.info("replayed %d batch(es) of %r from %s", missing, topic, path)
-            return _StreamFile(path, fd, len(batches))
+            return _StreamFile(path, fd, len(batches), self._mode)
         except BaseException:
             os.close(fd)
             raise
@@ -215,11 +261,14 @@ class DiskLog:
         self._replayed += 1
 
     def close(self) -> None:
-        """Close every file (once the writer has stopped)."""
+        """Close every file (once the writer has stopped) and release the lock."""
         for file in self._files.values():
             if file.fd >= 0:
                 os.close(file.fd)
         self._files.clear()
+        if self._owner is not None:
+            self._owner.close()
+            self._owner = None
 
     # -- what the writer task calls -----------------------------------------------
 
@@ -248,7 +297,7 @@ class DiskLog:
             # Created by the writer (write_and_sync, on its worker thread),
             # so the event loop never waits for the file system.
             path = self.directory / file_name(stream.topic, self._log.broker_id)
-            file = self._files[stream.topic] = _StreamFile(path, -1, 0)
+            file = self._files[stream.topic] = _StreamFile(path, -1, 0, self._mode)
         return file
 
     def take_jobs(self) -> list[WriteJob]:
@@ -330,7 +379,9 @@ def write_and_sync(jobs: list[WriteJob]) -> SyncResult:
             if file.fd < 0:
                 with _failing_as("create", file.path):
                     # O_APPEND: every write goes to the end, whatever the offset.
-                    file.fd = os.open(file.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+                    file.fd = open_private_file(
+                        str(file.path), os.O_RDWR | os.O_APPEND | os.O_CREAT, file.mode, "disk log"
+                    )
             with _failing_as("write", file.path):
                 written += _append(file.fd, job.views)
             with _failing_as("fdatasync", file.path):
@@ -339,7 +390,7 @@ def write_and_sync(jobs: list[WriteJob]) -> SyncResult:
         if new:
             directory = new[0]._file.path.parent  # one directory holds every file
             with _failing_as("fsync directory", directory):
-                _sync_directory(directory)
+                sync_directory(directory)
             for job in new:
                 job._file.entry_durable = True
             done += new
@@ -354,6 +405,8 @@ def _failing_as(operation: str, path: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         raise StorageError(operation, str(path), exc.errno) from exc
+    except UnsafeFileError as exc:  # a link or a stranger's file appeared at the path
+        raise StorageError(operation, str(path), errno.EPERM) from exc
 
 
 def _append(fd: int, views: list[memoryview]) -> int:
@@ -381,30 +434,6 @@ def _append(fd: int, views: list[memoryview]) -> int:
                 done = 0
             pending[:0] = rest
     return written
-
-
-def _sync_directory(path: Path) -> None:
-    """fsync a directory: the entries created or removed in it become durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_directories(path: Path) -> None:
-    """``mkdir -p path``, each new directory made durable in its parent."""
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory)
-        except FileExistsError:  # made meanwhile by someone else; it still needs the sync
-            if not directory.is_dir():
-                raise
-        _sync_directory(directory.parent)
 
 
 def _read_batches(fd: int, path: Path) -> list[tuple[int, int, int]]:

@@ -31,7 +31,8 @@ visible; readers skip ``total_size`` bytes). A header whose ``total_size`` is
 On real CXL every store of a commit would be followed by a cache-line flush
 and fence; on a /dev/shm file shared by processes of one x86-64 host, stores
 become visible in program order, so writing ``batch_complete`` last (and
-reading it first) is enough.
+reading it first) is enough. The writer refuses other machines unless told
+otherwise (:func:`~trio_embarcadero.log.region.check_memory_ordering`).
 
 Everything here works on any buffer holding the region: the broker's
 read-write mapping or a read-only mapping in another process.

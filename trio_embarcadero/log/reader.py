@@ -19,8 +19,11 @@ committed. It reads that word before anything else of the batch: the broker
 writes the word last, and on one x86-64 host stores become visible in program
 order, so every byte of a batch seen as committed is final. Abandoned batches
 are skipped; the first reserved (in-flight) batch ends the iteration, because
-batches commit strictly in log order per stream. Nothing here writes to the
-file or takes its lock, so readers never slow the broker down.
+batches commit strictly in log order per stream. Consecutive committed
+batches hold consecutive logical offsets; a gap between them means the log was
+written by two processes at once, and is reported (``LayoutError``) rather
+than skipped. Nothing here writes to the file or takes its lock, so readers
+never slow the broker down.
 
 The reader keeps, per stream, an index of the committed batches it has seen
 and where to resume walking, so calling :meth:`LogReader.messages` again
@@ -266,10 +269,17 @@ class LogReader:
             cursor = self._cursors[key] = _Cursor()
         return cursor, index
 
-    def _refresh(self, cursor: _Cursor, topic_index: int, broker_id: int) -> list[BatchInfo]:
+    def _refresh(
+        self, cursor: _Cursor, topic_index: int, broker_id: int, *, check_offsets: bool = True
+    ) -> list[BatchInfo]:
         """Walk from the cursor to the first reserved batch or the end of the
         written log; index the committed batches found. Returns every batch
-        passed (committed and abandoned) and, last, a reserved one if any."""
+        passed (committed and abandoned) and, last, a reserved one if any.
+
+        Raises:
+            LayoutError: With ``check_offsets``, a committed batch does not
+                start where the one before it ended.
+        """
         seen: list[BatchInfo] = []
         for offset, h in iter_batches(
             self._mmap, self.geometry, topic_index, broker_id, cursor.position
@@ -288,6 +298,15 @@ class LogReader:
             if state == BATCH_RESERVED:
                 break  # batches commit in log order: nothing after it is visible yet
             if state == BATCH_COMMITTED:
+                expected = self._end_of(cursor) if cursor.firsts else 0
+                if check_offsets and h.start_logical_offset != expected:
+                    # Skipping would silently lose messages a subscriber was owed.
+                    raise LayoutError(
+                        f"{self.path}: broker {broker_id}'s committed batch at byte {offset} "
+                        f"starts at logical offset {h.start_logical_offset} where "
+                        f"{expected} is due: the stream has a gap or overlap (it was written "
+                        "by two processes at once, or changed after it was read)"
+                    )
                 cursor.firsts.append(h.start_logical_offset)
                 cursor.headers.append(offset)
                 cursor.nums.append(h.num_msg)
@@ -306,7 +325,8 @@ class LogReader:
         if found is None:
             return []
         _, index = found
-        return self._refresh(_Cursor(), index, broker_id)
+        # Inspection shows a damaged stream as it is rather than refusing it.
+        return self._refresh(_Cursor(), index, broker_id, check_offsets=False)
 
     def messages(self, topic: str, broker_id: int = 0, start: int = 0) -> Iterator[Message]:
         """Yield the committed messages of ``(topic, broker_id)`` from logical
@@ -320,7 +340,9 @@ class LogReader:
         (``bytes``), valid after the reader is closed.
 
         Raises:
-            LayoutError: A committed batch's records are inconsistent.
+            LayoutError: A committed batch's records are inconsistent, or a
+                committed batch does not start at the offset after the
+                previous one (offsets would be missing).
             ValueError: ``broker_id`` is out of the region's range.
         """
         return self._walk(topic, broker_id, start, copy=True)

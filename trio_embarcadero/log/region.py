@@ -20,7 +20,15 @@ batches out to acks, subscribers and the disk.
 
 Shared structures (superblock allocator, topic table) are changed under an
 ``flock`` of the file, so brokers in other processes can share the region.
-Each broker writes only its own streams.
+Each broker writes only its own streams, and holds a lock on its broker id
+for its whole life (:mod:`.ownership`), so no other process writes them. A
+commit still checks that its batch's state word is the "reserved" it wrote:
+if another process changed it, this handle stops writing (see
+:meth:`CxlLog.complete`).
+
+The commit protocol relies on x86-64 store ordering (see
+:mod:`.layout`); :func:`check_memory_ordering` refuses other machines unless
+told otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import fcntl
 import logging
 import mmap
 import os
+import platform
 from collections import deque
 from collections.abc import Iterator
 
@@ -36,7 +45,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import LayoutError, LogFullError
+from ..errors import LayoutError, LogFullError, StartupError
 from ..wire import (
     BATCH_HEADER,
     BATCH_HEADER_SIZE,
@@ -72,8 +81,40 @@ from .layout import (
     segments_handed_out,
     write_topic,
 )
+from .ownership import BrokerLock, check_replaceable, claim_region, open_private_file
 
 logger = logging.getLogger(__name__)
+
+#: ``platform.machine()`` of the machines whose stores become visible to other
+#: cores in program order (x86-64's total store order), lower case.
+STRONGLY_ORDERED_MACHINES = frozenset({"x86_64", "amd64"})
+
+
+def check_memory_ordering(allow_weak: bool = False) -> None:
+    """Refuse to write a region on a machine without x86-64 store ordering.
+
+    A commit writes a batch's payload and logical offsets, then its
+    ``batch_complete`` word, with plain stores and no fences: on x86-64 other
+    processes see those stores in that order. On a weakly ordered machine
+    (ARM, POWER, RISC-V) a reader in another process could see the batch as
+    committed before its bytes, and read stale data.
+
+    Args:
+        allow_weak: Run anyway (``cxl.allow_weak_memory_ordering``).
+
+    Raises:
+        StartupError: The machine is not x86-64 and ``allow_weak`` is false.
+    """
+    machine = platform.machine()
+    if allow_weak or machine.lower() in STRONGLY_ORDERED_MACHINES:
+        return
+    raise StartupError(
+        f"this machine is {machine or 'of unknown architecture'}, not x86-64: the CXL log's "
+        "commit protocol relies on x86-64 store ordering (a batch's bytes become visible to "
+        "other processes before its commit word), so a process reading the CXL file could "
+        "see a committed batch with stale bytes; set cxl.allow_weak_memory_ordering = true "
+        "to run anyway if no other process reads the CXL file while the broker writes it"
+    )
 
 
 @attrs.frozen
@@ -207,8 +248,13 @@ class CxlLog:
         geometry: Geometry,
         broker_id: int,
         max_inflight_batches: int,
+        path: str = "",
     ) -> None:
         self._fd = fd
+        self.path = path
+        self._owner: BrokerLock | None = None
+        # Set when another process changed one of our batches: nothing more is written.
+        self._foreign: str | None = None
         self._mmap = mapping
         self.geometry = geometry
         self.broker_id = broker_id
@@ -240,6 +286,9 @@ class CxlLog:
         max_inflight_batches: int = 1024,
         reset: bool = False,
         prefault: bool = True,
+        mode: int = 0o600,
+        lock: BrokerLock | None = None,
+        allow_weak_memory_ordering: bool = False,
     ) -> CxlLog:
         """Map the region file, creating or re-attaching to it.
 
@@ -248,22 +297,77 @@ class CxlLog:
         the previous owner stopped is marked abandoned so it never becomes
         visible. ``reset=True`` starts from an empty region.
 
+        Before anything is reset or recovered, broker ``broker_id`` is locked
+        on the region (:func:`~.ownership.claim_region`; with ``reset``, every
+        broker id is, until the region is recreated). The handle keeps the
+        lock until :meth:`close`.
+
+        Args:
+            mode: Permission bits of the file (and its lock file).
+            lock: The lock, already taken by the caller with
+                :func:`~.ownership.claim_region` (``reset`` must match); the
+                handle takes it over. None: take it here.
+            allow_weak_memory_ordering: See :func:`check_memory_ordering`.
+
         Raises:
+            AlreadyServedError: Another live process serves this broker id on
+                the region (or, with ``reset``, any broker id).
+            UnsafeFileError: The file is a symbolic link or another user's.
+            StartupError: The machine is not x86-64 (see :func:`check_memory_ordering`).
             LayoutError: The file exists with another layout or size.
             OSError: The file cannot be created or mapped.
         """
+        check_memory_ordering(allow_weak_memory_ordering)
         geometry = Geometry(size, segment_size, max_topics, max_brokers)
         if geometry.num_segments < 1:
             raise LayoutError(
                 f"{path}: a region of {size} bytes has no room for one {segment_size}-byte segment "
                 f"after its {geometry.data_offset}-byte tables"
             )
+        if lock is None:
+            owner = claim_region(path, broker_id, mode=mode, reset=reset)
+        elif lock.broker_id != broker_id or lock.whole != reset:
+            raise ValueError("the lock given is not this broker's (or not whole for a reset)")
+        else:
+            owner = lock
+        try:
+            log = cls._map_file(
+                path, geometry, broker_id, max_inflight_batches, reset, prefault, mode
+            )
+            try:
+                log._recover()
+            except BaseException:
+                log.close()
+                raise
+        except BaseException:
+            if lock is None:
+                owner.close()
+            raise
+        log._owner = owner
+        owner.keep_own_slot()  # the region is recreated: other brokers may attach
+        return log
+
+    @classmethod
+    def _map_file(
+        cls,
+        path: str,
+        geometry: Geometry,
+        broker_id: int,
+        max_inflight_batches: int,
+        reset: bool,
+        prefault: bool,
+        mode: int,
+    ) -> CxlLog:
+        size = geometry.region_size
+        flags = os.O_RDWR | os.O_CREAT
         if reset:
+            check_replaceable(path, "CXL file")
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            flags |= os.O_EXCL  # nothing may have slipped into its place
+        fd = open_private_file(path, flags, mode, "CXL file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
@@ -276,9 +380,9 @@ class CxlLog:
                         f"{path} is {existing} bytes but the config asks for {size} "
                         "(cxl.size_mb); start with --reset to discard it, or fix the config"
                     )
-                flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if prefault else 0)
-                mapping = mmap.mmap(fd, size, flags=flags)
-                log = cls(fd, mapping, geometry, broker_id, max_inflight_batches)
+                map_flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if prefault else 0)
+                mapping = mmap.mmap(fd, size, flags=map_flags)
+                log = cls(fd, mapping, geometry, broker_id, max_inflight_batches, path)
                 if fresh:
                     format_region(mapping, geometry)
                 else:
@@ -288,7 +392,6 @@ class CxlLog:
         except BaseException:
             os.close(fd)
             raise
-        log._recover()
         return log
 
     def close(self) -> None:
@@ -308,6 +411,9 @@ class CxlLog:
             self._mmap.close()
         finally:
             os.close(self._fd)
+            if self._owner is not None:
+                self._owner.close()
+                self._owner = None
 
     # -- topics and segments (shared; under flock) ---------------------------------
 
@@ -456,6 +562,7 @@ class CxlLog:
                 ``max_inflight_batches`` uncommitted reservations;
                 ``transient=False`` when no segment is left for the batch.
         """
+        self._refuse_if_foreign()
         stream = self.stream(topic)
         if len(stream.pending) >= self.max_inflight_batches:
             self._ring_full += 1
@@ -505,6 +612,14 @@ class CxlLog:
         The batch commits now if every batch reserved before it on its stream
         is resolved; otherwise it commits when they are.
 
+        Before it commits a batch, it checks that the batch's state word in
+        the region is still the "reserved" that :meth:`get_cxl_buffer` wrote.
+        If another process changed it (say, its recovery marked the batch
+        abandoned), committing over that would hide the change from readers
+        that already acted on it, and that process may be writing this
+        broker's streams: the batch is left as it is, never committed nor
+        acked, and this handle writes nothing more (every later call raises).
+
         Args:
             reservation: A reservation from :meth:`get_cxl_buffer`.
             starts: The record offsets from :func:`~trio_embarcadero.wire.scan_records`.
@@ -513,9 +628,15 @@ class CxlLog:
             The batches this call committed, in log order: possibly none (an
             earlier batch is still being received), possibly several (this
             one was the last that held them back).
+
+        Raises:
+            LayoutError: Another process changed a batch of this broker.
         """
+        self._refuse_if_foreign()
         reservation.starts = starts
-        return self._advance(reservation.stream)
+        committed = self._advance(reservation.stream)
+        self._refuse_if_foreign()
+        return committed
 
     def abandon(self, reservation: Reservation) -> list[Reservation]:
         """Give up a reservation whose payload will never be whole.
@@ -523,11 +644,17 @@ class CxlLog:
         Its space stays in the log, marked abandoned; readers skip it and it
         consumes no logical offsets.
 
+        It never raises (it runs on error paths): if another process changed
+        the batch's state word, the word is left alone, this handle stops
+        writing (see :meth:`complete`) and nothing is returned.
+
         Returns:
             The later batches of its stream that it held back and that are
             committed now (see :meth:`complete`).
         """
-        if reservation.resolved:
+        if reservation.resolved or self._foreign is not None:
+            return []
+        if not self._still_reserved(reservation):
             return []
         reservation.state = BATCH_ABANDONED
         U32.pack_into(self._mmap, reservation.header_offset + BH_BATCH_COMPLETE, BATCH_ABANDONED)
@@ -542,7 +669,7 @@ class CxlLog:
             if head.state == BATCH_ABANDONED:
                 pending.popleft()
                 continue
-            if head.starts is None:
+            if head.starts is None or not self._still_reserved(head):
                 break
             pending.popleft()
             self._commit(stream, head)
@@ -556,6 +683,28 @@ class CxlLog:
                 stream.payload_bytes,
             )
         return committed
+
+    def _still_reserved(self, reservation: Reservation) -> bool:
+        """Whether the region still says "reserved" for ``reservation``; if
+        not, another process wrote it: stop writing."""
+        if self._foreign is not None:
+            return False
+        offset = reservation.header_offset
+        (state,) = U32.unpack_from(self._mmap, offset + BH_BATCH_COMPLETE)
+        if state == BATCH_RESERVED:
+            return True
+        self._foreign = (
+            f"{self.path}: broker {self.broker_id}'s batch at byte {offset} of topic "
+            f"{reservation.stream.topic!r} is no longer reserved (its state word is {state}): "
+            "another process has written this broker's streams, so this broker commits "
+            "nothing more"
+        )
+        logger.error("%s", self._foreign)
+        return False
+
+    def _refuse_if_foreign(self) -> None:
+        if self._foreign is not None:
+            raise LayoutError(self._foreign)
 
     def _commit(self, stream: Stream, reservation: Reservation) -> None:
         assert reservation.starts is not None

@@ -66,7 +66,7 @@ import attrs
 import trio
 
 from .. import wire
-from ..log import open_log
+from ..log import open_log, remove_region
 from ..wire import AckCount, AckDecoder, ErrorFrame
 from .procfs import process_memory
 from .rawwire import publish_handshake
@@ -930,10 +930,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kept: {workdir} (config, disk log) and {cxl_path}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-            try:
-                os.unlink(cxl_path)
-            except FileNotFoundError:
-                pass
+            remove_region(cxl_path)
     result = summary(options, run, report, time.monotonic() - started)
     print(json.dumps(result) if args.json else format_summary(result))
     return 0 if report.ok else 1

@@ -28,6 +28,7 @@ from typing import Any, TextIO
 import trio
 
 from ...config import StorageConfig, load_config
+from ...log import remove_region
 from ..procfs import filesystem, process_cpu_seconds, process_memory
 from .plan import PROGRESS_INTERVAL, Plan, Variant
 from .results import RunResult, percentiles
@@ -60,11 +61,13 @@ class BenchError(Exception):
 
 
 def _tree_bytes(directory: str) -> int:
-    """The sizes of the files under ``directory``, added up."""
+    """The sizes of the disk log files (``*.log``, not the lock file) under
+    ``directory``, added up."""
     return sum(
         os.path.getsize(os.path.join(root, name))
         for root, _, names in os.walk(directory)
         for name in names
+        if name.endswith(".log")
     )
 
 
@@ -382,10 +385,7 @@ class Bench:
                         f"{result.wire_bytes} wire bytes at ack 2"
                     )
         finally:
-            try:
-                os.unlink(cxl)
-            except FileNotFoundError:
-                pass
+            remove_region(cxl)
             if storage is not None:
                 shutil.rmtree(storage, ignore_errors=True)
         return result
