@@ -630,6 +630,7 @@ async def test_valid_batch_before_a_bad_one_is_committed(
             "network.use_nonblocking": use_nonblocking,
             "cxl.size_mb": 8,
             "cxl.segment_mb": 2,
+            "cxl.segment_unit_kb": 2048,  # fixed 2 MiB segments: a known capacity
             "network.staging_pool_buffer_size_mb": 1,
             "network.num_cxl_allocation_workers": 1,
             "network.backoff_initial_us": 50_000,
@@ -640,7 +641,7 @@ async def test_valid_batch_before_a_bad_one_is_committed(
     big = [batch(k, 40, 900 * k, 900, 1000)[0] for k in range(5)]  # 2 per 2 MiB segment
     with trio.fail_after(10):
         async with open_broker(config) as broker:
-            assert broker.log.geometry.num_segments == 3
+            assert broker.log.geometry.num_units == 3
             # "victim" takes segment 0 and keeps room in it; "filler" takes the other two.
             first = await exchange(
                 broker.port, handshake("victim", client_id=41) + batch(0, 41, 0, 5, 10)[0], eof=True

@@ -27,7 +27,7 @@ import trio_embarcadero
 from trio_embarcadero.cli import main
 from trio_embarcadero.client import DEFAULT_BATCH_BYTES
 from trio_embarcadero.config import config_to_toml, load_config
-from trio_embarcadero.log import CxlLog
+from trio_embarcadero.log import open_log
 
 TIMEOUT = 10.0
 REPO = Path(__file__).resolve().parent.parent
@@ -146,21 +146,12 @@ def recv_all(sock: socket.socket) -> bytes:
 
 
 def committed_messages(cxl_path: str, topic: str) -> int:
-    """Re-attach to the CXL file the CLI broker left behind; count ``topic``'s messages."""
-    log = CxlLog.open(
-        cxl_path,
-        size=16 << 20,
-        segment_size=4 << 20,
-        max_topics=32,
-        max_brokers=4,
-        broker_id=0,
-        prefault=False,
-    )
-    try:
-        stream = log.existing_stream(topic)
-        return -1 if stream is None else stream.next_offset
-    finally:
-        log.close()
+    """Read the CXL file the CLI broker left behind; count ``topic``'s messages."""
+    with open_log(cxl_path) as log:
+        try:
+            return log.topic(topic).messages
+        except KeyError:
+            return -1
 
 
 # -- serve ----------------------------------------------------------------------------------------
@@ -331,7 +322,8 @@ def test_check_config_prints_the_effective_config(tmp_path: Path, cxl_path: str)
         "path": cxl_path,
         "size_mb": 16,
         "segment_mb": 4,
-        "max_topics": 32,
+        "segment_unit_kb": 64,
+        "max_topics": 1024,
         "max_brokers": 4,
         "max_inflight_batches": 1024,
         "prefault": False,

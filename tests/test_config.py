@@ -82,7 +82,8 @@ def test_defaults() -> None:
         path="/dev/shm/trio-embarcadero-0",
         size_mb=1024,
         segment_mb=32,
-        max_topics=32,
+        segment_unit_kb=64,
+        max_topics=1024,
         max_brokers=4,
         max_inflight_batches=1024,
         prefault=True,
@@ -923,7 +924,7 @@ def test_config_to_toml_defaults_text() -> None:
     sections = [line for line in text.splitlines() if line.startswith("[")]
     assert sections == ["[broker]", "[network]", "[cxl]", "[storage]", "[logging]"]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert len(keys) == 3 + 24 + 9 + 4 + 1
+    assert len(keys) == 3 + 24 + 10 + 4 + 1
 
 
 @pytest.mark.parametrize(

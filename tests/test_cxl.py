@@ -141,9 +141,9 @@ def test_fresh_region_is_formatted(region: Region) -> None:
     log = region.open()
     assert os.path.getsize(region.path) == SIZE
     g = log.geometry
-    assert (g.data_offset, g.num_segments, g.topic_entry_size) == (DATA_OFFSET, NUM_SEGMENTS, 192)
+    assert (g.data_offset, g.num_units, g.topic_entry_size) == (DATA_OFFSET, NUM_SEGMENTS, 192)
     assert bytes(log.region[:8]) == MAGIC
-    assert read_geometry(log.region) == Geometry(SIZE, SEG, 4, 2)
+    assert read_geometry(log.region) == Geometry(SIZE, SEG, 4, 2, SEG)
     assert log.topics() == {}
     assert log.streams() == []
     for t in range(4):

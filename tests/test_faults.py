@@ -642,6 +642,7 @@ async def test_subscribers_read_everything_committed_when_the_log_fills(
         **{
             "cxl.size_mb": 8,
             "cxl.segment_mb": 2,
+            "cxl.segment_unit_kb": 2048,  # fixed 2 MiB segments: a known capacity
             "network.backoff_max_retries": 2,
         }
     )

@@ -695,6 +695,7 @@ async def test_log_full_reports_error_4_and_keeps_serving(
         **{
             "cxl.size_mb": 8,
             "cxl.segment_mb": 2,
+            "cxl.segment_unit_kb": 2048,  # fixed 2 MiB segments: a known capacity
             "network.staging_pool_buffer_size_mb": 1,
             "network.backoff_max_retries": 2,
             "network.use_nonblocking": use_nonblocking,
@@ -705,7 +706,7 @@ async def test_log_full_reports_error_4_and_keeps_serving(
     with trio.fail_after(10):
         async with open_broker(config) as broker:
             geometry = broker.log.geometry
-            fit = geometry.num_segments * ((geometry.segment_size - 64) // (128 + 979_200))
+            fit = geometry.num_units * ((geometry.segment_size - 64) // (128 + 979_200))
             assert fit == 6
             broker_id, counts, error, rest = await lockstep_publish(
                 broker.port, "full", frames, client_id=16

@@ -66,7 +66,7 @@ async def test_the_log_reader_sees_what_subscribers_see(
             with open_log(cxl_path) as log:
                 assert plain(list(log.messages("same"))) == plain(via_tcp)
                 assert plain(list(log.messages("same", start=1234))) == plain(via_tcp_late)
-                assert log.segments_used > 3
+                assert log.units_used > 3
                 topics = {t.name: t for t in log.topics()}
                 stream = broker.log.existing_stream("same")
                 assert stream is not None
@@ -225,7 +225,7 @@ def test_topics_and_inspect_commands(
     assert rows[1].split() == ["cli-topic", "0", "100", "5", str(100 * 192)]
     assert main(["inspect", "--cxl-path", cxl_path, "--topic", "cli-topic"]) == 0
     out = capsys.readouterr().out
-    assert "1 of 32 topics" in out
+    assert "1 of 1024 topics" in out
     assert out.count(" committed ") == 5
     assert main(["topics", "--cxl-path", cxl_path + "-missing"]) == 1
     assert "No such file" in capsys.readouterr().err

@@ -239,7 +239,7 @@ async def test_serve_reset_starts_empty(tmp_path: Path, cxl_path: str) -> None:
             port = await broker.start(nursery, "--reset")
             with open_log(cxl_path) as log:
                 assert log.topics() == []
-                assert log.segments_used == 0
+                assert log.units_used == 0
             assert os.stat(cxl_path).st_size == CXL_MB << 20
             # A fresh history: offsets and counts from 0.
             fresh = Client(client_id=2)
@@ -256,7 +256,8 @@ def make_region(path: str, size_mb: int, segment_mb: int) -> None:
         path,
         size=size_mb << 20,
         segment_size=segment_mb << 20,
-        max_topics=32,
+        unit_size=64 << 10,  # the config's defaults
+        max_topics=1024,
         max_brokers=4,
         broker_id=0,
         prefault=False,

@@ -416,9 +416,10 @@ def _inspect(args: argparse.Namespace, path: str) -> int:
             if args.command == "inspect":
                 g = log.geometry
                 print(
-                    f"{path}: {g.region_size} bytes, {log.segments_used} of {g.num_segments} "
-                    f"segments of {g.segment_size} bytes used, {len(topics)} of "
-                    f"{g.max_topics} topics, {g.max_brokers} brokers"
+                    f"{path}: {g.region_size} bytes, {log.units_used} of {g.num_units} "
+                    f"allocation units of {g.unit_size} bytes in segments (largest "
+                    f"{g.segment_size} bytes), {len(topics)} of {g.max_topics} topics, "
+                    f"{g.max_brokers} brokers"
                 )
             print(f"{'TOPIC':<32} {'BROKER':>6} {'MESSAGES':>12} {'BATCHES':>9} {'BYTES':>14}")
             for topic in topics:

@@ -398,8 +398,13 @@ class CxlConfig(_Checked):
     Attributes:
         path: The file backing the region.
         size_mb: Region size in MiB.
-        segment_mb: Log segment size in MiB (<= ``size_mb``); a batch never
-            spans two segments.
+        segment_mb: The largest log segment, in MiB (<= ``size_mb``); a batch
+            never spans two segments, so it bounds ``network.max_batch_bytes``.
+        segment_unit_kb: The allocation unit, in KiB: a stream's first
+            segment is one unit and each next one doubles, up to
+            ``segment_mb``. ``segment_mb`` must be a power-of-two multiple of it.
+            The default (64 KiB) lets a 1 GiB region hold 1,024 topics with
+            a small batch each in a tenth of its space.
         max_topics: Topics the region has room for; a topic takes its slot
             with its first valid batch.
         max_brokers: Brokers the region has room for, 1 to 32.
@@ -424,7 +429,8 @@ class CxlConfig(_Checked):
     )
     size_mb: int = attrs.field(default=1024, validator=_positive_int)
     segment_mb: int = attrs.field(default=32, validator=_positive_int)
-    max_topics: int = attrs.field(default=32, validator=_positive_int)
+    segment_unit_kb: int = attrs.field(default=64, validator=_positive_int)
+    max_topics: int = attrs.field(default=1024, validator=_positive_int)
     max_brokers: int = attrs.field(default=4, validator=_int_in(1, MAX_BROKER_ID + 1))
     max_inflight_batches: int = attrs.field(default=1024, validator=_positive_int)
     prefault: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
@@ -440,11 +446,28 @@ class CxlConfig(_Checked):
 
     @property
     def segment_bytes(self) -> int:
-        """Segment size in bytes."""
+        """The largest segment, in bytes."""
         return self.segment_mb * _MIB
+
+    @property
+    def unit_bytes(self) -> int:
+        """The allocation unit (the smallest segment), in bytes."""
+        return self.segment_unit_kb * 1024
 
 
 _check_order(CxlConfig, "segment_mb", "<=", "size_mb")
+
+
+@_check(CxlConfig, "segment_mb", "segment_unit_kb")
+def _check_segment_unit(v: Mapping[str, Any]) -> Iterator[_Problem]:
+    ratio, rest = divmod(v["segment_mb"] * 1024, v["segment_unit_kb"])
+    if rest or ratio & (ratio - 1):
+        yield (
+            "segment_unit_kb",
+            f"'segment_unit_kb' must divide 'segment_mb' into a power of two of units "
+            f"(e.g. 64 KiB units of 32 MiB segments): {v['segment_unit_kb']} KiB units of "
+            f"{v['segment_mb']} MiB",
+        )
 
 
 @attrs.frozen(kw_only=True)

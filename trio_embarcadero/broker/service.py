@@ -392,6 +392,7 @@ def _open_logs(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None]:
             cxl.path,
             size=cxl.size_bytes,
             segment_size=cxl.segment_bytes,
+            unit_size=cxl.unit_bytes,
             max_topics=cxl.max_topics,
             max_brokers=cxl.max_brokers,
             broker_id=broker_id,

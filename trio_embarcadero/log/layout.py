@@ -1,27 +1,39 @@
 """Where everything is in a CXL region: the one description of the file layout.
 
-Layout (version 1, all integers little-endian)::
+Layout (version 2, all integers little-endian)::
 
     offset 0          superblock (4096 B)
-                        0  magic  b"TEMBCXL1"       8  layout version (u32)
+                        0  magic  b"TEMBCXL2"       8  layout version (u32)
                        12  max_topics (u32)        16  max_brokers (u32)
-                       20  num_segments (u32)      24  region size (u64)
-                       32  segment size (u64)      40  data offset (u64)
-                       48  next free segment (u32), the bump allocator
+                       20  num_units (u32)         24  region size (u64)
+                       32  largest segment (u64)   40  data offset (u64)
+                       48  largest order (u32)     56  unit size (u64)
+                       64  map offset (u64)        72  next segment generation (u64)
     offset 4096       topic table: max_topics entries of 64 + 64 * max_brokers B
                         topic header: name[32] (NUL padded), state u32 @32
                         (0 free, 1 live), then one 64-B stream entry per broker:
                           0 first segment (u32)   4 last segment (u32)
                           8 segment count (u32)  16 committed messages (u64)
                          24 committed batches    32 committed payload bytes
-    data offset       num_segments segments of segment size bytes each
-                        segment header (64 B): magic u32 "SGM1", topic u32,
-                        broker u32, chain index u32, next segment u32 @16
+                         40 first retained offset (u64): the log-start offset
+    map offset        the unit map: one u32 per allocation unit (see .segments)
+    data offset       num_units allocation units of unit size bytes each; a
+                      segment is 2**order units, named by its first unit
+                        segment header (64 B): magic u32 "SGM2", topic u32,
+                        broker u32, chain index u32, next segment u32 @16,
+                        order u32 @20, generation u64 @24
                         then batches back to back from +64:
                         [128-B batch header][payload of total_size bytes]
 
 A *stream* is one (topic, broker) pair: its own chain of segments, its own
-logical offsets. A batch header's ``batch_complete`` word is the commit point
+logical offsets. Its first segment is one unit, and each next one twice the
+size of the one before up to the largest segment, so a region holds
+thousands of small topics while busy ones get large segments. A segment is
+recycled once its stream lets it go (retention): the generation in its
+header, new at every allocation, tells a reader that was inside it that it is
+gone. The writer ends what it has written with an empty header (total_size
+0) before it publishes a batch header, so a walk never runs into what a
+recycled segment held before. A batch header's ``batch_complete`` word is the commit point
 other processes read: 0 = reserved (payload possibly incomplete; a reader
 stops there), 1 = committed (``start_logical_offset`` and every record's
 ``logical_offset`` and ``next_msg_diff`` are final), 2 = abandoned (never
@@ -45,14 +57,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 
 from ..errors import LayoutError
 from ..wire import BATCH_HEADER, BH_BATCH_COMPLETE, BatchHeader, unpack_batch_header
 
-MAGIC = b"TEMBCXL1"
-LAYOUT_VERSION = 1
+MAGIC = b"TEMBCXL2"
+LAYOUT_VERSION = 2
 SUPERBLOCK_SIZE = 4096
-SEGMENT_MAGIC = 0x314D4753  # "SGM1"
+SEGMENT_MAGIC = 0x324D4753  # "SGM2"
 SEGMENT_HEADER_SIZE = 64
 TOPIC_HEADER_SIZE = 64
 STREAM_ENTRY_SIZE = 64
@@ -64,9 +78,10 @@ BATCH_RESERVED = 0
 BATCH_COMMITTED = 1
 BATCH_ABANDONED = 2
 
-SUPERBLOCK = struct.Struct("<8sIIIIQQQI")
-NEXT_FREE_OFFSET = 48
-SEGMENT_HEADER = struct.Struct("<IIIII")
+SUPERBLOCK = struct.Struct("<8sIIIIQQQI4xQQQ")
+NEXT_GENERATION_OFFSET = 72
+#: magic, topic, broker, chain index, next segment, order, generation
+SEGMENT_HEADER = struct.Struct("<IIIIIIQ")
 SEGMENT_NEXT_OFFSET = 16
 TOPIC_STATE_OFFSET = 32
 #: A stream entry: first, last segment, segment count.
@@ -74,33 +89,70 @@ STREAM_SEGMENTS = struct.Struct("<III")
 #: Then, at +16: committed messages, batches and payload bytes.
 STREAM_COUNTS = struct.Struct("<QQQ")
 STREAM_COUNTS_OFFSET = 16
-_STREAM_ENTRY = struct.Struct("<III4xQQQ")
+STREAM_START_OFFSET = 40
+_STREAM_ENTRY = struct.Struct("<III4xQQQQ")
 BH_TOTAL_SIZE = 32
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 
 
+def _align(value: int, to: int) -> int:
+    return -(-value // to) * to
+
+
 @attrs.frozen
 class Geometry:
-    """Sizes that fix where everything is in a region."""
+    """Sizes that fix where everything is in a region.
+
+    Attributes:
+        region_size: Bytes of the whole file.
+        segment_size: The largest segment, a power-of-two multiple of ``unit_size``.
+        max_topics: Slots in the topic table.
+        max_brokers: Stream entries per topic.
+        unit_size: The allocation unit: the smallest segment.
+    """
 
     region_size: int
     segment_size: int
     max_topics: int
     max_brokers: int
+    unit_size: int
+
+    def __attrs_post_init__(self) -> None:
+        ratio = self.segment_size // self.unit_size if self.unit_size > 0 else 0
+        if ratio < 1 or ratio * self.unit_size != self.segment_size or ratio & (ratio - 1):
+            raise LayoutError(
+                f"the segment size {self.segment_size} is not a power-of-two multiple of "
+                f"the allocation unit {self.unit_size}"
+            )
 
     @property
     def topic_entry_size(self) -> int:
         return TOPIC_HEADER_SIZE + STREAM_ENTRY_SIZE * self.max_brokers
 
     @property
-    def data_offset(self) -> int:
-        end = SUPERBLOCK_SIZE + self.max_topics * self.topic_entry_size
-        return -(-end // 4096) * 4096
+    def max_order(self) -> int:
+        """The order of the largest segment (``2**max_order`` units)."""
+        return (self.segment_size // self.unit_size).bit_length() - 1
 
     @property
-    def num_segments(self) -> int:
-        return max(0, (self.region_size - self.data_offset) // self.segment_size)
+    def map_offset(self) -> int:
+        return _align(SUPERBLOCK_SIZE + self.max_topics * self.topic_entry_size, 64)
+
+    @property
+    def num_units(self) -> int:
+        # The map takes 4 bytes a unit out of the same space as the units.
+        room = self.region_size - self.map_offset
+        units = max(0, room // (self.unit_size + 4))
+        while units and _align(self.map_offset + 4 * units, 4096) + units * self.unit_size > (
+            self.region_size
+        ):
+            units -= 1
+        return units
+
+    @property
+    def data_offset(self) -> int:
+        return _align(self.map_offset + 4 * self.num_units, 4096)
 
     def topic_offset(self, topic_index: int) -> int:
         return SUPERBLOCK_SIZE + topic_index * self.topic_entry_size
@@ -109,7 +161,12 @@ class Geometry:
         return self.topic_offset(topic_index) + TOPIC_HEADER_SIZE + broker_id * STREAM_ENTRY_SIZE
 
     def segment_offset(self, segment: int) -> int:
-        return self.data_offset + segment * self.segment_size
+        """Where the segment whose first unit is ``segment`` starts."""
+        return self.data_offset + segment * self.unit_size
+
+    def segment_bytes(self, order: int) -> int:
+        """Bytes of a segment of ``order``."""
+        return self.unit_size << order
 
 
 @attrs.frozen
@@ -123,6 +180,8 @@ class StreamEntry:
         messages: Committed messages; also its next logical offset.
         batches: Committed batches.
         payload_bytes: Committed payload bytes.
+        start_offset: The first logical offset still retained (the
+            log-start offset); the messages before it were reclaimed.
     """
 
     first_segment: int
@@ -131,6 +190,7 @@ class StreamEntry:
     messages: int
     batches: int
     payload_bytes: int
+    start_offset: int
 
 
 # -- the superblock ---------------------------------------------------------------------
@@ -146,11 +206,14 @@ def format_region(buf: Any, geometry: Geometry) -> None:
         LAYOUT_VERSION,
         g.max_topics,
         g.max_brokers,
-        g.num_segments,
+        g.num_units,
         g.region_size,
         g.segment_size,
         g.data_offset,
-        0,
+        g.max_order,
+        g.unit_size,
+        g.map_offset,
+        1,
     )
     for t in range(g.max_topics):
         for b in range(g.max_brokers):
@@ -161,17 +224,17 @@ def read_geometry(buf: Any) -> Geometry:
     """Read a region's geometry from its superblock.
 
     Raises:
-        LayoutError: The buffer does not start with a layout-1 superblock.
+        LayoutError: The buffer does not start with a layout-2 superblock.
     """
-    magic, version, topics, brokers, _segments, region, segment, _data, _ = SUPERBLOCK.unpack_from(
-        buf, 0
+    magic, version, topics, brokers, _, region, segment, _, _, unit, _, _ = (
+        SUPERBLOCK.unpack_from(buf, 0)
     )
     if magic != MAGIC or version != LAYOUT_VERSION:
         raise LayoutError(
             f"not a trio-embarcadero CXL region of layout {LAYOUT_VERSION} "
             f"(magic {magic!r}, version {version})"
         )
-    return Geometry(region, segment, topics, brokers)
+    return Geometry(region, segment, topics, brokers, unit)
 
 
 def check_layout(buf: Any, geometry: Geometry, path: str) -> None:
@@ -184,11 +247,12 @@ def check_layout(buf: Any, geometry: Geometry, path: str) -> None:
         found = read_geometry(buf)
     except LayoutError as exc:
         raise LayoutError(f"{path} is {exc}; start with --reset to discard it") from None
-    _, _, _, _, segments, _, _, data, _ = SUPERBLOCK.unpack_from(buf, 0)
+    _, _, _, _, units, _, _, data, _, _, _, _ = SUPERBLOCK.unpack_from(buf, 0)
     names = {
         "max_topics": "max_topics",
         "max_brokers": "max_brokers",
         "segment_size": "segment size",
+        "unit_size": "allocation unit",
     }
     diffs = [
         f"{label} {getattr(found, field)} (config: {getattr(geometry, field)})"
@@ -199,7 +263,7 @@ def check_layout(buf: Any, geometry: Geometry, path: str) -> None:
         diffs
         or found.region_size != geometry.region_size
         or data != geometry.data_offset
-        or segments != geometry.num_segments
+        or units != geometry.num_units
     ):
         raise LayoutError(
             f"{path} was made with another layout: {', '.join(diffs) or 'sizes differ'}; "
@@ -207,10 +271,40 @@ def check_layout(buf: Any, geometry: Geometry, path: str) -> None:
         )
 
 
-def segments_handed_out(buf: Any, geometry: Geometry) -> int:
-    """Segments the bump allocator has handed out, over every stream."""
-    (used,) = U32.unpack_from(buf, NEXT_FREE_OFFSET)
-    return min(int(used), geometry.num_segments)
+def unit_map(buf: Any, geometry: Geometry) -> npt.NDArray[np.uint32]:
+    """The region's unit map as a numpy array (writable if ``buf`` is)."""
+    return np.frombuffer(buf, dtype="<u4", count=geometry.num_units, offset=geometry.map_offset)
+
+
+@attrs.frozen
+class SegmentHeader:
+    """The 64-byte header of a segment.
+
+    Attributes:
+        topic: The topic table slot of the stream it belongs to.
+        broker_id: That stream's broker.
+        chain_index: Its position in the stream's chain since it was created.
+        next_segment: The next segment of the chain (``NO_SEGMENT``: none yet).
+        order: It spans ``2**order`` units.
+        generation: New at every allocation of the segment.
+    """
+
+    topic: int
+    broker_id: int
+    chain_index: int
+    next_segment: int
+    order: int
+    generation: int
+
+
+def read_segment_header(buf: Any, geometry: Geometry, segment: int) -> SegmentHeader | None:
+    """The header of the segment at unit ``segment``; None if it is not one."""
+    magic, topic, broker, index, nxt, order, generation = SEGMENT_HEADER.unpack_from(
+        buf, geometry.segment_offset(segment)
+    )
+    if magic != SEGMENT_MAGIC or order > geometry.max_order:
+        return None
+    return SegmentHeader(topic, broker, index, nxt, order, generation)
 
 
 # -- the topic table ------------------------------------------------------------------------
@@ -256,13 +350,17 @@ def read_stream_entry(
 
 
 def segment_chain(buf: Any, geometry: Geometry, topic_index: int, broker_id: int) -> Iterator[int]:
-    """Yield the segment numbers of a stream, in order."""
+    """Yield the segments (first units) of a stream, in order."""
     (segment,) = U32.unpack_from(buf, geometry.stream_offset(topic_index, broker_id))
     seen = 0
-    while segment != NO_SEGMENT and seen < geometry.num_segments:
+    while segment != NO_SEGMENT and segment < geometry.num_units and seen < geometry.num_units:
         yield segment
         seen += 1
         (segment,) = U32.unpack_from(buf, geometry.segment_offset(segment) + SEGMENT_NEXT_OFFSET)
+
+
+class SegmentReclaimed(Exception):
+    """The segment a walk was in was reclaimed (and maybe reused) meanwhile."""
 
 
 @attrs.define
@@ -272,10 +370,36 @@ class WalkPosition:
     Attributes:
         segment: The segment being walked (``NO_SEGMENT``: not started).
         offset: Absolute offset of the next batch header to look at.
+        end: Where that segment ends.
+        generation: The segment's generation when the walk entered it.
     """
 
     segment: int = NO_SEGMENT
     offset: int = 0
+    end: int = 0
+    generation: int = 0
+
+
+def _enter(
+    buf: Any, g: Geometry, pos: WalkPosition, segment: int, topic_index: int, broker_id: int
+) -> bool:
+    header = read_segment_header(buf, g, segment) if segment < g.num_units else None
+    if header is None or (header.topic, header.broker_id) != (topic_index, broker_id):
+        return False
+    pos.segment = segment
+    pos.offset = g.segment_offset(segment) + SEGMENT_HEADER_SIZE
+    pos.end = g.segment_offset(segment) + g.segment_bytes(header.order)
+    pos.generation = header.generation
+    return True
+
+
+def check_segment(buf: Any, geometry: Geometry, position: WalkPosition) -> None:
+    """Raise :class:`SegmentReclaimed` if ``position``'s segment is no longer
+    the one the walk entered (read it after reading a batch's bytes: they
+    are good only if the segment was not reclaimed meanwhile)."""
+    (generation,) = U64.unpack_from(buf, geometry.segment_offset(position.segment) + 24)
+    if generation != position.generation:
+        raise SegmentReclaimed(f"segment {position.segment} was reclaimed")
 
 
 def iter_batches(
@@ -294,33 +418,37 @@ def iter_batches(
 
     The state word is read before the rest of the header: the broker writes
     it last, so a header seen as committed is final.
+
+    Raises:
+        SegmentReclaimed: The segment the walk stood in was reclaimed (the
+            stream's retention let it go) since the walk entered it.
     """
     g = geometry
     pos = position if position is not None else WalkPosition()
     if pos.segment == NO_SEGMENT:
         (first,) = U32.unpack_from(buf, g.stream_offset(topic_index, broker_id))
-        if first == NO_SEGMENT:
+        if first == NO_SEGMENT or not _enter(buf, g, pos, first, topic_index, broker_id):
             return
-        pos.segment = first
-        pos.offset = g.segment_offset(first) + SEGMENT_HEADER_SIZE
     while True:
-        segment_end = g.segment_offset(pos.segment) + g.segment_size
         offset = pos.offset
+        base = g.segment_offset(pos.segment)
         # Read the link to the next segment before the header: the broker
         # writes a batch header before it links a new segment, so a link seen
         # now means an empty header here is final.
-        (next_segment,) = U32.unpack_from(buf, g.segment_offset(pos.segment) + SEGMENT_NEXT_OFFSET)
+        (next_segment,) = U32.unpack_from(buf, base + SEGMENT_NEXT_OFFSET)
         state = total = 0
-        if offset + BATCH_HEADER.size <= segment_end:
+        if offset + BATCH_HEADER.size <= pos.end:
             (state,) = U32.unpack_from(buf, offset + BH_BATCH_COMPLETE)
             (total,) = U64.unpack_from(buf, offset + BH_TOTAL_SIZE)
-        if total == 0 or offset + BATCH_HEADER.size + total > segment_end:
-            if next_segment == NO_SEGMENT or next_segment >= g.num_segments:
+        check_segment(buf, g, pos)  # what was just read is the walk's own segment
+        if total == 0 or offset + BATCH_HEADER.size + total > pos.end:
+            if next_segment == NO_SEGMENT:
                 return  # the end of what is written
-            pos.segment = next_segment
-            pos.offset = g.segment_offset(next_segment) + SEGMENT_HEADER_SIZE
+            if not _enter(buf, g, pos, next_segment, topic_index, broker_id):
+                raise SegmentReclaimed(f"segment {pos.segment}'s successor is gone")
             continue
         header = unpack_batch_header(buf[offset : offset + BATCH_HEADER.size])
+        check_segment(buf, g, pos)
         if header.batch_complete != state:  # committed since: report what was read first
             header = attrs.evolve(header, batch_complete=state)
         yield offset, header

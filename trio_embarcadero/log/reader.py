@@ -70,7 +70,7 @@ from .layout import (
     read_geometry,
     read_stream_entry,
     read_topics,
-    segments_handed_out,
+    unit_map,
 )
 
 logger = logging.getLogger(__name__)
@@ -219,9 +219,9 @@ class LogReader:
         self.close()
 
     @property
-    def segments_used(self) -> int:
-        """Segments handed out so far, over every stream (the bump allocator)."""
-        return segments_handed_out(self._mmap, self.geometry)
+    def units_used(self) -> int:
+        """Allocation units in segments, over every stream."""
+        return int(np.count_nonzero(unit_map(self._mmap, self.geometry)))
 
     # -- the topic table ----------------------------------------------------------
 

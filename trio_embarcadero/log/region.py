@@ -60,7 +60,8 @@ from .layout import (
     BATCH_ABANDONED,
     BATCH_COMMITTED,
     BATCH_RESERVED,
-    NEXT_FREE_OFFSET,
+    BH_TOTAL_SIZE,
+    NEXT_GENERATION_OFFSET,
     NO_SEGMENT,
     SEGMENT_HEADER,
     SEGMENT_HEADER_SIZE,
@@ -72,16 +73,19 @@ from .layout import (
     U32,
     U64,
     Geometry,
+    WalkPosition,
     check_layout,
     format_region,
     iter_batches,
+    read_segment_header,
     read_topic_name,
     read_topics,
     segment_chain,
-    segments_handed_out,
+    unit_map,
     write_topic,
 )
 from .ownership import BrokerLock, check_replaceable, claim_region, open_private_file
+from .segments import SegmentMap, order_for
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +214,7 @@ class Stream:
         self.broker_id = broker_id
         self.entry_offset = log.geometry.stream_offset(topic_index, broker_id)
         self.last_segment = NO_SEGMENT
+        self.last_order = -1  # the order of the last segment (-1: none yet)
         self.num_segments = 0
         self.write_offset = 0  # absolute offset of the next free byte
         self.segment_end = 0
@@ -261,6 +266,7 @@ class CxlLog:
         self.max_inflight_batches = max_inflight_batches
         self.region: npt.NDArray[np.uint8] = np.frombuffer(mapping, dtype=np.uint8)
         self.words: npt.NDArray[np.uint64] = self.region.view("<u8")
+        self.map = SegmentMap(unit_map(mapping, geometry), geometry.max_order)
         self._streams: dict[str, Stream] = {}
         self._topic_index: dict[str, int] = {}
         self._reservations = 0
@@ -283,6 +289,7 @@ class CxlLog:
         max_topics: int,
         max_brokers: int,
         broker_id: int,
+        unit_size: int | None = None,
         max_inflight_batches: int = 1024,
         reset: bool = False,
         prefault: bool = True,
@@ -318,11 +325,13 @@ class CxlLog:
             OSError: The file cannot be created or mapped.
         """
         check_memory_ordering(allow_weak_memory_ordering)
-        geometry = Geometry(size, segment_size, max_topics, max_brokers)
-        if geometry.num_segments < 1:
+        geometry = Geometry(
+            size, segment_size, max_topics, max_brokers, unit_size or segment_size
+        )
+        if geometry.num_units < 1:
             raise LayoutError(
-                f"{path}: a region of {size} bytes has no room for one {segment_size}-byte segment "
-                f"after its {geometry.data_offset}-byte tables"
+                f"{path}: a region of {size} bytes has no room for one "
+                f"{geometry.unit_size}-byte segment after its {geometry.map_offset}-byte tables"
             )
         if lock is None:
             owner = claim_region(path, broker_id, mode=mode, reset=reset)
@@ -407,7 +416,7 @@ class CxlLog:
             for stream in self._streams.values():
                 stream.pending.clear()
             self._streams.clear()
-            del self.words, self.region
+            del self.words, self.region, self.map
             self._mmap.close()
         finally:
             os.close(self._fd)
@@ -474,13 +483,28 @@ class CxlLog:
         self._topic_index[topic] = index
         return index
 
-    def _take_segment(self, stream: Stream) -> int:
+    def _segment_order(self, stream: Stream, need: int) -> tuple[int, int]:
+        """(smallest order that holds ``need`` bytes, order to try first)."""
         g = self.geometry
+        units = -(-(SEGMENT_HEADER_SIZE + need) // g.unit_size)
+        least = order_for(units)
+        # Each segment of a stream twice the one before: a topic that stays
+        # small costs one unit, a busy one soon gets the largest segments.
+        return least, min(g.max_order, max(least, stream.last_order + 1))
+
+    def _take_segment(self, stream: Stream, need: int) -> int:
+        g = self.geometry
+        least, order = self._segment_order(stream, need)
         with self._lock():
-            segment = segments_handed_out(self._mmap, g)
-            if segment >= g.num_segments:
+            segment = None
+            while segment is None and order >= least:
+                segment = self.map.allocate(order, self.broker_id)
+                if segment is None:
+                    order -= 1  # fragmented or nearly full: take what fits
+            if segment is None:
                 return NO_SEGMENT
-            U32.pack_into(self._mmap, NEXT_FREE_OFFSET, segment + 1)
+            (generation,) = U64.unpack_from(self._mmap, NEXT_GENERATION_OFFSET)
+            U64.pack_into(self._mmap, NEXT_GENERATION_OFFSET, generation + 1)
         base = g.segment_offset(segment)
         SEGMENT_HEADER.pack_into(
             self._mmap,
@@ -490,7 +514,12 @@ class CxlLog:
             stream.broker_id,
             stream.num_segments,
             NO_SEGMENT,
+            order,
+            generation,
         )
+        # A recycled segment still holds its last owner's batches: end the
+        # (empty) data here before anyone can reach the segment.
+        U64.pack_into(self._mmap, base + SEGMENT_HEADER_SIZE + BH_TOTAL_SIZE, 0)
         # Link only after the new segment is initialised, so a reader that
         # follows the link never sees a half-written segment header.
         if stream.last_segment == NO_SEGMENT:
@@ -500,6 +529,7 @@ class CxlLog:
             U32.pack_into(self._mmap, prev + SEGMENT_NEXT_OFFSET, segment)
         stream.num_segments += 1
         stream.last_segment = segment
+        stream.last_order = order
         STREAM_SEGMENTS.pack_into(
             self._mmap,
             stream.entry_offset,
@@ -508,7 +538,7 @@ class CxlLog:
             stream.num_segments,
         )
         stream.write_offset = base + SEGMENT_HEADER_SIZE
-        stream.segment_end = base + g.segment_size
+        stream.segment_end = base + g.segment_bytes(order)
         return int(segment)
 
     # -- the write path ------------------------------------------------------------
@@ -573,15 +603,20 @@ class CxlLog:
         if stream.write_offset + need > stream.segment_end:
             if SEGMENT_HEADER_SIZE + need > self.geometry.segment_size:
                 raise ValueError(f"a batch of {need} bytes cannot fit in a segment")
-            if self._take_segment(stream) == NO_SEGMENT:
+            if self._take_segment(stream, need) == NO_SEGMENT:
                 self._log_full += 1
+                used = self.map.statistics().used
                 raise LogFullError(
-                    f"{topic!r}: the region has no free segment "
-                    f"({self.geometry.num_segments} in use)",
+                    f"{topic!r}: the region has no free segment for {need} bytes "
+                    f"({used} of {self.geometry.num_units} allocation units in use)",
                     transient=False,
                 )
         offset = stream.write_offset
         stream.write_offset += need
+        if stream.write_offset + BATCH_HEADER_SIZE <= stream.segment_end:
+            # The end of the data, written before this batch's header can be
+            # seen, so a walk stops there even in a recycled segment.
+            U64.pack_into(self._mmap, stream.write_offset + BH_TOTAL_SIZE, 0)
         BATCH_HEADER.pack_into(
             self._mmap,
             offset,
@@ -747,6 +782,7 @@ class CxlLog:
         return iter_batches(self._mmap, self.geometry, topic_index, broker_id)
 
     def _recover(self) -> None:
+        reachable: list[int] = []
         for topic, index in self.topics().items():
             self._topic_index[topic] = index
             (first_segment,) = U32.unpack_from(
@@ -757,8 +793,13 @@ class CxlLog:
             stream = Stream(self, topic, index, self.broker_id)
             discarded = 0
             end = 0
-            for offset, header in self.walk(index, self.broker_id):
+            position = WalkPosition()
+            last_written = NO_SEGMENT  # the segment of the last batch found
+            for offset, header in iter_batches(
+                self._mmap, self.geometry, index, self.broker_id, position
+            ):
                 end = offset + BATCH_HEADER_SIZE + header.total_size
+                last_written = position.segment
                 if header.batch_complete == BATCH_RESERVED:
                     U32.pack_into(self._mmap, offset + BH_BATCH_COMPLETE, BATCH_ABANDONED)
                     discarded += 1
@@ -769,13 +810,18 @@ class CxlLog:
                     stream.batches += 1
                     stream.payload_bytes += header.total_size
             segments = list(segment_chain(self._mmap, self.geometry, index, self.broker_id))
+            reachable.extend(segments)
             stream.num_segments = len(segments)
             stream.last_segment = segments[-1]
+            last = read_segment_header(self._mmap, self.geometry, stream.last_segment)
+            if last is None:
+                raise LayoutError(f"{self.path}: {topic!r}'s last segment has no valid header")
+            stream.last_order = last.order
             base = self.geometry.segment_offset(stream.last_segment)
-            stream.segment_end = base + self.geometry.segment_size
-            # Bump allocation makes a stream's last segment its highest, so a
-            # walk that ended below it means the last segment is still empty.
-            stream.write_offset = end if end > base else base + SEGMENT_HEADER_SIZE
+            stream.segment_end = base + self.geometry.segment_bytes(last.order)
+            # The last segment may still be empty (linked, nothing written yet).
+            written = last_written == stream.last_segment
+            stream.write_offset = end if written else base + SEGMENT_HEADER_SIZE
             STREAM_COUNTS.pack_into(
                 self._mmap,
                 stream.entry_offset + STREAM_COUNTS_OFFSET,
@@ -791,13 +837,19 @@ class CxlLog:
                 stream.batches,
                 f", discarded {discarded} uncommitted batch(es)" if discarded else "",
             )
+        # Segments taken but not linked, or unlinked but not freed, when the
+        # last owner of this broker id died: give them back.
+        with self._lock():
+            freed = self.map.recover(self.broker_id, reachable)
+        if freed:
+            logger.info("recovered %d segment(s) no stream held", len(freed))
 
     def statistics(self) -> CxlStatistics:
         """Return a snapshot of this broker's log counters."""
         return CxlStatistics(
             topics=len(self._streams),
-            segments_used=segments_handed_out(self._mmap, self.geometry),
-            segments_total=self.geometry.num_segments,
+            segments_used=self.map.statistics().used,
+            segments_total=self.geometry.num_units,
             reservations=self._reservations,
             batches_committed=self._batches,
             messages_committed=self._messages,
