@@ -384,6 +384,12 @@ async def _subscribe(args: argparse.Namespace, host: str, port: int, start: int,
                 messages = await sub.receive_views()
             if not messages:
                 break  # caught up
+            if first is None and messages[0].offset > start:
+                print(
+                    f"note: offsets {start}..{messages[0].offset - 1} of {args.topic!r} were "
+                    f"reclaimed by retention; starting at {messages[0].offset}",
+                    file=sys.stderr,
+                )
             if limit is not None:
                 messages = messages[: limit - count]
             for m in messages:

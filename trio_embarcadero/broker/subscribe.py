@@ -95,14 +95,28 @@ async def _send_records(
                 await commits.wait_commit(topic)
             if connection.stopping:
                 return True
+        if wanted < stream.start_offset:
+            # Retention reclaimed these: the stream goes on from its start
+            # (the subscriber sees the offsets jump; they are not missing).
+            logger.debug(
+                "conn %d %s: offsets %d..%d of %r were reclaimed; sending from %d",
+                connection.id,
+                connection.peer,
+                wanted,
+                stream.start_offset - 1,
+                topic,
+                stream.start_offset,
+            )
+            wanted = stream.start_offset
         i = bisect.bisect_right(stream.index_first, wanted) - 1
-        batch = stream.committed_batch(i)
+        batch = stream.committed_batch(stream.first_batch + i)
         start = batch.payload_offset
         end = start + batch.total_size
         if wanted > batch.first_offset:
             starts = scan_records(region[start:end], batch.num_msg)
             start += int(starts[wanted - batch.first_offset])
-        with trio.move_on_after(send_timeout) as sending:
+        # Retention must not reuse the bytes while the socket still reads them.
+        with stream.pinned(batch.header_offset), trio.move_on_after(send_timeout) as sending:
             try:
                 await connection.send_frame(region[start:end].data)
             except ConnectionLost as exc:

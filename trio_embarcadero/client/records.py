@@ -46,6 +46,9 @@ class RecordDecoder:
 
     Attributes:
         position: Logical offset of the next record expected.
+        skipped: Messages the stream jumped over: the broker's retention had
+            reclaimed them before they could be sent (offsets only ever move
+            forward; a jump is not corruption).
         error: Set once the stream holds an error frame or an invalid record;
             every message before it has been returned by :meth:`feed`, and
             nothing after it is decoded.
@@ -53,6 +56,7 @@ class RecordDecoder:
 
     def __init__(self, position: int, buffer_bytes: int) -> None:
         self.position = position
+        self.skipped = 0
         self.error: BrokerError | ProtocolError | None = None
         self._buffer = bytearray(max(buffer_bytes, 2 * RECEIVE_SIZE))
         self._view = memoryview(self._buffer)
@@ -136,6 +140,9 @@ class RecordDecoder:
             if end - pos < padded:
                 break
             _, _, offset, _, _, client_order, client_id, size = unpack(buf, pos)
+            if offset > expected and size <= padded - MESSAGE_HEADER_SIZE:
+                self.skipped += offset - expected  # reclaimed by retention
+                expected = offset
             if offset != expected or size > padded - MESSAGE_HEADER_SIZE:
                 self.error = ProtocolError(
                     ErrorCode.BAD_MESSAGE_RECORDS,

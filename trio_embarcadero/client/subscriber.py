@@ -65,6 +65,13 @@ class Subscriber:
         """The logical offset of the next message to be handed out."""
         return self._decoder.position
 
+    @property
+    def skipped(self) -> int:
+        """Messages the subscription jumped over because the broker's
+        retention had reclaimed them (the offsets of the messages handed out
+        show where)."""
+        return self._decoder.skipped
+
     def __aiter__(self) -> Subscriber:
         return self
 

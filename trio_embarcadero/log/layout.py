@@ -89,8 +89,13 @@ STREAM_SEGMENTS = struct.Struct("<III")
 #: Then, at +16: committed messages, batches and payload bytes.
 STREAM_COUNTS = struct.Struct("<QQQ")
 STREAM_COUNTS_OFFSET = 16
+#: At +40: the first retained logical offset and the first retained batch
+#: (its index among every batch the stream ever committed).
+STREAM_START = struct.Struct("<QQ")
 STREAM_START_OFFSET = 40
-_STREAM_ENTRY = struct.Struct("<III4xQQQQ")
+_STREAM_ENTRY = struct.Struct("<III4xQQQQQ")
+#: A segment header's last-commit time (ns since the epoch), at +32.
+SEGMENT_TIME_OFFSET = 32
 BH_TOTAL_SIZE = 32
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
@@ -182,6 +187,7 @@ class StreamEntry:
         payload_bytes: Committed payload bytes.
         start_offset: The first logical offset still retained (the
             log-start offset); the messages before it were reclaimed.
+        first_batch: How many of the committed batches were reclaimed.
     """
 
     first_segment: int
@@ -191,6 +197,7 @@ class StreamEntry:
     batches: int
     payload_bytes: int
     start_offset: int
+    first_batch: int
 
 
 # -- the superblock ---------------------------------------------------------------------
@@ -226,8 +233,8 @@ def read_geometry(buf: Any) -> Geometry:
     Raises:
         LayoutError: The buffer does not start with a layout-2 superblock.
     """
-    magic, version, topics, brokers, _, region, segment, _, _, unit, _, _ = (
-        SUPERBLOCK.unpack_from(buf, 0)
+    magic, version, topics, brokers, _, region, segment, _, _, unit, _, _ = SUPERBLOCK.unpack_from(
+        buf, 0
     )
     if magic != MAGIC or version != LAYOUT_VERSION:
         raise LayoutError(

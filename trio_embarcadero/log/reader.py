@@ -65,7 +65,9 @@ from .layout import (
     SUPERBLOCK_SIZE,
     U64,
     Geometry,
+    SegmentReclaimed,
     WalkPosition,
+    check_segment,
     iter_batches,
     read_geometry,
     read_stream_entry,
@@ -156,6 +158,8 @@ class _Cursor:
     firsts: list[int] = attrs.Factory(list)  # first logical offset per batch
     headers: list[int] = attrs.Factory(list)  # header offset per batch
     nums: list[int] = attrs.Factory(list)  # messages per batch
+    # (segment, generation) per batch: its bytes are good while they match
+    segments: list[tuple[int, int]] = attrs.Factory(list)
     position: WalkPosition = attrs.Factory(WalkPosition)  # where the next batch is
 
 
@@ -281,6 +285,9 @@ class LogReader:
                 start where the one before it ended.
         """
         seen: list[BatchInfo] = []
+        # Retention moves a stream's start: batches below it are gone even if
+        # a reclaim was cut short and their segment is still linked.
+        start = read_stream_entry(self._mmap, self.geometry, topic_index, broker_id).start_offset
         for offset, h in iter_batches(
             self._mmap, self.geometry, topic_index, broker_id, cursor.position
         ):
@@ -298,7 +305,9 @@ class LogReader:
             if state == BATCH_RESERVED:
                 break  # batches commit in log order: nothing after it is visible yet
             if state == BATCH_COMMITTED:
-                expected = self._end_of(cursor) if cursor.firsts else 0
+                if not cursor.firsts and h.start_logical_offset < start:
+                    continue
+                expected = self._end_of(cursor) if cursor.firsts else h.start_logical_offset
                 if check_offsets and h.start_logical_offset != expected:
                     # Skipping would silently lose messages a subscriber was owed.
                     raise LayoutError(
@@ -310,6 +319,7 @@ class LogReader:
                 cursor.firsts.append(h.start_logical_offset)
                 cursor.headers.append(offset)
                 cursor.nums.append(h.num_msg)
+                cursor.segments.append((cursor.position.segment, cursor.position.generation))
             elif state != BATCH_ABANDONED:
                 raise LayoutError(f"{self.path}: batch at byte {offset} has state {state}")
         return seen
@@ -336,6 +346,11 @@ class LogReader:
         the log); call again later with ``start`` set to the next offset to
         continue. A topic that does not exist yields nothing.
 
+        Messages that retention reclaimed are skipped: the first message
+        yielded is then past ``start`` (at the stream's first retained
+        offset), and a reader whose place was reclaimed while it read goes on
+        from there. It never yields bytes of a segment reused meanwhile.
+
         Each :class:`~trio_embarcadero.wire.Message` payload is a copy
         (``bytes``), valid after the reader is closed.
 
@@ -353,7 +368,10 @@ class LogReader:
         """As :meth:`messages`, without copying the payloads.
 
         Each :class:`~trio_embarcadero.wire.MessageView` payload is a
-        read-only view of the mapped log, valid until the reader is closed.
+        read-only view of the mapped log, valid until the reader is closed
+        and only while retention has not reclaimed its segment: retention
+        can reuse the bytes under a view at any time (copy what you keep, or
+        use :meth:`messages`).
         """
         return self._walk(topic, broker_id, start, copy=False)
 
@@ -368,18 +386,21 @@ class LogReader:
         next_offset = start
         position = 0  # index in cursor.firsts of the batch holding next_offset
         while True:
-            if not cursor.firsts or next_offset >= self._end_of(cursor):
-                self._refresh(cursor, index, broker_id)
+            try:
                 if not cursor.firsts or next_offset >= self._end_of(cursor):
-                    return
-            position = max(position, bisect.bisect_right(cursor.firsts, next_offset) - 1)
-            while position < len(cursor.firsts):
-                first, num = cursor.firsts[position], cursor.nums[position]
-                yield from self._batch_messages(
-                    cursor.headers[position], first, num, next_offset, copy
-                )
-                next_offset = max(next_offset, first + num)
-                position += 1
+                    self._refresh(cursor, index, broker_id)
+                    if not cursor.firsts or next_offset >= self._end_of(cursor):
+                        return
+                position = max(position, bisect.bisect_right(cursor.firsts, next_offset) - 1)
+                while position < len(cursor.firsts):
+                    first, num = cursor.firsts[position], cursor.nums[position]
+                    yield from self._batch_messages(cursor, position, max(next_offset, first), copy)
+                    next_offset = max(next_offset, first + num)
+                    position += 1
+            except SegmentReclaimed:
+                # Retention let our place go: walk again from the stream's start.
+                cursor = self._cursors[(topic, broker_id)] = _Cursor()
+                position = 0
 
     @staticmethod
     def _end_of(cursor: _Cursor) -> int:
@@ -387,8 +408,14 @@ class LogReader:
         return cursor.firsts[-1] + cursor.nums[-1]
 
     def _batch_messages(
-        self, header: int, first: int, num: int, start: int, copy: bool
+        self, cursor: _Cursor, position: int, start: int, copy: bool
     ) -> Iterator[Any]:
+        header, first, num = (
+            cursor.headers[position],
+            cursor.firsts[position],
+            cursor.nums[position],
+        )
+        segment, generation = cursor.segments[position]
         (total,) = U64.unpack_from(self._mmap, header + BH_TOTAL_SIZE)
         if start >= first + num:
             return
@@ -396,12 +423,14 @@ class LogReader:
         try:
             starts = scan_records(self._region[payload : payload + total], num)
         except ProtocolError as exc:
+            self._check_generation(segment, generation)  # reused, not corrupt?
             raise LayoutError(f"{self.path}: committed batch at byte {header}: {exc}") from exc
         index = (payload + starts) // 8
         words = self._words
         offsets = words[index + MH_LOGICAL_OFFSET]
         expected = np.arange(first, first + num, dtype=np.uint64)
         if not np.array_equal(offsets, expected):
+            self._check_generation(segment, generation)
             raise LayoutError(
                 f"{self.path}: committed batch at byte {header} has logical offsets "
                 f"{int(offsets[0])}.. where {first}.. are due"
@@ -414,10 +443,21 @@ class LogReader:
         # Slicing the mmap copies into bytes; slicing its memoryview does not.
         source: mmap.mmap | memoryview = self._mmap if copy else self._view
         make: Any = Message if copy else MessageView
-        for i, (data, size, order, client) in enumerate(
-            zip(data_starts, sizes, orders, clients, strict=True)
-        ):
-            yield make(source[data : data + size], first + skip + i, client, order)
+        messages = [
+            make(source[data : data + size], first + skip + i, client, order)
+            for i, (data, size, order, client) in enumerate(
+                zip(data_starts, sizes, orders, clients, strict=True)
+            )
+        ]
+        # Read after the bytes: if the segment is still the one the walk
+        # entered, nobody reused it while they were copied.
+        self._check_generation(segment, generation)
+        yield from messages
+
+    def _check_generation(self, segment: int, generation: int) -> None:
+        check_segment(
+            self._mmap, self.geometry, WalkPosition(segment=segment, generation=generation)
+        )
 
 
 @contextmanager

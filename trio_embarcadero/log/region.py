@@ -33,13 +33,15 @@ told otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import mmap
 import os
 import platform
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import attrs
 import numpy as np
@@ -67,9 +69,12 @@ from .layout import (
     SEGMENT_HEADER_SIZE,
     SEGMENT_MAGIC,
     SEGMENT_NEXT_OFFSET,
+    SEGMENT_TIME_OFFSET,
     STREAM_COUNTS,
     STREAM_COUNTS_OFFSET,
     STREAM_SEGMENTS,
+    STREAM_START,
+    STREAM_START_OFFSET,
     U32,
     U64,
     Geometry,
@@ -78,6 +83,7 @@ from .layout import (
     format_region,
     iter_batches,
     read_segment_header,
+    read_stream_entry,
     read_topic_name,
     read_topics,
     segment_chain,
@@ -204,8 +210,39 @@ class Reservation:
         return self.state != BATCH_RESERVED
 
 
+@attrs.define
+class RetainedSegment:
+    """A segment of a stream's chain, as retention sees it.
+
+    Attributes:
+        unit: Its first allocation unit (its name).
+        order: It spans ``2**order`` units.
+        start: Absolute offset of its data in the region.
+        end: Where it ends.
+        batches: Committed batches in it.
+        data_bytes: Bytes of those batches, headers included.
+        last_commit_ns: When its last batch was committed (0: none yet).
+        pins: Readers in this process that are using its bytes (see
+            :meth:`Stream.pinned`); retention waits for them.
+    """
+
+    unit: int
+    order: int
+    start: int
+    end: int
+    batches: int = 0
+    data_bytes: int = 0
+    last_commit_ns: int = 0
+    pins: int = 0
+
+
 class Stream:
-    """The in-memory writer state of one (topic, broker) stream."""
+    """The in-memory writer state of one (topic, broker) stream.
+
+    Committed batches are numbered from 0 for the stream's whole life;
+    ``first_batch`` is the number of the first one retention kept, and
+    ``start_offset`` its first logical offset (Kafka's log-start offset).
+    """
 
     def __init__(self, log: CxlLog, topic: str, topic_index: int, broker_id: int) -> None:
         self.log = log
@@ -226,10 +263,41 @@ class Stream:
         # every committed batch, in order (bisect by logical offset).
         self.index_first: list[int] = []
         self.index_header: list[int] = []
+        self.first_batch = 0
+        self.start_offset = 0
+        self.segments: deque[RetainedSegment] = deque()
+        self._commit_segment = 0  # index in segments of the one commits are in
 
     def committed_batch(self, i: int) -> CommittedBatch:
-        """The ``i``-th committed batch of this stream."""
-        return self.log.batch_at(self.index_header[i])
+        """Committed batch number ``i`` (``first_batch <= i < batches``)."""
+        return self.log.batch_at(self.index_header[i - self.first_batch])
+
+    @contextlib.contextmanager
+    def pinned(self, header_offset: int) -> Iterator[RetainedSegment]:
+        """Keep retention off the segment holding ``header_offset`` meanwhile
+        (an in-process reader, e.g. a subscriber sending from the region)."""
+        segment = next(s for s in self.segments if s.start <= header_offset < s.end)
+        segment.pins += 1
+        try:
+            yield segment
+        finally:
+            segment.pins -= 1
+
+    @property
+    def retained_bytes(self) -> int:
+        """Bytes of the committed batches the region still holds."""
+        return sum(segment.data_bytes for segment in self.segments)
+
+    def _segment_of(self, header_offset: int) -> RetainedSegment:
+        # Commits go in log order, so the segment only ever moves forward.
+        segments = self.segments
+        while (
+            not segments[self._commit_segment].start
+            <= header_offset
+            < (segments[self._commit_segment].end)
+        ):
+            self._commit_segment += 1
+        return segments[self._commit_segment]
 
 
 class CxlLog:
@@ -267,12 +335,16 @@ class CxlLog:
         self.region: npt.NDArray[np.uint8] = np.frombuffer(mapping, dtype=np.uint8)
         self.words: npt.NDArray[np.uint64] = self.region.view("<u8")
         self.map = SegmentMap(unit_map(mapping, geometry), geometry.max_order)
+        #: Wall-clock nanoseconds, stamped on segments at commit (time-based
+        #: retention); replaceable for tests.
+        self.clock: Callable[[], int] = time.time_ns
         self._streams: dict[str, Stream] = {}
         self._topic_index: dict[str, int] = {}
         self._reservations = 0
         self._abandoned = 0
         self._ring_full = 0
         self._log_full = 0
+        self._reclaimed = 0
         self._batches = 0
         self._messages = 0
         self._bytes = 0
@@ -325,9 +397,7 @@ class CxlLog:
             OSError: The file cannot be created or mapped.
         """
         check_memory_ordering(allow_weak_memory_ordering)
-        geometry = Geometry(
-            size, segment_size, max_topics, max_brokers, unit_size or segment_size
-        )
+        geometry = Geometry(size, segment_size, max_topics, max_brokers, unit_size or segment_size)
         if geometry.num_units < 1:
             raise LayoutError(
                 f"{path}: a region of {size} bytes has no room for one "
@@ -530,6 +600,7 @@ class CxlLog:
         stream.num_segments += 1
         stream.last_segment = segment
         stream.last_order = order
+        stream.segments.append(RetainedSegment(segment, order, base, base + g.segment_bytes(order)))
         STREAM_SEGMENTS.pack_into(
             self._mmap,
             stream.entry_offset,
@@ -710,13 +781,7 @@ class CxlLog:
             self._commit(stream, head)
             committed.append(head)
         if committed:
-            STREAM_COUNTS.pack_into(
-                self._mmap,
-                stream.entry_offset + STREAM_COUNTS_OFFSET,
-                stream.next_offset,
-                stream.batches,
-                stream.payload_bytes,
-            )
+            self._write_counts(stream)
         return committed
 
     def _still_reserved(self, reservation: Reservation) -> bool:
@@ -751,12 +816,17 @@ class CxlLog:
         U32.pack_into(self._mmap, reservation.header_offset + BH_BATCH_COMPLETE, BATCH_COMMITTED)
         reservation.state = BATCH_COMMITTED
         reservation.first_offset = first
-        reservation.batch_index = len(stream.index_header)
+        reservation.batch_index = stream.batches
         stream.next_offset = first + num
         stream.batches += 1
         stream.payload_bytes += reservation.header.total_size
         stream.index_first.append(first)
         stream.index_header.append(reservation.header_offset)
+        segment = stream._segment_of(reservation.header_offset)
+        segment.batches += 1
+        segment.data_bytes += BATCH_HEADER_SIZE + reservation.header.total_size
+        segment.last_commit_ns = now = self.clock()
+        U64.pack_into(self._mmap, segment.start + SEGMENT_TIME_OFFSET, now)
         self._batches += 1
         self._messages += num
         self._bytes += reservation.header.total_size
@@ -785,64 +855,167 @@ class CxlLog:
         reachable: list[int] = []
         for topic, index in self.topics().items():
             self._topic_index[topic] = index
-            (first_segment,) = U32.unpack_from(
-                self._mmap, self.geometry.stream_offset(index, self.broker_id)
-            )
-            if first_segment == NO_SEGMENT:
+            stream = self._recover_stream(topic, index)
+            if stream is None:
                 continue
-            stream = Stream(self, topic, index, self.broker_id)
-            discarded = 0
-            end = 0
-            position = WalkPosition()
-            last_written = NO_SEGMENT  # the segment of the last batch found
-            for offset, header in iter_batches(
-                self._mmap, self.geometry, index, self.broker_id, position
-            ):
-                end = offset + BATCH_HEADER_SIZE + header.total_size
-                last_written = position.segment
-                if header.batch_complete == BATCH_RESERVED:
-                    U32.pack_into(self._mmap, offset + BH_BATCH_COMPLETE, BATCH_ABANDONED)
-                    discarded += 1
-                elif header.batch_complete == BATCH_COMMITTED:
-                    stream.index_first.append(header.start_logical_offset)
-                    stream.index_header.append(offset)
-                    stream.next_offset = header.start_logical_offset + header.num_msg
-                    stream.batches += 1
-                    stream.payload_bytes += header.total_size
-            segments = list(segment_chain(self._mmap, self.geometry, index, self.broker_id))
-            reachable.extend(segments)
-            stream.num_segments = len(segments)
-            stream.last_segment = segments[-1]
-            last = read_segment_header(self._mmap, self.geometry, stream.last_segment)
-            if last is None:
-                raise LayoutError(f"{self.path}: {topic!r}'s last segment has no valid header")
-            stream.last_order = last.order
-            base = self.geometry.segment_offset(stream.last_segment)
-            stream.segment_end = base + self.geometry.segment_bytes(last.order)
-            # The last segment may still be empty (linked, nothing written yet).
-            written = last_written == stream.last_segment
-            stream.write_offset = end if written else base + SEGMENT_HEADER_SIZE
-            STREAM_COUNTS.pack_into(
-                self._mmap,
-                stream.entry_offset + STREAM_COUNTS_OFFSET,
-                stream.next_offset,
-                stream.batches,
-                stream.payload_bytes,
-            )
+            reachable.extend(segment.unit for segment in stream.segments)
             self._streams[topic] = stream
-            logger.info(
-                "re-attached topic %r: %d messages in %d batches%s",
-                topic,
-                stream.next_offset,
-                stream.batches,
-                f", discarded {discarded} uncommitted batch(es)" if discarded else "",
-            )
         # Segments taken but not linked, or unlinked but not freed, when the
         # last owner of this broker id died: give them back.
         with self._lock():
             freed = self.map.recover(self.broker_id, reachable)
         if freed:
             logger.info("recovered %d segment(s) no stream held", len(freed))
+
+    def _recover_stream(self, topic: str, index: int) -> Stream | None:
+        g = self.geometry
+        entry = read_stream_entry(self._mmap, g, index, self.broker_id)
+        if entry.first_segment == NO_SEGMENT:
+            return None
+        stream = Stream(self, topic, index, self.broker_id)
+        for unit in segment_chain(self._mmap, g, index, self.broker_id):
+            found = read_segment_header(self._mmap, g, unit)
+            if found is None:
+                raise LayoutError(f"{self.path}: {topic!r} has a segment without a valid header")
+            base = g.segment_offset(unit)
+            (stamp,) = U64.unpack_from(self._mmap, base + SEGMENT_TIME_OFFSET)
+            end = base + g.segment_bytes(found.order)
+            stream.segments.append(
+                RetainedSegment(unit, found.order, base, end, last_commit_ns=stamp)
+            )
+        discarded = 0
+        end = 0
+        position = WalkPosition()
+        last_written = NO_SEGMENT  # the segment of the last batch found
+        reclaimed: set[int] = set()  # segments holding only offsets below the start
+        for offset, header in iter_batches(self._mmap, g, index, self.broker_id, position):
+            end = offset + BATCH_HEADER_SIZE + header.total_size
+            last_written = position.segment
+            if header.batch_complete == BATCH_RESERVED:
+                U32.pack_into(self._mmap, offset + BH_BATCH_COMPLETE, BATCH_ABANDONED)
+                discarded += 1
+            elif header.batch_complete == BATCH_COMMITTED:
+                stream.next_offset = header.start_logical_offset + header.num_msg
+                if header.start_logical_offset < entry.start_offset:
+                    reclaimed.add(position.segment)  # a reclaim cut short
+                    continue
+                segment = stream._segment_of(offset)
+                segment.batches += 1
+                segment.data_bytes += BATCH_HEADER_SIZE + header.total_size
+                stream.index_first.append(header.start_logical_offset)
+                stream.index_header.append(offset)
+                stream.payload_bytes += header.total_size
+        stream.first_batch = entry.first_batch
+        stream.start_offset = entry.start_offset if stream.index_first else stream.next_offset
+        if stream.index_first:
+            stream.start_offset = stream.index_first[0]
+        stream.batches = stream.first_batch + len(stream.index_first)
+        last = stream.segments[-1]
+        stream.last_segment, stream.last_order = last.unit, last.order
+        stream.segment_end = last.end
+        # The last segment may still be empty (linked, nothing written yet).
+        written = last_written == last.unit
+        stream.write_offset = end if written else last.start + SEGMENT_HEADER_SIZE
+        while len(stream.segments) > 1 and stream.segments[0].unit in reclaimed:
+            self._unlink_first(stream)  # finish it: the next recovery step frees it
+        stream.num_segments = len(stream.segments)
+        stream._commit_segment = len(stream.segments) - 1
+        self._write_counts(stream)
+        logger.info(
+            "re-attached topic %r: %d messages in %d batches (%d retained from offset %d)%s",
+            topic,
+            stream.next_offset,
+            stream.batches,
+            len(stream.index_first),
+            stream.start_offset,
+            f", discarded {discarded} uncommitted batch(es)" if discarded else "",
+        )
+        return stream
+
+    # -- retention ------------------------------------------------------------------------
+
+    def reclaimable_segments(
+        self, stream: Stream, *, retention_bytes: int, retention_ms: int, now_ns: int
+    ) -> int:
+        """How many of the oldest segments ``stream``'s retention lets go now.
+
+        Kafka's rule: the oldest whole segments go while what remains still
+        holds ``retention_bytes``, and every segment whose last commit is
+        older than ``retention_ms``; never the segment being written, and
+        never one with a batch not yet resolved. -1 means no limit.
+        """
+        segments = stream.segments
+        # Only segments commits have moved past are whole.
+        candidates = min(stream._commit_segment, len(segments) - 1)
+        count = 0
+        remaining = stream.retained_bytes
+        while count < candidates:
+            segment = segments[count]
+            if segment.pins:
+                break  # a reader is using it: the next check will do
+            too_big = retention_bytes >= 0 and remaining - segment.data_bytes >= retention_bytes
+            too_old = (
+                retention_ms >= 0 and now_ns - segment.last_commit_ns > retention_ms * 1_000_000
+            )
+            if not (too_big or too_old):
+                break
+            remaining -= segment.data_bytes
+            count += 1
+        return count
+
+    def reclaim_oldest(self, stream: Stream) -> RetainedSegment:
+        """Let ``stream``'s oldest segment go and give it back to the region.
+
+        Its batches are gone for readers: the log-start offset moves to the
+        first batch of the next segment. Crash-safe at every step: the new
+        start is written first, then the segment is unlinked, then freed;
+        recovery finishes whatever was cut short.
+
+        Raises:
+            ValueError: The segment is the one being written, or holds a
+                batch not yet resolved.
+        """
+        if len(stream.segments) < 2 or stream._commit_segment < 1 or stream.segments[0].pins:
+            raise ValueError(f"{stream.topic!r}: its oldest segment is still in use")
+        gone = stream.segments[0]
+        stream.first_batch += gone.batches
+        del stream.index_first[: gone.batches]
+        del stream.index_header[: gone.batches]
+        stream.start_offset = stream.index_first[0] if stream.index_first else stream.next_offset
+        stream.payload_bytes -= gone.data_bytes - BATCH_HEADER_SIZE * gone.batches
+        STREAM_START.pack_into(
+            self._mmap,
+            stream.entry_offset + STREAM_START_OFFSET,
+            stream.start_offset,
+            stream.first_batch,
+        )
+        self._unlink_first(stream)
+        stream._commit_segment -= 1
+        stream.num_segments = len(stream.segments)
+        self._write_counts(stream)
+        with self._lock():
+            self.map.free(gone.unit)
+        self._reclaimed += 1
+        return gone
+
+    def _unlink_first(self, stream: Stream) -> None:
+        stream.segments.popleft()
+        STREAM_SEGMENTS.pack_into(
+            self._mmap,
+            stream.entry_offset,
+            stream.segments[0].unit,
+            stream.segments[-1].unit,
+            len(stream.segments),
+        )
+
+    def _write_counts(self, stream: Stream) -> None:
+        STREAM_COUNTS.pack_into(
+            self._mmap,
+            stream.entry_offset + STREAM_COUNTS_OFFSET,
+            stream.next_offset,
+            stream.batches,
+            stream.payload_bytes,
+        )
 
     def statistics(self) -> CxlStatistics:
         """Return a snapshot of this broker's log counters."""
