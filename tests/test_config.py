@@ -1,6 +1,8 @@
 """Tests of trio_embarcadero.config: layers, strict types, every problem at once."""
 
+import copy
 import os
+import pickle
 import re
 import tomllib
 from pathlib import Path
@@ -18,6 +20,9 @@ from trio_embarcadero.config import (
     LoggingConfig,
     NetworkConfig,
     StorageConfig,
+    TopicOverride,
+    TopicsConfig,
+    TopicSettings,
     config_to_toml,
     load_config,
 )
@@ -96,6 +101,10 @@ def test_defaults() -> None:
         dir="", sync_interval_ms=5.0, sync_bytes=64 * MIB, mode=0o600
     )
     assert config.logging == LoggingConfig(level="INFO")
+    assert config.topics == TopicsConfig(
+        defaults=TopicSettings(retention_bytes=-1, retention_ms=-1), overrides={}
+    )
+    assert config.topics.settings_for("orders") == TopicSettings()
 
 
 def test_defaults_ignore_unrelated_environment() -> None:
@@ -186,6 +195,12 @@ sync_bytes = 4096
 
 [logging]
 level = "error"
+
+[topics]
+retention_ms = 86400000
+
+[topics."orders.eu"]
+retention_bytes = 1000000
 """
 
 
@@ -226,6 +241,10 @@ def test_file_values(tmp_path: Path) -> None:
         ),
         storage=StorageConfig(dir="/var/lib/emb", sync_interval_ms=1.0, sync_bytes=4096),
         logging=LoggingConfig(level="ERROR"),
+        topics=TopicsConfig(
+            defaults=TopicSettings(retention_ms=86_400_000),
+            overrides={"orders.eu": TopicOverride(retention_bytes=1_000_000)},
+        ),
     )
     # TOML integers given for float keys become floats.
     assert type(config.network.batch_timeout_s) is float
@@ -780,6 +799,335 @@ def test_direct_construction_is_validated() -> None:
         attrs.evolve(NetworkConfig(), backoff_initial_us=5000)
 
 
+# --- topics ------------------------------------------------------------------------
+
+
+def test_topics_defaults_from_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[topics]\nretention_bytes = 1000\nretention_ms = 60000\n")
+    topics = load_config(path, env={}).topics
+    assert topics == TopicsConfig(defaults=TopicSettings(retention_bytes=1000, retention_ms=60000))
+    assert topics.overrides == {}
+    assert topics.settings_for("anything") == TopicSettings(
+        retention_bytes=1000, retention_ms=60000
+    )
+
+
+TOPICS_FILE = """
+[topics]
+retention_bytes = 1000
+
+[topics."orders.eu"]
+retention_ms = 5000
+
+[topics.logs]
+retention_bytes = 10
+retention_ms = 20
+
+[topics.free]
+retention_bytes = -1
+
+[topics.empty]
+"""
+
+
+def test_topic_overrides_set_only_their_keys(tmp_path: Path) -> None:
+    topics = load_config(write(tmp_path, TOPICS_FILE), env={}).topics
+    assert topics.defaults == TopicSettings(retention_bytes=1000)
+    assert topics.overrides == {
+        "orders.eu": TopicOverride(retention_ms=5000),
+        "logs": TopicOverride(retention_bytes=10, retention_ms=20),
+        "free": TopicOverride(retention_bytes=-1),
+        "empty": TopicOverride(),
+    }
+    assert topics.settings_for("orders.eu") == TopicSettings(
+        retention_bytes=1000, retention_ms=5000
+    )
+    assert topics.settings_for("logs") == TopicSettings(retention_bytes=10, retention_ms=20)
+    # -1 in an override lifts a default limit.
+    assert topics.settings_for("free") == TopicSettings(retention_bytes=-1, retention_ms=-1)
+    assert topics.settings_for("empty") == topics.defaults
+    # Names are exact: no prefix or case matching, and "orders" is not "orders.eu".
+    for other in ("orders", "orders.EU", "Logs", "logs.x", ""):
+        assert topics.settings_for(other) == topics.defaults, other
+
+
+def test_topic_override_without_topics_keys_takes_the_builtin_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "[topics.audit]\nretention_ms = 1\n")
+    topics = load_config(path, env={}).topics
+    assert topics.defaults == TopicSettings()
+    assert topics.settings_for("audit") == TopicSettings(retention_bytes=-1, retention_ms=1)
+
+
+@pytest.mark.parametrize("name", ["orders.eu", "a.b.c", ".", "..", "x" * 31, "A-b_c.9", "_"])
+def test_quoted_topic_names(tmp_path: Path, name: str) -> None:
+    path = write(tmp_path, f'[topics."{name}"]\nretention_bytes = 7\n')
+    topics = load_config(path, env={}).topics
+    assert list(topics.overrides) == [name]
+    assert topics.settings_for(name) == TopicSettings(retention_bytes=7)
+
+
+def test_topic_tables_in_other_toml_spellings(tmp_path: Path) -> None:
+    # A dotted key and an inline table are the same TOML tables.
+    text = '[topics]\n"a.b".retention_ms = 3\nc = { retention_bytes = 4 }\n'
+    topics = load_config(write(tmp_path, text), env={}).topics
+    assert topics.overrides == {
+        "a.b": TopicOverride(retention_ms=3),
+        "c": TopicOverride(retention_bytes=4),
+    }
+
+
+def test_unquoted_dotted_topic_name_says_to_quote_it(tmp_path: Path) -> None:
+    # [topics.orders.eu] is a table "eu" inside a topic table "orders".
+    assert problems_of(tmp_path, "[topics.orders.eu]\nretention_ms = 5\n") == [
+        "a topic's table holds no tables (eu): quote a topic name that has a dot, "
+        '[topics."orders.eu"] @ $.topics.orders'
+    ]
+    # The table's own keys are still judged.
+    text = "[topics.a]\nretention_ms = 0\n[topics.a.b.c]\n"
+    assert problems_of(tmp_path, text) == [
+        'a topic\'s table holds no tables (b): quote a topic name that has a dot, [topics."a.b"] '
+        "@ $.topics.a",
+        "'retention_ms' must be -1 (no limit) or > 0: 0 @ $.topics.a.retention_ms",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("table", "path", "problem"),
+    [
+        ('"bad name"', '"bad name"', "invalid topic name 'bad name': want 1-31 of [A-Za-z0-9._-]"),
+        ('""', '""', "invalid topic name '': want 1-31 of [A-Za-z0-9._-]"),
+        ("x" * 32, "x" * 32, f"invalid topic name '{'x' * 32}': want 1-31 of [A-Za-z0-9._-]"),
+        ('"é"', '"é"', "invalid topic name 'é': want 1-31 of [A-Za-z0-9._-]"),
+        ('"a/b"', '"a/b"', "invalid topic name 'a/b': want 1-31 of [A-Za-z0-9._-]"),
+        (
+            "retention_ms",
+            "retention_ms",
+            "topic 'retention_ms' is named like a [topics] key: it can't have a table",
+        ),
+    ],
+)
+def test_invalid_topic_names(tmp_path: Path, table: str, path: str, problem: str) -> None:
+    # The table's keys are judged beside its name.
+    assert problems_of(tmp_path, f"[topics.{table}]\nretention_bytes = 0\nx = 1\n") == [
+        f"{problem} @ $.topics.{path}",
+        f"'retention_bytes' must be -1 (no limit) or > 0: 0 @ $.topics.{path}.retention_bytes",
+        f"extra fields found (x) @ $.topics.{path}",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("0", "'{key}' must be -1 (no limit) or > 0: 0"),
+        ("-2", "'{key}' must be -1 (no limit) or > 0: -2"),
+        ("-9223372036854775808", "'{key}' must be -1 (no limit) or > 0: -9223372036854775808"),
+        ("'100'", "invalid value for type, expected int: '100'"),
+        ("1.5", "invalid value for type, expected int: 1.5"),
+        ("100.0", "invalid value for type, expected int: 100.0"),
+        ("-1.0", "invalid value for type, expected int: -1.0"),
+        ("true", "invalid value for type, expected int: True"),
+        ("[1]", "invalid value for type, expected int: [1]"),
+    ],
+)
+@pytest.mark.parametrize("key", ["retention_bytes", "retention_ms"])
+def test_bad_retention_values(tmp_path: Path, key: str, value: str, problem: str) -> None:
+    message = problem.format(key=key)
+    text = f'[topics]\n{key} = {value}\n[topics."orders.eu"]\n{key} = {value}\n'
+    assert problems_of(tmp_path, text) == [
+        f"{message} @ $.topics.{key}",
+        f'{message} @ $.topics."orders.eu".{key}',
+    ]
+
+
+def test_retention_limits_accept_minus_one_and_any_positive(tmp_path: Path) -> None:
+    for value in (-1, 1, 2**63 - 1):
+        text = f"[topics]\nretention_bytes = {value}\nretention_ms = {value}\n"
+        settings = load_config(write(tmp_path, text), env={}).topics.defaults
+        assert settings == TopicSettings(retention_bytes=value, retention_ms=value)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[topics]\nretention = 5\n", "extra fields found (retention) @ $.topics"),
+        ("[topics]\nretention_ms = 5\norders = 5\n", "extra fields found (orders) @ $.topics"),
+        ("[topics.t]\nretention = 5\n", "extra fields found (retention) @ $.topics.t"),
+        (
+            '[topics."a.b"]\nretention_s = 5\norder = 1\n',
+            'extra fields found (order, retention_s) @ $.topics."a.b"',
+        ),
+        ("topics = 5\n", "expected a table, got int: 5 @ $.topics"),
+        ("topics = [1]\n", "expected a table, got list: [1] @ $.topics"),
+        ('[topics]\n"a.b" = 5\n', "extra fields found (a.b) @ $.topics"),
+    ],
+)
+def test_unknown_topics_keys(tmp_path: Path, text: str, problem: str) -> None:
+    assert problems_of(tmp_path, text) == [problem]
+
+
+def test_topics_problems_all_at_once(tmp_path: Path) -> None:
+    text = """
+[broker]
+port = -1
+
+[topics]
+retention_bytes = 0
+retention_ms = "1d"
+bogus = 1
+
+[topics."orders.eu"]
+retention_ms = -5
+extra = 1
+
+[topics."bad name"]
+retention_bytes = 5
+
+[topics.fine]
+retention_bytes = 5
+"""
+    env = {"TRIO_EMBARCADERO_TOPICS__NOPE": "1"}
+    assert problems_of(tmp_path, text, env=env) == [
+        "unknown environment variable (expected TRIO_EMBARCADERO_<SECTION>__<KEY> "
+        "naming a config key) @ $env.TRIO_EMBARCADERO_TOPICS__NOPE",
+        "'port' must be >= 0: -1 @ $.broker.port",
+        "'retention_bytes' must be -1 (no limit) or > 0: 0 @ $.topics.retention_bytes",
+        "invalid value for type, expected int: '1d' @ $.topics.retention_ms",
+        "'retention_ms' must be -1 (no limit) or > 0: -5 @ $.topics.\"orders.eu\".retention_ms",
+        'extra fields found (extra) @ $.topics."orders.eu"',
+        "invalid topic name 'bad name': want 1-31 of [A-Za-z0-9._-] @ $.topics.\"bad name\"",
+        "extra fields found (bogus) @ $.topics",
+    ]
+
+
+def test_topics_defaults_from_the_environment_under_file_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, TOPICS_FILE)
+    env = {
+        "TRIO_EMBARCADERO_TOPICS__RETENTION_BYTES": "2000",
+        "TRIO_EMBARCADERO_TOPICS__RETENTION_MS": "+60000",
+    }
+    topics = load_config(path, env=env).topics
+    # The environment beats the file's default...
+    assert topics.defaults == TopicSettings(retention_bytes=2000, retention_ms=60000)
+    # ...an override's own keys beat both, and its other keys follow the default.
+    assert topics.settings_for("orders.eu") == TopicSettings(
+        retention_bytes=2000, retention_ms=5000
+    )
+    assert topics.settings_for("logs") == TopicSettings(retention_bytes=10, retention_ms=20)
+    assert topics.settings_for("empty") == topics.defaults
+    # Overrides (the command line's layer) set the defaults too.
+    topics = load_config(path, env=env, overrides={"topics.retention_ms": -1}).topics
+    assert topics.defaults == TopicSettings(retention_bytes=2000, retention_ms=-1)
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("0", "'retention_bytes' must be -1 (no limit) or > 0: 0"),
+        ("-2", "'retention_bytes' must be -1 (no limit) or > 0: -2"),
+        ("1.5", "invalid value for type, expected int: '1.5'"),
+        ("1GB", "invalid value for type, expected int: '1GB'"),
+        ("", "invalid value for type, expected int: ''"),
+    ],
+)
+def test_env_bad_topics_default(raw: str, problem: str) -> None:
+    var = "TRIO_EMBARCADERO_TOPICS__RETENTION_BYTES"
+    assert problems_of(Path(), env={var: raw}) == [
+        f"{problem} @ $.topics.retention_bytes (from {var})"
+    ]
+
+
+def test_topic_overrides_only_from_the_file() -> None:
+    var = "TRIO_EMBARCADERO_TOPICS__ORDERS__RETENTION_MS"
+    assert problems_of(Path(), env={var: "5"}) == [
+        "unknown environment variable (expected TRIO_EMBARCADERO_<SECTION>__<KEY> "
+        f"naming a config key) @ $env.{var}"
+    ]
+    assert problems_of(Path(), overrides={"topics.orders.retention_ms": 5}) == [
+        "unknown key @ $.topics.orders.retention_ms (from override)"
+    ]
+
+
+def test_topics_round_trip_through_check_config_text(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, TOPICS_FILE), env={"TRIO_EMBARCADERO_TOPICS__RETENTION_MS": "7"}
+    )
+    text = config_to_toml(config)
+    assert text.endswith(
+        "\n[topics]\nretention_bytes = 1000\nretention_ms = 7\n\n"
+        '[topics."orders.eu"]\nretention_ms = 5000\n\n'
+        "[topics.logs]\nretention_bytes = 10\nretention_ms = 20\n\n"
+        "[topics.free]\nretention_bytes = -1\n\n"
+        "[topics.empty]\n"
+    )
+    again = load_config(write(tmp_path, text, "again.toml"), env={})
+    assert again == config
+    # An override keeps only the keys it set: the default still shows through.
+    assert again.topics.overrides["orders.eu"] == TopicOverride(retention_ms=5000)
+
+
+def test_settings_for() -> None:
+    topics = TopicsConfig(
+        defaults=TopicSettings(retention_bytes=100, retention_ms=200),
+        overrides={
+            "a": TopicOverride(retention_ms=1),
+            "b": TopicOverride(retention_bytes=2),
+            "c": TopicOverride(retention_bytes=3, retention_ms=4),
+            "d": TopicOverride(),
+        },
+    )
+    assert topics.settings_for("a") == TopicSettings(retention_bytes=100, retention_ms=1)
+    assert topics.settings_for("b") == TopicSettings(retention_bytes=2, retention_ms=200)
+    assert topics.settings_for("c") == TopicSettings(retention_bytes=3, retention_ms=4)
+    assert topics.settings_for("d") == topics.defaults
+    assert topics.settings_for("e") is topics.defaults
+    assert TopicsConfig().settings_for("a") == TopicSettings(retention_bytes=-1, retention_ms=-1)
+
+
+def test_topic_override_mirrors_topic_settings() -> None:
+    # An override has one optional field per setting, so a key added to one
+    # and not the other fails here.
+    settings = attrs.fields(TopicSettings)
+    override = attrs.fields(TopicOverride)
+    assert [f.name for f in override] == [f.name for f in settings]
+    assert all(f.default is None for f in override)
+    for field in settings:
+        with pytest.raises(
+            ValueError, match=rf"^'{field.name}' must be -1 \(no limit\) or > 0: 0$"
+        ):
+            TopicSettings(**{field.name: 0})
+        with pytest.raises(
+            ValueError, match=rf"^'{field.name}' must be -1 \(no limit\) or > 0: 0$"
+        ):
+            TopicOverride(**{field.name: 0})
+
+
+def test_topics_direct_construction_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"invalid topic name 'bad name'"):
+        TopicsConfig(overrides={"bad name": TopicOverride()})
+    with pytest.raises(ValueError, match=r"topic 'retention_bytes' is named like a \[topics\] key"):
+        TopicsConfig(overrides={"retention_bytes": TopicOverride()})
+    with pytest.raises(TypeError):
+        TopicsConfig(overrides={"a": TopicSettings()})  # type: ignore[dict-item]
+    with pytest.raises(TypeError):
+        TopicSettings(retention_ms=1.0)  # type: ignore[arg-type]
+
+
+def test_topics_config_is_immutable_picklable_and_hashable() -> None:
+    source = {"a.b": TopicOverride(retention_ms=3)}
+    config = Config(topics=TopicsConfig(overrides=source))
+    source["c"] = TopicOverride()
+    assert list(config.topics.overrides) == ["a.b"], "the config keeps its own copy"
+    with pytest.raises(TypeError):
+        config.topics.overrides["c"] = TopicOverride()  # type: ignore[index]
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        config.topics.defaults = TopicSettings()  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(config)) == config
+    assert copy.deepcopy(config) == config
+    assert hash(copy.deepcopy(config)) == hash(config)
+    assert config != Config()
+    assert repr(config.topics.overrides) == repr({"a.b": TopicOverride(retention_ms=3)})
+
+
 # --- many problems at once ---------------------------------------------------------
 
 
@@ -920,11 +1268,12 @@ def test_config_to_toml_defaults_text() -> None:
     assert "\nprefault = true\n" in text
     # File modes read as what they are: octal.
     assert text.count("\nmode = 0o600\n") == 2
-    assert text.endswith('\n\n[logging]\nlevel = "INFO"\n')
+    assert '\n\n[logging]\nlevel = "INFO"\n' in text
+    assert text.endswith("\n\n[topics]\nretention_bytes = -1\nretention_ms = -1\n")
     sections = [line for line in text.splitlines() if line.startswith("[")]
-    assert sections == ["[broker]", "[network]", "[cxl]", "[storage]", "[logging]"]
+    assert sections == ["[broker]", "[network]", "[cxl]", "[storage]", "[logging]", "[topics]"]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert len(keys) == 3 + 24 + 10 + 4 + 1
+    assert len(keys) == 3 + 24 + 10 + 4 + 1 + 2
 
 
 @pytest.mark.parametrize(
@@ -950,6 +1299,16 @@ def test_config_to_toml_defaults_text() -> None:
             ),
             storage=StorageConfig(dir="/var/x", sync_interval_ms=0.001, sync_bytes=1, mode=0o777),
             logging=LoggingConfig(level="critical"),
+            topics=TopicsConfig(
+                defaults=TopicSettings(retention_bytes=1, retention_ms=2**62),
+                overrides={
+                    "orders.eu": TopicOverride(retention_ms=1),
+                    "a.b.c": TopicOverride(retention_bytes=2**40, retention_ms=-1),
+                    "Plain-name_9": TopicOverride(retention_bytes=-1),
+                    "empty": TopicOverride(),
+                    "." * 31: TopicOverride(retention_bytes=5),
+                },
+            ),
         ),
     ],
 )
@@ -958,6 +1317,10 @@ def test_config_to_toml_round_trip(tmp_path: Path, config: Config) -> None:
     path = write(tmp_path, text)
     assert load_config(path, env={}) == config
     assert ("# max_batch_bytes is unset" in text) == (config.network.max_batch_bytes is None)
+    # Every override is printed as its own table, with only the keys it sets.
+    tables = tomllib.loads(text)["topics"]
+    for name, override in config.topics.overrides.items():
+        assert tables[name] == {k: v for k, v in attrs.asdict(override).items() if v is not None}
 
 
 def test_round_trip_of_loaded_file(tmp_path: Path) -> None:
@@ -998,26 +1361,45 @@ def test_load_config_does_not_touch_os_environ_when_env_given(
 SHIPPED = Path(__file__).resolve().parent.parent / "config.toml"
 # A key the file documents but leaves at its default: "# key = value  # why".
 _COMMENTED_KEY = re.compile(r"#\s*([a-z_][a-z0-9_]*)\s*=\s")
-_TABLE = re.compile(r"\[([a-z_]+)\]")
+# A table header, or one shown commented out: '[cxl]', '# [topics."orders.eu"]'.
+_TABLE = re.compile(r"(#\s*)?\[([a-z_]+)(\..+)?\]")
+# The name of a [topics.<name>] table, whichever topic the example names.
+OVERRIDE_TABLE = "topics.<name>"
 
 
 def documented_keys(text: str) -> dict[str, set[str]]:
-    """Every key of ``text`` per table: those set and those shown commented out."""
-    keys: dict[str, set[str]] = {t: set(v) for t, v in tomllib.loads(text).items()}
+    """Every key of ``text`` per table: those set and those shown commented out.
+
+    Sub-tables of ``[topics]`` (per-topic overrides, shown commented out) are
+    all filed under :data:`OVERRIDE_TABLE`.
+    """
+    keys: dict[str, set[str]] = {
+        t: {k for k, v in table.items() if not isinstance(v, dict)}
+        for t, table in tomllib.loads(text).items()
+    }
     table = None
     for line in text.splitlines():
         if match := _TABLE.fullmatch(line.strip()):
-            table = match.group(1)
+            table = match.group(2) if match.group(3) is None else f"{match.group(2)}.<name>"
+            keys.setdefault(table, set())
         elif table is not None and (match := _COMMENTED_KEY.match(line.strip())):
-            keys.setdefault(table, set()).add(match.group(1))
+            keys[table].add(match.group(1))
     return keys
 
 
-def test_config_toml_documents_every_key_and_nothing_else() -> None:
+def config_schema() -> dict[str, set[str]]:
+    """Every key of the config per table, [topics] and its override tables included."""
     schema = {
         section.name: {field.name for field in attrs.fields(section.type)}
         for section in attrs.fields(Config)
     }
+    schema["topics"] = {field.name for field in attrs.fields(TopicSettings)}
+    schema[OVERRIDE_TABLE] = {field.name for field in attrs.fields(TopicOverride)}
+    return schema
+
+
+def test_config_toml_documents_every_key_and_nothing_else() -> None:
+    schema = config_schema()
     documented = documented_keys(SHIPPED.read_text(encoding="utf-8"))
     missing = {t: sorted(k - documented.get(t, set())) for t, k in schema.items()}
     unknown = {t: sorted(k - schema.get(t, set())) for t, k in documented.items()}
@@ -1025,9 +1407,22 @@ def test_config_toml_documents_every_key_and_nothing_else() -> None:
     assert {t: k for t, k in unknown.items() if k} == {}, "keys config.toml has but no config does"
 
 
+def test_documented_keys_reads_commented_tables() -> None:
+    # The example override's keys belong to it, not to [topics] above it.
+    text = '[topics]\nretention_ms = -1\n# [topics."a.b"]\n# retention_bytes = 5\n'
+    assert documented_keys(text) == {
+        "topics": {"retention_ms"},
+        OVERRIDE_TABLE: {"retention_bytes"},
+    }
+    # Without an example table, its keys count as undocumented.
+    assert OVERRIDE_TABLE not in documented_keys("[topics]\nretention_ms = -1\n")
+
+
 def test_config_toml_loads_and_its_commented_keys_are_valid(tmp_path: Path) -> None:
     text = SHIPPED.read_text(encoding="utf-8")
     assert load_config(SHIPPED, env={}) == Config()
-    # Uncommenting every documented key still gives a valid config.
-    uncommented = re.sub(r"(?m)^#\s*(?=[a-z_][a-z0-9_]*\s*=\s)", "", text)
-    assert load_config(write(tmp_path, uncommented), env={}).network.max_batch_bytes is not None
+    # Uncommenting every documented key and table still gives a valid config.
+    uncommented = re.sub(r"(?m)^#\s*(?=[a-z_][a-z0-9_]*\s*=\s|\[)", "", text)
+    config = load_config(write(tmp_path, uncommented), env={})
+    assert config.network.max_batch_bytes is not None
+    assert config.topics.overrides, "config.toml shows an example [topics.<name>] table"

@@ -4,7 +4,9 @@ Values come from four layers, each overriding the one before:
 
 1. the defaults written on the classes below,
 2. a TOML file (one table per section: ``[broker]``, ``[network]``, ``[cxl]``,
-   ``[storage]``, ``[logging]``),
+   ``[storage]``, ``[logging]``, ``[topics]``; per-topic overrides are
+   sub-tables of ``[topics]``, e.g. ``[topics."orders.eu"]``, and come from
+   the file only),
 3. the environment (see :func:`load_config` for the variable names),
 4. overrides, normally the command line flags that were actually given.
 
@@ -21,6 +23,7 @@ Example:
 """
 
 import ipaddress
+import json
 import math
 import operator
 import os
@@ -36,7 +39,7 @@ import tomli_w
 from cattrs.errors import AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError
 
 from .errors import ConfigError
-from .wire import MAX_BROKER_ID
+from .wire import MAX_BROKER_ID, encode_topic
 
 try:
     import tomllib
@@ -53,6 +56,9 @@ __all__ = [
     "NetworkConfig",
     "SEED_ENV_VARS",
     "StorageConfig",
+    "TopicOverride",
+    "TopicSettings",
+    "TopicsConfig",
     "config_to_toml",
     "load_config",
 ]
@@ -154,9 +160,15 @@ def _int_in(low: int, high: int) -> list[Callable[[Any, "attrs.Attribute[int]", 
     ]
 
 
+def _limit(_instance: object, attribute: "attrs.Attribute[int]", value: int) -> None:
+    if value != -1 and value <= 0:
+        raise ValueError(f"'{attribute.name}' must be -1 (no limit) or > 0: {value}")
+
+
 _positive_int = [attrs.validators.instance_of(int), attrs.validators.gt(0)]
 _positive_float = [attrs.validators.instance_of(float), _finite, attrs.validators.gt(0.0)]
 _non_negative_float = [attrs.validators.instance_of(float), _finite, attrs.validators.ge(0.0)]
+_limit_int = [attrs.validators.instance_of(int), _limit]
 
 
 # Cross-field checks. Each is (the fields it reads, the check); the check gets
@@ -508,6 +520,132 @@ class LoggingConfig(_Checked):
 
 
 @attrs.frozen(kw_only=True)
+class TopicSettings(_Checked):
+    """The settings of one topic: what it keeps (retention).
+
+    What a topic keeps: the oldest whole segments go while what remains still
+    holds the limit (Kafka's rule); -1 keeps everything.
+
+    Attributes:
+        retention_bytes: How many bytes a topic keeps in all; -1 (the
+            default) means no limit, otherwise > 0.
+        retention_ms: How long a topic keeps its batches, in milliseconds; -1
+            (the default) means forever, otherwise > 0.
+    """
+
+    retention_bytes: int = attrs.field(default=-1, validator=_limit_int)
+    retention_ms: int = attrs.field(default=-1, validator=_limit_int)
+
+
+_TOPIC_KEYS: Final = frozenset(a.name for a in attrs.fields(TopicSettings))
+
+
+@attrs.frozen(kw_only=True)
+class TopicOverride(_Checked):
+    """The keys one ``[topics.<name>]`` table sets; None leaves the default.
+
+    It has one optional field per :class:`TopicSettings` field, validated the
+    same way.
+    """
+
+    retention_bytes: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_limit_int)
+    )
+    retention_ms: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_limit_int)
+    )
+
+    def over(self, defaults: TopicSettings) -> TopicSettings:
+        """``defaults`` with the keys this override sets replaced."""
+        changes = {k: v for k, v in attrs.asdict(self).items() if v is not None}
+        return attrs.evolve(defaults, **changes) if changes else defaults
+
+
+def _check_topic_name(name: str) -> None:
+    """Raises ValueError unless ``name`` can have a ``[topics.<name>]`` table."""
+    encode_topic(name)  # raises ValueError naming the rule
+    if name in _TOPIC_KEYS:
+        # [topics] would hold both the default and the table under one key.
+        raise ValueError(f"topic {name!r} is named like a [topics] key: it can't have a table")
+
+
+def _topic_name(_instance: object, _attribute: object, name: str) -> None:
+    _check_topic_name(name)
+
+
+class _ReadOnlyMapping(Mapping[str, _T]):
+    """A read-only copy of a mapping; unlike ``MappingProxyType`` it pickles and copies."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, _T]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> _T:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
+def _read_only(value: Mapping[str, TopicOverride]) -> Mapping[str, TopicOverride]:
+    # A copy, so a frozen config can't be changed through the dict it was
+    # built from.
+    return _ReadOnlyMapping(value)
+
+
+@attrs.frozen(kw_only=True)
+class TopicsConfig(_Checked):
+    """Per-topic settings: defaults for every topic plus per-topic overrides.
+
+    In TOML the defaults are the keys of ``[topics]`` and each override is a
+    sub-table named after its topic, quoted when the name has a dot::
+
+        [topics]
+        retention_ms = 604800000
+
+        [topics."orders.eu"]
+        retention_bytes = 1073741824
+
+    The defaults can also be set from the environment and the command line
+    (``TRIO_EMBARCADERO_TOPICS__RETENTION_MS``, ``topics.retention_ms``);
+    overrides come from the TOML file only. A topic named like a key
+    (``retention_ms``) can't have an override table.
+
+    Attributes:
+        defaults: The settings of every topic without an override.
+        overrides: Topic name (1-31 of ``[A-Za-z0-9._-]``) to the keys its
+            table sets; read-only.
+    """
+
+    defaults: TopicSettings = attrs.field(
+        factory=TopicSettings, validator=attrs.validators.instance_of(TopicSettings)
+    )
+    # Left out of the hash: a mapping has none, and equal configs still hash
+    # equal by their defaults.
+    overrides: Mapping[str, TopicOverride] = attrs.field(
+        factory=dict,
+        converter=_read_only,
+        validator=attrs.validators.deep_mapping(
+            key_validator=_topic_name,
+            value_validator=attrs.validators.instance_of(TopicOverride),
+        ),
+        hash=False,
+    )
+
+    def settings_for(self, topic: str) -> TopicSettings:
+        """The settings of ``topic``: its override's keys over the defaults."""
+        override = self.overrides.get(topic)
+        return self.defaults if override is None else override.over(self.defaults)
+
+
+@attrs.frozen(kw_only=True)
 class Config(_Checked):
     """The whole configuration, one attribute per TOML table.
 
@@ -517,6 +655,7 @@ class Config(_Checked):
         cxl: The CXL region.
         storage: The disk log.
         logging: Log level.
+        topics: Per-topic settings (retention), defaults and overrides.
     """
 
     broker: BrokerConfig = attrs.field(factory=BrokerConfig)
@@ -524,6 +663,7 @@ class Config(_Checked):
     cxl: CxlConfig = attrs.field(factory=CxlConfig)
     storage: StorageConfig = attrs.field(factory=StorageConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+    topics: TopicsConfig = attrs.field(factory=TopicsConfig)
 
 
 @_check(Config, "network", "cxl")
@@ -553,7 +693,13 @@ def _check_broker_id(v: Mapping[str, Any]) -> Iterator[_Problem]:
 
 
 _SECTIONS: Final[Mapping[str, Any]] = {a.name: a.type for a in attrs.fields(Config)}
-_CLASSES: Final = frozenset([Config, *_SECTIONS.values()])
+# The class whose fields are a section's own keys: those of [topics] are the
+# default TopicSettings (its sub-tables are the overrides).
+_SECTION_KEYS: Final[Mapping[str, Any]] = {
+    section: TopicSettings if cls is TopicsConfig else cls for section, cls in _SECTIONS.items()
+}
+# The classes structured by _make_checked_hook; TopicsConfig has its own hook.
+_CLASSES: Final = frozenset([Config, TopicOverride, *_SECTION_KEYS.values()])
 
 
 # ---------------------------------------------------------------------------
@@ -667,6 +813,83 @@ def _make_checked_hook(
     return hook
 
 
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _path_key(name: str) -> str:
+    """A table name as it goes in a ``$.`` path: quoted, as in TOML, unless bare."""
+    return name if _BARE_KEY.fullmatch(name) else json.dumps(name, ensure_ascii=False)
+
+
+def _make_topics_hook(converter: cattrs.Converter) -> Callable[[object, object], TopicsConfig]:
+    """The structure hook of ``[topics]``: its keys are the defaults, its tables the overrides.
+
+    Like :func:`_make_checked_hook` it reports every problem at once: bad
+    defaults at ``$.topics.<key>``, a bad topic name at ``$.topics.<name>``,
+    a bad or unknown key of an override at ``$.topics.<name>.<key>`` (names
+    with a dot are quoted, ``$.topics."orders.eu".retention_ms``), and other
+    unknown keys of ``[topics]``.
+    """
+
+    def hook(data: object, _: object) -> TopicsConfig:
+        if not isinstance(data, Mapping):
+            raise _Invalid(f"expected a table, got {_type_name(data)}: {data!r}")
+        errors: list[Exception] = []
+        defaults = TopicSettings()
+        try:
+            defaults = converter.structure(
+                {k: v for k, v in data.items() if k in _TOPIC_KEYS and not isinstance(v, Mapping)},
+                TopicSettings,
+            )
+        except ClassValidationError as exc:
+            # Its notes name the keys, so the paths come out as $.topics.<key>.
+            errors.extend(exc.exceptions)
+        overrides: dict[str, TopicOverride] = {}
+        extra: set[str] = set()
+        for name, table in data.items():
+            if not isinstance(table, Mapping):
+                if name not in _TOPIC_KEYS:
+                    extra.add(str(name))
+                continue
+            path = _path_key(name)
+            try:
+                _check_topic_name(name)
+            except ValueError as exc:
+                errors.append(_note(_Invalid(str(exc)), TopicsConfig, path, None))
+            nested = sorted(str(k) for k, v in table.items() if isinstance(v, Mapping))
+            if nested:
+                # [topics.orders.eu] is table "eu" inside table "orders".
+                quoted = json.dumps(f"{name}.{nested[0]}", ensure_ascii=False)
+                message = (
+                    f"a topic's table holds no tables ({', '.join(nested)}): "
+                    f"quote a topic name that has a dot, [topics.{quoted}]"
+                )
+                errors.append(_note(_Invalid(message), TopicsConfig, path, None))
+                table = {k: v for k, v in table.items() if k not in nested}
+            try:
+                overrides[name] = converter.structure(table, TopicOverride)
+            except Exception as exc:
+                errors.append(_note(exc, TopicsConfig, path, TopicOverride))
+        if extra:
+            errors.append(ForbiddenExtraKeysError("", TopicsConfig, extra))
+        if errors:
+            raise ClassValidationError("While structuring TopicsConfig", errors, TopicsConfig)
+        return TopicsConfig(defaults=defaults, overrides=overrides)
+
+    return hook
+
+
+def _unstructure_topics(converter: cattrs.Converter) -> Callable[[TopicsConfig], dict[str, Any]]:
+    # The inverse of the hook above: the defaults' keys, then a table per override.
+    def unstructure(topics: TopicsConfig) -> dict[str, Any]:
+        table: dict[str, Any] = converter.unstructure(topics.defaults)
+        for name, override in topics.overrides.items():
+            table[name] = {k: v for k, v in attrs.asdict(override).items() if v is not None}
+        return table
+
+    return unstructure
+
+
 def _make_converter() -> cattrs.Converter:
     converter = cattrs.preconf.tomllib.make_converter(forbid_extra_keys=True)
     converter.register_structure_hook(int, _structure_int)
@@ -679,6 +902,8 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook_factory(
         lambda t: t in _CLASSES, lambda t: _make_checked_hook(converter, t)
     )
+    converter.register_structure_hook(TopicsConfig, _make_topics_hook(converter))
+    converter.register_unstructure_hook(TopicsConfig, _unstructure_topics(converter))
     return converter
 
 
@@ -703,7 +928,7 @@ _FALSE: Final = frozenset({"0", "false", "no", "off"})
 def _field_types() -> dict[str, Any]:
     return {
         f"{section}.{a.name}": a.type
-        for section, cls in _SECTIONS.items()
+        for section, cls in _SECTION_KEYS.items()
         for a in attrs.fields(cls)
     }
 
@@ -711,7 +936,7 @@ def _field_types() -> dict[str, Any]:
 _FIELD_TYPES: Final = _field_types()
 _OCTAL_KEYS: Final = frozenset(
     f"{section}.{a.name}"
-    for section, cls in _SECTIONS.items()
+    for section, cls in _SECTION_KEYS.items()
     for a in attrs.fields(cls)
     if a.metadata.get("octal")
 )
@@ -852,6 +1077,11 @@ def load_config(
         written 640, 0640 or 0o640. ``network.max_batch_bytes`` can't be
         reset to None from the environment.
 
+        The ``[topics]`` defaults are keys like any other
+        (``TRIO_EMBARCADERO_TOPICS__RETENTION_MS``, override
+        ``"topics.retention_ms"``); per-topic overrides (``[topics.<name>]``
+        tables) come from the TOML file only.
+
     Args:
         path: The TOML file, or None for no file.
         env: The environment; None means ``os.environ``.
@@ -921,7 +1151,8 @@ def config_to_toml(config: Config) -> str:
     """Renders a configuration as TOML, every key, sections in order.
 
     The configuration is unstructured by the module's converter and each
-    section dumped by ``tomli_w``. ``load_config`` on the text gives back an
+    section dumped by ``tomli_w``, ``[topics]`` followed by a table per
+    override with the keys it sets. ``load_config`` on the text gives back an
     equal configuration. An unset ``network.max_batch_bytes`` is left out
     (TOML has no null); a comment at the end of the ``[network]`` table says
     what unset means.
