@@ -329,6 +329,7 @@ def test_check_config_prints_the_effective_config(tmp_path: Path, cxl_path: str)
         "prefault": False,
         "mode": 0o600,
         "allow_weak_memory_ordering": False,
+        "reclaim_interval_ms": 1000.0,
     }
     # ...and the defaults of everything else, every key spelled out.
     assert printed["network"]["num_cxl_allocation_workers"] == 2

@@ -12,9 +12,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from memory import close_log, read_only_region
+import rawclient
+import trio
+import trio.testing
+from conftest import MakeConfig
+from memory import close_log, memory_broker, open_client, read_only_region, settle
+from rawclient import payload_for
 from test_cxl import commit
 
+from trio_embarcadero import Message, open_broker, open_publisher, open_subscriber
 from trio_embarcadero.log import CxlLog, open_log
 from trio_embarcadero.log.layout import (
     STREAM_START,
@@ -218,3 +224,80 @@ def test_a_reader_whose_place_is_reclaimed_goes_on_from_the_new_start(
     # never with another topic's bytes.
     assert rest == list(range(1, 8)) + list(range(stream.start_offset, stream.next_offset))
     assert stream.start_offset == 8 * PER_UNIT
+
+
+# -- retention in a running broker --------------------------------------------------------------
+
+
+async def test_retention_by_bytes_keeps_a_small_region_taking_data(
+    make_config: MakeConfig,
+) -> None:
+    """Ten times the region's size goes through; retention makes the room (when
+    the region is full, before any error 4) and subscribers skip what it let go."""
+    config = make_config(
+        **{
+            "cxl.size_mb": 4,
+            "cxl.segment_mb": 1,
+            "network.staging_pool_buffer_size_mb": 1,
+            "network.max_batch_bytes": 256 * 1024,
+            "topics.retention_bytes": 1 << 20,
+        }
+    )
+    payloads = [payload_for(5, i, 1000) for i in range(40_000)]  # ~42 MiB of records
+    with trio.fail_after(60):
+        async with open_broker(config) as broker:
+            async with open_publisher(
+                "127.0.0.1", broker.port, "busy", client_id=5, batch_bytes=256 * 1024
+            ) as pub:
+                await pub.publish_many(payloads)  # every one acked, no error
+            stream = broker.log.stream("busy")
+            assert stream.next_offset == len(payloads)
+            assert stream.start_offset > 0
+            assert (1 << 20) <= stream.retained_bytes <= (1 << 20) + (1 << 20)
+            assert broker.statistics().errors == {}
+            async with open_subscriber("127.0.0.1", broker.port, "busy", start=0) as sub:
+                got: list[Message] = []
+                while len(got) < len(payloads) - stream.start_offset:
+                    got.extend(await sub.receive_messages())
+                assert sub.skipped == stream.start_offset
+    assert [m.offset for m in got] == list(range(stream.start_offset, len(payloads)))
+    assert [m.payload for m in got] == payloads[stream.start_offset :]
+
+
+async def test_retention_by_age_on_the_mock_clock(
+    make_config: MakeConfig, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(
+        **{
+            "cxl.segment_mb": 2,
+            "topics.retention_ms": 5000,
+            "cxl.reclaim_interval_ms": 100.0,
+            "network.idle_timeout_s": 0.0,
+        }
+    )
+    async with trio.open_nursery() as nursery, memory_broker(config) as (broker, listener):
+        broker.log.clock = lambda: int(trio.current_time() * 1e9)
+        client = await open_client(listener, nursery)
+        await client.send(rawclient.handshake("aging", client_id=7, ack=1))
+        order = 0
+        for seq in range(40):  # 40 x 64 KiB: several segments
+            data, _ = rawclient.batch(seq, 7, order, 60, 1000)
+            order += 60
+            await client.send(data)
+        await settle()
+        stream = broker.log.stream("aging")
+        assert stream.start_offset == 0
+        segments = len(stream.segments)
+        assert segments > 2
+        await trio.sleep(4.9)  # younger than 5 s: kept
+        assert stream.start_offset == 0
+        data, _ = rawclient.batch(40, 7, order, 60, 1000)
+        await client.send(data)
+        await trio.sleep(0.5)  # now the first batches are over 5 s old
+        assert stream.start_offset > 0
+        assert len(stream.segments) < segments
+        # The segment being written stays, whatever its age.
+        await trio.sleep(60)
+        assert len(stream.segments) >= 1
+        assert stream.next_offset == order + 60
+        await client.close()

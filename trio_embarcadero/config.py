@@ -427,6 +427,8 @@ class CxlConfig(_Checked):
         mode: Permission bits of the file and its lock file (default 0o600:
             only the broker's user may read the log); 0o640 lets the file's
             group read it with ``open_log``. Existing files are set to it too.
+        reclaim_interval_ms: How often retention (``[topics]``) checks every
+            stream for segments it may let go.
         allow_weak_memory_ordering: Run on a machine that is not x86-64. The
             commit protocol relies on x86-64 store ordering: elsewhere a
             process reading the CXL file (``open_log``, ``topics``,
@@ -450,6 +452,7 @@ class CxlConfig(_Checked):
     allow_weak_memory_ordering: bool = attrs.field(
         default=False, validator=attrs.validators.instance_of(bool)
     )
+    reclaim_interval_ms: float = attrs.field(default=1000.0, validator=_positive_float)
 
     @property
     def size_bytes(self) -> int:

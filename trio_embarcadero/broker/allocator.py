@@ -16,7 +16,7 @@ first (one producer per connection, FIFO channel), so this cannot deadlock.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import attrs
@@ -75,6 +75,7 @@ async def reserve(
     owner: object = None,
     *,
     slot: trio.CapacityLimiter | None = None,
+    make_room: Callable[[], int] | None = None,
 ) -> Reservation:
     """Reserve log space for a batch, backing off while the log is full.
 
@@ -85,6 +86,10 @@ async def reserve(
     holding one of its tokens, and the token is given back for each backoff
     sleep: a full log is no reason to keep other connections from receiving.
     The reservation is returned with the token held; the caller releases it.
+
+    With ``make_room``, a region with no free segment first gets the chance
+    to reclaim what retention lets go (it returns the segments it freed);
+    only when that frees nothing does the attempt back off.
 
     Raises:
         LogFullError: Still no space after ``backoff.retries`` retries.
@@ -99,9 +104,11 @@ async def reserve(
             await slot.acquire()
         try:
             return log.get_cxl_buffer(topic, header, owner)
-        except LogFullError:
+        except LogFullError as exc:
             if slot is not None:
                 slot.release()
+            if not exc.transient and make_room is not None and make_room():
+                continue  # retention freed segments: try again at once
             delay = next(delays, None)
             if delay is None:
                 counters.exhausted += 1
@@ -154,6 +161,7 @@ async def place_batch(
     commits: CommitFeed,
     backoff: Backoff,
     counters: AllocationCounters,
+    make_room: Callable[[], int] | None = None,
 ) -> None:
     """Move one staged batch into the log, or tell its owner why not.
 
@@ -170,7 +178,9 @@ async def place_batch(
             owner.batch_discarded(None)
             return
         try:
-            reservation = await reserve(log, owner.topic, batch.header, backoff, counters, owner)
+            reservation = await reserve(
+                log, owner.topic, batch.header, backoff, counters, owner, make_room=make_room
+            )
         except LogFullError as exc:
             owner.batch_discarded(exc)
             return
@@ -189,6 +199,7 @@ async def run_allocator(
     backoff: Backoff,
     counters: AllocationCounters,
     *,
+    make_room: Callable[[], int] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Place staged batches until the channel's send side is closed.
@@ -199,4 +210,4 @@ async def run_allocator(
     async with batches:
         task_status.started()
         async for batch in batches:
-            await place_batch(batch, log, commits, backoff, counters)
+            await place_batch(batch, log, commits, backoff, counters, make_room)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
@@ -78,6 +78,7 @@ class IngestPath:
         dial_backs: Dial-back ack connections.
         durability: The disk writer (None without ``storage.dir``).
         counters: The broker's counters.
+        make_room: Reclaims what retention lets go when the region is full.
     """
 
     network: NetworkConfig
@@ -93,6 +94,7 @@ class IngestPath:
     dial_backs: DialBackRegistry
     durability: Durability | None
     counters: IngestCounters
+    make_room: Callable[[], int]
 
 
 class PublishSession:
@@ -434,7 +436,14 @@ class PublishSession:
         self.connection.phase = ConnectionPhase.WAIT_CXL
         try:
             return await reserve(
-                ingest.log, self.topic, header, ingest.backoff, ingest.allocation, self, slot=slot
+                ingest.log,
+                self.topic,
+                header,
+                ingest.backoff,
+                ingest.allocation,
+                self,
+                slot=slot,
+                make_room=ingest.make_room,
             )
         except LogFullError as exc:
             raise ProtocolError(ErrorCode.LOG_FULL, f"no log space after retries: {exc}") from None

@@ -53,6 +53,17 @@ def reclaim_stream(
     return done
 
 
+def make_room(
+    log: CxlLog, retention_for: Callable[[str], Retention], durability: Durability | None
+) -> int:
+    """Reclaim whatever retention lets go in every stream now (the region
+    is full); returns the segments freed."""
+    return sum(
+        reclaim_stream(log, stream, retention_for(stream.topic), durability)
+        for stream in log.streams()
+    )
+
+
 async def run_retention(
     log: CxlLog,
     retention_for: Callable[[str], Retention],

@@ -52,6 +52,7 @@ from .connection import Connection, ConnectionPhase
 from .durability import Durability
 from .monitor import PauseGate, run_pool_monitor
 from .publish import IngestPath
+from .retention import make_room, run_retention
 from .session import serve_connection
 from .staging import StagingPool
 from .statistics import BrokerStatistics, IngestCounters, error_frame_log_level
@@ -134,6 +135,9 @@ class Broker:
     def disk(self) -> DiskLog | None:
         """The disk log behind ack level 2 (None without ``storage.dir``)."""
         return self.durability.disk if self.durability is not None else None
+
+    def _make_room(self) -> int:
+        return make_room(self.log, self.config.topics.settings_for, self.durability)
 
     # -- observing -----------------------------------------------------------------
 
@@ -220,6 +224,15 @@ class Broker:
                         )
                     )
                 await services.start(self._report)
+                await services.start(
+                    partial(
+                        run_retention,
+                        self.log,
+                        self.config.topics.settings_for,
+                        self.durability,
+                        self.config.cxl.reclaim_interval_ms / 1000,
+                    )
+                )
                 async with trio.open_nursery() as durable:
                     if self.durability is not None:
                         await durable.start(self.durability.run)
@@ -247,6 +260,7 @@ class Broker:
                             self.commits,
                             self.backoff,
                             self.allocation,
+                            make_room=self._make_room,
                         )
                     )
                 async with trio.open_nursery() as acks:
@@ -266,6 +280,7 @@ class Broker:
                         ),
                         durability=self.durability,
                         counters=self.counters,
+                        make_room=self._make_room,
                     )
                     async with trio.open_nursery() as connections:
                         await connections.start(self._accept, connections)
