@@ -102,6 +102,8 @@ def test_retention_by_bytes_keeps_at_least_the_limit(log: CxlLog) -> None:
     # Readers see the retained messages only, from the new start, gap-free.
     with open_log(cxl_path_of(log)) as reader:
         offsets = [m.offset for m in reader.messages("t")]
+        (info,) = reader.topic("t").streams
+    assert info.start_offset == stream.start_offset  # what `topics` and `inspect` show
     assert offsets == list(range(stream.start_offset, stream.next_offset))
 
 

@@ -427,12 +427,15 @@ def _inspect(args: argparse.Namespace, path: str) -> int:
                     f"{g.segment_size} bytes), {len(topics)} of {g.max_topics} topics, "
                     f"{g.max_brokers} brokers"
                 )
-            print(f"{'TOPIC':<32} {'BROKER':>6} {'MESSAGES':>12} {'BATCHES':>9} {'BYTES':>14}")
+            print(
+                f"{'TOPIC':<32} {'BROKER':>6} {'MESSAGES':>12} {'BATCHES':>9} {'BYTES':>14} "
+                f"{'START':>12}"
+            )
             for topic in topics:
                 for s in topic.streams:
                     print(
                         f"{topic.name:<32} {s.broker_id:>6} {s.messages:>12} {s.batches:>9} "
-                        f"{s.payload_bytes:>14}"
+                        f"{s.payload_bytes:>14} {s.start_offset:>12}"
                     )
             if args.command == "inspect" and args.topic:
                 for broker_id in range(log.geometry.max_brokers):

@@ -86,8 +86,10 @@ class StreamInfo:
         broker_id: The broker that writes the stream.
         messages: Committed messages; also the next logical offset.
         batches: Committed batches.
-        payload_bytes: Committed payload bytes (whole message records).
+        payload_bytes: Payload bytes (whole message records) the region holds.
         segments: Log segments the stream holds.
+        start_offset: The first logical offset retained (Kafka's log-start
+            offset): retention let the messages before it go.
     """
 
     broker_id: int
@@ -95,6 +97,7 @@ class StreamInfo:
     batches: int
     payload_bytes: int
     segments: int
+    start_offset: int = 0
 
 
 @attrs.frozen
@@ -237,7 +240,12 @@ class LogReader:
         if entry.first_segment == NO_SEGMENT:
             return None
         return StreamInfo(
-            broker_id, entry.messages, entry.batches, entry.payload_bytes, entry.segments
+            broker_id,
+            entry.messages,
+            entry.batches,
+            entry.payload_bytes,
+            entry.segments,
+            entry.start_offset,
         )
 
     def topics(self) -> list[TopicInfo]:
