@@ -238,6 +238,8 @@ def test_the_report_says_failed() -> None:
             "repeated_batches": 0,
             "corrupt_messages": 0,
             "order_violations": 0,
+            "reclaimed": 0,
+            "acked_reclaimed": 0,
             "lost": 1,
             "log_full": False,
             "problems": report.problems,

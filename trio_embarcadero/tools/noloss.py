@@ -38,6 +38,16 @@ broker is stopped gracefully and the log is read back with
 * per client, messages first appear in index order;
 * every acknowledged message is present (``lost`` must be 0).
 
+With retention, the messages below the stream's log-start offset are gone on
+purpose: they count as ``reclaimed``, not lost, and the checks above start
+there. Per client, the acknowledged messages below the first one the
+retained log holds count as reclaimed (``acked_reclaimed``); the ones from it
+on must all be present. A client's messages first appear in index order, so
+at least that many of its messages lie below the start: if their sum over
+the clients exceeds the start offset, something below it was lost. (A loss
+just below the start, among the reclaimed messages, cannot be told apart
+from retention: the log no longer holds them.)
+
 The exit status is 0 when every check holds, 1 when one fails, 2 when the
 run itself could not be done (bad options, a broker that does not start).
 """
@@ -47,6 +57,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import mmap
 import os
 import random
 import re
@@ -67,6 +78,7 @@ import trio
 
 from .. import wire
 from ..log import open_log, remove_region
+from ..log.layout import read_geometry, read_stream_entry, read_topics
 from ..wire import AckCount, AckDecoder, ErrorFrame
 from .procfs import process_memory
 from .rawwire import publish_handshake
@@ -615,6 +627,8 @@ class Report:
     repeated_batches: int = 0
     corrupt_messages: int = 0
     order_violations: int = 0
+    reclaimed: int = 0
+    acked_reclaimed: int = 0
     problems: list[str] = attrs.Factory(list)
 
     @property
@@ -630,17 +644,31 @@ class Report:
             self.problems.append("(more problems not listed)")
 
 
+def log_start_offset(cxl_path: str, topic: str = TOPIC, broker_id: int = 0) -> int:
+    """A stream's log-start offset: retention let the messages before it go."""
+    with open(cxl_path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        geometry = read_geometry(m)
+        index = read_topics(m, geometry).get(topic)
+        return 0 if index is None else read_stream_entry(m, geometry, index, broker_id).start_offset
+
+
 def verify(cxl_path: str, clients: Sequence[Client], max_size: int) -> Report:
     """Check the log at ``cxl_path`` against the publishers' books (see the
     module docstring for what is checked)."""
+    start = log_start_offset(cxl_path)
     report = Report(
-        published=sum(c.published for c in clients), acked=sum(c.acked for c in clients)
+        published=sum(c.published for c in clients),
+        acked=sum(c.acked for c in clients),
+        reclaimed=start,
     )
     by_id = {c.client_id: c for c in clients}
     seen: dict[int, collections.Counter[int]] = {
         c.client_id: collections.Counter() for c in clients
     }
     highest: dict[int, int] = {c.client_id: -1 for c in clients}
+    # Per client, its first message in the retained log (the ones before are
+    # below the log start); without retention, 0.
+    first_kept: dict[int, int] = {c.client_id: 0 if start == 0 else -1 for c in clients}
     batches_seen: set[tuple[int, int]] = set()
     with open_log(cxl_path) as log:
         batches = log.batches(TOPIC)
@@ -648,10 +676,11 @@ def verify(cxl_path: str, clients: Sequence[Client], max_size: int) -> Report:
         report.reserved_batches = sum(b.state == "reserved" for b in batches)
         if report.reserved_batches:
             report.problem(f"{report.reserved_batches} batch(es) left reserved after the stop")
-        committed = [b for b in batches if b.state == "committed"]
+        # A reclaim cut short may leave batches below the start linked: gone all the same.
+        committed = [b for b in batches if b.state == "committed" and b.first_offset >= start]
         report.log_batches = len(committed)
         messages = log.messages(TOPIC)
-        expected_offset = 0
+        expected_offset = start
         for batch in committed:
             if batch.first_offset != expected_offset:
                 report.offset_errors += 1
@@ -697,6 +726,9 @@ def verify(cxl_path: str, clients: Sequence[Client], max_size: int) -> Report:
                     )
                     continue
                 counts = seen[owner]
+                if first_kept[owner] < 0:
+                    first_kept[owner] = index
+                    highest[owner] = index - 1
                 if counts[index] == 0:
                     if index != highest[owner] + 1:
                         report.order_violations += 1
@@ -709,18 +741,30 @@ def verify(cxl_path: str, clients: Sequence[Client], max_size: int) -> Report:
         if next(messages, None) is not None:
             report.offset_errors += 1
             report.problem("the log holds messages beyond its committed batches")
+    below_start = 0  # messages that must lie below the log start
     for client in clients:
         counts = seen[client.client_id]
         report.present += len(counts)
         report.duplicates += sum(n - 1 for n in counts.values())
         report.unacked_present += sum(1 for i in counts if i >= client.acked)
-        missing = [i for i in range(client.acked) if counts[i] == 0]
+        # Not in the retained log at all: every acked message was below the start.
+        kept = first_kept[client.client_id]
+        below = client.acked if kept < 0 else min(kept, client.acked)
+        report.acked_reclaimed += below
+        below_start += below if kept < 0 else kept
+        missing = [i for i in range(below, client.acked) if counts[i] == 0]
         report.lost += len(missing)
         if missing:
             report.problem(
                 f"client {client.client_id}: {len(missing)} acked message(s) missing, "
                 f"first {missing[:5]} (acked {client.acked})"
             )
+    if below_start > start:
+        report.lost += below_start - start
+        report.problem(
+            f"the clients' first retained messages imply {below_start} messages below the "
+            f"log start, which holds {start}: messages below it were lost"
+        )
     return report
 
 
@@ -809,6 +853,8 @@ def summary(options: Options, run: Run, report: Report, elapsed: float) -> dict[
         "repeated_batches": report.repeated_batches,
         "corrupt_messages": report.corrupt_messages,
         "order_violations": report.order_violations,
+        "reclaimed": report.reclaimed,
+        "acked_reclaimed": report.acked_reclaimed,
         "problems": report.problems,
     }
 
@@ -833,7 +879,7 @@ def format_summary(s: dict[str, object]) -> str:
         f"offset errors {s['offset_errors']}, foreign batches {s['foreign_batches']}, "
         f"repeated batches {s['repeated_batches']}, corrupt messages {s['corrupt_messages']}, "
         f"order violations {s['order_violations']}",
-        f"lost {s['lost']}",
+        f"reclaimed by retention {s['reclaimed']} (acked {s['acked_reclaimed']}), lost {s['lost']}",
     ]
     if s["log_full"]:
         lines.append("note: the log filled up, the run ended early (raise --cxl-mb)")
