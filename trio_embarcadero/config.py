@@ -296,6 +296,11 @@ class NetworkConfig(_Checked):
         backoff_initial_us: First allocator retry delay, in microseconds.
         backoff_max_us: Cap of the retry delay (>= ``backoff_initial_us``).
         backoff_max_retries: Retries before an allocation gives up.
+        log_full_timeout_s: How long a batch that finds the region without a
+            free segment after the backoff waits for retention to free one
+            (its publisher is not read meanwhile) before the publisher gets
+            error 4; 0 never waits. Nobody waits when no topic of the region
+            has a retention limit: then no segment can ever come back.
         handshake_timeout_s: Time allowed for the 64-byte handshake.
         header_timeout_s: Time allowed from a batch's first header byte to
             its 128th. The header holds no receive slot; this only keeps a
@@ -354,6 +359,12 @@ class NetworkConfig(_Checked):
     backoff_max_retries: int = attrs.field(
         default=10, validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)]
     )
+    # 30 s: the same budget a client has for one batch (batch_timeout_s),
+    # many retention passes (cxl.reclaim_interval_ms, 1 s) and disk syncs, so
+    # a region that retention is about to free holds publishers rather than
+    # failing them, while one that will not free learns it within a client's
+    # usual request timeout.
+    log_full_timeout_s: float = attrs.field(default=30.0, validator=_non_negative_float)
     handshake_timeout_s: float = attrs.field(default=10.0, validator=_positive_float)
     # The header is one client write, normally one TCP segment: 2 s leaves
     # room for a few retransmissions of a lost segment (Linux's minimum RTO

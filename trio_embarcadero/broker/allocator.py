@@ -7,6 +7,12 @@ while the log cannot take the batch, copies the payload in, commits, and gives
 the staging buffer back. The retry state belongs to the batch, never to the
 connection, so two batches of one connection never share a retry budget.
 
+A region with no free segment is backpressure, not failure, while retention
+may still free one (:class:`LogSpace`): the batch waits, woken by every
+reclaim, up to ``network.log_full_timeout_s``. Meanwhile its allocator holds
+it, so the allocation channel, the in-flight cap and the staging pool fill
+and the publishers stop being read, exactly as when the allocators are slow.
+
 Batches of one connection enter the log in the order they were received even
 with several allocators: each batch waits for its predecessor's ``done``
 event before it reserves. Predecessors are always taken from the channel
@@ -66,6 +72,72 @@ class AllocationCounters:
     exhausted: int = 0
 
 
+class LogSpace:
+    """Where batches wait for a full region to get room back.
+
+    Reclaims (the retention task, :func:`reserve`'s ``make_room``) call
+    :meth:`room_made`, which wakes every waiter to try again: no polling.
+
+    Args:
+        timeout: How long one batch may wait (``network.log_full_timeout_s``).
+        reclaimable: Whether retention could ever free a segment (some topic
+            of the region has a retention limit); when not, nobody waits.
+
+    Attributes:
+        waits: Batches that had to wait for room.
+        wait_seconds: Time they spent waiting, in all.
+        timeouts: Batches that waited the whole timeout in vain (error 4).
+    """
+
+    def __init__(self, timeout: float, reclaimable: Callable[[], bool]) -> None:
+        self.timeout = timeout
+        self._reclaimable = reclaimable
+        self._lot = trio.lowlevel.ParkingLot()
+        self._closed = False
+        self.waits = 0
+        self.wait_seconds = 0.0
+        self.timeouts = 0
+
+    @property
+    def held(self) -> int:
+        """Batches waiting for room now."""
+        return len(self._lot)
+
+    def may_wait(self) -> bool:
+        """Whether a batch that found the region full should wait for room."""
+        return not self._closed and self.timeout > 0 and self._reclaimable()
+
+    def room_made(self) -> None:
+        """Segments were freed: every waiter tries again."""
+        self._lot.unpark_all()
+
+    def close(self) -> None:
+        """Stop waiting (a shutdown): waiters and later batches give up at once."""
+        self._closed = True
+        self._lot.unpark_all()
+
+    async def wait(self, deadline: float) -> bool:
+        """Wait for the next :meth:`room_made` until ``deadline``.
+
+        Returns:
+            False when the deadline passed or :meth:`close` was called.
+        """
+        if self._closed:
+            return False
+        if not self._lot:
+            logger.warning(
+                "log full: holding publishers for up to %s s until retention frees a segment",
+                self.timeout,
+            )
+        start = trio.current_time()
+        try:
+            with trio.move_on_at(deadline):
+                await self._lot.park()
+        finally:
+            self.wait_seconds += trio.current_time() - start
+        return not self._closed and trio.current_time() < deadline
+
+
 async def reserve(
     log: CxlLog,
     topic: str,
@@ -76,6 +148,7 @@ async def reserve(
     *,
     slot: trio.CapacityLimiter | None = None,
     make_room: Callable[[], int] | None = None,
+    space: LogSpace | None = None,
 ) -> Reservation:
     """Reserve log space for a batch, backing off while the log is full.
 
@@ -91,10 +164,16 @@ async def reserve(
     to reclaim what retention lets go (it returns the segments it freed);
     only when that frees nothing does the attempt back off.
 
+    With ``space``, a batch that still finds no free segment after the
+    backoff waits for a reclaim (see :class:`LogSpace`) and tries again, up
+    to ``space.timeout`` in all, if retention could free one at all.
+
     Raises:
-        LogFullError: Still no space after ``backoff.retries`` retries.
+        LogFullError: Still no space after ``backoff.retries`` retries (and,
+            with ``space``, after the wait for room).
     """
     delays = backoff.delays()
+    deadline: float | None = None  # of the wait for room, once it began
     # Checkpoint before, never after, a successful reservation: a cancellation
     # between reserving and using the space would strand it in the stream's
     # commit order.
@@ -111,6 +190,19 @@ async def reserve(
                 continue  # retention freed segments: try again at once
             delay = next(delays, None)
             if delay is None:
+                if not exc.transient and space is not None and space.may_wait():
+                    if deadline is None:
+                        deadline = trio.current_time() + space.timeout
+                        space.waits += 1
+                    if await space.wait(deadline):
+                        continue
+                    if trio.current_time() >= deadline:
+                        space.timeouts += 1
+                        counters.exhausted += 1
+                        raise LogFullError(
+                            f"{exc}; retention freed none within {space.timeout} s",
+                            transient=False,
+                        ) from None
                 counters.exhausted += 1
                 raise
         except BaseException:
@@ -162,6 +254,7 @@ async def place_batch(
     backoff: Backoff,
     counters: AllocationCounters,
     make_room: Callable[[], int] | None = None,
+    space: LogSpace | None = None,
 ) -> None:
     """Move one staged batch into the log, or tell its owner why not.
 
@@ -179,7 +272,14 @@ async def place_batch(
             return
         try:
             reservation = await reserve(
-                log, owner.topic, batch.header, backoff, counters, owner, make_room=make_room
+                log,
+                owner.topic,
+                batch.header,
+                backoff,
+                counters,
+                owner,
+                make_room=make_room,
+                space=space,
             )
         except LogFullError as exc:
             owner.batch_discarded(exc)
@@ -200,6 +300,7 @@ async def run_allocator(
     counters: AllocationCounters,
     *,
     make_room: Callable[[], int] | None = None,
+    space: LogSpace | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Place staged batches until the channel's send side is closed.
@@ -210,4 +311,4 @@ async def run_allocator(
     async with batches:
         task_status.started()
         async for batch in batches:
-            await place_batch(batch, log, commits, backoff, counters, make_room)
+            await place_batch(batch, log, commits, backoff, counters, make_room, space)

@@ -49,7 +49,7 @@ from ..log import CxlLog, Reservation
 from ..transport import Receiver, receive_exactly
 from ..wire import BATCH_HEADER_SIZE, BatchHeader, Handshake, parse_batch_header, scan_records
 from .acks import AckCounter, DialBackLease, DialBackRegistry, run_ack_sender
-from .allocator import AllocationCounters, Backoff, StagedBatch, reserve
+from .allocator import AllocationCounters, Backoff, LogSpace, StagedBatch, reserve
 from .commits import CommitFeed
 from .connection import Connection, ConnectionPhase
 from .durability import Durability
@@ -79,6 +79,7 @@ class IngestPath:
         durability: The disk writer (None without ``storage.dir``).
         counters: The broker's counters.
         make_room: Reclaims what retention lets go when the region is full.
+        space: Where batches wait for a full region to get room back.
     """
 
     network: NetworkConfig
@@ -95,6 +96,7 @@ class IngestPath:
     durability: Durability | None
     counters: IngestCounters
     make_room: Callable[[], int]
+    space: LogSpace
 
 
 class PublishSession:
@@ -444,6 +446,7 @@ class PublishSession:
                 self,
                 slot=slot,
                 make_room=ingest.make_room,
+                space=ingest.space,
             )
         except LogFullError as exc:
             raise ProtocolError(ErrorCode.LOG_FULL, f"no log space after retries: {exc}") from None

@@ -46,13 +46,13 @@ from ..log.ownership import BrokerLock, claim_disk_log, claim_region
 from ..log.region import check_memory_ordering
 from ..wire import encode_error_frame
 from .acks import DialBackRegistry, DialBackStatistics
-from .allocator import AllocationCounters, Backoff, StagedBatch, run_allocator
+from .allocator import AllocationCounters, Backoff, LogSpace, StagedBatch, run_allocator
 from .commits import CommitFeed
 from .connection import Connection, ConnectionPhase
 from .durability import Durability
 from .monitor import PauseGate, run_pool_monitor
 from .publish import IngestPath
-from .retention import make_room, run_retention
+from .retention import make_room, reclaimable_units, retention_configured, run_retention
 from .session import serve_connection
 from .staging import StagingPool
 from .statistics import BrokerStatistics, IngestCounters, error_frame_log_level
@@ -121,6 +121,10 @@ class Broker:
             net.backoff_initial_us / 1e6, net.backoff_max_us / 1e6, net.backoff_max_retries
         )
         self.allocation = AllocationCounters()
+        self.space = LogSpace(
+            net.log_full_timeout_s,
+            partial(retention_configured, log, config.topics.settings_for),
+        )
         self.counters = IngestCounters()
         self.connections: set[Connection] = set()
         self.shutting_down = False
@@ -137,7 +141,10 @@ class Broker:
         return self.durability.disk if self.durability is not None else None
 
     def _make_room(self) -> int:
-        return make_room(self.log, self.config.topics.settings_for, self.durability)
+        freed = make_room(self.log, self.config.topics.settings_for, self.durability)
+        if freed:
+            self.space.room_made()  # other held batches may fit now too
+        return freed
 
     # -- observing -----------------------------------------------------------------
 
@@ -167,6 +174,13 @@ class Broker:
             allocation_retries=self.allocation.retries,
             backoff_seconds=self.allocation.backoff_seconds,
             allocation_failures=self.allocation.exhausted,
+            log_full_waits=self.space.waits,
+            log_full_wait_seconds=self.space.wait_seconds,
+            log_full_timeouts=self.space.timeouts,
+            log_full_held=self.space.held,
+            segments_reclaimable=reclaimable_units(
+                self.log, self.config.topics.settings_for, self.durability
+            ),
             queued_batches=channel,
             errors=dict(c.errors),
             shutdown_notices=c.shutdown_notices,
@@ -189,6 +203,9 @@ class Broker:
             self.config.network.shutdown_grace_s,
         )
         self._accept_scope.cancel()
+        # Batches held by a full log give up now (error 4): the drain must
+        # not wait log_full_timeout_s for retention.
+        self.space.close()
         for connection in list(self.connections):
             connection.request_stop()
         if self._service_scope is not None:
@@ -231,6 +248,8 @@ class Broker:
                         self.config.topics.settings_for,
                         self.durability,
                         self.config.cxl.reclaim_interval_ms / 1000,
+                        room_made=self.space.room_made,
+                        held=lambda: self.space.held,
                     )
                 )
                 async with trio.open_nursery() as durable:
@@ -261,6 +280,7 @@ class Broker:
                             self.backoff,
                             self.allocation,
                             make_room=self._make_room,
+                            space=self.space,
                         )
                     )
                 async with trio.open_nursery() as acks:
@@ -281,6 +301,7 @@ class Broker:
                         durability=self.durability,
                         counters=self.counters,
                         make_room=self._make_room,
+                        space=self.space,
                     )
                     async with trio.open_nursery() as connections:
                         await connections.start(self._accept, connections)
@@ -388,7 +409,8 @@ class Broker:
             await trio.sleep(self.config.network.stats_interval_s)
             stats = self.statistics()
             moved = (stats.bytes_received, stats.batches_committed, stats.errors, stats.pauses)
-            if moved != last:
+            # While publishers are held by a full log nothing moves: say so anyway.
+            if moved != last or stats.log_full_held:
                 logger.info("stats: %s", stats.summary())
             last = moved
 

@@ -69,6 +69,14 @@ class BrokerStatistics:
         allocation_retries: Reservation attempts retried after a full log.
         backoff_seconds: Total time spent in those retries' sleeps.
         allocation_failures: Batches refused after every retry (error 4).
+        log_full_waits: Batches that waited for retention to make room in a
+            full region (``network.log_full_timeout_s``).
+        log_full_wait_seconds: Time they waited, in all.
+        log_full_timeouts: Batches that waited the whole timeout (error 4).
+        log_full_held: Batches waiting for room now: their publishers are
+            held (not read) meanwhile.
+        segments_reclaimable: Allocation units retention would free now
+            (``log`` has the free and used ones).
         queued_batches: Staged batches waiting for an allocator.
         dial_backs: Dial-back ack connection counters.
         disk: Disk log counters (None without ``storage.dir``).
@@ -91,6 +99,11 @@ class BrokerStatistics:
     allocation_retries: int
     backoff_seconds: float
     allocation_failures: int
+    log_full_waits: int
+    log_full_wait_seconds: float
+    log_full_timeouts: int
+    log_full_held: int
+    segments_reclaimable: int
     queued_batches: int
     errors: dict[str, int]
     shutdown_notices: int
@@ -108,5 +121,11 @@ class BrokerStatistics:
             f"{self.messages_committed}m pool {self.pool.used}/{self.pool.num_buffers} "
             f"(peak {self.pool.peak_used}) pauses {self.pauses} retries {self.allocation_retries} "
             f"ring_full {self.log.ring_full} log_full {self.log.log_full} "
-            f"errors {sum(self.errors.values())}"
+            f"units free/used/reclaimable {self.log.segments_free}/{self.log.segments_used}/"
+            f"{self.segments_reclaimable} errors {sum(self.errors.values())}"
+            + (
+                f" HELD: {self.log_full_held} batch(es) wait for retention to free log space"
+                if self.log_full_held
+                else ""
+            )
         )

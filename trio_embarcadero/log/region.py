@@ -142,10 +142,14 @@ class CommittedBatch:
 
 @attrs.frozen
 class CxlStatistics:
-    """A snapshot of the log's counters."""
+    """A snapshot of the log's counters.
+
+    ``segments_*`` count allocation units of the region (every broker's).
+    """
 
     topics: int
     segments_used: int
+    segments_free: int
     segments_total: int
     reservations: int
     batches_committed: int
@@ -1019,9 +1023,11 @@ class CxlLog:
 
     def statistics(self) -> CxlStatistics:
         """Return a snapshot of this broker's log counters."""
+        units = self.map.statistics()
         return CxlStatistics(
             topics=len(self._streams),
-            segments_used=self.map.statistics().used,
+            segments_used=units.used,
+            segments_free=units.free,
             segments_total=self.geometry.num_units,
             reservations=self._reservations,
             batches_committed=self._batches,
