@@ -41,25 +41,14 @@ from trio_embarcadero.tools.noloss import (
     verify,
     write_broker_config,
 )
-from trio_embarcadero.wire import AckCount, AckDecoder, ClientRequest, ErrorFrame, Handshake
+from trio_embarcadero.tools.rawwire import publish_handshake
+from trio_embarcadero.wire import AckCount, AckDecoder, ErrorFrame
 
 MAX_SIZE = 200
 PER_BATCH = 20
 CXL_MB = 32
 SEGMENT_MB = 4
 TIMEOUT = 20
-
-
-def handshake(client_id: int, topic: str = TOPIC, ack: int = 1) -> bytes:
-    return Handshake(
-        client_id=client_id,
-        ack=ack,
-        num_msg=0,
-        last_addr=0,
-        port=0,
-        request=ClientRequest.PUBLISH,
-        topic=topic,
-    ).encode()
 
 
 async def publish(port: int, client: Client, *, ack: int = 1, batches: int | None = None) -> None:
@@ -94,7 +83,7 @@ async def publish(port: int, client: Client, *, ack: int = 1, batches: int | Non
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_acks)
             try:
-                await stream.send_all(handshake(client.client_id, ack=ack))
+                await stream.send_all(publish_handshake(client.client_id, ack=ack, topic=TOPIC))
                 sent = 0
                 while batches is None or sent < batches:
                     while next_index - client.acked >= 10 * PER_BATCH and not done.is_set():
@@ -173,7 +162,7 @@ async def test_kill_9_under_load_then_reattach(tmp_path: Path, cxl_path: str, di
                 # A publisher stalled in the middle of its second batch, on a topic of its own.
                 stalled = await trio.open_tcp_stream("127.0.0.1", port)
                 await stalled.send_all(
-                    handshake(99, topic="stall")
+                    publish_handshake(99, ack=1, topic="stall")
                     + encode_batch(99, 0, 0, 50, MAX_SIZE)
                     + encode_batch(99, 1, 50, 50, MAX_SIZE)[:1000]
                 )
