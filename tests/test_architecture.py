@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from test_cli import clean_env, write_config
 
 # -- the layout -------------------------------------------------------------------------
 
@@ -600,15 +601,6 @@ def is_tools(module: str) -> bool:
     return module == TOOLS or module.startswith(TOOLS + ".")
 
 
-def clean_env() -> dict[str, str]:
-    """The environment without any variable that would change the broker's config."""
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("TRIO_EMBARCADERO_", "EMBARCADERO_"))
-    }
-
-
 def require_tools_package() -> None:
     # Without the package the checks above pass without proving anything.
     assert importlib.util.find_spec(TOOLS) is not None, f"there is no {TOOLS} package yet"
@@ -635,25 +627,7 @@ def test_importing_the_package_loads_no_tools() -> None:
 
 
 def test_serve_loads_no_tools(tmp_path: Path, cxl_path: str) -> None:
-    config = tmp_path / "broker.toml"
-    config.write_text(
-        f"""
-[broker]
-port = 0
-
-[network]
-staging_pool_buffer_size_mb = 1
-staging_pool_num_buffers = 4
-shutdown_grace_s = 3.0
-
-[cxl]
-path = "{cxl_path}"
-size_mb = 16
-segment_mb = 4
-prefault = false
-""",
-        encoding="utf-8",
-    )
+    config = write_config(tmp_path, cxl_path)  # the CLI tests' small broker
     proc = subprocess.Popen(
         [
             *(sys.executable, "-X", "importtime", "-m", PACKAGE, "serve"),
