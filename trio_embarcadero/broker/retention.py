@@ -48,7 +48,8 @@ def reclaim_stream(
     for segment in list(stream.segments)[:count]:
         if durable is not None and stream.first_batch + segment.batches > durable:
             break  # not all of it is on disk yet
-        log.reclaim_oldest(stream)
+        if log.reclaim_oldest(stream) is None:
+            break  # the topic was deleted meanwhile
         done += 1
     return done
 
