@@ -5,8 +5,26 @@ refused."""
 
 from __future__ import annotations
 
+import signal
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 from memory import close_log
+from rawclient import ERROR_MARKER, batch, handshake, parse_ack_stream
+from test_cli import (
+    TIMEOUT,
+    Served,
+    committed_messages,
+    recv_all,
+    recv_exactly,
+    run_cli,
+    serve_cli,  # noqa: F401 (a fixture)
+    write_config,
+)
+from test_process_safety import snapshot, wait_detached
 from test_retention import fill, open_units
 
 from trio_embarcadero.errors import TopicBusyError
@@ -110,3 +128,60 @@ def test_finishing_a_deletion_twice_changes_nothing(cxl_path: str) -> None:
         assert log.map.statistics().used == used
     finally:
         close_log(log)
+
+
+# -- the command against a running broker (real processes) ------------------------------
+
+
+def test_delete_topic_against_a_running_broker(
+    tmp_path: Path,
+    cxl_path: str,
+    serve_cli: Callable[..., Served],  # noqa: F811 (the fixture)
+) -> None:
+    storage = tmp_path / "disk"
+    config = str(write_config(tmp_path, cxl_path, f'\n[storage]\ndir = "{storage}"\n'))
+    served = serve_cli("--config", config)
+    subscriber = socket.create_connection(("127.0.0.1", served.port), timeout=TIMEOUT)
+    with socket.create_connection(("127.0.0.1", served.port), timeout=TIMEOUT) as attached:
+        attached.sendall(handshake("cli", client_id=4, ack=2) + batch(0, 4, 0, 10, 64)[0])
+        assert recv_exactly(attached, 12) == struct.pack("<iQ", 0, 10)
+        subscriber.sendall(handshake("cli", client_id=9, ack=0, req=1))
+        # A publisher is attached: refused, and nothing changes.
+        before = snapshot(cxl_path, str(storage), wait=False)
+        refused = run_cli("delete-topic", "cli", "--config", config)
+        assert refused.returncode == 1
+        assert "publishers attached (broker 0: 1)" in refused.stderr
+        assert snapshot(cxl_path, str(storage), wait=False) == before
+        attached.shutdown(socket.SHUT_WR)
+        assert recv_all(attached) == b""  # no error: its acks were all sent
+    wait_detached(cxl_path)
+    done = run_cli("delete-topic", "cli", "--config", config)
+    assert done.returncode == 0, done.stderr
+    assert "deleted topic 'cli'" in done.stdout
+    assert committed_messages(cxl_path, "cli") == -1
+    assert [p.name for p in storage.iterdir() if p.name.startswith("cli@0.log.deleted-")]
+    assert not (storage / "cli@0.log").exists()
+    # Published again, the topic starts from offset 0, on disk too, and the
+    # broker goes on serving.
+    with socket.create_connection(("127.0.0.1", served.port), timeout=TIMEOUT) as again:
+        again.sendall(handshake("cli", client_id=5, ack=2) + batch(0, 5, 0, 7, 64)[0])
+        again.shutdown(socket.SHUT_WR)
+        assert parse_ack_stream(recv_all(again)) == (0, [7], None)
+    # Acked at level 2: in a new disk log file of its own, from its first batch.
+    assert (storage / "cli@0.log").stat().st_size > 7 * 64
+    with open_log(cxl_path) as log:
+        assert [m.offset for m in log.messages("cli")] == list(range(7))
+    # The subscriber got the deleted topic's messages, then error 6 when it
+    # woke up for the new topic's.
+    with subscriber:
+        received = recv_all(subscriber)
+    assert struct.pack("<QI", ERROR_MARKER, 6) in received
+    assert received.endswith(b"topic 'cli' was deleted")
+    assert run_cli("delete-topic", "nope", "--config", config).returncode == 1
+    code, stderr = served.stop(signal.SIGINT)
+    assert code == 0, stderr
+    assert "topic 'cli' was deleted" in stderr
+    # The disk log holds the new topic alone: a restart replays nothing else.
+    served = serve_cli("--config", config)
+    assert served.stop(signal.SIGINT)[0] == 0
+    assert committed_messages(cxl_path, "cli") == 7

@@ -86,10 +86,11 @@ def wait_detached(cxl_path: str) -> None:
         time.sleep(0.01)
 
 
-def snapshot(*paths: str) -> dict[str, tuple[int, str]]:
+def snapshot(*paths: str, wait: bool = True) -> dict[str, tuple[int, str]]:
     """(inode, sha256) of every file at or under ``paths``, the first being
-    a CXL file, once its publish sessions have ended."""
-    wait_detached(paths[0])
+    a CXL file, once its publish sessions have ended (unless not ``wait``)."""
+    if wait:
+        wait_detached(paths[0])
     files: list[str] = []
     for path in paths:
         if os.path.isdir(path):

@@ -262,8 +262,8 @@ def _add_client_commands(command: _AddCommand) -> None:
         "also while brokers serve it: every broker's stream of it is freed, and the name can "
         "be published again from offset 0. Its disk log files in storage.dir (if the config "
         "sets one) are renamed to <topic>@<broker>.log.deleted-<ns>. Refused (exit 1, nothing "
-        "changed) while a running broker has publishers attached to the topic; subscribers "
-        "of it are not told, they see the new topic's messages from offset 0.",
+        "changed) while a running broker has publishers attached to the topic; its "
+        "subscribers are ended with error 6.",
     )
     delete.add_argument("name", help="the topic")
     delete.add_argument("--config", metavar="PATH", help="TOML config file (for cxl.path)")
