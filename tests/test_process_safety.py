@@ -19,6 +19,7 @@ import os
 import re
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,13 @@ from test_cxl import commit, reserve
 from trio_embarcadero import open_broker, open_publisher
 from trio_embarcadero.errors import AlreadyServedError, LayoutError
 from trio_embarcadero.log import open_log, remove_region
-from trio_embarcadero.log.layout import BATCH_ABANDONED, BATCH_COMMITTED, BATCH_RESERVED
+from trio_embarcadero.log.layout import (
+    BATCH_ABANDONED,
+    BATCH_COMMITTED,
+    BATCH_RESERVED,
+    read_geometry,
+)
+from trio_embarcadero.log.topics import attached_publishers
 from trio_embarcadero.tools.noloss import BrokerProcess, clean_environment, write_broker_config
 from trio_embarcadero.wire import BATCH_HEADER_SIZE, BH_BATCH_COMPLETE, scan_records
 
@@ -60,8 +67,30 @@ def expected(count: int) -> list[tuple[int, bytes]]:
     return [(i, payload(i)) for i in range(count)]
 
 
-def snapshot(*paths: str) -> dict[str, tuple[int, str]]:
-    """(inode, sha256) of every file at or under ``paths``."""
+def wait_detached(cxl_path: str) -> None:
+    """Wait until no publish session is attached in the region: a broker
+    counts its sessions there, and a session ends just after its client has
+    its last ack (the count is part of the bytes a snapshot compares)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        with open(cxl_path, "rb") as f:
+            region = f.read()
+        g = read_geometry(region)
+        if not any(
+            attached_publishers(region, g, t, b)
+            for t in range(g.max_topics)
+            for b in range(g.max_brokers)
+        ):
+            return
+        assert time.monotonic() < deadline, "publish sessions still attached"
+        time.sleep(0.01)
+
+
+def snapshot(*paths: str, wait: bool = True) -> dict[str, tuple[int, str]]:
+    """(inode, sha256) of every file at or under ``paths``, the first being
+    a CXL file, once its publish sessions have ended (unless not ``wait``)."""
+    if wait:
+        wait_detached(paths[0])
     files: list[str] = []
     for path in paths:
         if os.path.isdir(path):

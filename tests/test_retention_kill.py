@@ -135,8 +135,8 @@ def allocate_then_die(self, order, broker_id):
     return unit
 
 steps = {
-    "before-start": lambda: cut("STREAM_START", "reclaim_oldest", after=False),
-    "after-start": lambda: cut("STREAM_START", "reclaim_oldest"),
+    "before-start": lambda: cut("STREAM_START", "_reclaim_locked", after=False),
+    "after-start": lambda: cut("STREAM_START", "_reclaim_locked"),
     "after-unlink": lambda: cut("STREAM_SEGMENTS", "_unlink_first"),
     "mid-free": lambda: setattr(SegmentMap, "free", free_head_only),
     "after-free": lambda: setattr(SegmentMap, "free", free_then_die),

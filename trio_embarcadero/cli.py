@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # -- client commands: publish, subscribe, topics, inspect ------------------------------
 
-_CLIENT_COMMANDS = ("publish", "subscribe", "topics", "inspect")
+_CLIENT_COMMANDS = ("publish", "subscribe", "topics", "inspect", "delete-topic")
 
 _AddCommand = Callable[..., argparse.ArgumentParser]
 
@@ -255,6 +255,19 @@ def _add_client_commands(command: _AddCommand) -> None:
         cmd.add_argument("--cxl-path", metavar="PATH", help="the CXL file (overrides cxl.path)")
         if name == "inspect":
             cmd.add_argument("--topic", help="also list this topic's batches")
+    delete = command(
+        "delete-topic",
+        help="delete a topic: its segments, its table slot and its disk log files",
+        description="Delete a topic from the CXL file (cxl.path of --config, or --cxl-path), "
+        "also while brokers serve it: every broker's stream of it is freed, and the name can "
+        "be published again from offset 0. Its disk log files in storage.dir (if the config "
+        "sets one) are renamed to <topic>@<broker>.log.deleted-<ns>. Refused (exit 1, nothing "
+        "changed) while a running broker has publishers attached to the topic; its "
+        "subscribers are ended with error 6.",
+    )
+    delete.add_argument("name", help="the topic")
+    delete.add_argument("--config", metavar="PATH", help="TOML config file (for cxl.path)")
+    delete.add_argument("--cxl-path", metavar="PATH", help="the CXL file (overrides cxl.path)")
 
 
 def _run_client_command(args: argparse.Namespace, config: Config) -> int:
@@ -263,6 +276,10 @@ def _run_client_command(args: argparse.Namespace, config: Config) -> int:
     )
     if args.command in ("topics", "inspect"):
         return _inspect(args, args.cxl_path or config.cxl.path)
+    if args.command == "delete-topic":
+        return _delete_topic(
+            args.name, args.cxl_path or config.cxl.path, config.storage.dir or None
+        )
     if config.broker.data_port == 0:
         print("trio-embarcadero: give the broker's port (--port or broker.port)", file=sys.stderr)
         return 2
@@ -455,6 +472,23 @@ def _inspect(args: argparse.Namespace, path: str) -> int:
     except (_CommandFailed, EmbarcaderoError, OSError) as exc:
         print(f"trio-embarcadero {args.command}: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _delete_topic(name: str, path: str, storage_dir: str | None) -> int:
+    from .log.topics import delete_topic_file
+
+    try:
+        done = delete_topic_file(path, name, storage_dir)
+    except KeyError:
+        print(f"trio-embarcadero delete-topic: no topic {name!r} in {path}", file=sys.stderr)
+        return 1
+    except (EmbarcaderoError, OSError) as exc:
+        print(f"trio-embarcadero delete-topic: {exc}", file=sys.stderr)
+        return 1
+    print(f"deleted topic {name!r}: {done.segments} segment(s) freed")
+    for renamed in done.renamed:
+        print(f"disk log renamed to {renamed}")
     return 0
 
 

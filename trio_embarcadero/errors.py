@@ -91,6 +91,10 @@ class LayoutError(EmbarcaderoError):
     or the log's contents contradict themselves (another process wrote them)."""
 
 
+class TopicBusyError(EmbarcaderoError):
+    """A topic cannot be deleted now: publishers are attached to it."""
+
+
 class StartupError(EmbarcaderoError):
     """The broker refuses to start; the message says why and how to go on
     (the command line prints it as it is)."""

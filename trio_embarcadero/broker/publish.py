@@ -45,7 +45,7 @@ from ..errors import (
     ProtocolError,
     StorageError,
 )
-from ..log import CxlLog, Reservation
+from ..log import CxlLog, Reservation, Stream
 from ..transport import Receiver, receive_exactly
 from ..wire import BATCH_HEADER_SIZE, BatchHeader, Handshake, parse_batch_header, scan_records
 from .acks import AckCounter, DialBackLease, DialBackRegistry, run_ack_sender
@@ -121,6 +121,7 @@ class PublishSession:
         self._inflight = 0
         self._settled = trio.lowlevel.ParkingLot()
         self._receive_scope = trio.CancelScope()
+        self._stream: Stream | None = None  # attached to (see _attach)
 
     # -- what the commit feed and the allocators call ----------------------------
 
@@ -236,12 +237,16 @@ class PublishSession:
                 if refused is None:
                     conn.phase = ConnectionPhase.DRAINING
                     await self._wait_settled()
+                    # Before the last acks: a client that saw them sees a
+                    # topic it may delete.
+                    self._detach()
                     if self._acks is not None and not dial_back:
                         self._acks.close()
                     await ack_sender_done.wait()
         finally:
             if lease is not None:
                 lease.release()
+            self._detach()
         if refused is not None:
             raise refused
         if self._error is None and conn.stopping:
@@ -370,6 +375,7 @@ class PublishSession:
             starts = scan_records(
                 buffer.array[:total], header.num_msg, client_id=self.handshake.client_id
             )
+            self._attach()
             ingest.counters.count_received(header)
             self.batches += 1
             batch = StagedBatch(self, header, buffer, starts, previous)
@@ -435,6 +441,7 @@ class PublishSession:
         self, header: BatchHeader, *, slot: trio.CapacityLimiter | None = None
     ) -> Reservation:
         ingest = self.ingest
+        self._attach()
         self.connection.phase = ConnectionPhase.WAIT_CXL
         try:
             return await reserve(
@@ -450,6 +457,24 @@ class PublishSession:
             )
         except LogFullError as exc:
             raise ProtocolError(ErrorCode.LOG_FULL, f"no log space after retries: {exc}") from None
+
+    def _attach(self) -> None:
+        """Count this session in the region as a publisher of its topic
+        (creating it), before its first batch goes to the log: a topic is
+        not deleted while publishers are attached. Undone when the session
+        ends, once its batches are settled."""
+        if self._stream is not None:
+            return
+        try:
+            self._stream = self.ingest.log.attach_publisher(self.topic)
+        except LogFullError as exc:
+            # Worded as when the reservation itself finds the table full.
+            raise ProtocolError(ErrorCode.LOG_FULL, f"no log space after retries: {exc}") from None
+
+    def _detach(self) -> None:
+        if self._stream is not None:
+            self.ingest.log.detach_publisher(self._stream)
+            self._stream = None
 
     def _complete_direct(self, reservation: Reservation, starts: npt.NDArray[np.int64]) -> None:
         self.ingest.counters.count_received(reservation.header)

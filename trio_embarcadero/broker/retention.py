@@ -61,10 +61,12 @@ def reclaim_stream(
     log: CxlLog, stream: Stream, retention: Retention, durability: Durability | None
 ) -> int:
     """Reclaim what ``retention`` lets go of ``stream`` now; returns the segments freed."""
-    count = len(releasable(log, stream, retention, durability))
-    for _ in range(count):
-        log.reclaim_oldest(stream)
-    return count
+    done = 0
+    for _ in releasable(log, stream, retention, durability):
+        if log.reclaim_oldest(stream) is None:
+            break  # the topic was deleted meanwhile
+        done += 1
+    return done
 
 
 def reclaimable_units(

@@ -42,14 +42,28 @@ async def serve_subscriber(
     Returns when the subscriber closes its side, or when one write to it
     did not finish within ``send_timeout`` seconds (logged; the stream is
     then cut inside a batch, so no error frame can follow); raises
-    :class:`ProtocolError` (``SHUTTING_DOWN``) when the broker stops.
+    :class:`ProtocolError` (``SHUTTING_DOWN``) when the broker stops, and
+    (``NOT_ALLOWED``) when the topic was deleted meanwhile.
     """
+    ended: ProtocolError | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_for_close, connection, nursery.cancel_scope)
-        at_boundary = await _send_records(connection, handshake, log, commits, send_timeout)
+        try:
+            at_boundary = await _send_records(connection, handshake, log, commits, send_timeout)
+        except ProtocolError as exc:  # raised after the nursery: a plain exception
+            ended = exc
         nursery.cancel_scope.cancel()
+    if ended is not None:
+        raise ended
     if connection.stopping and at_boundary:
         raise ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down")
+
+
+def _check_not_deleted(log: CxlLog, stream: Stream) -> None:
+    """End a subscriber whose topic was deleted (``delete-topic``): its
+    offsets are gone, and a topic of that name starts again from 0."""
+    if log.existing_stream(stream.topic) is not stream:
+        raise ProtocolError(ErrorCode.NOT_ALLOWED, f"topic {stream.topic!r} was deleted")
 
 
 async def _watch_for_close(connection: Connection, scope: trio.CancelScope) -> None:
@@ -91,10 +105,12 @@ async def _send_records(
     region = log.region
     while True:
         while wanted >= stream.next_offset:
+            _check_not_deleted(log, stream)
             with connection.at_boundary():
                 await commits.wait_commit(topic)
             if connection.stopping:
                 return True
+        _check_not_deleted(log, stream)
         if wanted < stream.start_offset:
             # Retention reclaimed these: the stream goes on from its start
             # (the subscriber sees the offsets jump; they are not missing).

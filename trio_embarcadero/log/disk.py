@@ -51,6 +51,7 @@ import attrs
 
 from ..errors import LayoutError, StorageError, UnsafeFileError
 from ..wire import BATCH_HEADER_SIZE, encode_topic, scan_records, unpack_batch_header
+from .layout import file_name as file_name
 from .ownership import BrokerLock, claim_disk_log, open_private_file, sync_directory
 from .region import CxlLog, Reservation, Stream
 
@@ -60,11 +61,6 @@ logger = logging.getLogger(__name__)
 # and about this many bytes.
 _IOV_MAX = 1024
 _WRITE_BYTES = 256 * 2**20
-
-
-def file_name(topic: str, broker_id: int) -> str:
-    """The disk log file of one (topic, broker) stream; ``@`` is not a topic character."""
-    return f"{topic}@{broker_id}.log"
 
 
 @attrs.frozen
@@ -89,6 +85,7 @@ class _StreamFile:
         # start-up are (open() syncs the directory), new ones once the
         # writer has synced the directory after creating them.
         self.entry_durable = fd >= 0
+        self.incarnation = -1  # of the topic it holds (-1: as found at start-up)
 
 
 @attrs.frozen
@@ -293,11 +290,16 @@ class DiskLog:
 
     def _file(self, stream: Stream) -> _StreamFile:
         file = self._files.get(stream.topic)
-        if file is None:
+        if file is not None and file.incarnation == -1:
+            file.incarnation = stream.incarnation
+        if file is None or file.incarnation != stream.incarnation:
+            # New, or the topic was deleted (its file renamed aside) and
+            # created again: a new file from the stream's first batch.
             # Created by the writer (write_and_sync, on its worker thread),
             # so the event loop never waits for the file system.
             path = self.directory / file_name(stream.topic, self._log.broker_id)
             file = self._files[stream.topic] = _StreamFile(path, -1, 0, self._mode)
+            file.incarnation = stream.incarnation
         return file
 
     def take_jobs(self) -> list[WriteJob]:

@@ -11,11 +11,17 @@ Layout (version 2, all integers little-endian)::
                        64  map offset (u64)        72  next segment generation (u64)
     offset 4096       topic table: max_topics entries of 64 + 64 * max_brokers B
                         topic header: name[32] (NUL padded), state u32 @32
-                        (0 free, 1 live), then one 64-B stream entry per broker:
+                        (0 free, 1 live, 2 being deleted), incarnation u64
+                        @40 (new at every creation of a topic in the slot),
+                        then one 64-B stream entry per broker:
                           0 first segment (u32)   4 last segment (u32)
                           8 segment count (u32)  16 committed messages (u64)
                          24 committed batches    32 committed payload bytes
                          40 first retained offset (u64): the log-start offset
+                         48 first retained batch (u64)
+                         56 attached publishers (u32): the broker's publish
+                            sessions of the topic (a topic is not deleted
+                            while any is attached)
     map offset        the unit map: one u32 per allocation unit (see .segments)
     data offset       num_units allocation units of unit size bytes each; a
                       segment is 2**order units, named by its first unit
@@ -72,7 +78,10 @@ TOPIC_HEADER_SIZE = 64
 STREAM_ENTRY_SIZE = 64
 NO_SEGMENT = 0xFFFFFFFF
 TOPIC_NAME_BYTES = 32
+TOPIC_FREE = 0
 TOPIC_LIVE = 1
+#: A deletion was started (and maybe cut short): see :mod:`.topics`.
+TOPIC_DELETING = 2
 
 BATCH_RESERVED = 0
 BATCH_COMMITTED = 1
@@ -84,6 +93,11 @@ NEXT_GENERATION_OFFSET = 72
 SEGMENT_HEADER = struct.Struct("<IIIIIIQ")
 SEGMENT_NEXT_OFFSET = 16
 TOPIC_STATE_OFFSET = 32
+#: A topic's incarnation, at +40 of its header: a broker's in-memory stream
+#: of an older incarnation is of a topic deleted since.
+TOPIC_INCARNATION_OFFSET = 40
+#: A stream entry's count of attached publish sessions, at +56.
+STREAM_ATTACHED_OFFSET = 56
 #: A stream entry: first, last segment, segment count.
 STREAM_SEGMENTS = struct.Struct("<III")
 #: Then, at +16: committed messages, batches and payload bytes.
@@ -198,6 +212,11 @@ class StreamEntry:
     payload_bytes: int
     start_offset: int
     first_batch: int
+
+
+def file_name(topic: str, broker_id: int) -> str:
+    """The disk log file of one (topic, broker) stream; ``@`` is not a topic character."""
+    return f"{topic}@{broker_id}.log"
 
 
 # -- the superblock ---------------------------------------------------------------------
@@ -337,11 +356,26 @@ def read_topics(buf: Any, geometry: Geometry) -> dict[str, int]:
 
 
 def write_topic(buf: Any, geometry: Geometry, index: int, raw_name: bytes) -> None:
-    """Make slot ``index`` a live topic named ``raw_name`` (caller holds the lock)."""
+    """Make slot ``index`` a live topic named ``raw_name`` (caller holds the lock).
+
+    The topic gets a new incarnation, taken from the superblock's generation
+    counter, so a stream of a topic deleted meanwhile is told apart from it.
+    """
     off = geometry.topic_offset(index)
     buf[off : off + TOPIC_NAME_BYTES] = raw_name.ljust(TOPIC_NAME_BYTES, b"\0")
+    (incarnation,) = U64.unpack_from(buf, NEXT_GENERATION_OFFSET)
+    U64.pack_into(buf, NEXT_GENERATION_OFFSET, incarnation + 1)
+    U64.pack_into(buf, off + TOPIC_INCARNATION_OFFSET, incarnation)
     # The name first, then the state word: a reader never sees a live half-name.
     U32.pack_into(buf, off + TOPIC_STATE_OFFSET, TOPIC_LIVE)
+
+
+def read_topic_state(buf: Any, geometry: Geometry, index: int) -> tuple[int, int]:
+    """Slot ``index``'s state word and incarnation."""
+    off = geometry.topic_offset(index)
+    (state,) = U32.unpack_from(buf, off + TOPIC_STATE_OFFSET)
+    (incarnation,) = U64.unpack_from(buf, off + TOPIC_INCARNATION_OFFSET)
+    return state, incarnation
 
 
 def read_stream_entry(

@@ -304,6 +304,24 @@ def claim_region(path: str, broker_id: int, *, mode: int, reset: bool = False) -
     return BrokerLock.acquire(region_lock_path(path), path, broker_id, mode=mode, whole=reset)
 
 
+def served_brokers(path: str) -> set[int]:
+    """The broker ids a live process serves on the CXL file ``path`` now."""
+    try:
+        fd = os.open(region_lock_path(path), os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return set()
+    try:
+        served = set()
+        for slot in range(SLOTS):
+            query = _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, slot * SLOT_SIZE, SLOT_SIZE, 0)
+            kind, *_ = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query))
+            if kind != fcntl.F_UNLCK:
+                served.add(slot)
+        return served
+    finally:
+        os.close(fd)
+
+
 def claim_disk_log(directory: str, broker_id: int, *, mode: int) -> BrokerLock:
     """Lock broker ``broker_id``'s files in the disk log ``directory`` (created if need be).
 

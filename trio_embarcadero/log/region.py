@@ -70,11 +70,14 @@ from .layout import (
     SEGMENT_MAGIC,
     SEGMENT_NEXT_OFFSET,
     SEGMENT_TIME_OFFSET,
+    STREAM_ATTACHED_OFFSET,
     STREAM_COUNTS,
     STREAM_COUNTS_OFFSET,
     STREAM_SEGMENTS,
     STREAM_START,
     STREAM_START_OFFSET,
+    TOPIC_FREE,
+    TOPIC_LIVE,
     U32,
     U64,
     Geometry,
@@ -84,7 +87,7 @@ from .layout import (
     iter_batches,
     read_segment_header,
     read_stream_entry,
-    read_topic_name,
+    read_topic_state,
     read_topics,
     segment_chain,
     unit_map,
@@ -92,6 +95,7 @@ from .layout import (
 )
 from .ownership import BrokerLock, check_replaceable, claim_region, open_private_file
 from .segments import SegmentMap, order_for
+from .topics import attached_publishers, finish_deletions
 
 logger = logging.getLogger(__name__)
 
@@ -248,10 +252,15 @@ class Stream:
     ``start_offset`` its first logical offset (Kafka's log-start offset).
     """
 
-    def __init__(self, log: CxlLog, topic: str, topic_index: int, broker_id: int) -> None:
+    def __init__(
+        self, log: CxlLog, topic: str, topic_index: int, broker_id: int, incarnation: int = 0
+    ) -> None:
         self.log = log
         self.topic = topic
         self.topic_index = topic_index
+        #: The topic's incarnation in its slot (see :mod:`.topics`): once
+        #: the slot says otherwise, the topic was deleted.
+        self.incarnation = incarnation
         self.broker_id = broker_id
         self.entry_offset = log.geometry.stream_offset(topic_index, broker_id)
         self.last_segment = NO_SEGMENT
@@ -343,7 +352,8 @@ class CxlLog:
         #: retention); replaceable for tests.
         self.clock: Callable[[], int] = time.time_ns
         self._streams: dict[str, Stream] = {}
-        self._topic_index: dict[str, int] = {}
+        #: topic -> (table slot, incarnation), as last seen.
+        self._topic_index: dict[str, tuple[int, int]] = {}
         self._reservations = 0
         self._abandoned = 0
         self._ring_full = 0
@@ -516,7 +526,7 @@ class CxlLog:
         Raises:
             LogFullError: The topic is new and the table is full.
         """
-        if topic in self._topic_index or topic in self.topics():
+        if self._known_topic(topic) is not None or topic in self.topics():
             return
         if self._free_topic_slot() is None:
             raise self._topic_table_full(topic)
@@ -526,7 +536,7 @@ class CxlLog:
             (
                 i
                 for i in range(self.geometry.max_topics)
-                if read_topic_name(self._mmap, self.geometry, i) is None
+                if read_topic_state(self._mmap, self.geometry, i)[0] == TOPIC_FREE
             ),
             None,
         )
@@ -537,25 +547,46 @@ class CxlLog:
             transient=False,
         )
 
-    def _find_or_create_topic(self, topic: str) -> int:
-        index = self._topic_index.get(topic)
-        if index is not None:
-            return index
+    def _known_topic(self, topic: str) -> tuple[int, int] | None:
+        """``topic``'s (slot, incarnation) as last seen, if it still holds;
+        forgets the topic and its stream if it was deleted since."""
+        known = self._topic_index.get(topic)
+        if known is None:
+            return None
+        if read_topic_state(self._mmap, self.geometry, known[0]) == (TOPIC_LIVE, known[1]):
+            return known
+        self._forget(topic)
+        return None
+
+    def _forget(self, topic: str) -> None:
+        del self._topic_index[topic]
+        stream = self._streams.pop(topic, None)
+        if stream is not None:
+            stream.pending.clear()
+            logger.info("topic %r was deleted: its stream starts again from offset 0", topic)
+
+    def _find_or_create_topic(self, topic: str) -> tuple[int, int]:
+        """``topic``'s (slot, incarnation), creating it if needed (the caller holds the lock)."""
+        known = self._known_topic(topic)
+        if known is not None:
+            return known
         raw = encode_topic(topic)
-        with self._lock():
-            existing = self.topics()
-            if topic in existing:
-                index = existing[topic]
-            else:
-                free = self._free_topic_slot()
-                if free is None:
-                    self._log_full += 1
-                    raise self._topic_table_full(topic)
-                write_topic(self._mmap, self.geometry, free, raw)
-                index = free
-                logger.info("created topic %r (table slot %d)", topic, index)
-        self._topic_index[topic] = index
-        return index
+        existing = self.topics()
+        if topic in existing:
+            index = existing[topic]
+        else:
+            free = self._free_topic_slot()
+            if free is None:
+                self._log_full += 1
+                raise self._topic_table_full(topic)
+            write_topic(self._mmap, self.geometry, free, raw)
+            index = free
+            logger.info("created topic %r (table slot %d)", topic, index)
+        known = self._topic_index[topic] = (
+            index,
+            read_topic_state(self._mmap, self.geometry, index)[1],
+        )
+        return known
 
     def _segment_order(self, stream: Stream, need: int) -> tuple[int, int]:
         """(smallest order that holds ``need`` bytes, order to try first)."""
@@ -579,18 +610,20 @@ class CxlLog:
                 return NO_SEGMENT
             (generation,) = U64.unpack_from(self._mmap, NEXT_GENERATION_OFFSET)
             U64.pack_into(self._mmap, NEXT_GENERATION_OFFSET, generation + 1)
-        base = g.segment_offset(segment)
-        SEGMENT_HEADER.pack_into(
-            self._mmap,
-            base,
-            SEGMENT_MAGIC,
-            stream.topic_index,
-            stream.broker_id,
-            stream.num_segments,
-            NO_SEGMENT,
-            order,
-            generation,
-        )
+            base = g.segment_offset(segment)
+            # Under the lock: a topic's deletion tells its segments by this
+            # header, so no head is seen with its last owner's header.
+            SEGMENT_HEADER.pack_into(
+                self._mmap,
+                base,
+                SEGMENT_MAGIC,
+                stream.topic_index,
+                stream.broker_id,
+                stream.num_segments,
+                NO_SEGMENT,
+                order,
+                generation,
+            )
         # A recycled segment still holds its last owner's batches: end the
         # (empty) data here before anyone can reach the segment.
         U64.pack_into(self._mmap, base + SEGMENT_HEADER_SIZE + BH_TOTAL_SIZE, 0)
@@ -624,24 +657,58 @@ class CxlLog:
         Raises:
             LogFullError: The topic table is full.
         """
+        if self._known_topic(topic) is not None and topic in self._streams:
+            return self._streams[topic]
+        with self._lock():
+            return self._stream_locked(topic)
+
+    def _stream_locked(self, topic: str) -> Stream:
+        index, incarnation = self._find_or_create_topic(topic)
         stream = self._streams.get(topic)
         if stream is None:
-            index = self._find_or_create_topic(topic)
-            stream = Stream(self, topic, index, self.broker_id)
+            stream = Stream(self, topic, index, self.broker_id, incarnation)
             self._streams[topic] = stream
         return stream
 
     def streams(self) -> list[Stream]:
-        """This broker's open streams."""
+        """This broker's open streams (of topics not deleted)."""
+        for topic in list(self._topic_index):
+            self._known_topic(topic)
         return list(self._streams.values())
 
     def existing_stream(self, topic: str) -> Stream | None:
         """This broker's stream of ``topic`` if the topic exists, else None."""
-        if topic in self._streams:
-            return self._streams[topic]
-        if topic in self._topic_index or topic in self.topics():
+        if self._known_topic(topic) is not None or topic in self.topics():
             return self.stream(topic)
         return None
+
+    def attach_publisher(self, topic: str) -> Stream:
+        """Count a publish session of ``topic`` in the region, creating the
+        topic if needed: the topic is not deleted (see :mod:`.topics`)
+        until :meth:`detach_publisher`.
+
+        Raises:
+            LogFullError: The topic table is full.
+        """
+        with self._lock():
+            stream = self._stream_locked(topic)
+            offset = stream.entry_offset + STREAM_ATTACHED_OFFSET
+            (count,) = U32.unpack_from(self._mmap, offset)
+            U32.pack_into(self._mmap, offset, count + 1)
+        return stream
+
+    def detach_publisher(self, stream: Stream) -> None:
+        """Undo one :meth:`attach_publisher` of ``stream``."""
+        with self._lock():
+            offset = stream.entry_offset + STREAM_ATTACHED_OFFSET
+            count = attached_publishers(
+                self._mmap, self.geometry, stream.topic_index, self.broker_id
+            )
+            if count and self._known_topic(stream.topic) == (
+                stream.topic_index,
+                stream.incarnation,
+            ):
+                U32.pack_into(self._mmap, offset, count - 1)
 
     def get_cxl_buffer(
         self,
@@ -856,17 +923,35 @@ class CxlLog:
         return iter_batches(self._mmap, self.geometry, topic_index, broker_id)
 
     def _recover(self) -> None:
-        reachable: list[int] = []
-        for topic, index in self.topics().items():
-            self._topic_index[topic] = index
-            stream = self._recover_stream(topic, index)
-            if stream is None:
-                continue
-            reachable.extend(segment.unit for segment in stream.segments)
-            self._streams[topic] = stream
+        with self._lock():
+            # Deletions cut short by a kill: finish them before anything else.
+            for index in finish_deletions(self._mmap, self.geometry, self.map):
+                logger.info("finished the deletion of the topic in table slot %d", index)
+            # A dead broker has no publishers attached.
+            for index in range(self.geometry.max_topics):
+                offset = self.geometry.stream_offset(index, self.broker_id)
+                U32.pack_into(self._mmap, offset + STREAM_ATTACHED_OFFSET, 0)
+        for topic in self.topics():
+            # Under the lock, one stream at a time: no deletion runs meanwhile.
+            with self._lock():
+                slot = self.topics().get(topic)
+                if slot is None:
+                    continue  # deleted meanwhile
+                incarnation = read_topic_state(self._mmap, self.geometry, slot)[1]
+                self._topic_index[topic] = (slot, incarnation)
+                stream = self._recover_stream(topic, slot)
+                if stream is None:
+                    continue
+                stream.incarnation = incarnation
+                self._streams[topic] = stream
         # Segments taken but not linked, or unlinked but not freed, when the
         # last owner of this broker id died: give them back.
         with self._lock():
+            reachable = [
+                unit
+                for stream in self.streams()
+                for unit in (segment.unit for segment in stream.segments)
+            ]
             freed = self.map.recover(self.broker_id, reachable)
         if freed:
             logger.info("recovered %d segment(s) no stream held", len(freed))
@@ -967,7 +1052,7 @@ class CxlLog:
             count += 1
         return count
 
-    def reclaim_oldest(self, stream: Stream) -> RetainedSegment:
+    def reclaim_oldest(self, stream: Stream) -> RetainedSegment | None:
         """Let ``stream``'s oldest segment go and give it back to the region.
 
         Its batches are gone for readers: the log-start offset moves to the
@@ -975,12 +1060,25 @@ class CxlLog:
         start is written first, then the segment is unlinked, then freed;
         recovery finishes whatever was cut short.
 
+        Returns:
+            The segment, or None if the topic was deleted meanwhile (its
+            segments are gone already).
+
         Raises:
             ValueError: The segment is the one being written, or holds a
                 batch not yet resolved.
         """
         if len(stream.segments) < 2 or stream._commit_segment < 1 or stream.segments[0].pins:
             raise ValueError(f"{stream.topic!r}: its oldest segment is still in use")
+        # Under the lock throughout: the topic may not be deleted meanwhile.
+        with self._lock():
+            if self._known_topic(stream.topic) != (stream.topic_index, stream.incarnation):
+                return None
+            gone = self._reclaim_locked(stream)
+        self._reclaimed += 1
+        return gone
+
+    def _reclaim_locked(self, stream: Stream) -> RetainedSegment:
         gone = stream.segments[0]
         stream.first_batch += gone.batches
         del stream.index_first[: gone.batches]
@@ -997,9 +1095,7 @@ class CxlLog:
         stream._commit_segment -= 1
         stream.num_segments = len(stream.segments)
         self._write_counts(stream)
-        with self._lock():
-            self.map.free(gone.unit)
-        self._reclaimed += 1
+        self.map.free(gone.unit)
         return gone
 
     def _unlink_first(self, stream: Stream) -> None:
