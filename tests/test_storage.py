@@ -191,7 +191,7 @@ def test_writes_larger_than_one_writev_resume_without_loss(
     path = tmp_path / "big.log"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        file = storage._StreamFile(path, fd, 0, 0o600)
+        file = storage._StreamFile(path, fd, [], 0o600)
         views = [memoryview(bytes([i]) * (3 * 2**20 + i)) for i in range(5)]
         real_writev = os.writev
         calls: list[int] = []
@@ -226,8 +226,8 @@ def test_a_failed_directory_sync_leaves_the_new_file_not_durable(
     from trio_embarcadero.log import disk as storage
 
     fd = os.open(tmp_path / "old.log", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-    existing = storage._StreamFile(tmp_path / "old.log", fd, 0, 0o600)
-    fresh = storage._StreamFile(tmp_path / "new.log", -1, 0, 0o600)
+    existing = storage._StreamFile(tmp_path / "old.log", fd, [], 0o600)
+    fresh = storage._StreamFile(tmp_path / "new.log", -1, [], 0o600)
     try:
         jobs = [
             storage.WriteJob(name, [memoryview(b"x" * 64)], 1, file)

@@ -147,8 +147,8 @@ class StorageError(EmbarcaderoError):
     :func:`~trio_embarcadero.open_broker` raise it afterwards.
 
     Attributes:
-        operation: What failed: ``"create"``, ``"write"``, ``"fdatasync"`` or
-            ``"fsync directory"``.
+        operation: What failed: ``"create"``, ``"write"``, ``"fdatasync"``,
+            ``"fsync directory"`` or ``"read"`` (a subscriber served from disk).
         path: The file (or directory) it failed on.
         errno: The ``OSError``'s errno (0 when it had none).
     """

@@ -43,15 +43,22 @@ class Durability:
         disk: The opened (and reconciled) disk log.
         on_failure: Called once if the disk log fails, after every waiter
             was told.
+        on_sync: Called after every sync that made batches durable (a full
+            region may drop them now: see :func:`~.retention.make_room`).
 
     Attributes:
         failure: Why the disk log failed, or None while it works.
     """
 
     def __init__(
-        self, disk: DiskLog, on_failure: Callable[[StorageError], None] | None = None
+        self,
+        disk: DiskLog,
+        on_failure: Callable[[StorageError], None] | None = None,
+        *,
+        on_sync: Callable[[], None] | None = None,
     ) -> None:
         self.disk = disk
+        self._on_sync = on_sync
         self.failure: StorageError | None = None
         self._on_failure = on_failure
         self._waiters: dict[str, deque[tuple[int, DurableCallback]]] = {}
@@ -99,6 +106,8 @@ class Durability:
             disk.jobs_done(result.done, result.written, trio.current_time() - started)
             for job in result.done:
                 self._release(job.topic, job.upto, None)
+            if result.done and self._on_sync is not None:
+                self._on_sync()
             if result.failure is not None:
                 self._fail(result.failure)
                 return

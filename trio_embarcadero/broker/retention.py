@@ -8,6 +8,10 @@ Kafka's rule, never the segment being written, never one a subscriber is
 sending from) and reclaims them. With a disk log only segments whose every
 batch is durable on disk go, so ack level 2 never loses what it promised.
 
+With a disk log (``storage.dir``) the region is also a cache of it: a full
+region drops its oldest durable segments (:func:`make_room`), whatever the
+topics' retention says; subscribers read what it dropped from the disk log.
+
 Batches held by a full region (``network.log_full_timeout_s``) are woken
 after every pass that freed a segment: they retry on reclaims, not on a timer.
 """
@@ -47,6 +51,20 @@ def releasable(
         retention_ms=retention.retention_ms,
         now_ns=log.clock(),
     )
+    return _durable_part(stream, count, durability)
+
+
+def evictable(log: CxlLog, stream: Stream, durability: Durability) -> list[RetainedSegment]:
+    """The oldest segments of ``stream`` the region may drop as a cache of
+    the disk log: whole, durable on disk, not being read; never the last."""
+    count = log.reclaimable_segments(stream, retention_bytes=0, retention_ms=-1, now_ns=0)
+    return _durable_part(stream, count, durability)
+
+
+def _durable_part(
+    stream: Stream, count: int, durability: Durability | None
+) -> list[RetainedSegment]:
+    """The first of ``stream``'s oldest ``count`` segments that are all on disk."""
     durable = durability.disk.durable_batches(stream) if durability is not None else None
     segments = list(stream.segments)[:count]
     end = stream.first_batch
@@ -72,17 +90,27 @@ def reclaim_stream(
 def reclaimable_units(
     log: CxlLog, retention_for: Callable[[str], Retention], durability: Durability | None
 ) -> int:
-    """Allocation units retention would free now, in every stream."""
+    """Allocation units retention (with a disk log: the cache) would free now,
+    in every stream."""
     return sum(
         1 << segment.order
         for stream in log.streams()
-        for segment in releasable(log, stream, retention_for(stream.topic), durability)
+        for segment in (
+            evictable(log, stream, durability)
+            if durability is not None
+            else releasable(log, stream, retention_for(stream.topic), durability)
+        )
     )
 
 
-def retention_configured(log: CxlLog, retention_for: Callable[[str], Retention]) -> bool:
-    """Whether any topic of the region has a retention limit, so that a full
-    region may get room back; when none has, it never will."""
+def retention_configured(
+    log: CxlLog, retention_for: Callable[[str], Retention], durability: Durability | None = None
+) -> bool:
+    """Whether a full region may get room back: with a disk log it always
+    may (its durable segments go); else only if some topic of the region has
+    a retention limit. When not, it never will."""
+    if durability is not None:
+        return True
     for topic in log.topics():
         retention = retention_for(topic)
         if retention.retention_bytes >= 0 or retention.retention_ms >= 0:
@@ -94,11 +122,33 @@ def make_room(
     log: CxlLog, retention_for: Callable[[str], Retention], durability: Durability | None
 ) -> int:
     """Reclaim whatever retention lets go in every stream now (the region
-    is full); returns the segments freed."""
-    return sum(
+    is full); returns the segments freed.
+
+    With a disk log the region is its cache: when retention frees nothing,
+    the oldest segment (by last commit) of any stream that is durable on
+    disk and not being read goes; the caller calls again while it needs room.
+    """
+    freed = sum(
         reclaim_stream(log, stream, retention_for(stream.topic), durability)
         for stream in log.streams()
     )
+    if freed or durability is None:
+        return freed
+    oldest: Stream | None = None
+    oldest_ns = 0
+    for stream in log.streams():
+        candidates = evictable(log, stream, durability)
+        if candidates and (oldest is None or candidates[0].last_commit_ns < oldest_ns):
+            oldest, oldest_ns = stream, candidates[0].last_commit_ns
+    if oldest is None:
+        return 0
+    log.reclaim_oldest(oldest)
+    logger.debug(
+        "region full: %r's oldest segment dropped (it is on disk); first offset in the region %d",
+        oldest.topic,
+        oldest.start_offset,
+    )
+    return 1
 
 
 async def run_retention(

@@ -107,7 +107,11 @@ class Broker:
         self.log = log
         self.failure: StorageError | None = None
         self._failed = trio.Event()
-        self.durability = Durability(disk, self._storage_failed) if disk is not None else None
+        self.durability = (
+            Durability(disk, self._storage_failed, on_sync=self._synced)
+            if disk is not None
+            else None
+        )
         self.commits = CommitFeed(
             log, self.durability.committed if self.durability is not None else None
         )
@@ -123,7 +127,7 @@ class Broker:
         self.allocation = AllocationCounters()
         self.space = LogSpace(
             net.log_full_timeout_s,
-            partial(retention_configured, log, config.topics.settings_for),
+            partial(retention_configured, log, config.topics.settings_for, self.durability),
         )
         self.counters = IngestCounters()
         self.connections: set[Connection] = set()
@@ -139,6 +143,12 @@ class Broker:
     def disk(self) -> DiskLog | None:
         """The disk log behind ack level 2 (None without ``storage.dir``)."""
         return self.durability.disk if self.durability is not None else None
+
+    def _synced(self) -> None:
+        # More of the region is durable now, so a full region's cache may
+        # have segments to drop: held batches try again (and make room).
+        if self.space.held:
+            self.space.room_made()
 
     def _make_room(self) -> int:
         freed = make_room(self.log, self.config.topics.settings_for, self.durability)

@@ -37,6 +37,7 @@ async def serve_connection(connection: Connection, ingest: IngestPath) -> None:
                 ingest.log,
                 ingest.commits,
                 ingest.network.subscriber_send_timeout_s,
+                ingest.durability.disk if ingest.durability is not None else None,
             )
         else:
             await PublishSession(connection, handshake, ingest).run()

@@ -12,6 +12,12 @@ reading cannot hold its connection, or a graceful shutdown, forever. It wakes on
 commits of its stream (no polling) and never sends a record of a batch that
 is not committed, because it only reads batches in the stream's committed
 index.
+
+With a disk log (``storage.dir``) the region is a cache of it: offsets the
+region no longer holds are read from the disk log, one synced batch at a
+time on a worker thread, and sent exactly as the region would have sent
+them; once the wanted offset is back in the region the stream goes on from
+there.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import logging
 
 import trio
 
-from ..errors import ConnectionLost, ErrorCode, ProtocolError
-from ..log import CxlLog, Stream
+from ..errors import ConnectionLost, ErrorCode, ProtocolError, StorageError
+from ..log import CxlLog, DiskLog, Stream
+from ..log.disk import DiskBatch
 from ..wire import Handshake, scan_records
 from .commits import CommitFeed
 from .connection import Connection
@@ -36,8 +43,11 @@ async def serve_subscriber(
     log: CxlLog,
     commits: CommitFeed,
     send_timeout: float,
+    disk: DiskLog | None = None,
 ) -> None:
     """Send ``handshake.topic``'s records from logical offset ``last_addr`` on.
+
+    Offsets below the region's start are read from ``disk`` while it holds them.
 
     Returns when the subscriber closes its side, or when one write to it
     did not finish within ``send_timeout`` seconds (logged; the stream is
@@ -49,7 +59,9 @@ async def serve_subscriber(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_for_close, connection, nursery.cancel_scope)
         try:
-            at_boundary = await _send_records(connection, handshake, log, commits, send_timeout)
+            at_boundary = await _send_records(
+                connection, handshake, log, commits, send_timeout, disk
+            )
         except ProtocolError as exc:  # raised after the nursery: a plain exception
             ended = exc
         nursery.cancel_scope.cancel()
@@ -84,6 +96,7 @@ async def _send_records(
     log: CxlLog,
     commits: CommitFeed,
     send_timeout: float,
+    disk: DiskLog | None,
 ) -> bool:
     """Send records until the broker stops or the subscriber goes.
 
@@ -111,6 +124,19 @@ async def _send_records(
             if connection.stopping:
                 return True
         _check_not_deleted(log, stream)
+        if wanted < stream.start_offset and disk is not None:
+            # The region let these go (they were durable): the disk tier has them.
+            batch_on_disk = disk.batch_holding(topic, wanted)
+            if batch_on_disk is not None:
+                ended = await _send_from_disk(
+                    connection, disk, topic, batch_on_disk, wanted, send_timeout
+                )
+                if ended is not None:
+                    return ended
+                wanted = batch_on_disk.first_offset + batch_on_disk.num_msg
+                if connection.stopping:
+                    return True
+                continue
         if wanted < stream.start_offset:
             # Retention reclaimed these: the stream goes on from its start
             # (the subscriber sees the offsets jump; they are not missing).
@@ -132,22 +158,53 @@ async def _send_records(
             starts = scan_records(region[start:end], batch.num_msg)
             start += int(starts[wanted - batch.first_offset])
         # Retention must not reuse the bytes while the socket still reads them.
-        with stream.pinned(batch.header_offset), trio.move_on_after(send_timeout) as sending:
-            try:
-                await connection.send_frame(region[start:end].data)
-            except ConnectionLost as exc:
-                logger.info("conn %d %s: subscriber gone: %s", connection.id, connection.peer, exc)
-                return True
-        if sending.cancelled_caught:
-            logger.warning(
-                "conn %d %s: subscriber did not take a batch's records within %s s; closed",
-                connection.id,
-                connection.peer,
-                send_timeout,
-            )
-            return False
+        with stream.pinned(batch.header_offset):
+            ended = await _send(connection, region[start:end].data, send_timeout)
+        if ended is not None:
+            return ended
         wanted = batch.first_offset + batch.num_msg
         # A shutdown stops the stream at the next batch boundary, also while
         # the subscriber is catching up, so the error frame follows a record.
         if connection.stopping:
             return True
+
+
+async def _send_from_disk(
+    connection: Connection,
+    disk: DiskLog,
+    topic: str,
+    batch: DiskBatch,
+    wanted: int,
+    send_timeout: float,
+) -> bool | None:
+    """Send ``batch``'s records from ``wanted`` on, read from the disk log;
+    like :func:`_send`. A failed read costs this subscriber only."""
+    try:
+        records = await trio.to_thread.run_sync(disk.read_records, topic, batch)
+    except StorageError as exc:
+        logger.error("conn %d %s: %s; subscriber closed", connection.id, connection.peer, exc)
+        return False
+    skip = 0
+    if wanted > batch.first_offset:
+        skip = int(scan_records(records, batch.num_msg)[wanted - batch.first_offset])
+    return await _send(connection, records[skip:].data, send_timeout)
+
+
+async def _send(connection: Connection, records: memoryview, send_timeout: float) -> bool | None:
+    """Send one batch's records; None when sent, else what
+    :func:`_send_records` returns (the subscriber is gone or too slow)."""
+    with trio.move_on_after(send_timeout) as sending:
+        try:
+            await connection.send_frame(records)
+        except ConnectionLost as exc:
+            logger.info("conn %d %s: subscriber gone: %s", connection.id, connection.peer, exc)
+            return True
+    if sending.cancelled_caught:
+        logger.warning(
+            "conn %d %s: subscriber did not take a batch's records within %s s; closed",
+            connection.id,
+            connection.peer,
+            send_timeout,
+        )
+        return False
+    return None

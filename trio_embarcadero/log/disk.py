@@ -40,6 +40,7 @@ another user's file in their place is refused.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import logging
@@ -48,6 +49,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 
 from ..errors import LayoutError, StorageError, UnsafeFileError
 from ..wire import BATCH_HEADER_SIZE, encode_topic, scan_records, unpack_batch_header
@@ -75,12 +78,36 @@ class DiskStatistics:
     waiting_batches: int
 
 
+@attrs.frozen
+class DiskBatch:
+    """Where one synced batch sits in its stream's disk log.
+
+    Attributes:
+        position: Byte offset of its header in the file.
+        first_offset: Logical offset of its first record.
+        num_msg: Records in it.
+        total_size: Bytes of its records (the header not included).
+    """
+
+    position: int
+    first_offset: int
+    num_msg: int
+    total_size: int
+
+
 class _StreamFile:
-    def __init__(self, path: Path, fd: int, on_disk: int, mode: int) -> None:
+    def __init__(self, path: Path, fd: int, batches: list[DiskBatch], mode: int) -> None:
         self.path = path
         self.mode = mode  # permission bits, for the writer that creates it
         self.fd = fd  # -1 until the writer creates the file
-        self.synced = on_disk  # batches of the stream that are on disk and synced
+        # The synced batches, in order, and their first offsets (to bisect);
+        # only the event loop changes them (jobs_done), after each sync.
+        self.batches = batches
+        self.index_first = [b.first_offset for b in batches]
+        self.synced = len(batches)  # batches of the stream that are on disk and synced
+        self.end = (
+            batches[-1].position + BATCH_HEADER_SIZE + batches[-1].total_size if batches else 0
+        )
         # Whether the directory entry is known to be durable: files found at
         # start-up are (open() syncs the directory), new ones once the
         # writer has synced the directory after creating them.
@@ -102,6 +129,8 @@ class WriteJob:
     views: list[memoryview]
     upto: int
     _file: _StreamFile
+    # (first offset, num_msg, total_size) of each view: the file's index after the sync
+    _batches: list[tuple[int, int, int]] = attrs.field(factory=list)
 
 
 class DiskLog:
@@ -216,20 +245,22 @@ class DiskLog:
         try:
             batches = _read_batches(fd, path)
             stream = self._log.stream(topic)
-            for k in range(min(len(batches), stream.batches)):
+            # Batches the region no longer holds (reclaimed) are the disk's alone.
+            for k in range(stream.first_batch, min(len(batches), stream.batches)):
                 ours = stream.committed_batch(k).first_offset
-                if batches[k][1] != ours:
+                theirs = batches[k].first_offset
+                if theirs != ours:
                     raise LayoutError(
-                        f"{path}: batch {k} starts at logical offset {batches[k][1]} on disk "
+                        f"{path}: batch {k} starts at logical offset {theirs} on disk "
                         f"but at {ours} in the CXL region; they hold different histories "
                         "(start with --reset to discard both)"
                     )
             missing = len(batches) - stream.batches
-            for file_offset, first, total in batches[stream.batches :]:
-                self._replay(fd, stream, path, file_offset, first, total)
+            for found in batches[stream.batches :]:
+                self._replay(fd, stream, path, found.position, found.first_offset, found.total_size)
             if missing > 0:
                 logger.info("replayed %d batch(es) of %r from %s", missing, topic, path)
-            return _StreamFile(path, fd, len(batches), self._mode)
+            return _StreamFile(path, fd, batches, self._mode)
         except BaseException:
             os.close(fd)
             raise
@@ -298,7 +329,7 @@ class DiskLog:
             # Created by the writer (write_and_sync, on its worker thread),
             # so the event loop never waits for the file system.
             path = self.directory / file_name(stream.topic, self._log.broker_id)
-            file = self._files[stream.topic] = _StreamFile(path, -1, 0, self._mode)
+            file = self._files[stream.topic] = _StreamFile(path, -1, [], self._mode)
             file.incarnation = stream.incarnation
         return file
 
@@ -312,12 +343,14 @@ class DiskLog:
                 continue
             file = self._file(stream)
             views = []
+            batches = []
             for k in range(file.synced, stream.batches):
-                start = stream.index_header[k]
-                end = start + BATCH_HEADER_SIZE + stream.committed_batch(k).total_size
-                views.append(region[start:end].data)
+                batch = stream.committed_batch(k)
+                end = batch.payload_offset + batch.total_size
+                views.append(region[batch.header_offset : end].data)
+                batches.append((batch.first_offset, batch.num_msg, batch.total_size))
             if views:
-                jobs.append(WriteJob(stream.topic, views, stream.batches, file))
+                jobs.append(WriteJob(stream.topic, views, stream.batches, file, batches))
         return jobs
 
     def jobs_done(self, jobs: list[WriteJob], written: int, seconds: float) -> None:
@@ -327,8 +360,39 @@ class DiskLog:
         self._syncs += 1
         self._bytes_written += written
         for job in jobs:
-            self._batches_written += job.upto - job._file.synced
-            job._file.synced = job.upto
+            file = job._file
+            self._batches_written += job.upto - file.synced
+            file.synced = job.upto
+            for first, num_msg, total in job._batches:
+                file.batches.append(DiskBatch(file.end, first, num_msg, total))
+                file.index_first.append(first)
+                file.end += BATCH_HEADER_SIZE + total
+
+    # -- reading the disk tier ----------------------------------------------------
+
+    def batch_holding(self, topic: str, offset: int) -> DiskBatch | None:
+        """The synced batch of ``topic`` that holds logical ``offset``, or None
+        when the disk log holds no such record (yet)."""
+        file = self._files.get(topic)
+        if file is None or not file.batches or offset < file.index_first[0]:
+            return None
+        batch = file.batches[bisect.bisect_right(file.index_first, offset) - 1]
+        return batch if offset < batch.first_offset + batch.num_msg else None
+
+    def read_records(self, topic: str, batch: DiskBatch) -> npt.NDArray[np.uint8]:
+        """The records of ``batch`` (from :meth:`batch_holding`), read from
+        ``topic``'s file. Blocking: the broker calls it on a worker thread.
+
+        Raises:
+            StorageError: The file cannot be read, or is shorter than it was.
+        """
+        file = self._files[topic]
+        data = np.empty(batch.total_size, dtype=np.uint8)
+        with _failing_as("read", file.path):
+            got = os.preadv(file.fd, [data.data], batch.position + BATCH_HEADER_SIZE)
+        if got != batch.total_size:
+            raise StorageError("read", str(file.path), errno.EIO)
+        return data
 
     def statistics(self) -> DiskStatistics:
         """Return a snapshot of the disk log's counters."""
@@ -438,11 +502,10 @@ def _append(fd: int, views: list[memoryview]) -> int:
     return written
 
 
-def _read_batches(fd: int, path: Path) -> list[tuple[int, int, int]]:
-    """``(file offset, first logical offset, total_size)`` of each whole batch;
-    a torn tail is truncated away."""
+def _read_batches(fd: int, path: Path) -> list[DiskBatch]:
+    """Where each whole batch is; a torn tail is truncated away."""
     size = os.fstat(fd).st_size
-    batches: list[tuple[int, int, int]] = []
+    batches: list[DiskBatch] = []
     offset = 0
     expected_first = 0
     while offset + BATCH_HEADER_SIZE <= size:
@@ -462,7 +525,9 @@ def _read_batches(fd: int, path: Path) -> list[tuple[int, int, int]]:
                 f"log (logical offset {header.start_logical_offset}, expected {expected_first}); "
                 "the file holds different histories"
             )
-        batches.append((offset, header.start_logical_offset, header.total_size))
+        batches.append(
+            DiskBatch(offset, header.start_logical_offset, header.num_msg, header.total_size)
+        )
         expected_first = header.start_logical_offset + header.num_msg
         offset = end
     if offset != size:
@@ -471,4 +536,12 @@ def _read_batches(fd: int, path: Path) -> list[tuple[int, int, int]]:
     return batches
 
 
-__all__ = ["DiskLog", "DiskStatistics", "SyncResult", "WriteJob", "file_name", "write_and_sync"]
+__all__ = [
+    "DiskBatch",
+    "DiskLog",
+    "DiskStatistics",
+    "SyncResult",
+    "WriteJob",
+    "file_name",
+    "write_and_sync",
+]

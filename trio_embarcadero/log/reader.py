@@ -28,6 +28,12 @@ never slow the broker down.
 The reader keeps, per stream, an index of the committed batches it has seen
 and where to resume walking, so calling :meth:`LogReader.messages` again
 later (with ``start`` set to the next offset wanted) continues cheaply.
+
+A reader covers the region only. With ``storage.dir`` the broker drops the
+oldest durable segments from a full region (the region is a cache of the
+disk log); those messages are skipped here like the ones retention
+reclaimed (the offsets yielded jump to the region's first retained one).
+Subscribers over TCP get them from the disk log instead.
 """
 
 from __future__ import annotations
@@ -354,7 +360,9 @@ class LogReader:
         the log); call again later with ``start`` set to the next offset to
         continue. A topic that does not exist yields nothing.
 
-        Messages that retention reclaimed are skipped: the first message
+        Messages that retention reclaimed, or that a region with a disk
+        tier dropped (the disk log still holds those; this reads the region
+        only), are skipped: the first message
         yielded is then past ``start`` (at the stream's first retained
         offset), and a reader whose place was reclaimed while it read goes on
         from there. It never yields bytes of a segment reused meanwhile.
@@ -471,6 +479,10 @@ class LogReader:
 @contextmanager
 def open_log(path: str | os.PathLike[str]) -> Iterator[LogReader]:
     """Map a CXL region file read-only for the duration of a ``with`` block.
+
+    The reader covers the region only, not a broker's disk log: messages
+    below a stream's first retained offset are skipped (see
+    :meth:`LogReader.messages`).
 
     Args:
         path: The region file (a broker's ``cxl.path``).
