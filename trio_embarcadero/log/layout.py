@@ -345,10 +345,45 @@ def read_topic_name(buf: Any, geometry: Geometry, index: int) -> str | None:
     return bytes(buf[off : off + TOPIC_NAME_BYTES]).rstrip(b"\0").decode("ascii", "replace")
 
 
+def topic_states(buf: Any, geometry: Geometry) -> npt.NDArray[np.uint32]:
+    """The state word of every topic table slot, in one vectorised read (a
+    table of thousands of slots is scanned at every topic creation)."""
+    stride = geometry.topic_entry_size
+    table = np.frombuffer(
+        buf,
+        dtype=np.uint8,
+        count=geometry.max_topics * stride,
+        offset=geometry.topic_offset(0),
+    )
+    return (
+        table.reshape(geometry.max_topics, stride)[:, TOPIC_STATE_OFFSET : TOPIC_STATE_OFFSET + 4]
+        .copy()
+        .view("<u4")
+        .ravel()
+    )
+
+
+def find_topic(buf: Any, geometry: Geometry, name: str) -> int | None:
+    """The slot of the live topic ``name``, or None (one vectorised compare)."""
+    raw = np.frombuffer(name.encode("ascii").ljust(TOPIC_NAME_BYTES, b"\0"), dtype=np.uint8)
+    stride = geometry.topic_entry_size
+    table = np.frombuffer(
+        buf,
+        dtype=np.uint8,
+        count=geometry.max_topics * stride,
+        offset=geometry.topic_offset(0),
+    ).reshape(geometry.max_topics, stride)
+    matches = (table[:, :TOPIC_NAME_BYTES] == raw).all(axis=1) & (
+        topic_states(buf, geometry) == TOPIC_LIVE
+    )
+    found = np.flatnonzero(matches)
+    return int(found[0]) if len(found) else None
+
+
 def read_topics(buf: Any, geometry: Geometry) -> dict[str, int]:
     """Every live topic in the region and its table slot."""
     found: dict[str, int] = {}
-    for i in range(geometry.max_topics):
+    for i in np.flatnonzero(topic_states(buf, geometry) == TOPIC_LIVE).tolist():
         name = read_topic_name(buf, geometry, i)
         if name is not None:
             found[name] = i

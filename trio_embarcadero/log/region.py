@@ -83,6 +83,7 @@ from .layout import (
     Geometry,
     WalkPosition,
     check_layout,
+    find_topic,
     format_region,
     iter_batches,
     read_segment_header,
@@ -90,6 +91,7 @@ from .layout import (
     read_topic_state,
     read_topics,
     segment_chain,
+    topic_states,
     unit_map,
     write_topic,
 )
@@ -526,20 +528,18 @@ class CxlLog:
         Raises:
             LogFullError: The topic is new and the table is full.
         """
-        if self._known_topic(topic) is not None or topic in self.topics():
+        if self._known_topic(topic) is not None or self._slot_of(topic) is not None:
             return
         if self._free_topic_slot() is None:
             raise self._topic_table_full(topic)
 
+    def _slot_of(self, topic: str) -> int | None:
+        """The slot of ``topic`` in the table now (another broker may have made it)."""
+        return find_topic(self._mmap, self.geometry, topic)
+
     def _free_topic_slot(self) -> int | None:
-        return next(
-            (
-                i
-                for i in range(self.geometry.max_topics)
-                if read_topic_state(self._mmap, self.geometry, i)[0] == TOPIC_FREE
-            ),
-            None,
-        )
+        free = np.flatnonzero(topic_states(self._mmap, self.geometry) == TOPIC_FREE)
+        return int(free[0]) if len(free) else None
 
     def _topic_table_full(self, topic: str) -> LogFullError:
         return LogFullError(
@@ -571,9 +571,9 @@ class CxlLog:
         if known is not None:
             return known
         raw = encode_topic(topic)
-        existing = self.topics()
-        if topic in existing:
-            index = existing[topic]
+        found = self._slot_of(topic)
+        if found is not None:
+            index = found
         else:
             free = self._free_topic_slot()
             if free is None:
@@ -678,7 +678,7 @@ class CxlLog:
 
     def existing_stream(self, topic: str) -> Stream | None:
         """This broker's stream of ``topic`` if the topic exists, else None."""
-        if self._known_topic(topic) is not None or topic in self.topics():
+        if self._known_topic(topic) is not None or self._slot_of(topic) is not None:
             return self.stream(topic)
         return None
 
