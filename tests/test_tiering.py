@@ -9,15 +9,20 @@ read from the disk log and the rest from the region. Real TCP.
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import pytest
 import trio
 from conftest import MakeConfig
+from memory import close_log
 from rawclient import payload_for
+from test_cxl import commit, reserve
 
 from trio_embarcadero import Message, open_broker, open_publisher, open_subscriber
 from trio_embarcadero.config import Config
+from trio_embarcadero.log import CxlLog, remove_region
 
 COUNT = 12_000  # 1000-byte messages: about three times the region
 
@@ -109,3 +114,99 @@ async def test_after_a_restart_the_disk_tier_is_read_again(
                 got = await receive(sub, COUNT)
                 assert sub.skipped == 0
     assert [m.payload for m in got] == payloads
+
+
+@pytest.mark.parametrize("ack", [1, 2])
+async def test_a_lost_region_gets_the_newest_part_of_a_larger_disk_log_back(
+    make_config: MakeConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture, ack: int
+) -> None:
+    """A reboot emptied /dev/shm: the disk log holds three times what the
+    region can. The broker starts, replays the newest batches that fit and
+    keeps the rest on disk only; a subscriber from 0 gets every message
+    once, and publishing goes on at the next offset."""
+    config = tiered_config(make_config, tmp_path)
+    payloads = [payload_for(8, i, 1000) for i in range(COUNT + 500)]
+    with trio.fail_after(90):
+        async with open_broker(config) as broker:
+            async with open_publisher(
+                "127.0.0.1", broker.port, "tier", client_id=8, ack=ack, batch_bytes=256 * 1024
+            ) as pub:
+                await pub.publish_many(payloads[:COUNT])
+            batches = broker.log.stream("tier").batches
+        remove_region(config.cxl.path)  # the file and its lock, as a reboot would
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="trio_embarcadero.log.disk"):
+            async with open_broker(config) as broker:
+                stream = broker.log.stream("tier")
+                # Only the newest part is back in the region; the rest is on disk only.
+                assert 0 < stream.first_batch < batches == stream.batches
+                assert 0 < stream.start_offset < stream.next_offset == COUNT
+                assert stream.retained_bytes <= (4 << 20) // 2
+                found = re.search(
+                    r"replayed (\d+) batch\(es\) of 'tier' .*; (\d+) batch\(es\) "
+                    r"\(offsets 0\.\.(\d+)\) stay on disk only",
+                    caplog.text,
+                )
+                assert found is not None, caplog.text
+                replayed, disk_only, last = map(int, found.groups())
+                assert (replayed, disk_only) == (batches - stream.first_batch, stream.first_batch)
+                assert last == stream.start_offset - 1
+                async with open_subscriber("127.0.0.1", broker.port, "tier", start=0) as sub:
+                    got = await receive(sub, COUNT)
+                    async with open_publisher(
+                        "127.0.0.1",
+                        broker.port,
+                        "tier",
+                        client_id=8,
+                        ack=ack,
+                        batch_bytes=256 * 1024,
+                    ) as pub:
+                        await pub.publish_many(payloads[COUNT:])
+                    got += await receive(sub, len(payloads) - COUNT)
+                    assert sub.skipped == 0
+                assert broker.statistics().errors == {}
+    assert [m.offset for m in got] == list(range(len(payloads)))
+    assert [m.payload for m in got] == payloads
+
+
+def open_small(path: str) -> CxlLog:
+    return CxlLog.open(
+        path, size=4 << 20, segment_size=1 << 20, max_topics=4, max_brokers=1, broker_id=0
+    )
+
+
+def test_a_stream_begun_at_a_later_batch_keeps_its_start_across_restarts(cxl_path: str) -> None:
+    """The log core's side of a partial replay: a stream begun at (batch 5,
+    offset 100) commits there, and a restart before its first batch, or
+    after a batch was reserved but never committed, leaves it there (no
+    offset below 100 is handed out again)."""
+    log = open_small(cxl_path)
+    log.begin_at(log.stream("t"), 5, 100)
+    close_log(log)
+    log = open_small(cxl_path)  # nothing written yet: no segment linked
+    stream = log.stream("t")
+    assert (stream.first_batch, stream.batches, stream.start_offset, stream.next_offset) == (
+        5,
+        5,
+        100,
+        100,
+    )
+    reserve(log, "t", [10, 10])  # a segment is linked; the batch never commits
+    close_log(log)
+    log = open_small(cxl_path)
+    stream = log.stream("t")
+    assert (stream.first_batch, stream.start_offset, stream.next_offset) == (5, 100, 100)
+    assert commit(log, "t", [10, 10, 10])[0] == 100
+    assert stream.committed_batch(5).first_offset == 100
+    with pytest.raises(ValueError, match="already holds batches"):
+        log.begin_at(stream, 9, 200)
+    close_log(log)
+    log = open_small(cxl_path)
+    stream = log.stream("t")
+    assert (stream.first_batch, stream.batches, stream.start_offset, stream.next_offset) == (
+        5,
+        6,
+        100,
+        103,
+    )
+    close_log(log)

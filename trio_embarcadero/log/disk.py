@@ -25,7 +25,9 @@ On start the disk log is reconciled with the CXL region:
 * a torn last batch (the machine died mid-append) is cut off;
 * the region has fewer batches than the disk (it was lost: a reboot, or the
   file was removed): the missing batches are replayed into it, getting the
-  same logical offsets again;
+  same logical offsets again; of a stream the region lost whole, only the
+  newest batches that fit comfortably (see :meth:`DiskLog._replay_missing`),
+  the older ones staying on disk only;
 * the region has more batches (they were acked at level 1 but not synced
   before a crash): the writer appends them.
 
@@ -52,7 +54,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import LayoutError, StorageError, UnsafeFileError
+from ..errors import LayoutError, LogFullError, StartupError, StorageError, UnsafeFileError
 from ..wire import BATCH_HEADER_SIZE, encode_topic, scan_records, unpack_batch_header
 from .layout import file_name as file_name
 from .ownership import BrokerLock, claim_disk_log, open_private_file, sync_directory
@@ -227,11 +229,12 @@ class DiskLog:
             except ValueError:
                 logger.warning("ignoring %s: not a topic's disk log", file)
                 continue
-            self._files[topic] = self._recover(topic, file)
+            self._recover(topic, file)
         # Make what is there durable as it is now: the entries of the files
         # found, and the removal of those a reset discarded (else they could
         # come back after a power loss and be replayed).
         sync_directory(self.directory)
+        self._replay_missing()
         # Batches committed in the region but not on disk (acked at level 1,
         # not yet synced when the broker stopped) are the writer's first job.
         for stream in self._log.streams():
@@ -240,37 +243,83 @@ class DiskLog:
                 self.waiting_batches += 1
                 self.waiting_bytes += BATCH_HEADER_SIZE + stream.committed_batch(k).total_size
 
-    def _recover(self, topic: str, path: Path) -> _StreamFile:
+    def _recover(self, topic: str, path: Path) -> None:
         fd = open_private_file(str(path), os.O_RDWR | os.O_APPEND, self._mode, "disk log")
         try:
             batches = _read_batches(fd, path)
-            stream = self._log.stream(topic)
-            # Batches the region no longer holds (reclaimed) are the disk's alone.
-            for k in range(stream.first_batch, min(len(batches), stream.batches)):
-                ours = stream.committed_batch(k).first_offset
-                theirs = batches[k].first_offset
-                if theirs != ours:
-                    raise LayoutError(
-                        f"{path}: batch {k} starts at logical offset {theirs} on disk "
-                        f"but at {ours} in the CXL region; they hold different histories "
-                        "(start with --reset to discard both)"
-                    )
-            missing = len(batches) - stream.batches
-            for found in batches[stream.batches :]:
-                self._replay(fd, stream, path, found.position, found.first_offset, found.total_size)
-            if missing > 0:
-                logger.info("replayed %d batch(es) of %r from %s", missing, topic, path)
-            return _StreamFile(path, fd, batches, self._mode)
         except BaseException:
             os.close(fd)
             raise
+        # Kept from here on: close() closes it if anything below fails.
+        self._files[topic] = _StreamFile(path, fd, batches, self._mode)
+        stream = self._log.stream(topic)
+        # Batches the region no longer holds (reclaimed) are the disk's alone.
+        for k in range(stream.first_batch, min(len(batches), stream.batches)):
+            ours = stream.committed_batch(k).first_offset
+            theirs = batches[k].first_offset
+            if theirs != ours:
+                raise LayoutError(
+                    f"{path}: batch {k} starts at logical offset {theirs} on disk "
+                    f"but at {ours} in the CXL region; they hold different histories "
+                    "(start with --reset to discard both)"
+                )
 
-    def _replay(
-        self, fd: int, stream: Stream, path: Path, file_offset: int, first: int, total: int
-    ) -> None:
+    def _replay_missing(self) -> None:
+        """Replay into the region what it lacks of each disk log.
+
+        A region that lost a stream whole (a reboot emptied /dev/shm) gets
+        only the newest part back: the region is a cache of the disk log,
+        which may hold far more than the region can. The streams to replay
+        share half the region's free space (the other half stays for new
+        batches, and covers the room segment ends waste); each gets its
+        newest batches that fit in its share, and at least its last batch.
+        The stream then begins at the first batch replayed
+        (:meth:`CxlLog.begin_at`); the batches before it are read from disk
+        (:meth:`batch_holding`). A stream that the region still holds part
+        of gets every batch it lacks, so that it has no gap.
+        """
+        needing = [
+            (stream, file)
+            for topic, file in self._files.items()
+            if (stream := self._log.stream(topic)).batches < len(file.batches)
+        ]
+        if not needing:
+            return
+        free = self._log.map.statistics().free * self._log.geometry.unit_size
+        share = free // 2 // len(needing)
+        for stream, file in needing:
+            first = stream.batches
+            if not stream.index_first:
+                first = max(first, _tail_start(file.batches, share))
+                if first > stream.batches:
+                    self._log.begin_at(stream, first, file.batches[first].first_offset)
+            for found in file.batches[first:]:
+                self._replay(file.fd, stream, file.path, found)
+            disk_only = (
+                f"; {stream.first_batch} batch(es) (offsets 0..{stream.start_offset - 1}) "
+                "stay on disk only"
+                if stream.first_batch
+                else ""
+            )
+            logger.info(
+                "replayed %d batch(es) of %r from %s into the region%s",
+                len(file.batches) - first,
+                stream.topic,
+                file.path,
+                disk_only,
+            )
+
+    def _replay(self, fd: int, stream: Stream, path: Path, found: DiskBatch) -> None:
+        file_offset, first, total = found.position, found.first_offset, found.total_size
         raw = os.pread(fd, BATCH_HEADER_SIZE, file_offset)
         header = unpack_batch_header(raw)
-        reservation = self._log.get_cxl_buffer(stream.topic, header)
+        try:
+            reservation = self._log.get_cxl_buffer(stream.topic, header)
+        except LogFullError as exc:
+            raise StartupError(
+                f"{path}: the CXL region has no room to replay {stream.topic!r} from the disk "
+                f"log ({exc}); give the region more room (cxl.size_mb)"
+            ) from exc
         try:
             got = os.preadv(fd, [reservation.payload.data], file_offset + BATCH_HEADER_SIZE)
             if got != total:
@@ -500,6 +549,19 @@ def _append(fd: int, views: list[memoryview]) -> int:
                 done = 0
             pending[:0] = rest
     return written
+
+
+def _tail_start(batches: list[DiskBatch], budget: int) -> int:
+    """Where the newest ``batches`` that fit in ``budget`` bytes (headers
+    included) begin; at least the last batch."""
+    start = len(batches) - 1
+    used = BATCH_HEADER_SIZE + batches[start].total_size
+    while start > 0:
+        used += BATCH_HEADER_SIZE + batches[start - 1].total_size
+        if used > budget:
+            break
+        start -= 1
+    return start
 
 
 def _read_batches(fd: int, path: Path) -> list[DiskBatch]:

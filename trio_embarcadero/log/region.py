@@ -960,7 +960,13 @@ class CxlLog:
         g = self.geometry
         entry = read_stream_entry(self._mmap, g, index, self.broker_id)
         if entry.first_segment == NO_SEGMENT:
-            return None
+            if entry.first_batch == 0 and entry.start_offset == 0:
+                return None  # never written
+            # Begun at a later position (see begin_at) and nothing written
+            # since: it still starts there, so no offset is handed out twice.
+            stream = Stream(self, topic, index, self.broker_id)
+            self._position(stream, entry.first_batch, entry.start_offset)
+            return stream
         stream = Stream(self, topic, index, self.broker_id)
         for unit in segment_chain(self._mmap, g, index, self.broker_id):
             found = read_segment_header(self._mmap, g, unit)
@@ -995,9 +1001,13 @@ class CxlLog:
                 stream.index_header.append(offset)
                 stream.payload_bytes += header.total_size
         stream.first_batch = entry.first_batch
-        stream.start_offset = entry.start_offset if stream.index_first else stream.next_offset
         if stream.index_first:
             stream.start_offset = stream.index_first[0]
+        else:
+            # Nothing retained (a stream begun at a later position whose
+            # first batch is not committed yet): it goes on from its start.
+            stream.next_offset = max(stream.next_offset, entry.start_offset)
+            stream.start_offset = stream.next_offset
         stream.batches = stream.first_batch + len(stream.index_first)
         last = stream.segments[-1]
         stream.last_segment, stream.last_order = last.unit, last.order
@@ -1020,6 +1030,43 @@ class CxlLog:
             f", discarded {discarded} uncommitted batch(es)" if discarded else "",
         )
         return stream
+
+    def begin_at(self, stream: Stream, first_batch: int, start_offset: int) -> None:
+        """Let ``stream``, which retains no committed batch, go on from batch
+        number ``first_batch`` at logical offset ``start_offset``: the
+        batches and offsets before are not in the region (another tier
+        holds them), as if retention had reclaimed them. Its next commit is
+        batch ``first_batch``, at ``start_offset``.
+
+        Used when a disk log replays only the newest part of a stream into a
+        region that lost it. The start is written to the stream's entry
+        before anything is committed, so a restart keeps it.
+
+        Raises:
+            ValueError: The stream retains a batch or has one in flight, or
+                the position is behind where it already is.
+        """
+        if stream.index_first or stream.pending:
+            raise ValueError(f"{stream.topic!r} already holds batches: it cannot begin elsewhere")
+        if first_batch < stream.batches or start_offset < stream.next_offset:
+            raise ValueError(
+                f"{stream.topic!r} is at batch {stream.batches}, offset {stream.next_offset}: "
+                f"it cannot begin again at batch {first_batch}, offset {start_offset}"
+            )
+        # Under the lock: the topic may not be deleted meanwhile.
+        with self._lock():
+            if self._known_topic(stream.topic) != (stream.topic_index, stream.incarnation):
+                raise ValueError(f"{stream.topic!r} was deleted")
+            self._position(stream, first_batch, start_offset)
+
+    def _position(self, stream: Stream, first_batch: int, start_offset: int) -> None:
+        """Set an empty ``stream``'s start and counts, in memory and in its entry."""
+        stream.first_batch = stream.batches = first_batch
+        stream.start_offset = stream.next_offset = start_offset
+        STREAM_START.pack_into(
+            self._mmap, stream.entry_offset + STREAM_START_OFFSET, start_offset, first_batch
+        )
+        self._write_counts(stream)
 
     # -- retention ------------------------------------------------------------------------
 
