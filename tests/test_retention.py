@@ -99,6 +99,9 @@ def test_retention_by_bytes_keeps_at_least_the_limit(log: CxlLog) -> None:
     assert log.statistics().segments_used < freed_before
     assert stream.start_offset == stream.index_first[0] > 0
     assert stream.batches == 200
+    with pytest.raises(IndexError, match="not in the region"):
+        stream.committed_batch(stream.first_batch - 1)  # reclaimed: never another batch
+    assert stream.committed_batch(stream.first_batch).first_offset == stream.start_offset
     # Readers see the retained messages only, from the new start, gap-free.
     with open_log(cxl_path_of(log)) as reader:
         offsets = [m.offset for m in reader.messages("t")]

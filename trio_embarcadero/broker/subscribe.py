@@ -56,6 +56,9 @@ async def serve_subscriber(
     (``NOT_ALLOWED``) when the topic was deleted meanwhile.
     """
     ended: ProtocolError | None = None
+    # Stays False when the watcher ends the nursery first (the subscriber
+    # left): then there is nobody to send error 5 to.
+    at_boundary = False
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_for_close, connection, nursery.cancel_scope)
         try:

@@ -284,7 +284,17 @@ class Stream:
         self._commit_segment = 0  # index in segments of the one commits are in
 
     def committed_batch(self, i: int) -> CommittedBatch:
-        """Committed batch number ``i`` (``first_batch <= i < batches``)."""
+        """Committed batch number ``i`` (``first_batch <= i < batches``).
+
+        Raises:
+            IndexError: Batch ``i`` is not in the region (reclaimed, or not
+                committed yet).
+        """
+        if not self.first_batch <= i < self.batches:
+            raise IndexError(
+                f"{self.topic!r}: batch {i} is not in the region "
+                f"(it holds {self.first_batch}..{self.batches - 1})"
+            )
         return self.log.batch_at(self.index_header[i - self.first_batch])
 
     @contextlib.contextmanager
