@@ -23,6 +23,8 @@ from test_cxl import commit, reserve
 from trio_embarcadero import Message, open_broker, open_publisher, open_subscriber
 from trio_embarcadero.config import Config
 from trio_embarcadero.log import CxlLog, remove_region
+from trio_embarcadero.log.layout import file_name
+from trio_embarcadero.wire import BATCH_HEADER_SIZE, unpack_batch_header
 
 COUNT = 12_000  # 1000-byte messages: about three times the region
 
@@ -210,3 +212,77 @@ def test_a_stream_begun_at_a_later_batch_keeps_its_start_across_restarts(cxl_pat
         103,
     )
     close_log(log)
+
+
+def disk_offsets(path: Path) -> list[tuple[int, int]]:
+    """(first logical offset, records) of every batch in a disk log file."""
+    data = path.read_bytes()
+    found = []
+    at = 0
+    while at < len(data):
+        header = unpack_batch_header(data[at : at + BATCH_HEADER_SIZE])
+        found.append((header.start_logical_offset, header.num_msg))
+        at += BATCH_HEADER_SIZE + header.total_size
+    assert at == len(data)
+    return found
+
+
+async def test_a_disk_log_added_to_a_trimmed_stream_begins_at_its_first_retained_batch(
+    make_config: MakeConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker ran without ``storage.dir`` and retention trimmed its stream;
+    started with one, it starts, its new file begins at the region's first
+    retained batch, ack-2 publishes land in it in order, and the next start
+    reconciles the file with the region without complaint."""
+    sizes = {
+        "cxl.size_mb": 4,
+        "cxl.segment_mb": 1,
+        "network.staging_pool_buffer_size_mb": 1,
+        "network.max_batch_bytes": 256 * 1024,
+        "topics.retention_bytes": 1 << 20,
+    }
+    with_disk = {"storage.dir": str(tmp_path / "disk"), "storage.sync_interval_ms": 5.0}
+    payloads = [payload_for(9, i, 1000) for i in range(COUNT + 2000)]
+    with trio.fail_after(90):
+        async with open_broker(make_config(**sizes)) as broker:
+            async with open_publisher(
+                "127.0.0.1", broker.port, "late", client_id=9, batch_bytes=256 * 1024
+            ) as pub:
+                await pub.publish_many(payloads[:COUNT])
+            stream = broker.log.stream("late")
+            first_batch, start = stream.first_batch, stream.start_offset
+            assert first_batch > 0  # retention trimmed it
+            assert start > 0
+        config = make_config(**sizes, **with_disk)
+        async with open_broker(config) as broker:
+            stream = broker.log.stream("late")
+            assert (stream.first_batch, stream.start_offset) == (first_batch, start)
+            async with open_publisher(
+                "127.0.0.1", broker.port, "late", client_id=9, ack=2, batch_bytes=256 * 1024
+            ) as pub:
+                await pub.publish_many(payloads[COUNT:])  # every one acked at level 2
+            assert broker.statistics().errors == {}
+            assert broker.log.stream("late").next_offset == len(payloads)
+        file = tmp_path / "disk" / file_name("late", 0)
+        on_disk = disk_offsets(file)
+        # The file begins where the region did, and follows on batch by batch.
+        assert on_disk[0][0] == start
+        assert [first for first, _ in on_disk[1:]] == [f + n for f, n in on_disk[:-1]]
+        assert sum(n for _, n in on_disk) == len(payloads) - start
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            async with open_broker(config) as broker:
+                stream = broker.log.stream("late")
+                assert stream.next_offset == len(payloads)
+                first_retained = stream.start_offset
+                async with open_subscriber("127.0.0.1", broker.port, "late", start=0) as sub:
+                    got = await receive(sub, len(payloads) - start)
+                    # What retention dropped before the disk log began is skipped;
+                    # the rest comes from the disk log and the region.
+                    assert sub.skipped == start
+                assert broker.statistics().errors == {}
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+        assert disk_offsets(file) == on_disk
+        assert first_retained >= start
+    assert [m.offset for m in got] == list(range(start, len(payloads)))
+    assert [m.payload for m in got] == payloads[start:]

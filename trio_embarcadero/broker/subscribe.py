@@ -140,19 +140,16 @@ async def _send_records(
                 if connection.stopping:
                     return True
                 continue
+            on_disk_from = disk.first_offset(topic)
+            if on_disk_from is not None and wanted < on_disk_from < stream.start_offset:
+                # The disk log began after retention trimmed the region:
+                # what it holds follows on from what nothing holds.
+                wanted = _skip_to(connection, topic, wanted, on_disk_from)
+                continue
         if wanted < stream.start_offset:
             # Retention reclaimed these: the stream goes on from its start
             # (the subscriber sees the offsets jump; they are not missing).
-            logger.debug(
-                "conn %d %s: offsets %d..%d of %r were reclaimed; sending from %d",
-                connection.id,
-                connection.peer,
-                wanted,
-                stream.start_offset - 1,
-                topic,
-                stream.start_offset,
-            )
-            wanted = stream.start_offset
+            wanted = _skip_to(connection, topic, wanted, stream.start_offset)
         i = bisect.bisect_right(stream.index_first, wanted) - 1
         batch = stream.committed_batch(stream.first_batch + i)
         start = batch.payload_offset
@@ -170,6 +167,20 @@ async def _send_records(
         # the subscriber is catching up, so the error frame follows a record.
         if connection.stopping:
             return True
+
+
+def _skip_to(connection: Connection, topic: str, wanted: int, start: int) -> int:
+    """Log that offsets ``wanted..start - 1`` of ``topic`` were reclaimed; returns ``start``."""
+    logger.debug(
+        "conn %d %s: offsets %d..%d of %r were reclaimed; sending from %d",
+        connection.id,
+        connection.peer,
+        wanted,
+        start - 1,
+        topic,
+        start,
+    )
+    return start
 
 
 async def _send_from_disk(

@@ -31,6 +31,11 @@ On start the disk log is reconciled with the CXL region:
 * the region has more batches (they were acked at level 1 but not synced
   before a crash): the writer appends them.
 
+A stream that has no file yet (``storage.dir`` added to a broker that ran
+without one, or the file removed) gets one from its first retained batch:
+what retention trimmed before is in neither tier. A file's first batch is
+numbered by matching its logical offset against the region's.
+
 A disk log that disagrees with the region about a batch's logical offset is
 refused: the two belong to different histories.
 
@@ -98,7 +103,9 @@ class DiskBatch:
 
 
 class _StreamFile:
-    def __init__(self, path: Path, fd: int, batches: list[DiskBatch], mode: int) -> None:
+    def __init__(
+        self, path: Path, fd: int, batches: list[DiskBatch], mode: int, base: int = 0
+    ) -> None:
         self.path = path
         self.mode = mode  # permission bits, for the writer that creates it
         self.fd = fd  # -1 until the writer creates the file
@@ -106,7 +113,12 @@ class _StreamFile:
         # only the event loop changes them (jobs_done), after each sync.
         self.batches = batches
         self.index_first = [b.first_offset for b in batches]
-        self.synced = len(batches)  # batches of the stream that are on disk and synced
+        # The stream's number of the file's first batch: a file begun after
+        # retention trimmed the region starts at the region's first batch.
+        self.base = base
+        # The stream's batches before this number are on disk and synced
+        # (or were trimmed before the file began).
+        self.synced = base + len(batches)
         self.end = (
             batches[-1].position + BATCH_HEADER_SIZE + batches[-1].total_size if batches else 0
         )
@@ -239,7 +251,8 @@ class DiskLog:
         # not yet synced when the broker stopped) are the writer's first job.
         for stream in self._log.streams():
             known = self._files.get(stream.topic)
-            for k in range(known.synced if known else 0, stream.batches):
+            # A stream with no file yet gets one from its first retained batch.
+            for k in range(known.synced if known else stream.first_batch, stream.batches):
                 self.waiting_batches += 1
                 self.waiting_bytes += BATCH_HEADER_SIZE + stream.committed_batch(k).total_size
 
@@ -251,12 +264,14 @@ class DiskLog:
             os.close(fd)
             raise
         # Kept from here on: close() closes it if anything below fails.
-        self._files[topic] = _StreamFile(path, fd, batches, self._mode)
+        file = self._files[topic] = _StreamFile(path, fd, batches, self._mode)
         stream = self._log.stream(topic)
+        file.base = _file_base(path, stream, batches)
+        file.synced = file.base + len(batches)
         # Batches the region no longer holds (reclaimed) are the disk's alone.
-        for k in range(stream.first_batch, min(len(batches), stream.batches)):
+        for k in range(max(file.base, stream.first_batch), min(file.synced, stream.batches)):
             ours = stream.committed_batch(k).first_offset
-            theirs = batches[k].first_offset
+            theirs = batches[k - file.base].first_offset
             if theirs != ours:
                 raise LayoutError(
                     f"{path}: batch {k} starts at logical offset {theirs} on disk "
@@ -281,29 +296,30 @@ class DiskLog:
         needing = [
             (stream, file)
             for topic, file in self._files.items()
-            if (stream := self._log.stream(topic)).batches < len(file.batches)
+            if (stream := self._log.stream(topic)).batches < file.synced
         ]
         if not needing:
             return
         free = self._log.map.statistics().free * self._log.geometry.unit_size
         share = free // 2 // len(needing)
         for stream, file in needing:
+            # Batch numbers are the stream's; the file's list starts at its base.
             first = stream.batches
             if not stream.index_first:
-                first = max(first, _tail_start(file.batches, share))
+                first = max(first, file.base + _tail_start(file.batches, share))
                 if first > stream.batches:
-                    self._log.begin_at(stream, first, file.batches[first].first_offset)
-            for found in file.batches[first:]:
+                    self._log.begin_at(stream, first, file.batches[first - file.base].first_offset)
+            for found in file.batches[first - file.base :]:
                 self._replay(file.fd, stream, file.path, found)
             disk_only = (
-                f"; {stream.first_batch} batch(es) (offsets 0..{stream.start_offset - 1}) "
-                "stay on disk only"
-                if stream.first_batch
+                f"; {first - file.base} batch(es) (offsets {file.index_first[0]}.."
+                f"{stream.start_offset - 1}) stay on disk only"
+                if first > file.base
                 else ""
             )
             logger.info(
                 "replayed %d batch(es) of %r from %s into the region%s",
-                len(file.batches) - first,
+                file.synced - first,
                 stream.topic,
                 file.path,
                 disk_only,
@@ -374,11 +390,14 @@ class DiskLog:
             file.incarnation = stream.incarnation
         if file is None or file.incarnation != stream.incarnation:
             # New, or the topic was deleted (its file renamed aside) and
-            # created again: a new file from the stream's first batch.
+            # created again: a new file from the stream's first batch (the
+            # first retention kept: the ones before are in no tier).
             # Created by the writer (write_and_sync, on its worker thread),
             # so the event loop never waits for the file system.
             path = self.directory / file_name(stream.topic, self._log.broker_id)
-            file = self._files[stream.topic] = _StreamFile(path, -1, [], self._mode)
+            file = self._files[stream.topic] = _StreamFile(
+                path, -1, [], self._mode, stream.first_batch
+            )
             file.incarnation = stream.incarnation
         return file
 
@@ -418,6 +437,13 @@ class DiskLog:
                 file.end += BATCH_HEADER_SIZE + total
 
     # -- reading the disk tier ----------------------------------------------------
+
+    def first_offset(self, topic: str) -> int | None:
+        """The first logical offset ``topic``'s disk log holds synced, or None
+        when it holds none (a file begun after retention trimmed the region
+        starts past 0)."""
+        file = self._files.get(topic)
+        return file.index_first[0] if file is not None and file.index_first else None
 
     def batch_holding(self, topic: str, offset: int) -> DiskBatch | None:
         """The synced batch of ``topic`` that holds logical ``offset``, or None
@@ -564,12 +590,59 @@ def _tail_start(batches: list[DiskBatch], budget: int) -> int:
     return start
 
 
+def _file_base(path: Path, stream: Stream, batches: list[DiskBatch]) -> int:
+    """The stream's number of the first of a disk log's ``batches``.
+
+    Found by matching logical offsets: where the two overlap, the file's
+    first batch in the region's index or, when the region was trimmed past
+    it, the region's first retained batch (or its next offset) in the file.
+
+    Raises:
+        LayoutError: The file and the region do not meet: a gap between them,
+            or batch boundaries that differ (another history).
+    """
+    if not batches:
+        return stream.first_batch  # nothing on disk yet: it starts with the region
+    if stream.batches == 0:
+        return 0  # the region lost the stream whole: the file is the history
+    head = batches[0].first_offset
+    end = batches[-1].first_offset + batches[-1].num_msg
+    if head >= stream.start_offset:
+        i = bisect.bisect_left(stream.index_first, head)
+        if i < len(stream.index_first) and stream.index_first[i] == head:
+            return stream.first_batch + i
+        if head == stream.next_offset:
+            return stream.batches
+    else:
+        firsts = [b.first_offset for b in batches]
+        j = bisect.bisect_left(firsts, stream.start_offset)
+        meets = (j < len(firsts) and firsts[j] == stream.start_offset) or (
+            stream.start_offset == end
+        )
+        if meets and j <= stream.first_batch:
+            return stream.first_batch - j
+    if end < stream.start_offset or head > stream.next_offset:
+        raise LayoutError(
+            f"{path}: the disk log holds {stream.topic!r}'s logical offsets {head}..{end - 1} "
+            f"but the CXL region {stream.start_offset}..{stream.next_offset - 1}; the offsets "
+            "between are in neither, so the file cannot go on (move it aside: a new one starts "
+            "at the region's first batch)"
+        )
+    raise LayoutError(
+        f"{path}: the disk log's batches do not line up with the CXL region's "
+        f"(disk from logical offset {head}, region from {stream.start_offset}); they hold "
+        "different histories (start with --reset to discard both)"
+    )
+
+
 def _read_batches(fd: int, path: Path) -> list[DiskBatch]:
     """Where each whole batch is; a torn tail is truncated away."""
     size = os.fstat(fd).st_size
     batches: list[DiskBatch] = []
     offset = 0
-    expected_first = 0
+    # A file begun after retention trimmed the region starts where the region
+    # did then, not at logical offset 0; from there on the batches follow on.
+    expected_first: int | None = None
     while offset + BATCH_HEADER_SIZE <= size:
         header = unpack_batch_header(os.pread(fd, BATCH_HEADER_SIZE, offset))
         end = offset + BATCH_HEADER_SIZE + header.total_size
@@ -580,7 +653,7 @@ def _read_batches(fd: int, path: Path) -> list[DiskBatch]:
         if (
             header.batch_complete != 1
             or header.total_size == 0
-            or header.start_logical_offset != expected_first
+            or (expected_first is not None and header.start_logical_offset != expected_first)
         ):
             raise LayoutError(
                 f"{path}: batch {len(batches)} at byte {offset} is not the next batch of this "
