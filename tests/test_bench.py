@@ -214,6 +214,25 @@ def test_broker_options_reach_the_broker_config(tmp_path: Path) -> None:
         b.close()
 
 
+def test_a_given_region_size_and_retention_reach_the_broker(tmp_path: Path) -> None:
+    """A run through more than its region holds: retention makes the room."""
+    plan = bench.make_plan(
+        _args(
+            *("--broker-option", "cxl.size_mb=1024"),
+            *("--broker-option", "topics.retention_bytes=268435456"),
+            *("--bytes", "8G"),
+        )
+    )
+    b = bench.Bench(plan, live=None)
+    try:
+        settings = b.broker_settings(plan.variants[3], str(tmp_path / "cxl"))  # staged-ack1
+        assert settings["cxl.size_mb"] == 1024
+        assert settings["topics.retention_bytes"] == 268435456
+        b.check_broker_config()
+    finally:
+        b.close()
+
+
 def test_loadgen_batch_is_valid_wire_format() -> None:
     batch = loadgen.build_batch(client_id=7, num_msg=5, message_size=1000)
     assert len(batch) == 128 + 5 * 1088

@@ -107,7 +107,12 @@ class Plan:
 
     @property
     def cxl_size_mb(self) -> int:
-        """A region a run cannot fill: the log never wraps."""
+        """``cxl.size_mb``: as given (say, the shipped 1 GiB with a retention
+        limit, for a run through more than the region holds), else a region
+        a run cannot fill."""
+        given = self.broker_options.get("cxl.size_mb")
+        if isinstance(given, int) and not isinstance(given, bool) and given > 0:
+            return given
         segment_mb = self.segment_mb
         segment = segment_mb * 2**20
         per_batch = BATCH_HEADER_SIZE + self.batch_total_size + 256
