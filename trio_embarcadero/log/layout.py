@@ -16,7 +16,7 @@ Layout (version 2, all integers little-endian)::
                         then one 64-B stream entry per broker:
                           0 first segment (u32)   4 last segment (u32)
                           8 segment count (u32)  16 committed messages (u64)
-                         24 committed batches    32 committed payload bytes
+                         24 committed batches    32 retained payload bytes
                          40 first retained offset (u64): the log-start offset
                          48 first retained batch (u64)
                          56 attached publishers (u32): the broker's publish
@@ -27,7 +27,8 @@ Layout (version 2, all integers little-endian)::
                       segment is 2**order units, named by its first unit
                         segment header (64 B): magic u32 "SGM2", topic u32,
                         broker u32, chain index u32, next segment u32 @16,
-                        order u32 @20, generation u64 @24
+                        order u32 @20, generation u64 @24,
+                        last commit time u64 @32 (ns, for time retention)
                         then batches back to back from +64:
                         [128-B batch header][payload of total_size bytes]
 

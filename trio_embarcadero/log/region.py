@@ -1,8 +1,9 @@
 """A broker's read-write handle on the CXL region: reserve, commit, recover.
 
 The file layout is described in :mod:`trio_embarcadero.log.layout`. Segments
-are handed out on demand from the shared bump allocator, so one topic can
-fill almost the whole region, and the batch headers live inline in front of
+are handed out on demand from the shared segment map (:mod:`.segments`),
+each stream's twice the size of its last, so one topic can fill almost the
+whole region, and retention gives them back; the batch headers live inline in front of
 their payloads: the per-stream batch-header log grows with the message log,
 so it can never fill before the log does. The transient "ring full" of the
 C++ original survives as the in-flight window: a stream holds at most
@@ -18,7 +19,7 @@ finishes later than one reserved after it. :meth:`CxlLog.complete` and
 nobody back, and knows nothing of Trio or sockets: the broker fans committed
 batches out to acks, subscribers and the disk.
 
-Shared structures (superblock allocator, topic table) are changed under an
+Shared structures (the segment map, the topic table) are changed under an
 ``flock`` of the file, so brokers in other processes can share the region.
 Each broker writes only its own streams, and holds a lock on its broker id
 for its whole life (:mod:`.ownership`), so no other process writes them. A
