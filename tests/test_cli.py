@@ -224,7 +224,7 @@ import errno, os, sys
 real_fdatasync = os.fdatasync
 
 def fdatasync(fd):
-    if os.readlink(f"/proc/self/fd/{fd}").endswith("/doomed@0.log"):
+    if os.readlink(f"/proc/self/fd/{fd}").endswith("/doomed@0.00000000000000000000.log"):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
     real_fdatasync(fd)
 
@@ -260,7 +260,7 @@ def test_a_failing_disk_log_stops_serve_with_exit_1(
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1, stderr
-    assert str(storage / "doomed@0.log") in errors[0]
+    assert str(storage / "doomed@0.00000000000000000000.log") in errors[0]
     assert "EIO" in errors[0]
     # What was committed stays in the CXL file (acked at level 1 or not acked at all).
     assert committed_messages(cxl_path, "fine") == 10

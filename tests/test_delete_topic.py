@@ -29,7 +29,7 @@ from test_retention import fill, open_units
 
 from trio_embarcadero.errors import TopicBusyError
 from trio_embarcadero.log import open_log
-from trio_embarcadero.log.layout import TOPIC_DELETING, TOPIC_STATE_OFFSET, U32
+from trio_embarcadero.log.layout import TOPIC_DELETING, TOPIC_STATE_OFFSET, U32, file_name
 from trio_embarcadero.log.topics import delete_topic, delete_topic_file, finish_deletion
 
 
@@ -159,8 +159,9 @@ def test_delete_topic_against_a_running_broker(
     assert done.returncode == 0, done.stderr
     assert "deleted topic 'cli'" in done.stdout
     assert committed_messages(cxl_path, "cli") == -1
-    assert [p.name for p in storage.iterdir() if p.name.startswith("cli@0.log.deleted-")]
-    assert not (storage / "cli@0.log").exists()
+    first_file = file_name("cli", 0)
+    assert [p.name for p in storage.iterdir() if p.name.startswith(f"{first_file}.deleted-")]
+    assert not (storage / first_file).exists()
     # Published again, the topic starts from offset 0, on disk too, and the
     # broker goes on serving.
     with socket.create_connection(("127.0.0.1", served.port), timeout=TIMEOUT) as again:
@@ -168,7 +169,7 @@ def test_delete_topic_against_a_running_broker(
         again.shutdown(socket.SHUT_WR)
         assert parse_ack_stream(recv_all(again)) == (0, [7], None)
     # Acked at level 2: in a new disk log file of its own, from its first batch.
-    assert (storage / "cli@0.log").stat().st_size > 7 * 64
+    assert (storage / first_file).stat().st_size > 7 * 64
     with open_log(cxl_path) as log:
         assert [m.offset for m in log.messages("cli")] == list(range(7))
     # The subscriber got the deleted topic's messages, then error 6 when it

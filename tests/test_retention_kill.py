@@ -25,6 +25,7 @@ no-loss checker counts what retention let go apart from what was lost.
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 from functools import partial
@@ -37,10 +38,12 @@ from conftest import wait_until
 from test_recovery import MAX_SIZE as BROKER_MAX_SIZE
 from test_recovery import publish
 
+from trio_embarcadero import open_subscriber
 from trio_embarcadero.log import CxlLog, open_log
-from trio_embarcadero.log.layout import read_segment_header, segment_chain
+from trio_embarcadero.log.layout import parse_file_name, read_segment_header, segment_chain
 from trio_embarcadero.log.segments import BODY
 from trio_embarcadero.tools.noloss import (
+    TOPIC,
     BrokerProcess,
     Client,
     clean_environment,
@@ -355,3 +358,89 @@ async def test_kill_9_a_broker_while_retention_runs(tmp_path: Path, cxl_path: st
     # What the log holds from its start on covers every acked message after
     # each client's first retained one.
     assert report.present >= report.acked - report.acked_reclaimed
+
+
+def committed_messages(cxl_path: str) -> int:
+    """The checker topic's next offset in the region."""
+    with open_log(cxl_path) as reader:
+        return reader.topic(TOPIC).streams[0].messages
+
+
+def disk_start(storage: Path) -> int:
+    """The first offset of the checker topic's disk log (0 while it has no file)."""
+    firsts = [
+        parsed[2]
+        for name in os.listdir(storage)
+        if (parsed := parse_file_name(name)) is not None and parsed[0] == TOPIC and parsed[2]
+    ]
+    return min(firsts, default=0)
+
+
+async def test_kill_9_a_broker_while_retention_trims_its_disk_log(
+    tmp_path: Path, cxl_path: str
+) -> None:
+    """With a disk log and ack 2, retention trims the disk tier (1 MiB files,
+    2 MiB kept) and the 4 MiB region is a cache that fills again and again.
+    Kills land anywhere in that; each restart reconciles the files and the
+    region without an error, and a subscriber from 0 at the end gets, for
+    each client, every acked message from the first one retained on, with
+    the bytes it sent."""
+    storage = tmp_path / "disk"
+    config = tmp_path / "broker.toml"
+    write_broker_config(
+        config,
+        cxl_path=cxl_path,
+        cxl_mb=4,
+        segment_mb=1,
+        extra=(
+            "max_batch_bytes = 262144\n\n[topics]\nretention_bytes = 2097152\n"
+            f'\n[storage]\ndir = "{storage}"\nsync_interval_ms = 2.0\nsegment_mb = 1\n'
+        ),
+    )
+    clients = [Client(client_id=k) for k in (1, 2)]
+    kills = 3
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            broker = BrokerProcess(config)
+            port = await broker.start(nursery, "--reset")
+            for _ in range(kills):
+                start, acked = disk_start(storage), [c.acked for c in clients]
+
+                def moved_on(start: int = start, acked: list[int] = acked) -> bool:
+                    # Several files trimmed since the last kill, and new acks for all.
+                    return disk_start(storage) > start + 20_000 and all(
+                        c.acked > a for c, a in zip(clients, acked, strict=True)
+                    )
+
+                async with trio.open_nursery() as load:
+                    for client in clients:
+                        load.start_soon(partial(publish, port, client, ack=2))
+                    await wait_until(moved_on)
+                    assert await broker.kill() == -9
+                port = await broker.start(nursery)
+                started = broker.stderr.rsplit("--- start", 1)[1]
+                assert " ERROR " not in started
+                assert "Traceback" not in started
+            first = disk_start(storage)
+            received: dict[int, list[tuple[int, bytes]]] = {c.client_id: [] for c in clients}
+            total = committed_messages(cxl_path) - first
+            async with open_subscriber("127.0.0.1", port, TOPIC, start=0) as sub:
+                count = 0
+                async for message in sub:
+                    received[message.client_id].append(
+                        (message.client_order, bytes(message.payload))
+                    )
+                    count += 1
+                    if count == total:
+                        break
+                assert sub.skipped == first
+            assert await broker.stop() == 0
+    assert broker.internal_errors == 0
+    for client in clients:
+        got = received[client.client_id]
+        assert got, "every client has messages retained"
+        orders = {order for order, _ in got}
+        # From the first retained message on, every acked one is there.
+        assert set(range(min(orders), client.acked)) <= orders
+        for order, data in got:
+            assert data == payload(client.client_id, order, BROKER_MAX_SIZE)

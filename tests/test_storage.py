@@ -25,7 +25,7 @@ from trio_embarcadero import (
 )
 from trio_embarcadero.broker import Broker
 from trio_embarcadero.config import Config
-from trio_embarcadero.log.disk import file_name
+from trio_embarcadero.log.disk import DiskSegment, WriteJob, file_name
 
 
 async def publish(
@@ -182,6 +182,14 @@ async def test_allow_list_refuses_other_networks(make_config: MakeConfig) -> Non
             assert await publish(broker.port, "ok", 1, 1, ack=1) == [10]
 
 
+def one_file_job(topic: str, segment: DiskSegment, views: list[memoryview]) -> WriteJob:
+    """A write job that appends ``views`` to one file."""
+    from trio_embarcadero.log import disk as storage
+
+    part = storage._Part(segment, views)
+    return storage.WriteJob(topic, len(views), storage._StreamLog([segment], [], 0), [part])
+
+
 def test_writes_larger_than_one_writev_resume_without_loss(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -191,7 +199,7 @@ def test_writes_larger_than_one_writev_resume_without_loss(
     path = tmp_path / "big.log"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        file = storage._StreamFile(path, fd, [], 0o600)
+        segment = storage.DiskSegment(path, 0, 0o600, fd)
         views = [memoryview(bytes([i]) * (3 * 2**20 + i)) for i in range(5)]
         real_writev = os.writev
         calls: list[int] = []
@@ -209,7 +217,7 @@ def test_writes_larger_than_one_writev_resume_without_loss(
             return real_writev(fd, taken)
 
         monkeypatch.setattr(os, "writev", short_writev)
-        job = storage.WriteJob("t", views, 5, file)
+        job = one_file_job("t", segment, views)
         result = storage.write_and_sync([job])
         assert result == storage.SyncResult([job], sum(len(v) for v in views))
         assert path.read_bytes() == b"".join(bytes(v) for v in views)
@@ -226,12 +234,12 @@ def test_a_failed_directory_sync_leaves_the_new_file_not_durable(
     from trio_embarcadero.log import disk as storage
 
     fd = os.open(tmp_path / "old.log", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-    existing = storage._StreamFile(tmp_path / "old.log", fd, [], 0o600)
-    fresh = storage._StreamFile(tmp_path / "new.log", -1, [], 0o600)
+    existing = storage.DiskSegment(tmp_path / "old.log", 0, 0o600, fd)
+    fresh = storage.DiskSegment(tmp_path / "new.log", 0, 0o600)
     try:
         jobs = [
-            storage.WriteJob(name, [memoryview(b"x" * 64)], 1, file)
-            for name, file in (("old", existing), ("new", fresh))
+            one_file_job(name, segment, [memoryview(b"x" * 64)])
+            for name, segment in (("old", existing), ("new", fresh))
         ]
         real_fsync = os.fsync
 

@@ -9,21 +9,26 @@ read from the disk log and the rest from the region. Real TCP.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 from pathlib import Path
 
 import pytest
 import trio
-from conftest import MakeConfig
+from conftest import MakeConfig, wait_until
 from memory import close_log
 from rawclient import payload_for
 from test_cxl import commit, reserve
 
 from trio_embarcadero import Message, open_broker, open_publisher, open_subscriber
-from trio_embarcadero.config import Config
+from trio_embarcadero.broker.retention import reclaim_stream
+from trio_embarcadero.cli import main
+from trio_embarcadero.config import Config, config_to_toml
 from trio_embarcadero.log import CxlLog, remove_region
-from trio_embarcadero.log.layout import file_name
+from trio_embarcadero.log.layout import file_name, parse_file_name
+from trio_embarcadero.log.topics import delete_topic_file
 from trio_embarcadero.wire import BATCH_HEADER_SIZE, unpack_batch_header
 
 COUNT = 12_000  # 1000-byte messages: about three times the region
@@ -263,7 +268,7 @@ async def test_a_disk_log_added_to_a_trimmed_stream_begins_at_its_first_retained
                 await pub.publish_many(payloads[COUNT:])  # every one acked at level 2
             assert broker.statistics().errors == {}
             assert broker.log.stream("late").next_offset == len(payloads)
-        file = tmp_path / "disk" / file_name("late", 0)
+        file = tmp_path / "disk" / file_name("late", 0, start)
         on_disk = disk_offsets(file)
         # The file begins where the region did, and follows on batch by batch.
         assert on_disk[0][0] == start
@@ -286,3 +291,125 @@ async def test_a_disk_log_added_to_a_trimmed_stream_begins_at_its_first_retained
         assert first_retained >= start
     assert [m.offset for m in got] == list(range(start, len(payloads)))
     assert [m.payload for m in got] == payloads[start:]
+
+
+# -- retention trims the disk tier ----------------------------------------------------------
+
+
+async def test_retention_trims_the_disk_tier_and_the_region_follows(
+    make_config: MakeConfig,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With a disk log, ``retention_bytes`` is what the disk keeps: the
+    retention task removes the oldest whole files while the rest holds the
+    limit, the region lets go of what lies below the disk's new start, and a
+    subscriber from 0 skips to it and gets the rest once, in order, also
+    after a restart."""
+    config = make_config(
+        **{
+            "cxl.size_mb": 4,
+            "cxl.segment_mb": 1,
+            "cxl.reclaim_interval_ms": 20.0,
+            "network.staging_pool_buffer_size_mb": 1,
+            "network.max_batch_bytes": 256 * 1024,
+            "storage.dir": str(tmp_path / "disk"),
+            "storage.sync_interval_ms": 5.0,
+            "storage.segment_mb": 1,
+            "topics.retention_bytes": 2 << 20,
+        }
+    )
+    payloads = [payload_for(4, i, 1000) for i in range(COUNT)]
+    with trio.fail_after(90):
+        with caplog.at_level(logging.INFO, logger="trio_embarcadero.broker.retention"):
+            async with open_broker(config) as broker:
+                async with open_publisher(
+                    "127.0.0.1", broker.port, "kept", client_id=4, ack=2, batch_bytes=256 * 1024
+                ) as pub:
+                    await pub.publish_many(payloads)
+                disk = broker.disk
+                assert disk is not None
+                # Retention runs every 20 ms; wait for the pass after the last sync.
+                await wait_until(lambda: len(disk_files(tmp_path / "disk", "kept")) <= 3)
+                start = disk.first_offset("kept")
+                assert start is not None
+                assert start > 0
+                stream = broker.log.stream("kept")
+                # At its next pass the region lets go of every segment below the
+                # disk's start: what stays of it begins in its first segment.
+                retention = config.topics.settings_for("kept")
+                reclaim_stream(broker.log, stream, retention, broker.durability)
+                first_segment = stream.segments[0].batches
+                assert stream.index_first[first_segment] > start
+                stats = broker.statistics()
+                assert stats.errors == {}
+                assert stats.disk is not None
+                assert stats.disk.files_trimmed >= 8
+                async with open_subscriber("127.0.0.1", broker.port, "kept", start=0) as sub:
+                    got = await receive(sub, COUNT - start)
+                    assert sub.skipped == start
+        assert "disk log file(s) removed; first retained offset" in caplog.text
+        sizes = [size for _, size in disk_files(tmp_path / "disk", "kept")]
+        # Kafka's rule: what remains holds the limit, and would not without the oldest.
+        assert sum(sizes) >= 2 << 20 > sum(sizes[1:])
+        assert disk_files(tmp_path / "disk", "kept")[0][0] == start
+        # `topics` shows where the stream begins in all, and what the disk holds.
+        config_file = tmp_path / "broker.toml"
+        config_file.write_text(config_to_toml(config))
+        capsys.readouterr()
+        assert main(["topics", "--config", str(config_file)]) == 0
+        rows = [row.split() for row in capsys.readouterr().out.splitlines()]
+        assert rows[0][5:] == ["START", "IN-REGION", "DISK-FILES", "DISK-BYTES"]
+        (row,) = rows[1:]
+        assert row[:2] == ["kept", "0"]
+        assert int(row[5]) == start
+        assert row[7:] == [str(len(sizes)), str(sum(sizes))]
+        async with open_broker(config) as broker:
+            async with open_subscriber("127.0.0.1", broker.port, "kept", start=0) as sub:
+                again = await receive(sub, COUNT - start)
+                assert sub.skipped == start
+    assert [m.offset for m in got] == list(range(start, COUNT))
+    assert [m.payload for m in got] == payloads[start:]
+    assert [m.payload for m in again] == payloads[start:]
+
+
+def disk_files(directory: Path, topic: str) -> list[tuple[int, int]]:
+    """(first offset, size) of each of ``topic``'s disk log files, in order."""
+    found = []
+    for path in sorted(directory.iterdir()):
+        parsed = parse_file_name(path.name)
+        if parsed is not None and parsed[0] == topic and parsed[2] is not None:
+            found.append((parsed[2], path.stat().st_size))
+    return found
+
+
+async def test_a_deleted_topic_leaves_no_file_open(make_config: MakeConfig, tmp_path: Path) -> None:
+    """The writer lets go of a deleted topic's files (renamed aside) when the
+    name is created again, instead of keeping their descriptors for good."""
+    config = tiered_config(make_config, tmp_path)
+
+    def open_aside() -> list[str]:
+        fds = Path("/proc/self/fd")
+        targets = []
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                targets.append(os.readlink(fd))
+        return [t for t in targets if ".deleted-" in t]
+
+    payloads = [payload_for(3, i, 1000) for i in range(600)]
+    with trio.fail_after(60):
+        async with open_broker(config) as broker:
+            for _ in range(3):
+                async with open_publisher(
+                    "127.0.0.1", broker.port, "again", client_id=3, ack=2, batch_bytes=256 * 1024
+                ) as pub:
+                    await pub.publish_many(payloads)
+                deleted = delete_topic_file(config.cxl.path, "again", config.storage.dir)
+                assert deleted.renamed
+            async with open_publisher(
+                "127.0.0.1", broker.port, "again", client_id=3, ack=2, batch_bytes=256 * 1024
+            ) as pub:
+                await pub.publish_many(payloads)
+            assert open_aside() == []
+            assert broker.statistics().errors == {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -275,7 +276,7 @@ def _run_client_command(args: argparse.Namespace, config: Config) -> int:
         level=config.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.command in ("topics", "inspect"):
-        return _inspect(args, args.cxl_path or config.cxl.path)
+        return _inspect(args, args.cxl_path or config.cxl.path, config.storage.dir or None)
     if args.command == "delete-topic":
         return _delete_topic(
             args.name, args.cxl_path or config.cxl.path, config.storage.dir or None
@@ -428,8 +429,9 @@ async def _subscribe(args: argparse.Namespace, host: str, port: int, start: int,
     return 0
 
 
-def _inspect(args: argparse.Namespace, path: str) -> int:
+def _inspect(args: argparse.Namespace, path: str, storage_dir: str | None) -> int:
     from .log import open_log
+    from .log.disk import stream_files
 
     try:
         with open_log(path) as log:
@@ -444,15 +446,25 @@ def _inspect(args: argparse.Namespace, path: str) -> int:
                     f"{g.segment_size} bytes), {len(topics)} of {g.max_topics} topics, "
                     f"{g.max_brokers} brokers"
                 )
+            # With a disk tier the stream begins where its disk log does
+            # (START); the region holds a part of it, from IN-REGION on.
+            on_disk: dict[tuple[str, int], list[tuple[int, int]]] = {}
+            if storage_dir and os.path.isdir(storage_dir):
+                on_disk = stream_files(storage_dir)
+            disk_columns = f" {'IN-REGION':>12} {'DISK-FILES':>10} {'DISK-BYTES':>14}"
             print(
                 f"{'TOPIC':<32} {'BROKER':>6} {'MESSAGES':>12} {'BATCHES':>9} {'BYTES':>14} "
-                f"{'START':>12}"
+                f"{'START':>12}{disk_columns if storage_dir else ''}"
             )
             for topic in topics:
                 for s in topic.streams:
+                    files = on_disk.get((topic.name, s.broker_id), [])
+                    # Below its disk log's start nothing is served any longer.
+                    start = files[0][0] if files else s.start_offset
+                    disk = f" {s.start_offset:>12} {len(files):>10} {sum(n for _, n in files):>14}"
                     print(
                         f"{topic.name:<32} {s.broker_id:>6} {s.messages:>12} {s.batches:>9} "
-                        f"{s.payload_bytes:>14} {s.start_offset:>12}"
+                        f"{s.payload_bytes:>14} {start:>12}{disk if storage_dir else ''}"
                     )
             if args.command == "inspect" and args.topic:
                 for broker_id in range(log.geometry.max_brokers):

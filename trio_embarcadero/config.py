@@ -509,12 +509,22 @@ class StorageConfig(_Checked):
         mode: Permission bits of the disk log files and their lock file
             (default 0o600), and, plus the matching x bits, of ``dir`` when the
             broker creates it. Existing files are set to it too.
+        segment_mb: A stream's disk log is a run of files; a new one begins
+            once the next batch would take the newest past this many MiB.
+            Retention trims the disk log by whole files, so this is also how
+            finely it trims.
     """
 
     dir: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
     sync_interval_ms: float = attrs.field(default=5.0, validator=_positive_float)
     sync_bytes: int = attrs.field(default=64 * _MIB, validator=_positive_int)
     mode: int = attrs.field(default=0o600, validator=_file_mode, metadata=_OCTAL)
+    segment_mb: int = attrs.field(default=256, validator=_positive_int)
+
+    @property
+    def segment_bytes(self) -> int:
+        """The size at which a disk log file is followed by the next, in bytes."""
+        return self.segment_mb * _MIB
 
 
 @attrs.frozen(kw_only=True)

@@ -1,16 +1,22 @@
-"""The retention task: let each stream's oldest segments go when its topic's
-retention says so.
+"""The retention task: let each topic's oldest data go when its retention says so.
 
-Every ``cxl.reclaim_interval_ms`` it asks the log core, stream by stream, how
-many of the oldest whole segments the topic's ``retention_bytes`` and
-``retention_ms`` let go (:meth:`~trio_embarcadero.log.CxlLog.reclaimable_segments`:
-Kafka's rule, never the segment being written, never one a subscriber is
-sending from) and reclaims them. With a disk log only segments whose every
-batch is durable on disk go, so ack level 2 never loses what it promised.
+Every ``cxl.reclaim_interval_ms`` it applies each topic's ``retention_bytes``
+and ``retention_ms`` (Kafka's rule: the oldest whole segments go while what
+remains still holds the limit) to what the topic keeps in all:
 
-With a disk log (``storage.dir``) the region is also a cache of it: a full
-region drops its oldest durable segments (:func:`make_room`), whatever the
-topics' retention says; subscribers read what it dropped from the disk log.
+* without a disk log, to the region: the log core says how many of a
+  stream's oldest segments may go
+  (:meth:`~trio_embarcadero.log.CxlLog.reclaimable_segments`: never the
+  segment being written, never one a subscriber is sending from) and they
+  are reclaimed;
+* with a disk log (``storage.dir``), to the disk tier: a stream's oldest disk
+  log files go (:meth:`~trio_embarcadero.log.DiskLog.trimmable`), and then
+  the region's segments that hold only offsets below the disk log's new
+  start. The region is otherwise a cache of the disk log: a full region
+  drops its oldest durable segments (:func:`make_room`), whatever the
+  topics' retention says, and subscribers read what it dropped from the disk
+  log. Only segments whose every batch is durable on disk ever leave the
+  region, so ack level 2 never loses what it promised.
 
 Batches held by a full region (``network.log_full_timeout_s``) are woken
 after every pass that freed a segment: they retry on reclaims, not on a timer.
@@ -25,6 +31,7 @@ from typing import NoReturn, Protocol
 import trio
 
 from ..log import CxlLog, Stream
+from ..log.disk import remove_files
 from ..log.region import RetainedSegment
 from .durability import Durability
 
@@ -78,13 +85,52 @@ def _durable_part(
 def reclaim_stream(
     log: CxlLog, stream: Stream, retention: Retention, durability: Durability | None
 ) -> int:
-    """Reclaim what ``retention`` lets go of ``stream`` now; returns the segments freed."""
+    """Reclaim what ``retention`` lets go of ``stream``'s region now; with a
+    disk log, the segments below the disk log's start (retention trimmed the
+    disk log past them: see :func:`trim_disk`). Returns the segments freed."""
+    if durability is None:
+        segments = releasable(log, stream, retention, durability)
+    else:
+        disk_start = durability.disk.first_offset(stream.topic)
+        if disk_start is None:
+            return 0
+        segments = _ending_by(stream, evictable(log, stream, durability), disk_start)
     done = 0
-    for _ in releasable(log, stream, retention, durability):
+    for _ in segments:
         if log.reclaim_oldest(stream) is None:
             break  # the topic was deleted meanwhile
         done += 1
     return done
+
+
+def _ending_by(
+    stream: Stream, segments: list[RetainedSegment], offset: int
+) -> list[RetainedSegment]:
+    """The first of ``stream``'s oldest ``segments`` whose offsets all lie below ``offset``."""
+    batches = 0
+    for i, segment in enumerate(segments):
+        batches += segment.batches
+        end = stream.index_first[batches] if batches < len(stream.index_first) else None
+        if (end if end is not None else stream.next_offset) > offset:
+            return segments[:i]
+    return segments
+
+
+async def trim_disk(durability: Durability, topic: str, retention: Retention, now_ns: int) -> int:
+    """Remove the oldest disk log files of ``topic`` that ``retention`` lets
+    go now; returns how many."""
+    disk = durability.disk
+    count = disk.trimmable(
+        topic,
+        retention_bytes=retention.retention_bytes,
+        retention_ms=retention.retention_ms,
+        now_ns=now_ns,
+    )
+    if count:
+        gone = disk.trim(topic, count)
+        # Removing a large file takes the file system a while.
+        await trio.to_thread.run_sync(remove_files, gone)
+    return count
 
 
 def reclaimable_units(
@@ -171,12 +217,24 @@ async def run_retention(
     while True:
         await trio.sleep(interval)
         freed_any = False
-        for stream in log.streams():
-            freed = reclaim_stream(log, stream, retention_for(stream.topic), durability)
+        for stream in list(log.streams()):
+            retention = retention_for(stream.topic)
+            if durability is not None:
+                trimmed = await trim_disk(durability, stream.topic, retention, log.clock())
+                if trimmed:
+                    logger.info(
+                        "retention of %r: %d disk log file(s) removed; first retained offset %d",
+                        stream.topic,
+                        trimmed,
+                        durability.disk.first_offset(stream.topic),
+                    )
+            freed = reclaim_stream(log, stream, retention, durability)
             if freed:
                 freed_any = True
-                logger.info(
-                    "retention of %r: %d segment(s) reclaimed; first retained offset %d",
+                logger.log(
+                    # With a disk log the region only follows the disk's start.
+                    logging.DEBUG if durability is not None else logging.INFO,
+                    "retention of %r: %d segment(s) reclaimed; first offset in the region %d",
                     stream.topic,
                     freed,
                     stream.start_offset,

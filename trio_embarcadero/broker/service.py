@@ -460,6 +460,7 @@ def _open_logs(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None]:
                 reset=reset,
                 mode=storage.mode,
                 lock=disk_lock,
+                segment_bytes=storage.segment_bytes,
             )
     except BaseException:
         if disk_lock is not None:

@@ -127,6 +127,14 @@ async def _send_records(
             if connection.stopping:
                 return True
         _check_not_deleted(log, stream)
+        if disk is not None:
+            on_disk_from = disk.first_offset(topic)
+            if on_disk_from is not None and wanted < on_disk_from:
+                # With a disk tier the stream begins where its disk log does:
+                # retention trimmed it there (the region follows at its next
+                # pass), or it began after retention trimmed the region.
+                wanted = _skip_to(connection, topic, wanted, on_disk_from)
+                continue
         if wanted < stream.start_offset and disk is not None:
             # The region let these go (they were durable): the disk tier has them.
             batch_on_disk = disk.batch_holding(topic, wanted)
@@ -139,12 +147,6 @@ async def _send_records(
                 wanted = batch_on_disk.first_offset + batch_on_disk.num_msg
                 if connection.stopping:
                     return True
-                continue
-            on_disk_from = disk.first_offset(topic)
-            if on_disk_from is not None and wanted < on_disk_from < stream.start_offset:
-                # The disk log began after retention trimmed the region:
-                # what it holds follows on from what nothing holds.
-                wanted = _skip_to(connection, topic, wanted, on_disk_from)
                 continue
         if wanted < stream.start_offset:
             # Retention reclaimed these: the stream goes on from its start
@@ -194,7 +196,9 @@ async def _send_from_disk(
     """Send ``batch``'s records from ``wanted`` on, read from the disk log;
     like :func:`_send`. A failed read costs this subscriber only."""
     try:
-        records = await trio.to_thread.run_sync(disk.read_records, topic, batch)
+        # Retention may trim the file meanwhile: the pin keeps it readable.
+        with disk.pinned(batch):
+            records = await trio.to_thread.run_sync(disk.read_records, batch)
     except StorageError as exc:
         logger.error("conn %d %s: %s; subscriber closed", connection.id, connection.peer, exc)
         return False

@@ -1,24 +1,33 @@
 """The disk log behind ack level 2: committed batches, appended and fdatasync'ed.
 
 The CXL region lives in RAM. With ``storage.dir`` set, every batch this broker
-commits is also appended to ``<dir>/<topic>@<broker id>.log`` exactly as it
-sits in the log (its 128-byte header, ``batch_complete = 1`` and the assigned
-logical offsets included, then its records), in commit order. This module is
-the disk format and its bookkeeping; it knows nothing of Trio. The broker's
-writer task (:mod:`trio_embarcadero.broker.durability`) tells it what was
-committed, takes the pending appends as :meth:`DiskLog.take_jobs`, runs
-:func:`write_and_sync` on a worker thread (group commit: one ``fdatasync``
-covers every batch committed since the last) and hands the finished jobs
-back to :meth:`DiskLog.jobs_done`, which says how far each stream is durable.
-A write or sync that fails does not raise: :func:`write_and_sync` reports
-the jobs it finished and the :class:`~trio_embarcadero.errors.StorageError`
-that stopped it, and the writer stops.
+commits is also appended to the disk log of its (topic, broker) stream exactly
+as it sits in the log (its 128-byte header, ``batch_complete = 1`` and the
+assigned logical offsets included, then its records), in commit order. A
+stream's disk log is a run of files, Kafka's segments:
+``<dir>/<topic>@<broker id>.<first logical offset, 20 digits>.log``. The
+newest one is appended to; once the next batch would take it past
+``storage.segment_mb`` a new file begins. Retention trims a stream's disk log
+by whole files, oldest first (:meth:`DiskLog.trimmable`, :meth:`DiskLog.trim`):
+with a disk log it is the disk tier that a topic's retention limits.
+
+This module is the disk format and its bookkeeping; it knows nothing of Trio.
+The broker's writer task (:mod:`trio_embarcadero.broker.durability`) tells it
+what was committed, takes the pending appends as :meth:`DiskLog.take_jobs`,
+runs :func:`write_and_sync` on a worker thread (group commit: one
+``fdatasync`` per file covers every batch committed since the last) and hands
+the finished jobs back to :meth:`DiskLog.jobs_done`, which says how far each
+stream is durable. A write or sync that fails does not raise:
+:func:`write_and_sync` reports the jobs it finished and the
+:class:`~trio_embarcadero.errors.StorageError` that stopped it, and the
+writer stops.
 
 A file's synced data is only as durable as its directory entry: a file
 created after the last sync of its directory can vanish whole in a power
 loss. So every directory this module creates is made durable in its parent
 (``fsync`` of the parent) and every new log file in the directory before
-any of its batches counts as synced.
+any of its batches counts as synced. A file is only begun once the one
+before it is synced, so a crash never leaves a gap between two files.
 
 On start the disk log is reconciled with the CXL region:
 
@@ -32,9 +41,10 @@ On start the disk log is reconciled with the CXL region:
   before a crash): the writer appends them.
 
 A stream that has no file yet (``storage.dir`` added to a broker that ran
-without one, or the file removed) gets one from its first retained batch:
-what retention trimmed before is in neither tier. A file's first batch is
-numbered by matching its logical offset against the region's.
+without one, or the files removed) gets one from its first retained batch:
+what retention trimmed before is in neither tier. A file of the earlier
+one-file-per-stream form (``<topic>@<broker id>.log``) is renamed to the
+segment name of its first batch.
 
 A disk log that disagrees with the region about a batch's logical offset is
 refused: the two belong to different histories.
@@ -62,6 +72,7 @@ import numpy.typing as npt
 from ..errors import LayoutError, LogFullError, StartupError, StorageError, UnsafeFileError
 from ..wire import BATCH_HEADER_SIZE, encode_topic, scan_records, unpack_batch_header
 from .layout import file_name as file_name
+from .layout import parse_file_name as parse_file_name
 from .ownership import BrokerLock, claim_disk_log, open_private_file, sync_directory
 from .region import CxlLog, Reservation, Stream
 
@@ -71,11 +82,26 @@ logger = logging.getLogger(__name__)
 # and about this many bytes.
 _IOV_MAX = 1024
 _WRITE_BYTES = 256 * 2**20
+#: ``storage.segment_mb``'s default, in bytes.
+DEFAULT_SEGMENT_BYTES = 256 * 2**20
 
 
 @attrs.frozen
 class DiskStatistics:
-    """Counters of the disk log."""
+    """Counters of the disk log.
+
+    Attributes:
+        batches_written: Batches appended and synced.
+        bytes_written: Their bytes, headers included.
+        syncs: Write-and-sync rounds.
+        last_sync_seconds: How long the last round took.
+        batches_replayed: Batches replayed into the region at start-up.
+        waiting_batches: Batches committed and not yet synced.
+        files: Disk log files of every stream.
+        bytes_retained: Synced bytes the disk log holds now.
+        files_trimmed: Files retention removed.
+        bytes_trimmed: Their bytes.
+    """
 
     batches_written: int
     bytes_written: int
@@ -83,6 +109,49 @@ class DiskStatistics:
     last_sync_seconds: float
     batches_replayed: int
     waiting_batches: int
+    files: int = 0
+    bytes_retained: int = 0
+    files_trimmed: int = 0
+    bytes_trimmed: int = 0
+
+
+class DiskSegment:
+    """One file of a stream's disk log.
+
+    Attributes:
+        path: The file.
+        first_offset: The logical offset of its first batch (in its name).
+        fd: Open for appending and reading; -1 until the writer creates it,
+            and once it was trimmed and no reader holds it.
+        end: Bytes of its synced batches (headers included).
+        batches: Its synced batches.
+        last_ns: When a batch was last synced to it (its mtime when found at
+            start-up): retention's age of the file.
+    """
+
+    def __init__(self, path: Path, first_offset: int, mode: int, fd: int = -1) -> None:
+        self.path = path
+        self.first_offset = first_offset
+        self.mode = mode  # permission bits, for the writer that creates it
+        self.fd = fd
+        self.end = 0
+        self.batches = 0
+        self.last_ns = 0
+        # Bytes once the jobs taken are written: where the next batch goes.
+        self.planned = 0
+        # Whether the directory entry is known to be durable: files found at
+        # start-up are (open() syncs the directory), new ones once the
+        # writer has synced the directory after creating them.
+        self.entry_durable = fd >= 0
+        # Subscribers reading it on a worker thread: a trimmed file's
+        # descriptor is closed only once they are done (see DiskLog.pinned).
+        self.readers = 0
+        self.trimmed = False
+
+    def _close_if_unused(self) -> None:
+        if self.trimmed and self.readers == 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @attrs.frozen
@@ -90,61 +159,72 @@ class DiskBatch:
     """Where one synced batch sits in its stream's disk log.
 
     Attributes:
-        position: Byte offset of its header in the file.
+        position: Byte offset of its header in its file.
         first_offset: Logical offset of its first record.
         num_msg: Records in it.
         total_size: Bytes of its records (the header not included).
+        segment: The file that holds it.
     """
 
     position: int
     first_offset: int
     num_msg: int
     total_size: int
+    segment: DiskSegment = attrs.field(eq=False, repr=False)
 
 
-class _StreamFile:
-    def __init__(
-        self, path: Path, fd: int, batches: list[DiskBatch], mode: int, base: int = 0
-    ) -> None:
-        self.path = path
-        self.mode = mode  # permission bits, for the writer that creates it
-        self.fd = fd  # -1 until the writer creates the file
+class _StreamLog:
+    """The disk log of one stream: its files and their synced batches."""
+
+    def __init__(self, segments: list[DiskSegment], batches: list[DiskBatch], base: int) -> None:
+        self.segments = segments
         # The synced batches, in order, and their first offsets (to bisect);
-        # only the event loop changes them (jobs_done), after each sync.
+        # only the event loop changes them (jobs_done, trim).
         self.batches = batches
         self.index_first = [b.first_offset for b in batches]
-        # The stream's number of the file's first batch: a file begun after
-        # retention trimmed the region starts at the region's first batch.
+        # The stream's number of the first batch held: a disk log begun
+        # after retention trimmed the region, or trimmed itself, starts past 0.
         self.base = base
         # The stream's batches before this number are on disk and synced
-        # (or were trimmed before the file began).
+        # (or were trimmed).
         self.synced = base + len(batches)
-        self.end = (
-            batches[-1].position + BATCH_HEADER_SIZE + batches[-1].total_size if batches else 0
-        )
-        # Whether the directory entry is known to be durable: files found at
-        # start-up are (open() syncs the directory), new ones once the
-        # writer has synced the directory after creating them.
-        self.entry_durable = fd >= 0
         self.incarnation = -1  # of the topic it holds (-1: as found at start-up)
+
+    def close(self) -> None:
+        """Let every file go (the topic was deleted, or the broker stops)."""
+        for segment in self.segments:
+            segment.trimmed = True
+            segment._close_if_unused()
+
+
+@attrs.frozen
+class _Part:
+    """Appends to one file: its buffers and their index entries."""
+
+    segment: DiskSegment
+    views: list[memoryview] = attrs.field(factory=list)
+    # (first offset, num_msg, total_size) of each view: the file's index after the sync
+    batches: list[tuple[int, int, int]] = attrs.field(factory=list)
 
 
 @attrs.frozen
 class WriteJob:
-    """Appends to one stream's file, then its sync.
+    """Appends to one stream's files, then their syncs.
 
     Attributes:
         topic: The stream's topic.
-        views: The batches to append, as views of the region.
-        upto: The stream's committed batch count these bring the file to.
+        upto: The stream's committed batch count these bring the disk log to.
     """
 
     topic: str
-    views: list[memoryview]
     upto: int
-    _file: _StreamFile
-    # (first offset, num_msg, total_size) of each view: the file's index after the sync
-    _batches: list[tuple[int, int, int]] = attrs.field(factory=list)
+    _stream: _StreamLog
+    _parts: list[_Part]
+
+    @property
+    def views(self) -> list[memoryview]:
+        """The batches to append, as views of the region, in order."""
+        return [view for part in self._parts for view in part.views]
 
 
 class DiskLog:
@@ -163,14 +243,16 @@ class DiskLog:
         sync_interval: float,
         sync_bytes: int,
         mode: int = 0o600,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
     ) -> None:
         self.directory = directory
         self._log = log
         self._mode = mode
+        self._segment_bytes = segment_bytes
         self._owner: BrokerLock | None = None
         self._interval = sync_interval
         self._sync_bytes = sync_bytes
-        self._files: dict[str, _StreamFile] = {}
+        self._streams: dict[str, _StreamLog] = {}
         self.waiting_batches = 0
         self.waiting_bytes = 0
         self._batches_written = 0
@@ -178,6 +260,8 @@ class DiskLog:
         self._syncs = 0
         self._last_sync = 0.0
         self._replayed = 0
+        self._files_trimmed = 0
+        self._bytes_trimmed = 0
 
     # -- start-up ------------------------------------------------------------------
 
@@ -192,6 +276,7 @@ class DiskLog:
         reset: bool = False,
         mode: int = 0o600,
         lock: BrokerLock | None = None,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
     ) -> DiskLog:
         """Open (or create) the disk logs of ``log``'s broker and reconcile them.
 
@@ -209,6 +294,8 @@ class DiskLog:
                 if it is created).
             lock: The lock, already taken by the caller; the disk log takes
                 it over. None: take it here.
+            segment_bytes: A new file begins once the next batch would take
+                the newest past this size.
 
         Raises:
             AlreadyServedError: Another live process serves this broker id
@@ -218,7 +305,7 @@ class DiskLog:
             OSError: The directory or a file cannot be used.
         """
         owner = claim_disk_log(directory, log.broker_id, mode=mode) if lock is None else lock
-        disk = cls(Path(directory), log, sync_interval, sync_bytes, mode)
+        disk = cls(Path(directory), log, sync_interval, sync_bytes, mode, segment_bytes)
         try:
             disk._reconcile(reset)
         except BaseException:
@@ -230,18 +317,26 @@ class DiskLog:
         return disk
 
     def _reconcile(self, reset: bool) -> None:
-        suffix = f"@{self._log.broker_id}.log"
-        for file in sorted(self.directory.glob(f"*{suffix}")):
-            if reset:
-                file.unlink()
+        found: dict[str, list[tuple[int, Path]]] = {}
+        for name in sorted(os.listdir(self.directory)):
+            parsed = parse_file_name(name)
+            if parsed is None or parsed[1] != self._log.broker_id:
                 continue
-            topic = file.name[: -len(suffix)]
+            topic, _, first = parsed
+            path = self.directory / name
+            if reset:
+                path.unlink()
+                continue
             try:
                 encode_topic(topic)
             except ValueError:
-                logger.warning("ignoring %s: not a topic's disk log", file)
+                logger.warning("ignoring %s: not a topic's disk log", path)
                 continue
-            self._recover(topic, file)
+            if first is None:
+                first, path = self._rename_single_file(topic, path)
+            found.setdefault(topic, []).append((first, path))
+        for topic, files in found.items():
+            self._recover(topic, sorted(files))
         # Make what is there durable as it is now: the entries of the files
         # found, and the removal of those a reset discarded (else they could
         # come back after a power loss and be replayed).
@@ -250,33 +345,77 @@ class DiskLog:
         # Batches committed in the region but not on disk (acked at level 1,
         # not yet synced when the broker stopped) are the writer's first job.
         for stream in self._log.streams():
-            known = self._files.get(stream.topic)
+            known = self._streams.get(stream.topic)
             # A stream with no file yet gets one from its first retained batch.
             for k in range(known.synced if known else stream.first_batch, stream.batches):
                 self.waiting_batches += 1
                 self.waiting_bytes += BATCH_HEADER_SIZE + stream.committed_batch(k).total_size
 
-    def _recover(self, topic: str, path: Path) -> None:
-        fd = open_private_file(str(path), os.O_RDWR | os.O_APPEND, self._mode, "disk log")
-        try:
-            batches = _read_batches(fd, path)
-        except BaseException:
-            os.close(fd)
-            raise
-        # Kept from here on: close() closes it if anything below fails.
-        file = self._files[topic] = _StreamFile(path, fd, batches, self._mode)
-        stream = self._log.stream(topic)
-        file.base = _file_base(path, stream, batches)
-        file.synced = file.base + len(batches)
-        # Batches the region no longer holds (reclaimed) are the disk's alone.
-        for k in range(max(file.base, stream.first_batch), min(file.synced, stream.batches)):
-            ours = stream.committed_batch(k).first_offset
-            theirs = batches[k - file.base].first_offset
-            if theirs != ours:
+    def _rename_single_file(self, topic: str, path: Path) -> tuple[int, Path]:
+        """Give a file of the one-file-per-stream form its segment name."""
+        with path.open("rb") as file:
+            raw = file.read(BATCH_HEADER_SIZE)
+        # (An empty one is removed by _recover whatever its name.)
+        first = 0
+        if len(raw) == BATCH_HEADER_SIZE:
+            first = unpack_batch_header(raw).start_logical_offset
+        new = path.with_name(file_name(topic, self._log.broker_id, first))
+        if new.exists():
+            raise LayoutError(f"{path}: cannot rename it to {new.name}: that file exists")
+        path.rename(new)
+        logger.info("renamed %s to %s (a disk log is a run of files now)", path.name, new.name)
+        return first, new
+
+    def _recover(self, topic: str, files: list[tuple[int, Path]]) -> None:
+        """Read ``topic``'s files (in offset order) and match them with the region."""
+        stream_log = self._streams[topic] = _StreamLog([], [], 0)
+        batches = stream_log.batches
+        for first, path in files:
+            fd = open_private_file(str(path), os.O_RDWR | os.O_APPEND, self._mode, "disk log")
+            segment = DiskSegment(path, first, self._mode, fd)
+            # Kept from here on: close() closes it if anything below fails.
+            stream_log.segments.append(segment)
+            found = _read_batches(segment)
+            if not found:
+                # Created, then the broker stopped before a batch was in it
+                # (or all it held was torn): nothing to keep. The writer
+                # begins the file again when it has a batch for it.
+                stream_log.segments.pop()
+                os.close(fd)
+                path.unlink()
+                continue
+            if found and found[0].first_offset != first:
                 raise LayoutError(
-                    f"{path}: batch {k} starts at logical offset {theirs} on disk "
-                    f"but at {ours} in the CXL region; they hold different histories "
-                    "(start with --reset to discard both)"
+                    f"{path}: its name says it begins at logical offset {first} but its first "
+                    f"batch is at {found[0].first_offset}; rename or remove it"
+                )
+            if batches and first != batches[-1].first_offset + batches[-1].num_msg:
+                raise LayoutError(
+                    f"{path}: the disk log of {topic!r} jumps from logical offset "
+                    f"{batches[-1].first_offset + batches[-1].num_msg} to {first} here; the "
+                    "offsets between are missing (move the files from this one on aside, or "
+                    "start with --reset to discard the stream)"
+                )
+            segment.batches = len(found)
+            segment.end = segment.planned = os.fstat(fd).st_size
+            segment.last_ns = os.stat(path).st_mtime_ns
+            batches += found
+        stream_log.index_first = [b.first_offset for b in batches]
+        stream = self._log.stream(topic)
+        path = batches[0].segment.path if batches else files[0][1]
+        stream_log.base = _file_base(path, stream, batches)
+        stream_log.synced = stream_log.base + len(batches)
+        # Batches the region no longer holds (reclaimed) are the disk's alone.
+        for k in range(
+            max(stream_log.base, stream.first_batch), min(stream_log.synced, stream.batches)
+        ):
+            ours = stream.committed_batch(k).first_offset
+            theirs = batches[k - stream_log.base]
+            if theirs.first_offset != ours:
+                raise LayoutError(
+                    f"{theirs.segment.path}: batch {k} starts at logical offset "
+                    f"{theirs.first_offset} on disk but at {ours} in the CXL region; they "
+                    "hold different histories (start with --reset to discard both)"
                 )
 
     def _replay_missing(self) -> None:
@@ -294,38 +433,39 @@ class DiskLog:
         of gets every batch it lacks, so that it has no gap.
         """
         needing = [
-            (stream, file)
-            for topic, file in self._files.items()
-            if (stream := self._log.stream(topic)).batches < file.synced
+            (stream, stream_log)
+            for topic, stream_log in self._streams.items()
+            if (stream := self._log.stream(topic)).batches < stream_log.synced
         ]
         if not needing:
             return
         free = self._log.map.statistics().free * self._log.geometry.unit_size
         share = free // 2 // len(needing)
-        for stream, file in needing:
-            # Batch numbers are the stream's; the file's list starts at its base.
+        for stream, stream_log in needing:
+            # Batch numbers are the stream's; the list starts at its base.
+            base = stream_log.base
             first = stream.batches
             if not stream.index_first:
-                first = max(first, file.base + _tail_start(file.batches, share))
+                first = max(first, base + _tail_start(stream_log.batches, share))
                 if first > stream.batches:
-                    self._log.begin_at(stream, first, file.batches[first - file.base].first_offset)
-            for found in file.batches[first - file.base :]:
-                self._replay(file.fd, stream, file.path, found)
+                    self._log.begin_at(stream, first, stream_log.batches[first - base].first_offset)
+            for found in stream_log.batches[first - base :]:
+                self._replay(stream, found)
             disk_only = (
-                f"; {first - file.base} batch(es) (offsets {file.index_first[0]}.."
+                f"; {first - base} batch(es) (offsets {stream_log.index_first[0]}.."
                 f"{stream.start_offset - 1}) stay on disk only"
-                if first > file.base
+                if first > base
                 else ""
             )
             logger.info(
-                "replayed %d batch(es) of %r from %s into the region%s",
-                file.synced - first,
+                "replayed %d batch(es) of %r from its disk log into the region%s",
+                stream_log.synced - first,
                 stream.topic,
-                file.path,
                 disk_only,
             )
 
-    def _replay(self, fd: int, stream: Stream, path: Path, found: DiskBatch) -> None:
+    def _replay(self, stream: Stream, found: DiskBatch) -> None:
+        fd, path = found.segment.fd, found.segment.path
         file_offset, first, total = found.position, found.first_offset, found.total_size
         raw = os.pread(fd, BATCH_HEADER_SIZE, file_offset)
         header = unpack_batch_header(raw)
@@ -355,10 +495,12 @@ class DiskLog:
 
     def close(self) -> None:
         """Close every file (once the writer has stopped) and release the lock."""
-        for file in self._files.values():
-            if file.fd >= 0:
-                os.close(file.fd)
-        self._files.clear()
+        for stream_log in self._streams.values():
+            for segment in stream_log.segments:
+                if segment.fd >= 0:
+                    os.close(segment.fd)
+                    segment.fd = -1
+        self._streams.clear()
         if self._owner is not None:
             self._owner.close()
             self._owner = None
@@ -377,29 +519,29 @@ class DiskLog:
 
     def durable_batches(self, stream: Stream) -> int:
         """How many of ``stream``'s committed batches are synced to disk."""
-        return self._file(stream).synced
+        return self._stream_log(stream).synced
 
     def committed(self, reservation: Reservation) -> None:
         """Count a newly committed batch as waiting for the disk."""
         self.waiting_batches += 1
         self.waiting_bytes += BATCH_HEADER_SIZE + reservation.header.total_size
 
-    def _file(self, stream: Stream) -> _StreamFile:
-        file = self._files.get(stream.topic)
-        if file is not None and file.incarnation == -1:
-            file.incarnation = stream.incarnation
-        if file is None or file.incarnation != stream.incarnation:
-            # New, or the topic was deleted (its file renamed aside) and
-            # created again: a new file from the stream's first batch (the
-            # first retention kept: the ones before are in no tier).
-            # Created by the writer (write_and_sync, on its worker thread),
-            # so the event loop never waits for the file system.
-            path = self.directory / file_name(stream.topic, self._log.broker_id)
-            file = self._files[stream.topic] = _StreamFile(
-                path, -1, [], self._mode, stream.first_batch
-            )
-            file.incarnation = stream.incarnation
-        return file
+    def _stream_log(self, stream: Stream) -> _StreamLog:
+        stream_log = self._streams.get(stream.topic)
+        if stream_log is not None and stream_log.incarnation == -1:
+            stream_log.incarnation = stream.incarnation
+        if stream_log is None or stream_log.incarnation != stream.incarnation:
+            if stream_log is not None:
+                # The topic was deleted (its files renamed aside) and created
+                # again: its old files are no longer this broker's.
+                stream_log.close()
+            # A new disk log from the stream's first batch (the first
+            # retention kept: the ones before are in no tier). Its files
+            # are created by the writer (write_and_sync, on its worker
+            # thread), so the event loop never waits for the file system.
+            stream_log = self._streams[stream.topic] = _StreamLog([], [], stream.first_batch)
+            stream_log.incarnation = stream.incarnation
+        return stream_log
 
     def take_jobs(self) -> list[WriteJob]:
         """Everything committed and not yet on disk, as one job per stream."""
@@ -409,16 +551,27 @@ class DiskLog:
         for stream in self._log.streams():
             if stream.batches == 0:
                 continue
-            file = self._file(stream)
-            views = []
-            batches = []
-            for k in range(file.synced, stream.batches):
+            stream_log = self._stream_log(stream)
+            parts: list[_Part] = []
+            for k in range(stream_log.synced, stream.batches):
                 batch = stream.committed_batch(k)
+                size = BATCH_HEADER_SIZE + batch.total_size
+                segment = stream_log.segments[-1] if stream_log.segments else None
+                if segment is None or (
+                    segment.planned and segment.planned + size > self._segment_bytes
+                ):
+                    # Only ever the newest file grows; the next begins here.
+                    name = file_name(stream.topic, self._log.broker_id, batch.first_offset)
+                    segment = DiskSegment(self.directory / name, batch.first_offset, self._mode)
+                    stream_log.segments.append(segment)
+                if not parts or parts[-1].segment is not segment:
+                    parts.append(_Part(segment))
                 end = batch.payload_offset + batch.total_size
-                views.append(region[batch.header_offset : end].data)
-                batches.append((batch.first_offset, batch.num_msg, batch.total_size))
-            if views:
-                jobs.append(WriteJob(stream.topic, views, stream.batches, file, batches))
+                parts[-1].views.append(region[batch.header_offset : end].data)
+                parts[-1].batches.append((batch.first_offset, batch.num_msg, batch.total_size))
+                segment.planned += size
+            if parts:
+                jobs.append(WriteJob(stream.topic, stream.batches, stream_log, parts))
         return jobs
 
     def jobs_done(self, jobs: list[WriteJob], written: int, seconds: float) -> None:
@@ -427,50 +580,128 @@ class DiskLog:
         self._last_sync = seconds
         self._syncs += 1
         self._bytes_written += written
+        now = self._log.clock()
         for job in jobs:
-            file = job._file
-            self._batches_written += job.upto - file.synced
-            file.synced = job.upto
-            for first, num_msg, total in job._batches:
-                file.batches.append(DiskBatch(file.end, first, num_msg, total))
-                file.index_first.append(first)
-                file.end += BATCH_HEADER_SIZE + total
+            stream_log = job._stream
+            self._batches_written += job.upto - stream_log.synced
+            stream_log.synced = job.upto
+            for part in job._parts:
+                segment = part.segment
+                for first, num_msg, total in part.batches:
+                    stream_log.batches.append(
+                        DiskBatch(segment.end, first, num_msg, total, segment)
+                    )
+                    stream_log.index_first.append(first)
+                    segment.end += BATCH_HEADER_SIZE + total
+                    segment.batches += 1
+                segment.last_ns = now
+
+    # -- retention ----------------------------------------------------------------
+
+    def trimmable(self, topic: str, *, retention_bytes: int, retention_ms: int, now_ns: int) -> int:
+        """How many of ``topic``'s oldest files its retention lets go now.
+
+        Kafka's rule, on the disk tier: the oldest whole files go while what
+        remains still holds ``retention_bytes``, and every file whose last
+        batch was synced more than ``retention_ms`` ago; never the newest file
+        that holds synced batches, nor any after it. -1 means no limit.
+        """
+        stream_log = self._streams.get(topic)
+        if stream_log is None:
+            return 0
+        segments = stream_log.segments
+        newest = max((i for i, s in enumerate(segments) if s.batches), default=0)
+        remaining = sum(segment.end for segment in segments[: newest + 1])
+        count = 0
+        while count < newest:
+            segment = segments[count]
+            too_big = retention_bytes >= 0 and remaining - segment.end >= retention_bytes
+            too_old = retention_ms >= 0 and now_ns - segment.last_ns > retention_ms * 1_000_000
+            if not (too_big or too_old):
+                break
+            remaining -= segment.end
+            count += 1
+        return count
+
+    def trim(self, topic: str, count: int) -> list[DiskSegment]:
+        """Let ``topic``'s oldest ``count`` files go (see :meth:`trimmable`).
+
+        They leave the index at once, so no new reader finds them; their
+        descriptors close once the readers that have them are done. The
+        caller removes the files with :func:`remove_files` (blocking: on a
+        worker thread). A crash before that leaves them on disk, still in
+        order; the next start reads them again and retention trims them again.
+
+        Returns:
+            The files to remove.
+        """
+        stream_log = self._streams[topic]
+        gone = stream_log.segments[:count]
+        del stream_log.segments[:count]
+        batches = sum(segment.batches for segment in gone)
+        del stream_log.batches[:batches]
+        del stream_log.index_first[:batches]
+        stream_log.base += batches
+        for segment in gone:
+            segment.trimmed = True
+            segment._close_if_unused()
+            self._files_trimmed += 1
+            self._bytes_trimmed += segment.end
+        return gone
 
     # -- reading the disk tier ----------------------------------------------------
 
     def first_offset(self, topic: str) -> int | None:
         """The first logical offset ``topic``'s disk log holds synced, or None
         when it holds none (a file begun after retention trimmed the region
-        starts past 0)."""
-        file = self._files.get(topic)
-        return file.index_first[0] if file is not None and file.index_first else None
+        starts past 0, and retention trims the disk log itself)."""
+        stream_log = self._streams.get(topic)
+        if stream_log is None or not stream_log.index_first:
+            return None
+        return stream_log.index_first[0]
 
     def batch_holding(self, topic: str, offset: int) -> DiskBatch | None:
         """The synced batch of ``topic`` that holds logical ``offset``, or None
-        when the disk log holds no such record (yet)."""
-        file = self._files.get(topic)
-        if file is None or not file.batches or offset < file.index_first[0]:
+        when the disk log holds no such record (yet, or any longer)."""
+        stream_log = self._streams.get(topic)
+        if stream_log is None or not stream_log.batches or offset < stream_log.index_first[0]:
             return None
-        batch = file.batches[bisect.bisect_right(file.index_first, offset) - 1]
+        batch = stream_log.batches[bisect.bisect_right(stream_log.index_first, offset) - 1]
         return batch if offset < batch.first_offset + batch.num_msg else None
 
-    def read_records(self, topic: str, batch: DiskBatch) -> npt.NDArray[np.uint8]:
+    @contextlib.contextmanager
+    def pinned(self, batch: DiskBatch) -> Iterator[None]:
+        """Keep ``batch``'s file open while it is read (on a worker thread),
+        even if retention trims it meanwhile."""
+        segment = batch.segment
+        segment.readers += 1
+        try:
+            yield
+        finally:
+            segment.readers -= 1
+            segment._close_if_unused()
+
+    def read_records(self, batch: DiskBatch) -> npt.NDArray[np.uint8]:
         """The records of ``batch`` (from :meth:`batch_holding`), read from
-        ``topic``'s file. Blocking: the broker calls it on a worker thread.
+        its file. Blocking: the broker calls it on a worker thread, inside
+        :meth:`pinned`.
 
         Raises:
             StorageError: The file cannot be read, or is shorter than it was.
         """
-        file = self._files[topic]
+        segment = batch.segment
         data = np.empty(batch.total_size, dtype=np.uint8)
-        with _failing_as("read", file.path):
-            got = os.preadv(file.fd, [data.data], batch.position + BATCH_HEADER_SIZE)
+        if segment.fd < 0:  # trimmed before it was pinned
+            raise StorageError("read", str(segment.path), errno.ENOENT)
+        with _failing_as("read", segment.path):
+            got = os.preadv(segment.fd, [data.data], batch.position + BATCH_HEADER_SIZE)
         if got != batch.total_size:
-            raise StorageError("read", str(file.path), errno.EIO)
+            raise StorageError("read", str(segment.path), errno.EIO)
         return data
 
     def statistics(self) -> DiskStatistics:
         """Return a snapshot of the disk log's counters."""
+        files = [s for stream_log in self._streams.values() for s in stream_log.segments]
         return DiskStatistics(
             batches_written=self._batches_written,
             bytes_written=self._bytes_written,
@@ -478,7 +709,45 @@ class DiskLog:
             last_sync_seconds=self._last_sync,
             batches_replayed=self._replayed,
             waiting_batches=self.waiting_batches,
+            files=sum(1 for s in files if s.fd >= 0),
+            bytes_retained=sum(s.end for s in files),
+            files_trimmed=self._files_trimmed,
+            bytes_trimmed=self._bytes_trimmed,
         )
+
+
+def stream_files(directory: str) -> dict[tuple[str, int], list[tuple[int, int]]]:
+    """Every disk log file in ``directory``, from the names alone (no lock,
+    nothing opened): (topic, broker id) -> [(first logical offset, bytes)],
+    in offset order. For tools that show what a disk log holds.
+
+    Raises:
+        OSError: The directory cannot be listed.
+    """
+    found: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for entry in os.scandir(directory):
+        parsed = parse_file_name(entry.name)
+        if parsed is None:
+            continue
+        topic, broker, first = parsed
+        if first is None:
+            continue  # the earlier one-file form: renamed by the next start
+        with contextlib.suppress(FileNotFoundError):  # trimmed meanwhile
+            found.setdefault((topic, broker), []).append((first, entry.stat().st_size))
+    return {key: sorted(files) for key, files in found.items()}
+
+
+def remove_files(segments: list[DiskSegment]) -> None:
+    """Remove trimmed files (from :meth:`DiskLog.trim`). Blocking: the broker
+    runs it on a worker thread. A file that cannot be removed is logged and
+    left: retention trims it again after the next start."""
+    for segment in segments:
+        try:
+            os.unlink(segment.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("cannot remove the trimmed disk log file %s: %s", segment.path, exc)
 
 
 @attrs.frozen
@@ -499,12 +768,13 @@ class SyncResult:
 
 
 def write_and_sync(jobs: list[WriteJob]) -> SyncResult:
-    """Append each job's buffers to its file and fdatasync it. Blocking: the
+    """Append each job's buffers to its files and fdatasync them. Blocking: the
     broker runs it on a worker thread.
 
-    A stream's first job creates its file; the directory is then synced too,
+    A file's first append creates it; the directory is then synced too,
     before this returns, so that no batch of a new file counts as durable
-    while the file itself could still vanish.
+    while the file itself could still vanish. A job's files are written in
+    order, each synced before the next is begun.
 
     Returns:
         The jobs done; the first ``OSError`` ends the call and is reported
@@ -516,24 +786,31 @@ def write_and_sync(jobs: list[WriteJob]) -> SyncResult:
     written = 0
     try:
         for job in jobs:
-            file = job._file
-            if file.fd < 0:
-                with _failing_as("create", file.path):
-                    # O_APPEND: every write goes to the end, whatever the offset.
-                    file.fd = open_private_file(
-                        str(file.path), os.O_RDWR | os.O_APPEND | os.O_CREAT, file.mode, "disk log"
-                    )
-            with _failing_as("write", file.path):
-                written += _append(file.fd, job.views)
-            with _failing_as("fdatasync", file.path):
-                os.fdatasync(file.fd)
-            (done if file.entry_durable else new).append(job)
+            created = False
+            for part in job._parts:
+                segment = part.segment
+                if segment.fd < 0:
+                    with _failing_as("create", segment.path):
+                        # O_APPEND: every write goes to the end, whatever the offset.
+                        segment.fd = open_private_file(
+                            str(segment.path),
+                            os.O_RDWR | os.O_APPEND | os.O_CREAT,
+                            segment.mode,
+                            "disk log",
+                        )
+                with _failing_as("write", segment.path):
+                    written += _append(segment.fd, part.views)
+                with _failing_as("fdatasync", segment.path):
+                    os.fdatasync(segment.fd)
+                created = created or not segment.entry_durable
+            (new if created else done).append(job)
         if new:
-            directory = new[0]._file.path.parent  # one directory holds every file
+            directory = new[0]._parts[0].segment.path.parent  # one directory holds every file
             with _failing_as("fsync directory", directory):
                 sync_directory(directory)
             for job in new:
-                job._file.entry_durable = True
+                for part in job._parts:
+                    part.segment.entry_durable = True
             done += new
     except StorageError as failure:
         return SyncResult(done, written, failure)
@@ -635,13 +912,14 @@ def _file_base(path: Path, stream: Stream, batches: list[DiskBatch]) -> int:
     )
 
 
-def _read_batches(fd: int, path: Path) -> list[DiskBatch]:
-    """Where each whole batch is; a torn tail is truncated away."""
+def _read_batches(segment: DiskSegment) -> list[DiskBatch]:
+    """Where each whole batch of ``segment``'s file is; a torn tail is
+    truncated away."""
+    fd, path = segment.fd, segment.path
     size = os.fstat(fd).st_size
     batches: list[DiskBatch] = []
     offset = 0
-    # A file begun after retention trimmed the region starts where the region
-    # did then, not at logical offset 0; from there on the batches follow on.
+    # Within a file each batch follows on from the one before.
     expected_first: int | None = None
     while offset + BATCH_HEADER_SIZE <= size:
         header = unpack_batch_header(os.pread(fd, BATCH_HEADER_SIZE, offset))
@@ -661,7 +939,9 @@ def _read_batches(fd: int, path: Path) -> list[DiskBatch]:
                 "the file holds different histories"
             )
         batches.append(
-            DiskBatch(offset, header.start_logical_offset, header.num_msg, header.total_size)
+            DiskBatch(
+                offset, header.start_logical_offset, header.num_msg, header.total_size, segment
+            )
         )
         expected_first = header.start_logical_offset + header.num_msg
         offset = end
@@ -674,9 +954,13 @@ def _read_batches(fd: int, path: Path) -> list[DiskBatch]:
 __all__ = [
     "DiskBatch",
     "DiskLog",
+    "DiskSegment",
     "DiskStatistics",
     "SyncResult",
     "WriteJob",
     "file_name",
+    "parse_file_name",
+    "remove_files",
+    "stream_files",
     "write_and_sync",
 ]

@@ -59,6 +59,7 @@ read-write mapping or a read-only mapping in another process.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -215,9 +216,27 @@ class StreamEntry:
     first_batch: int
 
 
-def file_name(topic: str, broker_id: int) -> str:
-    """The disk log file of one (topic, broker) stream; ``@`` is not a topic character."""
-    return f"{topic}@{broker_id}.log"
+def file_name(topic: str, broker_id: int, first_offset: int = 0) -> str:
+    """The disk log file of one (topic, broker) stream that begins at logical
+    ``first_offset`` (a stream's disk log is a run of such files, Kafka's
+    segments). ``@`` is not a topic character, so the name parses back
+    (:func:`parse_file_name`); the offset is zero-padded so that names sort
+    in offset order."""
+    return f"{topic}@{broker_id}.{first_offset:020d}.log"
+
+
+_FILE_NAME = re.compile(r"(?P<topic>[^@]+)@(?P<broker>[0-9]+)(?:\.(?P<first>[0-9]{20}))?\.log")
+
+
+def parse_file_name(name: str) -> tuple[str, int, int | None] | None:
+    """The (topic, broker id, first logical offset) of a disk log file's
+    ``name``, or None when it is not one. The offset is None for a file of
+    the earlier one-file-per-stream form (``<topic>@<broker>.log``)."""
+    match = _FILE_NAME.fullmatch(name)
+    if match is None:
+        return None
+    first = match["first"]
+    return match["topic"], int(match["broker"]), None if first is None else int(first)
 
 
 # -- the superblock ---------------------------------------------------------------------

@@ -49,7 +49,7 @@ from .layout import (
     TOPIC_STATE_OFFSET,
     U32,
     Geometry,
-    file_name,
+    parse_file_name,
     read_geometry,
     read_segment_header,
     read_topic_state,
@@ -77,9 +77,10 @@ def delete_topic_file(path: str, name: str, storage_dir: str | None = None) -> D
     """Delete topic ``name`` from the CXL file ``path``, also while brokers serve it.
 
     Under the region's file lock: the deletion (see :func:`delete_topic`),
-    then every ``<name>@<broker>.log`` in ``storage_dir`` is renamed to
-    ``<name>@<broker>.log.deleted-<ns>`` (no broker recreates the topic,
-    and so its file, before the lock is released).
+    then every disk log file of the topic in ``storage_dir`` (every broker's,
+    ``<name>@<broker>.<offset>.log``) is renamed to ``<that>.deleted-<ns>``
+    (no broker recreates the topic, and so its files, before the lock is
+    released).
 
     Raises:
         KeyError: No such topic.
@@ -100,10 +101,11 @@ def delete_topic_file(path: str, name: str, storage_dir: str | None = None) -> D
                 renamed = []
                 if storage_dir is not None:
                     stamp = time.time_ns()
-                    for broker in range(geometry.max_brokers):
-                        old = Path(storage_dir) / file_name(name, broker)
-                        if old.exists():
-                            new = old.with_name(f"{old.name}.deleted-{stamp}")
+                    for file in sorted(os.listdir(storage_dir)):
+                        parsed = parse_file_name(file)
+                        if parsed is not None and parsed[0] == name:
+                            old = Path(storage_dir) / file
+                            new = old.with_name(f"{file}.deleted-{stamp}")
                             old.rename(new)
                             renamed.append(new)
             finally:
