@@ -24,7 +24,14 @@ import pytest
 from trio_embarcadero.errors import ErrorCode
 from trio_embarcadero.tools import bench, loadgen
 from trio_embarcadero.tools.bench.report import _notes
-from trio_embarcadero.wire import HANDSHAKE_SIZE, encode_error_frame, scan_records
+from trio_embarcadero.wire import (
+    ACK_BROKER_ID,
+    ACK_COUNT,
+    BATCH_HEADER,
+    HANDSHAKE_SIZE,
+    encode_error_frame,
+    scan_records,
+)
 
 BATCH_PAYLOAD = 1928 * 1024
 
@@ -464,3 +471,88 @@ def test_plot(tmp_path: Path, cxl_dir: Path) -> None:  # pragma: no cover - opti
     )
     assert code == 0
     assert png.stat().st_size > 0
+
+
+def _acking_receiver(stall: float) -> tuple[int, threading.Thread, socket.socket]:
+    """A one-connection publish receiver that reads nothing for ``stall``
+    seconds after the handshake, then acks every batch; returns its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    # A small window, so a stalled receiver blocks the sender's sendall soon.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+    def exactly(conn: socket.socket, n: int) -> bytes:
+        data = bytearray()
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                return b""
+            data += chunk
+        return bytes(data)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            exactly(conn, HANDSHAKE_SIZE)
+            conn.sendall(ACK_BROKER_ID.pack(0))
+            stop = threading.Event()
+            stop.wait(stall)
+            count = 0
+            while header := exactly(conn, BATCH_HEADER.size):
+                fields = BATCH_HEADER.unpack(header)
+                exactly(conn, fields[7])
+                count += fields[2]
+                conn.sendall(ACK_COUNT.pack(count))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread, listener
+
+
+def test_paced_loadgen_sends_on_schedule_and_times_from_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Five 4 MB batches at 20 MB/s: one every 0.2 s. The receiver stalls for
+    0.5 s, so the second batch goes out late; its latency counts that wait."""
+    port, thread, listener = _acking_receiver(stall=0.5)
+    try:
+        code = loadgen.main(
+            [
+                *("--port", str(port), "--connections", "1"),
+                *("--batch-messages", "4000", "--bytes", str(5 * 4000 * 1024)),
+                *("--rate", "20e6", "--interval", "10"),
+            ]
+        )
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    interval = 4000 * 1024 / 20e6
+    assert result["ok"] is True
+    assert result["batches"] == 5
+    assert result["rate_bytes_per_s"] == 20_000_000
+    assert result["latency_from"] == "scheduled send"
+    # The last batch is due 4 intervals after the first send.
+    assert result["elapsed_s"] >= 4 * interval
+    lags, latencies = result["send_lag_us"], result["latency_us"]
+    assert len(lags) == len(latencies) == 5
+    late = max(range(5), key=lags.__getitem__)
+    assert lags[late] > 100_000  # held up by the stalled receiver
+    assert latencies[late] >= lags[late]  # no coordinated omission
+
+
+def test_unpaced_loadgen_times_from_the_send(capsys: pytest.CaptureFixture[str]) -> None:
+    port, thread, listener = _acking_receiver(stall=0.0)
+    try:
+        code = loadgen.main(
+            ["--port", str(port), "--connections", "1", "--batch-messages", "10", "--bytes", "40K"]
+        )
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (result["batches"], result["rate_bytes_per_s"]) == (4, None)
+    assert result["latency_from"] == "send start"
+    assert result["send_lag_us"] == []
+    assert len(result["latency_us"]) == 4
