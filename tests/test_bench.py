@@ -7,7 +7,9 @@ figure is present and sane.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import socket
@@ -22,13 +24,17 @@ import numpy as np
 import pytest
 
 from trio_embarcadero.errors import ErrorCode
-from trio_embarcadero.tools import bench, loadgen
+from trio_embarcadero.tools import bench, loadgen, reader, sink
 from trio_embarcadero.tools.bench.report import _notes
+from trio_embarcadero.tools.rawwire import recv_exactly, subscribe_handshake
 from trio_embarcadero.wire import (
     ACK_BROKER_ID,
     ACK_COUNT,
     BATCH_HEADER,
     HANDSHAKE_SIZE,
+    MESSAGE_HEADER,
+    MH_LOGICAL_OFFSET,
+    MH_SIZE,
     encode_error_frame,
     scan_records,
 )
@@ -556,3 +562,86 @@ def test_unpaced_loadgen_times_from_the_send(capsys: pytest.CaptureFixture[str])
     assert result["latency_from"] == "send start"
     assert result["send_lag_us"] == []
     assert len(result["latency_us"]) == 4
+
+
+@pytest.fixture
+def read_sink(cxl_dir: Path) -> Iterator[int]:
+    """``tools.sink read`` serving 3 batches of 10 records of 100 B; yields its port."""
+    command = [
+        *(sys.executable, "-m", "trio_embarcadero.tools.sink", "read"),
+        *("--batches", "3", "--batch-messages", "10", "--message-size", "100"),
+        *("--dir", str(cxl_dir)),
+    ]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.startswith("listening on "), line
+            assert list(cxl_dir.iterdir()) == []  # the mapping keeps the file, unlinked
+            yield int(line.rsplit(":", 1)[1])
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=10) == 0
+
+
+def test_read_sink_sends_the_log_s_records_from_the_offset_asked(read_sink: int) -> None:
+    with socket.create_connection(("127.0.0.1", read_sink)) as sock:
+        sock.sendall(subscribe_handshake("bench", 15))
+        records = bytearray(15 * 192)  # 64-byte header + 100 B padded to 128
+        assert recv_exactly(sock, memoryview(records))
+    for i in range(15):
+        fields = MESSAGE_HEADER.unpack_from(records, i * 192)
+        assert fields[MH_LOGICAL_OFFSET] == 15 + i
+        assert fields[MH_SIZE] == 100
+        assert records[i * 192 + 64 : i * 192 + 164] == bytes(range(100))
+
+
+def test_reader_reads_the_whole_topic_on_every_connection(
+    read_sink: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--port", str(read_sink), "--connections", "2", "--message-size", "100"]
+    assert reader.main([*argv, "--records", "30"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["ok"] is True
+    assert result["received_bytes"] == 2 * 30 * 192
+    assert result["payload_bytes"] == 2 * 30 * 100
+    assert result["messages"] == 60
+    assert result["time_bounded"] is False
+
+
+def test_reader_fails_a_stream_that_skips_records(tmp_path: Path) -> None:
+    topic = sink.build_topic(str(tmp_path), 2, 5, 100)
+    # Record 9's header says offset 10, as if one had been skipped.
+    fields = list(MESSAGE_HEADER.unpack_from(topic, 9 * 192))
+    fields[MH_LOGICAL_OFFSET] = 10
+    MESSAGE_HEADER.pack_into(topic, 9 * 192, *fields)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            recv_exactly(conn, memoryview(bytearray(HANDSHAKE_SIZE)))
+            conn.sendall(topic)
+            conn.recv(1)  # until the reader closes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            code = reader.main(
+                [
+                    "--port",
+                    str(listener.getsockname()[1]),
+                    "--records",
+                    "10",
+                    "--message-size",
+                    "100",
+                ]
+            )
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert code == 1
+    result = json.loads(out.getvalue().splitlines()[-1])
+    assert result["errors"] == ["connection 0: record 9 has (offset, size) (10, 100), not (9, 100)"]
