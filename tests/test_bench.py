@@ -7,7 +7,9 @@ figure is present and sane.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import socket
@@ -17,14 +19,26 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from trio_embarcadero.errors import ErrorCode
-from trio_embarcadero.tools import bench, loadgen
+from trio_embarcadero.tools import bench, loadgen, reader, sink
 from trio_embarcadero.tools.bench.report import _notes
-from trio_embarcadero.wire import HANDSHAKE_SIZE, encode_error_frame, scan_records
+from trio_embarcadero.tools.rawwire import recv_exactly, subscribe_handshake
+from trio_embarcadero.wire import (
+    ACK_BROKER_ID,
+    ACK_COUNT,
+    BATCH_HEADER,
+    HANDSHAKE_SIZE,
+    MESSAGE_HEADER,
+    MH_LOGICAL_OFFSET,
+    MH_SIZE,
+    encode_error_frame,
+    scan_records,
+)
 
 BATCH_PAYLOAD = 1928 * 1024
 
@@ -57,9 +71,10 @@ def test_parse_size_rejects(text: str) -> None:
 
 def test_defaults_match_the_cxx_evaluation() -> None:
     plan = bench.make_plan(_args())
-    assert plan.batch_messages == 1928
+    assert {v.batch_messages for v in plan.variants} == {1928}
+    assert {v.batch for v in plan.variants} == {""}  # one size: names as listed
     assert plan.message_size == 1024
-    assert plan.batch_total_size == 2_097_664
+    assert plan.batch_total_size(plan.variants[0]) == 2_097_664
     assert plan.connections == 4
     assert plan.rounds == 3
     assert [v.name for v in plan.variants] == list(bench.DEFAULT_VARIANTS)
@@ -209,7 +224,9 @@ def test_broker_options_reach_the_broker_config(tmp_path: Path) -> None:
         assert settings["broker.port"] == 0
         b.check_broker_config()  # the broker would accept it
         # The region holds every batch of a run: the log never wraps.
-        assert settings["cxl.size_mb"] * 2**20 > plan.batches_per_run * plan.batch_total_size
+        assert settings["cxl.size_mb"] * 2**20 > plan.batches_per_run(
+            variant
+        ) * plan.batch_total_size(variant)
     finally:
         b.close()
 
@@ -321,39 +338,32 @@ def cxl_dir() -> Iterator[Path]:
         yield Path(d)
 
 
-def test_tiny_real_run(tmp_path: Path, cxl_dir: Path) -> None:
+def _bench(*argv: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``trio-embarcadero bench ARGV --json`` in a process of its own (without the
+    caller's broker environment); its output and report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_EMBARCADERO_")}
+        proc = subprocess.run(
+            [sys.executable, "-m", "trio_embarcadero", "bench", *argv, "--json", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc, json.loads(out.read_text())
+
+
+def test_tiny_real_run(cxl_dir: Path) -> None:
     """Three variants, one round, ten batches each, in real processes."""
     requested = 10 * BATCH_PAYLOAD
-    out = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_EMBARCADERO_")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trio_embarcadero",
-            "bench",
-            "--variants",
-            "trio-sink,staged-ack1,direct-ack0",
-            "--rounds",
-            "1",
-            "--connections",
-            "2",
-            "--bytes",
-            str(requested),
-            "--cxl-dir",
-            str(cxl_dir),
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
+    proc, report = _bench(
+        *("--variants", "trio-sink,staged-ack1,direct-ack0", "--rounds", "1"),
+        *("--connections", "2", "--bytes", str(requested), "--cxl-dir", str(cxl_dir)),
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "x trio-sink" in proc.stdout  # the table
     assert "[1/3 r1] trio-sink:" in proc.stderr  # the per-run lines
-    report = json.loads(out.read_text())
     assert report["ok"] is True
     assert report["setup"]["bytes_per_run"] == requested
     assert set(report["variants"]) == {"trio-sink", "staged-ack1", "direct-ack0"}
@@ -391,38 +401,13 @@ def test_tiny_real_ack2_run(tmp_path: Path, cxl_dir: Path) -> None:
     requested = 2 * BATCH_PAYLOAD
     storage_dir = tmp_path / "disk"
     storage_dir.mkdir()
-    out = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_EMBARCADERO_")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trio_embarcadero",
-            "bench",
-            "--variants",
-            "staged-ack2",
-            "--rounds",
-            "1",
-            "--connections",
-            "2",
-            "--bytes",
-            str(requested),
-            "--cxl-dir",
-            str(cxl_dir),
-            "--storage-dir",
-            str(storage_dir),
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
+    proc, report = _bench(
+        *("--variants", "staged-ack2", "--rounds", "1", "--connections", "2"),
+        *("--bytes", str(requested), "--cxl-dir", str(cxl_dir)),
+        *("--storage-dir", str(storage_dir)),
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "staged-ack2" in proc.stdout  # the table
     assert f"disk logs under {storage_dir}" in proc.stderr
-    report = json.loads(out.read_text())
     assert report["ok"] is True
     assert report["setup"]["storage"]["dir"] == str(storage_dir)
     assert report["setup"]["storage"]["sync_interval_ms"] == 5.0
@@ -444,6 +429,76 @@ def test_tiny_real_ack2_run(tmp_path: Path, cxl_dir: Path) -> None:
     assert list(cxl_dir.iterdir()) == []
 
 
+def test_tiny_real_read_run(cxl_dir: Path) -> None:
+    """The read path, 2 readers, ten batches: the broker's subscribers and the minimal sender."""
+    topic = 10 * BATCH_PAYLOAD
+    proc, report = _bench(
+        *("--variants", "read-sink2,read-sub2", "--rounds", "1", "--connections", "2"),
+        *("--bytes", str(topic), "--cxl-dir", str(cxl_dir)),
+    )
+    assert "x read-sink" in proc.stdout
+    assert "read-sub2: filling the topic (not timed)" in proc.stderr
+    assert report["ok"] is True
+    for run in report["runs"]:
+        assert run["ok"], run
+        assert run["payload_bytes"] == 2 * topic  # each reader reads it all
+        assert run["wire_bytes"] == 2 * 10 * 1928 * 1088
+        assert run["messages"] == 2 * 10 * 1928
+        assert run["gb_per_s"] > 0
+        assert run["server_cpu_s"] >= 0
+        assert run["latency_ms"]["count"] == 0
+    sink_run, sub_run = report["runs"]
+    assert sink_run["fill_s"] is None
+    assert sub_run["fill_s"] > 0
+    sub = report["variants"]["read-sub2"]
+    assert sub["readers"] == 2
+    assert sub["ratio_to_read_sink"] == pytest.approx(
+        sub["gb_per_s"]["median"] / report["variants"]["read-sink2"]["gb_per_s"]["median"]
+    )
+    assert sub["cxl_size_mb"] > 0
+    assert list(cxl_dir.iterdir()) == []  # the region and the sender's file are gone
+
+
+def test_tiny_real_paced_run_with_a_retention_variant(cxl_dir: Path) -> None:
+    """trio-sink and staged-ack1+retention, each unpaced, then paced at half its peak."""
+    requested = 4 * BATCH_PAYLOAD
+    proc, report = _bench(
+        *("--variants", "trio-sink,staged-ack1+retention", "--rounds", "1", "--rate", "0.5"),
+        *("--connections", "2", "--bytes", str(requested), "--cxl-dir", str(cxl_dir)),
+        # A smaller region than the preset's 1 GiB: faulted in faster.
+        *("--variant-option", "staged-ack1+retention:cxl.size_mb=128"),
+    )
+    assert "Paced load" in proc.stdout
+    assert "[2/4 r1] trio-sink at 50%:" in proc.stderr
+    assert "staged-ack1+retention 128 MiB" in proc.stderr  # its own region
+    assert report["ok"] is True
+    assert report["setup"]["rates"] == [0.5]
+    assert report["setup"]["variant_options"] == {
+        "staged-ack1+retention": {"cxl.size_mb": 128, "topics.retention_bytes": 268435456}
+    }
+    assert [(r["variant"], r["rate"]) for r in report["runs"]] == [
+        ("trio-sink", None),
+        ("trio-sink", 0.5),
+        ("staged-ack1+retention", None),
+        ("staged-ack1+retention", 0.5),
+    ]
+    for peak, paced in (report["runs"][:2], report["runs"][2:]):
+        assert paced["ok"], paced
+        assert paced["offered_gb_per_s"] == pytest.approx(peak["gb_per_s"] / 2, rel=1e-6)
+        assert paced["payload_bytes"] == requested
+        assert paced["latency_ms"]["count"] == 4
+        assert paced["send_lag_ms"]["count"] == 4
+        assert peak["send_lag_ms"]["count"] == 0
+    for variant in report["variants"].values():
+        assert variant["runs"] == 1
+        (half,) = variant["paced"]
+        assert half["rate"] == 0.5
+        assert half["runs"] == 1
+        assert half["latency_ms"]["count"] == 4
+    assert report["variants"]["staged-ack1+retention"]["cxl_size_mb"] == 128
+    assert list(cxl_dir.iterdir()) == []
+
+
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
 def test_plot(tmp_path: Path, cxl_dir: Path) -> None:  # pragma: no cover - optional extra
     png = tmp_path / "bench.png"
@@ -459,8 +514,451 @@ def test_plot(tmp_path: Path, cxl_dir: Path) -> None:  # pragma: no cover - opti
             str(cxl_dir),
             "--plot",
             str(png),
+            "--rate",
+            "0.5",
             "--quiet",
         )
     )
     assert code == 0
     assert png.stat().st_size > 0
+
+
+# -- the read path, paced load, per-variant broker options ---------------------------------
+
+
+def test_read_variants_parse() -> None:
+    plan = bench.make_plan(_args("--variants", "read-sink1,read-sub4"))
+    assert [
+        (v.name, v.kind, v.readers, v.is_broker, v.is_read, v.paced) for v in plan.variants
+    ] == [
+        ("read-sink1", "read-sink", 1, False, True, False),
+        ("read-sub4", "read-sub", 4, True, True, False),
+    ]
+    assert set(bench.READ_VARIANTS) == {"read-sink1", "read-sub1", "read-sink4", "read-sub4"}
+    assert not set(bench.READ_VARIANTS) & set(bench.DEFAULT_VARIANTS)
+
+
+@pytest.mark.parametrize("text", ["read-sub", "read-sink0", "read-sub4-ack1", "staged-ack1+a+a"])
+def test_bad_read_variants_are_usage_errors(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        _args("--variants", text)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "variant" in err or "readers" in err
+
+
+def test_several_batch_sizes_run_every_variant_at_each(tmp_path: Path) -> None:
+    plan = bench.make_plan(
+        _args("--variants", "trio-sink,staged-ack1", "--batch-size", "64KiB,2MiB", "--bytes", "1G")
+    )
+    assert [(v.name, v.batch, v.batch_messages) for v in plan.variants] == [
+        ("trio-sink@64KiB", "64KiB", 61),  # sealed once header + records reach 65,536 B
+        ("trio-sink@2MiB", "2MiB", 1928),
+        ("staged-ack1@64KiB", "64KiB", 61),
+        ("staged-ack1@2MiB", "2MiB", 1928),
+    ]
+    sink64, sink2m, staged64, staged2m = plan.variants
+    # Ratios compare variants of the same batch size.
+    assert plan.counterpart(staged64, kind="trio-sink") is sink64
+    assert plan.counterpart(staged2m, kind="trio-sink") is sink2m
+    assert plan.counterpart(staged64, kind="raw-sink") is None
+    b = bench.Bench(plan, live=None)
+    try:
+        command = b.loadgen_command(("127.0.0.1", 9), staged64, 1)
+        assert command[command.index("--batch-messages") + 1] == "61"
+        assert "--rate" not in command
+        command = b.loadgen_command(("127.0.0.1", 9), staged2m, 1, 1.5e9)
+        assert command[command.index("--batch-messages") + 1] == "1928"
+        assert command[command.index("--rate") + 1] == "1500000000"
+        # 64 KiB batches need no bigger staging buffer; the regions hold each run.
+        small = b.broker_settings(staged64, str(tmp_path / "cxl"))
+        assert small["cxl.segment_mb"] == 32
+        assert "network.staging_pool_buffer_size_mb" not in small
+        b.check_broker_config()
+    finally:
+        b.close()
+    assert plan.batches_per_run(staged64) == -(-(10**9) // (61 * 1024))
+
+
+@pytest.mark.parametrize(
+    ("text", "rates"), [("0.25,0.5,0.8", (0.25, 0.5, 0.8)), ("25%,1", (0.25, 1.0))]
+)
+def test_rates_parse(text: str, rates: tuple[float, ...]) -> None:
+    assert bench.make_plan(_args("--rate", text)).rates == rates
+    assert bench.make_plan(_args()).rates == ()
+
+
+@pytest.mark.parametrize("text", ["0", "1.5", "-0.5", "x", "0.5,0.5", ""])
+def test_bad_rates_are_usage_errors(text: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        _args("--rate", text)
+    assert info.value.code == 2
+
+
+def test_only_ingest_variants_with_acks_are_paced(capsys: pytest.CaptureFixture[str]) -> None:
+    plan = bench.make_plan(
+        _args("--variants", "trio-sink,staged-ack0,direct-ack2,read-sub1", "--rate", "0.5")
+    )
+    assert [v.name for v in plan.variants if v.paced] == ["trio-sink", "direct-ack2"]
+    args = _args("--variants", "staged-ack0,read-sink1", "--rate", "0.5")
+    with pytest.raises(ValueError, match="--rate"):
+        bench.make_plan(args)
+    assert bench.run(args) == 2
+    assert "--rate" in capsys.readouterr().err
+
+
+def test_retention_variants_get_their_own_region(tmp_path: Path) -> None:
+    """staged-ack1+retention: the shipped 1 GiB region keeping 256 MiB; the
+    plain variants' regions still hold the whole run."""
+    plan = bench.make_plan(
+        _args(
+            "--variants", "staged-ack1,staged-ack1+retention,staged-ack2+retention", "--bytes", "8G"
+        )
+    )
+    plain, retained, durable = plan.variants
+    assert retained.tags == ("retention",)
+    assert retained.options == bench.PRESETS["retention"]
+    b = bench.Bench(plan, live=None)
+    try:
+        cxl = str(tmp_path / "cxl")
+        settings = b.broker_settings(plain, cxl)
+        assert settings["cxl.size_mb"] * 2**20 > 8 * 10**9
+        assert "topics.retention_bytes" not in settings
+        settings = b.broker_settings(retained, cxl)
+        assert settings["cxl.size_mb"] == 1024
+        assert settings["topics.retention_bytes"] == 256 * 2**20
+        assert b.broker_settings(durable, cxl)["cxl.size_mb"] == 1024
+        b.check_broker_config()
+    finally:
+        b.close()
+    # Ratios: against the same variant without the tag, and ack 2 against ack 1 with it.
+    assert plan.counterpart(retained, tags=()) is plain
+    assert plan.counterpart(durable, ack=1) is retained
+
+
+def test_variant_options_reach_only_their_variant(tmp_path: Path) -> None:
+    plan = bench.make_plan(
+        _args(
+            *("--variants", "staged-ack1,staged-ack1+pool,direct-ack1+retention"),
+            *("--broker-option", "network.staging_pool_num_buffers=16"),
+            *("--broker-option", "cxl.size_mb=4096"),
+            *("--variant-option", "staged-ack1+pool:network.staging_pool_num_buffers=64"),
+            *("--variant-option", "direct-ack1+retention:topics.retention_bytes=134217728"),
+            "--bytes",
+            "100M",
+        )
+    )
+    plain, pool, retention = plan.variants
+    b = bench.Bench(plan, live=None)
+    try:
+        cxl = str(tmp_path / "cxl")
+        assert b.broker_settings(plain, cxl)["network.staging_pool_num_buffers"] == 16
+        assert b.broker_settings(pool, cxl)["network.staging_pool_num_buffers"] == 64
+        assert b.broker_settings(pool, cxl)["cxl.size_mb"] == 4096  # --broker-option
+        # The preset over --broker-option, --variant-option over the preset.
+        settings = b.broker_settings(retention, cxl)
+        assert settings["cxl.size_mb"] == 1024
+        assert settings["topics.retention_bytes"] == 134217728
+        b.check_broker_config()
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--variants", "staged-ack1+fast"), "not a preset"),
+        (("--variants", "trio-sink+retention"), "sink runs no broker"),
+        (("--variants", "read-sub1+retention"), "would trim"),
+        (
+            ("--variants", "staged-ack1", "--variant-option", "direct-ack1:cxl.size_mb=64"),
+            "not one",
+        ),
+        (("--variants", "raw-sink", "--variant-option", "raw-sink:cxl.size_mb=64"), "no broker"),
+        (("--variants", "staged-ack1", "--variant-option", "staged-ack1=cxl.size_mb"), "VARIANT:"),
+        (("--variants", "staged-ack1", "--variant-option", "staged-ack1:size_mb=1"), "SECTION.KEY"),
+        (
+            ("--variants", "staged-ack2", "--variant-option", "staged-ack2:storage.dir=/x"),
+            "storage",
+        ),
+    ],
+)
+def test_bad_variant_options_are_usage_errors(
+    argv: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _args(*argv)
+    with pytest.raises(ValueError, match=message):
+        bench.make_plan(args)
+    assert bench.run(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_summary_of_read_paced_and_tagged_variants() -> None:
+    plan = bench.make_plan(
+        _args(
+            *("--variants", "read-sink1,read-sink4,read-sub4,staged-ack1,staged-ack1+retention"),
+            *("--rounds", "2", "--rate", "0.5,0.8"),
+        )
+    )
+    runs = [
+        _run("read-sink1", 1, 1.0), _run("read-sink4", 1, 2.0), _run("read-sub4", 1, 1.5),
+        _run("staged-ack1", 1, 1.0), _run("staged-ack1+retention", 1, 0.9),
+        _run("read-sink1", 2, 1.0), _run("read-sink4", 2, 2.0), _run("read-sub4", 2, 1.9),
+        _run("staged-ack1", 2, 2.0), _run("staged-ack1+retention", 2, 1.9),
+    ]  # fmt: skip
+    for rnd, peak in ((1, 1.0), (2, 2.0)):
+        for rate in (0.5, 0.8):
+            paced = _run("staged-ack1", rnd, peak * rate)
+            paced.rate, paced.offered_bytes_per_s = rate, peak * rate * 1e9
+            paced.latency_us = [int(10_000 * rate)] * 3
+            paced.send_lag_us = [5, 7, 9]
+            runs.append(paced)
+    runs.append(bench.RunResult("staged-ack1", 2, ok=False, rate=0.8, errors=["x"]))
+    summary = bench.summarize(plan, runs)
+    sub4 = summary["read-sub4"]
+    # Against the sender with as many readers, never the one with another count.
+    assert sub4["ratio_to_read_sink"] == pytest.approx(1.7 / 2.0)
+    assert sub4["paired_ratio_to_read_sink"] == pytest.approx((0.75 + 0.95) / 2)
+    assert sub4["ratio_to_trio_sink"] is None
+    assert summary["staged-ack1"]["ratio_to_read_sink"] is None
+    assert sub4["readers"] == 4
+    assert sub4["paced"] == []
+    staged = summary["staged-ack1"]
+    # Paced runs stay out of the unpaced figures.
+    assert staged["runs"] == 2
+    assert staged["failed_runs"] == 0
+    assert staged["gb_per_s"]["median"] == pytest.approx(1.5)
+    assert [p["rate"] for p in staged["paced"]] == [0.5, 0.8]
+    half, most = staged["paced"]
+    assert half["runs"] == 2
+    assert half["offered_gb_per_s"]["values"] == pytest.approx([0.5, 1.0])
+    assert half["latency_ms"]["count"] == 6
+    assert half["latency_ms"]["p50"] == pytest.approx(5.0, rel=0.01)
+    assert most["latency_ms"]["p99"] == pytest.approx(8.0, rel=0.01)
+    assert most["failed_runs"] == 1
+    assert most["send_lag_ms"]["max"] == pytest.approx(0.009)
+    retained = summary["staged-ack1+retention"]
+    assert retained["ratio_to_untagged"] == pytest.approx(1.4 / 1.5)
+    assert retained["paired_ratio_to_untagged"] == pytest.approx((0.9 + 0.95) / 2)
+    assert retained["broker_options"] == bench.PRESETS["retention"]
+    assert retained["cxl_size_mb"] == 1024
+    notes = _notes(plan, summary, None)
+    assert any(n.startswith("Target (read-sub4): >= 80% of read-sink with 4") for n in notes)
+    assert any(n.startswith("+retention cost: staged-ack1+retention moves 93%") for n in notes)
+    assert any(
+        n.startswith("Target (staged-ack1, 2,097,664 B batches): ack p99 < 5 ms at 80%")
+        and n.endswith("-> 8.00 ms.")
+        for n in notes
+    )
+
+
+def test_table_shows_the_read_ratio_and_the_paced_latencies(tmp_path: Path) -> None:
+    plan = bench.make_plan(
+        _args("--variants", "read-sink1,read-sub1,staged-ack1", "--rounds", "1", "--rate", "0.8")
+    )
+    b = bench.Bench(plan, live=None)
+    try:
+        paced = _run("staged-ack1", 1, 0.8)
+        paced.rate, paced.offered_bytes_per_s = 0.8, 0.8e9
+        paced.latency_us = [3000, 4000]
+        b.runs = [
+            _run("read-sink1", 1, 2.0),
+            _run("read-sub1", 1, 1.0),
+            _run("staged-ack1", 1, 1.0),
+            paced,
+        ]
+        for run in b.runs[:2]:
+            run.latency_us = []
+        report = bench.build_report(b)
+    finally:
+        b.close()
+    assert report["setup"]["rates"] == [0.8]
+    assert report["runs"][3]["rate"] == 0.8
+    assert report["runs"][3]["offered_gb_per_s"] == pytest.approx(0.8)
+    text = bench.render_table(report)
+    head, _, rest = text.partition("Paced load")
+    header = next(line for line in head.splitlines() if line.startswith("variant"))
+    assert "x read-sink" in header
+    row = next(line for line in head.splitlines() if line.startswith("read-sub1"))
+    assert "0.50" in row.split()  # x read-sink
+    paced_row = next(line for line in rest.splitlines() if line.startswith("staged-ack1"))
+    assert paced_row.split()[1:3] == ["80%", "0.80"]
+    assert "3.0/4.0/4.0" in paced_row
+    # Without read or paced variants the table is as it was.
+    plan = bench.make_plan(_args("--variants", "staged-ack1", "--rounds", "1"))
+    b = bench.Bench(plan, live=None)
+    try:
+        b.runs = [_run("staged-ack1", 1, 1.0)]
+        text = bench.render_table(bench.build_report(b))
+    finally:
+        b.close()
+    assert "x read-sink" not in text
+    assert "Paced load" not in text
+
+
+def _acking_receiver(stall: float) -> tuple[int, threading.Thread, socket.socket]:
+    """A one-connection publish receiver that reads nothing for ``stall``
+    seconds after the handshake, then acks every batch; returns its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    # A small window, so a stalled receiver blocks the sender's sendall soon.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+    def exactly(conn: socket.socket, n: int) -> bytes:
+        data = bytearray()
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                return b""
+            data += chunk
+        return bytes(data)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            exactly(conn, HANDSHAKE_SIZE)
+            conn.sendall(ACK_BROKER_ID.pack(0))
+            stop = threading.Event()
+            stop.wait(stall)
+            count = 0
+            while header := exactly(conn, BATCH_HEADER.size):
+                fields = BATCH_HEADER.unpack(header)
+                exactly(conn, fields[7])
+                count += fields[2]
+                conn.sendall(ACK_COUNT.pack(count))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread, listener
+
+
+def test_paced_loadgen_sends_on_schedule_and_times_from_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Five 4 MB batches at 20 MB/s: one every 0.2 s. The receiver stalls for
+    0.5 s, so the second batch goes out late; its latency counts that wait."""
+    port, thread, listener = _acking_receiver(stall=0.5)
+    try:
+        code = loadgen.main(
+            [
+                *("--port", str(port), "--connections", "1"),
+                *("--batch-messages", "4000", "--bytes", str(5 * 4000 * 1024)),
+                *("--rate", "20e6", "--interval", "10"),
+            ]
+        )
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    interval = 4000 * 1024 / 20e6
+    assert result["ok"] is True
+    assert result["batches"] == 5
+    assert result["rate_bytes_per_s"] == 20_000_000
+    assert result["latency_from"] == "scheduled send"
+    # The last batch is due 4 intervals after the first send.
+    assert result["elapsed_s"] >= 4 * interval
+    lags, latencies = result["send_lag_us"], result["latency_us"]
+    assert len(lags) == len(latencies) == 5
+    late = max(range(5), key=lags.__getitem__)
+    assert lags[late] > 100_000  # held up by the stalled receiver
+    assert latencies[late] >= lags[late]  # no coordinated omission
+
+
+def test_unpaced_loadgen_times_from_the_send(capsys: pytest.CaptureFixture[str]) -> None:
+    port, thread, listener = _acking_receiver(stall=0.0)
+    try:
+        code = loadgen.main(
+            ["--port", str(port), "--connections", "1", "--batch-messages", "10", "--bytes", "40K"]
+        )
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (result["batches"], result["rate_bytes_per_s"]) == (4, None)
+    assert result["latency_from"] == "send start"
+    assert result["send_lag_us"] == []
+    assert len(result["latency_us"]) == 4
+
+
+@pytest.fixture
+def read_sink(cxl_dir: Path) -> Iterator[int]:
+    """``tools.sink read`` serving 3 batches of 10 records of 100 B; yields its port."""
+    command = [
+        *(sys.executable, "-m", "trio_embarcadero.tools.sink", "read"),
+        *("--batches", "3", "--batch-messages", "10", "--message-size", "100"),
+        *("--dir", str(cxl_dir)),
+    ]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.startswith("listening on "), line
+            assert list(cxl_dir.iterdir()) == []  # the mapping keeps the file, unlinked
+            yield int(line.rsplit(":", 1)[1])
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=10) == 0
+
+
+def test_read_sink_sends_the_log_s_records_from_the_offset_asked(read_sink: int) -> None:
+    with socket.create_connection(("127.0.0.1", read_sink)) as sock:
+        sock.sendall(subscribe_handshake("bench", 15))
+        records = bytearray(15 * 192)  # 64-byte header + 100 B padded to 128
+        assert recv_exactly(sock, memoryview(records))
+    for i in range(15):
+        fields = MESSAGE_HEADER.unpack_from(records, i * 192)
+        assert fields[MH_LOGICAL_OFFSET] == 15 + i
+        assert fields[MH_SIZE] == 100
+        assert records[i * 192 + 64 : i * 192 + 164] == bytes(range(100))
+
+
+def test_reader_reads_the_whole_topic_on_every_connection(
+    read_sink: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--port", str(read_sink), "--connections", "2", "--message-size", "100"]
+    assert reader.main([*argv, "--records", "30"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["ok"] is True
+    assert result["received_bytes"] == 2 * 30 * 192
+    assert result["payload_bytes"] == 2 * 30 * 100
+    assert result["messages"] == 60
+    assert result["time_bounded"] is False
+
+
+def test_reader_fails_a_stream_that_skips_records(tmp_path: Path) -> None:
+    topic = sink.build_topic(str(tmp_path), 2, 5, 100)
+    # Record 9's header says offset 10, as if one had been skipped.
+    fields = list(MESSAGE_HEADER.unpack_from(topic, 9 * 192))
+    fields[MH_LOGICAL_OFFSET] = 10
+    MESSAGE_HEADER.pack_into(topic, 9 * 192, *fields)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            recv_exactly(conn, memoryview(bytearray(HANDSHAKE_SIZE)))
+            conn.sendall(topic)
+            conn.recv(1)  # until the reader closes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            code = reader.main(
+                [
+                    "--port",
+                    str(listener.getsockname()[1]),
+                    "--records",
+                    "10",
+                    "--message-size",
+                    "100",
+                ]
+            )
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert code == 1
+    result = json.loads(out.getvalue().splitlines()[-1])
+    assert result["errors"] == ["connection 0: record 9 has (offset, size) (10, 100), not (9, 100)"]

@@ -35,18 +35,24 @@ the *start* of the batch's ``sendall`` (``latency_us``, which includes time
 blocked on a full socket, i.e. backpressure) and from its completion
 (``latency_after_send_us``, the time the receiver took once the batch was in
 the kernel).
+
+With ``--rate`` the connections are paced: each sends its batches on a fixed
+schedule (``--rate`` bytes of message payload per second for all of them
+together, each connection an equal share, their schedules staggered), sleeping
+until a batch is due; one that falls behind (its ``sendall`` blocked) sends the
+late batches back to back until it is on schedule again. Latency is then
+measured from each batch's *scheduled* send time, so time a batch spent waiting
+behind earlier ones counts (no coordinated omission); ``send_lag_us`` says how
+late each send started.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import itertools
-import json
 import math
 import re
-import resource
 import socket
 import struct
 import sys
@@ -65,6 +71,8 @@ from ..wire import (
     encode_batch,
     padded_size,
 )
+from . import clientproc
+from .clientproc import ClientFailure, close_all, cpu_seconds, emit, open_connections, watch
 from .rawwire import publish_handshake, recv_exactly
 
 # batch_seq is the header's first field; it is the only one that changes.
@@ -94,10 +102,6 @@ _WINDOWS = {
 }
 
 
-class _Failure(Exception):
-    pass
-
-
 class _Connection:
     """One publisher connection: a sender thread and, with acks, a reader thread."""
 
@@ -111,7 +115,8 @@ class _Connection:
         self.sent_msgs = 0
         self.acked_msgs = 0
         # One entry per batch sent with acks on: [cumulative messages after the
-        # batch, send start, send end, ack time]. The entry is queued before
+        # batch, latency start (the scheduled time when paced, else the send
+        # start), send end, ack time, send start]. The entry is queued before
         # the send, as the ack may arrive before sendall() returns.
         self.timings: list[list[float]] = []
         self.pending: collections.deque[list[float]] = collections.deque()
@@ -126,10 +131,10 @@ class _Connection:
         if gen.ack:
             head = self._receive(ACK_BROKER_ID.size)
             if head is None:
-                raise _Failure(f"connection {self.index}: closed before the ack stream began")
+                raise ClientFailure(f"connection {self.index}: closed before the ack stream began")
             if head == b"\xff" * ACK_BROKER_ID.size:
                 # A refused handshake: an error frame where the broker id would be.
-                raise _Failure(f"connection {self.index}: refused: {self._error_frame(head)}")
+                raise ClientFailure(f"connection {self.index}: refused: {self._error_frame(head)}")
 
     def _error_frame(self, head: bytes) -> str:
         """The rest of an error frame whose first bytes are ``head``, as text."""
@@ -158,11 +163,24 @@ class _Connection:
         num_msg = gen.num_msg
         pending = self.pending
         start.wait()
+        interval = gen.pace_interval
+        # Staggered, so paced connections do not all send at the same instants.
+        due = gen.t0 + interval * self.index / len(gen.connections)
         try:
             seq = 0
             while next(gen.budget) < gen.total_batches and time.perf_counter() < gen.deadline:
                 _BATCH_SEQ.pack_into(batch, 0, seq)
-                entry = [float(self.sent_msgs + num_msg), time.perf_counter(), 0.0, 0.0]
+                now = time.perf_counter()
+                if interval:
+                    if now < due:
+                        # The stop event, not a plain sleep: an abandoned run wakes us.
+                        if gen.stop.wait(due - now):
+                            break
+                        now = time.perf_counter()
+                    entry = [float(self.sent_msgs + num_msg), due, 0.0, 0.0, now]
+                    due += interval
+                else:
+                    entry = [float(self.sent_msgs + num_msg), now, 0.0, 0.0, now]
                 if gen.ack:
                     self.timings.append(entry)
                     pending.append(entry)
@@ -235,19 +253,17 @@ class LoadGenerator:
         self.requested_bytes = int(args.bytes)
         self.total_batches = max(1, -(-self.requested_bytes // batch_payload))
         self.budget = itertools.count()
+        self.t0 = 0.0
         self.deadline = float("inf")
-        self.connections: list[_Connection] = []
-        try:
-            for i in range(args.connections):
-                self.connections.append(_Connection(self, i))
-        except BaseException:
-            self.close()
-            raise
+        self.stop = threading.Event()
+        self.rate: float | None = args.rate
+        # Seconds between one connection's batches when paced (0: as fast as it can).
+        self.pace_interval = batch_payload * args.connections / args.rate if args.rate else 0.0
+        self.connections = open_connections(args.connections, lambda i: _Connection(self, i))
 
     def close(self) -> None:
         """Close every connection's socket."""
-        for conn in self.connections:
-            conn.sock.close()
+        close_all(self.connections)
 
     def run(self) -> dict[str, Any]:
         """Handshake, send until the budget or the time is spent, wait for the last
@@ -262,27 +278,23 @@ class LoadGenerator:
         readers = [threading.Thread(target=c.read_loop, daemon=True) for c in self.connections]
         for thread in senders + readers:
             thread.start()
-        cpu0 = _cpu_seconds()
-        t0 = time.perf_counter()
+        cpu0 = cpu_seconds()
+        t0 = self.t0 = time.perf_counter()
         self.deadline = t0 + self.seconds
         start.set()
-        next_tick = t0 + self.interval
-        while any(t.is_alive() for t in readers):
-            readers[0].join(timeout=max(0.0, next_tick - time.perf_counter()))
-            now = time.perf_counter()
-            if now >= next_tick:
-                self._emit({"type": "progress", **self._counts(now - t0)})
-                next_tick += self.interval
-                # Past the bound plus a grace period: the receiver is stuck.
-                if now > self.deadline + max(30.0, self.seconds):
-                    for conn in self.connections:
-                        conn.error = conn.error or "timed out waiting for acks/EOF"
-                        with contextlib.suppress(OSError):
-                            conn.sock.shutdown(socket.SHUT_RDWR)
-        for thread in senders + readers:
-            thread.join(timeout=5)
+        watch(
+            senders + readers,
+            self.connections,
+            t0=t0,
+            interval=self.interval,
+            # Past the bound plus a grace period: the receiver is stuck.
+            give_up_at=self.deadline + max(30.0, self.seconds),
+            stuck="timed out waiting for acks/EOF",
+            on_tick=lambda elapsed: emit({"type": "progress", **self._counts(elapsed)}),
+            stop=self.stop,
+        )
         t_end = max(c.done_at for c in self.connections)
-        return self._result(t0, t_end, _cpu_seconds() - cpu0)
+        return self._result(t0, t_end, cpu_seconds() - cpu0)
 
     def _counts(self, elapsed: float) -> dict[str, Any]:
         return {
@@ -321,24 +333,20 @@ class LoadGenerator:
             "messages_per_s": messages / elapsed,
             "time_bounded": batches < self.total_batches,
             "window": _WINDOWS[self.ack],
-            "latency_from": "send start" if self.ack else None,
+            "rate_bytes_per_s": self.rate,
+            "latency_from": (
+                None if not self.ack else "scheduled send" if self.rate else "send start"
+            ),
             "latency_us": [round((e[3] - e[1]) * 1e6) for e in acked_batches],
             # An ack can beat sendall()'s return by a hair: count that as 0.
             "latency_after_send_us": [
                 max(0, round((e[3] - e[2]) * 1e6)) for e in acked_batches if e[2]
             ],
+            "send_lag_us": [max(0, round((e[4] - e[1]) * 1e6)) for e in acked_batches]
+            if self.rate
+            else [],
             "loadgen_cpu_s": cpu,
         }
-
-    @staticmethod
-    def _emit(record: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(record) + "\n")
-        sys.stdout.flush()
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def parse_size(text: str) -> int:
@@ -389,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--bytes", type=parse_size, default=2 * 10**9, help="message payload bytes to send in all"
     )
     parser.add_argument("--seconds", type=float, default=60.0, help="stop sending after this")
+    parser.add_argument(
+        "--rate",
+        type=parse_size,
+        metavar="BYTES_PER_S",
+        help="pace the connections: message payload per second, all together (default: unpaced)",
+    )
     parser.add_argument("--interval", type=float, default=1.0, help="progress line period")
     return parser
 
@@ -399,20 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.connections < 1 or args.message_size < 1 or args.batch_messages < 1:
         print("connections, message size and batch messages must be >= 1", file=sys.stderr)
         return 2
-    try:
-        gen = LoadGenerator(args)
-    except OSError as exc:
-        print(f"loadgen: cannot connect to {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    try:
-        result = gen.run()
-    except (_Failure, OSError) as exc:
-        print(f"loadgen: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        gen.close()
-    LoadGenerator._emit(result)
-    return 0 if result["ok"] else 1
+    return clientproc.main("loadgen", args, LoadGenerator)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ protocol on plain sockets rather than through :mod:`trio_embarcadero.client`:
 they must control every byte (a batch resent as is, a connection dropped in
 the middle of one) or cost nothing beyond the receive itself. The layouts
 come from :mod:`trio_embarcadero.wire`; this module holds the few steps they
-all take: the publish handshake and receiving an exact number of bytes, on a
-blocking socket and on a Trio socket.
+all take: the publish and subscribe handshakes and receiving an exact number
+of bytes, on a blocking socket and on a Trio socket.
 
 The broker's own exact receive is :func:`trio_embarcadero.transport.receive_exactly`
 (any Trio stream, errors as ``ConnectionLost``); the Trio one here calls
@@ -33,13 +33,29 @@ def publish_handshake(client_id: int, ack: int, topic: str) -> bytes:
         ack: Ack level, 0 to 2.
         topic: The topic to publish to.
     """
+    return _handshake(ClientRequest.PUBLISH, topic, client_id=client_id, ack=ack)
+
+
+def subscribe_handshake(topic: str, offset: int = 0) -> bytes:
+    """The 64-byte handshake that opens a subscribe connection.
+
+    Args:
+        topic: The topic to read.
+        offset: The logical offset of the first message wanted (``last_addr``).
+    """
+    return _handshake(ClientRequest.SUBSCRIBE, topic, last_addr=offset)
+
+
+def _handshake(
+    request: ClientRequest, topic: str, *, client_id: int = 0, ack: int = 0, last_addr: int = 0
+) -> bytes:
     return Handshake(
         client_id=client_id,
         ack=ack,
         num_msg=0,
-        last_addr=0,
+        last_addr=last_addr,
         port=0,
-        request=ClientRequest.PUBLISH,
+        request=request,
         topic=topic,
     ).encode()
 

@@ -22,9 +22,25 @@ disk log's group-committed ``fdatasync``; the load generator counts those
 acks like ack 1, so the difference to ``NAME-ack1`` is the cost of
 durability on disk.
 
-Every receiver and every load generator is a process of its own
+The read path, on request: ``read-subN`` fills the broker's topic with the
+load generator (not timed), then times N subscribers, each reading it all
+from offset 0 (:mod:`trio_embarcadero.tools.reader`); ``read-sinkN``, the
+baseline, is a minimal Trio sender of the same bytes from a mapping of the
+same kind (``python -m trio_embarcadero.tools.sink read``).
+
+A broker variant may carry ``+NAME`` tags: ``+retention`` (a preset: the
+shipped 1 GiB region keeping 256 MiB of the topic) or any name whose broker
+settings ``--variant-option NAME:SECTION.KEY=VALUE`` gives, so variants with
+and without them interleave in one run. With several ``--batch-size`` values
+every variant runs at each, as ``VARIANT@SIZE``. With ``--rate`` each ingest
+variant with acks runs again right after each unpaced run, paced at those
+fractions of the GB/s that run measured, and its ack latency is measured
+from each batch's scheduled send.
+
+Every receiver, sender, load generator and reader is a process of its own
 (:mod:`trio_embarcadero.tools.sink`, :mod:`trio_embarcadero.tools.loadgen`,
-and ``python -m trio_embarcadero serve``), so the broker's event loop never
+:mod:`trio_embarcadero.tools.reader` and ``python -m trio_embarcadero
+serve``), so the broker's event loop never
 shares an interpreter with its client; this process only watches.
 
 What is measured (see :mod:`trio_embarcadero.tools.loadgen` for the client side):
@@ -34,8 +50,11 @@ What is measured (see :mod:`trio_embarcadero.tools.loadgen` for the client side)
   send to the last ack (ack 1; ack 2: the last ack saying it is on disk) or
   to the receiver closing the connection after reading everything (ack 0);
   GB = 10**9 bytes;
-* ack latency per batch, from the start of its ``sendall`` to the ack
-  covering it, pooled over every round of a variant;
+* ack latency per batch, from the start of its ``sendall`` (paced runs: from
+  its scheduled send) to the ack covering it, pooled over every round of a
+  variant (and fraction);
+* on the read path, the message payload the reader receives, all its
+  connections together, from the subscribe handshakes to the last byte;
 * the receiver's CPU seconds per GB (``/proc/PID/stat`` utime + stime over
   the run) and its peak RSS (``VmHWM``; for the broker that includes the
   mapped CXL region, so the private part, peak ``RssAnon``, is shown too);
@@ -59,7 +78,16 @@ Where things are:
 from ..loadgen import parse_size
 from ..procfs import filesystem
 from .command import build_parser, main, run
-from .plan import ACK2_VARIANTS, DEFAULT_VARIANTS, Plan, Variant, add_arguments, make_plan
+from .plan import (
+    ACK2_VARIANTS,
+    DEFAULT_VARIANTS,
+    PRESETS,
+    READ_VARIANTS,
+    Plan,
+    Variant,
+    add_arguments,
+    make_plan,
+)
 from .report import build_report, plot, render_table, summarize
 from .results import RunResult, percentiles
 from .runner import Bench, BenchError
@@ -67,6 +95,8 @@ from .runner import Bench, BenchError
 __all__ = [
     "ACK2_VARIANTS",
     "DEFAULT_VARIANTS",
+    "PRESETS",
+    "READ_VARIANTS",
     "Bench",
     "BenchError",
     "Plan",

@@ -52,11 +52,23 @@ def run(args: argparse.Namespace) -> int:
         if problem:
             print(f"trio-embarcadero bench: {problem}", file=sys.stderr)
             return 2
+        shapes = dict.fromkeys(
+            f"{plan.batches_per_run(v) * plan.batch_payload(v) / 1e9:.2f} GB per run "
+            f"({plan.batches_per_run(v)} batches of {v.batch_messages} x {plan.message_size} B)"
+            for v in plan.variants
+        )
+        regions = dict.fromkeys(
+            f"{v.name} {plan.cxl_size_mb(v)} MiB" for v in plan.variants if v.is_broker
+        )
         bench.say(
             f"bench: {len(plan.variants)} variant(s) x {plan.rounds} round(s), "
-            f"{plan.batches_per_run * plan.batch_payload / 1e9:.2f} GB per run "
-            f"({plan.batches_per_run} batches of {plan.batch_messages} x {plan.message_size} B), "
-            f"{plan.connections} connection(s); broker CXL region {plan.cxl_size_mb} MiB"
+            f"{' or '.join(shapes)}, {plan.connections} connection(s)"
+            + (
+                f"; {len(plan.rates)} paced run(s) after each ingest run with acks"
+                if plan.rates
+                else ""
+            )
+            + (f"; broker CXL regions: {', '.join(regions)}" if regions else "")
         )
         storage = bench.storage_setup()
         if storage is not None:

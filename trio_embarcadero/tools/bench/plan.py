@@ -2,7 +2,7 @@
 
 Everything here is fixed before the first process starts: :func:`make_plan`
 turns the parsed command line into a :class:`Plan`, which also derives the
-batch and CXL-region sizes every run uses.
+batch and CXL-region sizes of every variant's runs.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import math
 import re
 import tempfile
 import tomllib
+from collections.abc import Sequence
 
 import attrs
 
@@ -28,18 +29,32 @@ DEFAULT_VARIANTS = (
 )
 #: Variants that need the disk log (``storage.dir``); not run by default.
 ACK2_VARIANTS = ("staged-ack2", "direct-ack2")
+#: The read path, 1 and 4 readers: the minimal sender and the broker's subscribers.
+READ_VARIANTS = ("read-sink1", "read-sub1", "read-sink4", "read-sub4")
+#: Broker settings a variant takes by name: ``staged-ack1+retention``. Retention
+#: runs through the shipped 1 GiB region and keeps 256 MiB of the topic, so a
+#: run may send more than the region holds.
+PRESETS: dict[str, dict[str, object]] = {
+    "retention": {"cxl.size_mb": 1024, "topics.retention_bytes": 256 * 2**20},
+}
 #: The C++ evaluation's batch size; a batch is sealed once header + records reach it.
 DEFAULT_BATCH_SIZE = 2 * 2**20
 DEFAULT_BYTES = 4 * 10**9
 #: How often the load generator reports progress (the plot's resolution), seconds.
 PROGRESS_INTERVAL = 0.1
 
-_VARIANT_RE = re.compile(r"(trio-sink|raw-sink|staged|direct)(?:-ack([012]))?")
+_VARIANT_RE = re.compile(
+    r"(?:(?P<kind>trio-sink|raw-sink|staged|direct)(?:-ack(?P<ack>[012]))?"
+    r"|read-(?P<read>sink|sub)(?P<readers>[0-9]*))"
+    r"(?P<tags>(?:\+[A-Za-z0-9_-]+)*)"
+)
 #: What ``trio-embarcadero bench --help`` says the command does.
 DESCRIPTION = (
     "Run the broker (staged and direct path, ack 0 and 1; ack 2, durable on disk, "
     "on request) and two minimal receivers against one load generator, in "
-    "interleaved rounds, each in its own process. Prints a live line per second "
+    "interleaved rounds, each in its own process; on request also the read path "
+    "(subscribers of a filled topic next to a minimal sender) and paced load "
+    "(ack latency at fractions of the peak). Prints a live line per second "
     "and a table of medians [min-max]."
 )
 
@@ -49,21 +64,51 @@ DESCRIPTION = (
 
 @attrs.frozen
 class Variant:
-    """One receiver + ack level to measure."""
+    """One receiver (or, on the read path, sender) and its settings.
+
+    Attributes:
+        name: As listed (``staged-ack1+retention``), with ``@SIZE`` appended
+            when several batch sizes run.
+        kind: ``trio-sink``, ``raw-sink``, ``staged``, ``direct`` (the ingest
+            path), ``read-sink`` or ``read-sub`` (the read path).
+        ack: The publishers' ack level (0 on the read path, which has no acks).
+        readers: Reader connections of a read variant (0 otherwise).
+        tags: The ``+NAME`` parts of the name.
+        options: The variant's own broker settings (``SECTION.KEY``: value):
+            its presets, then its ``--variant-option`` values.
+        batch: The ``--batch-size`` it runs with, as written, when several
+            are given ("" otherwise).
+        batch_messages: Messages per batch (0 until :func:`make_plan` sets it).
+    """
 
     name: str
-    kind: str  # trio-sink, raw-sink, staged, direct
+    kind: str
     ack: int
+    readers: int = 0
+    tags: tuple[str, ...] = ()
+    options: dict[str, object] = attrs.field(factory=dict, hash=False)
+    batch: str = ""
+    batch_messages: int = 0
 
     @property
     def is_broker(self) -> bool:
-        """The broker (staged or direct path), not a sink."""
-        return self.kind in ("staged", "direct")
+        """The broker (staged, direct or its subscribers), not a sink."""
+        return self.kind in ("staged", "direct", "read-sub")
+
+    @property
+    def is_read(self) -> bool:
+        """A read-path variant: readers subscribe to a topic filled beforehand."""
+        return self.kind in ("read-sink", "read-sub")
 
     @property
     def durable(self) -> bool:
         """Ack 2: the broker runs with a disk log and acks once a batch is synced."""
         return self.ack == 2
+
+    @property
+    def paced(self) -> bool:
+        """Whether ``--rate`` runs it paced: the ingest path with acks to time."""
+        return not self.is_read and self.ack > 0
 
 
 @attrs.frozen
@@ -74,88 +119,188 @@ class Plan:
     rounds: int
     connections: int
     message_size: int
-    batch_messages: int
     bytes: int
     seconds: float
     host: str
     broker_options: dict[str, object]
     cxl_dir: str
     storage_dir: str = attrs.field(factory=tempfile.gettempdir)
+    #: ``--rate``: fractions of each variant's peak to offer in paced runs.
+    rates: tuple[float, ...] = ()
 
-    @property
-    def batch_payload(self) -> int:
+    def batch_payload(self, variant: Variant) -> int:
         """Message payload bytes per batch (what throughput counts)."""
-        return self.batch_messages * self.message_size
+        return variant.batch_messages * self.message_size
 
-    @property
-    def batch_total_size(self) -> int:
+    def batch_total_size(self, variant: Variant) -> int:
         """The batch header's ``total_size``: records with their headers and padding."""
-        return self.batch_messages * padded_size(self.message_size)
+        return variant.batch_messages * padded_size(self.message_size)
 
-    @property
-    def batches_per_run(self) -> int:
+    def batches_per_run(self, variant: Variant) -> int:
         """Whole batches a run sends: ``bytes`` rounded up."""
-        return max(1, -(-self.bytes // self.batch_payload))
+        return max(1, -(-self.bytes // self.batch_payload(variant)))
 
-    @property
-    def segment_mb(self) -> int:
+    def options(self, variant: Variant) -> dict[str, object]:
+        """The broker settings asked for: ``--broker-option``, then the variant's own."""
+        return {**self.broker_options, **variant.options}
+
+    def segment_mb(self, variant: Variant) -> int:
         """``cxl.segment_mb``: as given, else 32 MiB or room for two batches."""
-        given = self.broker_options.get("cxl.segment_mb")
+        given = self.options(variant).get("cxl.segment_mb")
         if isinstance(given, int) and not isinstance(given, bool) and given > 0:
             return given
-        return max(32, 2 * -(-self.batch_total_size // 2**20))
+        return max(32, 2 * -(-self.batch_total_size(variant) // 2**20))
 
-    @property
-    def cxl_size_mb(self) -> int:
+    def cxl_size_mb(self, variant: Variant) -> int:
         """``cxl.size_mb``: as given (say, the shipped 1 GiB with a retention
         limit, for a run through more than the region holds), else a region
         a run cannot fill."""
-        given = self.broker_options.get("cxl.size_mb")
+        given = self.options(variant).get("cxl.size_mb")
         if isinstance(given, int) and not isinstance(given, bool) and given > 0:
             return given
-        segment_mb = self.segment_mb
+        segment_mb = self.segment_mb(variant)
         segment = segment_mb * 2**20
-        per_batch = BATCH_HEADER_SIZE + self.batch_total_size + 256
+        per_batch = BATCH_HEADER_SIZE + self.batch_total_size(variant) + 256
         per_segment = max(1, (segment - 64) // per_batch)
-        segments = -(-self.batches_per_run // per_segment) + 2
+        segments = -(-self.batches_per_run(variant) // per_segment) + 2
         return segments * segment_mb + 4
+
+    def counterpart(
+        self,
+        variant: Variant,
+        *,
+        kind: str | None = None,
+        ack: int | None = None,
+        tags: tuple[str, ...] | None = None,
+    ) -> Variant | None:
+        """The first planned variant that is ``variant`` with another ``kind``,
+        ``ack`` or ``tags``, at the same batch size, if any: what a ratio
+        compares it with."""
+        wanted = (
+            variant.kind if kind is None else kind,
+            variant.ack if ack is None else ack,
+            variant.readers,
+            variant.tags if tags is None else tags,
+            variant.batch_messages,
+        )
+        return next(
+            (
+                other
+                for other in self.variants
+                if (other.kind, other.ack, other.readers, other.tags, other.batch_messages)
+                == wanted
+            ),
+            None,
+        )
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """Turn parsed arguments into a :class:`Plan` (raises ValueError on bad input)."""
-    if args.batch_messages is not None:
-        batch_messages = args.batch_messages
-    else:
-        # The C++ client seals a batch once header + records reach the batch size.
-        room = max(args.batch_size - BATCH_HEADER_SIZE, 1)
-        batch_messages = max(1, -(-room // padded_size(args.message_size)))
     options = dict(_parse_option(o) for o in args.broker_option)
     if "storage.dir" in options:
         raise ValueError(
             "--broker-option storage.dir: the bench gives the -ack2 variants a fresh disk log "
             "per run and the others none; use --storage-dir to say where"
         )
+    listed: list[Variant] = list(args.variants)
+    own = _variant_options(args.variant_option, [v.name for v in listed])
+    sizes = _batch_shapes(args)
+    variants = [
+        attrs.evolve(
+            variant,
+            name=variant.name + (f"@{label}" if len(sizes) > 1 else ""),
+            options=_own_options(variant, own.get(variant.name, {})),
+            batch=label if len(sizes) > 1 else "",
+            batch_messages=messages,
+        )
+        for variant in listed
+        for label, messages in sizes
+    ]
+    rates = tuple(args.rate or ())
+    if rates and not any(v.paced for v in variants):
+        raise ValueError(
+            "--rate paces the ingest variants with acks (sinks at ack 1, staged/direct at "
+            "ack 1 or 2); none is listed"
+        )
     return Plan(
-        variants=list(args.variants),
+        variants=variants,
         rounds=args.rounds,
         connections=args.connections,
         message_size=args.message_size,
-        batch_messages=batch_messages,
         bytes=args.bytes,
         seconds=args.seconds,
         host=args.host,
         broker_options=options,
         cxl_dir=args.cxl_dir,
         storage_dir=args.storage_dir or tempfile.gettempdir(),
+        rates=rates,
     )
 
 
-def _parse_option(text: str) -> tuple[str, object]:
+def _batch_shapes(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """``(label, messages per batch)`` for each batch size to run."""
+    if args.batch_messages is not None:
+        return [(f"{n}msgs", n) for n in args.batch_messages]
+    # The C++ client seals a batch once header + records reach the batch size.
+    padded = padded_size(args.message_size)
+    return [
+        (label, max(1, -(-max(size - BATCH_HEADER_SIZE, 1) // padded)))
+        for label, size in args.batch_size
+    ]
+
+
+def _own_options(variant: Variant, given: dict[str, object]) -> dict[str, object]:
+    """A variant's own broker settings: its presets, then ``given``
+    (its ``--variant-option`` values); raises ValueError if it can have none."""
+    if not variant.is_broker and (variant.tags or given):
+        raise ValueError(
+            f"variant {variant.name!r}: a sink runs no broker, so it takes no broker options"
+        )
+    own: dict[str, object] = {}
+    for tag in variant.tags:
+        if tag in PRESETS:
+            if tag == "retention" and variant.is_read:
+                raise ValueError(
+                    f"variant {variant.name!r}: retention would trim the topic its "
+                    "subscribers read from offset 0"
+                )
+            own.update(PRESETS[tag])
+        elif not given:
+            raise ValueError(
+                f"variant {variant.name!r}: +{tag} is not a preset ({', '.join(PRESETS)}); "
+                f"give its settings with --variant-option {variant.name}:SECTION.KEY=VALUE"
+            )
+    own.update(given)
+    if "storage.dir" in own:
+        raise ValueError(
+            f"variant {variant.name!r}: storage.dir is the bench's to set (see --storage-dir)"
+        )
+    return own
+
+
+def _variant_options(texts: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, object]]:
+    """``--variant-option NAME:SECTION.KEY=VALUE`` values, by variant name."""
+    found: dict[str, dict[str, object]] = {}
+    for text in texts:
+        name, sep, option = text.partition(":")
+        name = name.strip()
+        if not sep:
+            raise ValueError(f"--variant-option wants VARIANT:SECTION.KEY=VALUE: {text!r}")
+        if name not in names:
+            raise ValueError(
+                f"--variant-option {text!r}: {name!r} is not one of --variants ({', '.join(names)})"
+            )
+        key, value = _parse_option(option, "--variant-option")
+        found.setdefault(name, {})[key] = value
+    return found
+
+
+def _parse_option(text: str, flag: str = "--broker-option") -> tuple[str, object]:
     """``SECTION.KEY=VALUE`` (VALUE in TOML syntax, else a string) as ``(key, value)``."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or key.count(".") != 1:
-        raise ValueError(f"--broker-option wants SECTION.KEY=VALUE: {text!r}")
+        raise ValueError(f"{flag} wants SECTION.KEY=VALUE: {text!r}")
     try:
         value: object = tomllib.loads(f"v = {raw.strip()}")["v"]
     except ValueError:
@@ -167,13 +312,24 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 
 def _variant(text: str) -> Variant:
-    match = _VARIANT_RE.fullmatch(text.strip())
+    name = text.strip()
+    match = _VARIANT_RE.fullmatch(name)
     if not match:
         raise argparse.ArgumentTypeError(
             f"unknown variant {text!r}: use trio-sink, raw-sink, staged or direct, "
-            "optionally with -ack0 or -ack1 (staged and direct also -ack2)"
+            "optionally with -ack0 or -ack1 (staged and direct also -ack2), or "
+            "read-sinkN / read-subN (N readers); then any +NAME (e.g. +retention)"
         )
-    kind, ack = match.groups()
+    kind, ack, read, readers, tags = match.group("kind", "ack", "read", "readers", "tags")
+    tag_list = tuple(t for t in tags.split("+") if t)
+    if len(set(tag_list)) != len(tag_list):
+        raise argparse.ArgumentTypeError(f"variant {text!r} names a +tag twice")
+    if read is not None:
+        if not readers or int(readers) < 1:
+            raise argparse.ArgumentTypeError(
+                f"say the number of readers: read-{read}1, read-{read}4, ..."
+            )
+        return Variant(name, f"read-{read}", 0, int(readers), tag_list)
     if ack is None and kind in ("staged", "direct"):
         raise argparse.ArgumentTypeError(
             f"say the ack level: {kind}-ack0, {kind}-ack1 or {kind}-ack2"
@@ -183,7 +339,7 @@ def _variant(text: str) -> Variant:
             f"variant {text!r}: ack 2 needs the broker's disk log; a sink has none "
             "(use staged-ack2 or direct-ack2)"
         )
-    return Variant(text.strip(), kind, 1 if ack is None else int(ack))
+    return Variant(name, kind, 1 if ack is None else int(ack), 0, tag_list)
 
 
 def _variants(text: str) -> list[Variant]:
@@ -194,6 +350,32 @@ def _variants(text: str) -> list[Variant]:
     if len({v.name for v in found}) != len(found):
         raise argparse.ArgumentTypeError(f"a variant is listed twice: {text!r}")
     return found
+
+
+def _items(text: str) -> list[str]:
+    """The parts of a comma-separated list, none twice."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("empty list")
+    if len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"listed twice: {text!r}")
+    return parts
+
+
+def _batch_sizes(text: str) -> list[tuple[str, int]]:
+    return [(part, parse_size(part)) for part in _items(text)]
+
+
+def _counts(text: str) -> list[int]:
+    return [_positive_int(part) for part in _items(text)]
+
+
+def _fractions(text: str) -> list[float]:
+    values = [float(part.removesuffix("%")) / (100 if "%" in part else 1) for part in _items(text)]
+    for value in values:
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"a fraction of the peak is > 0 and <= 1: {text!r}")
+    return values
 
 
 def _positive_int(text: str) -> int:
@@ -220,11 +402,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help="comma-separated, run in this order each round "
         f"(default: {','.join(DEFAULT_VARIANTS)}; also {','.join(ACK2_VARIANTS)}, "
-        "the broker acking once the batch is fdatasync'ed to its disk log)",
+        "the broker acking once the batch is fdatasync'ed to its disk log; "
+        f"{','.join(READ_VARIANTS)}, the read path; any broker variant +retention "
+        "(1 GiB region keeping 256 MiB) or +NAME with --variant-option)",
     )
     parser.add_argument("--rounds", type=_positive_int, default=3, help="default: 3")
     parser.add_argument(
-        "--connections", type=_positive_int, default=4, help="publisher connections (default: 4)"
+        "--connections",
+        type=_positive_int,
+        default=4,
+        help="publisher connections (default: 4; the read variants' fill uses them too)",
     )
     parser.add_argument(
         "--message-size",
@@ -235,24 +422,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--batch-size",
-        type=parse_size,
-        default=DEFAULT_BATCH_SIZE,
-        metavar="SIZE",
+        type=_batch_sizes,
+        default=[("2MiB", DEFAULT_BATCH_SIZE)],
+        metavar="SIZE[,SIZE...]",
         help="seal a batch once its header and records reach SIZE, as the C++ client does "
-        "(default: 2MiB, i.e. 1928 messages of 1 KiB, 2,097,664 payload bytes)",
+        "(default: 2MiB, i.e. 1928 messages of 1 KiB, 2,097,664 payload bytes); with several "
+        "sizes (e.g. 64KiB,2MiB) every variant runs at each, named VARIANT@SIZE",
     )
     parser.add_argument(
         "--batch-messages",
-        type=_positive_int,
-        metavar="N",
-        help="messages per batch (overrides --batch-size)",
+        type=_counts,
+        metavar="N[,N...]",
+        help="messages per batch (overrides --batch-size; several: VARIANT@Nmsgs)",
     )
     parser.add_argument(
         "--bytes",
         type=parse_size,
         default=DEFAULT_BYTES,
         metavar="SIZE",
-        help="message payload per run, rounded up to whole batches (default: 4G = 4*10**9)",
+        help="message payload per run, rounded up to whole batches (default: 4G = 4*10**9); "
+        "the read variants' topic, which each reader reads whole",
     )
     parser.add_argument(
         "--seconds",
@@ -260,17 +449,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="stop a run's sending after this many seconds (default: 30)",
     )
+    parser.add_argument(
+        "--rate",
+        type=_fractions,
+        metavar="FRACTIONS",
+        help="after each unpaced run of an ingest variant with acks, run it paced at these "
+        "fractions of that run's GB/s (e.g. 0.25,0.5,0.8) and report ack latency from each "
+        "batch's scheduled send",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to use")
     parser.add_argument(
         "--broker-option",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="set a broker config key, e.g. network.staging_pool_num_buffers=64 (repeatable; "
-        "VALUE in TOML syntax)",
+        help="set a broker config key for every broker variant, e.g. "
+        "network.staging_pool_num_buffers=64 (repeatable; VALUE in TOML syntax)",
     )
     parser.add_argument(
-        "--cxl-dir", default="/dev/shm", help="where the per-run CXL files go (default: /dev/shm)"
+        "--variant-option",
+        action="append",
+        default=[],
+        metavar="VARIANT:KEY=VALUE",
+        help="set a broker config key for one listed variant only, e.g. "
+        "staged-ack1+big:cxl.size_mb=8192 (repeatable; over --broker-option and presets)",
+    )
+    parser.add_argument(
+        "--cxl-dir",
+        default="/dev/shm",
+        help="where the per-run CXL files (and the read-sink's file) go (default: /dev/shm)",
     )
     parser.add_argument(
         "--storage-dir",
@@ -286,6 +493,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write the results as JSON to PATH (or stdout: the table then goes to stderr)",
     )
     parser.add_argument(
-        "--plot", metavar="PATH.png", help="throughput over time and latency CDF (needs matplotlib)"
+        "--plot",
+        metavar="PATH.png",
+        help="throughput over time and latency CDFs (needs matplotlib)",
     )
     parser.add_argument("--quiet", action="store_true", help="no live lines")

@@ -15,19 +15,29 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import numpy as np
 import trio
 
-from .plan import PROGRESS_INTERVAL, Plan
+from .plan import PROGRESS_INTERVAL, Plan, Variant
 from .results import RunResult, percentile_source, percentiles_ms
 from .runner import Bench
 
 #: The variants the ratio columns compare against (the fair and the best receiver).
 BASELINE = "trio-sink"
 BEST_RAW = "raw-sink"
+#: The read path's baseline, the minimal sender (as many readers as the variant).
+READ_BASELINE = "read-sink"
 #: Targets from issue 4, printed next to the measured ratios.
 TARGET_VS_TRIO_SINK = 0.90
 TARGET_VS_RAW_SINK = 0.75
+#: Targets from issue 11: subscribers next to the minimal sender, and ack latency
+#: under paced load (p99 at 80 % of the peak, meant for 64 KiB batches).
+TARGET_VS_READ_SINK = 0.80
+TARGET_P99_MS = 5.0
+TARGET_P99_RATE = 0.8
+#: Issue 10: a run with retention keeps within 5 % of one without.
+TARGET_RETENTION_COST = 0.05
 
 
 # -- summaries -------------------------------------------------------------------------
@@ -45,8 +55,9 @@ def _spread(values: Sequence[float]) -> dict[str, Any]:
 
 
 def summarize(plan: Plan, runs: Sequence[RunResult]) -> dict[str, Any]:
-    """Per-variant medians, spreads, ratios and pooled latency percentiles."""
-    good = [r for r in runs if r.ok]
+    """Per-variant medians, spreads, ratios and pooled latency percentiles
+    (of the unpaced runs), and per ``--rate`` the paced runs' figures."""
+    good = [r for r in runs if r.ok and r.rate is None]
     medians: dict[str, float] = {}
     per_round: dict[tuple[str, int], float] = {}
     for run in good:
@@ -56,26 +67,26 @@ def summarize(plan: Plan, runs: Sequence[RunResult]) -> dict[str, Any]:
         if values:
             medians[v.name] = statistics.median(values)
 
-    def ratio(name: str, base: str) -> float | None:
-        if name not in medians or base not in medians or not medians[base]:
+    def ratio(name: str, base: Variant | None) -> float | None:
+        if base is None or name not in medians or not medians.get(base.name):
             return None
-        return medians[name] / medians[base]
+        return medians[name] / medians[base.name]
 
-    def paired(name: str, base: str) -> float | None:
+    def paired(name: str, base: Variant | None) -> float | None:
+        if base is None:
+            return None
         # Same-round ratios, so drift between rounds cancels out.
         pairs = [
-            per_round[(name, rnd)] / per_round[(base, rnd)]
+            per_round[(name, rnd)] / per_round[(base.name, rnd)]
             for rnd in range(1, plan.rounds + 1)
-            if (name, rnd) in per_round and per_round.get((base, rnd))
+            if (name, rnd) in per_round and per_round.get((base.name, rnd))
         ]
         return statistics.median(pairs) if pairs else None
 
     variants: dict[str, Any] = {}
     for v in plan.variants:
         mine = [r for r in good if r.variant == v.name]
-        # The broker at ack 0 or 2 next to the same path at ack 1: the cost of
-        # durability (ack 2) or of waiting for acks at all (ack 0).
-        ack1 = f"{v.kind}-ack1" if v.is_broker and v.ack != 1 else None
+        bases = _baselines(plan, v)
         latency = [x for r in mine for x in r.latency_us]
         after_send = [x for r in mine for x in r.latency_after_send_us]
         pool_peaks = [r.pool_peak for r in mine if r.pool_peak is not None]
@@ -83,16 +94,21 @@ def summarize(plan: Plan, runs: Sequence[RunResult]) -> dict[str, Any]:
         variants[v.name] = {
             "receiver": v.kind,
             "ack": v.ack,
+            "readers": v.readers,
+            "tags": list(v.tags),
+            "broker_options": v.options,
+            "batch_messages": v.batch_messages,
+            "batch_total_size": plan.batch_total_size(v),
+            "bytes_per_run": plan.batches_per_run(v) * plan.batch_payload(v),
+            "cxl_size_mb": plan.cxl_size_mb(v) if v.is_broker else None,
             "runs": len(mine),
-            "failed_runs": sum(1 for r in runs if r.variant == v.name and not r.ok),
+            "failed_runs": sum(
+                1 for r in runs if r.variant == v.name and r.rate is None and not r.ok
+            ),
             "gb_per_s": _spread([r.gb_per_s for r in mine]),
             "msgs_per_s": _spread([r.msgs_per_s for r in mine]),
-            "ratio_to_trio_sink": ratio(v.name, BASELINE),
-            "ratio_to_raw_sink": ratio(v.name, BEST_RAW),
-            "paired_ratio_to_trio_sink": paired(v.name, BASELINE),
-            "paired_ratio_to_raw_sink": paired(v.name, BEST_RAW),
-            "ratio_to_ack1": ratio(v.name, ack1) if ack1 else None,
-            "paired_ratio_to_ack1": paired(v.name, ack1) if ack1 else None,
+            **{f"ratio_to_{key}": ratio(v.name, base) for key, base in bases.items()},
+            **{f"paired_ratio_to_{key}": paired(v.name, base) for key, base in bases.items()},
             "latency_ms": percentiles_ms(latency),
             "latency_after_send_ms": percentiles_ms(after_send),
             "server_cpu_s_per_gb": _spread([r.cpu_s_per_gb for r in mine]),
@@ -108,8 +124,43 @@ def summarize(plan: Plan, runs: Sequence[RunResult]) -> dict[str, Any]:
             "storage_bytes": _spread(
                 [float(r.storage_bytes) for r in mine if r.storage_bytes is not None]
             ),
+            "paced": [_paced(v, rate, runs) for rate in plan.rates] if v.paced else [],
         }
     return variants
+
+
+def _baselines(plan: Plan, v: Variant) -> dict[str, Variant | None]:
+    """What ``v``'s ratios compare it with, by the key of the ratio (None: not run,
+    or not a comparison that means anything for ``v``)."""
+    ingest = not v.is_read
+    return {
+        "trio_sink": plan.counterpart(v, kind=BASELINE, ack=1, tags=()) if ingest else None,
+        "raw_sink": plan.counterpart(v, kind=BEST_RAW, ack=1, tags=()) if ingest else None,
+        # The minimal sender serving as many readers.
+        "read_sink": None if ingest else plan.counterpart(v, kind=READ_BASELINE, tags=()),
+        # The broker at ack 0 or 2 next to the same path at ack 1: the cost
+        # of durability (ack 2) or of waiting for acks at all (ack 0).
+        "ack1": plan.counterpart(v, ack=1) if ingest and v.is_broker and v.ack != 1 else None,
+        # Retention and other +tags next to the same variant without them.
+        "untagged": plan.counterpart(v, tags=()) if v.tags else None,
+    }
+
+
+def _paced(v: Variant, rate: float, runs: Sequence[RunResult]) -> dict[str, Any]:
+    """The figures of ``v``'s runs paced at ``rate`` of its peak, latencies pooled."""
+    mine = [r for r in runs if r.variant == v.name and r.rate == rate]
+    good = [r for r in mine if r.ok]
+    return {
+        "rate": rate,
+        "runs": len(good),
+        "failed_runs": len(mine) - len(good),
+        "offered_gb_per_s": _spread([(r.offered_bytes_per_s or 0.0) / 1e9 for r in good]),
+        "gb_per_s": _spread([r.gb_per_s for r in good]),
+        "latency_ms": percentiles_ms([x for r in good for x in r.latency_us]),
+        "latency_after_send_ms": percentiles_ms([x for r in good for x in r.latency_after_send_us]),
+        "send_lag_ms": percentiles_ms([x for r in good for x in r.send_lag_us]),
+        "time_bounded_runs": sum(1 for r in good if r.time_bounded),
+    }
 
 
 # -- the table, the notes, the JSON, the plot ------------------------------------------
@@ -123,63 +174,98 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     )
 
 
+def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """``rows`` under ``columns``, each column as wide as its widest cell."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    return lines
+
+
+def _latency(lat: dict[str, Any], empty: str) -> str:
+    """``p50/p99/p99.9`` in ms, or ``empty`` without samples."""
+    return "/".join(_fmt(lat[k], ".1f") for k in ("p50", "p99", "p99.9")) if lat["count"] else empty
+
+
 def render_table(report: dict[str, Any]) -> str:
     """The human-readable summary of a report made by :func:`build_report`."""
     setup = report["setup"]
+    shapes = ", ".join(
+        f"{b['messages']} per batch ({b['total_size']:,} B batch payload)"
+        for b in setup["batch_sizes"]
+    )
     head = (
         f"trio-embarcadero bench: {setup['rounds']} round(s) of "
         f"{', '.join(setup['variants'])}; {setup['connections']} connection(s), "
-        f"{setup['message_size']} B messages, {setup['batch_messages']} per batch "
-        f"({setup['batch_total_size']:,} B batch payload), "
+        f"{setup['message_size']} B messages, {shapes}, "
         f"{setup['bytes_per_run'] / 1e9:.2f} GB of message payload per run"
     )
-    columns = (
+    reading = any(v["readers"] for v in report["variants"].values())
+    columns = [
         "variant",
         "GB/s median [min-max]",
         "M msg/s",
         "x trio-sink",
         "x raw-sink",
+        *(["x read-sink"] if reading else []),
         "ack ms p50/p99/p99.9",
         "CPU s/GB",
         "RSS MiB (anon)",
         "pool peak",
         "pauses",
-    )
-    rows: list[tuple[str, ...]] = []
+    ]
+    rows: list[list[str]] = []
     for name, v in report["variants"].items():
         gb = v["gb_per_s"]
-        lat = v["latency_ms"]
         rss = v["server_peak_rss_bytes"]
         anon = v["server_peak_anon_bytes"]
-        pauses = v["pauses"]["median"]
         rows.append(
-            (
+            [
                 name + ("" if not v["failed_runs"] else f" ({v['failed_runs']} failed)"),
                 f"{_fmt(gb['median'])} [{_fmt(gb['min'])}-{_fmt(gb['max'])}]",
                 _fmt(v["msgs_per_s"]["median"] and v["msgs_per_s"]["median"] / 1e6),
                 _fmt(v["ratio_to_trio_sink"]),
                 _fmt(v["ratio_to_raw_sink"]),
-                "/".join(_fmt(lat[k], ".1f") for k in ("p50", "p99", "p99.9"))
-                if lat["count"]
-                else "- (ack 0)",
+                *([_fmt(v["ratio_to_read_sink"])] if reading else []),
+                _latency(v["latency_ms"], "-" if v["readers"] else "- (ack 0)"),
                 _fmt(v["server_cpu_s_per_gb"]["median"]),
                 f"{rss / 2**20:.0f} ({anon / 2**20:.0f})" if rss else "-",
                 f"{v['pool_peak']}/{v['pool_size']}" if v["pool_size"] else "-",
-                _fmt(pauses, ".0f"),
-            )
+                _fmt(v["pauses"]["median"], ".0f"),
+            ]
         )
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-    lines = [head, ""]
-    lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
-    lines.append("")
+    lines = [head, "", *_table(columns, rows), ""]
+    paced = [
+        [
+            name + ("" if not p["failed_runs"] else f" ({p['failed_runs']} failed)"),
+            f"{p['rate'] * 100:g}%",
+            _fmt(p["offered_gb_per_s"]["median"]),
+            f"{_fmt(p['gb_per_s']['median'])} "
+            f"[{_fmt(p['gb_per_s']['min'])}-{_fmt(p['gb_per_s']['max'])}]",
+            _latency(p["latency_ms"], "-"),
+            _fmt(p["send_lag_ms"]["p99"], ".2f"),
+        ]
+        for name, v in report["variants"].items()
+        for p in v["paced"]
+    ]
+    if paced:
+        lines.append("Paced load: ack latency from each batch's scheduled send, pooled over rounds")
+        columns = [
+            "variant",
+            "rate",
+            "offered GB/s",
+            "GB/s median [min-max]",
+            "ack ms p50/p99/p99.9",
+            "send lag ms p99",
+        ]
+        lines.extend([*_table(columns, paced), ""])
     lines.extend(report["notes"])
     return "\n".join(lines)
 
 
 def _notes(plan: Plan, variants: dict[str, Any], storage: dict[str, Any] | None) -> list[str]:
-    """The lines under the table: what the columns mean, the load generator's own rate,
+    """The lines under the tables: what the columns mean, the load generator's own rate,
     the ack-2 set-up and cost, the targets, and runs cut short by ``--seconds``."""
     notes = [
         "GB/s: message payload (message size x messages, 10**9 B) from the first send to the "
@@ -191,6 +277,22 @@ def _notes(plan: Plan, variants: dict[str, Any], storage: dict[str, Any] | None)
         "RSS: VmHWM, which for the broker includes the mapped CXL region; (anon) is the "
         "private part (peak RssAnon sampled every 0.5 s).",
     ]
+    if any(v["readers"] for v in variants.values()):
+        notes.append(
+            "Read variants: GB/s is the message payload delivered to the reader process (every "
+            "connection reads the whole topic from offset 0; all connections together), from "
+            "the subscribe handshakes to the last byte; the broker's topic is filled first, "
+            "not timed. x read-sink: against the minimal sender with as many readers. CPU "
+            "s/GB: the sender (broker or read-sink) while the readers read."
+        )
+    if plan.rates:
+        notes.append(
+            "Paced: each ingest variant with acks, right after its unpaced run, is offered "
+            "that fraction of the run's GB/s, every connection sending on a fixed schedule; "
+            "ack latency runs from a batch's scheduled send (so a batch queued behind late "
+            "ones counts its wait), send lag is how late its send began. Paced runs stop at "
+            "--seconds too (low rates): their percentiles need no fixed byte count."
+        )
     for name, raw in variants.items():
         if raw["receiver"] == BEST_RAW and raw["gb_per_s"]["median"]:
             notes.append(
@@ -205,32 +307,62 @@ def _notes(plan: Plan, variants: dict[str, Any], storage: dict[str, Any] | None)
             f"group commit: one sync {storage['sync_interval_ms']:g} ms after the first "
             f"unsynced commit, or once {storage['sync_bytes'] / 2**20:g} MiB wait."
         )
-    for kind in ("staged", "direct"):
-        durable, acked = variants.get(f"{kind}-ack2"), variants.get(f"{kind}-ack1")
-        if durable is None or acked is None or durable["ratio_to_ack1"] is None:
-            continue
-        lat2, lat1 = durable["latency_ms"], acked["latency_ms"]
-        paired = durable["paired_ratio_to_ack1"]
-        notes.append(
-            f"Ack-2 cost ({kind}): {kind}-ack2 moves {durable['ratio_to_ack1']:.0%} of "
-            f"{kind}-ack1's GB/s (same-round median {_fmt(paired and paired * 100, '.0f')}"
-            f"%); ack p50 {_fmt(lat1['p50'], '.1f')} -> {_fmt(lat2['p50'], '.1f')} ms, "
-            f"p99 {_fmt(lat1['p99'], '.1f')} -> {_fmt(lat2['p99'], '.1f')} ms."
-        )
-    for name in ("staged-ack1", "staged-ack0"):
-        v = variants.get(name)
-        if v is None:
-            continue
-        vs_trio, vs_raw = v["ratio_to_trio_sink"], v["ratio_to_raw_sink"]
-        if vs_trio is not None or vs_raw is not None:
-            notes.append(
-                f"Targets ({name}): >= {TARGET_VS_TRIO_SINK:.0%} of {BASELINE} -> "
-                f"{_fmt(vs_trio and vs_trio * 100, '.0f')}%; >= {TARGET_VS_RAW_SINK:.0%} of "
-                f"{BEST_RAW} -> {_fmt(vs_raw and vs_raw * 100, '.0f')}%."
-            )
+    by_variant = {v.name: v for v in plan.variants}
+    for name, v in variants.items():
+        notes.extend(_variant_notes(plan, by_variant[name], v, variants))
     bounded = [n for n, v in variants.items() if v["time_bounded_runs"]]
     if bounded:
         notes.append(f"Stopped by --seconds {plan.seconds:g} before --bytes: {', '.join(bounded)}.")
+    return notes
+
+
+def _variant_notes(
+    plan: Plan, variant: Variant, v: dict[str, Any], variants: dict[str, Any]
+) -> list[str]:
+    """One variant's lines under the tables: its costs next to its counterparts
+    and its targets."""
+    notes = []
+    ack1 = plan.counterpart(variant, ack=1)
+    if variant.durable and ack1 is not None and v["ratio_to_ack1"] is not None:
+        lat2, lat1 = v["latency_ms"], variants[ack1.name]["latency_ms"]
+        paired = v["paired_ratio_to_ack1"]
+        notes.append(
+            f"Ack-2 cost ({variant.kind}): {variant.name} moves {v['ratio_to_ack1']:.0%} of "
+            f"{ack1.name}'s GB/s (same-round median {_fmt(paired and paired * 100, '.0f')}"
+            f"%); ack p50 {_fmt(lat1['p50'], '.1f')} -> {_fmt(lat2['p50'], '.1f')} ms, "
+            f"p99 {_fmt(lat1['p99'], '.1f')} -> {_fmt(lat2['p99'], '.1f')} ms."
+        )
+    untagged = plan.counterpart(variant, tags=())
+    if variant.tags and untagged is not None and v["ratio_to_untagged"] is not None:
+        paired = v["paired_ratio_to_untagged"]
+        target = (
+            f" (target: within {TARGET_RETENTION_COST:.0%})" if "retention" in variant.tags else ""
+        )
+        notes.append(
+            f"{'+'.join(('', *variant.tags))} cost: {variant.name} moves "
+            f"{v['ratio_to_untagged']:.0%} of {untagged.name}'s GB/s (same-round median "
+            f"{_fmt(paired and paired * 100, '.0f')}%){target}."
+        )
+    if variant.kind in ("staged", "direct") and variant.ack in (0, 1) and not variant.tags:
+        vs_trio, vs_raw = v["ratio_to_trio_sink"], v["ratio_to_raw_sink"]
+        if variant.kind == "staged" and (vs_trio is not None or vs_raw is not None):
+            notes.append(
+                f"Targets ({variant.name}): >= {TARGET_VS_TRIO_SINK:.0%} of {BASELINE} -> "
+                f"{_fmt(vs_trio and vs_trio * 100, '.0f')}%; >= {TARGET_VS_RAW_SINK:.0%} of "
+                f"{BEST_RAW} -> {_fmt(vs_raw and vs_raw * 100, '.0f')}%."
+            )
+    if variant.kind == "read-sub" and v["ratio_to_read_sink"] is not None:
+        notes.append(
+            f"Target ({variant.name}): >= {TARGET_VS_READ_SINK:.0%} of {READ_BASELINE} with "
+            f"{variant.readers} reader(s) -> {v['ratio_to_read_sink'] * 100:.0f}%."
+        )
+    notes.extend(
+        f"Target ({variant.name}, {plan.batch_total_size(variant):,} B batches): ack "
+        f"p99 < {TARGET_P99_MS:g} ms at {TARGET_P99_RATE:.0%} of the peak (meant for "
+        f"64 KiB batches) -> {p['latency_ms']['p99']:.2f} ms."
+        for p in v["paced"]
+        if variant.is_broker and p["rate"] == TARGET_P99_RATE and p["latency_ms"]["count"]
+    )
     return notes
 
 
@@ -239,21 +371,39 @@ def build_report(bench: Bench) -> dict[str, Any]:
     plan = bench.plan
     variants = summarize(plan, bench.runs)
     storage = bench.storage_setup()
+    first = plan.variants[0]
+    shapes: dict[int, dict[str, Any]] = {}
+    for v in plan.variants:
+        shapes.setdefault(
+            v.batch_messages,
+            {
+                "label": v.batch,
+                "messages": v.batch_messages,
+                "payload_bytes": plan.batch_payload(v),
+                "total_size": plan.batch_total_size(v),
+                "bytes_per_run": plan.batches_per_run(v) * plan.batch_payload(v),
+            },
+        )
     return {
         "setup": {
             "variants": [v.name for v in plan.variants],
             "rounds": plan.rounds,
             "connections": plan.connections,
             "message_size": plan.message_size,
-            "batch_messages": plan.batch_messages,
-            "batch_payload_bytes": plan.batch_payload,
-            "batch_total_size": plan.batch_total_size,
+            # These four are the first batch size's; every size is in batch_sizes.
+            "batch_messages": first.batch_messages,
+            "batch_payload_bytes": plan.batch_payload(first),
+            "batch_total_size": plan.batch_total_size(first),
+            "bytes_per_run": plan.batches_per_run(first) * plan.batch_payload(first),
+            "batch_sizes": list(shapes.values()),
             "bytes_requested": plan.bytes,
-            "bytes_per_run": plan.batches_per_run * plan.batch_payload,
             "seconds_limit": plan.seconds,
+            "rates": list(plan.rates),
             "broker_options": plan.broker_options,
+            "variant_options": {v.name: v.options for v in plan.variants if v.options},
             "broker_env": bench.broker_env,
-            "cxl_size_mb": plan.cxl_size_mb,
+            # The region of the broker variants without a size of their own.
+            "cxl_size_mb": plan.cxl_size_mb(attrs.evolve(first, options={})),
             "storage": storage,
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
@@ -261,9 +411,12 @@ def build_report(bench: Bench) -> dict[str, Any]:
             "percentiles_from": percentile_source(),
         },
         "units": {
-            "gb_per_s": "10**9 bytes of message payload per second",
-            "latency_ms": "per batch, send start to covering ack (ack 2: durable on disk)",
+            "gb_per_s": "10**9 bytes of message payload per second (read variants: delivered "
+            "to the reader, all connections together)",
+            "latency_ms": "per batch, send start to covering ack (ack 2: durable on disk); "
+            "paced runs: scheduled send to covering ack",
             "latency_after_send_ms": "per batch, send completion to covering ack",
+            "send_lag_ms": "paced runs: per batch, scheduled send to the start of its sendall",
             "storage_bytes": "bytes in the ack-2 run's disk log after the broker stopped",
         },
         "variants": variants,
@@ -274,20 +427,23 @@ def build_report(bench: Bench) -> dict[str, Any]:
 
 
 def plot(report: dict[str, Any], runs: Sequence[RunResult], path: str) -> None:
-    """Throughput over time (every run) and the latency CDF (every variant) as a PNG."""
+    """Throughput over time (every unpaced run), the latency CDF (every
+    variant) and, with ``--rate``, the latency CDF per variant and rate, as a PNG."""
     import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    rates = report["setup"]["rates"]
+    fig, axes = plt.subplots(1, 3 if rates else 2, figsize=(19 if rates else 13, 5))
+    left, right = axes[0], axes[1]
     colors: dict[str, Any] = {}
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for name in report["variants"]:
         colors[name] = cycle[len(colors) % len(cycle)]
     labelled: set[str] = set()
     for run in runs:
-        if not run.ok:
+        if not run.ok or run.rate is not None:
             continue
         # From the first send (0, 0) to the end of the window (everything sent).
         series = [(0.0, 0), *run.series, (run.elapsed_s, run.payload_bytes)]
@@ -305,30 +461,57 @@ def plot(report: dict[str, Any], runs: Sequence[RunResult], path: str) -> None:
             alpha=0.8,
         )
         labelled.add(run.variant)
-    left.set_xlabel("seconds since first send")
-    left.set_ylabel("GB/s sent (message payload)")
+    left.set_xlabel("seconds since first send (read variants: since subscribing)")
+    left.set_ylabel("GB/s sent or read (message payload)")
     left.set_title(f"Throughput over time (every run, {PROGRESS_INTERVAL:g} s steps)")
     if labelled:
         left.legend(fontsize="small")
-    curves = 0
-    for name in report["variants"]:
-        values = np.sort(
-            np.array([x for r in runs if r.ok and r.variant == name for x in r.latency_us])
-        )
-        if len(values):
-            right.plot(
-                values / 1000,
-                np.arange(1, len(values) + 1) / len(values),
-                color=colors[name],
-                label=name,
-            )
-            curves += 1
-    right.set_xscale("log")
+    unpaced = [r for r in runs if r.ok and r.rate is None]
+    curves = {
+        name: [x for r in unpaced if r.variant == name for x in r.latency_us]
+        for name in report["variants"]
+    }
+    _cdf(right, curves, colors, {})
     right.set_xlabel("ack latency per batch, ms (send start to ack)")
-    right.set_ylabel("fraction of batches")
     right.set_title("Ack latency CDF (ack 1 and 2 variants, pooled rounds)")
-    if curves:
-        right.legend(fontsize="small")
+    if rates:
+        styles = dict(zip(rates, itertools.cycle(("-", "--", ":", "-.")), strict=False))
+        paced: dict[str, list[int]] = {}
+        color_of: dict[str, Any] = {}
+        style_of: dict[str, str] = {}
+        for name in report["variants"]:
+            for rate in rates:
+                key = f"{name} at {rate * 100:g}%"
+                paced[key] = [
+                    x for r in runs if r.ok and r.variant == name and r.rate == rate
+                    for x in r.latency_us
+                ]  # fmt: skip
+                color_of[key], style_of[key] = colors[name], styles[rate]
+        _cdf(axes[2], paced, color_of, style_of)
+        axes[2].set_xlabel("ack latency per batch, ms (scheduled send to ack)")
+        axes[2].set_title("Ack latency CDF at paced load (pooled rounds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _cdf(
+    axis: Any, curves: dict[str, list[int]], colors: dict[str, Any], styles: dict[str, str]
+) -> None:
+    """One CDF per non-empty list of latencies (us) in ``curves``, on a log ms axis."""
+    drawn = 0
+    for label, latencies in curves.items():
+        values = np.sort(np.array(latencies))
+        if len(values):
+            axis.plot(
+                values / 1000,
+                np.arange(1, len(values) + 1) / len(values),
+                color=colors[label],
+                linestyle=styles.get(label, "-"),
+                label=label,
+            )
+            drawn += 1
+    axis.set_xscale("log")
+    axis.set_ylabel("fraction of batches")
+    if drawn:
+        axis.legend(fontsize="small")

@@ -45,6 +45,13 @@ class RunResult:
     storage_bytes: int | None = None  # ack 2: what the disk log holds after the run
     attempts: int = 1
     earlier_errors: list[str] = attrs.Factory(list)
+    #: ``--rate``: the fraction of the peak offered (None: unpaced, as fast as it goes).
+    rate: float | None = None
+    offered_bytes_per_s: float | None = None
+    #: Paced runs: how late each batch's send started after its scheduled time.
+    send_lag_us: list[int] = attrs.Factory(list)
+    #: Read runs of the broker: how long filling the topic took (not measured).
+    fill_s: float | None = None
 
     @property
     def gb_per_s(self) -> float:
@@ -89,6 +96,12 @@ class RunResult:
             "pool_size": self.pool_size,
             "pauses": self.pauses,
             "storage_bytes": self.storage_bytes,
+            "rate": self.rate,
+            "offered_gb_per_s": (
+                None if self.offered_bytes_per_s is None else self.offered_bytes_per_s / 1e9
+            ),
+            "send_lag_ms": percentiles_ms(self.send_lag_us),
+            "fill_s": self.fill_s,
             "series": [[round(t, 3), b] for t, b in self.series],
         }
 

@@ -1,15 +1,21 @@
 """How the bench runs: the receiver and load-generator processes, the rounds, the sampling.
 
-:class:`Bench` runs every variant of a :class:`~.plan.Plan` once per round.
-A run starts the receiver (``python -m trio_embarcadero serve`` with a config
-written for it, or ``python -m trio_embarcadero.tools.sink``), waits for its
-"listening on" line, then starts ``python -m trio_embarcadero.tools.loadgen``
-against it and reads its JSON lines, while sampling the receiver's CPU time
-and memory from ``/proc``. This process only watches.
+:class:`Bench` runs every variant of a :class:`~.plan.Plan` once per round
+(with ``--rate``, each paced run right after the unpaced run it takes its
+peak from). A run starts the receiver (``python -m trio_embarcadero serve``
+with a config written for it, or ``python -m trio_embarcadero.tools.sink``),
+waits for its "listening on" line, then starts
+``python -m trio_embarcadero.tools.loadgen`` against it and reads its JSON
+lines, while sampling the receiver's CPU time and memory from ``/proc``. A
+read run first fills the broker's topic with the load generator (not timed;
+the read sink fills its own), then times
+``python -m trio_embarcadero.tools.reader`` reading it. This process only
+watches.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -21,7 +27,7 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -69,6 +75,16 @@ def _tree_bytes(directory: str) -> int:
         for name in names
         if name.endswith(".log")
     )
+
+
+def _take_result(result: RunResult, final: dict[str, Any]) -> None:
+    """Take what every client's result line says (load generator or reader) into ``result``."""
+    result.errors.extend(final["errors"])
+    result.ok = bool(final["ok"]) and not result.errors
+    result.payload_bytes = final["payload_bytes"]
+    result.messages = final["messages"]
+    result.elapsed_s = final["elapsed_s"]
+    result.time_bounded = final["time_bounded"]
 
 
 # -- processes ---------------------------------------------------------------------
@@ -182,19 +198,20 @@ class Bench:
         """The broker's config keys for one run; ``storage_path`` is the ack-2 disk log."""
         plan = self.plan
         settings: dict[str, object] = {}
-        needed_mb = -(-plan.batch_total_size // 2**20)
+        needed_mb = -(-plan.batch_total_size(variant) // 2**20)
         if needed_mb > 4:  # the default staging buffer: make room for the batch
             settings["network.staging_pool_buffer_size_mb"] = needed_mb
-        settings.update(plan.broker_options)
+        settings.update(plan.options(variant))
         settings.update(
             {
                 "broker.host": plan.host,
                 "broker.port": 0,
+                # read-sub: the fill takes the direct path, the faster one here.
                 "network.use_nonblocking": variant.kind == "staged",
                 "network.stats_interval_s": _STATS_INTERVAL,
                 "cxl.path": cxl_path,
-                "cxl.segment_mb": self.plan.segment_mb,
-                "cxl.size_mb": self.plan.cxl_size_mb,
+                "cxl.segment_mb": plan.segment_mb(variant),
+                "cxl.size_mb": plan.cxl_size_mb(variant),
                 "logging.level": "INFO",
                 # Only ack-2 runs get a disk log: with one, the broker writes
                 # every committed batch to disk, whatever the ack level.
@@ -262,33 +279,72 @@ class Bench:
             print(text, file=self.live, flush=True)
 
     async def run(self) -> None:
-        """Every variant once per round, in order; a run whose receiver failed is retried."""
-        total = len(self.plan.variants) * self.plan.rounds
+        """Every variant once per round, in order, each paced run right after its
+        unpaced one; a run whose receiver failed is retried."""
+        plan = self.plan
+        per_round = sum(1 + (len(plan.rates) if v.paced else 0) for v in plan.variants)
+        total = per_round * plan.rounds
         done = 0
-        for rnd in range(1, self.plan.rounds + 1):
-            for variant in self.plan.variants:
-                done += 1
-                label = f"[{done}/{total} r{rnd}] {variant.name}"
-                started = time.monotonic()
-                earlier: list[str] = []
-                for attempt in range(1, _ATTEMPTS + 1):
-                    try:
-                        result = await self.run_once(variant, rnd, label)
-                    except* BenchError as group:
-                        errors = [str(e) for e in group.exceptions]
-                        result = RunResult(
-                            variant.name, rnd, ok=False, errors=errors, receiver_failed=True
-                        )
-                    result.attempts = attempt
-                    result.earlier_errors = earlier
-                    # A receiver that died or never started (a stray signal, a port
-                    # race) says nothing about throughput: try that run again.
-                    if result.ok or not result.receiver_failed or attempt == _ATTEMPTS:
-                        break
-                    self.say(f"{label}: retrying: {'; '.join(result.errors)[:300]}")
-                    earlier = [*earlier, *result.errors]
-                self.runs.append(result)
-                self.say(self.run_line(label, result, time.monotonic() - started))
+        for rnd in range(1, plan.rounds + 1):
+            for variant in plan.variants:
+                for rate in (None, *(plan.rates if variant.paced else ())):
+                    done += 1
+                    label = f"[{done}/{total} r{rnd}] {variant.name}"
+                    if rate is not None:
+                        label += f" at {rate * 100:g}%"
+                    started = time.monotonic()
+                    result = await self.run_with_retries(variant, rnd, label, rate)
+                    self.runs.append(result)
+                    self.say(self.run_line(label, result, time.monotonic() - started))
+
+    def peak(self, variant: Variant) -> float | None:
+        """The payload bytes per second of ``variant``'s latest good unpaced run."""
+        for run in reversed(self.runs):
+            if run.variant == variant.name and run.rate is None and run.ok:
+                return run.gb_per_s * 1e9
+        return None
+
+    async def run_with_retries(
+        self, variant: Variant, rnd: int, label: str, rate: float | None = None
+    ) -> RunResult:
+        """One run of ``variant`` (paced at ``rate`` of its peak, if given),
+        tried again while its receiver fails."""
+        offered = None
+        if rate is not None:
+            peak = self.peak(variant)
+            if peak is None:
+                return RunResult(
+                    variant.name,
+                    rnd,
+                    ok=False,
+                    rate=rate,
+                    errors=[f"no good unpaced run of {variant.name} to take the peak from"],
+                )
+            offered = rate * peak
+        earlier: list[str] = []
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                result = await self.run_once(variant, rnd, label, rate, offered)
+            except* BenchError as group:
+                errors = [str(e) for e in group.exceptions]
+                result = RunResult(
+                    variant.name,
+                    rnd,
+                    ok=False,
+                    errors=errors,
+                    receiver_failed=True,
+                    rate=rate,
+                    offered_bytes_per_s=offered,
+                )
+            result.attempts = attempt
+            result.earlier_errors = earlier
+            # A receiver that died or never started (a stray signal, a port
+            # race) says nothing about throughput: try that run again.
+            if result.ok or not result.receiver_failed or attempt == _ATTEMPTS:
+                break
+            self.say(f"{label}: retrying: {'; '.join(result.errors)[:300]}")
+            earlier = [*earlier, *result.errors]
+        return result
 
     def run_line(self, label: str, r: RunResult, wall: float) -> str:
         """The line printed after a run."""
@@ -300,22 +356,27 @@ class Bench:
             if r.latency_us
             else "no acks"
         )
+        offered = (
+            f" ({r.offered_bytes_per_s / 1e9:.2f} GB/s offered)" if r.offered_bytes_per_s else ""
+        )
         pool = f", pool peak {r.pool_peak}/{r.pool_size}, pauses {r.pauses}" if r.pool_size else ""
         disk = f", {r.storage_bytes / 1e9:.2f} GB on disk" if r.storage_bytes is not None else ""
+        fill = f"; untimed fill {r.fill_s:.1f} s" if r.fill_s is not None else ""
         return (
-            f"{label}: {r.gb_per_s:.2f} GB/s, {r.msgs_per_s / 1e6:.2f} M msg/s, {lat_text}, "
-            f"receiver CPU {r.cpu_s_per_gb:.2f} s/GB{pool}{disk} "
-            f"({r.payload_bytes / 1e9:.2f} GB in {r.elapsed_s:.2f} s; wall {wall:.1f} s)"
+            f"{label}: {r.gb_per_s:.2f} GB/s{offered}, {r.msgs_per_s / 1e6:.2f} M msg/s, "
+            f"{lat_text}, receiver CPU {r.cpu_s_per_gb:.2f} s/GB{pool}{disk} "
+            f"({r.payload_bytes / 1e9:.2f} GB in {r.elapsed_s:.2f} s{fill}; wall {wall:.1f} s)"
         )
 
     async def start_server(
         self, nursery: trio.Nursery, variant: Variant, cxl: str, storage: str | None = None
     ) -> Server:
-        """Start the variant's receiver and wait until it listens.
+        """Start the variant's receiver (or sender) and wait until it listens.
 
         Raises:
             BenchError: It exited or did not listen in time.
         """
+        plan = self.plan
         python = sys.executable
         env = dict(os.environ)
         if variant.is_broker:
@@ -323,17 +384,28 @@ class Bench:
                 env.pop(key, None)
             config = self.write_broker_config(variant, cxl, storage)
             cmd = [python, "-m", "trio_embarcadero", "serve", "--config", config, "--reset"]
+            prefault_mb = plan.cxl_size_mb(variant)
         else:
             kind = variant.kind.removesuffix("-sink")
-            cmd = [python, "-m", "trio_embarcadero.tools.sink", kind, "--host", self.plan.host]
+            cmd = [python, "-m", "trio_embarcadero.tools.sink", kind, "--host", plan.host]
+            prefault_mb = 0
+            if variant.is_read:
+                cmd += [
+                    *("--batches", str(plan.batches_per_run(variant))),
+                    *("--batch-messages", str(variant.batch_messages)),
+                    *("--message-size", str(plan.message_size)),
+                    *("--dir", plan.cxl_dir),
+                ]
+                prefault_mb = plan.batches_per_run(variant) * plan.batch_total_size(variant) >> 20
         process = await trio.lowlevel.open_process(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
         )
         server = Server(variant, process)
         nursery.start_soon(_pump, process.stdout, server.on_line)
         nursery.start_soon(_pump, process.stderr, server.on_line)
-        # Broker start-up faults the whole CXL region in (~1 GB/s here).
-        with trio.move_on_after(60 + self.plan.cxl_size_mb / 200):
+        # Broker start-up faults the whole CXL region in (~1 GB/s here); the
+        # read sink fills its topic first.
+        with trio.move_on_after(60 + prefault_mb / 200):
             while not server.listening.is_set():
                 if process.poll() is not None:
                     break
@@ -345,11 +417,18 @@ class Bench:
             raise BenchError(f"{variant.name}: receiver did not start: {tail}")
         return server
 
-    async def run_once(self, variant: Variant, rnd: int, label: str) -> RunResult:
+    async def run_once(
+        self,
+        variant: Variant,
+        rnd: int,
+        label: str,
+        rate: float | None = None,
+        offered: float | None = None,
+    ) -> RunResult:
         """One run: a fresh CXL file (and disk log), the receiver, the load, the cleanup."""
         plan = self.plan
         cxl = str(Path(plan.cxl_dir) / f"trio-embarcadero-bench-{uuid.uuid4().hex[:12]}")
-        result = RunResult(variant.name, rnd, ok=False)
+        result = RunResult(variant.name, rnd, ok=False, rate=rate, offered_bytes_per_s=offered)
         storage: str | None = None
         try:
             if variant.durable:
@@ -363,7 +442,10 @@ class Bench:
             async with trio.open_nursery() as nursery:
                 server = await self.start_server(nursery, variant, cxl, storage)
                 try:
-                    await self.drive(server, variant, result, label, nursery)
+                    if variant.is_read:
+                        await self.drive_read(server, variant, result, label)
+                    else:
+                        await self.drive(server, variant, result, label, offered)
                 finally:
                     await _stop_process(
                         server.process, signal.SIGINT if variant.is_broker else signal.SIGTERM
@@ -390,89 +472,117 @@ class Bench:
                 shutil.rmtree(storage, ignore_errors=True)
         return result
 
+    def loadgen_command(
+        self, address: tuple[str, int], variant: Variant, ack: int, rate: float | None = None
+    ) -> list[str]:
+        """The load generator's command line against ``address`` (paced at
+        ``rate`` payload bytes per second, if given)."""
+        plan = self.plan
+        host, port = address
+        cmd = [
+            *(sys.executable, "-m", "trio_embarcadero.tools.loadgen"),
+            *("--host", host, "--port", str(port)),
+            *("--connections", str(plan.connections), "--ack", str(ack)),
+            *("--message-size", str(plan.message_size)),
+            *("--batch-messages", str(variant.batch_messages)),
+            *("--bytes", str(plan.bytes), "--seconds", str(plan.seconds)),
+            *("--interval", str(PROGRESS_INTERVAL)),
+        ]
+        return cmd if rate is None else [*cmd, "--rate", str(round(rate))]
+
     async def drive(
         self,
         server: Server,
         variant: Variant,
         result: RunResult,
         label: str,
-        nursery: trio.Nursery,
+        offered: float | None = None,
     ) -> None:
-        """Run the load generator against ``server``, sampling it; fills in ``result``."""
+        """Run the load generator against ``server`` (paced at ``offered``
+        payload bytes per second, if given), sampling it; fills in ``result``."""
+        assert server.address is not None
+        cmd = self.loadgen_command(server.address, variant, variant.ack, offered)
+        track = self.progress(label, server, result, "sent_bytes", acks=variant.ack > 0)
+        final = await self.measure(
+            server, result, functools.partial(self.client, server, cmd, result, track)
+        )
+        if not final:
+            return
+        _take_result(result, final)
+        result.wire_bytes = final["wire_bytes"]
+        result.batches = final["batches"]
+        result.latency_us = final["latency_us"]
+        result.latency_after_send_us = final["latency_after_send_us"]
+        result.send_lag_us = final["send_lag_us"]
+        result.loadgen_cpu_s = final["loadgen_cpu_s"]
+
+    async def drive_read(
+        self, server: Server, variant: Variant, result: RunResult, label: str
+    ) -> None:
+        """Fill the broker's topic (not timed), then read it with
+        :mod:`~trio_embarcadero.tools.reader`, sampling the sender; fills in ``result``."""
         plan = self.plan
         assert server.address is not None
+        records = plan.batches_per_run(variant) * variant.batch_messages
+        if variant.kind == "read-sub":
+            started = time.monotonic()
+            self.say(f"  {label}: filling the topic (not timed)")
+            cmd = self.loadgen_command(server.address, variant, ack=1)
+            fill = await self.client(server, cmd, result, lambda _: None)
+            result.fill_s = time.monotonic() - started
+            if fill and not fill["ok"]:
+                result.errors.append(f"the fill failed: {'; '.join(fill['errors'])}")
+            if result.errors:
+                return
+            records = fill["messages"]
         host, port = server.address
-        pid = server.process.pid
         cmd = [
-            sys.executable,
-            "-m",
-            "trio_embarcadero.tools.loadgen",
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--connections",
-            str(plan.connections),
-            "--ack",
-            str(variant.ack),
-            "--message-size",
-            str(plan.message_size),
-            "--batch-messages",
-            str(plan.batch_messages),
-            "--bytes",
-            str(plan.bytes),
-            "--seconds",
-            str(plan.seconds),
-            "--interval",
-            str(PROGRESS_INTERVAL),
+            *(sys.executable, "-m", "trio_embarcadero.tools.reader"),
+            *("--host", host, "--port", str(port)),
+            *("--connections", str(variant.readers), "--records", str(records)),
+            *("--message-size", str(plan.message_size)),
+            *("--seconds", str(plan.seconds), "--interval", str(PROGRESS_INTERVAL)),
         ]
-        final: dict[str, Any] = {}
-        loadgen_err: deque[str] = deque(maxlen=10)
-        last_live = [0.0, 0]  # elapsed, bytes at the previous live line
-        peak_anon = 0
+        track = self.progress(label, server, result, "payload_bytes", acks=False)
+        final = await self.measure(
+            server, result, functools.partial(self.client, server, cmd, result, track)
+        )
+        if not final:
+            return
+        _take_result(result, final)
+        result.wire_bytes = final["received_bytes"]
+        result.batches = final["messages"] // variant.batch_messages
+        result.loadgen_cpu_s = final["reader_cpu_s"]
 
-        def on_loadgen_line(line: str) -> None:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                loadgen_err.append(line)
-                return
-            if record.get("type") == "result":
-                final.update(record)
-                return
-            if record.get("type") != "progress":
-                return
-            elapsed, sent = record["elapsed"], record["sent_bytes"]
-            result.series.append((elapsed, sent))
-            if elapsed - last_live[0] >= _LIVE_INTERVAL - 1e-3:
-                span = elapsed - last_live[0]
-                rate = (sent - last_live[1]) / span
-                sent_msgs = record["sent_msgs"]
-                acked = record["acked_msgs"] / sent_msgs if variant.ack and sent_msgs else None
+    def progress(
+        self, label: str, server: Server, result: RunResult, key: str, *, acks: bool
+    ) -> Callable[[dict[str, Any]], None]:
+        """What takes a client's progress lines: ``result.series`` (the
+        payload bytes under ``key``) and a live line a second."""
+        last = [0.0, 0]  # elapsed, bytes at the previous live line
+
+        def track(record: dict[str, Any]) -> None:
+            elapsed, moved = record["elapsed"], record[key]
+            result.series.append((elapsed, moved))
+            if elapsed - last[0] >= _LIVE_INTERVAL - 1e-3:
+                rate = (moved - last[1]) / (elapsed - last[0])
+                sent_msgs = record.get("sent_msgs")
+                acked = record["acked_msgs"] / sent_msgs if acks and sent_msgs else None
                 self.say(self.live_line(label, elapsed, rate, acked, server))
-                last_live[:] = [elapsed, sent]
+                last[:] = [elapsed, moved]
 
+        return track
+
+    async def measure(
+        self, server: Server, result: RunResult, run: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> dict[str, Any]:
+        """Await ``run()`` (a client's run) with the server's CPU time and memory
+        measured around it; returns what it returns."""
+        pid = server.process.pid
         cpu0 = process_cpu_seconds(pid)
         memory0 = process_memory(pid)
-        loadgen = await trio.lowlevel.open_process(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        try:
-            async with trio.open_nursery() as pumps:
-                pumps.start_soon(_pump, loadgen.stdout, on_loadgen_line)
-                pumps.start_soon(_pump, loadgen.stderr, loadgen_err.append)
-                with trio.move_on_after(plan.seconds + 120) as scope:
-                    while loadgen.poll() is None:
-                        peak_anon = max(peak_anon, process_memory(pid).get("RssAnon", 0))
-                        if server.process.poll() is not None:
-                            break
-                        with trio.move_on_after(0.5):
-                            await loadgen.wait()
-                if scope.cancelled_caught:
-                    result.errors.append("load generator did not finish in time")
-        finally:
-            await _stop_process(loadgen, signal.SIGKILL if result.errors else signal.SIGTERM)
-        if variant.is_broker and server.process.returncode is None:
+        final = await run()
+        if server.variant.is_broker and server.process.returncode is None:
             # One more statistics line, so short runs get their pool peak too.
             server.stats_seen = trio.Event()
             with trio.move_on_after(_STATS_INTERVAL * 1.5):
@@ -484,28 +594,64 @@ class Bench:
             result.errors.append(
                 f"receiver died ({server.process.returncode}): " + " | ".join(server.tail)
             )
-        if not final:
-            result.errors.append("load generator failed: " + " | ".join(loadgen_err))
-            return
-        result.errors.extend(final["errors"])
-        result.ok = bool(final["ok"]) and not result.errors
-        result.payload_bytes = final["payload_bytes"]
-        result.wire_bytes = final["wire_bytes"]
-        result.messages = final["messages"]
-        result.batches = final["batches"]
-        result.elapsed_s = final["elapsed_s"]
-        result.time_bounded = final["time_bounded"]
-        result.latency_us = final["latency_us"]
-        result.latency_after_send_us = final["latency_after_send_us"]
-        result.loadgen_cpu_s = final["loadgen_cpu_s"]
         result.server_cpu_s = cpu1 - cpu0
         result.server_peak_rss = memory1.get("VmHWM", memory0.get("VmHWM", 0))
-        result.server_peak_anon = max(peak_anon, memory1.get("RssAnon", 0))
+        result.server_peak_anon = max(result.server_peak_anon, memory1.get("RssAnon", 0))
         result.pool_peak, result.pool_size, result.pauses = (
             server.pool_peak,
             server.pool_size,
             server.pauses,
         )
+        return final
+
+    async def client(
+        self,
+        server: Server,
+        cmd: list[str],
+        result: RunResult,
+        on_progress: Callable[[dict[str, Any]], None],
+    ) -> dict[str, Any]:
+        """Run one client process (load generator or reader) to its end, handing
+        its progress lines to ``on_progress`` and sampling the server's private
+        memory; returns its result line ({} if none: the reason is in ``result.errors``)."""
+        final: dict[str, Any] = {}
+        stderr: deque[str] = deque(maxlen=10)
+        name = cmd[2].rpartition(".")[2]
+
+        def on_line(line: str) -> None:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                stderr.append(line)
+                return
+            if record.get("type") == "result":
+                final.update(record)
+            elif record.get("type") == "progress":
+                on_progress(record)
+
+        pid = server.process.pid
+        process = await trio.lowlevel.open_process(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            async with trio.open_nursery() as pumps:
+                pumps.start_soon(_pump, process.stdout, on_line)
+                pumps.start_soon(_pump, process.stderr, stderr.append)
+                with trio.move_on_after(self.plan.seconds + 120) as scope:
+                    while process.poll() is None:
+                        anon = process_memory(pid).get("RssAnon", 0)
+                        result.server_peak_anon = max(result.server_peak_anon, anon)
+                        if server.process.poll() is not None:
+                            break
+                        with trio.move_on_after(0.5):
+                            await process.wait()
+                if scope.cancelled_caught:
+                    result.errors.append(f"{name} did not finish in time")
+        finally:
+            await _stop_process(process, signal.SIGKILL if result.errors else signal.SIGTERM)
+        if not final:
+            result.errors.append(f"{name} failed: " + " | ".join(stderr))
+        return final
 
     def live_line(
         self, label: str, elapsed: float, rate: float, acked: float | None, server: Server
