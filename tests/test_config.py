@@ -17,6 +17,7 @@ from trio_embarcadero.config import (
     BrokerConfig,
     Config,
     CxlConfig,
+    HttpConfig,
     LoggingConfig,
     NetworkConfig,
     StorageConfig,
@@ -100,7 +101,9 @@ def test_defaults() -> None:
     assert config.storage == StorageConfig(
         dir="", sync_interval_ms=5.0, sync_bytes=64 * MIB, mode=0o600
     )
-    assert config.logging == LoggingConfig(level="INFO")
+    assert config.http == HttpConfig(enabled=True, host="127.0.0.1", port=9214)
+    assert config.http.port_for(config.broker) == 9214
+    assert config.logging == LoggingConfig(level="INFO", format="text")
     assert config.topics == TopicsConfig(
         defaults=TopicSettings(retention_bytes=-1, retention_ms=-1), overrides={}
     )
@@ -193,8 +196,14 @@ dir = "/var/lib/emb"
 sync_interval_ms = 1
 sync_bytes = 4096
 
+[http]
+enabled = false
+host = "::1"
+port = 8000
+
 [logging]
 level = "error"
+format = "JSON"
 
 [topics]
 retention_ms = 86400000
@@ -240,7 +249,8 @@ def test_file_values(tmp_path: Path) -> None:
             prefault=False,
         ),
         storage=StorageConfig(dir="/var/lib/emb", sync_interval_ms=1.0, sync_bytes=4096),
-        logging=LoggingConfig(level="ERROR"),
+        http=HttpConfig(enabled=False, host="::1", port=8000),
+        logging=LoggingConfig(level="ERROR", format="json"),
         topics=TopicsConfig(
             defaults=TopicSettings(retention_ms=86_400_000),
             overrides={"orders.eu": TopicOverride(retention_bytes=1_000_000)},
@@ -250,6 +260,58 @@ def test_file_values(tmp_path: Path) -> None:
     assert type(config.network.batch_timeout_s) is float
     assert type(config.network.pause_high_watermark) is float
     assert config.broker.data_port == 7002
+    assert config.http.port_for(config.broker) == 8002
+
+
+@pytest.mark.parametrize(
+    ("overrides", "port"),
+    [
+        ({}, 9214),
+        ({"broker.id": 3}, 9217),
+        ({"http.port": 8000, "broker.id": 1}, 8001),
+        ({"http.port": 0, "broker.id": 1}, 0),
+        # A broker on an ephemeral data port never takes a fixed HTTP port.
+        ({"broker.port": 0, "broker.id": 2}, 0),
+    ],
+)
+def test_http_port_per_broker_id(overrides: dict[str, object], port: int) -> None:
+    config = load_config(env={}, overrides=overrides)
+    assert config.http.port_for(config.broker) == port
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        (
+            {"http.port": 65535, "broker.id": 1},
+            "'port' + broker 'id' (the HTTP port) must be <= 65535: 65535 + 1 @ $.http.port",
+        ),
+        (
+            {"http.port": 1214, "broker.id": 1},
+            "'port' + broker 'id' (the HTTP port, 1215) must differ from the data port "
+            "(broker.port + id): set http.port to another base port, e.g. 9214 @ $.http.port",
+        ),
+        ({"http.port": -1}, "'port' must be >= 0: -1 @ $.http.port"),
+        ({"http.host": ""}, "'host' must not be empty @ $.http.host"),
+        (
+            {"logging.format": "xml"},
+            "'format' must be in ('text', 'json') (got 'xml') @ $.logging.format",
+        ),
+    ],
+)
+def test_bad_http_and_log_format(overrides: dict[str, object], problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides=overrides)
+    assert [p.removesuffix(" (from override)") for p in info.value.problems] == [problem]
+
+
+def test_http_off_needs_no_free_port() -> None:
+    # Turned off, its port is not checked against the data port.
+    config = load_config(env={}, overrides={"http.enabled": False, "http.port": 1214})
+    assert not config.http.enabled
+    env = {"TRIO_EMBARCADERO_HTTP__ENABLED": "off", "TRIO_EMBARCADERO_LOGGING__FORMAT": "json"}
+    config = load_config(env=env)
+    assert (config.http.enabled, config.logging.format) == (False, "json")
 
 
 def test_partial_file_keeps_other_defaults(tmp_path: Path) -> None:
@@ -1268,12 +1330,21 @@ def test_config_to_toml_defaults_text() -> None:
     assert "\nprefault = true\n" in text
     # File modes read as what they are: octal.
     assert text.count("\nmode = 0o600\n") == 2
-    assert '\n\n[logging]\nlevel = "INFO"\n' in text
+    assert '\n\n[http]\nenabled = true\nhost = "127.0.0.1"\nport = 9214\n' in text
+    assert '\n\n[logging]\nlevel = "INFO"\nformat = "text"\n' in text
     assert text.endswith("\n\n[topics]\nretention_bytes = -1\nretention_ms = -1\n")
     sections = [line for line in text.splitlines() if line.startswith("[")]
-    assert sections == ["[broker]", "[network]", "[cxl]", "[storage]", "[logging]", "[topics]"]
+    assert sections == [
+        "[broker]",
+        "[network]",
+        "[cxl]",
+        "[storage]",
+        "[http]",
+        "[logging]",
+        "[topics]",
+    ]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert len(keys) == 3 + 25 + 11 + 5 + 1 + 2
+    assert len(keys) == 3 + 25 + 11 + 5 + 3 + 2 + 2
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ Values come from four layers, each overriding the one before:
 
 1. the defaults written on the classes below,
 2. a TOML file (one table per section: ``[broker]``, ``[network]``, ``[cxl]``,
-   ``[storage]``, ``[logging]``, ``[topics]``; per-topic overrides are
+   ``[storage]``, ``[http]``, ``[logging]``, ``[topics]``; per-topic overrides are
    sub-tables of ``[topics]``, e.g. ``[topics."orders.eu"]``, and come from
    the file only),
 3. the environment (see :func:`load_config` for the variable names),
@@ -51,6 +51,8 @@ __all__ = [
     "Config",
     "CxlConfig",
     "ENV_PREFIX",
+    "HttpConfig",
+    "LOG_FORMATS",
     "LOG_LEVELS",
     "LoggingConfig",
     "NetworkConfig",
@@ -80,6 +82,9 @@ SEED_ENV_VARS: Final[Mapping[str, str]] = {
 
 #: The accepted ``logging.level`` values (input is case-insensitive).
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+#: The accepted ``logging.format`` values: lines for people, or one JSON object a line.
+LOG_FORMATS: Final = ("text", "json")
 
 # A batch lands in a single CXL segment together with its 128-byte batch
 # header and 64 more bytes of log bookkeeping, so a batch's payload may use at
@@ -150,6 +155,10 @@ _OCTAL: Final = {"octal": True}
 
 def _upper(value: str) -> str:
     return value.upper()
+
+
+def _lower(value: str) -> str:
+    return value.lower()
 
 
 def _int_in(low: int, high: int) -> list[Callable[[Any, "attrs.Attribute[int]", int], None]]:
@@ -528,18 +537,54 @@ class StorageConfig(_Checked):
 
 
 @attrs.frozen(kw_only=True)
+class HttpConfig(_Checked):
+    """The HTTP endpoint for operators: Prometheus metrics and the admin API.
+
+    Attributes:
+        enabled: Serve it (from the broker's nursery, like the data port).
+        host: The address it binds.
+        port: The base port: broker ``id`` serves on ``port + id`` (9214 for
+            broker 0, 9215 for broker 1, ...), as the data port does. 0 asks
+            the OS for an ephemeral port, and so does a broker whose
+            ``broker.port`` is 0: a broker on an ephemeral data port (tests,
+            an embedding application) never takes a fixed HTTP port.
+    """
+
+    enabled: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    host: str = attrs.field(
+        default="127.0.0.1", validator=[attrs.validators.instance_of(str), _non_empty]
+    )
+    # The data port's 1214 behind a 9, clear of the data ports of 32 brokers.
+    port: int = attrs.field(default=9214, validator=_int_in(0, 65535))
+
+    def port_for(self, broker: "BrokerConfig") -> int:
+        """The port ``broker`` serves HTTP on: ``port + id``; 0 (ephemeral)
+        when ``port`` or ``broker.port`` is 0."""
+        return 0 if self.port == 0 or broker.port == 0 else self.port + broker.id
+
+
+@attrs.frozen(kw_only=True)
 class LoggingConfig(_Checked):
     """Logging set-up done by the command line tool.
 
     Attributes:
         level: One of :data:`LOG_LEVELS`; any case is accepted, stored upper
             case.
+        format: One of :data:`LOG_FORMATS`: ``text`` lines for people, or
+            ``json``, one object a line (``time``, ``level``, ``logger``,
+            ``message``, and the numbers of a statistics line under ``stats``)
+            for log collectors.
     """
 
     level: str = attrs.field(
         default="INFO",
         converter=_upper,
         validator=[attrs.validators.instance_of(str), attrs.validators.in_(LOG_LEVELS)],
+    )
+    format: str = attrs.field(
+        default="text",
+        converter=_lower,
+        validator=[attrs.validators.instance_of(str), attrs.validators.in_(LOG_FORMATS)],
     )
 
 
@@ -678,7 +723,8 @@ class Config(_Checked):
         network: The ingest path.
         cxl: The CXL region.
         storage: The disk log.
-        logging: Log level.
+        http: The metrics and admin endpoint.
+        logging: Log level and format.
         topics: Per-topic settings (retention), defaults and overrides.
     """
 
@@ -686,6 +732,7 @@ class Config(_Checked):
     network: NetworkConfig = attrs.field(factory=NetworkConfig)
     cxl: CxlConfig = attrs.field(factory=CxlConfig)
     storage: StorageConfig = attrs.field(factory=StorageConfig)
+    http: HttpConfig = attrs.field(factory=HttpConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
     topics: TopicsConfig = attrs.field(factory=TopicsConfig)
 
@@ -714,6 +761,26 @@ def _check_broker_id(v: Mapping[str, Any]) -> Iterator[_Problem]:
     cxl: CxlConfig = v["cxl"]
     if broker.id >= cxl.max_brokers:
         yield ("broker.id", f"'id' must be < cxl.max_brokers ({cxl.max_brokers}): {broker.id}")
+
+
+@_check(Config, "broker", "http")
+def _check_http_port(v: Mapping[str, Any]) -> Iterator[_Problem]:
+    broker: BrokerConfig = v["broker"]
+    http: HttpConfig = v["http"]
+    port = http.port_for(broker)
+    if not http.enabled or http.port == 0:
+        return
+    if http.port + broker.id > 65535:
+        yield (
+            "http.port",
+            f"'port' + broker 'id' (the HTTP port) must be <= 65535: {http.port} + {broker.id}",
+        )
+    elif port != 0 and port == broker.data_port:
+        yield (
+            "http.port",
+            f"'port' + broker 'id' (the HTTP port, {port}) must differ from the data port "
+            f"(broker.port + id): set http.port to another base port, e.g. 9214",
+        )
 
 
 _SECTIONS: Final[Mapping[str, Any]] = {a.name: a.type for a in attrs.fields(Config)}
