@@ -95,6 +95,10 @@ class TopicBusyError(EmbarcaderoError):
     """A topic cannot be deleted now: publishers are attached to it."""
 
 
+class TopicExistsError(EmbarcaderoError):
+    """A topic to be created exists already; nothing was changed."""
+
+
 class StartupError(EmbarcaderoError):
     """The broker refuses to start; the message says why and how to go on
     (the command line prints it as it is)."""

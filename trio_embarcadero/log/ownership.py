@@ -263,17 +263,23 @@ def region_lock_path(path: str) -> str:
     return f"{path}.lock"
 
 
+def settings_path(path: str) -> str:
+    """The per-topic settings file of the CXL file ``path`` (see :mod:`.settings`)."""
+    return f"{path}.topics.json"
+
+
 def disk_lock_path(directory: str) -> str:
     """The lock file of the disk log directory ``directory``."""
     return os.path.join(directory, "brokers.lock")
 
 
 def remove_region(path: str) -> None:
-    """Remove the CXL file ``path`` and its lock file, once no broker serves it.
+    """Remove the CXL file ``path``, its lock file and its topic settings,
+    once no broker serves it.
 
     For tools and tests that made a region of their own; missing files are fine.
     """
-    for name in (path, region_lock_path(path)):
+    for name in (path, region_lock_path(path), settings_path(path)):
         try:
             os.unlink(name)
         except FileNotFoundError:

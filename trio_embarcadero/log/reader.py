@@ -42,7 +42,7 @@ import bisect
 import logging
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -241,26 +241,9 @@ class LogReader:
     def _topic_indexes(self) -> dict[str, int]:
         return read_topics(self._mmap, self.geometry)
 
-    def _stream_info(self, topic_index: int, broker_id: int) -> StreamInfo | None:
-        entry = read_stream_entry(self._mmap, self.geometry, topic_index, broker_id)
-        if entry.first_segment == NO_SEGMENT:
-            return None
-        return StreamInfo(
-            broker_id,
-            entry.messages,
-            entry.batches,
-            entry.payload_bytes,
-            entry.segments,
-            entry.start_offset,
-        )
-
     def topics(self) -> list[TopicInfo]:
         """Every topic in the region, with each broker stream's committed totals."""
-        out = []
-        for name, index in self._topic_indexes().items():
-            streams = (self._stream_info(index, b) for b in range(self.geometry.max_brokers))
-            out.append(TopicInfo(name, tuple(s for s in streams if s is not None)))
-        return out
+        return read_topic_infos(self._mmap, self.geometry)
 
     def topic(self, name: str) -> TopicInfo:
         """One topic's totals.
@@ -474,6 +457,77 @@ class LogReader:
         check_segment(
             self._mmap, self.geometry, WalkPosition(segment=segment, generation=generation)
         )
+
+
+def describe_region(path: str, geometry: Geometry, units_used: int) -> dict[str, Any]:
+    """A region's sizes as the topic listings show them (JSON values: the
+    ``region`` of ``GET /v1/topics``, the first line of ``inspect``)."""
+    return {
+        "path": path,
+        "size_bytes": geometry.region_size,
+        "unit_bytes": geometry.unit_size,
+        "largest_segment_bytes": geometry.segment_size,
+        "units": geometry.num_units,
+        "units_used": units_used,
+        "units_free": geometry.num_units - units_used,
+        "max_topics": geometry.max_topics,
+        "max_brokers": geometry.max_brokers,
+    }
+
+
+def describe_streams(
+    topic: TopicInfo, disk_files: Mapping[tuple[str, int], list[tuple[int, int]]] | None
+) -> list[dict[str, Any]]:
+    """``topic``'s streams as the topic listings show them (JSON values: the
+    ``streams`` of a topic of ``GET /v1/topics``, the rows of ``topics``).
+
+    Args:
+        topic: The topic, from the topic table.
+        disk_files: With a disk log, its files (``stream_files``): a stream
+            then begins where its disk log does, and the region holds a part
+            of it. None without a disk log.
+    """
+    rows = []
+    for s in topic.streams:
+        files = disk_files.get((topic.name, s.broker_id), []) if disk_files is not None else []
+        rows.append(
+            {
+                "broker": s.broker_id,
+                "messages": s.messages,
+                "batches": s.batches,
+                "bytes": s.payload_bytes,
+                # Below the disk log's start nothing is served any longer.
+                "first_offset": files[0][0] if files else s.start_offset,
+                "next_offset": s.messages,
+                "region_first_offset": s.start_offset,
+                "disk_files": len(files) if disk_files is not None else None,
+                "disk_bytes": sum(n for _, n in files) if disk_files is not None else None,
+            }
+        )
+    return rows
+
+
+def read_topic_infos(buf: Any, geometry: Geometry) -> list[TopicInfo]:
+    """Every topic in the region ``buf`` holds, with each broker stream's
+    committed totals (a stream not written yet is left out)."""
+    out = []
+    for name, index in read_topics(buf, geometry).items():
+        streams = []
+        for broker_id in range(geometry.max_brokers):
+            entry = read_stream_entry(buf, geometry, index, broker_id)
+            if entry.first_segment != NO_SEGMENT:
+                streams.append(
+                    StreamInfo(
+                        broker_id,
+                        entry.messages,
+                        entry.batches,
+                        entry.payload_bytes,
+                        entry.segments,
+                        entry.start_offset,
+                    )
+                )
+        out.append(TopicInfo(name, tuple(streams)))
+    return out
 
 
 @contextmanager

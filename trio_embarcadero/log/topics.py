@@ -21,22 +21,31 @@ A topic is refused while publishers are attached to it: each broker counts
 its attached publish sessions in its stream entry (see
 :meth:`~.region.CxlLog.attach_publisher`). The count of a broker that is no
 longer running is stale; the caller says which brokers run.
+
+A topic is normally created by its first batch; :func:`create_topic_file`
+creates one ahead of it (the admin API, ``create-topic``), with settings of
+its own kept beside the region (:mod:`.settings`). Deleting a topic drops
+its settings too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 
-from ..errors import TopicBusyError
+from ..errors import LogFullError, TopicBusyError, TopicExistsError
+from ..wire import encode_topic
 from .layout import (
+    NEXT_GENERATION_OFFSET,
     NO_SEGMENT,
     STREAM_ATTACHED_OFFSET,
     STREAM_COUNTS,
@@ -48,16 +57,21 @@ from .layout import (
     TOPIC_FREE,
     TOPIC_STATE_OFFSET,
     U32,
+    U64,
     Geometry,
+    find_topic,
     parse_file_name,
     read_geometry,
     read_segment_header,
     read_topic_state,
     read_topics,
+    topic_states,
     unit_map,
+    write_topic,
 )
 from .ownership import open_private_file, served_brokers
 from .segments import SegmentMap
+from .settings import TopicRecord, live_records, read_settings, settings_path, write_settings
 
 
 @attrs.frozen
@@ -73,14 +87,119 @@ class Deleted:
     renamed: list[Path]
 
 
-def delete_topic_file(path: str, name: str, storage_dir: str | None = None) -> Deleted:
+@attrs.frozen
+class Created:
+    """What :func:`create_topic_file` did.
+
+    Attributes:
+        slot: The topic's slot in the topic table.
+        record: The settings recorded for it.
+    """
+
+    slot: int
+    record: TopicRecord
+
+
+def create_topic_file(
+    path: str,
+    name: str,
+    *,
+    order: int = 0,
+    retention_bytes: int | None = None,
+    retention_ms: int | None = None,
+    mode: int = 0o600,
+) -> Created:
+    """Create topic ``name`` in the CXL file ``path`` (served or not) with its settings.
+
+    Under the region's file lock: the topic takes a free slot of the topic
+    table, as its first batch would, and its settings are recorded beside
+    the region (:mod:`.settings`); records of topics gone meanwhile are
+    dropped. Running brokers see the topic at its first use.
+
+    Args:
+        path: The CXL file (a broker made it).
+        name: The topic.
+        order: Its ordering; 0 (each broker's stream in its own order) is
+            the only one there is.
+        retention_bytes: Its ``retention_bytes``, or None for the config
+            file's (already checked: -1 or > 0).
+        retention_ms: Its ``retention_ms``, or None for the config file's.
+        mode: The region's permission bits (``cxl.mode``), which the
+            settings file gets too.
+
+    Raises:
+        ValueError: ``name`` is not a topic name.
+        TopicExistsError: The topic exists; nothing changed.
+        LogFullError: The topic table is full.
+        LayoutError: ``path`` is not a region.
+        OSError: It cannot be opened.
+    """
+    raw = encode_topic(name)
+    with _locked_region(path, mode) as (fd, mapping, geometry):
+        if find_topic(mapping, geometry, name) is not None:
+            raise TopicExistsError(f"topic {name!r} exists")
+        free = np.flatnonzero(topic_states(mapping, geometry) == TOPIC_FREE)
+        if not len(free):
+            raise LogFullError(
+                f"topic table full ({geometry.max_topics} topics); cannot create {name!r}",
+                transient=False,
+            )
+        slot = int(free[0])
+        # The incarnation write_topic gives it (nobody else creates a topic
+        # while the lock is held): the settings are recorded first, so a
+        # kill in between leaves a record that holds for no topic, never a
+        # topic without its settings.
+        (incarnation,) = U64.unpack_from(mapping, NEXT_GENERATION_OFFSET)
+        record = TopicRecord(slot, incarnation, order, retention_bytes, retention_ms)
+        inode = os.fstat(fd).st_ino
+        file = settings_path(path)
+        records = live_records(read_settings(file, inode), mapping, geometry)
+        records[name] = record
+        write_settings(file, inode, records, mode)
+        write_topic(mapping, geometry, slot, raw)
+    return Created(slot, record)
+
+
+@contextlib.contextmanager
+def _locked_region(path: str, mode: int) -> Iterator[tuple[int, mmap.mmap, Geometry]]:
+    """The region file mapped read-write, under its file lock."""
+    fd = open_private_file(path, os.O_RDWR, mode, "CXL file")
+    try:
+        mapping = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)
+        try:
+            geometry = read_geometry(mapping)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield fd, mapping, geometry
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            try:
+                mapping.close()
+            except BufferError:
+                # A view is still referenced (by the traceback of an error on
+                # its way out): the mapping goes with it.
+                pass
+    finally:
+        os.close(fd)
+
+
+def delete_topic_file(
+    path: str, name: str, storage_dir: str | None = None, *, mode: int = 0o600
+) -> Deleted:
     """Delete topic ``name`` from the CXL file ``path``, also while brokers serve it.
 
     Under the region's file lock: the deletion (see :func:`delete_topic`),
     then every disk log file of the topic in ``storage_dir`` (every broker's,
     ``<name>@<broker>.<offset>.log``) is renamed to ``<that>.deleted-<ns>``
     (no broker recreates the topic, and so its files, before the lock is
-    released).
+    released), and the topic's settings record (:mod:`.settings`) is dropped.
+
+    Args:
+        path: The CXL file.
+        name: The topic.
+        storage_dir: The disk log directory, if there is one.
+        mode: The region's permission bits (``cxl.mode``): the file keeps them.
 
     Raises:
         KeyError: No such topic.
@@ -88,33 +207,28 @@ def delete_topic_file(path: str, name: str, storage_dir: str | None = None) -> D
         LayoutError: ``path`` is not a region.
         OSError: It cannot be opened.
     """
-    fd = open_private_file(path, os.O_RDWR, 0o600, "CXL file")
-    try:
-        mapping = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)
+    with _locked_region(path, mode) as (fd, mapping, geometry):
+        segment_map = SegmentMap(unit_map(mapping, geometry), geometry.max_order)
         try:
-            geometry = read_geometry(mapping)
-            segment_map = SegmentMap(unit_map(mapping, geometry), geometry.max_order)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                finish_deletions(mapping, geometry, segment_map)
-                freed = delete_topic(mapping, geometry, segment_map, name, served_brokers(path))
-                renamed = []
-                if storage_dir is not None:
-                    stamp = time.time_ns()
-                    for file in sorted(os.listdir(storage_dir)):
-                        parsed = parse_file_name(file)
-                        if parsed is not None and parsed[0] == name:
-                            old = Path(storage_dir) / file
-                            new = old.with_name(f"{file}.deleted-{stamp}")
-                            old.rename(new)
-                            renamed.append(new)
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            del segment_map
+            finish_deletions(mapping, geometry, segment_map)
+            freed = delete_topic(mapping, geometry, segment_map, name, served_brokers(path))
+            renamed = []
+            if storage_dir is not None:
+                stamp = time.time_ns()
+                for file in sorted(os.listdir(storage_dir)):
+                    parsed = parse_file_name(file)
+                    if parsed is not None and parsed[0] == name:
+                        old = Path(storage_dir) / file
+                        new = old.with_name(f"{file}.deleted-{stamp}")
+                        old.rename(new)
+                        renamed.append(new)
+            inode = os.fstat(fd).st_ino
+            settings = settings_path(path)
+            records = read_settings(settings, inode)
+            if records:
+                write_settings(settings, inode, live_records(records, mapping, geometry), mode)
         finally:
-            mapping.close()
-    finally:
-        os.close(fd)
+            del segment_map  # its views of the mapping, before the mapping closes
     return Deleted(freed, renamed)
 
 
