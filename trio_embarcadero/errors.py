@@ -134,13 +134,16 @@ class ListenError(StartupError):
         errno: The ``OSError``'s errno (negative for a name resolution error).
     """
 
-    def __init__(self, host: str, port: int, error: OSError) -> None:
+    def __init__(self, host: str, port: int, error: OSError, what: str = "") -> None:
         self.host = host
         self.port = port
         self.errno = error.errno
         reason = error.strerror or str(error)
         address = f"[{host}]" if ":" in host else host
-        super().__init__(f"cannot listen on {address}:{port}: {reason[:1].lower()}{reason[1:]}")
+        super().__init__(
+            f"cannot listen on {address}:{port}: {reason[:1].lower()}{reason[1:]}"
+            + (f" ({what})" if what else "")
+        )
 
 
 class StorageError(EmbarcaderoError):

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from ..log import CxlLog, Reservation
+from ..log import CxlLog, Reservation, Stream
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +44,19 @@ class CommitFeed:
         log: The broker's log.
         on_disk: Called with every committed batch first (the disk writer),
             or None without a disk log.
+
+    Attributes:
+        committed_bytes: Payload bytes committed per stream since the broker
+            started (the region keeps only what it retains); a topic made
+            anew is a new stream.
+        internal_errors: Consumers that raised.
     """
 
     def __init__(self, log: CxlLog, on_disk: Callable[[Reservation], None] | None = None) -> None:
         self._log = log
         self._on_disk = on_disk
         self._waiters: dict[str, trio.lowlevel.ParkingLot] = {}
+        self.committed_bytes: dict[Stream, int] = {}
         self.internal_errors = 0
 
     def complete(self, reservation: Reservation, starts: npt.NDArray[np.int64]) -> None:
@@ -76,6 +83,10 @@ class CommitFeed:
         if not committed:
             return
         for reservation in committed:
+            stream = reservation.stream
+            self.committed_bytes[stream] = (
+                self.committed_bytes.get(stream, 0) + reservation.header.total_size
+            )
             if self._on_disk is not None:
                 self._guarded(self._on_disk, reservation)
             owner = reservation.owner

@@ -28,6 +28,7 @@ import trio
 from ..errors import StorageError
 from ..log import DiskLog, DiskStatistics, Reservation
 from ..log.disk import write_and_sync
+from .statistics import LATENCY_BUCKETS, Histogram
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Durability:
 
     Attributes:
         failure: Why the disk log failed, or None while it works.
+        sync_seconds: How long each write-and-sync round took.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class Durability:
         self.disk = disk
         self._on_sync = on_sync
         self.failure: StorageError | None = None
+        self.sync_seconds = Histogram(LATENCY_BUCKETS)
         self._on_failure = on_failure
         self._waiters: dict[str, deque[tuple[int, DurableCallback]]] = {}
         self._finishing = False
@@ -103,7 +106,9 @@ class Durability:
             jobs = disk.take_jobs()
             started = trio.current_time()
             result = await trio.to_thread.run_sync(write_and_sync, jobs)
-            disk.jobs_done(result.done, result.written, trio.current_time() - started)
+            took = trio.current_time() - started
+            disk.jobs_done(result.done, result.written, took)
+            self.sync_seconds.observe(took)
             for job in result.done:
                 self._release(job.topic, job.upto, None)
             if result.done and self._on_sync is not None:

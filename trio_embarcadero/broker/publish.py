@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -119,6 +121,11 @@ class PublishSession:
         self._placement_failed = False
         self._acks: AckCounter | None = None
         self._inflight = 0
+        # When each batch in flight was received whole, oldest first (they
+        # settle in order): the ack latency histogram's start times. The
+        # process clock (perf_counter, what Trio's own clock reads) is the
+        # cheapest there is: this runs for every batch.
+        self._received_at: deque[float] = deque()
         self._settled = trio.lowlevel.ParkingLot()
         self._receive_scope = trio.CancelScope()
         self._stream: Stream | None = None  # attached to (see _attach)
@@ -144,7 +151,7 @@ class PublishSession:
     def _acked(self, messages: int) -> None:
         if self._acks is not None:
             self._acks.advance(messages)
-        self._settle()
+        self._settle(acked=True)
 
     def _made_durable(self, messages: int, failure: StorageError | None) -> None:
         if failure is None:
@@ -168,9 +175,17 @@ class PublishSession:
         self.ingest.counters.batches_discarded += 1
         self._settle()
 
-    def _settle(self) -> None:
+    def _settle(self, *, acked: bool = False) -> None:
         self._inflight -= 1
+        received = self._received_at.popleft() if self._received_at else None
+        if acked and received is not None and self.handshake.ack:
+            self.ingest.counters.count_acked(self.handshake.ack, time.perf_counter() - received)
         self._settled.unpark_all()
+
+    def _in_flight(self) -> None:
+        """One more batch received whole and handed on, not yet settled."""
+        self._inflight += 1
+        self._received_at.append(time.perf_counter())
 
     def fail(self, error: ProtocolError) -> None:
         """Stop receiving; the client gets ``error`` once acks are flushed."""
@@ -381,11 +396,12 @@ class PublishSession:
             batch = StagedBatch(self, header, buffer, starts, previous)
             buffer.hand_off()
             conn.phase = ConnectionPhase.WAIT_CXL
-            self._inflight += 1
+            self._in_flight()
             try:
                 await ingest.batches.send(batch)
             except BaseException:
                 self._inflight -= 1
+                self._received_at.pop()
                 raise
         except BaseException:
             buffer.release()
@@ -479,7 +495,7 @@ class PublishSession:
     def _complete_direct(self, reservation: Reservation, starts: npt.NDArray[np.int64]) -> None:
         self.ingest.counters.count_received(reservation.header)
         self.batches += 1
-        self._inflight += 1
+        self._in_flight()
         self.ingest.commits.complete(reservation, starts)
 
     async def _receive_payload(self, view: memoryview, clock: BatchClock) -> None:

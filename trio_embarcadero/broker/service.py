@@ -4,7 +4,8 @@
 
     serve()
     └── service scope (shielded: outer cancellation starts a graceful drain)
-        ├── pool monitor, statistics reporter
+        ├── pool monitor, statistics reporter, retention
+        ├── HTTP endpoint (metrics, admin API; up until the drain is over)
         └── durable nursery: disk writer (with storage.dir)
             └── allocator nursery: num_cxl_allocation_workers allocator tasks
                 └── ack nursery: dial-back ack connections
@@ -32,24 +33,30 @@ import collections
 import ipaddress
 import itertools
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import NoReturn
 
+import attrs
 import trio
 
-from ..config import Config, parse_networks
+from ..config import Config, TopicSettings, parse_networks
 from ..errors import ErrorCode, LayoutError, ListenError, ProtocolError, StorageError
 from ..log import CxlLog, DiskLog
-from ..log.ownership import BrokerLock, claim_disk_log, claim_region
+from ..log.layout import read_topic_state, read_topics
+from ..log.ownership import BrokerLock, claim_disk_log, claim_region, settings_path
 from ..log.region import check_memory_ordering
+from ..log.settings import TopicSettingsFile, remove_settings
 from ..wire import encode_error_frame
 from .acks import DialBackRegistry, DialBackStatistics
+from .admin import AdminApi
 from .allocator import AllocationCounters, Backoff, LogSpace, StagedBatch, run_allocator
 from .commits import CommitFeed
 from .connection import Connection, ConnectionPhase
 from .durability import Durability
+from .http import serve_http
 from .monitor import PauseGate, run_pool_monitor
 from .publish import IngestPath
 from .retention import make_room, reclaimable_units, retention_configured, run_retention
@@ -78,6 +85,8 @@ class Broker:
         config: The configuration it runs with.
         host: The address it listens on.
         port: The data port it is bound to (the real one when configured as 0).
+        http_port: The port of its HTTP endpoint (metrics, admin API), the
+            real one when ephemeral; None when ``http.enabled`` is false.
         log: The CXL log it writes.
         commits: Where reservations are completed or abandoned (the commit feed).
         failure: Why the broker stopped itself (its disk log failed), or None.
@@ -89,9 +98,14 @@ class Broker:
         log: CxlLog,
         listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
         disk: DiskLog | None = None,
+        http_listeners: Sequence[trio.SocketListener] = (),
     ) -> None:
         net = config.network
         self._listeners = list(listeners)
+        self._http_listeners = list(http_listeners)
+        self.http_port: int | None = next(
+            (lst.socket.getsockname()[1] for lst in self._http_listeners), None
+        )
         self.config = config
         self.broker_id = config.broker.id
         self.host = config.broker.host
@@ -105,6 +119,8 @@ class Broker:
             0,
         )
         self.log = log
+        #: Per-topic settings made over HTTP (or with create-topic).
+        self.topic_settings = TopicSettingsFile(log.path, lambda: log.region, log.geometry)
         self.failure: StorageError | None = None
         self._failed = trio.Event()
         self.durability = (
@@ -127,7 +143,7 @@ class Broker:
         self.allocation = AllocationCounters()
         self.space = LogSpace(
             net.log_full_timeout_s,
-            partial(retention_configured, log, config.topics.settings_for, self.durability),
+            partial(retention_configured, log, self.settings_for, self.durability),
         )
         self.counters = IngestCounters()
         self.connections: set[Connection] = set()
@@ -150,8 +166,35 @@ class Broker:
         if self.space.held:
             self.space.room_made()
 
+    def settings_for(self, topic: str) -> TopicSettings:
+        """``topic``'s settings: the config file's, under the keys the admin
+        API set for it (see :mod:`~trio_embarcadero.log.settings`)."""
+        settings = self.config.topics.settings_for(topic)
+        record = self.topic_settings.get(topic)
+        if record is None or not record.retention:
+            return settings
+        return attrs.evolve(settings, **record.retention)
+
+    def committed_bytes(self) -> dict[tuple[str, int], int]:
+        """Payload bytes committed per live (topic, incarnation) since the
+        broker started; the counts of topics deleted since are dropped."""
+        counts = self.commits.committed_bytes
+        region, geometry = self.log.region, self.log.geometry
+        live = {
+            (name, read_topic_state(region, geometry, index)[1])
+            for name, index in read_topics(region, geometry).items()
+        }
+        out = {}
+        for stream in list(counts):
+            key = (stream.topic, stream.incarnation)
+            if key in live:
+                out[key] = counts[stream]
+            else:
+                del counts[stream]
+        return out
+
     def _make_room(self) -> int:
-        freed = make_room(self.log, self.config.topics.settings_for, self.durability)
+        freed = make_room(self.log, self.settings_for, self.durability)
         if freed:
             self.space.room_made()  # other held batches may fit now too
         return freed
@@ -188,9 +231,7 @@ class Broker:
             log_full_wait_seconds=self.space.wait_seconds,
             log_full_timeouts=self.space.timeouts,
             log_full_held=self.space.held,
-            segments_reclaimable=reclaimable_units(
-                self.log, self.config.topics.settings_for, self.durability
-            ),
+            segments_reclaimable=reclaimable_units(self.log, self.settings_for, self.durability),
             queued_batches=channel,
             errors=dict(c.errors),
             shutdown_notices=c.shutdown_notices,
@@ -198,6 +239,13 @@ class Broker:
             log=log,
             dial_backs=dial,
             disk=self.durability.statistics() if self.durability is not None else None,
+            batch_bytes=c.batch_bytes.snapshot(),
+            ack_latency={str(k): h.snapshot() for k, h in c.ack_latency.items()},
+            disk_sync_seconds=(
+                self.durability.sync_seconds.snapshot() if self.durability is not None else None
+            ),
+            unit_bytes=self.log.geometry.unit_size,
+            draining=self.shutting_down,
         )
 
     # -- running ---------------------------------------------------------------------
@@ -251,11 +299,14 @@ class Broker:
                         )
                     )
                 await services.start(self._report)
+                if self._http_listeners:
+                    await services.start(partial(serve_http, AdminApi(self), self._http_listeners))
+                    logger.info("HTTP (metrics, admin API) on %s", self._http_url())
                 await services.start(
                     partial(
                         run_retention,
                         self.log,
-                        self.config.topics.settings_for,
+                        self.settings_for,
                         self.durability,
                         self.config.cxl.reclaim_interval_ms / 1000,
                         room_made=self.space.room_made,
@@ -271,7 +322,8 @@ class Broker:
                 services.cancel_scope.cancel()
         if self._service_scope.cancelled_caught:
             logger.warning("shutdown grace period over: remaining work cancelled")
-        logger.info("stats: %s", self.statistics().summary())
+        stats = self.statistics()
+        logger.info("stats: %s", stats.summary(), extra={"stats": stats.report()})
 
     async def _run_ingest(self, task_status: trio.TaskStatus[None]) -> None:
         """Allocators, ack connections and connections; returns once drained."""
@@ -414,15 +466,28 @@ class Broker:
 
     async def _report(self, *, task_status: trio.TaskStatus[None]) -> NoReturn:
         task_status.started()
-        last = None
+        # Rates are over each interval, the first one's too.
+        previous = self.statistics()
+        moved_before = None
+        since = trio.current_time()
         while True:
             await trio.sleep(self.config.network.stats_interval_s)
             stats = self.statistics()
+            now = trio.current_time()
             moved = (stats.bytes_received, stats.batches_committed, stats.errors, stats.pauses)
             # While publishers are held by a full log nothing moves: say so anyway.
-            if moved != last or stats.log_full_held:
-                logger.info("stats: %s", stats.summary())
-            last = moved
+            if moved != moved_before or stats.log_full_held:
+                seconds = now - since
+                logger.info(
+                    "stats: %s",
+                    stats.summary(previous, seconds),
+                    extra={"stats": stats.report(previous, seconds)},
+                )
+            previous, moved_before, since = stats, moved, now
+
+    def _http_url(self) -> str:
+        host = self.config.http.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}"
 
 
 def _open_logs(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None]:
@@ -430,6 +495,9 @@ def _open_logs(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None]:
     # Both locks first: a broker that finds either taken must leave the
     # region and the disk log exactly as they are (no reset, no recovery).
     region_lock = claim_region(cxl.path, broker_id, mode=cxl.mode, reset=reset)
+    # A region made anew has no topics: settings the admin API recorded for
+    # the old one's must not meet a new topic of the same name and slot.
+    fresh = reset or not os.path.exists(cxl.path)
     disk_lock: BrokerLock | None = None
     log: CxlLog | None = None
     try:
@@ -470,6 +538,8 @@ def _open_logs(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None]:
         else:
             region_lock.close()
         raise
+    if fresh:
+        remove_settings(settings_path(cxl.path))
     if reset:
         logger.warning(
             "--reset: %s starts empty (every broker's streams in it discarded)%s",
@@ -503,20 +573,29 @@ async def _start(
     """
     check_memory_ordering(config.cxl.allow_weak_memory_ordering)
     bound: list[trio.SocketListener] = []
-    if listeners is None:
-        host, port = config.broker.host, config.broker.data_port
-        try:
-            bound = await trio.open_tcp_listeners(port, host=host)
-        except OSError as exc:
-            raise ListenError(host, port, exc) from exc
-        listeners = bound
+    http: list[trio.SocketListener] = []
     try:
+        if listeners is None:
+            host, port = config.broker.host, config.broker.data_port
+            try:
+                bound = await trio.open_tcp_listeners(port, host=host)
+            except OSError as exc:
+                raise ListenError(host, port, exc) from exc
+            listeners = bound
+        if config.http.enabled:
+            host, port = config.http.host, config.http.port_for(config.broker)
+            try:
+                http = await trio.open_tcp_listeners(port, host=host)
+            except OSError as exc:
+                raise ListenError(
+                    host, port, exc, "the HTTP endpoint: set http.port, or http.enabled = false"
+                ) from exc
         log, disk = await _open_log(config, reset)
     except BaseException:
-        for listener in bound:  # only those bound here; a caller's stay open
+        for listener in [*bound, *http]:  # only those bound here; a caller's stay open
             listener.socket.close()
         raise
-    return Broker(config, log, listeners, disk)
+    return Broker(config, log, listeners, disk, http)
 
 
 def _close_logs(log: CxlLog, disk: DiskLog | None) -> None:

@@ -40,7 +40,10 @@ from .plan import PROGRESS_INTERVAL, Plan, Variant
 from .results import RunResult, percentiles
 
 _LISTENING_RE = re.compile(r"listening on (\S+):(\d+)")
-_STATS_RE = re.compile(r"pool (\d+)/(\d+) \(peak (\d+)\) pauses (\d+)")
+# The broker's statistics line: "... staging 3 of 32 buffers in use (peak 12); ... 0 pauses, ...".
+_STATS_RE = re.compile(
+    r"staging ([\d,]+) of ([\d,]+) buffers in use \(peak ([\d,]+)\).*?; ([\d,]+) pauses?\b"
+)
 # Keys the bench sets itself; environment overrides of them are not passed on.
 _CONTROLLED_ENV = frozenset(
     {
@@ -153,7 +156,7 @@ class Server:
             self.address = (m.group(1), int(m.group(2)))
             self.listening.set()
         elif m := _STATS_RE.search(line):
-            used, size, peak, pauses = (int(g) for g in m.groups())
+            used, size, peak, pauses = (int(g.replace(",", "")) for g in m.groups())
             self.pool_used, self.pool_size, self.pool_peak, self.pauses = used, size, peak, pauses
             self.stats_seen.set()
 
