@@ -13,20 +13,25 @@ that ``serve`` starts, and ``import trio_embarcadero.cli``, never load them.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
 import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from typing import Any, Protocol, TextIO
+from urllib.parse import quote
 
+import attrs
 import trio
 
 from . import __version__
 from .broker import Broker, serve
-from .config import Config, config_to_toml, load_config
-from .errors import ConfigError, EmbarcaderoError, StartupError, StorageError
+from .config import LOG_FORMATS, Config, config_to_toml, load_config
+from .errors import AdminApiError, ConfigError, EmbarcaderoError, StartupError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +91,11 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", metavar="ADDR", help="overrides broker.host")
     parser.add_argument("--port", type=int, metavar="N", help="overrides broker.port (base port)")
     parser.add_argument("--log-level", metavar="LEVEL", help="overrides logging.level")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="overrides logging.format: text lines, or one JSON object a line",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,11 +136,43 @@ def _load(args: argparse.Namespace) -> Config:
         ("host", "broker.host"),
         ("port", "broker.port"),
         ("log_level", "logging.level"),
+        ("log_format", "logging.format"),
     ):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
     return load_config(args.config, overrides=overrides)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line (``--log-format json``): ``time`` (UTC, ISO
+    8601), ``level``, ``logger``, ``message``, and for a statistics line its
+    numbers under ``stats``; ``exception`` with a traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        stats = getattr(record, "stats", None)
+        if stats is not None:
+            data["stats"] = stats
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+def _set_up_logging(config: Config) -> None:
+    handler = logging.StreamHandler()
+    if config.logging.format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.logging.level, handlers=[handler])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,10 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command in _CLIENT_COMMANDS:
         return _run_client_command(args, config)
-    logging.basicConfig(
-        level=config.logging.level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _set_up_logging(config)
     failures: list[BaseException] = []
     try:
         trio.run(partial(_serve_until_signalled, config, reset=args.reset))
@@ -174,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # -- client commands: publish, subscribe, topics, inspect ------------------------------
 
-_CLIENT_COMMANDS = ("publish", "subscribe", "topics", "inspect", "delete-topic")
+_CLIENT_COMMANDS = ("publish", "subscribe", "topics", "inspect", "create-topic", "delete-topic")
 
 _AddCommand = Callable[..., argparse.ArgumentParser]
 
@@ -210,6 +249,12 @@ def _add_client_commands(command: _AddCommand) -> None:
     )
     publish.add_argument(
         "--dial-back", action="store_true", help="receive acks on a connection the broker opens"
+    )
+    publish.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="with --count, a line on stderr updated every second: count, acks, rate "
+        "(default: when stderr is a terminal)",
     )
     subscribe = command(
         "subscribe",
@@ -248,39 +293,89 @@ def _add_client_commands(command: _AddCommand) -> None:
         "--summary", action="store_true", help="print only the message count and bytes"
     )
     for name, text in (
-        ("topics", "list the topics of a CXL file with their committed totals"),
+        ("topics", "list the topics of a CXL file (or of a broker, --url) with their totals"),
         ("inspect", "the CXL file's geometry, topics, and with --topic its batches"),
     ):
         cmd = command(name, help=text, description=text)
-        cmd.add_argument("--config", metavar="PATH", help="TOML config file (for cxl.path)")
-        cmd.add_argument("--cxl-path", metavar="PATH", help="the CXL file (overrides cxl.path)")
+        _add_topic_source_options(cmd)
         if name == "inspect":
-            cmd.add_argument("--topic", help="also list this topic's batches")
+            cmd.add_argument("--topic", help="also list this topic's batches (not with --url)")
+    create = command(
+        "create-topic",
+        help="create a topic ahead of its first batch, with retention of its own",
+        description="Create a topic in the CXL file (cxl.path of --config, or --cxl-path), "
+        "or through a broker's admin API (--url), with its own retention; it is kept beside "
+        "the region (<cxl.path>.topics.json) and wins over the config file's. Refused (exit 1) "
+        "when the topic exists or the topic table is full.",
+    )
+    create.add_argument("name", help="the topic")
+    create.add_argument(
+        "--retention-bytes", type=_retention, metavar="N", help="bytes it keeps (-1: no limit)"
+    )
+    create.add_argument(
+        "--retention-ms", type=_retention, metavar="MS", help="how long it keeps them (-1: forever)"
+    )
+    create.add_argument(
+        "--order", type=int, default=0, choices=(0,), help="its ordering (0 is the only one)"
+    )
+    _add_topic_source_options(create)
     delete = command(
         "delete-topic",
         help="delete a topic: its segments, its table slot and its disk log files",
         description="Delete a topic from the CXL file (cxl.path of --config, or --cxl-path), "
-        "also while brokers serve it: every broker's stream of it is freed, and the name can "
-        "be published again from offset 0. Its disk log files in storage.dir (if the config "
-        "sets one) are renamed to <topic>@<broker>.log.deleted-<ns>. Refused (exit 1, nothing "
-        "changed) while a running broker has publishers attached to the topic; its "
-        "subscribers are ended with error 6.",
+        "or through a broker's admin API (--url), also while brokers serve it: every broker's "
+        "stream of it is freed, and the name can be published again from offset 0. Its disk "
+        "log files in storage.dir (if the config sets one) are renamed to "
+        "<topic>@<broker>.log.deleted-<ns>. Refused (exit 1, nothing changed) while a running "
+        "broker has publishers attached to the topic; its subscribers are ended with error 6.",
     )
     delete.add_argument("name", help="the topic")
-    delete.add_argument("--config", metavar="PATH", help="TOML config file (for cxl.path)")
-    delete.add_argument("--cxl-path", metavar="PATH", help="the CXL file (overrides cxl.path)")
+    _add_topic_source_options(delete)
+
+
+def _add_topic_source_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--config", metavar="PATH", help="TOML config file (for cxl.path)")
+    cmd.add_argument("--cxl-path", metavar="PATH", help="the CXL file (overrides cxl.path)")
+    cmd.add_argument(
+        "--url",
+        type=_http_url,
+        metavar="URL",
+        help="a broker's HTTP endpoint (http://host:9214) instead of the local CXL file",
+    )
+
+
+def _http_url(text: str) -> str:
+    """An argparse type: an ``http://host[:port]`` URL."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+        raise argparse.ArgumentTypeError(
+            f"must be a broker's HTTP endpoint, http://host:port (e.g. http://127.0.0.1:9214), "
+            f"not {text!r}"
+        )
+    return text.rstrip("/")
+
+
+def _retention(text: str) -> int:
+    """An argparse type: a retention limit, -1 (none) or > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value != -1 and value <= 0:
+        raise argparse.ArgumentTypeError(f"must be -1 (no limit) or > 0, not {value}")
+    return value
 
 
 def _run_client_command(args: argparse.Namespace, config: Config) -> int:
-    logging.basicConfig(
-        level=config.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if args.command in ("topics", "inspect"):
-        return _inspect(args, args.cxl_path or config.cxl.path, config.storage.dir or None)
-    if args.command == "delete-topic":
-        return _delete_topic(
-            args.name, args.cxl_path or config.cxl.path, config.storage.dir or None
-        )
+    _set_up_logging(config)
+    if args.command in _TOPIC_COMMANDS:
+        try:
+            return _TOPIC_COMMANDS[args.command](args, config)
+        except (_CommandFailed, EmbarcaderoError, OSError) as exc:
+            print(f"trio-embarcadero {args.command}: {exc}", file=sys.stderr)
+            return 1
     if config.broker.data_port == 0:
         print("trio-embarcadero: give the broker's port (--port or broker.port)", file=sys.stderr)
         return 2
@@ -302,6 +397,9 @@ async def _publish(args: argparse.Namespace, host: str, port: int) -> int:
     from .client import open_publisher
 
     start = trio.current_time()
+    show_progress = args.count is not None and (
+        args.progress if args.progress is not None else sys.stderr.isatty()
+    )
     async with open_publisher(
         host,
         port,
@@ -311,10 +409,9 @@ async def _publish(args: argparse.Namespace, host: str, port: int) -> int:
         dial_back=args.dial_back,
     ) as pub:
         if args.count is not None:
-            size = args.size
-            await pub.publish_many(
-                f"{i:012d} ".encode().ljust(size, b".")[:size] for i in range(args.count)
-            )
+            progress = ProgressLine(pub, args.count, args.size, args.ack, sys.stderr, start)
+            await pub.publish_many(_generated(args.count, args.size, progress, show_progress))
+            progress.close()
         else:
             # Whatever a pipe or terminal has, without waiting for a full 64 KiB.
             read = partial(os.read, sys.stdin.fileno(), 1 << 16)
@@ -333,6 +430,87 @@ async def _publish(args: argparse.Namespace, host: str, port: int) -> int:
         f"({confirmed / elapsed:,.0f} msg/s)"
     )
     return 0
+
+
+def _generated(count: int, size: int, progress: ProgressLine, show: bool) -> Iterator[bytes]:
+    """``count`` messages of ``size`` bytes, each starting with its number;
+    ticks the progress line as they are taken."""
+    for i in range(count):
+        if show and not i % 1024:
+            progress.tick(trio.current_time())
+        yield f"{i:012d} ".encode().ljust(size, b".")[:size]
+
+
+class _Counts(Protocol):
+    """What the progress line reads from a publisher."""
+
+    @property
+    def published(self) -> int: ...
+
+    @property
+    def sent(self) -> int: ...
+
+    @property
+    def acked(self) -> int: ...
+
+
+class ProgressLine:
+    """One line on a terminal, rewritten at most every ``interval`` seconds
+    while a long ``publish --count`` runs: how many of ``total`` messages are
+    published and confirmed, and the rate since the last update.
+
+    Args:
+        pub: The publisher.
+        total: Messages to publish.
+        size: Bytes each.
+        ack: The ack level (0: "sent" counts instead of "acked").
+        out: Where the line goes (stderr).
+        start: When publishing began.
+        interval: Seconds between updates.
+    """
+
+    def __init__(
+        self,
+        pub: _Counts,
+        total: int,
+        size: int,
+        ack: int,
+        out: TextIO,
+        start: float,
+        interval: float = 1.0,
+    ) -> None:
+        self._pub = pub
+        self._total = total
+        self._size = size
+        self._ack = ack
+        self._out = out
+        self._interval = interval
+        self._then = start
+        self._before = 0
+        self._written = False
+
+    def tick(self, now: float) -> None:
+        """Rewrite the line if ``interval`` has passed since the last time."""
+        if now - self._then < self._interval:
+            return
+        done = self._pub.published
+        rate = (done - self._before) / (now - self._then)
+        confirmed = self._pub.acked if self._ack else self._pub.sent
+        self._out.write(
+            f"\r{done:,} of {self._total:,} messages published "
+            f"({100 * done / self._total:.0f}%), {confirmed:,} "
+            f"{'acked' if self._ack else 'sent'}; {rate:,.0f} msg/s, "
+            f"{rate * self._size / 1e6:.1f} MB/s "
+        )
+        self._out.flush()
+        self._written = True
+        self._before, self._then = done, now
+
+    def close(self) -> None:
+        """End the line, if one was written (the summary goes below it)."""
+        if self._written:
+            self._out.write("\n")
+            self._out.flush()
 
 
 def _subscription_start(args: argparse.Namespace, config: Config) -> tuple[int, str]:
@@ -429,79 +607,193 @@ async def _subscribe(args: argparse.Namespace, host: str, port: int, start: int,
     return 0
 
 
-def _inspect(args: argparse.Namespace, path: str, storage_dir: str | None) -> int:
+# -- topics, inspect, create-topic, delete-topic: the local file or a broker (--url) ------
+
+
+def _admin_request(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One request to a broker's admin API; its JSON answer.
+
+    Raises:
+        AdminApiError: The broker answered with an error (its message), or
+            could not be reached.
+    """
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url + path,
+        data=data,
+        method=method,
+        headers={"content-type": "application/json"} if data is not None else {},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["message"]
+        except (ValueError, KeyError, TypeError):
+            message = str(exc.reason)
+        raise AdminApiError(exc.code, message) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise AdminApiError(0, f"cannot reach the broker at {url}: {reason}") from None
+
+
+def _local_listing(path: str, storage_dir: str | None, topic: str | None) -> dict[str, Any]:
+    """What ``GET /v1/topics`` answers, read from the CXL file (and the disk log's names)."""
     from .log import open_log
     from .log.disk import stream_files
+    from .log.reader import describe_region, describe_streams
 
-    try:
-        with open_log(path) as log:
-            topics = log.topics()
-            if args.command == "inspect" and args.topic not in {None, *(t.name for t in topics)}:
-                raise _CommandFailed(f"topic {args.topic!r} does not exist in {path}")
-            if args.command == "inspect":
-                g = log.geometry
-                print(
-                    f"{path}: {g.region_size} bytes, {log.units_used} of {g.num_units} "
-                    f"allocation units of {g.unit_size} bytes in segments (largest "
-                    f"{g.segment_size} bytes), {len(topics)} of {g.max_topics} topics, "
-                    f"{g.max_brokers} brokers"
-                )
-            # With a disk tier the stream begins where its disk log does
-            # (START); the region holds a part of it, from IN-REGION on.
-            on_disk: dict[tuple[str, int], list[tuple[int, int]]] = {}
-            if storage_dir and os.path.isdir(storage_dir):
-                on_disk = stream_files(storage_dir)
-            disk_columns = f" {'IN-REGION':>12} {'DISK-FILES':>10} {'DISK-BYTES':>14}"
-            print(
-                f"{'TOPIC':<32} {'BROKER':>6} {'MESSAGES':>12} {'BATCHES':>9} {'BYTES':>14} "
-                f"{'START':>12}{disk_columns if storage_dir else ''}"
+    with open_log(path) as log:
+        topics = sorted(log.topics(), key=lambda t: t.name)
+        if topic is not None and topic not in {t.name for t in topics}:
+            raise _CommandFailed(f"topic {topic!r} does not exist in {path}")
+        # With a disk tier the stream begins where its disk log does.
+        on_disk = None
+        if storage_dir:
+            on_disk = stream_files(storage_dir) if os.path.isdir(storage_dir) else {}
+        return {
+            "region": describe_region(path, log.geometry, log.units_used),
+            "storage_dir": storage_dir,
+            "topics": [{"name": t.name, "streams": describe_streams(t, on_disk)} for t in topics],
+        }
+
+
+def _topics_command(args: argparse.Namespace, config: Config) -> int:
+    """``topics`` and ``inspect``: the same listing from the file or a broker."""
+    topic = getattr(args, "topic", None)
+    if args.url is not None:
+        if topic is not None:
+            raise _CommandFailed(
+                "--topic lists batches from the CXL file: run inspect on the broker's host, "
+                "without --url"
             )
-            for topic in topics:
-                for s in topic.streams:
-                    files = on_disk.get((topic.name, s.broker_id), [])
-                    # Below its disk log's start nothing is served any longer.
-                    start = files[0][0] if files else s.start_offset
-                    disk = f" {s.start_offset:>12} {len(files):>10} {sum(n for _, n in files):>14}"
-                    print(
-                        f"{topic.name:<32} {s.broker_id:>6} {s.messages:>12} {s.batches:>9} "
-                        f"{s.payload_bytes:>14} {start:>12}{disk if storage_dir else ''}"
-                    )
-            if args.command == "inspect" and args.topic:
-                for broker_id in range(log.geometry.max_brokers):
-                    batches = log.batches(args.topic, broker_id)
-                    if batches:
-                        print(f"\n{args.topic} broker {broker_id}:")
-                        print(
-                            f"{'HEADER@':>12} {'STATE':<10} {'CLIENT':>7} {'SEQ':>7} "
-                            f"{'MSGS':>6} {'BYTES':>9} {'FIRST':>10}"
-                        )
-                    for b in batches:
-                        first = "" if b.first_offset < 0 else str(b.first_offset)
-                        print(
-                            f"{b.header_offset:>12} {b.state:<10} {b.client_id:>7} "
-                            f"{b.batch_seq:>7} {b.num_msg:>6} {b.total_size:>9} {first:>10}"
-                        )
-    except (_CommandFailed, EmbarcaderoError, OSError) as exc:
-        print(f"trio-embarcadero {args.command}: {exc}", file=sys.stderr)
-        return 1
+        listing = _admin_request(args.url, "GET", "/v1/topics")
+        source = f"{args.url} (broker {listing.get('broker')})"
+    else:
+        path = args.cxl_path or config.cxl.path
+        listing = _local_listing(path, config.storage.dir or None, topic)
+        source = path
+    if args.command == "inspect":
+        r = listing["region"]
+        print(
+            f"{source}: {r['size_bytes']} bytes, {r['units_used']} of {r['units']} allocation "
+            f"units of {r['unit_bytes']} bytes in segments (largest "
+            f"{r['largest_segment_bytes']} bytes), {len(listing['topics'])} of "
+            f"{r['max_topics']} topics, {r['max_brokers']} brokers"
+        )
+    _print_topic_table(listing["topics"], with_disk=bool(listing["storage_dir"]))
+    if topic is not None:
+        _print_batches(args.cxl_path or config.cxl.path, topic)
     return 0
 
 
-def _delete_topic(name: str, path: str, storage_dir: str | None) -> int:
+def _print_topic_table(topics: list[dict[str, Any]], *, with_disk: bool) -> None:
+    # With a disk tier the stream begins where its disk log does (START); the
+    # region holds a part of it, from IN-REGION on.
+    disk_columns = f" {'IN-REGION':>12} {'DISK-FILES':>10} {'DISK-BYTES':>14}"
+    print(
+        f"{'TOPIC':<32} {'BROKER':>6} {'MESSAGES':>12} {'BATCHES':>9} {'BYTES':>14} "
+        f"{'START':>12}{disk_columns if with_disk else ''}"
+    )
+    for topic in topics:
+        for s in topic["streams"]:
+            disk = (
+                f" {s['region_first_offset']:>12} {s['disk_files']:>10} {s['disk_bytes']:>14}"
+                if with_disk
+                else ""
+            )
+            print(
+                f"{topic['name']:<32} {s['broker']:>6} {s['messages']:>12} {s['batches']:>9} "
+                f"{s['bytes']:>14} {s['first_offset']:>12}{disk}"
+            )
+
+
+def _print_batches(path: str, topic: str) -> None:
+    from .log import open_log
+
+    with open_log(path) as log:
+        for broker_id in range(log.geometry.max_brokers):
+            batches = log.batches(topic, broker_id)
+            if batches:
+                print(f"\n{topic} broker {broker_id}:")
+                print(
+                    f"{'HEADER@':>12} {'STATE':<10} {'CLIENT':>7} {'SEQ':>7} "
+                    f"{'MSGS':>6} {'BYTES':>9} {'FIRST':>10}"
+                )
+            for b in batches:
+                first = "" if b.first_offset < 0 else str(b.first_offset)
+                print(
+                    f"{b.header_offset:>12} {b.state:<10} {b.client_id:>7} "
+                    f"{b.batch_seq:>7} {b.num_msg:>6} {b.total_size:>9} {first:>10}"
+                )
+
+
+def _create_topic(args: argparse.Namespace, config: Config) -> int:
+    from .log.topics import create_topic_file
+
+    retention = {
+        key: value
+        for key, value in (
+            ("retention_bytes", args.retention_bytes),
+            ("retention_ms", args.retention_ms),
+        )
+        if value is not None
+    }
+    if args.url is not None:
+        body = {"name": args.name, "order": args.order, **retention}
+        created = _admin_request(args.url, "POST", "/v1/topics", body)
+        settings = {k: created[k] for k in ("retention_bytes", "retention_ms")}
+        where = args.url
+    else:
+        path = args.cxl_path or config.cxl.path
+        try:
+            create_topic_file(path, args.name, order=args.order, mode=config.cxl.mode, **retention)
+        except FileNotFoundError:
+            raise _CommandFailed(
+                f"no CXL file at {path}: a broker makes it at its first start (or give "
+                "--url to create the topic through a running broker)"
+            ) from None
+        except ValueError as exc:  # the name
+            raise _CommandFailed(str(exc)) from None
+        # What the topic keeps, as this config sees it: the recorded keys win.
+        settings = {**attrs.asdict(config.topics.settings_for(args.name)), **retention}
+        where = path
+    kept = ", ".join(f"{k} {v}" for k, v in settings.items())
+    print(f"created topic {args.name!r} in {where} (order {args.order}, {kept})")
+    return 0
+
+
+def _delete_topic(args: argparse.Namespace, config: Config) -> int:
     from .log.topics import delete_topic_file
 
-    try:
-        done = delete_topic_file(path, name, storage_dir)
-    except KeyError:
-        print(f"trio-embarcadero delete-topic: no topic {name!r} in {path}", file=sys.stderr)
-        return 1
-    except (EmbarcaderoError, OSError) as exc:
-        print(f"trio-embarcadero delete-topic: {exc}", file=sys.stderr)
-        return 1
-    print(f"deleted topic {name!r}: {done.segments} segment(s) freed")
-    for renamed in done.renamed:
-        print(f"disk log renamed to {renamed}")
+    if args.url is not None:
+        done = _admin_request(args.url, "DELETE", f"/v1/topics/{quote(args.name, safe='')}")
+        segments, renamed = done["segments_freed"], done["disk_files_renamed"]
+    else:
+        path = args.cxl_path or config.cxl.path
+        try:
+            deleted = delete_topic_file(
+                path, args.name, config.storage.dir or None, mode=config.cxl.mode
+            )
+        except KeyError:
+            raise _CommandFailed(f"no topic {args.name!r} in {path}") from None
+        segments, renamed = deleted.segments, [str(p) for p in deleted.renamed]
+    print(f"deleted topic {args.name!r}: {segments} segment(s) freed")
+    for name in renamed:
+        print(f"disk log renamed to {name}")
     return 0
+
+
+_TOPIC_COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
+    "topics": _topics_command,
+    "inspect": _topics_command,
+    "create-topic": _create_topic,
+    "delete-topic": _delete_topic,
+}
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

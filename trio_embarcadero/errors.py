@@ -197,3 +197,17 @@ class BrokerError(EmbarcaderoError):
                 name = f"error {code}"
         suffix = "" if acked is None else f" (acked {acked})"
         super().__init__(f"broker error {name}: {message}{suffix}")
+
+
+class AdminApiError(EmbarcaderoError):
+    """A broker's admin API (HTTP) refused a request, or gave no answer.
+
+    Attributes:
+        status: The HTTP status of the answer, or 0 when there was none.
+        message: What the broker (or the connection) said.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+        super().__init__(f"HTTP {status}: {message}" if status else message)
