@@ -1273,7 +1273,7 @@ def test_config_to_toml_defaults_text() -> None:
     sections = [line for line in text.splitlines() if line.startswith("[")]
     assert sections == ["[broker]", "[network]", "[cxl]", "[storage]", "[logging]", "[topics]"]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert len(keys) == 3 + 25 + 11 + 5 + 1 + 2
+    assert len(keys) == 3 + 25 + 12 + 5 + 1 + 2
 
 
 @pytest.mark.parametrize(

@@ -153,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command in _CLIENT_COMMANDS:
         return _run_client_command(args, config)
+    if argv is None and config.cxl.streaming_copies:
+        # Only as the process's own program: a caller's process is not replaced.
+        _run_with_streaming_copies()
     logging.basicConfig(
         level=config.logging.level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -170,6 +173,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             logger.error("cannot serve: %s", failure)
     return 1 if failures else 0
+
+
+#: glibc copies at least this many bytes with non-temporal stores, when set.
+_STREAMING_TUNABLE = "glibc.cpu.x86_non_temporal_threshold"
+_STREAMING_THRESHOLD = 256 * 1024
+
+
+def _run_with_streaming_copies() -> None:
+    """Run this command again, in this process, with glibc's threshold for
+    non-temporal copies lowered (``cxl.streaming_copies``), unless it is set
+    already or this is not x86-64 with glibc.
+
+    glibc reads ``GLIBC_TUNABLES`` once, at process start, so the only way
+    to set it for ourselves is to start again; ``exec`` keeps the pid, the
+    arguments and every open descriptor (none is open yet).
+    """
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if _STREAMING_TUNABLE in tunables or not _is_x86_64_glibc():
+        return
+    setting = f"{_STREAMING_TUNABLE}={_STREAMING_THRESHOLD:#x}"
+    env = dict(os.environ, GLIBC_TUNABLES=f"{tunables}:{setting}" if tunables else setting)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # orig_argv: the interpreter's own options too (-X, -W ...), and the
+    # program as it was named (a console script or -m).
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def _is_x86_64_glibc() -> bool:
+    import platform
+
+    return platform.machine() in ("x86_64", "AMD64") and platform.libc_ver()[0] == "glibc"
 
 
 # -- client commands: publish, subscribe, topics, inspect ------------------------------

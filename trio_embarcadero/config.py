@@ -446,6 +446,15 @@ class CxlConfig(_Checked):
             ``inspect``) may see a batch as committed before its bytes and
             read stale data. The broker and its TCP subscribers are not
             affected (they read the log in the thread that writes it).
+        streaming_copies: Copy batches into the region with streaming
+            (non-temporal) stores. The region is written once and read much
+            later, so an ordinary copy, which first reads every destination
+            cache line it writes, moves twice the bytes through memory. On
+            x86-64 with glibc, ``trio-embarcadero serve`` runs itself with
+            glibc's threshold for such copies lowered to 256 KiB (the
+            ``GLIBC_TUNABLES`` environment variable, read at process start;
+            one it already sets is left alone). An application that embeds
+            the broker sets the variable itself (see the README).
     """
 
     path: str = attrs.field(
@@ -464,6 +473,7 @@ class CxlConfig(_Checked):
         default=False, validator=attrs.validators.instance_of(bool)
     )
     reclaim_interval_ms: float = attrs.field(default=1000.0, validator=_positive_float)
+    streaming_copies: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
     @property
     def size_bytes(self) -> int:
