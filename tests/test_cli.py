@@ -367,7 +367,13 @@ def test_flags_override_the_file(tmp_path: Path, cxl_path: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     printed = tomllib.loads(result.stdout)
-    assert printed["broker"] == {"id": 2, "host": "::1", "port": 4000}
+    assert printed["broker"] == {
+        "id": 2,
+        "host": "::1",
+        "port": 4000,
+        "heartbeat_interval_s": 0.2,
+        "heartbeat_timeout_s": 2.0,
+    }
     assert printed["logging"]["level"] == "DEBUG"
 
 

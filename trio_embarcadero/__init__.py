@@ -24,6 +24,7 @@ from .errors import LayoutError as LayoutError
 from .errors import LogFullError as LogFullError
 from .errors import ProtocolError as ProtocolError
 from .errors import StorageError as StorageError
+from .log import BrokerMember as BrokerMember
 from .log import LogReader as LogReader
 from .log import open_log as open_log
 

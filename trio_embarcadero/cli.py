@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -27,6 +28,7 @@ from . import __version__
 from .broker import Broker, serve
 from .config import Config, config_to_toml, load_config
 from .errors import ConfigError, EmbarcaderoError, StartupError, StorageError
+from .log.members import BrokerMember
 
 logger = logging.getLogger(__name__)
 
@@ -446,6 +448,7 @@ def _inspect(args: argparse.Namespace, path: str, storage_dir: str | None) -> in
                     f"{g.segment_size} bytes), {len(topics)} of {g.max_topics} topics, "
                     f"{g.max_brokers} brokers"
                 )
+                _print_brokers(log.brokers())
             # With a disk tier the stream begins where its disk log does
             # (START); the region holds a part of it, from IN-REGION on.
             on_disk: dict[tuple[str, int], list[tuple[int, int]]] = {}
@@ -453,8 +456,8 @@ def _inspect(args: argparse.Namespace, path: str, storage_dir: str | None) -> in
                 on_disk = stream_files(storage_dir)
             disk_columns = f" {'IN-REGION':>12} {'DISK-FILES':>10} {'DISK-BYTES':>14}"
             print(
-                f"{'TOPIC':<32} {'BROKER':>6} {'MESSAGES':>12} {'BATCHES':>9} {'BYTES':>14} "
-                f"{'START':>12}{disk_columns if storage_dir else ''}"
+                f"{'TOPIC':<32} {'ORDER':>5} {'BROKER':>6} {'MESSAGES':>12} {'BATCHES':>9} "
+                f"{'BYTES':>14} {'START':>12}{disk_columns if storage_dir else ''}"
             )
             for topic in topics:
                 for s in topic.streams:
@@ -463,8 +466,9 @@ def _inspect(args: argparse.Namespace, path: str, storage_dir: str | None) -> in
                     start = files[0][0] if files else s.start_offset
                     disk = f" {s.start_offset:>12} {len(files):>10} {sum(n for _, n in files):>14}"
                     print(
-                        f"{topic.name:<32} {s.broker_id:>6} {s.messages:>12} {s.batches:>9} "
-                        f"{s.payload_bytes:>14} {start:>12}{disk if storage_dir else ''}"
+                        f"{topic.name:<32} {topic.order:>5} {s.broker_id:>6} {s.messages:>12} "
+                        f"{s.batches:>9} {s.payload_bytes:>14} {start:>12}"
+                        f"{disk if storage_dir else ''}"
                     )
             if args.command == "inspect" and args.topic:
                 for broker_id in range(log.geometry.max_brokers):
@@ -485,6 +489,24 @@ def _inspect(args: argparse.Namespace, path: str, storage_dir: str | None) -> in
         print(f"trio-embarcadero {args.command}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_brokers(members: Sequence[BrokerMember]) -> None:
+    """The brokers of a region: who serves it, where, and since when."""
+    if not members:
+        print("no broker serves it")
+        return
+    print(f"{'BROKER':>6} {'STATUS':<12} {'PID':>8} {'ADDRESS':<24} {'STARTED':<19} HEARTBEAT")
+    for m in members:
+        started = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.started_ns / 1e9))
+            if m.started_ns
+            else "-"
+        )
+        beat = "-" if m.heartbeat_age_s is None else f"{m.heartbeat_age_s:.1f} s ago"
+        address = m.address if m.port else "-"
+        pid = "-" if m.pid is None else str(m.pid)
+        print(f"{m.broker_id:>6} {m.status.value:<12} {pid:>8} {address:<24} {started:<19} {beat}")
 
 
 def _delete_topic(name: str, path: str, storage_dir: str | None) -> int:

@@ -5,7 +5,8 @@ A batch travels listener -> :mod:`.session` (handshake) -> :mod:`.publish`
 (reserve with backoff, copy) -> the log core's commit -> :mod:`.commits`
 (the commit feed) -> :mod:`.acks`, :mod:`.subscribe` wake-ups and
 :mod:`.durability` (the disk). :mod:`.monitor` pauses receivers under
-staging pressure; :mod:`.service` owns the tree (``serve``, ``open_broker``).
+staging pressure; :mod:`.service` owns the tree (``serve``, ``open_broker``);
+:mod:`.membership` keeps the broker's entry in the region's broker table.
 """
 
 from .connection import ConnectionPhase as ConnectionPhase
