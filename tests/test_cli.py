@@ -334,7 +334,7 @@ def test_check_config_prints_the_effective_config(tmp_path: Path, cxl_path: str)
     # ...and the defaults of everything else, every key spelled out.
     assert printed["network"]["num_cxl_allocation_workers"] == 2
     assert printed["logging"] == {"level": "INFO"}
-    assert set(printed) == {"broker", "network", "cxl", "storage", "logging", "topics"}
+    assert set(printed) == {"broker", "cluster", "network", "cxl", "storage", "logging", "topics"}
     # The output is itself a valid config, equal to the file's.
     again = tmp_path / "again.toml"
     again.write_text(result.stdout)

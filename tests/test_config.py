@@ -779,20 +779,33 @@ def test_topic_order_levels(tmp_path: Path) -> None:
     ]
 
 
-def test_heartbeat_keys(tmp_path: Path) -> None:
+def test_heartbeat_and_cluster_keys(tmp_path: Path) -> None:
     config = load_config(
-        write(tmp_path, "[broker]\nheartbeat_interval_s = 0.5\nheartbeat_timeout_s = 1\n"),
+        write(
+            tmp_path,
+            "[broker]\nheartbeat_interval_s = 0.5\nheartbeat_timeout_s = 1\n"
+            "[cluster]\nrestart_backoff_initial_s = 0.01\nmax_start_failures = 1\n",
+        ),
         env={},
     )
     assert (config.broker.heartbeat_interval_s, config.broker.heartbeat_timeout_s) == (0.5, 1.0)
+    assert (config.cluster.restart_backoff_initial_s, config.cluster.max_start_failures) == (
+        0.01,
+        1,
+    )
     assert problems_of(
         tmp_path,
-        f'[broker]\nheartbeat_interval_s = 1.0\nheartbeat_timeout_s = 1.5\nhost = "{"h" * 48}"\n',
+        "[broker]\nheartbeat_interval_s = 1.0\nheartbeat_timeout_s = 1.5\n"
+        f'host = "{"h" * 48}"\n'
+        "[cluster]\nrestart_backoff_initial_s = 20.0\nmax_start_failures = 0\n",
     ) == [
         f"'host' must be at most 47 bytes (the region's broker table has room for that much "
         f"of the address others reach the broker at): '{'h' * 48}' @ $.broker.host",
         "'heartbeat_timeout_s' must be at least twice 'heartbeat_interval_s' (1.0), so one "
         "late beat is not taken for a dead broker: 1.5 @ $.broker.heartbeat_timeout_s",
+        "'max_start_failures' must be > 0: 0 @ $.cluster.max_start_failures",
+        "'restart_backoff_max_s' must be >= 'restart_backoff_initial_s' (20.0): 10.0 "
+        "@ $.cluster.restart_backoff_max_s",
     ]
 
 
@@ -1304,7 +1317,8 @@ def test_config_to_toml_defaults_text() -> None:
     text = config_to_toml(Config())
     assert text.startswith(
         '[broker]\nid = 0\nhost = "127.0.0.1"\nport = 1214\nheartbeat_interval_s = 0.2\n'
-        "heartbeat_timeout_s = 2.0\n\n[network]\n"
+        "heartbeat_timeout_s = 2.0\n\n[cluster]\nrestart_backoff_initial_s = 0.1\n"
+        "restart_backoff_max_s = 10.0\nmax_start_failures = 5\n\n[network]\n"
     )
     assert "\n# max_batch_bytes is unset: the staging buffer size (4194304 bytes)\n" in text
     assert "\nmax_batch_bytes" not in text
@@ -1319,9 +1333,17 @@ def test_config_to_toml_defaults_text() -> None:
     assert '\n\n[logging]\nlevel = "INFO"\n' in text
     assert text.endswith("\n\n[topics]\nretention_bytes = -1\nretention_ms = -1\norder = 0\n")
     sections = [line for line in text.splitlines() if line.startswith("[")]
-    assert sections == ["[broker]", "[network]", "[cxl]", "[storage]", "[logging]", "[topics]"]
+    assert sections == [
+        "[broker]",
+        "[cluster]",
+        "[network]",
+        "[cxl]",
+        "[storage]",
+        "[logging]",
+        "[topics]",
+    ]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert len(keys) == 5 + 25 + 11 + 5 + 1 + 3
+    assert len(keys) == 5 + 3 + 25 + 11 + 5 + 1 + 3
 
 
 @pytest.mark.parametrize(

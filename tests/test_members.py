@@ -2,7 +2,8 @@
 who is alive (entry and lock together), layout 3, a topic's order level, and a restarted
 broker that recovers its own streams only.
 
-Two broker processes on one region: test_process_safety.py.
+Two broker processes on one region: test_process_safety.py; a cluster of them (``cluster``,
+``open_cluster``, ``kill -9``): test_cluster.py.
 """
 
 from __future__ import annotations

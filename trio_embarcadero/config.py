@@ -3,10 +3,10 @@
 Values come from four layers, each overriding the one before:
 
 1. the defaults written on the classes below,
-2. a TOML file (one table per section: ``[broker]``, ``[network]``, ``[cxl]``,
-   ``[storage]``, ``[logging]``, ``[topics]``; per-topic overrides are
-   sub-tables of ``[topics]``, e.g. ``[topics."orders.eu"]``, and come from
-   the file only),
+2. a TOML file (one table per section: ``[broker]``, ``[cluster]``,
+   ``[network]``, ``[cxl]``, ``[storage]``, ``[logging]``, ``[topics]``;
+   per-topic overrides are sub-tables of ``[topics]``, e.g.
+   ``[topics."orders.eu"]``, and come from the file only),
 3. the environment (see :func:`load_config` for the variable names),
 4. overrides, normally the command line flags that were actually given.
 
@@ -48,6 +48,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
 
 __all__ = [
     "BrokerConfig",
+    "ClusterConfig",
     "Config",
     "CxlConfig",
     "ENV_PREFIX",
@@ -324,6 +325,29 @@ def _check_heartbeat(v: Mapping[str, Any]) -> Iterator[_Problem]:
             f"({v['heartbeat_interval_s']}), so one late beat is not taken for a dead "
             f"broker: {v['heartbeat_timeout_s']}",
         )
+
+
+@attrs.frozen(kw_only=True)
+class ClusterConfig(_Checked):
+    """How ``trio-embarcadero cluster`` (and ``open_cluster``) supervise their brokers.
+
+    Attributes:
+        restart_backoff_initial_s: How long after a broker process died it is
+            started again.
+        restart_backoff_max_s: The delay doubles with every death in a row,
+            up to this; a broker that served this long before it died starts
+            from the initial delay again.
+        max_start_failures: A broker that exits this many times in a row
+            before it listens is given up: the others drain and the cluster
+            stops with an error (exit 1).
+    """
+
+    restart_backoff_initial_s: float = attrs.field(default=0.1, validator=_positive_float)
+    restart_backoff_max_s: float = attrs.field(default=10.0, validator=_positive_float)
+    max_start_failures: int = attrs.field(default=5, validator=_positive_int)
+
+
+_check_order(ClusterConfig, "restart_backoff_max_s", ">=", "restart_backoff_initial_s")
 
 
 @attrs.frozen(kw_only=True)
@@ -737,6 +761,7 @@ class Config(_Checked):
 
     Attributes:
         broker: Identity, listening address and heartbeat.
+        cluster: How a cluster of broker processes is supervised.
         network: The ingest path.
         cxl: The CXL region.
         storage: The disk log.
@@ -745,6 +770,7 @@ class Config(_Checked):
     """
 
     broker: BrokerConfig = attrs.field(factory=BrokerConfig)
+    cluster: ClusterConfig = attrs.field(factory=ClusterConfig)
     network: NetworkConfig = attrs.field(factory=NetworkConfig)
     cxl: CxlConfig = attrs.field(factory=CxlConfig)
     storage: StorageConfig = attrs.field(factory=StorageConfig)
