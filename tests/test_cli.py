@@ -340,7 +340,7 @@ def test_check_config_prints_the_effective_config(tmp_path: Path, cxl_path: str)
     # ...and the defaults of everything else, every key spelled out.
     assert printed["network"]["num_cxl_allocation_workers"] == 2
     assert printed["logging"] == {"level": "INFO"}
-    assert set(printed) == {"broker", "network", "cxl", "storage", "logging", "topics"}
+    assert set(printed) == {"broker", "cluster", "network", "cxl", "storage", "logging", "topics"}
     # The output is itself a valid config, equal to the file's.
     again = tmp_path / "again.toml"
     again.write_text(result.stdout)
@@ -373,7 +373,13 @@ def test_flags_override_the_file(tmp_path: Path, cxl_path: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     printed = tomllib.loads(result.stdout)
-    assert printed["broker"] == {"id": 2, "host": "::1", "port": 4000}
+    assert printed["broker"] == {
+        "id": 2,
+        "host": "::1",
+        "port": 4000,
+        "heartbeat_interval_s": 0.2,
+        "heartbeat_timeout_s": 2.0,
+    }
     assert printed["logging"]["level"] == "DEBUG"
 
 

@@ -17,7 +17,9 @@ import logging
 import math
 import os
 import signal
+import stat
 import sys
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -25,8 +27,17 @@ import trio
 
 from . import __version__
 from .broker import Broker, serve
+from .broker.cluster import (
+    Cluster,
+    ClusterBroker,
+    check_cluster_size,
+    describe_exit,
+    report_to_supervisor,
+    run_cluster,
+)
 from .config import Config, config_to_toml, load_config
-from .errors import ConfigError, EmbarcaderoError, StartupError, StorageError
+from .errors import ClusterError, ConfigError, EmbarcaderoError, StartupError, StorageError
+from .log.members import BrokerMember
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +91,10 @@ def _start_offset(text: str) -> int | str:
         ) from None
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, *, broker_id: bool = True) -> None:
     parser.add_argument("--config", metavar="PATH", help="TOML config file (default: built-ins)")
-    parser.add_argument("--broker-id", type=int, metavar="N", help="overrides broker.id")
+    if broker_id:
+        parser.add_argument("--broker-id", type=int, metavar="N", help="overrides broker.id")
     parser.add_argument("--host", metavar="ADDR", help="overrides broker.host")
     parser.add_argument("--port", type=int, metavar="N", help="overrides broker.port (base port)")
     parser.add_argument("--log-level", metavar="LEVEL", help="overrides logging.level")
@@ -105,6 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start empty: discard the CXL file (every broker's streams in it) and this "
         "broker's disk log files in storage.dir; refused while any broker serves the file",
+    )
+    serve_cmd.add_argument(
+        "--supervisor-fd",
+        type=int,
+        metavar="FD",
+        help="for a supervisor (the cluster command): write 'listening HOST PORT' on the "
+        "inherited socket FD once listening, and drain when its other end closes",
+    )
+    cluster_cmd = command(
+        "cluster",
+        help="run and supervise N brokers (ids 0..N-1) on one CXL region",
+        description="Run broker ids 0..N-1 of the config as child processes on the same CXL "
+        "file, broker i on port + i. Prints a line per broker when it listens, restarts a "
+        "broker that dies (with a backoff, see [cluster]), and on SIGINT/SIGTERM drains them "
+        "all and exits 0 (a second signal stops them at once). A broker that keeps failing "
+        "at start-up is given up: the others drain and the exit status is 1.",
+    )
+    _add_config_options(cluster_cmd, broker_id=False)
+    cluster_cmd.add_argument(
+        "--brokers", type=_positive_int, required=True, metavar="N", help="how many brokers"
+    )
+    cluster_cmd.add_argument(
+        "--reset",
+        action="store_true",
+        help="start empty: broker 0 recreates the CXL file before the others start "
+        "(never on a restart)",
     )
     check = command("check-config", help="validate a config and print it in full")
     _add_config_options(check)
@@ -153,16 +191,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command in _CLIENT_COMMANDS:
         return _run_client_command(args, config)
+    if args.command == "cluster":
+        return _run_cluster(args, config)
+    if args.supervisor_fd is not None and not _is_socket(args.supervisor_fd):
+        print(
+            f"trio-embarcadero: --supervisor-fd {args.supervisor_fd} is not an open socket "
+            "(it is for a supervisor such as the cluster command, which passes one)",
+            file=sys.stderr,
+        )
+        return 2
     if argv is None and config.cxl.streaming_copies:
         # Only as the process's own program: a caller's process is not replaced.
         _run_with_streaming_copies()
+    # Under a supervisor the brokers share its stderr: each line says whose it is.
+    who = f"broker {config.broker.id} " if args.supervisor_fd is not None else ""
     logging.basicConfig(
         level=config.logging.level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {who}%(levelname)s %(name)s: %(message)s",
     )
     failures: list[BaseException] = []
     try:
-        trio.run(partial(_serve_until_signalled, config, reset=args.reset))
+        trio.run(
+            partial(
+                _serve_until_signalled,
+                config,
+                reset=args.reset,
+                supervisor_fd=args.supervisor_fd,
+            )
+        )
     except* (EmbarcaderoError, OSError) as group:
         failures.extend(_leaves(group))
     for failure in failures:
@@ -481,6 +537,7 @@ def _inspect(args: argparse.Namespace, path: str, storage_dir: str | None) -> in
                     f"{g.segment_size} bytes), {len(topics)} of {g.max_topics} topics, "
                     f"{g.max_brokers} brokers"
                 )
+                _print_brokers(log.brokers())
             # With a disk tier the stream begins where its disk log does
             # (START); the region holds a part of it, from IN-REGION on.
             on_disk: dict[tuple[str, int], list[tuple[int, int]]] = {}
@@ -488,8 +545,8 @@ def _inspect(args: argparse.Namespace, path: str, storage_dir: str | None) -> in
                 on_disk = stream_files(storage_dir)
             disk_columns = f" {'IN-REGION':>12} {'DISK-FILES':>10} {'DISK-BYTES':>14}"
             print(
-                f"{'TOPIC':<32} {'BROKER':>6} {'MESSAGES':>12} {'BATCHES':>9} {'BYTES':>14} "
-                f"{'START':>12}{disk_columns if storage_dir else ''}"
+                f"{'TOPIC':<32} {'ORDER':>5} {'BROKER':>6} {'MESSAGES':>12} {'BATCHES':>9} "
+                f"{'BYTES':>14} {'START':>12}{disk_columns if storage_dir else ''}"
             )
             for topic in topics:
                 for s in topic.streams:
@@ -498,8 +555,9 @@ def _inspect(args: argparse.Namespace, path: str, storage_dir: str | None) -> in
                     start = files[0][0] if files else s.start_offset
                     disk = f" {s.start_offset:>12} {len(files):>10} {sum(n for _, n in files):>14}"
                     print(
-                        f"{topic.name:<32} {s.broker_id:>6} {s.messages:>12} {s.batches:>9} "
-                        f"{s.payload_bytes:>14} {start:>12}{disk if storage_dir else ''}"
+                        f"{topic.name:<32} {topic.order:>5} {s.broker_id:>6} {s.messages:>12} "
+                        f"{s.batches:>9} {s.payload_bytes:>14} {start:>12}"
+                        f"{disk if storage_dir else ''}"
                     )
             if args.command == "inspect" and args.topic:
                 for broker_id in range(log.geometry.max_brokers):
@@ -522,6 +580,24 @@ def _inspect(args: argparse.Namespace, path: str, storage_dir: str | None) -> in
     return 0
 
 
+def _print_brokers(members: Sequence[BrokerMember]) -> None:
+    """The brokers of a region: who serves it, where, and since when."""
+    if not members:
+        print("no broker serves it")
+        return
+    print(f"{'BROKER':>6} {'STATUS':<12} {'PID':>8} {'ADDRESS':<24} {'STARTED':<19} HEARTBEAT")
+    for m in members:
+        started = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.started_ns / 1e9))
+            if m.started_ns
+            else "-"
+        )
+        beat = "-" if m.heartbeat_age_s is None else f"{m.heartbeat_age_s:.1f} s ago"
+        address = m.address if m.port else "-"
+        pid = "-" if m.pid is None else str(m.pid)
+        print(f"{m.broker_id:>6} {m.status.value:<12} {pid:>8} {address:<24} {started:<19} {beat}")
+
+
 def _delete_topic(name: str, path: str, storage_dir: str | None) -> int:
     from .log.topics import delete_topic_file
 
@@ -539,6 +615,13 @@ def _delete_topic(name: str, path: str, storage_dir: str | None) -> int:
     return 0
 
 
+def _is_socket(fd: int) -> bool:
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     found: list[BaseException] = []
     for exc in group.exceptions:
@@ -546,23 +629,38 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return found
 
 
-async def _serve_until_signalled(config: Config, *, reset: bool) -> None:
-    """Serve until the first SIGINT/SIGTERM, then drain; a second one aborts."""
+async def _watch_signals(
+    stop: trio.CancelScope,
+    abort: Callable[[], None],
+    *,
+    what: str = "",
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """The first SIGINT/SIGTERM cancels ``stop`` (a graceful drain); a second
+    one calls ``abort`` (stop at once)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+        task_status.started()
+        async for signum in received:
+            name = signal.Signals(signum).name
+            if not stop.cancel_called:
+                logger.info("%s: draining%s (send it again to stop at once)", name, what)
+                stop.cancel()
+            else:
+                logger.warning("%s: stopping%s without finishing the drain", name, what)
+                abort()
+
+
+async def _serve_until_signalled(
+    config: Config, *, reset: bool, supervisor_fd: int | None = None
+) -> None:
+    """Serve until the first SIGINT/SIGTERM (or, with ``supervisor_fd``, until
+    the supervisor is gone), then drain; a second signal aborts."""
     serve_scope = trio.CancelScope()
     brokers: list[Broker] = []
 
-    async def watch_signals(*, task_status: trio.TaskStatus[None]) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
-            task_status.started()
-            async for signum in received:
-                name = signal.Signals(signum).name
-                if not serve_scope.cancel_called:
-                    logger.info("%s: draining (send it again to stop at once)", name)
-                    serve_scope.cancel()
-                else:
-                    logger.warning("%s: stopping without finishing the drain", name)
-                    for broker in brokers:
-                        broker.abort()
+    def abort() -> None:
+        for broker in brokers:
+            broker.abort()
 
     async with trio.open_nursery() as nursery:
 
@@ -571,5 +669,82 @@ async def _serve_until_signalled(config: Config, *, reset: bool) -> None:
                 await serve(config, reset=reset, task_status=task_status)
             nursery.cancel_scope.cancel()  # drained: stop watching signals
 
-        await nursery.start(watch_signals)
-        brokers.append(await nursery.start(run_broker))
+        await nursery.start(partial(_watch_signals, serve_scope, abort))
+        broker = await nursery.start(run_broker)
+        brokers.append(broker)
+        if supervisor_fd is not None:
+            nursery.start_soon(
+                report_to_supervisor, supervisor_fd, broker.host, broker.port, serve_scope.cancel
+            )
+
+
+# -- cluster ---------------------------------------------------------------------------------
+
+
+def _run_cluster(args: argparse.Namespace, config: Config) -> int:
+    try:
+        check_cluster_size(config, args.brokers)
+    except ConfigError as exc:
+        print(f"trio-embarcadero: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.logging.level,
+        format="%(asctime)s cluster %(levelname)s %(name)s: %(message)s",
+    )
+    clusters: list[Cluster] = []
+    failures: list[BaseException] = []
+    try:
+        trio.run(partial(_cluster_until_signalled, config, args.brokers, args.reset, clusters))
+    except* (EmbarcaderoError, OSError) as group:
+        failures.extend(_leaves(group))
+    for failure in failures:
+        if not isinstance(failure, ClusterError):  # logged when it happened
+            logger.error("cannot run the cluster: %s", failure)
+    if failures:
+        return 1
+    # SIGTERM's default action ends a broker stopped before it listened: nothing lost.
+    clean = (0, -signal.SIGTERM)
+    unclean = [
+        f"broker {b.broker_id} {describe_exit(b.exit_statuses[-1])}"
+        for cluster in clusters
+        for b in cluster.brokers
+        if b.exit_statuses and b.exit_statuses[-1] not in clean
+    ]
+    if unclean:
+        logger.error("not every broker stopped cleanly: %s", "; ".join(unclean))
+        return 1
+    return 0
+
+
+def _print_serving(broker: ClusterBroker) -> None:
+    again = f", restart {broker.restarts}" if broker.restarts else ""
+    host = f"[{broker.host}]" if ":" in broker.host else broker.host
+    print(
+        f"broker {broker.broker_id} listening on {host}:{broker.port} (pid {broker.pid}{again})",
+        flush=True,
+    )
+
+
+async def _cluster_until_signalled(
+    config: Config, brokers: int, reset: bool, clusters: list[Cluster]
+) -> None:
+    """Run the cluster until the first SIGINT/SIGTERM, then drain every broker;
+    a second signal stops them at once."""
+    stop = trio.CancelScope()
+
+    def abort() -> None:
+        for cluster in clusters:
+            cluster.abort()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(_watch_signals, stop, abort, what=" every broker"))
+        with stop:
+            async with trio.open_nursery() as running:
+                clusters.append(
+                    await running.start(
+                        partial(
+                            run_cluster, config, brokers, reset=reset, on_serving=_print_serving
+                        )
+                    )
+                )
+        nursery.cancel_scope.cancel()  # drained: stop watching signals

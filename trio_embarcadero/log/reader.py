@@ -77,9 +77,12 @@ from .layout import (
     iter_batches,
     read_geometry,
     read_stream_entry,
+    read_topic_order,
     read_topics,
     unit_map,
 )
+from .members import BrokerMember, read_members
+from .ownership import lock_holders
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +116,12 @@ class TopicInfo:
     Attributes:
         name: The topic name.
         streams: Its streams, by broker id.
+        order: Its order level (0 or 5), fixed when it was created.
     """
 
     name: str
     streams: tuple[StreamInfo, ...]
+    order: int = 0
 
     @property
     def messages(self) -> int:
@@ -195,7 +200,10 @@ class LogReader:
         finally:
             os.close(fd)
         try:
-            self.geometry: Geometry = read_geometry(self._mmap)
+            try:
+                self.geometry: Geometry = read_geometry(self._mmap)
+            except LayoutError as exc:
+                raise LayoutError(f"{self.path} is {exc}") from None
             if self.geometry.region_size != size:
                 raise LayoutError(
                     f"{self.path} is {size} bytes but its superblock says "
@@ -259,7 +267,13 @@ class LogReader:
         out = []
         for name, index in self._topic_indexes().items():
             streams = (self._stream_info(index, b) for b in range(self.geometry.max_brokers))
-            out.append(TopicInfo(name, tuple(s for s in streams if s is not None)))
+            out.append(
+                TopicInfo(
+                    name,
+                    tuple(s for s in streams if s is not None),
+                    read_topic_order(self._mmap, self.geometry, index),
+                )
+            )
         return out
 
     def topic(self, name: str) -> TopicInfo:
@@ -272,6 +286,23 @@ class LogReader:
             if info.name == name:
                 return info
         raise KeyError(name)
+
+    # -- the brokers ------------------------------------------------------------------
+
+    def brokers(self) -> list[BrokerMember]:
+        """The brokers that serve the region, or were left listed by one that died.
+
+        Each broker's entry of the region's broker table, judged with its
+        broker id's lock where the lock file (``<path>.lock``) can be read,
+        and by its heartbeat alone where it cannot (see
+        :mod:`~trio_embarcadero.log.members`). ``alive`` tells the brokers
+        that serve clients now; ``address`` where they listen.
+        """
+        try:
+            holders: dict[int, int | None] | None = lock_holders(self.path)
+        except OSError:
+            holders = None  # another user's lock file: the heartbeats decide
+        return read_members(self._mmap, self.geometry.max_brokers, holders)
 
     # -- walking a stream -------------------------------------------------------------
 
@@ -501,4 +532,4 @@ def open_log(path: str | os.PathLike[str]) -> Iterator[LogReader]:
         reader.close()
 
 
-__all__ = ["BatchInfo", "LogReader", "StreamInfo", "TopicInfo", "open_log"]
+__all__ = ["BatchInfo", "BrokerMember", "LogReader", "StreamInfo", "TopicInfo", "open_log"]
