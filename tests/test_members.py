@@ -229,24 +229,56 @@ def test_a_reader_in_another_handle_sees_brokers_come_and_go(cxl_path: str) -> N
 # -- layout 3 -------------------------------------------------------------------------------
 
 
-def test_a_region_of_layout_2_is_refused_with_a_clear_message(cxl_path: str) -> None:
-    close_log(open_small_log(cxl_path))
+def make_layout_2(cxl_path: str) -> None:
+    """Turn a closed region into what the previous version wrote: layout 2's
+    magic, nothing in the superblock's page past the superblock."""
     with open(cxl_path, "r+b") as f:
-        f.write(struct.pack("<8sI", b"TEMBCXL2", 2))  # what the previous version wrote
+        f.write(struct.pack("<8sI", b"TEMBCXL2", 2))
+        f.seek(SUPERBLOCK.size)
+        f.write(bytes(4096 - SUPERBLOCK.size))
+
+
+def test_a_region_of_layout_2_is_read_and_upgraded_in_place(
+    cxl_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A region the previous version wrote keeps every batch: readers read
+    it as it is, and the first broker that attaches makes it layout 3."""
+    log = open_small_log(cxl_path)
+    for k in range(3):
+        commit(log, "kept", [100, 200], seq=k)
+    close_log(log)
+    make_layout_2(cxl_path)
+    with open_log(cxl_path) as reader:
+        assert reader.topic("kept").messages == 6
+        assert reader.brokers() == []
+    with caplog.at_level(logging.INFO, logger="trio_embarcadero.log.region"):
+        log = open_small_log(cxl_path)
+    assert "upgraded the region from layout 2 to 3 in place" in caplog.text
+    try:
+        stream = log.stream("kept")
+        assert (stream.batches, stream.next_offset) == (3, 6)
+        commit(log, "kept", [50], seq=3)
+        assert stream.next_offset == 7
+    finally:
+        close_log(log)
+    with open(cxl_path, "rb") as f:
+        assert SUPERBLOCK.unpack(f.read(SUPERBLOCK.size))[:2] == (b"TEMBCXL3", 3)
+    with open_log(cxl_path) as reader:
+        assert [m.offset for m in reader.messages("kept")] == list(range(7))
+
+
+def test_a_layout_2_region_with_data_in_the_superblock_page_is_refused(cxl_path: str) -> None:
+    close_log(open_small_log(cxl_path))
+    make_layout_2(cxl_path)
+    with open(cxl_path, "r+b") as f:
+        f.seek(1024)
+        f.write(b"x")
     with pytest.raises(LayoutError) as info:
         open_small_log(cxl_path)
     assert str(info.value) == (
-        f"{cxl_path} is a CXL region of layout 2 (this version of trio-embarcadero reads "
-        "layout 3 only); start with --reset to discard it"
+        f"{cxl_path} says it is a CXL region of layout 2, but its superblock's page is not "
+        "empty past the superblock; start with --reset to discard it"
     )
-    with (
-        pytest.raises(LayoutError, match=rf"^{cxl_path} is a CXL region of layout 2 "),
-        open_log(cxl_path),
-    ):
-        pass  # pragma: no cover - refused
-    close_log(open_small_log(cxl_path, reset=True))  # the way on
-    with open(cxl_path, "rb") as f:
-        assert SUPERBLOCK.unpack(f.read(SUPERBLOCK.size))[:2] == (b"TEMBCXL3", 3)
 
 
 def test_the_broker_table_fits_the_superblock_page() -> None:

@@ -94,6 +94,10 @@ from ..wire import (
 MAGIC = b"TEMBCXL3"
 #: Layout 3 added the broker table and a topic's order; layout 2 had neither.
 LAYOUT_VERSION = 3
+#: Layout 2's magic: such a region is read as it is and upgraded by the
+#: first broker that attaches (:func:`upgrade_layout`).
+MAGIC_2 = b"TEMBCXL2"
+_MAGIC_VERSION = struct.Struct("<8sI")
 SUPERBLOCK_SIZE = 4096
 #: Where the sequencer lease will live (reserved, zero in layout 3).
 LEASE_OFFSET = 512
@@ -313,6 +317,10 @@ def read_geometry(buf: Any) -> Geometry:
     magic, version, topics, brokers, _, region, segment, _, _, unit, _, _ = SUPERBLOCK.unpack_from(
         buf, 0
     )
+    if (magic, version) == (MAGIC_2, 2):
+        # Layout 2 keeps its tables where layout 3 does; it has no broker
+        # table (its zeros read as "absent") and every topic's order is 0.
+        return Geometry(region, segment, topics, brokers, unit)
     if magic[:-1] == MAGIC[:-1] and (magic != MAGIC or version != LAYOUT_VERSION):
         # Ours, but of another layout: its tables are not where this one looks.
         raise LayoutError(
@@ -325,6 +333,35 @@ def read_geometry(buf: Any) -> Geometry:
             f"(magic {magic!r}, version {version})"
         )
     return Geometry(region, segment, topics, brokers, unit)
+
+
+def upgrade_layout(buf: Any, path: str) -> bool:
+    """Make a region of layout 2 one of layout 3, in place; the caller holds
+    the region's file lock and maps it read-write.
+
+    Layout 3 only adds what layout 2 left as zeros: the broker table and the
+    sequencer lease in the superblock's page, and a topic's order (0) in its
+    header's padding. So the upgrade is the new magic and version, written
+    once the page is seen to be empty; every batch stays where it is.
+
+    Returns:
+        Whether the region was of layout 2 (and is of layout 3 now).
+
+    Raises:
+        LayoutError: The superblock's page holds data beyond layout 2's
+            superblock: not a region the previous version wrote.
+    """
+    magic, version = _MAGIC_VERSION.unpack_from(buf, 0)
+    if (magic, version) != (MAGIC_2, 2):
+        return False
+    rest = np.frombuffer(buf, np.uint8, SUPERBLOCK_SIZE - SUPERBLOCK.size, SUPERBLOCK.size)
+    if rest.any():
+        raise LayoutError(
+            f"{path} says it is a CXL region of layout 2, but its superblock's page is not "
+            "empty past the superblock; start with --reset to discard it"
+        )
+    _MAGIC_VERSION.pack_into(buf, 0, MAGIC, LAYOUT_VERSION)
+    return True
 
 
 def check_layout(buf: Any, geometry: Geometry, path: str) -> None:

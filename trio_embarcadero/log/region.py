@@ -95,6 +95,7 @@ from .layout import (
     segment_chain,
     topic_states,
     unit_map,
+    upgrade_layout,
     write_topic,
 )
 from .ownership import BrokerLock, check_replaceable, claim_region, open_private_file
@@ -496,6 +497,8 @@ class CxlLog:
                 if fresh:
                     format_region(mapping, geometry)
                 else:
+                    if upgrade_layout(mapping, path):
+                        logger.info("%s: upgraded the region from layout 2 to 3 in place", path)
                     check_layout(mapping, geometry, path)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
