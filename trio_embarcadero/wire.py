@@ -553,11 +553,26 @@ def stamp_records(
         starts: Record offsets from :func:`scan_records`.
         first_logical_offset: Logical offset given to the batch's first record.
     """
+    count = len(starts)
+    offsets = np.arange(first_logical_offset, first_logical_offset + count, dtype=np.uint64)
+    step = int(starts[1]) // 8 if count > 1 else 0
+    if step and bool((np.diff(starts) == step * 8).all()):
+        # Evenly spaced records (one message size: the common case): each
+        # field is a strided column of the log, written without index
+        # arrays, in half the time. Only header words are touched, so a last
+        # record shorter than the rest is fine.
+        first, span = payload_offset // 8, (count - 1) * step + 1
+
+        def column(field: int) -> npt.NDArray[np.uint64]:
+            return log_words[first + field : first + field + span : step]
+
+        column(MH_SEGMENT_HEADER)[:] = 0
+        column(MH_LOGICAL_OFFSET)[:] = offsets
+        column(MH_NEXT_MSG_DIFF)[:] = column(MH_PADDED_SIZE)
+        return
     index = (payload_offset + starts) // 8
     log_words[index + MH_SEGMENT_HEADER] = 0
-    log_words[index + MH_LOGICAL_OFFSET] = np.arange(
-        first_logical_offset, first_logical_offset + len(starts), dtype=np.uint64
-    )
+    log_words[index + MH_LOGICAL_OFFSET] = offsets
     log_words[index + MH_NEXT_MSG_DIFF] = log_words[index + MH_PADDED_SIZE]
 
 
