@@ -1,10 +1,11 @@
 """When the client's calls reach a checkpoint, and what cancellation does to them.
 
-The fast paths (``publish_nowait``, ``publish`` with room in the window) skip
-Trio's schedule point; these tests pin down what the docstrings promise
-instead: a call is either done or raised, a cancellation loses no message,
-and the background tasks still run at least once per batch. Each test talks
-to a fake broker over in-memory streams on the autojump clock.
+The fast paths (``publish_nowait``, ``publish`` with room in the window,
+iteration over messages already received) skip Trio's schedule point; these
+tests pin down what the docstrings promise instead: a call is either done or
+raised, a cancellation loses no message, and the background tasks still run
+at least once per batch or receive. Each test talks to a fake broker over
+in-memory streams on the autojump clock.
 """
 
 from __future__ import annotations
@@ -15,10 +16,16 @@ from contextlib import asynccontextmanager, suppress
 import pytest
 import trio
 import trio.testing
-from rawclient import ERROR_MARKER
+from rawclient import ERROR_MARKER, committed
 
 from trio_embarcadero import BrokerError
-from trio_embarcadero.client import Publisher, open_publisher_on_stream
+from trio_embarcadero.client import (
+    Message,
+    Publisher,
+    Subscriber,
+    open_publisher_on_stream,
+    open_subscriber_on_stream,
+)
 from trio_embarcadero.wire import (
     ACK_BROKER_ID,
     ACK_COUNT,
@@ -166,3 +173,59 @@ async def test_a_loop_of_publishes_lets_the_sender_run_once_a_batch_is_sealed(
         # though this task awaited nothing but publish().
         assert pub.sent > 0
         await broker.ack(40)
+
+
+# -- the subscriber ---------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def subscriber(start: int = 0) -> AsyncIterator[tuple[Subscriber, trio.abc.Stream]]:
+    client, server = trio.testing.memory_stream_pair()
+    async with open_subscriber_on_stream(client, "t", start=start) as sub:
+        yield sub, server
+
+
+def records(first: int, count: int) -> bytes:
+    return b"".join(committed(b"m%d" % i, i, client_order=i) for i in range(first, first + count))
+
+
+async def test_iteration_hands_out_what_arrived_and_is_cancelled_at_the_next_receive(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with subscriber() as (sub, broker):
+        await broker.send_all(records(0, 10))  # one receive brings all ten
+        first = await anext(sub)
+        got: list[Message] = []
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            # A loop, not a comprehension: the list must outlive the cancellation.
+            async for message in sub:  # the nine received are handed out
+                got.append(message)  # noqa: PERF401
+        assert scope.cancelled_caught
+        assert [m.offset for m in [first, *got]] == list(range(10))
+        # Nothing was lost to the cancellation.
+        await broker.send_all(records(10, 2))
+        assert (await anext(sub)).offset == 10
+        assert [m.payload for m in await sub.receive_messages()] == [b"m11"]
+
+
+async def test_the_three_ways_of_reading_go_on_where_the_other_stopped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with subscriber(start=5) as (sub, broker):
+        await broker.send_all(records(5, 10))
+        assert (await anext(sub)).offset == 5
+        rest = await sub.receive_batch()  # what iteration has not handed out yet
+        assert rest.offsets.tolist() == list(range(6, 15))
+        assert [bytes(rest.payload(i)) for i in range(len(rest))] == [
+            b"m%d" % i for i in range(6, 15)
+        ]
+        await broker.send_all(records(15, 3))
+        assert (await anext(sub)).offset == 15
+        views = await sub.receive_views()
+        assert [(bytes(v.payload), v.offset) for v in views] == [(b"m16", 16), (b"m17", 17)]
+        await broker.send_all(records(18, 2))
+        batches = sub.batches()
+        batch = await anext(batches)
+        assert batch.offsets.tolist() == [18, 19]
+        assert sub.received == 15

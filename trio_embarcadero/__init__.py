@@ -6,6 +6,7 @@ from .broker import ConnectionPhase as ConnectionPhase
 from .broker import open_broker as open_broker
 from .broker import serve as serve
 from .client import Message as Message
+from .client import MessageBatch as MessageBatch
 from .client import MessageView as MessageView
 from .client import Publisher as Publisher
 from .client import Subscriber as Subscriber
