@@ -142,8 +142,9 @@ def streams(draw: st.DrawFn) -> tuple[bytes, int]:
                 out += record(
                     payload, offset, order=i, padded=draw(st.sampled_from([0, 65, 2**40]))
                 )
-            elif kind == "size":
-                out += record(payload, offset, order=i)[:56] + U64.pack(size + 64)
+            elif kind == "size":  # larger than paddedSize allows, or beyond 2**63
+                bad = draw(st.sampled_from([size + 64, 2**63 + size, 2**64 - 1]))
+                out += record(payload, offset, order=i)[:56] + U64.pack(bad)
                 out += payload.ljust(-(-size // 64) * 64, b"\0")
             elif kind == "huge":
                 out += record(payload, 2**63 + offset, order=i)

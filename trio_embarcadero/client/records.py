@@ -37,6 +37,7 @@ from ..wire import (
     MH_CLIENT_ID,
     MH_CLIENT_ORDER,
     MH_LOGICAL_OFFSET,
+    MH_PADDED_SIZE,
     MH_SIZE,
     Message,
     MessageView,
@@ -47,10 +48,14 @@ MAX_RECORD_BYTES = 1 << 30
 #: Free space offered to each receive, at least.
 RECEIVE_SIZE = 1 << 16
 _U64 = struct.Struct("<Q")
-# Records compared by the first strided comparison of a run; each comparison
-# that finds no other size doubles it, so a long run costs a few comparisons
-# and a short one does not compare far ahead.
-_FIRST_WINDOW = 16
+# The first run of a receive is compared in one go, as far as records fit (a
+# receive of equal-sized records costs one comparison). After a record of
+# another size, a run is compared this many records ahead at first, twice as
+# many after each comparison that finds no other size: mixed sizes cost no
+# comparisons far ahead, long runs a few comparisons.
+_SHORT_WINDOW = 16
+# The eight u64 words of a record header, as offsets from its first word.
+_HEADER_WORDS = np.arange(MESSAGE_HEADER_SIZE // 8)
 # tuple.__new__ builds a NamedTuple from a 4-tuple in C, without the Python
 # call of Message.__new__ (half the cost of building one).
 _new_message = cast(
@@ -255,7 +260,7 @@ class RecordDecoder:
         runs, stop, bad_size = self._walk()
         batch = None
         if runs:
-            batch = self._check(_run_starts(runs), stop)
+            batch = self._check(runs, stop)
         else:
             self._start = stop
         if bad_size is not None and self.error is None:
@@ -275,7 +280,7 @@ class RecordDecoder:
         pos, end = self._start, self._end
         runs: list[tuple[int, int, int]] = []
         bad_size = None
-        window = _FIRST_WINDOW
+        window = end - pos  # no limit for the first run
         while end - pos >= _U64.size:
             (padded,) = unpack(buf, pos)
             if padded < MESSAGE_HEADER_SIZE or padded % ALIGN or padded > MAX_RECORD_BYTES:
@@ -296,56 +301,65 @@ class RecordDecoder:
                 other = words[first : first + count * step : step] != padded
                 if other.any():
                     count = int(other.argmax())
-                    window = _FIRST_WINDOW
+                    window = _SHORT_WINDOW
                 else:
                     window *= 2
             runs.append((pos, count, padded))
             pos += count * padded
         return runs, pos, bad_size
 
-    def _check(self, starts: Int64Array, stop: int) -> MessageBatch | None:
-        """Check the records at ``starts`` (whole, with valid paddedSizes), up
+    def _check(self, runs: list[tuple[int, int, int]], stop: int) -> MessageBatch | None:
+        """Check the records of ``runs`` (whole, with valid paddedSizes), up
         to ``stop``; the batch of those before the first bad one."""
+        # Every header, copied in one go; fields are its columns. Values of
+        # 2**63 and more are negative here, so they fail the checks below.
         words = self._words
-        index = starts // _U64.size
-        padded = words[index].view(np.int64)
-        sizes = words[index + MH_SIZE].view(np.int64)
-        offsets = words[index + MH_LOGICAL_OFFSET].view(np.int64)
+        if len(runs) == 1:  # equal sizes: the headers are rows of a strided view
+            pos, count, step = runs[0]
+            starts = np.arange(pos, pos + count * step, step, dtype=np.int64)
+            first = pos // _U64.size
+            rows = words[first : first + count * step // _U64.size]
+            heads = rows.reshape(count, -1)[:, : len(_HEADER_WORDS)].copy().view(np.int64)
+        else:
+            starts = _run_starts(runs)
+            heads = words[(starts // _U64.size)[:, None] + _HEADER_WORDS].view(np.int64)
+        padded = heads[:, MH_PADDED_SIZE]
+        sizes = heads[:, MH_SIZE]
+        offsets = heads[:, MH_LOGICAL_OFFSET]
+        bad = sizes > padded - MESSAGE_HEADER_SIZE
+        bad |= sizes < 0
         # Offsets only move forward: each above the one before (retention may
         # have reclaimed some in between), the first at least the one due.
-        # Fields beyond 2**63 are negative here, so they fail these checks.
-        previous = np.empty_like(offsets)
-        # (A start beyond 2**63 cannot be due in int64; no record passes then.)
-        previous[0] = min(self.position, 2**63) - 1
-        previous[1:] = offsets[:-1]
-        bad = (offsets <= previous) | (sizes < 0) | (sizes > padded - MESSAGE_HEADER_SIZE)
+        bad[1:] |= offsets[1:] <= offsets[:-1]
+        bad[0] |= int(offsets[0]) < self.position
         if bad.any():
             first_bad = int(bad.argmax())
-            at = int(index[first_bad])
+            due = self.position if not first_bad else int(offsets[first_bad - 1]) + 1
+            words = heads[first_bad].view(np.uint64)
             self.error = ProtocolError(
                 ErrorCode.BAD_MESSAGE_RECORDS,
-                f"record with logical offset {int(words[at + MH_LOGICAL_OFFSET])} and size "
-                f"{int(words[at + MH_SIZE])} (paddedSize {int(padded[first_bad])}) where "
-                f"offset {int(previous[first_bad]) + 1} was due",
+                f"record with logical offset {int(words[MH_LOGICAL_OFFSET])} and size "
+                f"{int(words[MH_SIZE])} (paddedSize {int(padded[first_bad])}) where "
+                f"offset {due} was due",
             )
             stop = int(starts[first_bad])
-            index, sizes, offsets = index[:first_bad], sizes[:first_bad], offsets[:first_bad]
             if not first_bad:
                 self._start = stop
                 return None
-        count = len(offsets)
-        last = int(offsets[-1])
+            heads, starts = heads[:first_bad], starts[:first_bad]
+        count = len(heads)
+        last = int(heads[-1, MH_LOGICAL_OFFSET])
         self.skipped += last - self.position - (count - 1)
         self.position = last + 1
         self._start = stop
         first = int(starts[0])
         return MessageBatch(
             self._view[first:stop].toreadonly(),
-            starts[:count] - (first - MESSAGE_HEADER_SIZE),
-            sizes,
-            offsets,
-            words[index + MH_CLIENT_ID].view(np.int64),
-            words[index + MH_CLIENT_ORDER].view(np.int64),
+            starts - (first - MESSAGE_HEADER_SIZE),
+            heads[:, MH_SIZE],
+            heads[:, MH_LOGICAL_OFFSET],
+            heads[:, MH_CLIENT_ID],
+            heads[:, MH_CLIENT_ORDER],
         )
 
     def _error_frame(self, pos: int, end: int) -> int:
@@ -363,9 +377,6 @@ class RecordDecoder:
 
 def _run_starts(runs: list[tuple[int, int, int]]) -> Int64Array:
     """The start of every record of ``runs`` (see ``RecordDecoder._walk``)."""
-    if len(runs) == 1:
-        pos, count, padded = runs[0]
-        return np.arange(pos, pos + count * padded, padded, dtype=np.int64)
     table: Any = np.array(runs, dtype=np.int64)
     counts = table[:, 1]
     run_of = np.repeat(np.arange(len(runs)), counts)
