@@ -18,7 +18,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from rawclient import committed, payload_for
 
-from trio_embarcadero.client.records import MAX_RECORD_BYTES, MessageBatch, RecordDecoder
+from trio_embarcadero.client.records import (
+    MAX_RECORD_BYTES,
+    MessageBatch,
+    RecordDecoder,
+    make_message,
+)
 from trio_embarcadero.errors import BrokerError, ErrorCode, ProtocolError
 from trio_embarcadero.wire import ERROR_FRAME_HEAD, ERROR_MARKER, MESSAGE_HEADER, Message
 
@@ -191,9 +196,10 @@ def test_a_batch_holds_one_receive_without_copying() -> None:
     assert [m.payload for m in batch.messages()] == payloads
     assert [bytes(v.payload) for v in batch.views()] == payloads
     assert batch.messages() == [m.to_message() for m in batch.views()]
-    tail = batch.tail(9)
+    tail = batch.since(29)
     assert [m.payload for m in tail.messages()] == payloads[9:]
     assert tail.first_offset == 29
+    assert list(map(make_message, batch.message_fields())) == batch.messages()
     assert "12 messages, offsets 20..31" in repr(batch)
 
 

@@ -20,7 +20,7 @@ copied at once, into one ``bytes`` object that each payload is sliced from.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, cast
 
@@ -58,7 +58,9 @@ _SHORT_WINDOW = 16
 _HEADER_WORDS = np.arange(MESSAGE_HEADER_SIZE // 8)
 # tuple.__new__ builds a NamedTuple from a 4-tuple in C, without the Python
 # call of Message.__new__ (half the cost of building one).
-_new_message = cast(
+#: Builds a Message from its four fields in one tuple (as ``message_fields``
+#: yields them).
+make_message = cast(
     "Callable[[tuple[bytes, int, int, int]], Message]", partial(tuple.__new__, Message)
 )
 _new_view = cast(
@@ -141,14 +143,27 @@ class MessageBatch:
     def messages(self) -> list[Message]:
         """Every message as a :class:`~trio_embarcadero.wire.Message`, its
         payload a copy (``bytes``) that stays valid."""
+        return list(map(make_message, self.message_fields()))
+
+    def message_fields(self) -> Iterator[tuple[bytes, int, int, int]]:
+        """The fields of every message as a :class:`~trio_embarcadero.wire.Message`
+        has them, its payload a copy; :func:`make_message` makes one of each.
+
+        For a reader that builds its messages one at a time: a Message is a
+        tuple the garbage collector tracks, so building each only when it is
+        wanted keeps few of them alive at once, which costs the collector
+        less than a list of them all.
+        """
         starts = self.starts.tolist()
         ends = (self.starts + self.sizes).tolist()
         if len(starts) == 1:  # a large record is copied once, not twice
             payloads = [self.data[starts[0] : ends[0]].tobytes()]
         else:
+            # One copy of the received bytes; slicing bytes from it costs no
+            # more than slicing views.
             chunk = self.data.tobytes()
             payloads = [chunk[start:end] for start, end in zip(starts, ends, strict=True)]
-        return list(map(_new_message, zip(payloads, *self._fields(), strict=True)))
+        return zip(payloads, *self._fields(), strict=True)
 
     def views(self) -> list[MessageView]:
         """Every message as a :class:`~trio_embarcadero.wire.MessageView`,
@@ -157,8 +172,10 @@ class MessageBatch:
         payloads = list(map(self.data.__getitem__, slices))
         return list(map(_new_view, zip(payloads, *self._fields(), strict=True)))
 
-    def tail(self, first: int) -> MessageBatch:
-        """The messages from index ``first`` on (``first < len(self)``), as a batch."""
+    def since(self, offset: int) -> MessageBatch:
+        """The messages from logical offset ``offset`` on (one of the
+        batch's offsets), as a batch."""
+        first = int(np.searchsorted(self.offsets, offset))
         cut = int(self.starts[first]) - MESSAGE_HEADER_SIZE
         return MessageBatch(
             self.data[cut:],

@@ -7,7 +7,6 @@ they land in.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -24,7 +23,7 @@ from ..wire import (
     encode_topic,
 )
 from .connect import choose_client_id, connect, send_handshake
-from .records import MessageBatch, RecordDecoder
+from .records import MessageBatch, RecordDecoder, make_message
 
 #: Default size of a subscriber's receive buffer (it grows for larger records).
 DEFAULT_RECEIVE_BUFFER = 1 << 20
@@ -70,11 +69,10 @@ class Subscriber:
         self.received = 0
         self._receiver: Receiver = receiver_for(stream)
         self._decoder = RecordDecoder(start, buffer_bytes)
-        # The last batch received; the messages of it iteration hands out,
-        # and an iterator over those not handed out yet.
+        # The last batch received, and the fields of its messages iteration
+        # has not handed out yet (each Message is built as it is handed out).
         self._batch: MessageBatch | None = None
-        self._ready: list[Message] = []
-        self._rest: Iterator[Message] = iter(self._ready)
+        self._rest: Iterator[tuple[bytes, int, int, int]] = iter(())
         self._error: BrokerError | ProtocolError | None = None
 
     @property
@@ -104,11 +102,10 @@ class Subscriber:
                 down) or closed the connection (code :data:`BROKER_FAILED`).
             ProtocolError: The stream is not a valid record stream.
         """
-        for message in self._rest:
-            return message
-        self._ready = ready = (await self._receive()).messages()
-        self._rest = rest = iter(ready)
-        return next(rest)
+        for fields in self._rest:
+            return make_message(fields)
+        self._rest = rest = (await self._receive()).message_fields()
+        return make_message(next(rest))
 
     async def receive_messages(self) -> list[Message]:
         """Every whole message that has arrived, at least one; waits for one.
@@ -119,7 +116,7 @@ class Subscriber:
             BrokerError: As for iteration.
             ProtocolError: As for iteration.
         """
-        if rest := list(self._rest):
+        if rest := list(map(make_message, self._rest)):
             await trio.lowlevel.checkpoint()
             return rest
         return (await self._receive()).messages()
@@ -150,12 +147,11 @@ class Subscriber:
             BrokerError: As for iteration.
             ProtocolError: As for iteration.
         """
-        if self._batch is not None and (left := operator.length_hint(self._rest)):
+        if self._batch is not None and (fields := next(self._rest, None)) is not None:
             # Messages an iteration received but has not handed out yet.
-            rest = self._batch.tail(len(self._ready) - left)
-            self._ready, self._rest = [], iter(())
+            self._rest = iter(())
             await trio.lowlevel.checkpoint()
-            return rest
+            return self._batch.since(fields[1])
         return await self._receive()
 
     def batches(self) -> AsyncIterator[MessageBatch]:
@@ -171,7 +167,6 @@ class Subscriber:
     async def _receive(self) -> MessageBatch:
         """Receive until the decoder completes at least one message."""
         decoder = self._decoder
-        self._ready = []  # iteration has handed them all out: not kept alive
         while True:
             if self._error is not None:
                 await trio.lowlevel.checkpoint()
