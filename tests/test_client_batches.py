@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from trio_embarcadero.client.batches import OPENED, PACKED, SEALED, PublishBatches
@@ -256,9 +255,15 @@ def test_runs_pack_the_bytes_append_packs_even_into_reused_buffers(sizes: list[i
     )
 
 
-def test_the_encoder_refuses_a_run_that_does_not_fit() -> None:
-    encoder = BatchEncoder(CLIENT, BATCH_HEADER_SIZE + 2 * RECORD)
-    sizes = np.array([100, 100, 100], dtype=np.int64)
-    with pytest.raises(ValueError, match="no room for 3 records of 576 bytes"):
-        encoder.append_run([bytes(100)] * 3, sizes, sizes * 0 + RECORD, 0)
-    assert (encoder.count, encoder.fill) == (0, BATCH_HEADER_SIZE)
+@pytest.mark.parametrize("sizes", [[100] * 4, [100, 1, 100, 1]])
+def test_the_encoder_packs_the_prefix_of_a_run_that_fits(sizes: list[int]) -> None:
+    payloads = [payload(i, n) for i, n in enumerate(sizes)]
+    # Room for three records after the first: max_bytes and the buffer both limit.
+    for capacity, max_bytes in [(10 * RECORD, 3 * RECORD + 10), (4 * RECORD - 10, 1 << 20)]:
+        encoder = BatchEncoder(CLIENT, BATCH_HEADER_SIZE + capacity)
+        encoder.append(b"first", 0)
+        assert encoder.append_run(payloads, 1, max_bytes) == 3
+        assert encoder.append_run(payloads[3:], 4, 10) == 0
+        assert encoder.append_run([], 4, 1 << 20) == 0
+        buffer, length = encoder.seal(0)
+        assert buffer[:length] == encode_batch([b"first", *payloads[:3]], client_id=CLIENT)

@@ -379,59 +379,77 @@ class BatchEncoder:
     def append_run(
         self,
         payloads: Sequence[bytes | bytearray | memoryview],
-        sizes: npt.NDArray[np.int64],
-        padded: npt.NDArray[np.int64],
         first_order: int,
-    ) -> None:
-        """Pack several records at once, as :meth:`append` would one by one.
+        max_bytes: int,
+    ) -> int:
+        """Pack the longest prefix of ``payloads`` whose records take at most
+        ``max_bytes`` (and fit the buffer), as :meth:`append` would one by one.
 
-        For a publisher's bulk path: the headers are written as columns with
-        numpy and, when every payload has the same size, the payloads with one
-        join and one strided copy, so no Python statement runs per record.
+        For a publisher's bulk path: the header fields are written as numpy
+        columns and, when every payload has the same size, the payloads with
+        one join and one strided copy, so no Python statement runs per record.
 
         Args:
-            payloads: The payloads, at least one.
-            sizes: ``len()`` of each payload.
-            padded: Each record's padded size (:func:`padded_size` of ``sizes``).
+            payloads: The payloads.
             first_order: The ``client_order`` of the first; the rest count up.
+            max_bytes: The most record bytes to pack.
 
-        Raises:
-            ValueError: The records do not fit after what is packed.
+        Returns:
+            How many were packed (from the first on; 0 if the first does not fit).
         """
-        count = len(payloads)
         start = self.fill
-        ends = np.cumsum(padded)
-        end = start + int(ends[-1])
         buf = self.buffer
-        if end > len(buf):
-            raise ValueError(f"no room for {count} records of {int(ends[-1])} bytes")
+        max_bytes = min(max_bytes, len(buf) - start)
+        sizes = list(map(len, payloads))
+        if not sizes:
+            return 0
+        size = sizes[0]
+        if sizes.count(size) == len(sizes):  # the common case: no per-record sizes
+            step = MESSAGE_HEADER_SIZE + ((size + ALIGN - 1) & -ALIGN)
+            count = min(len(sizes), max_bytes // step)
+            end = start + count * step
+            starts = np.arange(0, count * step, step)
+            lengths: npt.NDArray[np.int64] | int = size
+        else:
+            lengths = np.array(sizes, dtype=np.int64)
+            padded = MESSAGE_HEADER_SIZE + ((lengths + (ALIGN - 1)) & -ALIGN)
+            ends = np.cumsum(padded)
+            count = int(np.searchsorted(ends, max_bytes, side="right"))
+            lengths, padded = lengths[:count], padded[:count]
+            end = start + (int(ends[count - 1]) if count else 0)
+            starts = ends[:count] - padded
+        if not count:
+            return 0
         # Whole words only (a buffer's length need not be a multiple of 8);
         # records start at multiples of 64.
         region = np.frombuffer(buf, np.uint8, count=len(buf) // 8 * 8)[start:end]
-        starts = ends - padded
-        size = int(sizes[0])
-        if bool((sizes == size).all()):
-            rows = region.reshape(count, int(padded[0]))
+        if isinstance(lengths, int):
+            rows = region.reshape(count, step)
             data = rows[:, MESSAGE_HEADER_SIZE : MESSAGE_HEADER_SIZE + size]
-            data[:] = np.frombuffer(b"".join(payloads), np.uint8).reshape(count, size)
+            joined = b"".join(payloads[:count])
+            data[:] = np.frombuffer(joined, np.uint8).reshape(count, size)
+            padded_sizes: npt.NDArray[np.int64] | int = step
         else:
             at = start + MESSAGE_HEADER_SIZE
             for payload, offset, length in zip(
-                payloads, starts.tolist(), sizes.tolist(), strict=True
+                payloads, starts.tolist(), lengths.tolist(), strict=False
             ):
                 buf[at + offset : at + offset + length] = payload
-        # Each header field is a column: word ``field`` of every record.
+            padded_sizes = padded
+        # Each header field is a column: word ``field`` of every record (the
+        # padding after each payload is zero already: see the class docs).
         index = starts // 8
         words = region.view("<u8")
-        words[index + MH_PADDED_SIZE] = padded
+        words[index + MH_PADDED_SIZE] = padded_sizes
         words[index + MH_LOGICAL_OFFSET] = UNASSIGNED_OFFSET
         words[index + MH_CLIENT_ORDER] = np.arange(first_order, first_order + count)
         words[index + MH_CLIENT_ID] = self.client_id
-        words[index + MH_SIZE] = sizes
+        words[index + MH_SIZE] = lengths
         for zero in (MH_SEGMENT_HEADER, MH_NEXT_MSG_DIFF, MH_TOTAL_ORDER):
             words[index + zero] = 0
         self.fill = end
         self.count += count
+        return count
 
     def seal(self, batch_seq: int, buffer: bytearray | None = None) -> tuple[bytearray, int]:
         """Write the header and hand the batch over.

@@ -16,15 +16,13 @@ from collections import deque
 from collections.abc import Sequence
 from typing import NamedTuple, TypeAlias
 
-import numpy as np
-
 from ..wire import ALIGN, BATCH_HEADER_SIZE, MESSAGE_HEADER_SIZE, BatchEncoder
 
 #: A message payload: any bytes-like object of bytes.
 Payload: TypeAlias = bytes | bytearray | memoryview
 
 # Below this many records, append_run leaves them to append: the numpy calls
-# of a run cost about as much as packing this many records one by one.
+# of a run cost about as much as packing a dozen records one by one.
 _MIN_RUN = 16
 
 # Flags returned by PublishBatches.append. A bare PACKED is the common case,
@@ -168,16 +166,10 @@ class PublishBatches:
         last = min(len(payloads), first + room // MESSAGE_HEADER_SIZE)
         if not encoder.count or last - first < _MIN_RUN:
             return first
-        run = payloads[first:last]
-        sizes = np.fromiter(map(len, run), np.int64, len(run))
-        padded = MESSAGE_HEADER_SIZE + ((sizes + (ALIGN - 1)) & -ALIGN)
-        ends = np.cumsum(padded)
-        count = int(np.searchsorted(ends, room, side="right"))
-        if count < _MIN_RUN:
-            return first
-        encoder.append_run(run[:count], sizes[:count], padded[:count], self.published)
+        fill = encoder.fill
+        count = encoder.append_run(payloads[first:last], self.published, room)
         self.published += count
-        self.inflight_bytes += int(ends[count - 1])
+        self.inflight_bytes += encoder.fill - fill
         return first + count
 
     def seal(self) -> bool:
