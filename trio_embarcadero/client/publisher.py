@@ -187,7 +187,13 @@ class Publisher:
             BrokerError: As for :meth:`publish`.
             trio.ClosedResourceError: The publisher's context has exited.
         """
-        if not self._append(payload) & PACKED:
+        # _append inlined (as in publish): this runs once per message.
+        if self._failure is not None or self._closed:
+            self._check_usable()
+        flags = self._batches.append(payload)
+        if flags != PACKED or not self._linger:
+            flags = self._appended(flags)
+        if not flags & PACKED:
             raise trio.WouldBlock
 
     async def publish(self, payload: Payload) -> None:
@@ -215,7 +221,12 @@ class Publisher:
             returns, it was.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        flags = self._append(payload)
+        # _append inlined: the common case is one call into the batches.
+        if self._failure is not None or self._closed:
+            self._check_usable()
+        flags = self._batches.append(payload)
+        if flags != PACKED or not self._linger:
+            flags = self._appended(flags)
         while not flags & PACKED:
             await self._progress.park()
             flags = self._append(payload)
@@ -304,15 +315,20 @@ class Publisher:
         """
         if self._failure is not None or self._closed:
             self._check_usable()
-        batches = self._batches
-        flags = batches.append(payload)
-        if flags != PACKED:
-            if flags & OPENED:
-                self._batch_started = trio.current_time()
-                self._batch_opened.unpark_all()
-            if flags & SEALED:
-                self._sealed_lot.unpark_all()
-        if seal and not self._linger and flags & PACKED and batches.seal():
+        flags = self._batches.append(payload)
+        if flags != PACKED or not self._linger:
+            flags = self._appended(flags, seal=seal)
+        return flags
+
+    def _appended(self, flags: int, *, seal: bool = True) -> int:
+        """The part of :meth:`_append` after packing, for flags other than a
+        bare PACKED or for ``linger`` 0."""
+        if flags & OPENED:
+            self._batch_started = trio.current_time()
+            self._batch_opened.unpark_all()
+        if flags & SEALED:
+            self._sealed_lot.unpark_all()
+        if seal and not self._linger and flags & PACKED and self._batches.seal():
             self._sealed_lot.unpark_all()
             flags |= SEALED
         return flags
