@@ -187,13 +187,7 @@ class Publisher:
             BrokerError: As for :meth:`publish`.
             trio.ClosedResourceError: The publisher's context has exited.
         """
-        # _append inlined (as in publish): this runs once per message.
-        if self._failure is not None or self._closed:
-            self._check_usable()
-        flags = self._batches.append(payload)
-        if flags != PACKED or not self._linger:
-            flags = self._appended(flags)
-        if not flags & PACKED:
+        if not self._append(payload) & PACKED:
             raise trio.WouldBlock
 
     async def publish(self, payload: Payload) -> None:
@@ -221,12 +215,7 @@ class Publisher:
             returns, it was.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        # _append inlined: the common case is one call into the batches.
-        if self._failure is not None or self._closed:
-            self._check_usable()
-        flags = self._batches.append(payload)
-        if flags != PACKED or not self._linger:
-            flags = self._appended(flags)
+        flags = self._append(payload)
         while not flags & PACKED:
             await self._progress.park()
             flags = self._append(payload)
