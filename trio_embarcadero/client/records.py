@@ -10,11 +10,11 @@ receive. It imports no Trio: the subscriber receives into
 Per-message Python work is what limits a subscriber, so a receive's records
 are decoded together: the walk from record to record by ``paddedSize`` takes
 one strided numpy comparison per run of equal-sized records (one per receive
-when every message has the same size), the header fields are gathered as
-arrays and checked with a few vector operations, and a batch's
-:class:`~trio_embarcadero.wire.Message` objects are built by ``map`` over
-those arrays, with no Python statement per message. A batch's payloads are
-copied at once, into one ``bytes`` object that each payload is sliced from.
+when every message has the same size), the headers are copied as one array
+whose columns are the fields, checked with a few vector operations. A
+:class:`~trio_embarcadero.wire.Message` is a tuple built in C from fields
+prepared for the whole batch (its payload a slice of one copy of the
+received bytes), so handing one out takes a few bytecodes.
 """
 
 from __future__ import annotations
@@ -56,10 +56,9 @@ _U64 = struct.Struct("<Q")
 _SHORT_WINDOW = 16
 # The eight u64 words of a record header, as offsets from its first word.
 _HEADER_WORDS = np.arange(MESSAGE_HEADER_SIZE // 8)
-# tuple.__new__ builds a NamedTuple from a 4-tuple in C, without the Python
-# call of Message.__new__ (half the cost of building one).
 #: Builds a Message from its four fields in one tuple (as ``message_fields``
-#: yields them).
+#: yields them): ``tuple.__new__`` in C, without the Python call of
+#: ``Message.__new__``, which costs as much again.
 make_message = cast(
     "Callable[[tuple[bytes, int, int, int]], Message]", partial(tuple.__new__, Message)
 )
