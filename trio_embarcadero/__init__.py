@@ -9,6 +9,7 @@ from .broker import open_cluster as open_cluster
 from .broker import run_cluster as run_cluster
 from .broker import serve as serve
 from .client import Message as Message
+from .client import MessageBatch as MessageBatch
 from .client import MessageView as MessageView
 from .client import Publisher as Publisher
 from .client import Subscriber as Subscriber
