@@ -36,6 +36,24 @@ def record(payload: bytes, client_order: int, client_id: int) -> bytes:
     return head + payload + b"\0" * pad
 
 
+def committed(
+    payload: bytes,
+    offset: int,
+    *,
+    client_order: int = 0,
+    client_id: int = 9,
+    padded: int | None = None,
+) -> bytes:
+    """A record as a subscriber receives it: with its logical offset. A
+    ``padded`` given replaces the true paddedSize (a corrupt record)."""
+    pad = (64 - len(payload) % 64) % 64
+    size = 64 + len(payload) + pad
+    head = MESSAGE_HEADER.pack(
+        size if padded is None else padded, 0, offset, 0, 0, client_order, client_id, len(payload)
+    )
+    return head + payload + b"\0" * pad
+
+
 def payload_for(client_id: int, order: int, size: int) -> bytes:
     """Deterministic, distinct payload bytes for (client, message index)."""
     seed = f"{client_id}:{order}:".encode()

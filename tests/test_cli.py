@@ -8,6 +8,7 @@ in-process through ``main``.
 from __future__ import annotations
 
 import os
+import platform
 import re
 import select
 import signal
@@ -100,12 +101,16 @@ class Served:
 def serve_cli() -> Iterator[Callable[..., Served]]:
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(*args: str, launcher: Sequence[str] = ("-m", "trio_embarcadero")) -> Served:
+    def start(
+        *args: str,
+        launcher: Sequence[str] = ("-m", "trio_embarcadero"),
+        env: dict[str, str] | None = None,
+    ) -> Served:
         proc = subprocess.Popen(
             [sys.executable, *launcher, "serve", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=clean_env(),
+            env=clean_env() if env is None else env,
         )
         started.append(proc)
         assert proc.stderr is not None
@@ -330,12 +335,16 @@ def test_check_config_prints_the_effective_config(tmp_path: Path, cxl_path: str)
         "mode": 0o600,
         "allow_weak_memory_ordering": False,
         "reclaim_interval_ms": 1000.0,
+        "streaming_copies": True,
     }
     # ...and the defaults of everything else, every key spelled out.
     assert printed["network"]["num_cxl_allocation_workers"] == 2
     assert printed["logging"] == {"level": "INFO", "format": "text"}
     assert printed["http"] == {"enabled": True, "host": "127.0.0.1", "port": 9214}
-    assert set(printed) == {"broker", "network", "cxl", "storage", "http", "logging", "topics"}
+    assert set(printed) == {
+        *("broker", "cluster", "network", "cxl", "storage"),
+        *("http", "logging", "topics"),
+    }
     # The output is itself a valid config, equal to the file's.
     again = tmp_path / "again.toml"
     again.write_text(result.stdout)
@@ -368,7 +377,13 @@ def test_flags_override_the_file(tmp_path: Path, cxl_path: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     printed = tomllib.loads(result.stdout)
-    assert printed["broker"] == {"id": 2, "host": "::1", "port": 4000}
+    assert printed["broker"] == {
+        "id": 2,
+        "host": "::1",
+        "port": 4000,
+        "heartbeat_interval_s": 0.2,
+        "heartbeat_timeout_s": 2.0,
+    }
     assert printed["logging"]["level"] == "DEBUG"
 
 
@@ -466,3 +481,55 @@ def test_main_without_a_command_is_a_usage_error(capsys: pytest.CaptureFixture[s
         main([])
     assert exc_info.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+STREAMING = "glibc.cpu.x86_non_temporal_threshold=0x40000"
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or platform.libc_ver()[0] != "glibc",
+    reason="streaming copies are set up on x86-64 with glibc only",
+)
+@pytest.mark.parametrize(
+    ("given", "setting", "expected"),
+    [
+        (None, None, STREAMING),
+        ("glibc.malloc.check=0", None, f"glibc.malloc.check=0:{STREAMING}"),
+        (
+            "glibc.cpu.x86_non_temporal_threshold=0x100000",
+            None,
+            "glibc.cpu.x86_non_temporal_threshold=0x100000",
+        ),
+        (None, "false", None),
+    ],
+)
+def test_serve_runs_with_streaming_copies(
+    serve_cli: Callable[..., Served],
+    tmp_path: Path,
+    cxl_path: str,
+    given: str | None,
+    setting: str | None,
+    expected: str | None,
+) -> None:
+    """``serve`` starts itself again (same pid) with glibc's non-temporal copy
+    threshold lowered, keeps other tunables and an operator's own threshold,
+    and leaves the environment alone with ``cxl.streaming_copies = false``."""
+    env = clean_env()
+    env.pop("GLIBC_TUNABLES", None)
+    env.pop("PYTEST_CURRENT_TEST", None)  # it names this test, and so the settings
+    if given is not None:
+        env["GLIBC_TUNABLES"] = given
+    if setting is not None:
+        env["TRIO_EMBARCADERO_CXL__STREAMING_COPIES"] = setting
+    served = serve_cli("--config", str(write_config(tmp_path, cxl_path)), env=env)
+    # The process's initial environment; glibc may have cut GLIBC_TUNABLES
+    # at its colons in place while reading it, so look at the whole block.
+    environ = Path(f"/proc/{served.proc.pid}/environ").read_bytes().replace(b"\0", b":")
+    if expected is None:
+        assert b"x86_non_temporal_threshold" not in environ
+    else:
+        assert f"GLIBC_TUNABLES={expected}:".encode() in environ
+        assert environ.count(b"x86_non_temporal_threshold") == 1
+    code, stderr = served.stop(signal.SIGINT)
+    assert code == 0, stderr
+    assert stderr.count("listening on") == 1

@@ -7,6 +7,7 @@ import pytest
 from trio_embarcadero.client.batches import OPENED, PACKED, SEALED, PublishBatches
 from trio_embarcadero.wire import (
     BATCH_HEADER_SIZE,
+    BatchEncoder,
     encode_batch,
     padded_size,
     unpack_batch_header,
@@ -188,23 +189,81 @@ def test_ack_level_zero_releases_on_send(release_on_send: bool) -> None:
     assert bool(batches.append(bytes(100)) & PACKED) is release_on_send
 
 
-def test_append_many_packs_runs_and_stops_where_append_has_news() -> None:
-    batches = make(3 * RECORD, window=4 * RECORD)
-    payloads = [payload(i, 100) for i in range(6)]
-    remaining = iter(payloads)
-    # The first record opens a batch: reported (packed) at once.
-    assert batches.append_many(remaining) == (PACKED | OPENED, payloads[0])
-    # Then a run up to the record that fills the batch and seals it.
-    assert batches.append_many(remaining) == (PACKED | SEALED, payloads[2])
-    assert batches.append_many(remaining) == (PACKED | OPENED, payloads[3])
-    # The fifth does not fit the window: handed back, not packed.
-    assert batches.append_many(remaining) == (0, payloads[4])
-    assert batches.published == 4
-    assert batches.ack(3)
-    assert batches.append(payloads[4]) == PACKED
-    assert batches.append_many(remaining) == (PACKED | SEALED, payloads[5])
-    assert batches.append_many(remaining) is None
+def pack(batches: PublishBatches, payloads: list[bytes]) -> None:
+    """As ``publish_many`` packs: runs where it can, ``append`` for the rest."""
+    index = 0
+    while index < len(payloads):
+        index = batches.append_run(payloads, index)
+        if index < len(payloads):
+            assert batches.append(payloads[index]) & PACKED
+            index += 1
+
+
+def test_append_run_packs_only_inside_an_open_batch_and_the_window() -> None:
+    batches = make(40 * RECORD, window=30 * RECORD)
+    payloads = [payload(i, 100) for i in range(60)]
+    # An empty batch: its first record goes through append (it opens the batch).
+    assert batches.append_run(payloads, 0) == 0
+    assert batches.append(payloads[0]) == PACKED | OPENED
+    # Then everything up to the window (30 records in all).
+    assert batches.append_run(payloads, 1) == 30
+    assert (batches.published, batches.inflight_bytes) == (30, 30 * RECORD)
+    assert batches.append_run(payloads, 30) == 30
+    assert batches.append(payloads[30]) == 0  # the window is full
+
+
+def test_append_run_leaves_the_record_that_fills_a_batch_and_short_runs_to_append() -> None:
+    batches = make(40 * RECORD)
+    payloads = [payload(i, 100) for i in range(60)]
+    assert batches.append(payloads[0]) == PACKED | OPENED
+    assert batches.append_run(payloads, 1) == 39
+    assert batches.open_count == 39
+    assert batches.append(payloads[39]) == PACKED | SEALED
+    assert batches.append(payloads[40]) == PACKED | OPENED
+    assert batches.append_run(payloads[:50], 41) == 41  # 9 records: not worth a run
+    pack(batches, payloads[41:])
+    batches.seal()
     assert send_all(batches) == [
-        encode_batch(payloads[:3], client_id=CLIENT, batch_seq=0),
-        encode_batch(payloads[3:], client_id=CLIENT, batch_seq=1, first_order=3),
+        encode_batch(payloads[:40], client_id=CLIENT, batch_seq=0),
+        encode_batch(payloads[40:], client_id=CLIENT, batch_seq=1, first_order=40),
     ]
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[100] * 200, [0] * 50, [64] * 50, [1, 100, 63, 64, 65, 0, 1000] * 20, [5000, 100] * 20],
+    ids=["100", "empty", "64", "mixed", "alternating"],
+)
+def test_runs_pack_the_bytes_append_packs_even_into_reused_buffers(sizes: list[int]) -> None:
+    by_run = make(64 * RECORD, window=1 << 30)
+    one_by_one = make(64 * RECORD, window=1 << 30)
+    for batches in (by_run, one_by_one):
+        # A first round of 0xff records leaves every buffer dirty, then free.
+        pack(batches, [b"\xff" * 1000] * 20)
+        batches.seal()
+        send_all(batches)
+    payloads = [payload(i, n) for i, n in enumerate(sizes)]
+    pack(by_run, payloads)
+    for p in payloads:
+        one_by_one.append(p)
+    by_run.seal()
+    one_by_one.seal()
+    runs = send_all(by_run)
+    assert runs == send_all(one_by_one)
+    assert b"".join(b[BATCH_HEADER_SIZE:] for b in runs) == b"".join(
+        b[BATCH_HEADER_SIZE:] for b in [encode_batch(payloads, client_id=CLIENT, first_order=20)]
+    )
+
+
+@pytest.mark.parametrize("sizes", [[100] * 4, [100, 1, 100, 1]])
+def test_the_encoder_packs_the_prefix_of_a_run_that_fits(sizes: list[int]) -> None:
+    payloads = [payload(i, n) for i, n in enumerate(sizes)]
+    # Room for three records after the first: max_bytes and the buffer both limit.
+    for capacity, max_bytes in [(10 * RECORD, 3 * RECORD + 10), (4 * RECORD - 10, 1 << 20)]:
+        encoder = BatchEncoder(CLIENT, BATCH_HEADER_SIZE + capacity)
+        encoder.append(b"first", 0)
+        assert encoder.append_run(payloads, 1, max_bytes) == 3
+        assert encoder.append_run(payloads[3:], 4, 10) == 0
+        assert encoder.append_run([], 4, 1 << 20) == 0
+        buffer, length = encoder.seal(0)
+        assert buffer[:length] == encode_batch([b"first", *payloads[:3]], client_id=CLIENT)

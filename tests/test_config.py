@@ -806,11 +806,68 @@ def test_unset_batch_size_bigger_than_segment(tmp_path: Path) -> None:
     ]
 
 
+MAX_BROKERS_HINT = (
+    " (raise cxl.max_brokers; a region made for fewer brokers must then be recreated with --reset)"
+)
+
+
 @pytest.mark.parametrize(("broker_id", "max_brokers"), [(4, 4), (31, 2), (1, 1)])
 def test_broker_id_not_below_max_brokers(tmp_path: Path, broker_id: int, max_brokers: int) -> None:
     text = f"[broker]\nid = {broker_id}\n[cxl]\nmax_brokers = {max_brokers}\n"
     assert problems_of(tmp_path, text) == [
-        f"'id' must be < cxl.max_brokers ({max_brokers}): {broker_id} @ $.broker.id"
+        f"'id' must be < cxl.max_brokers ({max_brokers}): {broker_id}{MAX_BROKERS_HINT} "
+        "@ $.broker.id"
+    ]
+
+
+def test_topic_order_levels(tmp_path: Path) -> None:
+    text = '[topics]\norder = 5\n\n[topics."orders.eu"]\norder = 0\n\n[topics.logs]\n'
+    topics = load_config(write(tmp_path, text), env={}).topics
+    assert (topics.settings_for("x").order, topics.settings_for("orders.eu").order) == (5, 0)
+    assert topics.settings_for("logs").order == 5
+    env = {"TRIO_EMBARCADERO_TOPICS__ORDER": "5"}
+    assert load_config(env=env).topics.defaults.order == 5
+    assert Config().topics.defaults.order == 0
+    valid = "must be 0 (each broker's own order) or 5 (one total order across brokers)"
+    assert problems_of(tmp_path, '[topics]\norder = 1\n[topics."a.b"]\norder = 4\n') == [
+        f"'order' {valid}: 1 @ $.topics.order",
+        f"'order' {valid}: 4 @ $.topics.\"a.b\".order",
+    ]
+    assert problems_of(tmp_path, env={"TRIO_EMBARCADERO_TOPICS__ORDER": "3"}) == [
+        f"'order' {valid}: 3 @ $.topics.order (from TRIO_EMBARCADERO_TOPICS__ORDER)"
+    ]
+    assert problems_of(tmp_path, "[topics]\norder = true\n") == [
+        "invalid value for type, expected int: True @ $.topics.order"
+    ]
+
+
+def test_heartbeat_and_cluster_keys(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            "[broker]\nheartbeat_interval_s = 0.5\nheartbeat_timeout_s = 1\n"
+            "[cluster]\nrestart_backoff_initial_s = 0.01\nmax_start_failures = 1\n",
+        ),
+        env={},
+    )
+    assert (config.broker.heartbeat_interval_s, config.broker.heartbeat_timeout_s) == (0.5, 1.0)
+    assert (config.cluster.restart_backoff_initial_s, config.cluster.max_start_failures) == (
+        0.01,
+        1,
+    )
+    assert problems_of(
+        tmp_path,
+        "[broker]\nheartbeat_interval_s = 1.0\nheartbeat_timeout_s = 1.5\n"
+        f'host = "{"h" * 48}"\n'
+        "[cluster]\nrestart_backoff_initial_s = 20.0\nmax_start_failures = 0\n",
+    ) == [
+        f"'host' must be at most 47 bytes (the region's broker table has room for that much "
+        f"of the address others reach the broker at): '{'h' * 48}' @ $.broker.host",
+        "'heartbeat_timeout_s' must be at least twice 'heartbeat_interval_s' (1.0), so one "
+        "late beat is not taken for a dead broker: 1.5 @ $.broker.heartbeat_timeout_s",
+        "'max_start_failures' must be > 0: 0 @ $.cluster.max_start_failures",
+        "'restart_backoff_max_s' must be >= 'restart_backoff_initial_s' (20.0): 10.0 "
+        "@ $.cluster.restart_backoff_max_s",
     ]
 
 
@@ -832,7 +889,7 @@ def test_cross_field_checks_run_beside_unrelated_errors(tmp_path: Path) -> None:
         "@ $.network.resume_low_watermark",
         "'level' must be in ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL') "
         "(got 'X') @ $.logging.level",
-        "'id' must be < cxl.max_brokers (4): 4 @ $.broker.id",
+        f"'id' must be < cxl.max_brokers (4): 4{MAX_BROKERS_HINT} @ $.broker.id",
     ]
 
 
@@ -855,7 +912,7 @@ def test_direct_construction_is_validated() -> None:
         NetworkConfig(pause_high_watermark=0.5)
     with pytest.raises(ValueError, match=r"^'segment_mb' must be <= 'size_mb' \(8\): 32$"):
         CxlConfig(size_mb=8)
-    with pytest.raises(ValueError, match=r"^'id' must be < cxl.max_brokers \(4\): 5$"):
+    with pytest.raises(ValueError, match=r"^'id' must be < cxl.max_brokers \(4\): 5 \(raise "):
         Config(broker=BrokerConfig(id=5))
     with pytest.raises(ValueError, match=r"'backoff_max_us' must be >= 'backoff_initial_us'"):
         attrs.evolve(NetworkConfig(), backoff_initial_us=5000)
@@ -1015,8 +1072,8 @@ def test_retention_limits_accept_minus_one_and_any_positive(tmp_path: Path) -> N
         ("[topics]\nretention_ms = 5\norders = 5\n", "extra fields found (orders) @ $.topics"),
         ("[topics.t]\nretention = 5\n", "extra fields found (retention) @ $.topics.t"),
         (
-            '[topics."a.b"]\nretention_s = 5\norder = 1\n',
-            'extra fields found (order, retention_s) @ $.topics."a.b"',
+            '[topics."a.b"]\nretention_s = 5\nsequencer = 1\n',
+            'extra fields found (retention_s, sequencer) @ $.topics."a.b"',
         ),
         ("topics = 5\n", "expected a table, got int: 5 @ $.topics"),
         ("topics = [1]\n", "expected a table, got list: [1] @ $.topics"),
@@ -1115,7 +1172,7 @@ def test_topics_round_trip_through_check_config_text(tmp_path: Path) -> None:
     )
     text = config_to_toml(config)
     assert text.endswith(
-        "\n[topics]\nretention_bytes = 1000\nretention_ms = 7\n\n"
+        "\n[topics]\nretention_bytes = 1000\nretention_ms = 7\norder = 0\n\n"
         '[topics."orders.eu"]\nretention_ms = 5000\n\n'
         "[topics.logs]\nretention_bytes = 10\nretention_ms = 20\n\n"
         "[topics.free]\nretention_bytes = -1\n\n"
@@ -1152,15 +1209,16 @@ def test_topic_override_mirrors_topic_settings() -> None:
     override = attrs.fields(TopicOverride)
     assert [f.name for f in override] == [f.name for f in settings]
     assert all(f.default is None for f in override)
-    for field in settings:
-        with pytest.raises(
-            ValueError, match=rf"^'{field.name}' must be -1 \(no limit\) or > 0: 0$"
-        ):
-            TopicSettings(**{field.name: 0})
-        with pytest.raises(
-            ValueError, match=rf"^'{field.name}' must be -1 \(no limit\) or > 0: 0$"
-        ):
-            TopicOverride(**{field.name: 0})
+    for field, bad, message in [
+        ("retention_bytes", 0, r"^'retention_bytes' must be -1 \(no limit\) or > 0: 0$"),
+        ("retention_ms", 0, r"^'retention_ms' must be -1 \(no limit\) or > 0: 0$"),
+        ("order", 1, r"^'order' must be 0 \(each broker's own order\) or 5 .*: 1$"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            TopicSettings(**{field: bad})
+        with pytest.raises(ValueError, match=message):
+            TopicOverride(**{field: bad})
+    assert {f.name for f in settings} == {"retention_bytes", "retention_ms", "order"}
 
 
 def test_topics_direct_construction_is_validated() -> None:
@@ -1319,7 +1377,11 @@ def test_file_not_utf8(tmp_path: Path) -> None:
 
 def test_config_to_toml_defaults_text() -> None:
     text = config_to_toml(Config())
-    assert text.startswith('[broker]\nid = 0\nhost = "127.0.0.1"\nport = 1214\n\n[network]\n')
+    assert text.startswith(
+        '[broker]\nid = 0\nhost = "127.0.0.1"\nport = 1214\nheartbeat_interval_s = 0.2\n'
+        "heartbeat_timeout_s = 2.0\n\n[cluster]\nrestart_backoff_initial_s = 0.1\n"
+        "restart_backoff_max_s = 10.0\nmax_start_failures = 5\n\n[network]\n"
+    )
     assert "\n# max_batch_bytes is unset: the staging buffer size (4194304 bytes)\n" in text
     assert "\nmax_batch_bytes" not in text
     # The comment sits inside the table it is about.
@@ -1332,10 +1394,11 @@ def test_config_to_toml_defaults_text() -> None:
     assert text.count("\nmode = 0o600\n") == 2
     assert '\n\n[http]\nenabled = true\nhost = "127.0.0.1"\nport = 9214\n' in text
     assert '\n\n[logging]\nlevel = "INFO"\nformat = "text"\n' in text
-    assert text.endswith("\n\n[topics]\nretention_bytes = -1\nretention_ms = -1\n")
+    assert text.endswith("\n\n[topics]\nretention_bytes = -1\nretention_ms = -1\norder = 0\n")
     sections = [line for line in text.splitlines() if line.startswith("[")]
     assert sections == [
         "[broker]",
+        "[cluster]",
         "[network]",
         "[cxl]",
         "[storage]",
@@ -1344,7 +1407,7 @@ def test_config_to_toml_defaults_text() -> None:
         "[topics]",
     ]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert len(keys) == 3 + 25 + 11 + 5 + 3 + 2 + 2
+    assert len(keys) == 5 + 3 + 25 + 12 + 5 + 3 + 2 + 3
 
 
 @pytest.mark.parametrize(

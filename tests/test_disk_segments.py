@@ -55,6 +55,15 @@ def publish(log: CxlLog, disk: DiskLog, topic: str, batches: int) -> None:
     sync(disk)
 
 
+def publish_and_close(log: CxlLog, directory: Path, batches: int) -> None:
+    """Write ``batches`` batches of topic "t" to a fresh disk log and close it."""
+    disk = open_disk(log, directory)
+    try:
+        publish(log, disk, "t", batches)
+    finally:
+        disk.close()
+
+
 def files(directory: Path, topic: str = "t") -> list[tuple[int, int]]:
     """(first offset in the name, size) of each of the topic's files, in order."""
     found = []
@@ -111,9 +120,7 @@ def test_a_stream_rolls_into_files_named_by_their_first_offset(log: CxlLog, tmp_
 
 
 def test_a_reopened_disk_log_reads_every_file(log: CxlLog, tmp_path: Path) -> None:
-    disk = open_disk(log, tmp_path)
-    publish(log, disk, "t", 13)
-    disk.close()
+    publish_and_close(log, tmp_path, 13)
     disk = open_disk(log, tmp_path)
     try:
         assert disk.durable_batches(log.stream("t")) == 13
@@ -203,9 +210,7 @@ def test_a_file_being_read_stays_readable_when_trimmed(log: CxlLog, tmp_path: Pa
 def test_files_begun_after_a_crash_in_a_trim_or_a_roll_are_accepted(
     log: CxlLog, tmp_path: Path
 ) -> None:
-    disk = open_disk(log, tmp_path)
-    publish(log, disk, "t", 12)
-    disk.close()
+    publish_and_close(log, tmp_path, 12)
     # A trim cut short removed the oldest file only; a roll cut short left
     # an empty newest file.
     (tmp_path / file_name("t", 0, 0)).unlink()
@@ -223,9 +228,7 @@ def test_files_begun_after_a_crash_in_a_trim_or_a_roll_are_accepted(
 
 
 def test_a_missing_file_between_two_is_refused(log: CxlLog, tmp_path: Path) -> None:
-    disk = open_disk(log, tmp_path)
-    publish(log, disk, "t", 12)
-    disk.close()
+    publish_and_close(log, tmp_path, 12)
     (tmp_path / file_name("t", 0, 32)).unlink()
     with pytest.raises(LayoutError, match="jumps from logical offset 32 to 64"):
         open_disk(log, tmp_path)
@@ -234,18 +237,14 @@ def test_a_missing_file_between_two_is_refused(log: CxlLog, tmp_path: Path) -> N
 def test_a_file_whose_name_does_not_match_its_batches_is_refused(
     log: CxlLog, tmp_path: Path
 ) -> None:
-    disk = open_disk(log, tmp_path)
-    publish(log, disk, "t", 2)
-    disk.close()
+    publish_and_close(log, tmp_path, 2)
     (tmp_path / file_name("t", 0, 0)).rename(tmp_path / file_name("t", 0, 5))
     with pytest.raises(LayoutError, match="its name says it begins at logical offset 5"):
         open_disk(log, tmp_path)
 
 
 def test_a_one_file_disk_log_of_the_earlier_form_is_renamed(log: CxlLog, tmp_path: Path) -> None:
-    disk = open_disk(log, tmp_path)
-    publish(log, disk, "t", 3)
-    disk.close()
+    publish_and_close(log, tmp_path, 3)
     old = tmp_path / "t@0.log"
     (tmp_path / file_name("t", 0, 0)).rename(old)
     disk = open_disk(log, tmp_path)

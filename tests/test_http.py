@@ -256,6 +256,7 @@ async def test_create_list_and_delete_topics(make_config: MakeConfig) -> None:
         status, listing = await get_json(url + "/v1/topics")
         assert status == 200
         assert [t["name"] for t in listing["topics"]] == ["orders", "orders.eu"]
+        assert [(b["broker_id"], b["status"]) for b in listing["brokers"]] == [(0, "live")]
         eu = listing["topics"][1]
         assert eu["messages"] == 1000
         assert [s["broker"] for s in eu["streams"]] == [0]
@@ -263,6 +264,10 @@ async def test_create_list_and_delete_topics(make_config: MakeConfig) -> None:
         assert eu["streams"][0]["first_offset"] == 0
         assert listing["region"]["units_used"] > 0
         assert await get_json(url + "/v1/topics/orders.eu") == (200, eu)
+        # Order 5 (one total order across brokers) is kept with the topic in the region.
+        status, _, answer = await http("POST", url + "/v1/topics", {"name": "total", "order": 5})
+        assert (status, json.loads(answer)["order"]) == (201, 5)
+        assert (await get_json(url + "/v1/topics/total"))[1]["order"] == 5
         # Created again: refused, nothing changed.
         status, answer = (await http("POST", url + "/v1/topics", {"name": "orders"}))[::2]
         assert status == 409
@@ -288,7 +293,7 @@ async def test_create_list_and_delete_topics(make_config: MakeConfig) -> None:
         (b'{"name": "t", "retention": 5}', "unknown field(s) retention; a topic has name, "),
         (b'{"retention_ms": 5}', '"name" must be given, a string'),
         (b'{"name": "a/b"}', "topic name"),
-        (b'{"name": "t", "order": 1}', "order 1 is not supported"),
+        (b'{"name": "t", "order": 1}', "order 1 is not an order level: 0 (each broker's"),
         (b'{"name": "t", "order": "0"}', '"order" must be an integer'),
         (b'{"name": "t", "retention_ms": 0}', '"retention_ms" must be -1 (no limit) or > 0: 0'),
         (b'{"name": "t", "retention_bytes": "5"}', '"retention_bytes" must be an integer'),

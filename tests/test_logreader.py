@@ -221,8 +221,8 @@ def test_topics_and_inspect_commands(
     trio.run(fill)
     assert main(["topics", "--cxl-path", cxl_path]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert rows[0].split() == ["TOPIC", "BROKER", "MESSAGES", "BATCHES", "BYTES", "START"]
-    assert rows[1].split() == ["cli-topic", "0", "100", "5", str(100 * 192), "0"]
+    assert rows[0].split() == ["TOPIC", "ORDER", "BROKER", "MESSAGES", "BATCHES", "BYTES", "START"]
+    assert rows[1].split() == ["cli-topic", "0", "0", "100", "5", str(100 * 192), "0"]
     assert main(["inspect", "--cxl-path", cxl_path, "--topic", "cli-topic"]) == 0
     out = capsys.readouterr().out
     assert "1 of 1024 topics" in out

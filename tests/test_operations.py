@@ -146,15 +146,18 @@ def test_topic_commands_reach_a_broker_over_http(
     assert status == 0
     assert run(capsys, "topics", "--config", cfg) == (0, remote, "")
     rows = remote.splitlines()
-    assert rows[0].split() == ["TOPIC", "BROKER", "MESSAGES", "BATCHES", "BYTES", "START"]
+    assert rows[0].split() == ["TOPIC", "ORDER", "BROKER", "MESSAGES", "BATCHES", "BYTES", "START"]
     # local.t has no stream yet: no row.
-    assert [row.split()[:3] for row in rows[1:]] == [["orders.eu", "0", "1000"]]
+    assert [row.split()[:4] for row in rows[1:]] == [["orders.eu", "0", "0", "1000"]]
     status, inspected, _ = run(capsys, "inspect", "--url", url)
     assert status == 0
-    first, *table = inspected.splitlines()
+    first, *rest = inspected.splitlines()
     assert first.startswith(f"{url} (broker 0): 16777216 bytes, ")
     assert "allocation units" in first
-    assert table == rows
+    # The region's brokers (this one, live), then the same topic table.
+    assert rest[0].split() == ["BROKER", "STATUS", "PID", "ADDRESS", "STARTED", "HEARTBEAT"]
+    assert rest[1].split()[:2] == ["0", "live"]
+    assert rest[2:] == rows
     status, _, err = run(capsys, "inspect", "--url", url, "--topic", "orders.eu")
     assert (status, "run inspect on the broker's host, without --url" in err) == (1, True)
     status, out, _ = run(capsys, "delete-topic", "orders.eu", "--url", url)

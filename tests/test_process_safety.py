@@ -36,6 +36,8 @@ from trio_embarcadero.log.layout import (
     BATCH_ABANDONED,
     BATCH_COMMITTED,
     BATCH_RESERVED,
+    BROKER_TABLE_ENTRIES,
+    member_offset,
     read_geometry,
 )
 from trio_embarcadero.log.topics import attached_publishers
@@ -86,9 +88,22 @@ def wait_detached(cxl_path: str) -> None:
         time.sleep(0.01)
 
 
+def without_heartbeats(region: bytes) -> bytes:
+    """A CXL file's bytes with every broker's heartbeat (and the sequence word
+    written around it) zeroed: running brokers renew those all the time; the
+    rest of their entries (state, pid, address) must hold still."""
+    data = bytearray(region)
+    for broker_id in range(BROKER_TABLE_ENTRIES):
+        entry = member_offset(broker_id)
+        data[entry : entry + 4] = bytes(4)  # the sequence word
+        data[entry + 24 : entry + 40] = bytes(16)  # heartbeat time and count
+    return bytes(data)
+
+
 def snapshot(*paths: str, wait: bool = True) -> dict[str, tuple[int, str]]:
     """(inode, sha256) of every file at or under ``paths``, the first being
-    a CXL file, once its publish sessions have ended (unless not ``wait``)."""
+    a CXL file (hashed without heartbeats), once its publish sessions have
+    ended (unless not ``wait``)."""
     if wait:
         wait_detached(paths[0])
     files: list[str] = []
@@ -100,7 +115,10 @@ def snapshot(*paths: str, wait: bool = True) -> dict[str, tuple[int, str]]:
     out = {}
     for name in sorted(files):
         with open(name, "rb") as f:
-            out[name] = (os.fstat(f.fileno()).st_ino, hashlib.sha256(f.read()).hexdigest())
+            data = f.read()
+            if name == paths[0]:
+                data = without_heartbeats(data)
+            out[name] = (os.fstat(f.fileno()).st_ino, hashlib.sha256(data).hexdigest())
     return out
 
 

@@ -28,6 +28,7 @@ import gc
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -306,11 +307,64 @@ def test_kill_9_in_a_segment_allocation(cxl_path: str, step: str, nth: int) -> N
 # -- a real broker, killed while retention runs ----------------------------------------------
 
 
-def moved_on(cxl_path: str, clients: list[Client], start: int, acked: list[int]) -> bool:
-    """Since (start, acked): more than a region's worth reclaimed, and new acks
-    for every client."""
-    new_acks = all(c.acked > a for c, a in zip(clients, acked, strict=True))
-    return new_acks and log_start_offset(cxl_path) > start + 40_000
+def small_region_config(
+    tmp_path: Path, cxl_path: str, *, retention_bytes: int, storage: str = ""
+) -> Path:
+    """A 4 MiB region of 1 MiB segments, 256 KiB batches, and the retention given."""
+    config = tmp_path / "broker.toml"
+    write_broker_config(
+        config,
+        cxl_path=cxl_path,
+        cxl_mb=4,
+        segment_mb=1,
+        extra=(
+            f"max_batch_bytes = 262144\n\n[topics]\nretention_bytes = {retention_bytes}\n\n"
+            + storage
+        ),
+    )
+    return config
+
+
+def moved_on(
+    start_offset: Callable[[], int], gone: int, clients: list[Client]
+) -> Callable[[], bool]:
+    """A check of whether, since now, more than ``gone`` messages went (the
+    start moved on) and every client got new acks."""
+    start, acked = start_offset(), [c.acked for c in clients]
+
+    def check() -> bool:
+        new_acks = all(c.acked > a for c, a in zip(clients, acked, strict=True))
+        return new_acks and start_offset() > start + gone
+
+    return check
+
+
+async def kill_while_publishing(
+    nursery: trio.Nursery,
+    config: Path,
+    clients: list[Client],
+    kills: int,
+    progressed: Callable[[], Callable[[], bool]],
+    *,
+    ack: int = 1,
+) -> tuple[BrokerProcess, int]:
+    """Start a broker (reset), then ``kills`` times: publish from every
+    client until ``progressed()``'s check passes, ``kill -9`` the broker and
+    start it again, which must log no error. Returns it and its port."""
+    broker = BrokerProcess(config)
+    port = await broker.start(nursery, "--reset")
+    for _ in range(kills):
+        check = progressed()
+        async with trio.open_nursery() as load:
+            for client in clients:
+                load.start_soon(partial(publish, port, client, ack=ack))
+            await wait_until(check)
+            assert await broker.kill() == -9
+        port = await broker.start(nursery)
+        started = broker.stderr.rsplit("--- start", 1)[1]
+        assert " ERROR " not in started
+        assert "Traceback" not in started
+    return broker, port
 
 
 async def test_kill_9_a_broker_while_retention_runs(tmp_path: Path, cxl_path: str) -> None:
@@ -318,32 +372,14 @@ async def test_kill_9_a_broker_while_retention_runs(tmp_path: Path, cxl_path: st
     again, and every reservation that finds it full reclaims first. Kills land
     anywhere in that; each restart recovers without an error, and at the end
     every acked message from the log start on is there once."""
-    config = tmp_path / "broker.toml"
-    write_broker_config(
-        config,
-        cxl_path=cxl_path,
-        cxl_mb=4,
-        segment_mb=1,
-        extra="max_batch_bytes = 262144\n\n[topics]\nretention_bytes = 262144\n",
-    )
+    config = small_region_config(tmp_path, cxl_path, retention_bytes=262144)
     clients = [Client(client_id=k) for k in (1, 2)]
     kills = 3
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
-            broker = BrokerProcess(config)
-            port = await broker.start(nursery, "--reset")
-            for _ in range(kills):
-                start, acked = log_start_offset(cxl_path), [c.acked for c in clients]
-                async with trio.open_nursery() as load:
-                    for client in clients:
-                        load.start_soon(publish, port, client)
-                    # Several regions' worth since the last kill, so retention ran.
-                    await wait_until(partial(moved_on, cxl_path, clients, start, acked))
-                    assert await broker.kill() == -9
-                port = await broker.start(nursery)
-                started = broker.stderr.rsplit("--- start", 1)[1]
-                assert " ERROR " not in started
-                assert "Traceback" not in started
+            # Several regions' worth between kills, so retention ran.
+            progressed = partial(moved_on, partial(log_start_offset, cxl_path), 40_000, clients)
+            broker, port = await kill_while_publishing(nursery, config, clients, kills, progressed)
             for client in clients:  # the stream goes on after the last restart
                 acked = client.acked
                 await publish(port, client, batches=5)
@@ -386,41 +422,21 @@ async def test_kill_9_a_broker_while_retention_trims_its_disk_log(
     each client, every acked message from the first one retained on, with
     the bytes it sent."""
     storage = tmp_path / "disk"
-    config = tmp_path / "broker.toml"
-    write_broker_config(
-        config,
-        cxl_path=cxl_path,
-        cxl_mb=4,
-        segment_mb=1,
-        extra=(
-            "max_batch_bytes = 262144\n\n[topics]\nretention_bytes = 2097152\n"
-            f'\n[storage]\ndir = "{storage}"\nsync_interval_ms = 2.0\nsegment_mb = 1\n'
-        ),
+    config = small_region_config(
+        tmp_path,
+        cxl_path,
+        retention_bytes=2097152,
+        storage=f'[storage]\ndir = "{storage}"\nsync_interval_ms = 2.0\nsegment_mb = 1\n',
     )
     clients = [Client(client_id=k) for k in (1, 2)]
     kills = 3
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            broker = BrokerProcess(config)
-            port = await broker.start(nursery, "--reset")
-            for _ in range(kills):
-                start, acked = disk_start(storage), [c.acked for c in clients]
-
-                def moved_on(start: int = start, acked: list[int] = acked) -> bool:
-                    # Several files trimmed since the last kill, and new acks for all.
-                    return disk_start(storage) > start + 20_000 and all(
-                        c.acked > a for c, a in zip(clients, acked, strict=True)
-                    )
-
-                async with trio.open_nursery() as load:
-                    for client in clients:
-                        load.start_soon(partial(publish, port, client, ack=2))
-                    await wait_until(moved_on)
-                    assert await broker.kill() == -9
-                port = await broker.start(nursery)
-                started = broker.stderr.rsplit("--- start", 1)[1]
-                assert " ERROR " not in started
-                assert "Traceback" not in started
+            # Several files trimmed between kills.
+            progressed = partial(moved_on, partial(disk_start, storage), 20_000, clients)
+            broker, port = await kill_while_publishing(
+                nursery, config, clients, kills, progressed, ack=2
+            )
             first = disk_start(storage)
             received: dict[int, list[tuple[int, bytes]]] = {c.client_id: [] for c in clients}
             total = committed_messages(cxl_path) - first

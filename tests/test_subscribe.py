@@ -228,22 +228,31 @@ async def publish_payloads(port: int, topic: str, payloads: list[bytes]) -> None
         await pub.publish_many(payloads)
 
 
+@asynccontextmanager
+async def subscribed(
+    make_config: MakeConfig, topic: str, payloads: list[bytes]
+) -> AsyncIterator[Subscriber]:
+    """A subscriber from offset 0 of ``topic``, once ``payloads`` are published there."""
+    with trio.fail_after(20):
+        async with open_broker(make_config()) as broker:
+            await publish_payloads(broker.port, topic, payloads)
+            async with open_subscriber(HOST, broker.port, topic) as sub:
+                yield sub
+
+
 async def test_kept_messages_keep_their_payloads(make_config: MakeConfig) -> None:
     """Messages a subscriber handed out stay as they were while it receives
     more (its receive buffer is reused for every receive)."""
     payloads = [payload_for(7, i, 37 + i % 300) for i in range(20_000)]
     kept: list[Message] = []
-    with trio.fail_after(20):
-        async with open_broker(make_config()) as broker:
-            await publish_payloads(broker.port, "keep", payloads)
-            async with open_subscriber(HOST, broker.port, "keep") as sub:
-                while len(kept) < 10_000:
-                    kept.extend(await sub.receive_messages())
-                async for message in sub:
-                    kept.append(message)
-                    if len(kept) == len(payloads):
-                        break
-                assert sub.received > 2  # many receives into the same buffer
+    async with subscribed(make_config, "keep", payloads) as sub:
+        while len(kept) < 10_000:
+            kept.extend(await sub.receive_messages())
+        async for message in sub:
+            kept.append(message)
+            if len(kept) == len(payloads):
+                break
+        assert sub.received > 2  # many receives into the same buffer
     assert [m.offset for m in kept] == list(range(len(payloads)))
     assert [m.payload for m in kept] == payloads
     assert {type(m.payload) for m in kept} == {bytes}
@@ -253,21 +262,38 @@ async def test_receive_views_is_the_zero_copy_opt_in(make_config: MakeConfig) ->
     payloads = [payload_for(3, i, 1 + i % 2000) for i in range(3000)]
     seen: list[bytes] = []
     kept: list[Message] = []
-    with trio.fail_after(20):
-        async with open_broker(make_config()) as broker:
-            await publish_payloads(broker.port, "views", payloads)
-            async with open_subscriber(HOST, broker.port, "views") as sub:
-                # Mixed with iteration: a message it received but did not hand
-                # out yet comes first, as a view.
-                first = await anext(sub)
-                while len(seen) < len(payloads) - 1:
-                    views = await sub.receive_views()
-                    assert {type(v.payload) for v in views} == {memoryview}
-                    seen.extend(bytes(v.payload) for v in views)  # used at once
-                    kept.append(views[-1].to_message())
+    async with subscribed(make_config, "views", payloads) as sub:
+        # Mixed with iteration: a message it received but did not hand out
+        # yet comes first, as a view.
+        first = await anext(sub)
+        while len(seen) < len(payloads) - 1:
+            views = await sub.receive_views()
+            assert {type(v.payload) for v in views} == {memoryview}
+            seen.extend(bytes(v.payload) for v in views)  # used at once
+            kept.append(views[-1].to_message())
     assert [first.payload, *seen] == payloads
     assert all(type(m.payload) is bytes for m in kept)
     assert [m.payload for m in kept] == [payloads[m.offset] for m in kept]
+
+
+async def test_batches_hand_out_every_message_without_a_copy(make_config: MakeConfig) -> None:
+    payloads = [payload_for(5, i, 1 + i * 37 % 1500) for i in range(5000)]
+    got: list[bytes] = []
+    offsets: list[int] = []
+    async with subscribed(make_config, "batches", payloads) as sub:
+        async for batch in sub.batches():
+            data = bytes(batch.data)  # used before the next receive
+            ends = (batch.starts + batch.sizes).tolist()
+            got.extend(data[a:b] for a, b in zip(batch.starts.tolist(), ends, strict=True))
+            offsets.extend(batch.offsets.tolist())
+            # One publisher: its order of the messages is the log's.
+            assert batch.client_orders.tolist() == batch.offsets.tolist()
+            assert len(set(batch.client_ids.tolist())) == 1
+            if batch.last_offset == len(payloads) - 1:
+                break
+        assert sub.received == len(payloads)
+    assert got == payloads
+    assert offsets == list(range(len(payloads)))
 
 
 def encoded_records(payloads: list[bytes], first: int = 0) -> bytes:

@@ -360,11 +360,11 @@ async def test_retention_trims_the_disk_tier_and_the_region_follows(
         capsys.readouterr()
         assert main(["topics", "--config", str(config_file)]) == 0
         rows = [row.split() for row in capsys.readouterr().out.splitlines()]
-        assert rows[0][5:] == ["START", "IN-REGION", "DISK-FILES", "DISK-BYTES"]
+        assert rows[0][6:] == ["START", "IN-REGION", "DISK-FILES", "DISK-BYTES"]
         (row,) = rows[1:]
-        assert row[:2] == ["kept", "0"]
-        assert int(row[5]) == start
-        assert row[7:] == [str(len(sizes)), str(sum(sizes))]
+        assert row[:3] == ["kept", "0", "0"]  # topic, order, broker
+        assert int(row[6]) == start
+        assert row[8:] == [str(len(sizes)), str(sum(sizes))]
         async with open_broker(config) as broker:
             async with open_subscriber("127.0.0.1", broker.port, "kept", start=0) as sub:
                 again = await receive(sub, COUNT - start)

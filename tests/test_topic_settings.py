@@ -16,7 +16,7 @@ from memory import close_log
 from test_retention import fill, open_units
 
 from trio_embarcadero.errors import LayoutError, LogFullError, TopicExistsError
-from trio_embarcadero.log.layout import TOPIC_LIVE, read_topic_state
+from trio_embarcadero.log.layout import TOPIC_LIVE, read_topic_order, read_topic_state
 from trio_embarcadero.log.ownership import remove_region, settings_path
 from trio_embarcadero.log.settings import (
     TopicRecord,
@@ -31,8 +31,9 @@ def test_a_created_topic_takes_a_slot_and_records_its_settings(cxl_path: str) ->
     log = open_units(cxl_path, mode=0o640)
     try:
         created = create_topic_file(
-            cxl_path, "orders.eu", retention_bytes=1 << 20, retention_ms=-1, mode=0o640
+            cxl_path, "orders.eu", order=5, retention_bytes=1 << 20, retention_ms=-1, mode=0o640
         )
+        assert read_topic_order(log.region, log.geometry, created.slot) == 5
         # The running broker's handle sees the topic, empty.
         assert log.topics() == {"orders.eu": created.slot}
         assert log.stream("orders.eu").next_offset == 0
@@ -62,16 +63,25 @@ def test_create_refuses_an_existing_topic_a_full_table_and_a_bad_name(cxl_path: 
         fill(log, "a", 1)
         with pytest.raises(TopicExistsError, match="topic 'a' exists"):
             create_topic_file(cxl_path, "a", retention_ms=5)
-        create_topic_file(cxl_path, "b")
+        create_topic_file(cxl_path, "b", retention_ms=5)
         with pytest.raises(LogFullError, match="topic table full"):
             create_topic_file(cxl_path, "c")
         with pytest.raises(ValueError, match="topic"):
             create_topic_file(cxl_path, "no/slash")
+        with pytest.raises(ValueError, match="order 3 is not an order level"):
+            create_topic_file(cxl_path, "c", order=3)
         settings = TopicSettingsFile(cxl_path, lambda: log.region, log.geometry)
         assert set(settings.records()) == {"b"}
         assert settings.get("a") is None
     finally:
         close_log(log)
+
+
+def test_a_topic_with_the_config_s_retention_has_no_record(cxl_path: str) -> None:
+    close_log(open_units(cxl_path))
+    created = create_topic_file(cxl_path, "plain", order=5)
+    assert created.record.retention == {}
+    assert not os.path.exists(settings_path(cxl_path))
 
 
 def test_deleting_a_topic_drops_its_settings(cxl_path: str) -> None:
@@ -137,7 +147,7 @@ def test_a_record_written_before_a_kill_holds_for_nothing(cxl_path: str) -> None
         assert settings.get("other") is None
         assert settings.get("lost") is None
         # ...and the next creation drops the orphan.
-        create_topic_file(cxl_path, "second")
+        create_topic_file(cxl_path, "second", retention_bytes=1 << 20)
         assert read_settings(settings_path(cxl_path), inode).keys() == {"first", "second"}
     finally:
         close_log(log)

@@ -504,11 +504,20 @@ def test_scan_agrees_with_the_reference_on_corrupted_batches(
 # -- stamping ------------------------------------------------------------------------------
 
 
-def test_stamp_records_writes_the_broker_fields() -> None:
-    sizes = [0, 100, 100, 1, 64, 65]
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [0, 100, 100, 1, 64, 65],  # mixed: the indexed path
+        [100] * 7,  # one size: the strided path
+        [30],  # one record
+        [64, 64, 64, 0],  # the same size but the last (a different padded size)
+    ],
+)
+@pytest.mark.parametrize("slack", [0, 64])  # 0: the batch ends where the log does
+def test_stamp_records_writes_the_broker_fields(sizes: list[int], slack: int) -> None:
     data = build(sizes)
     starts = scan_records(as_array(data), len(sizes))
-    region = np.zeros(256 + len(data) + 64, dtype=np.uint8)
+    region = np.zeros(256 + len(data) + slack, dtype=np.uint8)
     region[256 : 256 + len(data)] = np.frombuffer(bytes(data), dtype=np.uint8)
     # Dirty the segment_header words so clearing them is visible.
     words = region.view("<u8")

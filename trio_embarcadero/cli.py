@@ -19,19 +19,35 @@ import logging
 import math
 import os
 import signal
+import stat
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, Protocol, TextIO
 from urllib.parse import quote
 
-import attrs
 import trio
 
 from . import __version__
 from .broker import Broker, serve
-from .config import LOG_FORMATS, Config, config_to_toml, load_config
-from .errors import AdminApiError, ConfigError, EmbarcaderoError, StartupError, StorageError
+from .broker.cluster import (
+    Cluster,
+    ClusterBroker,
+    check_cluster_size,
+    describe_exit,
+    report_to_supervisor,
+    run_cluster,
+)
+from .config import LOG_FORMATS, ORDER_LEVELS, Config, config_to_toml, load_config
+from .errors import (
+    AdminApiError,
+    ClusterError,
+    ConfigError,
+    EmbarcaderoError,
+    StartupError,
+    StorageError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +101,10 @@ def _start_offset(text: str) -> int | str:
         ) from None
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, *, broker_id: bool = True) -> None:
     parser.add_argument("--config", metavar="PATH", help="TOML config file (default: built-ins)")
-    parser.add_argument("--broker-id", type=int, metavar="N", help="overrides broker.id")
+    if broker_id:
+        parser.add_argument("--broker-id", type=int, metavar="N", help="overrides broker.id")
     parser.add_argument("--host", metavar="ADDR", help="overrides broker.host")
     parser.add_argument("--port", type=int, metavar="N", help="overrides broker.port (base port)")
     parser.add_argument("--log-level", metavar="LEVEL", help="overrides logging.level")
@@ -115,6 +132,32 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start empty: discard the CXL file (every broker's streams in it) and this "
         "broker's disk log files in storage.dir; refused while any broker serves the file",
+    )
+    serve_cmd.add_argument(
+        "--supervisor-fd",
+        type=int,
+        metavar="FD",
+        help="for a supervisor (the cluster command): write 'listening HOST PORT' on the "
+        "inherited socket FD once listening, and drain when its other end closes",
+    )
+    cluster_cmd = command(
+        "cluster",
+        help="run and supervise N brokers (ids 0..N-1) on one CXL region",
+        description="Run broker ids 0..N-1 of the config as child processes on the same CXL "
+        "file, broker i on port + i. Prints a line per broker when it listens, restarts a "
+        "broker that dies (with a backoff, see [cluster]), and on SIGINT/SIGTERM drains them "
+        "all and exits 0 (a second signal stops them at once). A broker that keeps failing "
+        "at start-up is given up: the others drain and the exit status is 1.",
+    )
+    _add_config_options(cluster_cmd, broker_id=False)
+    cluster_cmd.add_argument(
+        "--brokers", type=_positive_int, required=True, metavar="N", help="how many brokers"
+    )
+    cluster_cmd.add_argument(
+        "--reset",
+        action="store_true",
+        help="start empty: broker 0 recreates the CXL file before the others start "
+        "(never on a restart)",
     )
     check = command("check-config", help="validate a config and print it in full")
     _add_config_options(check)
@@ -147,7 +190,16 @@ def _load(args: argparse.Namespace) -> Config:
 class JsonLogFormatter(logging.Formatter):
     """One JSON object a line (``--log-format json``): ``time`` (UTC, ISO
     8601), ``level``, ``logger``, ``message``, and for a statistics line its
-    numbers under ``stats``; ``exception`` with a traceback when there is one."""
+    numbers under ``stats``; ``exception`` with a traceback when there is one.
+
+    Args:
+        source: Whose lines they are (``"broker 2"``, ``"cluster"``) where
+            several processes share stderr; "" for none.
+    """
+
+    def __init__(self, source: str = "") -> None:
+        super().__init__()
+        self.source = source
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
@@ -158,6 +210,8 @@ class JsonLogFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.source:
+            data["source"] = self.source
         stats = getattr(record, "stats", None)
         if stats is not None:
             data["stats"] = stats
@@ -166,12 +220,16 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
-def _set_up_logging(config: Config) -> None:
+def _set_up_logging(config: Config, who: str = "") -> None:
+    """Log to stderr at ``logging.level`` in ``logging.format``; ``who`` says
+    whose lines they are where several processes share stderr (a cluster)."""
     handler = logging.StreamHandler()
     if config.logging.format == "json":
-        handler.setFormatter(JsonLogFormatter())
+        handler.setFormatter(JsonLogFormatter(who.strip()))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {who}%(levelname)s %(name)s: %(message)s")
+        )
     logging.basicConfig(level=config.logging.level, handlers=[handler])
 
 
@@ -195,10 +253,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command in _CLIENT_COMMANDS:
         return _run_client_command(args, config)
-    _set_up_logging(config)
+    if args.command == "cluster":
+        return _run_cluster(args, config)
+    if args.supervisor_fd is not None and not _is_socket(args.supervisor_fd):
+        print(
+            f"trio-embarcadero: --supervisor-fd {args.supervisor_fd} is not an open socket "
+            "(it is for a supervisor such as the cluster command, which passes one)",
+            file=sys.stderr,
+        )
+        return 2
+    if argv is None and config.cxl.streaming_copies:
+        # Only as the process's own program: a caller's process is not replaced.
+        _run_with_streaming_copies()
+    # Under a supervisor the brokers share its stderr: each line says whose it is.
+    who = f"broker {config.broker.id} " if args.supervisor_fd is not None else ""
+    _set_up_logging(config, who)
     failures: list[BaseException] = []
     try:
-        trio.run(partial(_serve_until_signalled, config, reset=args.reset))
+        trio.run(
+            partial(
+                _serve_until_signalled,
+                config,
+                reset=args.reset,
+                supervisor_fd=args.supervisor_fd,
+            )
+        )
     except* (EmbarcaderoError, OSError) as group:
         failures.extend(_leaves(group))
     for failure in failures:
@@ -209,6 +288,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             logger.error("cannot serve: %s", failure)
     return 1 if failures else 0
+
+
+#: glibc copies at least this many bytes with non-temporal stores, when set.
+_STREAMING_TUNABLE = "glibc.cpu.x86_non_temporal_threshold"
+_STREAMING_THRESHOLD = 256 * 1024
+
+
+def _run_with_streaming_copies() -> None:
+    """Run this command again, in this process, with glibc's threshold for
+    non-temporal copies lowered (``cxl.streaming_copies``), unless it is set
+    already or this is not x86-64 with glibc.
+
+    glibc reads ``GLIBC_TUNABLES`` once, at process start, so the only way
+    to set it for ourselves is to start again; ``exec`` keeps the pid, the
+    arguments and every open descriptor (none is open yet).
+    """
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if _STREAMING_TUNABLE in tunables or not _is_x86_64_glibc():
+        return
+    setting = f"{_STREAMING_TUNABLE}={_STREAMING_THRESHOLD:#x}"
+    env = dict(os.environ, GLIBC_TUNABLES=f"{tunables}:{setting}" if tunables else setting)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # orig_argv: the interpreter's own options too (-X, -W ...), and the
+    # program as it was named (a console script or -m).
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def _is_x86_64_glibc() -> bool:
+    import platform
+
+    return platform.machine() in ("x86_64", "AMD64") and platform.libc_ver()[0] == "glibc"
 
 
 # -- client commands: publish, subscribe, topics, inspect ------------------------------
@@ -316,7 +427,11 @@ def _add_client_commands(command: _AddCommand) -> None:
         "--retention-ms", type=_retention, metavar="MS", help="how long it keeps them (-1: forever)"
     )
     create.add_argument(
-        "--order", type=int, default=0, choices=(0,), help="its ordering (0 is the only one)"
+        "--order",
+        type=int,
+        choices=ORDER_LEVELS,
+        help="its order level: 0 (each broker's stream in its own order) or 5 (one total "
+        "order across brokers) (default: the config's topics.order for it)",
     )
     _add_topic_source_options(create)
     delete = command(
@@ -645,7 +760,7 @@ def _local_listing(path: str, storage_dir: str | None, topic: str | None) -> dic
     """What ``GET /v1/topics`` answers, read from the CXL file (and the disk log's names)."""
     from .log import open_log
     from .log.disk import stream_files
-    from .log.reader import describe_region, describe_streams
+    from .log.reader import describe_brokers, describe_region, describe_streams
 
     with open_log(path) as log:
         topics = sorted(log.topics(), key=lambda t: t.name)
@@ -657,8 +772,12 @@ def _local_listing(path: str, storage_dir: str | None, topic: str | None) -> dic
             on_disk = stream_files(storage_dir) if os.path.isdir(storage_dir) else {}
         return {
             "region": describe_region(path, log.geometry, log.units_used),
+            "brokers": describe_brokers(log.brokers()),
             "storage_dir": storage_dir,
-            "topics": [{"name": t.name, "streams": describe_streams(t, on_disk)} for t in topics],
+            "topics": [
+                {"name": t.name, "order": t.order, "streams": describe_streams(t, on_disk)}
+                for t in topics
+            ],
         }
 
 
@@ -685,6 +804,7 @@ def _topics_command(args: argparse.Namespace, config: Config) -> int:
             f"{r['largest_segment_bytes']} bytes), {len(listing['topics'])} of "
             f"{r['max_topics']} topics, {r['max_brokers']} brokers"
         )
+        _print_brokers(listing["brokers"])
     _print_topic_table(listing["topics"], with_disk=bool(listing["storage_dir"]))
     if topic is not None:
         _print_batches(args.cxl_path or config.cxl.path, topic)
@@ -696,8 +816,8 @@ def _print_topic_table(topics: list[dict[str, Any]], *, with_disk: bool) -> None
     # region holds a part of it, from IN-REGION on.
     disk_columns = f" {'IN-REGION':>12} {'DISK-FILES':>10} {'DISK-BYTES':>14}"
     print(
-        f"{'TOPIC':<32} {'BROKER':>6} {'MESSAGES':>12} {'BATCHES':>9} {'BYTES':>14} "
-        f"{'START':>12}{disk_columns if with_disk else ''}"
+        f"{'TOPIC':<32} {'ORDER':>5} {'BROKER':>6} {'MESSAGES':>12} {'BATCHES':>9} "
+        f"{'BYTES':>14} {'START':>12}{disk_columns if with_disk else ''}"
     )
     for topic in topics:
         for s in topic["streams"]:
@@ -707,9 +827,28 @@ def _print_topic_table(topics: list[dict[str, Any]], *, with_disk: bool) -> None
                 else ""
             )
             print(
-                f"{topic['name']:<32} {s['broker']:>6} {s['messages']:>12} {s['batches']:>9} "
-                f"{s['bytes']:>14} {s['first_offset']:>12}{disk}"
+                f"{topic['name']:<32} {topic['order']:>5} {s['broker']:>6} {s['messages']:>12} "
+                f"{s['batches']:>9} {s['bytes']:>14} {s['first_offset']:>12}{disk}"
             )
+
+
+def _print_brokers(members: Sequence[dict[str, Any]]) -> None:
+    """The brokers of a region (``describe_brokers``): who serves it, where, since when."""
+    if not members:
+        print("no broker serves it")
+        return
+    print(f"{'BROKER':>6} {'STATUS':<12} {'PID':>8} {'ADDRESS':<24} {'STARTED':<19} HEARTBEAT")
+    for m in members:
+        started = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["started_ns"] / 1e9))
+            if m["started_ns"]
+            else "-"
+        )
+        age = m["heartbeat_age_s"]
+        beat = "-" if age is None else f"{age:.1f} s ago"
+        address = m["address"] if m["port"] else "-"
+        pid = "-" if m["pid"] is None else str(m["pid"])
+        print(f"{m['broker_id']:>6} {m['status']:<12} {pid:>8} {address:<24} {started:<19} {beat}")
 
 
 def _print_batches(path: str, topic: str) -> None:
@@ -744,14 +883,19 @@ def _create_topic(args: argparse.Namespace, config: Config) -> int:
         if value is not None
     }
     if args.url is not None:
-        body = {"name": args.name, "order": args.order, **retention}
+        body = {"name": args.name, **retention}
+        if args.order is not None:
+            body["order"] = args.order
         created = _admin_request(args.url, "POST", "/v1/topics", body)
+        order = created["order"]
         settings = {k: created[k] for k in ("retention_bytes", "retention_ms")}
         where = args.url
     else:
         path = args.cxl_path or config.cxl.path
+        defaults = config.topics.settings_for(args.name)
+        order = defaults.order if args.order is None else args.order
         try:
-            create_topic_file(path, args.name, order=args.order, mode=config.cxl.mode, **retention)
+            create_topic_file(path, args.name, order=order, mode=config.cxl.mode, **retention)
         except FileNotFoundError:
             raise _CommandFailed(
                 f"no CXL file at {path}: a broker makes it at its first start (or give "
@@ -760,10 +904,14 @@ def _create_topic(args: argparse.Namespace, config: Config) -> int:
         except ValueError as exc:  # the name
             raise _CommandFailed(str(exc)) from None
         # What the topic keeps, as this config sees it: the recorded keys win.
-        settings = {**attrs.asdict(config.topics.settings_for(args.name)), **retention}
+        settings = {
+            "retention_bytes": defaults.retention_bytes,
+            "retention_ms": defaults.retention_ms,
+            **retention,
+        }
         where = path
     kept = ", ".join(f"{k} {v}" for k, v in settings.items())
-    print(f"created topic {args.name!r} in {where} (order {args.order}, {kept})")
+    print(f"created topic {args.name!r} in {where} (order {order}, {kept})")
     return 0
 
 
@@ -796,6 +944,13 @@ _TOPIC_COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
 }
 
 
+def _is_socket(fd: int) -> bool:
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     found: list[BaseException] = []
     for exc in group.exceptions:
@@ -803,23 +958,38 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return found
 
 
-async def _serve_until_signalled(config: Config, *, reset: bool) -> None:
-    """Serve until the first SIGINT/SIGTERM, then drain; a second one aborts."""
+async def _watch_signals(
+    stop: trio.CancelScope,
+    abort: Callable[[], None],
+    *,
+    what: str = "",
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """The first SIGINT/SIGTERM cancels ``stop`` (a graceful drain); a second
+    one calls ``abort`` (stop at once)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+        task_status.started()
+        async for signum in received:
+            name = signal.Signals(signum).name
+            if not stop.cancel_called:
+                logger.info("%s: draining%s (send it again to stop at once)", name, what)
+                stop.cancel()
+            else:
+                logger.warning("%s: stopping%s without finishing the drain", name, what)
+                abort()
+
+
+async def _serve_until_signalled(
+    config: Config, *, reset: bool, supervisor_fd: int | None = None
+) -> None:
+    """Serve until the first SIGINT/SIGTERM (or, with ``supervisor_fd``, until
+    the supervisor is gone), then drain; a second signal aborts."""
     serve_scope = trio.CancelScope()
     brokers: list[Broker] = []
 
-    async def watch_signals(*, task_status: trio.TaskStatus[None]) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
-            task_status.started()
-            async for signum in received:
-                name = signal.Signals(signum).name
-                if not serve_scope.cancel_called:
-                    logger.info("%s: draining (send it again to stop at once)", name)
-                    serve_scope.cancel()
-                else:
-                    logger.warning("%s: stopping without finishing the drain", name)
-                    for broker in brokers:
-                        broker.abort()
+    def abort() -> None:
+        for broker in brokers:
+            broker.abort()
 
     async with trio.open_nursery() as nursery:
 
@@ -828,5 +998,79 @@ async def _serve_until_signalled(config: Config, *, reset: bool) -> None:
                 await serve(config, reset=reset, task_status=task_status)
             nursery.cancel_scope.cancel()  # drained: stop watching signals
 
-        await nursery.start(watch_signals)
-        brokers.append(await nursery.start(run_broker))
+        await nursery.start(partial(_watch_signals, serve_scope, abort))
+        broker = await nursery.start(run_broker)
+        brokers.append(broker)
+        if supervisor_fd is not None:
+            nursery.start_soon(
+                report_to_supervisor, supervisor_fd, broker.host, broker.port, serve_scope.cancel
+            )
+
+
+# -- cluster ---------------------------------------------------------------------------------
+
+
+def _run_cluster(args: argparse.Namespace, config: Config) -> int:
+    try:
+        check_cluster_size(config, args.brokers)
+    except ConfigError as exc:
+        print(f"trio-embarcadero: {exc}", file=sys.stderr)
+        return 2
+    _set_up_logging(config, "cluster ")
+    clusters: list[Cluster] = []
+    failures: list[BaseException] = []
+    try:
+        trio.run(partial(_cluster_until_signalled, config, args.brokers, args.reset, clusters))
+    except* (EmbarcaderoError, OSError) as group:
+        failures.extend(_leaves(group))
+    for failure in failures:
+        if not isinstance(failure, ClusterError):  # logged when it happened
+            logger.error("cannot run the cluster: %s", failure)
+    if failures:
+        return 1
+    # SIGTERM's default action ends a broker stopped before it listened: nothing lost.
+    clean = (0, -signal.SIGTERM)
+    unclean = [
+        f"broker {b.broker_id} {describe_exit(b.exit_statuses[-1])}"
+        for cluster in clusters
+        for b in cluster.brokers
+        if b.exit_statuses and b.exit_statuses[-1] not in clean
+    ]
+    if unclean:
+        logger.error("not every broker stopped cleanly: %s", "; ".join(unclean))
+        return 1
+    return 0
+
+
+def _print_serving(broker: ClusterBroker) -> None:
+    again = f", restart {broker.restarts}" if broker.restarts else ""
+    host = f"[{broker.host}]" if ":" in broker.host else broker.host
+    print(
+        f"broker {broker.broker_id} listening on {host}:{broker.port} (pid {broker.pid}{again})",
+        flush=True,
+    )
+
+
+async def _cluster_until_signalled(
+    config: Config, brokers: int, reset: bool, clusters: list[Cluster]
+) -> None:
+    """Run the cluster until the first SIGINT/SIGTERM, then drain every broker;
+    a second signal stops them at once."""
+    stop = trio.CancelScope()
+
+    def abort() -> None:
+        for cluster in clusters:
+            cluster.abort()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(_watch_signals, stop, abort, what=" every broker"))
+        with stop:
+            async with trio.open_nursery() as running:
+                clusters.append(
+                    await running.start(
+                        partial(
+                            run_cluster, config, brokers, reset=reset, on_serving=_print_serving
+                        )
+                    )
+                )
+        nursery.cancel_scope.cancel()  # drained: stop watching signals

@@ -3,10 +3,10 @@
 Values come from four layers, each overriding the one before:
 
 1. the defaults written on the classes below,
-2. a TOML file (one table per section: ``[broker]``, ``[network]``, ``[cxl]``,
-   ``[storage]``, ``[http]``, ``[logging]``, ``[topics]``; per-topic overrides are
-   sub-tables of ``[topics]``, e.g. ``[topics."orders.eu"]``, and come from
-   the file only),
+2. a TOML file (one table per section: ``[broker]``, ``[cluster]``,
+   ``[network]``, ``[cxl]``, ``[storage]``, ``[http]``, ``[logging]``,
+   ``[topics]``; per-topic overrides are sub-tables of ``[topics]``, e.g.
+   ``[topics."orders.eu"]``, and come from the file only),
 3. the environment (see :func:`load_config` for the variable names),
 4. overrides, normally the command line flags that were actually given.
 
@@ -48,6 +48,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
 
 __all__ = [
     "BrokerConfig",
+    "ClusterConfig",
     "Config",
     "CxlConfig",
     "ENV_PREFIX",
@@ -174,6 +175,18 @@ def _limit(_instance: object, attribute: "attrs.Attribute[int]", value: int) -> 
         raise ValueError(f"'{attribute.name}' must be -1 (no limit) or > 0: {value}")
 
 
+#: The order levels a topic can have (Embarcadero's 0 and 5).
+ORDER_LEVELS: Final = (0, 5)
+
+
+def _order(_instance: object, attribute: "attrs.Attribute[int]", value: int) -> None:
+    if type(value) is not int or value not in ORDER_LEVELS:
+        raise ValueError(
+            f"'{attribute.name}' must be 0 (each broker's own order) or 5 (one total "
+            f"order across brokers): {value!r}"
+        )
+
+
 _positive_int = [attrs.validators.instance_of(int), attrs.validators.gt(0)]
 _positive_float = [attrs.validators.instance_of(float), _finite, attrs.validators.gt(0.0)]
 _non_negative_float = [attrs.validators.instance_of(float), _finite, attrs.validators.ge(0.0)]
@@ -248,21 +261,53 @@ class _Checked:
             raise ValueError("; ".join(message for _, message in problems))
 
 
+#: A broker table entry holds this many bytes of ``broker.host``.
+_MAX_HOST_BYTES: Final = 47
+
+
+def _host(_instance: object, attribute: "attrs.Attribute[str]", value: str) -> None:
+    if len(value.encode("utf-8")) > _MAX_HOST_BYTES:
+        raise ValueError(
+            f"'{attribute.name}' must be at most {_MAX_HOST_BYTES} bytes (the region's broker "
+            f"table has room for that much of the address others reach the broker at): {value!r}"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class BrokerConfig(_Checked):
-    """Who this broker is and where it listens.
+    """Who this broker is, where it listens, and how it tells it is alive.
 
     Attributes:
         id: The broker's id, 0 to 31 (the wire protocol's limit); must also be
-            below ``cxl.max_brokers``.
-        host: The address the listeners bind to.
-        port: The publish/subscribe port; 0 asks the OS for an ephemeral port
-            (tests do that).
+            below ``cxl.max_brokers``. Several brokers (different ids) can
+            serve one region.
+        host: The address the listeners bind to (at most 47 bytes: the
+            region's broker table lists it for other processes).
+        port: The base port: the broker listens on ``port + id``. 0 asks the
+            OS for an ephemeral port (tests do that).
+        heartbeat_interval_s: How often the broker renews its heartbeat in
+            the region's broker table.
+        heartbeat_timeout_s: After how long without a heartbeat readers count
+            the broker as gone (where they cannot ask its lock); at least
+            twice ``heartbeat_interval_s``. The broker writes it beside its
+            heartbeat, so readers need no config.
     """
 
     id: int = attrs.field(default=0, validator=_int_in(0, MAX_BROKER_ID))
-    host: str = attrs.field(default="127.0.0.1", validator=attrs.validators.instance_of(str))
+    host: str = attrs.field(
+        default="127.0.0.1", validator=[attrs.validators.instance_of(str), _host]
+    )
     port: int = attrs.field(default=1214, validator=_int_in(0, 65535))
+    # 200 ms: cheap (one small write), and a reader learns of a hung broker
+    # within a couple of seconds.
+    heartbeat_interval_s: float = attrs.field(
+        default=0.2, validator=[*_positive_float, attrs.validators.le(60.0)]
+    )
+    # 2 s = 10 beats: a broker busy with one long step (a 32 MiB copy, a
+    # collection) is not taken for gone.
+    heartbeat_timeout_s: float = attrs.field(
+        default=2.0, validator=[*_positive_float, attrs.validators.le(3600.0)]
+    )
 
     @property
     def data_port(self) -> int:
@@ -278,6 +323,40 @@ def _check_data_port(v: Mapping[str, Any]) -> Iterator[_Problem]:
             "port",
             f"'port' + 'id' (the data port) must be <= 65535: {v['port']} + {v['id']}",
         )
+
+
+@_check(BrokerConfig, "heartbeat_interval_s", "heartbeat_timeout_s")
+def _check_heartbeat(v: Mapping[str, Any]) -> Iterator[_Problem]:
+    if v["heartbeat_timeout_s"] < 2 * v["heartbeat_interval_s"]:
+        yield (
+            "heartbeat_timeout_s",
+            f"'heartbeat_timeout_s' must be at least twice 'heartbeat_interval_s' "
+            f"({v['heartbeat_interval_s']}), so one late beat is not taken for a dead "
+            f"broker: {v['heartbeat_timeout_s']}",
+        )
+
+
+@attrs.frozen(kw_only=True)
+class ClusterConfig(_Checked):
+    """How ``trio-embarcadero cluster`` (and ``open_cluster``) supervise their brokers.
+
+    Attributes:
+        restart_backoff_initial_s: How long after a broker process died it is
+            started again.
+        restart_backoff_max_s: The delay doubles with every death in a row,
+            up to this; a broker that served this long before it died starts
+            from the initial delay again.
+        max_start_failures: A broker that exits this many times in a row
+            before it listens is given up: the others drain and the cluster
+            stops with an error (exit 1).
+    """
+
+    restart_backoff_initial_s: float = attrs.field(default=0.1, validator=_positive_float)
+    restart_backoff_max_s: float = attrs.field(default=10.0, validator=_positive_float)
+    max_start_failures: int = attrs.field(default=5, validator=_positive_int)
+
+
+_check_order(ClusterConfig, "restart_backoff_max_s", ">=", "restart_backoff_initial_s")
 
 
 @attrs.frozen(kw_only=True)
@@ -455,6 +534,15 @@ class CxlConfig(_Checked):
             ``inspect``) may see a batch as committed before its bytes and
             read stale data. The broker and its TCP subscribers are not
             affected (they read the log in the thread that writes it).
+        streaming_copies: Copy batches into the region with streaming
+            (non-temporal) stores. The region is written once and read much
+            later, so an ordinary copy, which first reads every destination
+            cache line it writes, moves twice the bytes through memory. On
+            x86-64 with glibc, ``trio-embarcadero serve`` runs itself with
+            glibc's threshold for such copies lowered to 256 KiB (the
+            ``GLIBC_TUNABLES`` environment variable, read at process start;
+            one it already sets is left alone). An application that embeds
+            the broker sets the variable itself (see the README).
     """
 
     path: str = attrs.field(
@@ -473,6 +561,7 @@ class CxlConfig(_Checked):
         default=False, validator=attrs.validators.instance_of(bool)
     )
     reclaim_interval_ms: float = attrs.field(default=1000.0, validator=_positive_float)
+    streaming_copies: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
     @property
     def size_bytes(self) -> int:
@@ -590,7 +679,7 @@ class LoggingConfig(_Checked):
 
 @attrs.frozen(kw_only=True)
 class TopicSettings(_Checked):
-    """The settings of one topic: what it keeps (retention).
+    """The settings of one topic: what it keeps (retention) and its order level.
 
     What a topic keeps: the oldest whole segments go while what remains still
     holds the limit (Kafka's rule); -1 keeps everything.
@@ -600,10 +689,16 @@ class TopicSettings(_Checked):
             default) means no limit, otherwise > 0.
         retention_ms: How long a topic keeps its batches, in milliseconds; -1
             (the default) means forever, otherwise > 0.
+        order: The order level a topic gets when it is created: 0 (the
+            default: each broker's stream has its own order) or 5 (every
+            batch, on any broker, gets a place in one total order). It is
+            stored with the topic in the region; a later change of the
+            config does not change an existing topic's order.
     """
 
     retention_bytes: int = attrs.field(default=-1, validator=_limit_int)
     retention_ms: int = attrs.field(default=-1, validator=_limit_int)
+    order: int = attrs.field(default=0, validator=_order)
 
 
 _TOPIC_KEYS: Final = frozenset(a.name for a in attrs.fields(TopicSettings))
@@ -623,6 +718,7 @@ class TopicOverride(_Checked):
     retention_ms: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(_limit_int)
     )
+    order: int | None = attrs.field(default=None, validator=attrs.validators.optional(_order))
 
     def over(self, defaults: TopicSettings) -> TopicSettings:
         """``defaults`` with the keys this override sets replaced."""
@@ -719,7 +815,8 @@ class Config(_Checked):
     """The whole configuration, one attribute per TOML table.
 
     Attributes:
-        broker: Identity and listening address.
+        broker: Identity, listening address and heartbeat.
+        cluster: How a cluster of broker processes is supervised.
         network: The ingest path.
         cxl: The CXL region.
         storage: The disk log.
@@ -729,6 +826,7 @@ class Config(_Checked):
     """
 
     broker: BrokerConfig = attrs.field(factory=BrokerConfig)
+    cluster: ClusterConfig = attrs.field(factory=ClusterConfig)
     network: NetworkConfig = attrs.field(factory=NetworkConfig)
     cxl: CxlConfig = attrs.field(factory=CxlConfig)
     storage: StorageConfig = attrs.field(factory=StorageConfig)
@@ -760,7 +858,12 @@ def _check_broker_id(v: Mapping[str, Any]) -> Iterator[_Problem]:
     broker: BrokerConfig = v["broker"]
     cxl: CxlConfig = v["cxl"]
     if broker.id >= cxl.max_brokers:
-        yield ("broker.id", f"'id' must be < cxl.max_brokers ({cxl.max_brokers}): {broker.id}")
+        yield (
+            "broker.id",
+            f"'id' must be < cxl.max_brokers ({cxl.max_brokers}): {broker.id} (raise "
+            "cxl.max_brokers; a region made for fewer brokers must then be recreated "
+            "with --reset)",
+        )
 
 
 @_check(Config, "broker", "http")

@@ -146,6 +146,21 @@ class ListenError(StartupError):
         )
 
 
+class ClusterError(EmbarcaderoError):
+    """A cluster of broker processes could not go on: a broker kept failing at
+    start-up and was given up (the others were drained and stopped).
+
+    Attributes:
+        broker_id: The broker given up.
+        statuses: Its exit statuses, oldest first (negative: killed by that signal).
+    """
+
+    def __init__(self, broker_id: int, statuses: list[int], message: str) -> None:
+        self.broker_id = broker_id
+        self.statuses = list(statuses)
+        super().__init__(message)
+
+
 class StorageError(EmbarcaderoError):
     """The disk log behind ack level 2 could not be written or synced.
 

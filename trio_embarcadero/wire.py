@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import re
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import attrs
@@ -323,9 +323,6 @@ class MessageView(NamedTuple):
         return Message(self.payload.tobytes(), self.offset, self.client_id, self.client_order)
 
 
-_ZEROS = bytes(ALIGN)
-
-
 class BatchEncoder:
     """Packs message records into one batch buffer, then seals it (sans-IO).
 
@@ -333,7 +330,9 @@ class BatchEncoder:
     encoder message by message, the load generator and the no-loss checker
     through :func:`encode_batch`. Records go straight into a preallocated
     buffer (one ``pack_into`` and one slice assignment each), leaving the first
-    128 bytes for the header that :meth:`seal` writes.
+    128 bytes for the header that :meth:`seal` writes. The buffer is zero-filled
+    when packing starts (a new one, or one cleared by :meth:`recycle`), so
+    padding needs no writes of its own and holds no stale bytes.
 
     Args:
         client_id: Written into every record and the header.
@@ -372,21 +371,94 @@ class BatchEncoder:
             buf, pos, padded, 0, UNASSIGNED_OFFSET, 0, 0, client_order, self.client_id, size
         )
         data = pos + MESSAGE_HEADER_SIZE
-        end = pos + padded
-        buf[data : data + size] = payload
-        if end != data + size:  # padding: content undefined on the wire, zeroed here
-            buf[data + size : end] = _ZEROS[: end - data - size]
-        self.fill = end
+        buf[data : data + size] = payload  # the padding after it is zero already
+        self.fill = pos + padded
         self.count += 1
         return padded
+
+    def append_run(
+        self,
+        payloads: Sequence[bytes | bytearray | memoryview],
+        first_order: int,
+        max_bytes: int,
+    ) -> int:
+        """Pack the longest prefix of ``payloads`` whose records take at most
+        ``max_bytes`` (and fit the buffer), as :meth:`append` would one by one.
+
+        For a publisher's bulk path: the header fields are written as numpy
+        columns and, when every payload has the same size, the payloads with
+        one join and one strided copy, so no Python statement runs per record.
+
+        Args:
+            payloads: The payloads.
+            first_order: The ``client_order`` of the first; the rest count up.
+            max_bytes: The most record bytes to pack.
+
+        Returns:
+            How many were packed (from the first on; 0 if the first does not fit).
+        """
+        start = self.fill
+        buf = self.buffer
+        max_bytes = min(max_bytes, len(buf) - start)
+        sizes = list(map(len, payloads))
+        if not sizes:
+            return 0
+        size = sizes[0]
+        if sizes.count(size) == len(sizes):  # the common case: no per-record sizes
+            step = MESSAGE_HEADER_SIZE + ((size + ALIGN - 1) & -ALIGN)
+            count = min(len(sizes), max_bytes // step)
+            end = start + count * step
+            starts = np.arange(0, count * step, step)
+            lengths: npt.NDArray[np.int64] | int = size
+        else:
+            lengths = np.array(sizes, dtype=np.int64)
+            padded = MESSAGE_HEADER_SIZE + ((lengths + (ALIGN - 1)) & -ALIGN)
+            ends = np.cumsum(padded)
+            count = int(np.searchsorted(ends, max_bytes, side="right"))
+            lengths, padded = lengths[:count], padded[:count]
+            end = start + (int(ends[count - 1]) if count else 0)
+            starts = ends[:count] - padded
+        if not count:
+            return 0
+        # Whole words only (a buffer's length need not be a multiple of 8);
+        # records start at multiples of 64.
+        region = np.frombuffer(buf, np.uint8, count=len(buf) // 8 * 8)[start:end]
+        if isinstance(lengths, int):
+            rows = region.reshape(count, step)
+            data = rows[:, MESSAGE_HEADER_SIZE : MESSAGE_HEADER_SIZE + size]
+            joined = b"".join(payloads[:count])
+            data[:] = np.frombuffer(joined, np.uint8).reshape(count, size)
+            padded_sizes: npt.NDArray[np.int64] | int = step
+        else:
+            at = start + MESSAGE_HEADER_SIZE
+            for payload, offset, length in zip(
+                payloads, starts.tolist(), lengths.tolist(), strict=False
+            ):
+                buf[at + offset : at + offset + length] = payload
+            padded_sizes = padded
+        # Each header field is a column: word ``field`` of every record (the
+        # padding after each payload is zero already: see the class docs).
+        index = starts // 8
+        words = region.view("<u8")
+        words[index + MH_PADDED_SIZE] = padded_sizes
+        words[index + MH_LOGICAL_OFFSET] = UNASSIGNED_OFFSET
+        words[index + MH_CLIENT_ORDER] = np.arange(first_order, first_order + count)
+        words[index + MH_CLIENT_ID] = self.client_id
+        words[index + MH_SIZE] = lengths
+        for zero in (MH_SEGMENT_HEADER, MH_NEXT_MSG_DIFF, MH_TOTAL_ORDER):
+            words[index + zero] = 0
+        self.fill = end
+        self.count += count
+        return count
 
     def seal(self, batch_seq: int, buffer: bytearray | None = None) -> tuple[bytearray, int]:
         """Write the header and hand the batch over.
 
         Args:
             batch_seq: The batch's sequence number.
-            buffer: A buffer to pack the next batch into (reuse), or None for
-                a new one of the same capacity.
+            buffer: A zero-filled buffer to pack the next batch into (one
+                given back by :meth:`recycle`), or None for a new one of the
+                same capacity.
 
         Returns:
             ``(buffer, length)``: the batch is ``buffer[:length]``.
@@ -400,6 +472,13 @@ class BatchEncoder:
         self.fill = BATCH_HEADER_SIZE
         self.count = 0
         return buf, length
+
+    @staticmethod
+    def recycle(buffer: bytearray, length: int) -> bytearray:
+        """Zero the first ``length`` bytes of a sealed batch's buffer (all its
+        records were packed there), so it can be given to :meth:`seal` again."""
+        np.frombuffer(buffer, np.uint8, count=length).fill(0)
+        return buffer
 
 
 def encode_batch(
@@ -553,11 +632,26 @@ def stamp_records(
         starts: Record offsets from :func:`scan_records`.
         first_logical_offset: Logical offset given to the batch's first record.
     """
+    count = len(starts)
+    offsets = np.arange(first_logical_offset, first_logical_offset + count, dtype=np.uint64)
+    step = int(starts[1]) // 8 if count > 1 else 0
+    if step and bool((np.diff(starts) == step * 8).all()):
+        # Evenly spaced records (one message size: the common case): each
+        # field is a strided column of the log, written without index
+        # arrays, in half the time. Only header words are touched, so a last
+        # record shorter than the rest is fine.
+        first, span = payload_offset // 8, (count - 1) * step + 1
+
+        def column(field: int) -> npt.NDArray[np.uint64]:
+            return log_words[first + field : first + field + span : step]
+
+        column(MH_SEGMENT_HEADER)[:] = 0
+        column(MH_LOGICAL_OFFSET)[:] = offsets
+        column(MH_NEXT_MSG_DIFF)[:] = column(MH_PADDED_SIZE)
+        return
     index = (payload_offset + starts) // 8
     log_words[index + MH_SEGMENT_HEADER] = 0
-    log_words[index + MH_LOGICAL_OFFSET] = np.arange(
-        first_logical_offset, first_logical_offset + len(starts), dtype=np.uint64
-    )
+    log_words[index + MH_LOGICAL_OFFSET] = offsets
     log_words[index + MH_NEXT_MSG_DIFF] = log_words[index + MH_PADDED_SIZE]
 
 

@@ -32,11 +32,17 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from ..config import Config, TopicOverride, TopicSettings
+from ..config import ORDER_LEVELS, Config, TopicOverride, TopicSettings
 from ..errors import LogFullError, TopicBusyError, TopicExistsError
 from ..log import CxlLog, DiskLog
 from ..log.disk import stream_files
-from ..log.reader import describe_region, describe_streams, read_topic_infos
+from ..log.reader import (
+    describe_brokers,
+    describe_region,
+    describe_streams,
+    read_topic_infos,
+    region_brokers,
+)
 from ..log.settings import RETENTION_KEYS, TopicSettingsFile
 from ..log.topics import create_topic_file, delete_topic_file
 from ..wire import encode_topic
@@ -146,14 +152,20 @@ class AdminApi:
         if storage_dir:
             on_disk = await trio.to_thread.run_sync(_disk_files, storage_dir)
         infos = sorted(read_topic_infos(log.region, log.geometry), key=lambda t: t.name)
+        members = await trio.to_thread.run_sync(
+            region_brokers, log.region, log.path, log.geometry.max_brokers
+        )
         return {
             "broker": broker.broker_id,
             "region": describe_region(log.path, log.geometry, log.statistics().segments_used),
+            "brokers": describe_brokers(members),
             "storage_dir": storage_dir or None,
-            "topics": [self._describe(t.name, describe_streams(t, on_disk)) for t in infos],
+            "topics": [
+                self._describe(t.name, t.order, describe_streams(t, on_disk)) for t in infos
+            ],
         }
 
-    def _describe(self, name: str, streams: list[dict[str, Any]]) -> dict[str, Any]:
+    def _describe(self, name: str, order: int, streams: list[dict[str, Any]]) -> dict[str, Any]:
         broker = self._broker
         record = broker.topic_settings.get(name)
         settings = broker.settings_for(name)
@@ -168,7 +180,7 @@ class AdminApi:
                 source[key] = "default"
         return {
             "name": name,
-            "order": record.order if record is not None else 0,
+            "order": order,
             "retention_bytes": settings.retention_bytes,
             "retention_ms": settings.retention_ms,
             "retention_source": source,
@@ -184,9 +196,11 @@ class AdminApi:
         if broker.shutting_down:
             return Response.error(503, "the broker is draining for a shutdown")
         try:
-            name, order, retention = _topic_to_create(request.body)
+            name, asked, retention = _topic_to_create(request.body)
         except ValueError as exc:
             return Response.error(400, str(exc))
+        # Not given: the order a first batch would create it with.
+        order = broker.settings_for(name).order if asked is None else asked
         try:
             await trio.to_thread.run_sync(
                 lambda: create_topic_file(
@@ -199,7 +213,7 @@ class AdminApi:
             return Response.error(507, str(exc))
         logger.info("created topic %r over HTTP (%s)", name, _settings_text(order, retention))
         return Response.json(
-            201, self._describe(name, []), headers=(("location", f"/v1/topics/{name}"),)
+            201, self._describe(name, order, []), headers=(("location", f"/v1/topics/{name}"),)
         )
 
     async def _delete(self, _: Request, name: str) -> Response:
@@ -230,8 +244,9 @@ class AdminApi:
         )
 
 
-def _topic_to_create(body: bytes) -> tuple[str, int, dict[str, int]]:
-    """The name, order and retention keys of a ``POST /v1/topics`` body.
+def _topic_to_create(body: bytes) -> tuple[str, int | None, dict[str, int]]:
+    """The name, order (None: not given) and retention keys of a ``POST
+    /v1/topics`` body.
 
     Raises:
         ValueError: Saying what is wrong with it.
@@ -253,13 +268,13 @@ def _topic_to_create(body: bytes) -> tuple[str, int, dict[str, int]]:
     if not isinstance(name, str):
         raise ValueError('"name" must be given, a string')
     encode_topic(name)  # raises ValueError naming the rule
-    order = data.get("order", 0)
-    if type(order) is not int:
+    order = data.get("order")  # None: the config's order for the topic
+    if order is not None and type(order) is not int:
         raise ValueError(f'"order" must be an integer: {order!r}')
-    if order != 0:
+    if order is not None and order not in ORDER_LEVELS:
         raise ValueError(
-            f"order {order} is not supported: a topic is order 0 (each broker's stream "
-            "in its own order), the only order this broker has"
+            f"order {order} is not an order level: 0 (each broker's stream in its own "
+            "order) or 5 (one total order across brokers)"
         )
     retention = {}
     for key in RETENTION_KEYS:

@@ -4,7 +4,7 @@
 
     serve()
     └── service scope (shielded: outer cancellation starts a graceful drain)
-        ├── pool monitor, statistics reporter, retention
+        ├── pool monitor, statistics reporter, heartbeat (the broker table entry), retention
         ├── HTTP endpoint (metrics, admin API; up until the drain is over)
         └── durable nursery: disk writer (with storage.dir)
             └── allocator nursery: num_cxl_allocation_workers allocator tasks
@@ -14,6 +14,10 @@
 
 Each connection task gets a :class:`~.publish.IngestPath` (the parts of the
 ingest path a session may use) and never this module.
+
+The broker joins the region's broker table once it listens, marks itself
+draining when the drain begins and leaves the table before its logs close
+(:mod:`.membership`).
 
 Shutdown is cancellation: when the scope around :func:`serve` is cancelled
 (or :func:`open_broker`'s block exits), the broker stops accepting, lets
@@ -57,6 +61,7 @@ from .commits import CommitFeed
 from .connection import Connection, ConnectionPhase
 from .durability import Durability
 from .http import serve_http
+from .membership import Membership
 from .monitor import PauseGate, run_pool_monitor
 from .publish import IngestPath
 from .retention import make_room, reclaimable_units, retention_configured, run_retention
@@ -154,6 +159,7 @@ class Broker:
         self._accept_scope = trio.CancelScope()
         self._allowed = parse_networks(net.allowed_networks)
         self._per_host: collections.Counter[_Address] = collections.Counter()
+        self.membership = Membership(log, config.broker)
 
     @property
     def disk(self) -> DiskLog | None:
@@ -261,6 +267,7 @@ class Broker:
             self.config.network.shutdown_grace_s,
         )
         self._accept_scope.cancel()
+        self.membership.drain()
         # Batches held by a full log give up now (error 4): the drain must
         # not wait log_full_timeout_s for retention.
         self.space.close()
@@ -299,6 +306,7 @@ class Broker:
                         )
                     )
                 await services.start(self._report)
+                await services.start(self.membership.run)
                 if self._http_listeners:
                     await services.start(partial(serve_http, AdminApi(self), self._http_listeners))
                     logger.info("HTTP (metrics, admin API) on %s", self._http_url())
@@ -518,6 +526,10 @@ def _open_logs(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None]:
             lock=region_lock,
             allow_weak_memory_ordering=cxl.allow_weak_memory_ordering,
         )
+        # Before the disk log replays anything: a topic it creates anew
+        # (the region was lost) gets the config's order too.
+        log.topic_order = lambda topic: config.topics.settings_for(topic).order
+        log.check_topic_orders()
         disk = None
         if disk_lock is not None:
             disk = DiskLog.open(
@@ -618,11 +630,13 @@ async def _serve(broker: Broker, *, task_status: trio.TaskStatus[Broker]) -> NoR
                 # that came during it begins the drain right after.
                 with trio.CancelScope(shield=True):
                     await nursery.start(broker._run)
+                broker.membership.join(broker.port)  # it listens: other processes may see it
                 task_status.started(broker)
                 await broker._failed.wait()  # else runs until cancelled
             finally:
                 broker.begin_shutdown()
     finally:
+        broker.membership.leave()
         _close_logs(broker.log, broker.disk)
         if broker.failure is not None:
             # Drained: the caller learns why the broker stopped, also when it

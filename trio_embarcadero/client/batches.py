@@ -13,13 +13,17 @@ turn what :meth:`PublishBatches.append` reports into wake-ups.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import NamedTuple, TypeAlias
 
 from ..wire import ALIGN, BATCH_HEADER_SIZE, MESSAGE_HEADER_SIZE, BatchEncoder
 
 #: A message payload: any bytes-like object of bytes.
 Payload: TypeAlias = bytes | bytearray | memoryview
+
+# Below this many records, append_run leaves them to append: the numpy calls
+# of a run cost about as much as packing a dozen records one by one.
+_MIN_RUN = 16
 
 # Flags returned by PublishBatches.append. A bare PACKED is the common case,
 # so callers test ``flags != PACKED`` once and only then look at the bits.
@@ -144,30 +148,29 @@ class PublishBatches:
             flags |= SEALED
         return flags
 
-    def append_many(self, payloads: Iterator[Payload]) -> tuple[int, Payload] | None:
-        """Pack messages from ``payloads`` for as long as each is a bare :data:`PACKED`.
+    def append_run(self, payloads: Sequence[Payload], first: int) -> int:
+        """Pack ``payloads[first:]`` into the open batch for as long as each
+        record fits the batch without filling it and fits the window; return
+        the index of the first one not packed.
 
-        Returns:
-            None once ``payloads`` is exhausted. Otherwise the flags of the
-            first message that opened or sealed a batch or did not fit the
-            window, as :meth:`append` returns them, and that message: packed
-            if the flags have :data:`PACKED`, else still to be appended.
+        The bulk path of ``publish_many``: the records are packed together
+        (:meth:`BatchEncoder.append_run`). It packs nothing into an empty
+        batch, or when fewer than a few records are left: such records go
+        through :meth:`append`, which reports opening and sealing batches
+        and the window being full.
         """
         encoder = self._encoder
-        append = encoder.append
-        capacity = self._capacity
-        window = self.max_inflight_bytes
-        for payload in payloads:
-            # The common case inlined (no call but the encoder's): the record
-            # goes into an open batch, does not fill it, and fits the window.
-            padded = MESSAGE_HEADER_SIZE + (len(payload) + ALIGN - 1) // ALIGN * ALIGN
-            inflight = self.inflight_bytes + padded
-            if not encoder.count or encoder.fill + padded >= capacity or inflight > window:
-                return self.append(payload), payload
-            append(payload, self.published)
-            self.published += 1
-            self.inflight_bytes = inflight
-        return None
+        # Strictly below the capacity: a record that fills the batch exactly
+        # goes through append, which seals it.
+        room = min(self._capacity - 1 - encoder.fill, self.max_inflight_bytes - self.inflight_bytes)
+        last = min(len(payloads), first + room // MESSAGE_HEADER_SIZE)
+        if not encoder.count or last - first < _MIN_RUN:
+            return first
+        fill = encoder.fill
+        count = encoder.append_run(payloads[first:last], self.published, room)
+        self.published += count
+        self.inflight_bytes += encoder.fill - fill
+        return first + count
 
     def seal(self) -> bool:
         """Seal the open batch and queue it; False if it holds no message."""
@@ -196,7 +199,7 @@ class PublishBatches:
         batch = self._unsent.popleft()
         self.sent = batch.end_count
         if len(batch.buffer) == self._capacity:  # not a one-message oversized buffer
-            self._free.append(batch.buffer)
+            self._free.append(BatchEncoder.recycle(batch.buffer, batch.length))
         if self._release_on_send:
             self._release(batch.end_count)
 

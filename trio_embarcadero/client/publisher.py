@@ -11,6 +11,7 @@ that the next call raises.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import AsyncIterator, Iterable
@@ -45,6 +46,8 @@ DEFAULT_LINGER = 0.005
 #: stream (ack level 0) or for the last dial-back acks after an error.
 DEFAULT_CLOSE_TIMEOUT = 5.0
 _RECEIVE_SIZE = 1 << 16
+# publish_many takes messages from its iterable this many at a time.
+_PUBLISH_MANY_CHUNK = 4096
 
 
 @attrs.frozen
@@ -167,6 +170,26 @@ class Publisher:
         """Whether the broker reported an error or the connection failed."""
         return self._failure is not None
 
+    def publish_nowait(self, payload: Payload) -> None:
+        """Add one message to the current batch if the in-flight window has
+        room for it, without waiting and without a checkpoint.
+
+        The non-blocking form of :meth:`publish` (as
+        :meth:`trio.MemorySendChannel.send_nowait` is of ``send``): a plain
+        function, so it neither yields to other tasks nor checks for
+        cancellation. The message is either packed when it returns or not at
+        all when it raises. The background tasks run when the caller next
+        reaches a checkpoint; with ``linger`` 0 each call seals its batch.
+
+        Raises:
+            trio.WouldBlock: The window is full; nothing was published.
+                :meth:`publish` waits for room.
+            BrokerError: As for :meth:`publish`.
+            trio.ClosedResourceError: The publisher's context has exited.
+        """
+        if not self._append(payload) & PACKED:
+            raise trio.WouldBlock
+
     async def publish(self, payload: Payload) -> None:
         """Add one message (any bytes-like object of bytes) to the current batch.
 
@@ -179,44 +202,65 @@ class Publisher:
                 says how many messages are stored.
             trio.ClosedResourceError: The publisher's context has exited.
 
-        Cancellation:
-            If cancelled, the message was not published.
+        Checkpoints and cancellation:
+            Every call is a cancellation point: it checks for cancellation
+            first (``trio.lowlevel.checkpoint_if_cancelled``) and, if the
+            window is full, while it waits. It yields to other tasks only when
+            it waits, or when the message sealed a batch (so the sender starts
+            writing it); most calls pack the message and return without a
+            schedule point, which is what makes one call per message cheap.
+            A loop of calls therefore still lets the sender, the ack reader
+            and the linger timer run at least once per batch. If a call
+            raises ``Cancelled``, its message was not published; if it
+            returns, it was.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        self._check_usable()
-        flags = self._batches.append(payload)
-        if flags != PACKED:
-            await self._finish_append(payload, flags)
-        if not self._linger:
-            self._seal()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        flags = self._append(payload)
+        while not flags & PACKED:
+            await self._progress.park()
+            flags = self._append(payload)
+        if flags & SEALED:
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def publish_many(self, payloads: Iterable[Payload]) -> None:
         """Publish several messages, in order, with one checkpoint per batch.
 
-        Faster than calling :meth:`publish` in a loop: it only yields to the
-        scheduler when a batch is sealed or the window is full.
+        Faster than calling :meth:`publish` in a loop: runs of messages are
+        packed together, and it only yields to the scheduler when a batch is
+        sealed or the window is full.
 
         Raises:
             BrokerError: As for :meth:`publish`.
             trio.ClosedResourceError: The publisher's context has exited.
 
-        Cancellation:
-            If cancelled, a prefix of ``payloads`` has been published;
-            :attr:`published` says how many messages in total.
+        Checkpoints and cancellation:
+            It checks for cancellation first, yields to other tasks once per
+            batch it seals and waits while the window is full (where it can
+            be cancelled), and ends with a schedule point. If cancelled (or
+            failed), a prefix of ``payloads`` has been published;
+            :attr:`published` says how many messages in total. It takes
+            messages from ``payloads`` a few thousand at a time, so from an
+            iterator it may have taken more than it published.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_usable()
         batches = self._batches
         remaining = iter(payloads)
         # Packing runs without a checkpoint, so a failure can only have come
-        # while _finish_append waited or after the checkpoint below.
-        while (stopped := batches.append_many(remaining)) is not None:
-            flags, payload = stopped
-            if (await self._finish_append(payload, flags)) & SEALED:
-                # Let the sender start writing the sealed batch.
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                self._check_usable()
+        # while a message waited for the window or after a checkpoint below.
+        while chunk := list(itertools.islice(remaining, _PUBLISH_MANY_CHUNK)):
+            index = batches.append_run(chunk, 0)
+            while index < len(chunk):
+                payload = chunk[index]
+                flags = self._append(payload, seal=False)
+                while not flags & PACKED:
+                    await self._progress.park()
+                    flags = self._append(payload, seal=False)
+                if flags & SEALED:
+                    # Let the sender start writing the sealed batch.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    self._check_usable()
+                index = batches.append_run(chunk, index + 1)
         if not self._linger:
             self._seal()
         await trio.lowlevel.cancel_shielded_checkpoint()
@@ -245,21 +289,37 @@ class Publisher:
             raise trio.ClosedResourceError("the publisher's context has exited")
         self._raise_if_failed()
 
-    async def _finish_append(self, payload: Payload, flags: int) -> int:
-        """Act on what an append reported: wait for window space and retry
-        while it did not pack, then wake the tasks a new or sealed batch
-        concerns. Returns the flags of the append that packed."""
-        while not flags & PACKED:
-            if flags & SEALED:
-                self._sealed_lot.unpark_all()
-            await self._progress.park()
+    def _append(self, payload: Payload, *, seal: bool = True) -> int:
+        """Pack one message if the window has room, wake the tasks a new or
+        sealed batch concerns, and with ``linger`` 0 seal (unless ``seal`` is
+        False: ``publish_many`` seals once, at its end).
+
+        Returns:
+            The flags of :meth:`PublishBatches.append` (:data:`SEALED` also
+            for the linger-0 seal).
+
+        Raises:
+            BrokerError: The publisher failed.
+            trio.ClosedResourceError: Its context has exited.
+        """
+        if self._failure is not None or self._closed:
             self._check_usable()
-            flags = self._batches.append(payload)
+        flags = self._batches.append(payload)
+        if flags != PACKED or not self._linger:
+            flags = self._appended(flags, seal=seal)
+        return flags
+
+    def _appended(self, flags: int, *, seal: bool = True) -> int:
+        """The part of :meth:`_append` after packing, for flags other than a
+        bare PACKED or for ``linger`` 0."""
         if flags & OPENED:
             self._batch_started = trio.current_time()
             self._batch_opened.unpark_all()
         if flags & SEALED:
             self._sealed_lot.unpark_all()
+        if seal and not self._linger and flags & PACKED and self._batches.seal():
+            self._sealed_lot.unpark_all()
+            flags |= SEALED
         return flags
 
     def _seal(self) -> None:

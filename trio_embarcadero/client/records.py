@@ -2,30 +2,43 @@
 
 A subscription stream is message records back to back, in logical-offset
 order, possibly ended by one error frame. :class:`RecordDecoder` owns the
-buffer the bytes are received into, hands out each whole record as a
-:class:`~trio_embarcadero.wire.Message` (payload copied) or a
-:class:`~trio_embarcadero.wire.MessageView` (payload a view of that buffer),
-and keeps a partial record for the next receive. It imports no Trio: the
-subscriber receives into :meth:`RecordDecoder.receive_buffer` and reports how
-many bytes arrived.
+buffer the bytes are received into; each receive's whole records become one
+:class:`MessageBatch`, the partial record at the end waits for the next
+receive. It imports no Trio: the subscriber receives into
+:meth:`RecordDecoder.receive_buffer` and reports how many bytes arrived.
 
-Copies cost little: the records a receive completes are copied into one
-``bytes`` object at once, and each payload is sliced out of it, which is no
-slower per message than slicing a memoryview.
+Per-message Python work is what limits a subscriber, so a receive's records
+are decoded together: the walk from record to record by ``paddedSize`` takes
+one strided numpy comparison per run of equal-sized records (one per receive
+when every message has the same size), the headers are copied as one array
+whose columns are the fields, checked with a few vector operations. A
+:class:`~trio_embarcadero.wire.Message` is a tuple built in C from fields
+prepared for the whole batch (its payload a slice of one copy of the
+received bytes), so handing one out takes a few bytecodes.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any, cast
+
+import attrs
+import numpy as np
+import numpy.typing as npt
 
 from ..errors import BrokerError, ErrorCode, ProtocolError
 from ..wire import (
     ALIGN,
     ERROR_FRAME_HEAD,
     ERROR_MARKER,
-    MESSAGE_HEADER,
     MESSAGE_HEADER_SIZE,
+    MH_CLIENT_ID,
+    MH_CLIENT_ORDER,
+    MH_LOGICAL_OFFSET,
+    MH_PADDED_SIZE,
+    MH_SIZE,
     Message,
     MessageView,
 )
@@ -35,6 +48,145 @@ MAX_RECORD_BYTES = 1 << 30
 #: Free space offered to each receive, at least.
 RECEIVE_SIZE = 1 << 16
 _U64 = struct.Struct("<Q")
+# The first run of a receive is compared in one go, as far as records fit (a
+# receive of equal-sized records costs one comparison). After a record of
+# another size, a run is compared this many records ahead at first, twice as
+# many after each comparison that finds no other size: mixed sizes cost no
+# comparisons far ahead, long runs a few comparisons.
+_SHORT_WINDOW = 16
+# The eight u64 words of a record header, as offsets from its first word.
+_HEADER_WORDS = np.arange(MESSAGE_HEADER_SIZE // 8)
+#: Builds a Message from its four fields in one tuple (as ``message_fields``
+#: yields them): ``tuple.__new__`` in C, without the Python call of
+#: ``Message.__new__``, which costs as much again.
+make_message = cast(
+    "Callable[[tuple[bytes, int, int, int]], Message]", partial(tuple.__new__, Message)
+)
+_new_view = cast(
+    "Callable[[tuple[memoryview, int, int, int]], MessageView]",
+    partial(tuple.__new__, MessageView),
+)
+
+Int64Array = npt.NDArray[np.int64]
+
+
+@attrs.frozen(eq=False, repr=False)
+class MessageBatch:
+    """The messages one receive completed, without copying them.
+
+    What :meth:`Subscriber.batches <trio_embarcadero.client.Subscriber.batches>`
+    and :meth:`Subscriber.receive_batch
+    <trio_embarcadero.client.Subscriber.receive_batch>` hand out: at least one
+    message, consecutive in the stream. ``data`` is a read-only view of the
+    subscriber's receive buffer holding the records exactly as they arrived
+    (64-byte headers, payloads, padding); message ``i``'s payload is
+    ``data[starts[i] : starts[i] + sizes[i]]``. The per-message fields are
+    numpy arrays, so a reader can work on a whole batch with vector
+    operations, or hand ``data`` on as it is.
+
+    ``data``, and the views :meth:`payload` and :meth:`views` return, are
+    **valid only until the subscriber's next receive**: after that the buffer
+    is reused and they show other messages' bytes. The arrays are the batch's
+    own and stay valid; :meth:`messages` copies what is to be kept.
+
+    Attributes:
+        data: The records' bytes (read-only), valid until the next receive.
+        starts: Where each message's payload begins in ``data`` (int64).
+        sizes: Each payload's length in bytes (int64).
+        offsets: Each message's logical offset (int64), ascending. They are
+            consecutive except where the broker's retention had reclaimed
+            messages (see :attr:`Subscriber.skipped
+            <trio_embarcadero.client.Subscriber.skipped>`).
+        client_ids: The id of each message's publisher (int64).
+        client_orders: Each message's index among its publisher's messages
+            (int64).
+    """
+
+    data: memoryview
+    starts: Int64Array
+    sizes: Int64Array
+    offsets: Int64Array
+    client_ids: Int64Array
+    client_orders: Int64Array
+
+    def __len__(self) -> int:
+        """The number of messages (at least 1)."""
+        return len(self.offsets)
+
+    def __repr__(self) -> str:
+        return (
+            f"<MessageBatch of {len(self)} messages, offsets {self.first_offset}"
+            f"..{self.last_offset}, {self.payload_bytes} payload bytes>"
+        )
+
+    @property
+    def first_offset(self) -> int:
+        """The logical offset of the first message."""
+        return int(self.offsets[0])
+
+    @property
+    def last_offset(self) -> int:
+        """The logical offset of the last message."""
+        return int(self.offsets[-1])
+
+    @property
+    def payload_bytes(self) -> int:
+        """The payload bytes of all its messages (headers and padding excluded)."""
+        return int(self.sizes.sum())
+
+    def payload(self, index: int) -> memoryview:
+        """Message ``index``'s payload: a view, valid until the next receive."""
+        start = int(self.starts[index])
+        return self.data[start : start + int(self.sizes[index])]
+
+    def messages(self) -> list[Message]:
+        """Every message as a :class:`~trio_embarcadero.wire.Message`, its
+        payload a copy (``bytes``) that stays valid."""
+        return list(map(make_message, self.message_fields()))
+
+    def message_fields(self) -> Iterator[tuple[bytes, int, int, int]]:
+        """The fields of every message as a :class:`~trio_embarcadero.wire.Message`
+        has them, its payload a copy; :func:`make_message` makes one of each.
+
+        For a reader that builds its messages one at a time: a Message is a
+        tuple the garbage collector tracks, so building each only when it is
+        wanted keeps few of them alive at once, which costs the collector
+        less than a list of them all.
+        """
+        starts = self.starts.tolist()
+        ends = (self.starts + self.sizes).tolist()
+        if len(starts) == 1:  # a large record is copied once, not twice
+            payloads = [self.data[starts[0] : ends[0]].tobytes()]
+        else:
+            # One copy of the received bytes; slicing bytes from it costs no
+            # more than slicing views.
+            chunk = self.data.tobytes()
+            payloads = [chunk[start:end] for start, end in zip(starts, ends, strict=True)]
+        return zip(payloads, *self._fields(), strict=True)
+
+    def views(self) -> list[MessageView]:
+        """Every message as a :class:`~trio_embarcadero.wire.MessageView`,
+        its payload a view valid until the next receive."""
+        slices = map(slice, self.starts.tolist(), (self.starts + self.sizes).tolist())
+        payloads = list(map(self.data.__getitem__, slices))
+        return list(map(_new_view, zip(payloads, *self._fields(), strict=True)))
+
+    def since(self, offset: int) -> MessageBatch:
+        """The messages from logical offset ``offset`` on (one of the
+        batch's offsets), as a batch."""
+        first = int(np.searchsorted(self.offsets, offset))
+        cut = int(self.starts[first]) - MESSAGE_HEADER_SIZE
+        return MessageBatch(
+            self.data[cut:],
+            self.starts[first:] - cut,
+            self.sizes[first:],
+            self.offsets[first:],
+            self.client_ids[first:],
+            self.client_orders[first:],
+        )
+
+    def _fields(self) -> tuple[list[int], list[int], list[int]]:
+        return self.offsets.tolist(), self.client_ids.tolist(), self.client_orders.tolist()
 
 
 class RecordDecoder:
@@ -50,18 +202,23 @@ class RecordDecoder:
             reclaimed them before they could be sent (offsets only ever move
             forward; a jump is not corruption).
         error: Set once the stream holds an error frame or an invalid record;
-            every message before it has been returned by :meth:`feed`, and
-            nothing after it is decoded.
+            every message before it has been returned, and nothing after it
+            is decoded.
     """
 
     def __init__(self, position: int, buffer_bytes: int) -> None:
         self.position = position
         self.skipped = 0
         self.error: BrokerError | ProtocolError | None = None
-        self._buffer = bytearray(max(buffer_bytes, 2 * RECEIVE_SIZE))
-        self._view = memoryview(self._buffer)
         self._start = 0  # first byte not decoded yet
         self._end = 0  # end of the received bytes
+        self._new_buffer(max(buffer_bytes, 2 * RECEIVE_SIZE))
+
+    def _new_buffer(self, size: int) -> None:
+        # Whole u64 words, so the word view covers every byte of it.
+        self._buffer = bytearray(-(-size // ALIGN) * ALIGN)
+        self._view = memoryview(self._buffer)
+        self._words: npt.NDArray[np.uint64] = np.frombuffer(self._buffer, dtype="<u8")
 
     @property
     def pending(self) -> int:
@@ -69,101 +226,157 @@ class RecordDecoder:
         return self._end - self._start
 
     def receive_buffer(self) -> memoryview:
-        """Where to receive the next bytes: free space at the buffer's end.
+        """Where to receive the next bytes: the free space after the bytes
+        still pending.
 
-        It has room for at least :data:`RECEIVE_SIZE` bytes and for the rest
-        of a partial record whose size is known. Views handed out earlier
-        stay valid until the next call.
+        Pending bytes (the start of a record) are moved to the front first, so
+        each receive gets all the room the buffer has: at least
+        :data:`RECEIVE_SIZE` bytes and the rest of a partial record whose size
+        is known (the buffer grows for that). Views handed out earlier stay
+        valid until this call.
         """
         start, end = self._start, self._end
         pending = end - start
-        if not pending:
-            self._start = self._end = 0
-            return self._view
         need = RECEIVE_SIZE
-        if pending >= _U64.size:
+        if pending >= _U64.size and self.error is None:
+            # The rest of the record, if its paddedSize is valid (a record
+            # that is not ends the stream, and no buffer is grown for it).
             (padded,) = _U64.unpack_from(self._buffer, start)
-            if padded != ERROR_MARKER:
+            if padded <= MAX_RECORD_BYTES:
                 need = max(need, padded - pending)
-        if len(self._buffer) - end < need:
-            if pending + need > len(self._buffer):
-                # A new buffer: views handed out earlier keep the old one alive.
-                self._buffer = bytearray(max(2 * len(self._buffer), pending + need))
-                self._buffer[:pending] = self._view[start:end]
-                self._view = memoryview(self._buffer)
-            else:
-                self._buffer[:pending] = self._buffer[start:end]
-            self._start, self._end = 0, pending
-        return self._view[self._end :]
+        if pending + need > len(self._buffer):
+            # A new buffer: views handed out earlier keep the old one alive.
+            old = self._view
+            self._new_buffer(max(2 * len(self._buffer), pending + need))
+            self._buffer[:pending] = old[start:end]
+        elif start:
+            self._buffer[:pending] = self._view[start:end]
+        self._start, self._end = 0, pending
+        return self._view[pending:]
 
     def feed(self, nbytes: int) -> list[Message]:
         """Take ``nbytes`` received into :meth:`receive_buffer`; return the
         messages they complete, their payloads copied."""
-        messages: list[Message] = self._decode(nbytes, Message, copy=True)
-        return messages
+        batch = self.feed_batch(nbytes)
+        return [] if batch is None else batch.messages()
 
     def feed_views(self, nbytes: int) -> list[MessageView]:
         """As :meth:`feed`, but the payloads are views of the buffer, valid
         until the next :meth:`receive_buffer` call."""
-        views: list[MessageView] = self._decode(nbytes, MessageView, copy=False)
-        return views
+        batch = self.feed_batch(nbytes)
+        return [] if batch is None else batch.views()
 
-    def _decode(self, nbytes: int, make: Any, *, copy: bool) -> list[Any]:
-        """The records ``nbytes`` complete, each as ``make(payload, offset,
-        client_id, client_order)``; payloads are copied or views."""
+    def feed_batch(self, nbytes: int) -> MessageBatch | None:
+        """As :meth:`feed`, but the messages as one :class:`MessageBatch`
+        (None if ``nbytes`` completed none), valid until the next
+        :meth:`receive_buffer` call."""
         self._end += nbytes
         if self.error is not None:
-            return []
-        buf, view = self._buffer, self._view
-        pos, end = self._start, self._end
-        # Payloads are sliced from ``source`` at ``index - base``: the buffer
-        # itself, or one copy of what was received (only once a record is
-        # whole, so a large record arriving in pieces is not copied each time).
-        source: bytes | memoryview = view
-        base = 0
-        if copy and self._record_ends_by(pos, end):
-            source, base = bytes(view[pos:end]), pos
-        out: list[Any] = []
-        expected = self.position
-        unpack = MESSAGE_HEADER.unpack_from
-        while end - pos >= _U64.size:
-            (padded,) = _U64.unpack_from(buf, pos)
-            if padded == ERROR_MARKER:
-                pos = self._error_frame(pos, end)
-                break
-            if padded < MESSAGE_HEADER_SIZE or padded % ALIGN or padded > MAX_RECORD_BYTES:
-                self.error = ProtocolError(
-                    ErrorCode.BAD_MESSAGE_RECORDS,
-                    f"record at offset {expected} has paddedSize {padded}",
-                )
-                break
-            if end - pos < padded:
-                break
-            _, _, offset, _, _, client_order, client_id, size = unpack(buf, pos)
-            if offset > expected and size <= padded - MESSAGE_HEADER_SIZE:
-                self.skipped += offset - expected  # reclaimed by retention
-                expected = offset
-            if offset != expected or size > padded - MESSAGE_HEADER_SIZE:
-                self.error = ProtocolError(
-                    ErrorCode.BAD_MESSAGE_RECORDS,
-                    f"record with logical offset {offset} and size {size} (paddedSize {padded})"
-                    f" where offset {expected} was due",
-                )
-                break
-            data = pos + MESSAGE_HEADER_SIZE - base
-            out.append(make(source[data : data + size], offset, client_id, client_order))
-            expected += 1
-            pos += padded
-        self._start = pos
-        self.position = expected
-        return out
+            return None
+        runs, stop, bad_size = self._walk()
+        batch = None
+        if runs:
+            batch = self._check(runs, stop)
+        else:
+            self._start = stop
+        if bad_size is not None and self.error is None:
+            self.error = ProtocolError(
+                ErrorCode.BAD_MESSAGE_RECORDS,
+                f"record at offset {self.position} has paddedSize {bad_size}",
+            )
+        return batch
 
-    def _record_ends_by(self, pos: int, end: int) -> bool:
-        """Whether the record at ``pos`` has arrived whole, by its paddedSize."""
-        if end - pos < _U64.size:
-            return False
-        padded: int = _U64.unpack_from(self._buffer, pos)[0]
-        return padded != ERROR_MARKER and padded <= end - pos
+    def _walk(self) -> tuple[list[tuple[int, int, int]], int, int | None]:
+        """The whole records from ``_start`` on, as runs ``(position, count,
+        paddedSize)`` of equal-sized records; where the walk stopped (at a
+        partial record, an invalid paddedSize or an error frame, which sets
+        :attr:`error`); and the invalid paddedSize it stopped at, if any."""
+        buf, words = self._buffer, self._words
+        unpack = _U64.unpack_from
+        pos, end = self._start, self._end
+        runs: list[tuple[int, int, int]] = []
+        bad_size = None
+        window = end - pos  # no limit for the first run
+        while end - pos >= _U64.size:
+            (padded,) = unpack(buf, pos)
+            if padded < MESSAGE_HEADER_SIZE or padded % ALIGN or padded > MAX_RECORD_BYTES:
+                if padded == ERROR_MARKER:
+                    pos = self._error_frame(pos, end)
+                else:
+                    bad_size = padded
+                break
+            fit = (end - pos) // padded
+            if not fit:
+                break
+            count = 1
+            if fit > 1 and unpack(buf, pos + padded)[0] == padded:
+                # A run: how far do records of this size go on back to back?
+                count = min(fit, window)
+                step = padded // _U64.size
+                first = pos // _U64.size
+                other = words[first : first + count * step : step] != padded
+                if other.any():
+                    count = int(other.argmax())
+                    window = _SHORT_WINDOW
+                else:
+                    window *= 2
+            runs.append((pos, count, padded))
+            pos += count * padded
+        return runs, pos, bad_size
+
+    def _check(self, runs: list[tuple[int, int, int]], stop: int) -> MessageBatch | None:
+        """Check the records of ``runs`` (whole, with valid paddedSizes), up
+        to ``stop``; the batch of those before the first bad one."""
+        # Every header, copied in one go; fields are its columns. Values of
+        # 2**63 and more are negative here, so they fail the checks below.
+        words = self._words
+        if len(runs) == 1:  # equal sizes: the headers are rows of a strided view
+            pos, count, step = runs[0]
+            starts = np.arange(pos, pos + count * step, step, dtype=np.int64)
+            first = pos // _U64.size
+            rows = words[first : first + count * step // _U64.size]
+            heads = rows.reshape(count, -1)[:, : len(_HEADER_WORDS)].copy().view(np.int64)
+        else:
+            starts = _run_starts(runs)
+            heads = words[(starts // _U64.size)[:, None] + _HEADER_WORDS].view(np.int64)
+        padded = heads[:, MH_PADDED_SIZE]
+        sizes = heads[:, MH_SIZE]
+        offsets = heads[:, MH_LOGICAL_OFFSET]
+        bad = sizes > padded - MESSAGE_HEADER_SIZE
+        bad |= sizes < 0
+        # Offsets only move forward: each above the one before (retention may
+        # have reclaimed some in between), the first at least the one due.
+        bad[1:] |= offsets[1:] <= offsets[:-1]
+        bad[0] |= int(offsets[0]) < self.position
+        if bad.any():
+            first_bad = int(bad.argmax())
+            due = self.position if not first_bad else int(offsets[first_bad - 1]) + 1
+            words = heads[first_bad].view(np.uint64)
+            self.error = ProtocolError(
+                ErrorCode.BAD_MESSAGE_RECORDS,
+                f"record with logical offset {int(words[MH_LOGICAL_OFFSET])} and size "
+                f"{int(words[MH_SIZE])} (paddedSize {int(padded[first_bad])}) where "
+                f"offset {due} was due",
+            )
+            stop = int(starts[first_bad])
+            if not first_bad:
+                self._start = stop
+                return None
+            heads, starts = heads[:first_bad], starts[:first_bad]
+        count = len(heads)
+        last = int(heads[-1, MH_LOGICAL_OFFSET])
+        self.skipped += last - self.position - (count - 1)
+        self.position = last + 1
+        self._start = stop
+        first = int(starts[0])
+        return MessageBatch(
+            self._view[first:stop].toreadonly(),
+            starts - (first - MESSAGE_HEADER_SIZE),
+            heads[:, MH_SIZE],
+            heads[:, MH_LOGICAL_OFFSET],
+            heads[:, MH_CLIENT_ID],
+            heads[:, MH_CLIENT_ORDER],
+        )
 
     def _error_frame(self, pos: int, end: int) -> int:
         """Decode the error frame at ``pos`` if it is whole; where decoding stops."""
@@ -176,3 +389,14 @@ class RecordDecoder:
         text = bytes(self._buffer[pos + head : pos + head + length]).decode("utf-8", "replace")
         self.error = BrokerError(code, text)
         return end
+
+
+def _run_starts(runs: list[tuple[int, int, int]]) -> Int64Array:
+    """The start of every record of ``runs`` (see ``RecordDecoder._walk``)."""
+    table: Any = np.array(runs, dtype=np.int64)
+    counts = table[:, 1]
+    run_of = np.repeat(np.arange(len(runs)), counts)
+    # Each record's index within its run, times the run's paddedSize.
+    within = np.arange(len(run_of)) - (np.cumsum(counts) - counts)[run_of]
+    starts: Int64Array = table[run_of, 0] + within * table[run_of, 2]
+    return starts

@@ -7,9 +7,8 @@ they land in.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import TypeVar
 
 import trio
 
@@ -24,31 +23,45 @@ from ..wire import (
     encode_topic,
 )
 from .connect import choose_client_id, connect, send_handshake
-from .records import RecordDecoder
+from .records import MessageBatch, RecordDecoder, make_message
 
 #: Default size of a subscriber's receive buffer (it grows for larger records).
 DEFAULT_RECEIVE_BUFFER = 1 << 20
-
-_M = TypeVar("_M", Message, MessageView)
 
 
 class Subscriber:
     """Receives a topic's messages in logical-offset order.
 
-    Get one from :func:`open_subscriber` or :func:`open_subscriber_on_stream`
-    and iterate it (``async for message in subscriber``), or call
-    :meth:`receive_messages` for whatever has arrived, in bulk. Either way
-    each :class:`Message` has its own copy of the payload (``bytes``), which
-    you may keep.
+    Get one from :func:`open_subscriber` or :func:`open_subscriber_on_stream`.
+    Three ways to read, which may be mixed (each goes on where the other
+    stopped):
 
-    Zero copy is the opt-in :meth:`receive_views`: its
-    :class:`MessageView` payloads are views of the subscriber's receive
-    buffer, valid only until the next receive, for a reader that uses each
-    payload at once (writes it out, parses it) and keeps nothing.
+    * iterate it, ``async for message in subscriber``: one :class:`Message`
+      at a time, each with its own copy of the payload (``bytes``), which you
+      may keep; :meth:`receive_messages` returns the same, in bulk;
+    * :meth:`receive_views`: :class:`MessageView` objects whose payloads are
+      views of the receive buffer, valid only until the next receive, for a
+      reader that uses each payload at once and keeps nothing;
+    * ``async for batch in subscriber.batches()`` (or :meth:`receive_batch`):
+      a :class:`MessageBatch` per receive, the records' bytes as one view and
+      their fields as numpy arrays, without a Python object per message.
+
+    Checkpoints:
+        Every receive from the network is a Trio checkpoint, and each of the
+        ``receive_*`` methods checkpoints. Iteration does not checkpoint
+        when the next message has already arrived: it is handed out at once,
+        with no schedule point and no cancellation check, as if the loop went
+        through the list of one :meth:`receive_messages` call. So a loop
+        ``async for message in subscriber`` reaches a checkpoint at least once
+        per receive (at most ``buffer_bytes`` of records, and at once when it
+        has caught up with the broker), and a cancellation takes effect there;
+        the messages received before it are not lost but handed out by the
+        next call. Await something in the loop's body if it must checkpoint
+        more often.
 
     Attributes:
         topic: The topic.
-        received: Messages handed out so far.
+        received: Messages received so far (handed out or about to be).
     """
 
     def __init__(self, stream: trio.abc.Stream, topic: str, start: int, buffer_bytes: int) -> None:
@@ -56,13 +69,16 @@ class Subscriber:
         self.received = 0
         self._receiver: Receiver = receiver_for(stream)
         self._decoder = RecordDecoder(start, buffer_bytes)
-        self._ready: list[Message] = []
-        self._next = 0
+        # The last batch received, and the fields of its messages iteration
+        # has not handed out yet (each Message is built as it is handed out).
+        self._batch: MessageBatch | None = None
+        self._rest: Iterator[tuple[bytes, int, int, int]] = iter(())
         self._error: BrokerError | ProtocolError | None = None
 
     @property
     def position(self) -> int:
-        """The logical offset of the next message to be handed out."""
+        """The logical offset after the last message received (the next one
+        due, unless iteration still holds messages received before it)."""
         return self._decoder.position
 
     @property
@@ -78,19 +94,18 @@ class Subscriber:
     async def __anext__(self) -> Message:
         """The next message; waits for one to arrive.
 
+        Does not checkpoint when the message has already arrived (see
+        *Checkpoints* above).
+
         Raises:
             BrokerError: The broker sent an error frame (code 5 when it shuts
                 down) or closed the connection (code :data:`BROKER_FAILED`).
             ProtocolError: The stream is not a valid record stream.
         """
-        if self._next < len(self._ready):
-            await trio.lowlevel.checkpoint()
-        else:
-            self._ready = await self.receive_messages()
-            self._next = 0
-        message = self._ready[self._next]
-        self._next += 1
-        return message
+        for fields in self._rest:
+            return make_message(fields)
+        self._rest = rest = (await self._receive()).message_fields()
+        return make_message(next(rest))
 
     async def receive_messages(self) -> list[Message]:
         """Every whole message that has arrived, at least one; waits for one.
@@ -101,38 +116,56 @@ class Subscriber:
             BrokerError: As for iteration.
             ProtocolError: As for iteration.
         """
-        if rest := self._take_ready():
+        if rest := list(map(make_message, self._rest)):
             await trio.lowlevel.checkpoint()
             return rest
-        return await self._receive(self._decoder.feed)
+        return (await self._receive()).messages()
 
     async def receive_views(self) -> list[MessageView]:
         """As :meth:`receive_messages`, without copying the payloads.
 
         Each payload is a view of the receive buffer, **valid only until the
-        next receive** (a call of this, :meth:`receive_messages` or the next
-        iteration step); after that the buffer is reused and a kept view
-        shows other messages' bytes. Use them at once, or keep
+        next receive** (the next call of any ``receive_*`` method, or the next
+        step of an iteration that needs one); after that the buffer is reused
+        and a kept view shows other messages' bytes. Use them at once, or keep
         :meth:`MessageView.to_message`.
 
         Raises:
             BrokerError: As for iteration.
             ProtocolError: As for iteration.
         """
-        if rest := self._take_ready():
-            # Messages an iteration has not handed out yet: copies already.
+        return (await self.receive_batch()).views()
+
+    async def receive_batch(self) -> MessageBatch:
+        """The whole messages that have arrived, at least one, as one
+        :class:`MessageBatch`; waits for one.
+
+        Nothing is copied: the batch's ``data`` and payload views are valid
+        only until the next receive (as for :meth:`receive_views`).
+
+        Raises:
+            BrokerError: As for iteration.
+            ProtocolError: As for iteration.
+        """
+        if self._batch is not None and (fields := next(self._rest, None)) is not None:
+            # Messages an iteration received but has not handed out yet.
+            self._rest = iter(())
             await trio.lowlevel.checkpoint()
-            return [MessageView(memoryview(m.payload), *m[1:]) for m in rest]
-        return await self._receive(self._decoder.feed_views)
+            return self._batch.since(fields[1])
+        return await self._receive()
 
-    def _take_ready(self) -> list[Message]:
-        """The messages an iteration received but has not handed out yet."""
-        rest = self._ready[self._next :]
-        self._ready, self._next = [], 0
-        return rest
+    def batches(self) -> AsyncIterator[MessageBatch]:
+        """Iterate over the subscription a receive at a time:
+        ``async for batch in subscriber.batches()``.
 
-    async def _receive(self, feed: Callable[[int], list[_M]]) -> list[_M]:
-        """Receive until ``feed`` (of the decoder) turns the bytes into messages."""
+        Each step is :meth:`receive_batch`, so each checkpoints; a batch is
+        valid until the next step. The loop ends only with an exception, as
+        iteration over the subscriber does.
+        """
+        return _Batches(self)
+
+    async def _receive(self) -> MessageBatch:
+        """Receive until the decoder completes at least one message."""
         decoder = self._decoder
         while True:
             if self._error is not None:
@@ -147,12 +180,13 @@ class Subscriber:
             if n == 0:
                 self._error = self._end_of_stream()
                 continue
-            messages = feed(n)
+            batch = decoder.feed_batch(n)
             # An error after the messages is raised by the next call.
             self._error = decoder.error
-            if messages:
-                self.received += len(messages)
-                return messages
+            if batch is not None:
+                self._batch = batch
+                self.received += len(batch)
+                return batch
 
     def _end_of_stream(self) -> BrokerError | ProtocolError:
         pending = self._decoder.pending
@@ -166,6 +200,19 @@ class Subscriber:
             BROKER_FAILED,
             f"the broker closed the subscription to {self.topic!r} without an error frame",
         )
+
+
+class _Batches:
+    """The async iterator :meth:`Subscriber.batches` returns."""
+
+    def __init__(self, subscriber: Subscriber) -> None:
+        self._subscriber = subscriber
+
+    def __aiter__(self) -> _Batches:
+        return self
+
+    async def __anext__(self) -> MessageBatch:
+        return await self._subscriber.receive_batch()
 
 
 def _check_options(topic: str, start: int, client_id: int | None) -> int:

@@ -4,12 +4,15 @@ Nothing here imports Trio or touches sockets. The writer (:class:`CxlLog`)
 reserves space, commits and recovers, and returns what it committed; the
 broker service above fans that out. :mod:`.layout` is the one description of
 the file; :mod:`.reader` maps it read-only in any process; :mod:`.disk` keeps
-the disk copy behind ack level 2.
+the disk copy behind ack level 2; :mod:`.members` is the broker table (who
+serves the region, and their heartbeats).
 """
 
 from .disk import DiskLog as DiskLog
 from .disk import DiskStatistics as DiskStatistics
 from .layout import Geometry as Geometry
+from .members import BrokerMember as BrokerMember
+from .members import MemberStatus as MemberStatus
 from .ownership import remove_region as remove_region
 from .reader import BatchInfo as BatchInfo
 from .reader import LogReader as LogReader

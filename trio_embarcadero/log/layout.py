@@ -1,18 +1,32 @@
 """Where everything is in a CXL region: the one description of the file layout.
 
-Layout (version 2, all integers little-endian)::
+Layout (version 3, all integers little-endian)::
 
     offset 0          superblock (4096 B)
-                        0  magic  b"TEMBCXL2"       8  layout version (u32)
+                        0  magic  b"TEMBCXL3"       8  layout version (u32)
                        12  max_topics (u32)        16  max_brokers (u32)
                        20  num_units (u32)         24  region size (u64)
                        32  largest segment (u64)   40  data offset (u64)
                        48  largest order (u32)     56  unit size (u64)
                        64  map offset (u64)        72  next segment generation (u64)
+                      512  reserved (512 B, zero): the sequencer lease to come
+                           (epoch, holder, expiry); nothing reads it yet
+                     1024  the broker table: 32 entries of 96 B, one per
+                           broker id (see .members):
+                             0 sequence (u32, odd while the entry is written)
+                             4 state (u32: 0 absent, 1 live, 2 draining)
+                             8 pid (u32)           12 port (u32)
+                            16 start time (u64, ns since the epoch)
+                            24 heartbeat (u64, ns of the host's monotonic clock)
+                            32 heartbeats (u64)   40 heartbeat timeout (u32, ms)
+                            44 heartbeat interval (u32, ms)
+                            48 host[48] (UTF-8, NUL padded)
     offset 4096       topic table: max_topics entries of 64 + 64 * max_brokers B
                         topic header: name[32] (NUL padded), state u32 @32
-                        (0 free, 1 live, 2 being deleted), incarnation u64
-                        @40 (new at every creation of a topic in the slot),
+                        (0 free, 1 live, 2 being deleted), order u32 @36
+                        (0 or 5, fixed when the topic is created),
+                        incarnation u64 @40 (new at every creation of a
+                        topic in the slot),
                         then one 64-B stream entry per broker:
                           0 first segment (u32)   4 last segment (u32)
                           8 segment count (u32)  16 committed messages (u64)
@@ -69,11 +83,36 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import LayoutError
-from ..wire import BATCH_HEADER, BH_BATCH_COMPLETE, BatchHeader, unpack_batch_header
+from ..wire import (
+    BATCH_HEADER,
+    BH_BATCH_COMPLETE,
+    MAX_BROKER_ID,
+    BatchHeader,
+    unpack_batch_header,
+)
 
-MAGIC = b"TEMBCXL2"
-LAYOUT_VERSION = 2
+MAGIC = b"TEMBCXL3"
+#: Layout 3 added the broker table and a topic's order; layout 2 had neither.
+LAYOUT_VERSION = 3
+#: Layout 2's magic: such a region is read as it is and upgraded by the
+#: first broker that attaches (:func:`upgrade_layout`).
+MAGIC_2 = b"TEMBCXL2"
+_MAGIC_VERSION = struct.Struct("<8sI")
 SUPERBLOCK_SIZE = 4096
+#: Where the sequencer lease will live (reserved, zero in layout 3).
+LEASE_OFFSET = 512
+LEASE_SIZE = 512
+#: The broker table: one entry per possible broker id, inside the superblock
+#: page, so adding it moved nothing else.
+BROKER_TABLE_OFFSET = 1024
+MEMBER_ENTRY_SIZE = 96
+BROKER_TABLE_ENTRIES = MAX_BROKER_ID + 1
+#: sequence, state, pid, port, start time, heartbeat, heartbeats, timeout
+#: (ms), interval (ms), host.
+MEMBER_ENTRY = struct.Struct("<IIIIQQQII48s")
+MEMBER_HOST_BYTES = 48
+assert MEMBER_ENTRY.size == MEMBER_ENTRY_SIZE
+assert BROKER_TABLE_OFFSET + BROKER_TABLE_ENTRIES * MEMBER_ENTRY_SIZE <= SUPERBLOCK_SIZE
 SEGMENT_MAGIC = 0x324D4753  # "SGM2"
 SEGMENT_HEADER_SIZE = 64
 TOPIC_HEADER_SIZE = 64
@@ -95,6 +134,8 @@ NEXT_GENERATION_OFFSET = 72
 SEGMENT_HEADER = struct.Struct("<IIIIIIQ")
 SEGMENT_NEXT_OFFSET = 16
 TOPIC_STATE_OFFSET = 32
+#: A topic's order level (0 or 5), at +36 of its header: fixed at creation.
+TOPIC_ORDER_OFFSET = 36
 #: A topic's incarnation, at +40 of its header: a broker's in-memory stream
 #: of an older incarnation is of a topic deleted since.
 TOPIC_INCARNATION_OFFSET = 40
@@ -270,17 +311,57 @@ def read_geometry(buf: Any) -> Geometry:
     """Read a region's geometry from its superblock.
 
     Raises:
-        LayoutError: The buffer does not start with a layout-2 superblock.
+        LayoutError: The buffer does not start with a layout-3 superblock;
+            the message tells a region of an older layout from other data.
     """
     magic, version, topics, brokers, _, region, segment, _, _, unit, _, _ = SUPERBLOCK.unpack_from(
         buf, 0
     )
+    if (magic, version) == (MAGIC_2, 2):
+        # Layout 2 keeps its tables where layout 3 does; it has no broker
+        # table (its zeros read as "absent") and every topic's order is 0.
+        return Geometry(region, segment, topics, brokers, unit)
+    if magic[:-1] == MAGIC[:-1] and (magic != MAGIC or version != LAYOUT_VERSION):
+        # Ours, but of another layout: its tables are not where this one looks.
+        raise LayoutError(
+            f"a CXL region of layout {version} (this version of trio-embarcadero "
+            f"reads layout {LAYOUT_VERSION} only)"
+        )
     if magic != MAGIC or version != LAYOUT_VERSION:
         raise LayoutError(
             f"not a trio-embarcadero CXL region of layout {LAYOUT_VERSION} "
             f"(magic {magic!r}, version {version})"
         )
     return Geometry(region, segment, topics, brokers, unit)
+
+
+def upgrade_layout(buf: Any, path: str) -> bool:
+    """Make a region of layout 2 one of layout 3, in place; the caller holds
+    the region's file lock and maps it read-write.
+
+    Layout 3 only adds what layout 2 left as zeros: the broker table and the
+    sequencer lease in the superblock's page, and a topic's order (0) in its
+    header's padding. So the upgrade is the new magic and version, written
+    once the page is seen to be empty; every batch stays where it is.
+
+    Returns:
+        Whether the region was of layout 2 (and is of layout 3 now).
+
+    Raises:
+        LayoutError: The superblock's page holds data beyond layout 2's
+            superblock: not a region the previous version wrote.
+    """
+    magic, version = _MAGIC_VERSION.unpack_from(buf, 0)
+    if (magic, version) != (MAGIC_2, 2):
+        return False
+    rest = np.frombuffer(buf, np.uint8, SUPERBLOCK_SIZE - SUPERBLOCK.size, SUPERBLOCK.size)
+    if rest.any():
+        raise LayoutError(
+            f"{path} says it is a CXL region of layout 2, but its superblock's page is not "
+            "empty past the superblock; start with --reset to discard it"
+        )
+    _MAGIC_VERSION.pack_into(buf, 0, MAGIC, LAYOUT_VERSION)
+    return True
 
 
 def check_layout(buf: Any, geometry: Geometry, path: str) -> None:
@@ -410,14 +491,17 @@ def read_topics(buf: Any, geometry: Geometry) -> dict[str, int]:
     return found
 
 
-def write_topic(buf: Any, geometry: Geometry, index: int, raw_name: bytes) -> None:
-    """Make slot ``index`` a live topic named ``raw_name`` (caller holds the lock).
+def write_topic(buf: Any, geometry: Geometry, index: int, raw_name: bytes, order: int = 0) -> None:
+    """Make slot ``index`` a live topic named ``raw_name`` of order level
+    ``order`` (caller holds the lock).
 
     The topic gets a new incarnation, taken from the superblock's generation
     counter, so a stream of a topic deleted meanwhile is told apart from it.
+    Its order is fixed from here on: nothing rewrites it while the topic lives.
     """
     off = geometry.topic_offset(index)
     buf[off : off + TOPIC_NAME_BYTES] = raw_name.ljust(TOPIC_NAME_BYTES, b"\0")
+    U32.pack_into(buf, off + TOPIC_ORDER_OFFSET, order)
     (incarnation,) = U64.unpack_from(buf, NEXT_GENERATION_OFFSET)
     U64.pack_into(buf, NEXT_GENERATION_OFFSET, incarnation + 1)
     U64.pack_into(buf, off + TOPIC_INCARNATION_OFFSET, incarnation)
@@ -431,6 +515,19 @@ def read_topic_state(buf: Any, geometry: Geometry, index: int) -> tuple[int, int
     (state,) = U32.unpack_from(buf, off + TOPIC_STATE_OFFSET)
     (incarnation,) = U64.unpack_from(buf, off + TOPIC_INCARNATION_OFFSET)
     return state, incarnation
+
+
+def read_topic_order(buf: Any, geometry: Geometry, index: int) -> int:
+    """The order level (0 or 5) slot ``index``'s topic was created with."""
+    (order,) = U32.unpack_from(buf, geometry.topic_offset(index) + TOPIC_ORDER_OFFSET)
+    return int(order)
+
+
+def member_offset(broker_id: int) -> int:
+    """Where broker ``broker_id``'s entry of the broker table is."""
+    if not 0 <= broker_id < BROKER_TABLE_ENTRIES:
+        raise ValueError(f"broker id {broker_id} is not in 0..{BROKER_TABLE_ENTRIES - 1}")
+    return BROKER_TABLE_OFFSET + broker_id * MEMBER_ENTRY_SIZE
 
 
 def read_stream_entry(

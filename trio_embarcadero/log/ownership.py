@@ -185,11 +185,7 @@ class BrokerLock:
         return AlreadyServedError(self.served, slot, self._read_pid(slot), hint)
 
     def _read_pid(self, slot: int) -> int | None:
-        # The holder writes its pid right after taking its lock; in the
-        # microseconds between, the message says "pid unknown" rather than
-        # making a refused start (maybe on the event loop) wait for it.
-        text = os.pread(self._fd, SLOT_SIZE, slot * SLOT_SIZE).strip(b"\0 \n")
-        return int(text) if text.isdigit() else None
+        return _slot_pid(self._fd, slot)
 
     def keep_own_slot(self) -> None:
         """After a reset: let other broker ids in again, keep this one's slot."""
@@ -209,6 +205,14 @@ class BrokerLock:
             pass
         finally:
             os.close(self._fd)
+
+
+def _slot_pid(fd: int, slot: int) -> int | None:
+    # The holder writes its pid right after taking its lock; in the
+    # microseconds between, this says "pid unknown" rather than making a
+    # refused start (maybe on the event loop) wait for it.
+    text = os.pread(fd, SLOT_SIZE, slot * SLOT_SIZE).strip(b"\0 \n")
+    return int(text) if text.isdigit() else None
 
 
 def _try_lock(fd: int, kind: int, start: int, length: int) -> bool:
@@ -305,17 +309,27 @@ def claim_region(path: str, broker_id: int, *, mode: int, reset: bool = False) -
 
 def served_brokers(path: str) -> set[int]:
     """The broker ids a live process serves on the CXL file ``path`` now."""
+    return set(lock_holders(path))
+
+
+def lock_holders(path: str) -> dict[int, int | None]:
+    """The broker ids a live process serves on the CXL file ``path`` now,
+    each with that process's pid (None while it is not written yet).
+
+    Raises:
+        OSError: The lock file exists but cannot be read (another user's).
+    """
     try:
         fd = os.open(region_lock_path(path), os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        return set()
+        return {}
     try:
-        served = set()
+        served = {}
         for slot in range(SLOTS):
             query = _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, slot * SLOT_SIZE, SLOT_SIZE, 0)
             kind, *_ = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query))
             if kind != fcntl.F_UNLCK:
-                served.add(slot)
+                served[slot] = _slot_pid(fd, slot)
         return served
     finally:
         os.close(fd)
@@ -338,6 +352,7 @@ __all__ = [
     "claim_disk_log",
     "claim_region",
     "disk_lock_path",
+    "lock_holders",
     "make_private_dir",
     "open_private_file",
     "region_lock_path",

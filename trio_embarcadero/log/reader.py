@@ -77,9 +77,12 @@ from .layout import (
     iter_batches,
     read_geometry,
     read_stream_entry,
+    read_topic_order,
     read_topics,
     unit_map,
 )
+from .members import BrokerMember, read_members
+from .ownership import lock_holders
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +116,12 @@ class TopicInfo:
     Attributes:
         name: The topic name.
         streams: Its streams, by broker id.
+        order: Its order level (0 or 5), fixed when it was created.
     """
 
     name: str
     streams: tuple[StreamInfo, ...]
+    order: int = 0
 
     @property
     def messages(self) -> int:
@@ -195,7 +200,10 @@ class LogReader:
         finally:
             os.close(fd)
         try:
-            self.geometry: Geometry = read_geometry(self._mmap)
+            try:
+                self.geometry: Geometry = read_geometry(self._mmap)
+            except LayoutError as exc:
+                raise LayoutError(f"{self.path} is {exc}") from None
             if self.geometry.region_size != size:
                 raise LayoutError(
                     f"{self.path} is {size} bytes but its superblock says "
@@ -255,6 +263,19 @@ class LogReader:
             if info.name == name:
                 return info
         raise KeyError(name)
+
+    # -- the brokers ------------------------------------------------------------------
+
+    def brokers(self) -> list[BrokerMember]:
+        """The brokers that serve the region, or were left listed by one that died.
+
+        Each broker's entry of the region's broker table, judged with its
+        broker id's lock where the lock file (``<path>.lock``) can be read,
+        and by its heartbeat alone where it cannot (see
+        :mod:`~trio_embarcadero.log.members`). ``alive`` tells the brokers
+        that serve clients now; ``address`` where they listen.
+        """
+        return region_brokers(self._mmap, self.path, self.geometry.max_brokers)
 
     # -- walking a stream -------------------------------------------------------------
 
@@ -475,6 +496,25 @@ def describe_region(path: str, geometry: Geometry, units_used: int) -> dict[str,
     }
 
 
+def region_brokers(buf: Any, path: str, max_brokers: int) -> list[BrokerMember]:
+    """The brokers of the region ``buf`` maps (the file ``path``): see
+    :meth:`LogReader.brokers`."""
+    try:
+        holders: dict[int, int | None] | None = lock_holders(path)
+    except OSError:
+        holders = None  # another user's lock file: the heartbeats decide
+    return read_members(buf, max_brokers, holders)
+
+
+def describe_brokers(members: list[BrokerMember]) -> list[dict[str, Any]]:
+    """A region's brokers (:meth:`LogReader.brokers`) as the listings show
+    them (JSON values: the ``brokers`` of ``GET /v1/topics``, ``inspect``)."""
+    return [
+        {**attrs.asdict(m), "status": m.status.value, "address": m.address, "alive": m.alive}
+        for m in members
+    ]
+
+
 def describe_streams(
     topic: TopicInfo, disk_files: Mapping[tuple[str, int], list[tuple[int, int]]] | None
 ) -> list[dict[str, Any]]:
@@ -526,7 +566,7 @@ def read_topic_infos(buf: Any, geometry: Geometry) -> list[TopicInfo]:
                         entry.start_offset,
                     )
                 )
-        out.append(TopicInfo(name, tuple(streams)))
+        out.append(TopicInfo(name, tuple(streams), read_topic_order(buf, geometry, index)))
     return out
 
 
@@ -555,4 +595,4 @@ def open_log(path: str | os.PathLike[str]) -> Iterator[LogReader]:
         reader.close()
 
 
-__all__ = ["BatchInfo", "LogReader", "StreamInfo", "TopicInfo", "open_log"]
+__all__ = ["BatchInfo", "BrokerMember", "LogReader", "StreamInfo", "TopicInfo", "open_log"]

@@ -89,11 +89,13 @@ from .layout import (
     iter_batches,
     read_segment_header,
     read_stream_entry,
+    read_topic_order,
     read_topic_state,
     read_topics,
     segment_chain,
     topic_states,
     unit_map,
+    upgrade_layout,
     write_topic,
 )
 from .ownership import BrokerLock, check_replaceable, claim_region, open_private_file
@@ -364,6 +366,9 @@ class CxlLog:
         #: Wall-clock nanoseconds, stamped on segments at commit (time-based
         #: retention); replaceable for tests.
         self.clock: Callable[[], int] = time.time_ns
+        #: The order level (0 or 5) a topic this handle creates gets: the
+        #: broker sets its config's; fixed in the region from then on.
+        self.topic_order: Callable[[str], int] = lambda _topic: 0
         self._streams: dict[str, Stream] = {}
         #: topic -> (table slot, incarnation), as last seen.
         self._topic_index: dict[str, tuple[int, int]] = {}
@@ -492,6 +497,8 @@ class CxlLog:
                 if fresh:
                     format_region(mapping, geometry)
                 else:
+                    if upgrade_layout(mapping, path):
+                        logger.info("%s: upgraded the region from layout 2 to 3 in place", path)
                     check_layout(mapping, geometry, path)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
@@ -585,19 +592,43 @@ class CxlLog:
         found = self._slot_of(topic)
         if found is not None:
             index = found
+            self._check_order(topic, index)  # another broker created it
         else:
             free = self._free_topic_slot()
             if free is None:
                 self._log_full += 1
                 raise self._topic_table_full(topic)
-            write_topic(self._mmap, self.geometry, free, raw)
+            order = self.topic_order(topic)
+            write_topic(self._mmap, self.geometry, free, raw, order)
             index = free
-            logger.info("created topic %r (table slot %d)", topic, index)
+            logger.info("created topic %r (table slot %d, order %d)", topic, index, order)
         known = self._topic_index[topic] = (
             index,
             read_topic_state(self._mmap, self.geometry, index)[1],
         )
         return known
+
+    def order_of(self, topic: str) -> int | None:
+        """The order level ``topic`` was created with; None if it does not exist."""
+        index = self._slot_of(topic)
+        return None if index is None else read_topic_order(self._mmap, self.geometry, index)
+
+    def check_topic_orders(self) -> None:
+        """Warn about every topic whose order is not the one :attr:`topic_order` gives it."""
+        for topic, index in self.topics().items():
+            self._check_order(topic, index)
+
+    def _check_order(self, topic: str, index: int) -> None:
+        stored = read_topic_order(self._mmap, self.geometry, index)
+        wanted = self.topic_order(topic)
+        if stored != wanted:
+            logger.warning(
+                "topic %r has order %d, fixed when it was created; the config's order %d "
+                "does not apply to it (delete the topic to create it anew with another order)",
+                topic,
+                stored,
+                wanted,
+            )
 
     def _segment_order(self, stream: Stream, need: int) -> tuple[int, int]:
         """(smallest order that holds ``need`` bytes, order to try first)."""

@@ -13,6 +13,8 @@ can read it::
      "topics": {"orders": {"slot": 3, "incarnation": 17,
                            "retention_bytes": 1073741824, "retention_ms": null}}}
 
+(A topic's order level is not here: the region keeps it with the topic.)
+
 A record holds only while the region has the same live topic: the same
 file (``region_inode``), and the slot live with the same name and
 incarnation. A topic deleted by any means (also a deletion cut short by a
@@ -69,7 +71,6 @@ class TopicRecord:
     Attributes:
         slot: The topic's slot in the topic table when it was recorded.
         incarnation: The topic's incarnation in that slot.
-        order: The topic's ordering (0: each broker's stream in its own order).
         retention_bytes: ``retention_bytes`` for the topic, or None for the
             config file's.
         retention_ms: ``retention_ms`` for the topic, or None for the config
@@ -78,7 +79,6 @@ class TopicRecord:
 
     slot: int
     incarnation: int
-    order: int = 0
     retention_bytes: int | None = None
     retention_ms: int | None = None
 

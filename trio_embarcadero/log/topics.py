@@ -42,6 +42,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from ..config import ORDER_LEVELS
 from ..errors import LogFullError, TopicBusyError, TopicExistsError
 from ..wire import encode_topic
 from .layout import (
@@ -112,15 +113,17 @@ def create_topic_file(
     """Create topic ``name`` in the CXL file ``path`` (served or not) with its settings.
 
     Under the region's file lock: the topic takes a free slot of the topic
-    table, as its first batch would, and its settings are recorded beside
-    the region (:mod:`.settings`); records of topics gone meanwhile are
-    dropped. Running brokers see the topic at its first use.
+    table with its order level, as its first batch would, and the retention
+    keys given are recorded beside the region (:mod:`.settings`); records of
+    topics gone meanwhile are dropped. Running brokers see the topic at its
+    first use.
 
     Args:
         path: The CXL file (a broker made it).
         name: The topic.
-        order: Its ordering; 0 (each broker's stream in its own order) is
-            the only one there is.
+        order: Its order level (``config.ORDER_LEVELS``: 0, each broker's
+            stream in its own order; 5, one total order across brokers),
+            fixed in the region with the topic.
         retention_bytes: Its ``retention_bytes``, or None for the config
             file's (already checked: -1 or > 0).
         retention_ms: Its ``retention_ms``, or None for the config file's.
@@ -128,13 +131,17 @@ def create_topic_file(
             settings file gets too.
 
     Raises:
-        ValueError: ``name`` is not a topic name.
+        ValueError: ``name`` is not a topic name, or ``order`` not an order level.
         TopicExistsError: The topic exists; nothing changed.
         LogFullError: The topic table is full.
         LayoutError: ``path`` is not a region.
         OSError: It cannot be opened.
     """
     raw = encode_topic(name)
+    if order not in ORDER_LEVELS:
+        raise ValueError(
+            f"order {order} is not an order level ({', '.join(map(str, ORDER_LEVELS))})"
+        )
     with _locked_region(path, mode) as (fd, mapping, geometry):
         if find_topic(mapping, geometry, name) is not None:
             raise TopicExistsError(f"topic {name!r} exists")
@@ -150,13 +157,14 @@ def create_topic_file(
         # kill in between leaves a record that holds for no topic, never a
         # topic without its settings.
         (incarnation,) = U64.unpack_from(mapping, NEXT_GENERATION_OFFSET)
-        record = TopicRecord(slot, incarnation, order, retention_bytes, retention_ms)
+        record = TopicRecord(slot, incarnation, retention_bytes, retention_ms)
         inode = os.fstat(fd).st_ino
         file = settings_path(path)
         records = live_records(read_settings(file, inode), mapping, geometry)
-        records[name] = record
+        if record.retention:  # a topic that keeps the config's needs none
+            records[name] = record
         write_settings(file, inode, records, mode)
-        write_topic(mapping, geometry, slot, raw)
+        write_topic(mapping, geometry, slot, raw, order)
     return Created(slot, record)
 
 
