@@ -26,7 +26,10 @@ Layout (version 3, all integers little-endian)::
                         (0 free, 1 live, 2 being deleted), order u32 @36
                         (0 or 5, fixed when the topic is created),
                         incarnation u64 @40 (new at every creation of a
-                        topic in the slot),
+                        topic in the slot), ordered index head u32 @48
+                        (its first index segment + 1; 0: none yet),
+                        ordered batches u64 @56 (entries in the ordered
+                        index: the sequencer's commit point; see below),
                         then one 64-B stream entry per broker:
                           0 first segment (u32)   4 last segment (u32)
                           8 segment count (u32)  16 committed messages (u64)
@@ -45,6 +48,27 @@ Layout (version 3, all integers little-endian)::
                         last commit time u64 @32 (ns, for time retention)
                         then batches back to back from +64:
                         [128-B batch header][payload of total_size bytes]
+
+The ordered index of an order-5 topic (written by the sequencer, see
+:mod:`.sequencer`) is a chain of one-unit segments whose map owner is
+``INDEX_OWNER`` and whose header names the topic with broker
+``INDEX_OWNER``; from +64 each holds ``(unit_size - 64) // 32`` entries of
+32 B, entry ``k`` of the topic in its chain's segment ``k // per_segment``:
+                          0 broker (u32)          4 num_msg (u32)
+                          8 total order of its first message (u64)
+                         16 batch header offset (u64)
+                         24 generation of the data segment then (u64): a
+                            reader that finds another one there knows the
+                            batch is gone (retention), like an offset
+Ordering a batch writes, in this order: every record's ``total_order``
+and the header's ``total_order``, the index entry, the topic's ordered
+count (the commit point: one aligned 8-byte store), then the header's
+``ordered`` word (1). A batch is ordered once the count covers its entry;
+a sequencer that starts again redoes the last entry's ``ordered`` word and
+goes on from the count, so a ``kill -9`` at any step neither assigns a total
+order twice nor skips one. The next total order is the last entry's plus
+its ``num_msg``; each broker's stream is ordered in its commit order, so
+its ordered batches come first and a restart resumes after the last one.
 
 A *stream* is one (topic, broker) pair: its own chain of segments, its own
 logical offsets. Its first segment is one unit, and each next one twice the
@@ -139,6 +163,19 @@ TOPIC_ORDER_OFFSET = 36
 #: A topic's incarnation, at +40 of its header: a broker's in-memory stream
 #: of an older incarnation is of a topic deleted since.
 TOPIC_INCARNATION_OFFSET = 40
+#: An order-5 topic's ordered index: its first segment + 1 (0: none), at +48.
+TOPIC_INDEX_HEAD_OFFSET = 48
+#: The entries in that index (the sequencer's commit point), at +56.
+TOPIC_ORDERED_OFFSET = 56
+#: The segment map's owner (and segment header's broker) of index segments:
+#: no broker id is this large.
+INDEX_OWNER = 0xFF
+#: broker, num_msg, total order, batch header offset, data segment generation.
+INDEX_ENTRY = struct.Struct("<IIQQQ")
+INDEX_ENTRY_SIZE = INDEX_ENTRY.size
+#: Byte offsets of the batch-header words the sequencer writes.
+BH_ORDERED = 24
+BH_TOTAL_ORDER = 56
 #: A stream entry's count of attached publish sessions, at +56.
 STREAM_ATTACHED_OFFSET = 56
 #: A stream entry: first, last segment, segment count.
@@ -502,6 +539,9 @@ def write_topic(buf: Any, geometry: Geometry, index: int, raw_name: bytes, order
     off = geometry.topic_offset(index)
     buf[off : off + TOPIC_NAME_BYTES] = raw_name.ljust(TOPIC_NAME_BYTES, b"\0")
     U32.pack_into(buf, off + TOPIC_ORDER_OFFSET, order)
+    # A new topic has no ordered index (a deleted one's segments are freed).
+    U32.pack_into(buf, off + TOPIC_INDEX_HEAD_OFFSET, 0)
+    U64.pack_into(buf, off + TOPIC_ORDERED_OFFSET, 0)
     (incarnation,) = U64.unpack_from(buf, NEXT_GENERATION_OFFSET)
     U64.pack_into(buf, NEXT_GENERATION_OFFSET, incarnation + 1)
     U64.pack_into(buf, off + TOPIC_INCARNATION_OFFSET, incarnation)
@@ -521,6 +561,62 @@ def read_topic_order(buf: Any, geometry: Geometry, index: int) -> int:
     """The order level (0 or 5) slot ``index``'s topic was created with."""
     (order,) = U32.unpack_from(buf, geometry.topic_offset(index) + TOPIC_ORDER_OFFSET)
     return int(order)
+
+
+@attrs.frozen
+class IndexEntry:
+    """One entry of an order-5 topic's ordered index.
+
+    Attributes:
+        broker_id: The broker whose stream holds the batch.
+        num_msg: Its messages.
+        total_order: The total order of its first message.
+        header_offset: Where its batch header is in the region.
+        generation: The generation of its segment when it was ordered.
+    """
+
+    broker_id: int
+    num_msg: int
+    total_order: int
+    header_offset: int
+    generation: int
+
+
+def index_per_segment(geometry: Geometry) -> int:
+    """Ordered index entries in one index segment (one allocation unit)."""
+    return (geometry.unit_size - SEGMENT_HEADER_SIZE) // INDEX_ENTRY_SIZE
+
+
+def read_ordered_count(buf: Any, geometry: Geometry, topic_index: int) -> int:
+    """Entries in slot ``topic_index``'s ordered index (its ordered batches)."""
+    (count,) = U64.unpack_from(buf, geometry.topic_offset(topic_index) + TOPIC_ORDERED_OFFSET)
+    return int(count)
+
+
+def index_chain(buf: Any, geometry: Geometry, topic_index: int) -> list[int]:
+    """The segments (first units) of slot ``topic_index``'s ordered index, in order."""
+    (head,) = U32.unpack_from(buf, geometry.topic_offset(topic_index) + TOPIC_INDEX_HEAD_OFFSET)
+    units: list[int] = []
+    segment = head - 1 if head else NO_SEGMENT
+    while segment < geometry.num_units and len(units) < geometry.num_units:
+        found = read_segment_header(buf, geometry, segment)
+        if found is None or (found.topic, found.broker_id) != (topic_index, INDEX_OWNER):
+            break
+        units.append(segment)
+        segment = found.next_segment
+    return units
+
+
+def index_entry_offset(geometry: Geometry, units: list[int], entry: int) -> int:
+    """Where entry ``entry`` of an index whose chain is ``units`` is."""
+    per = index_per_segment(geometry)
+    unit = units[entry // per]
+    return geometry.segment_offset(unit) + SEGMENT_HEADER_SIZE + (entry % per) * INDEX_ENTRY_SIZE
+
+
+def read_index_entry(buf: Any, geometry: Geometry, units: list[int], entry: int) -> IndexEntry:
+    """Entry ``entry`` of an index whose chain is ``units`` (see :func:`index_chain`)."""
+    return IndexEntry(*INDEX_ENTRY.unpack_from(buf, index_entry_offset(geometry, units, entry)))
 
 
 def member_offset(broker_id: int) -> int:

@@ -100,6 +100,7 @@ from .layout import (
 )
 from .ownership import BrokerLock, check_replaceable, claim_region, open_private_file
 from .segments import SegmentMap, order_for
+from .sequencer import Sequencer
 from .topics import attached_publishers, finish_deletions
 
 logger = logging.getLogger(__name__)
@@ -532,6 +533,12 @@ class CxlLog:
 
     def _lock(self) -> _FileLock:
         return _FileLock(self._fd)
+
+    def sequencer(self, hole_timeout_ns: int) -> Sequencer:
+        """A :class:`~.sequencer.Sequencer` of this region (the head broker's)."""
+        return Sequencer(
+            self._mmap, self.geometry, self.map, self._lock, hole_timeout_ns=hole_timeout_ns
+        )
 
     def topics(self) -> dict[str, int]:
         """Every live topic in the region and its table index."""
