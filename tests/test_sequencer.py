@@ -326,3 +326,23 @@ def test_the_entry_points_at_the_batch_header(brokers: tuple[CxlLog, CxlLog]) ->
     assert brokers[1].batch_at(batch.header_offset).payload_offset == (
         batch.header_offset + BATCH_HEADER_SIZE
     )
+
+
+def test_retention_keeps_a_segment_until_its_batches_are_ordered(
+    brokers: tuple[CxlLog, CxlLog],
+) -> None:
+    log = brokers[1]
+    for i in range(40):  # 1 KiB batches over several small segments
+        commit(log, [900], 2, i)
+    stream = log.stream(TOPIC)
+    assert len(stream.segments) > 2
+
+    def reclaimable() -> int:
+        return log.reclaimable_segments(stream, retention_bytes=0, retention_ms=-1, now_ns=0)
+
+    assert reclaimable() == 0  # nothing ordered yet: its acks wait
+    seq = brokers[0].sequencer(HOLE_NS)
+    seq.step(0, budget=stream.segments[0].batches)
+    assert reclaimable() == 1
+    seq.step(0)
+    assert reclaimable() == len(stream.segments) - 1

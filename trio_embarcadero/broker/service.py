@@ -4,7 +4,8 @@
 
     serve()
     └── service scope (shielded: outer cancellation starts a graceful drain)
-        ├── pool monitor, statistics reporter, heartbeat (the broker table entry)
+        ├── pool monitor, statistics reporter, heartbeat (the broker table entry),
+        │   ordering (broker 0's sequencer; acks of order-5 topics wait for it)
         └── durable nursery: disk writer (with storage.dir)
             └── allocator nursery: num_cxl_allocation_workers allocator tasks
                 └── ack nursery: dial-back ack connections
@@ -48,6 +49,7 @@ from ..errors import ErrorCode, LayoutError, ListenError, ProtocolError, Storage
 from ..log import CxlLog, DiskLog
 from ..log.ownership import BrokerLock, claim_disk_log, claim_region
 from ..log.region import check_memory_ordering
+from ..log.sequencer import Sequencer
 from ..wire import encode_error_frame
 from .acks import DialBackRegistry, DialBackStatistics
 from .allocator import AllocationCounters, Backoff, LogSpace, StagedBatch, run_allocator
@@ -56,6 +58,7 @@ from .connection import Connection, ConnectionPhase
 from .durability import Durability
 from .membership import Membership
 from .monitor import PauseGate, run_pool_monitor
+from .ordering import OrderWaits, run_ordering
 from .publish import IngestPath
 from .retention import make_room, reclaimable_units, retention_configured, run_retention
 from .session import serve_connection
@@ -117,8 +120,17 @@ class Broker:
             if disk is not None
             else None
         )
+        self.order_waits = OrderWaits(log)
+        # Broker 0 is the head: it orders every broker's order-5 batches.
+        self.sequencer = (
+            log.sequencer(int(config.cxl.sequencer_hole_timeout_s * 1e9))
+            if self.broker_id == 0
+            else None
+        )
         self.commits = CommitFeed(
-            log, self.durability.committed if self.durability is not None else None
+            log,
+            self.durability.committed if self.durability is not None else None,
+            self.order_waits,
         )
         self.pool = StagingPool(
             net.staging_pool_num_buffers if net.use_nonblocking else 1,
@@ -204,6 +216,8 @@ class Broker:
             log=log,
             dial_backs=dial,
             disk=self.durability.statistics() if self.durability is not None else None,
+            order_waits=self.order_waits.held,
+            sequencer=self.sequencer.statistics() if self.sequencer is not None else None,
         )
 
     # -- running ---------------------------------------------------------------------
@@ -259,6 +273,14 @@ class Broker:
                     )
                 await services.start(self._report)
                 await services.start(self.membership.run)
+                await services.start(
+                    partial(
+                        run_ordering,
+                        self.order_waits,
+                        self.sequencer,
+                        self.config.cxl.sequencer_interval_ms / 1000,
+                    )
+                )
                 await services.start(
                     partial(
                         run_retention,
@@ -531,7 +553,9 @@ async def _start(
     return Broker(config, log, listeners, disk)
 
 
-def _close_logs(log: CxlLog, disk: DiskLog | None) -> None:
+def _close_logs(log: CxlLog, disk: DiskLog | None, sequencer: Sequencer | None) -> None:
+    if sequencer is not None:
+        sequencer.close()
     if disk is not None:
         disk.close()
     try:
@@ -558,7 +582,7 @@ async def _serve(broker: Broker, *, task_status: trio.TaskStatus[Broker]) -> NoR
                 broker.begin_shutdown()
     finally:
         broker.membership.leave()
-        _close_logs(broker.log, broker.disk)
+        _close_logs(broker.log, broker.disk, broker.sequencer)
         if broker.failure is not None:
             # Drained: the caller learns why the broker stopped, also when it
             # had asked it to stop meanwhile (this replaces the Cancelled).

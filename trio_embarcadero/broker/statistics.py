@@ -9,6 +9,7 @@ import attrs
 
 from ..errors import ErrorCode
 from ..log import CxlStatistics, DiskStatistics
+from ..log.sequencer import SequencerStatistics
 from ..wire import BatchHeader
 from .acks import DialBackStatistics
 from .staging import StagingPoolStatistics
@@ -80,6 +81,9 @@ class BrokerStatistics:
         queued_batches: Staged batches waiting for an allocator.
         dial_backs: Dial-back ack connection counters.
         disk: Disk log counters (None without ``storage.dir``).
+        order_waits: Committed batches of order-5 topics whose acks wait
+            for their place in the total order.
+        sequencer: The sequencer's counters and lag (broker 0 only, else None).
     """
 
     connections: dict[str, int]
@@ -111,6 +115,8 @@ class BrokerStatistics:
     log: CxlStatistics
     dial_backs: DialBackStatistics
     disk: DiskStatistics | None
+    order_waits: int = 0
+    sequencer: SequencerStatistics | None = None
 
     def summary(self) -> str:
         """One log line: what moved and where the pressure is."""
@@ -123,6 +129,13 @@ class BrokerStatistics:
             f"ring_full {self.log.ring_full} log_full {self.log.log_full} "
             f"units free/used/reclaimable {self.log.segments_free}/{self.log.segments_used}/"
             f"{self.segments_reclaimable} errors {sum(self.errors.values())}"
+            + (f" order_waits {self.order_waits}" if self.order_waits else "")
+            + (
+                f" sequencer {self.sequencer.batches_ordered}b lag {self.sequencer.lag_batches}b/"
+                f"{self.sequencer.lag_oldest_s:.3f}s"
+                if self.sequencer is not None and self.sequencer.topics
+                else ""
+            )
             + (
                 f" HELD: {self.log_full_held} batch(es) wait for retention to free log space"
                 if self.log_full_held
