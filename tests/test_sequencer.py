@@ -17,7 +17,7 @@ import pytest
 import rawclient
 from test_cxl import Region, body
 
-from trio_embarcadero.log import CxlLog, Reservation
+from trio_embarcadero.log import CxlLog, Reservation, open_log
 from trio_embarcadero.log import sequencer as sequencer_module
 from trio_embarcadero.log.layout import (
     BATCH_COMMITTED,
@@ -346,3 +346,21 @@ def test_retention_keeps_a_segment_until_its_batches_are_ordered(
     assert reclaimable() == 1
     seq.step(0)
     assert reclaimable() == len(stream.segments) - 1
+
+
+def test_open_log_reads_the_total_order(brokers: tuple[CxlLog, CxlLog], cxl_path: str) -> None:
+    seq = brokers[0].sequencer(HOLE_NS)
+    commit(brokers[0], [10, 20], 1, 0)
+    commit(brokers[1], [30, 40, 50], 2, 0)
+    commit(brokers[0], [60], 1, 2)
+    with open_log(cxl_path) as reader:
+        assert list(reader.ordered_messages(TOPIC)) == []  # nothing ordered yet
+        seq.step(0)
+        assert reader.ordered_end(TOPIC) == 6
+        got = [(m.offset, m.client_id, m.client_order) for m in reader.ordered_messages(TOPIC)]
+        assert got == [(t, c, o) for t, c, o, _ in ordered_view(brokers[0])]
+        # Broker 0's batches first (the step walks its stream first), then
+        # broker 1's: from total order 4, its batch is cut after one record.
+        from_4 = list(reader.ordered_messages(TOPIC, start=4))
+        assert [(m.offset, len(m.payload)) for m in from_4] == [(4, 40), (5, 50)]
+        assert from_4[0].payload == rawclient.payload_for(2, 1, 40)

@@ -83,6 +83,14 @@ class CommitFeed:
             if not lot and self._waiters.get(topic) is lot:
                 del self._waiters[topic]
 
+    async def wait_ordered(self) -> None:
+        """Return once more may be ordered: at once after this process's
+        sequencer ordered batches, else after ``cxl.sequencer_interval_ms``."""
+        if self._order_waits is None:
+            await trio.sleep(0.005)
+        else:
+            await self._order_waits.wait_ordered()
+
     def _fan_out(self, committed: list[Reservation]) -> None:
         if not committed:
             return

@@ -42,12 +42,22 @@ class OrderWaits:
         log: The broker's log (the region the headers are read from).
     """
 
-    def __init__(self, log: CxlLog) -> None:
+    def __init__(self, log: CxlLog, interval: float = 0.005) -> None:
         self._log = log
         self._held: dict[int, deque[tuple[Reservation, Deliver]]] = {}
         self._count = 0
+        #: How often the order is looked for (``cxl.sequencer_interval_ms``).
+        self.interval = interval
         #: Unparked when a batch is held (the head's sequencer runs at once).
         self.wakeup = trio.lowlevel.ParkingLot()
+        #: Unparked when this process ordered batches (the head's ordered readers).
+        self.progress = trio.lowlevel.ParkingLot()
+
+    async def wait_ordered(self) -> None:
+        """Return once this process ordered batches, or after :attr:`interval`
+        (another process may have: the head, when this is not it)."""
+        with trio.move_on_after(self.interval):
+            await self.progress.park()
 
     @property
     def held(self) -> int:
@@ -110,6 +120,8 @@ async def run_ordering(
         if sequencer is not None:
             ordered = sequencer.step(int(trio.current_time() * 1e9))
             busy = len(ordered) >= DEFAULT_STEP_BUDGET
+            if ordered:
+                waits.progress.unpark_all()
         waits.release()
         if busy:
             await trio.lowlevel.checkpoint()  # more waits: go on after others had a turn

@@ -120,7 +120,7 @@ class Broker:
             if disk is not None
             else None
         )
-        self.order_waits = OrderWaits(log)
+        self.order_waits = OrderWaits(log, config.cxl.sequencer_interval_ms / 1000)
         # Broker 0 is the head: it orders every broker's order-5 batches.
         self.sequencer = (
             log.sequencer(int(config.cxl.sequencer_hole_timeout_s * 1e9))

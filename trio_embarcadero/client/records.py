@@ -9,6 +9,11 @@ and keeps a partial record for the next receive. It imports no Trio: the
 subscriber receives into :meth:`RecordDecoder.receive_buffer` and reports how
 many bytes arrived.
 
+An ordered subscription (``client_req = 3``, or ``1`` on an order-5 topic)
+has a 16-byte ``BatchMetadata`` in front of each batch's records; there the
+decoder follows total orders (every record's ``total_order`` field) instead
+of logical offsets, and hands them out as the messages' ``offset``.
+
 Copies cost little: the records a receive completes are copied into one
 ``bytes`` object at once, and each payload is sliced out of it, which is no
 slower per message than slicing a memoryview.
@@ -22,6 +27,8 @@ from typing import Any
 from ..errors import BrokerError, ErrorCode, ProtocolError
 from ..wire import (
     ALIGN,
+    BATCH_METADATA,
+    BATCH_METADATA_VERSION,
     ERROR_FRAME_HEAD,
     ERROR_MARKER,
     MESSAGE_HEADER,
@@ -41,8 +48,10 @@ class RecordDecoder:
     """Turns a subscription's byte stream into messages (sans-IO).
 
     Args:
-        position: Logical offset of the first record expected.
+        position: Logical offset (ordered: total order) of the first record expected.
         buffer_bytes: Initial buffer size; it grows for larger records.
+        ordered: The stream has a ``BatchMetadata`` in front of each batch,
+            and records follow total orders.
 
     Attributes:
         position: Logical offset of the next record expected.
@@ -54,8 +63,10 @@ class RecordDecoder:
             nothing after it is decoded.
     """
 
-    def __init__(self, position: int, buffer_bytes: int) -> None:
+    def __init__(self, position: int, buffer_bytes: int, *, ordered: bool = False) -> None:
         self.position = position
+        self.ordered = ordered
+        self._batch_left = 0  # ordered: records of the batch still due
         self.skipped = 0
         self.error: BrokerError | ProtocolError | None = None
         self._buffer = bytearray(max(buffer_bytes, 2 * RECEIVE_SIZE))
@@ -81,7 +92,7 @@ class RecordDecoder:
             self._start = self._end = 0
             return self._view
         need = RECEIVE_SIZE
-        if pending >= _U64.size:
+        if pending >= _U64.size and not self._at_metadata():
             (padded,) = _U64.unpack_from(self._buffer, start)
             if padded != ERROR_MARKER:
                 need = max(need, padded - pending)
@@ -131,6 +142,23 @@ class RecordDecoder:
             if padded == ERROR_MARKER:
                 pos = self._error_frame(pos, end)
                 break
+            if self._at_metadata():
+                if end - pos < BATCH_METADATA.size:
+                    break
+                first, count, version, flags = BATCH_METADATA.unpack_from(buf, pos)
+                if first > expected:
+                    self.skipped += first - expected  # reclaimed by retention
+                    expected = first
+                if (version, flags) != (BATCH_METADATA_VERSION, 0) or not count or first < expected:
+                    self.error = ProtocolError(
+                        ErrorCode.BAD_MESSAGE_RECORDS,
+                        f"BatchMetadata (total order {first}, {count} records, version "
+                        f"{version}, flags {flags}) where total order {expected} was due",
+                    )
+                    break
+                self._batch_left = count
+                pos += BATCH_METADATA.size
+                continue
             if padded < MESSAGE_HEADER_SIZE or padded % ALIGN or padded > MAX_RECORD_BYTES:
                 self.error = ProtocolError(
                     ErrorCode.BAD_MESSAGE_RECORDS,
@@ -139,8 +167,11 @@ class RecordDecoder:
                 break
             if end - pos < padded:
                 break
-            _, _, offset, _, _, client_order, client_id, size = unpack(buf, pos)
-            if offset > expected and size <= padded - MESSAGE_HEADER_SIZE:
+            _, _, offset, _, total_order, client_order, client_id, size = unpack(buf, pos)
+            if self.ordered:
+                offset = total_order
+                self._batch_left -= 1
+            elif offset > expected and size <= padded - MESSAGE_HEADER_SIZE:
                 self.skipped += offset - expected  # reclaimed by retention
                 expected = offset
             if offset != expected or size > padded - MESSAGE_HEADER_SIZE:
@@ -158,8 +189,14 @@ class RecordDecoder:
         self.position = expected
         return out
 
+    def _at_metadata(self) -> bool:
+        """Whether a ``BatchMetadata`` is due next (ordered streams)."""
+        return self.ordered and not self._batch_left
+
     def _record_ends_by(self, pos: int, end: int) -> bool:
         """Whether the record at ``pos`` has arrived whole, by its paddedSize."""
+        if self._at_metadata():
+            pos += BATCH_METADATA.size
         if end - pos < _U64.size:
             return False
         padded: int = _U64.unpack_from(self._buffer, pos)[0]

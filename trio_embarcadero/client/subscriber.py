@@ -51,18 +51,27 @@ class Subscriber:
         received: Messages handed out so far.
     """
 
-    def __init__(self, stream: trio.abc.Stream, topic: str, start: int, buffer_bytes: int) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        topic: str,
+        start: int,
+        buffer_bytes: int,
+        *,
+        ordered: bool = False,
+    ) -> None:
         self.topic = topic
         self.received = 0
         self._receiver: Receiver = receiver_for(stream)
-        self._decoder = RecordDecoder(start, buffer_bytes)
+        self._decoder = RecordDecoder(start, buffer_bytes, ordered=ordered)
         self._ready: list[Message] = []
         self._next = 0
         self._error: BrokerError | ProtocolError | None = None
 
     @property
     def position(self) -> int:
-        """The logical offset of the next message to be handed out."""
+        """The logical offset (ordered: the total order) of the next message
+        to be handed out."""
         return self._decoder.position
 
     @property
@@ -178,7 +187,12 @@ def _check_options(topic: str, start: int, client_id: int | None) -> int:
 
 @asynccontextmanager
 async def _subscribing(
-    stream: trio.abc.Stream, topic: str, start: int, client_id: int, buffer_bytes: int
+    stream: trio.abc.Stream,
+    topic: str,
+    start: int,
+    client_id: int,
+    buffer_bytes: int,
+    ordered: bool = False,
 ) -> AsyncIterator[Subscriber]:
     """Subscribe over ``stream``: the body of both ``open_subscriber*``."""
     try:
@@ -190,11 +204,11 @@ async def _subscribing(
                 num_msg=0,
                 last_addr=start,
                 port=0,
-                request=ClientRequest.SUBSCRIBE,
+                request=ClientRequest.SUBSCRIBE_ORDERED if ordered else ClientRequest.SUBSCRIBE,
                 topic=topic,
             ),
         )
-        yield Subscriber(stream, topic, start, buffer_bytes)
+        yield Subscriber(stream, topic, start, buffer_bytes, ordered=ordered)
     finally:
         await trio.aclose_forcefully(stream)
 
@@ -208,6 +222,7 @@ async def open_subscriber(
     start: int = 0,
     client_id: int | None = None,
     buffer_bytes: int = DEFAULT_RECEIVE_BUFFER,
+    ordered: bool = False,
 ) -> AsyncIterator[Subscriber]:
     """Connect to a broker over TCP and subscribe to ``topic``.
 
@@ -224,6 +239,10 @@ async def open_subscriber(
         client_id: Sent in the handshake; default random.
         buffer_bytes: Initial receive buffer size (it grows for records
             larger than it).
+        ordered: Read the total order of an order-5 topic (``client_req =
+            3``): every broker's messages, from any broker, in one order;
+            ``start`` and each message's ``offset`` are then total orders.
+            The broker refuses it for an order-0 topic (error 1).
 
     Yields:
         The :class:`Subscriber` (an async iterator of :class:`Message`).
@@ -235,7 +254,7 @@ async def open_subscriber(
     """
     chosen_id = _check_options(topic, start, client_id)
     stream = await connect(host, port)
-    async with _subscribing(stream, topic, start, chosen_id, buffer_bytes) as subscriber:
+    async with _subscribing(stream, topic, start, chosen_id, buffer_bytes, ordered) as subscriber:
         yield subscriber
 
 
@@ -247,6 +266,7 @@ async def open_subscriber_on_stream(
     start: int = 0,
     client_id: int | None = None,
     buffer_bytes: int = DEFAULT_RECEIVE_BUFFER,
+    ordered: bool = False,
 ) -> AsyncIterator[Subscriber]:
     """Subscribe to ``topic`` over an already open stream to a broker.
 
@@ -255,5 +275,7 @@ async def open_subscriber_on_stream(
     stream open.
     """
     chosen_id = _check_options(topic, start, client_id)
-    async with _subscribing(stream, topic, start, chosen_id, buffer_bytes) as subscriber:
+    async with _subscribing(
+        stream, topic, start, chosen_id, buffer_bytes, ordered
+    ) as subscriber:
         yield subscriber

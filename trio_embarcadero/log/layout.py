@@ -619,6 +619,24 @@ def read_index_entry(buf: Any, geometry: Geometry, units: list[int], entry: int)
     return IndexEntry(*INDEX_ENTRY.unpack_from(buf, index_entry_offset(geometry, units, entry)))
 
 
+def generation_holding(buf: Any, geometry: Geometry, offset: int) -> int | None:
+    """The generation of the segment that holds byte ``offset`` now (from the
+    unit map: the head whose block covers its unit), or None if no segment
+    does."""
+    unit = (offset - geometry.data_offset) // geometry.unit_size
+    if not 0 <= unit < geometry.num_units:
+        return None
+    words = unit_map(buf, geometry)
+    for order in range(geometry.max_order + 1):
+        head = unit & ~((1 << order) - 1)
+        word = int(words[head])
+        # A head word: bit 31, the order in the low byte (see .segments).
+        if word & (1 << 31) and (word & 0xFF) >= order and head + (1 << (word & 0xFF)) > unit:
+            (generation,) = U64.unpack_from(buf, geometry.segment_offset(head) + 24)
+            return int(generation)
+    return None
+
+
 def member_offset(broker_id: int) -> int:
     """Where broker ``broker_id``'s entry of the broker table is."""
     if not 0 <= broker_id < BROKER_TABLE_ENTRIES:

@@ -57,6 +57,7 @@ from .layout import (
     SegmentReclaimed,
     WalkPosition,
     check_segment,
+    generation_holding,
     index_chain,
     index_entry_offset,
     index_per_segment,
@@ -264,8 +265,8 @@ class Sequencer:
             topic.next_total = last.total_order + last.num_msg
             # Cut short after the commit point: its header's "ordered" word
             # may not be written yet. Redo it, unless retention took the batch.
-            unit = (last.header_offset - self._g.data_offset) // self._g.unit_size
-            if self._generation_at(unit, last.header_offset) == last.generation:
+            found = generation_holding(self._buf, self._g, last.header_offset)
+            if found == last.generation:
                 U32.pack_into(self._buf, last.header_offset + BH_ORDERED, 1)
             logger.info(
                 "sequencer: topic %r resumes at total order %d (%d batches ordered)",
@@ -274,18 +275,6 @@ class Sequencer:
                 topic.entries,
             )
         return topic
-
-    def _generation_at(self, unit: int, header_offset: int) -> int | None:
-        """The generation of the segment holding ``header_offset`` (None: none)."""
-        for order in range(self._g.max_order + 1):
-            head = unit & ~((1 << order) - 1)
-            segment = self._map.segment_at(head)
-            if segment is not None and segment.order >= order:
-                base = self._g.segment_offset(head)
-                if base <= header_offset < base + self._g.segment_bytes(segment.order):
-                    (generation,) = U64.unpack_from(self._buf, base + 24)
-                    return int(generation)
-        return None
 
     def _recover_index_segments(self) -> None:
         """Free index segments that no index reaches (allocated, not linked yet)."""
