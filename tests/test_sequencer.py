@@ -66,10 +66,10 @@ def ordered_view(log: CxlLog) -> list[tuple[int, int, int, int]]:
     read through the topic's ordered index, checked against the headers."""
     buf, g = log.region, log.geometry
     index = log.topics()[TOPIC]
-    units = index_chain(buf, g, index)
+    chain = index_chain(buf, g, index)
     out = []
     for k in range(read_ordered_count(buf, g, index)):
-        entry = read_index_entry(buf, g, units, k)
+        entry = read_index_entry(buf, g, chain, k)
         h = log.batch_at(entry.header_offset)
         raw = bytes(buf[entry.header_offset : entry.header_offset + 128])
         ordered, total = struct.unpack_from("<I", raw, 24)[0], struct.unpack_from("<Q", raw, 56)[0]
@@ -287,7 +287,7 @@ def test_a_crash_while_adding_an_index_segment_leaks_nothing(
     again = brokers[0].sequencer(HOLE_NS)  # frees the unlinked one
     assert brokers[0].map.statistics().free == free
     again.step(0)
-    units = index_chain(brokers[0].region, brokers[0].geometry, 0)
+    units = index_chain(brokers[0].region, brokers[0].geometry, 0).units
     assert len(units) == 2
     header = read_segment_header(brokers[0].region, brokers[0].geometry, units[1])
     assert header is not None
@@ -364,3 +364,54 @@ def test_open_log_reads_the_total_order(brokers: tuple[CxlLog, CxlLog], cxl_path
         from_4 = list(reader.ordered_messages(TOPIC, start=4))
         assert [(m.offset, len(m.payload)) for m in from_4] == [(4, 40), (5, 50)]
         assert from_4[0].payload == rawclient.payload_for(2, 1, 40)
+
+
+def test_index_segments_whose_batches_are_all_gone_are_let_go(
+    brokers: tuple[CxlLog, CxlLog], cxl_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = brokers[1]
+    per = (log.geometry.unit_size - 64) // 32  # 126 entries an index segment
+    seq = brokers[0].sequencer(HOLE_NS)
+    for i in range(2 * per + 40):
+        commit(log, [10], 2, i)
+    seq.step(0)
+    assert len(index_chain(log.region, log.geometry, 0).units) == 3
+    stream = log.stream(TOPIC)
+    while log.reclaimable_segments(stream, retention_bytes=0, retention_ms=-1, now_ns=0):
+        log.reclaim_oldest(stream)  # retention: all but the last data segment
+    kept = stream.start_offset
+    assert kept > per  # the first index segment names only batches gone
+    free = log.map.statistics().free
+    seq.step(HOLE_NS // 2)  # it looks once a second
+    assert seq.statistics().index_segments_freed == 0
+    seq.step(HOLE_NS)
+    assert seq.statistics().index_segments_freed == 1
+    # The second index segment still names a batch in the region once it is
+    # not all gone; the first one went, and its unit is free again.
+    chain = index_chain(log.region, log.geometry, 0)
+    assert chain.first == 1
+    assert log.map.statistics().free == free + 1
+    with open_log(cxl_path) as reader:
+        got = [m.client_order for m in reader.ordered_messages(TOPIC)]
+        assert got == list(range(kept, 2 * per + 40))  # the gone ones skipped
+        assert next(iter(reader.ordered_messages(TOPIC, start=kept + 5))).client_order == kept + 5
+    # A crash after the head moved, before the unit was freed: a new
+    # sequencer frees it. (More batches gone first, so the next one can go.)
+    for i in range(3 * per):  # past the last data segment of before
+        commit(log, [10], 2, 2 * per + 40 + i)
+    seq.step(2 * HOLE_NS)
+    while log.reclaimable_segments(stream, retention_bytes=0, retention_ms=-1, now_ns=0):
+        log.reclaim_oldest(stream)
+    free = log.map.statistics().free
+
+    def dies(unit: int) -> None:
+        raise Crash
+
+    monkeypatch.setattr(brokers[0].map, "free", dies)
+    with pytest.raises(Crash):
+        seq.step(4 * HOLE_NS)
+    monkeypatch.undo()
+    assert index_chain(log.region, log.geometry, 0).first == 2
+    assert log.map.statistics().free == free
+    brokers[0].sequencer(HOLE_NS)
+    assert log.map.statistics().free == free + 1

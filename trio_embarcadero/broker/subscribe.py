@@ -269,6 +269,9 @@ async def _send_ordered(
             continue
         entry = index.entry(k)
         k += 1
+        if entry is None:
+            k = max(k, index.first())  # its index segment is gone: go on from the first left
+            continue
         end = entry.total_order + entry.num_msg
         records = index.records(entry) if end > wanted else None
         if records is None:

@@ -275,7 +275,5 @@ async def open_subscriber_on_stream(
     stream open.
     """
     chosen_id = _check_options(topic, start, client_id)
-    async with _subscribing(
-        stream, topic, start, chosen_id, buffer_bytes, ordered
-    ) as subscriber:
+    async with _subscribing(stream, topic, start, chosen_id, buffer_bytes, ordered) as subscriber:
         yield subscriber

@@ -53,7 +53,10 @@ The ordered index of an order-5 topic (written by the sequencer, see
 :mod:`.sequencer`) is a chain of one-unit segments whose map owner is
 ``INDEX_OWNER`` and whose header names the topic with broker
 ``INDEX_OWNER``; from +64 each holds ``(unit_size - 64) // 32`` entries of
-32 B, entry ``k`` of the topic in its chain's segment ``k // per_segment``:
+32 B, entry ``k`` of the topic in the segment at chain position
+``k // per_segment`` (its header's chain index; the sequencer lets the
+first segment go once every batch it names is gone, so the chain may start
+later):
                           0 broker (u32)          4 num_msg (u32)
                           8 total order of its first message (u64)
                          16 batch header offset (u64)
@@ -593,30 +596,62 @@ def read_ordered_count(buf: Any, geometry: Geometry, topic_index: int) -> int:
     return int(count)
 
 
-def index_chain(buf: Any, geometry: Geometry, topic_index: int) -> list[int]:
-    """The segments (first units) of slot ``topic_index``'s ordered index, in order."""
+@attrs.define
+class IndexChain:
+    """The segments of an ordered index, as last read.
+
+    Attributes:
+        first: The chain position of its first segment: retention let the
+            ones before go (their entries are gone), so entry ``e`` is in
+            ``units[e // per_segment - first]``.
+        units: Its segments (first units), in order.
+        generations: Each segment's generation when it was read: another
+            one there now means the segment was let go (and maybe reused).
+    """
+
+    first: int = 0
+    units: list[int] = attrs.Factory(list)
+    generations: list[int] = attrs.Factory(list)
+
+
+def index_chain(buf: Any, geometry: Geometry, topic_index: int) -> IndexChain:
+    """The segments of slot ``topic_index``'s ordered index, in order."""
     (head,) = U32.unpack_from(buf, geometry.topic_offset(topic_index) + TOPIC_INDEX_HEAD_OFFSET)
-    units: list[int] = []
+    chain = IndexChain()
     segment = head - 1 if head else NO_SEGMENT
-    while segment < geometry.num_units and len(units) < geometry.num_units:
+    while segment < geometry.num_units and len(chain.units) < geometry.num_units:
         found = read_segment_header(buf, geometry, segment)
         if found is None or (found.topic, found.broker_id) != (topic_index, INDEX_OWNER):
             break
-        units.append(segment)
+        if not chain.units:
+            chain.first = found.chain_index
+        chain.units.append(segment)
+        chain.generations.append(found.generation)
         segment = found.next_segment
-    return units
+    return chain
 
 
-def index_entry_offset(geometry: Geometry, units: list[int], entry: int) -> int:
-    """Where entry ``entry`` of an index whose chain is ``units`` is."""
+def index_entry_offset(geometry: Geometry, chain: IndexChain, entry: int) -> int:
+    """Where entry ``entry`` of an index whose chain is ``chain`` is.
+
+    Raises:
+        IndexError: The entry is not in the chain (let go, or beyond it).
+    """
     per = index_per_segment(geometry)
-    unit = units[entry // per]
+    position = entry // per - chain.first
+    if not 0 <= position < len(chain.units):
+        raise IndexError(f"ordered index entry {entry} is not in the chain read")
+    unit = chain.units[position]
     return geometry.segment_offset(unit) + SEGMENT_HEADER_SIZE + (entry % per) * INDEX_ENTRY_SIZE
 
 
-def read_index_entry(buf: Any, geometry: Geometry, units: list[int], entry: int) -> IndexEntry:
-    """Entry ``entry`` of an index whose chain is ``units`` (see :func:`index_chain`)."""
-    return IndexEntry(*INDEX_ENTRY.unpack_from(buf, index_entry_offset(geometry, units, entry)))
+def read_index_entry(buf: Any, geometry: Geometry, chain: IndexChain, entry: int) -> IndexEntry:
+    """Entry ``entry`` of an index whose chain is ``chain`` (see :func:`index_chain`).
+
+    Raises:
+        IndexError: As for :func:`index_entry_offset`.
+    """
+    return IndexEntry(*INDEX_ENTRY.unpack_from(buf, index_entry_offset(geometry, chain, entry)))
 
 
 def generation_holding(buf: Any, geometry: Geometry, offset: int) -> int | None:

@@ -6,6 +6,10 @@ total orders rise, so the batch holding a total order is found by bisection.
 A batch whose segment retention let go since it was ordered is *gone*:
 :meth:`OrderedIndex.records` returns None for it, and readers go on with the
 next entry, as the offsets of a stream jump past what retention reclaimed.
+Once every batch an index segment names is gone, the sequencer lets that
+segment go too: its entries are gone (:meth:`OrderedIndex.entry` returns
+None), and an entry is trusted only if its segment is still the one the
+chain was read with.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .layout import (
     BH_TOTAL_SIZE,
     U64,
     Geometry,
+    IndexChain,
     IndexEntry,
     generation_holding,
     index_chain,
@@ -44,7 +49,7 @@ class OrderedIndex:
         self._g = geometry
         self.topic_index = topic_index
         self.incarnation = read_topic_state(buf, geometry, topic_index)[1]
-        self._units: list[int] = []
+        self._chain = IndexChain()
         self._per_segment = index_per_segment(geometry)
 
     def count(self) -> int:
@@ -56,21 +61,38 @@ class OrderedIndex:
         state, incarnation = read_topic_state(self._buf, self._g, self.topic_index)
         return state != 1 or incarnation != self.incarnation
 
-    def entry(self, k: int) -> IndexEntry:
-        """Entry ``k`` (``k < count()``)."""
-        if k // self._per_segment >= len(self._units):
-            # The chain grew (it only ever does while the topic lives).
-            self._units = index_chain(self._buf, self._g, self.topic_index)
-        return read_index_entry(self._buf, self._g, self._units, k)
+    def first(self) -> int:
+        """The first entry still in the index (the ones before are gone)."""
+        self._chain = index_chain(self._buf, self._g, self.topic_index)
+        return self._chain.first * self._per_segment
+
+    def entry(self, k: int) -> IndexEntry | None:
+        """Entry ``k`` (``k < count()``), or None if it is gone."""
+        for _ in range(3):
+            chain = self._chain
+            position = k // self._per_segment - chain.first
+            if not 0 <= position < len(chain.units):
+                # The chain grew, or its first segments went: read it again.
+                chain = self._chain = index_chain(self._buf, self._g, self.topic_index)
+                position = k // self._per_segment - chain.first
+                if position < 0:
+                    return None
+            found = read_index_entry(self._buf, self._g, chain, k)
+            base = self._g.segment_offset(chain.units[position])
+            # Read after the entry: the segment was not let go meanwhile.
+            if U64.unpack_from(self._buf, base + 24)[0] == chain.generations[position]:
+                return found
+            self._chain = IndexChain()
+        return None
 
     def find(self, total_order: int, count: int | None = None) -> int:
-        """The first entry holding ``total_order`` or a later one (``count``
-        when every entry so far ends before it)."""
-        lo, hi = 0, self.count() if count is None else count
+        """The first entry still there holding ``total_order`` or a later one
+        (``count`` when every entry so far ends before it)."""
+        lo, hi = self.first(), self.count() if count is None else count
         while lo < hi:
             mid = (lo + hi) // 2
             e = self.entry(mid)
-            if e.total_order + e.num_msg <= total_order:
+            if e is None or e.total_order + e.num_msg <= total_order:
                 lo = mid + 1
             else:
                 hi = mid

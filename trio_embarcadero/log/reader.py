@@ -319,7 +319,7 @@ class LogReader:
         if not count:
             return 0
         last = ordered.entry(count - 1)
-        return last.total_order + last.num_msg
+        return 0 if last is None else last.total_order + last.num_msg
 
     def ordered_messages(self, topic: str, start: int = 0) -> Iterator[Message]:
         """Yield the ordered messages of the order-5 ``topic``, every broker's,
@@ -343,8 +343,8 @@ class LogReader:
         count = ordered.count()
         for k in range(ordered.find(start, count), count):
             entry = ordered.entry(k)
-            records = ordered.records(entry)
-            if records is None:
+            records = None if entry is None else ordered.records(entry)
+            if entry is None or records is None:
                 continue  # reclaimed by retention
             skip = max(0, start - entry.total_order)
             starts = scan_records(records, entry.num_msg)

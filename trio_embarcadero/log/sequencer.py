@@ -46,6 +46,7 @@ from .layout import (
     NEXT_GENERATION_OFFSET,
     NO_SEGMENT,
     SEGMENT_HEADER,
+    SEGMENT_HEADER_SIZE,
     SEGMENT_MAGIC,
     SEGMENT_NEXT_OFFSET,
     TOPIC_INDEX_HEAD_OFFSET,
@@ -54,6 +55,7 @@ from .layout import (
     U32,
     U64,
     Geometry,
+    IndexChain,
     SegmentReclaimed,
     WalkPosition,
     check_segment,
@@ -75,6 +77,13 @@ logger = logging.getLogger(__name__)
 
 #: Batches one step orders at most, so the file lock is never held long.
 DEFAULT_STEP_BUDGET = 4096
+#: How often a step looks for index segments whose batches are all gone.
+INDEX_RECLAIM_INTERVAL_NS = 1_000_000_000
+#: An ordered index entry, as numpy reads a segment of them.
+_ENTRIES = np.dtype(
+    [("broker", "<u4"), ("num_msg", "<u4"), ("total", "<u8"), ("header", "<u8"),
+     ("generation", "<u8")]
+)  # fmt: skip
 
 
 @attrs.frozen
@@ -111,6 +120,8 @@ class SequencerStatistics:
             step first saw it), in seconds; 0 when none waits.
         holes_skipped: Batches it went past after ``hole_timeout_ns``.
         index_full: Steps that found no free unit for an index segment.
+        index_segments_freed: Index segments let go (every batch they named
+            was gone).
     """
 
     topics: int
@@ -120,6 +131,7 @@ class SequencerStatistics:
     lag_oldest_s: float
     holes_skipped: int
     index_full: int
+    index_segments_freed: int
 
 
 class _Hole:
@@ -151,7 +163,7 @@ class _TopicOrder:
         self.name = name
         self.index = index
         self.incarnation = incarnation
-        self.units: list[int] = []
+        self.chain = IndexChain()
         self.entries = 0
         self.next_total = 0
         self.cursors = [_StreamCursor() for _ in range(max_brokers)]
@@ -191,6 +203,8 @@ class Sequencer:
         self._index_full = 0
         self._lag = 0
         self._lag_oldest_ns = 0
+        self._index_segments_freed = 0
+        self._index_checked_ns: int | None = None
         with self._lock():
             self._recover_index_segments()
 
@@ -221,6 +235,11 @@ class Sequencer:
                         break
                     self._order_stream(topic, broker, now_ns, budget, ordered)
             self._measure_lag(now_ns)
+            due = self._index_checked_ns
+            if due is None or now_ns - due >= INDEX_RECLAIM_INTERVAL_NS:
+                self._index_checked_ns = now_ns
+                for topic in self._topics.values():
+                    self._reclaim_index(topic)
         return ordered
 
     def statistics(self) -> SequencerStatistics:
@@ -233,6 +252,7 @@ class Sequencer:
             lag_oldest_s=self._lag_oldest_ns / 1e9,
             holes_skipped=self._holes,
             index_full=self._index_full,
+            index_segments_freed=self._index_segments_freed,
         )
 
     # -- topics --------------------------------------------------------------------
@@ -258,10 +278,10 @@ class Sequencer:
         """Pick up a topic's order from the region (a new topic, or a restart)."""
         _, incarnation = read_topic_state(self._buf, self._g, index)
         topic = _TopicOrder(name, index, incarnation, self._g.max_brokers)
-        topic.units = index_chain(self._buf, self._g, index)
+        topic.chain = index_chain(self._buf, self._g, index)
         topic.entries = read_ordered_count(self._buf, self._g, index)
         if topic.entries:
-            last = read_index_entry(self._buf, self._g, topic.units, topic.entries - 1)
+            last = read_index_entry(self._buf, self._g, topic.chain, topic.entries - 1)
             topic.next_total = last.total_order + last.num_msg
             # Cut short after the commit point: its header's "ordered" word
             # may not be written yet. Redo it, unless retention took the batch.
@@ -281,7 +301,7 @@ class Sequencer:
         reachable = [
             unit
             for index in read_topics(self._buf, self._g).values()
-            for unit in index_chain(self._buf, self._g, index)
+            for unit in index_chain(self._buf, self._g, index).units
         ]
         freed = self._map.recover(INDEX_OWNER, reachable)
         if freed:
@@ -434,7 +454,8 @@ class Sequencer:
 
     def _index_slot(self, topic: _TopicOrder, entry: int) -> int | None:
         """Where entry ``entry`` goes, adding an index segment if it needs one."""
-        if entry // index_per_segment(self._g) >= len(topic.units):
+        chain = topic.chain
+        if entry // index_per_segment(self._g) - chain.first >= len(chain.units):
             unit = self._map.allocate(0, INDEX_OWNER)
             if unit is None:
                 self._index_full += 1
@@ -449,20 +470,58 @@ class Sequencer:
                 SEGMENT_MAGIC,
                 topic.index,
                 INDEX_OWNER,
-                len(topic.units),
+                chain.first + len(chain.units),
                 NO_SEGMENT,
                 0,
                 generation,
             )
             # Linked only once its header is written (a reader follows links).
-            if topic.units:
-                prev = self._g.segment_offset(topic.units[-1])
+            if chain.units:
+                prev = self._g.segment_offset(chain.units[-1])
                 U32.pack_into(self._buf, prev + SEGMENT_NEXT_OFFSET, unit)
             else:
                 head = self._g.topic_offset(topic.index) + TOPIC_INDEX_HEAD_OFFSET
                 U32.pack_into(self._buf, head, unit + 1)
-            topic.units.append(unit)
-        return index_entry_offset(self._g, topic.units, entry)
+            chain.units.append(unit)
+            chain.generations.append(generation)
+        return index_entry_offset(self._g, chain, entry)
+
+    # -- letting index segments go -----------------------------------------------------
+
+    def _reclaim_index(self, topic: _TopicOrder) -> int:
+        """Let the topic's first index segments go while every batch they
+        name is gone (retention let it go); returns how many went.
+
+        Crash-safe: the topic's head pointer moves first (one store), then
+        the segment is freed; a segment cut off but not freed is freed by the
+        next sequencer's start (``_recover_index_segments``).
+        """
+        chain = topic.chain
+        per = index_per_segment(self._g)
+        done = 0
+        # Never the last segment, and only one whose every entry is written.
+        while len(chain.units) > 1 and (chain.first + 1) * per <= topic.entries:
+            base = self._g.segment_offset(chain.units[0]) + SEGMENT_HEADER_SIZE
+            entries = np.frombuffer(self._buf, dtype=_ENTRIES, count=per, offset=base)
+            # Entries of one data segment share its generation: one look each.
+            generations, first = np.unique(entries["generation"], return_index=True)
+            headers = entries["header"][first]
+            if any(
+                generation_holding(self._buf, self._g, int(header)) == int(generation)
+                for generation, header in zip(generations, headers, strict=True)
+            ):
+                break  # a batch it names is still in the region
+            U32.pack_into(
+                self._buf,
+                self._g.topic_offset(topic.index) + TOPIC_INDEX_HEAD_OFFSET,
+                chain.units[1] + 1,
+            )
+            self._map.free(chain.units[0])
+            del chain.units[0], chain.generations[0]
+            chain.first += 1
+            done += 1
+        self._index_segments_freed += done
+        return done
 
     # -- the lag -------------------------------------------------------------------
 
