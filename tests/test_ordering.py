@@ -13,7 +13,7 @@ import rawclient
 import trio
 import trio.testing
 from conftest import MakeConfig
-from memory import memory_broker, open_client, settle
+from memory import MemoryClient, MemoryListener, memory_broker, open_client, settle
 
 from trio_embarcadero import open_subscriber_on_stream
 from trio_embarcadero.log import CxlLog
@@ -31,15 +31,24 @@ def ordered_headers(log: CxlLog, topic: str, broker: int) -> list[tuple[int, int
     ]
 
 
+async def publish(
+    listener: MemoryListener, nursery: trio.Nursery, topic: str, batches: int, size: int
+) -> MemoryClient:
+    """A publisher (client id 3, ack 1) that sent ``batches`` batches of
+    ``size`` messages of 100 bytes, and whose acks are being read."""
+    client = await open_client(listener, nursery)
+    await client.send(rawclient.handshake(topic, client_id=3, ack=1))
+    for seq in range(batches):
+        await client.send(rawclient.batch(seq, 3, size * seq, size, 100)[0])
+    return client
+
+
 async def test_acks_of_an_order_5_topic_wait_for_the_sequencer(
     make_config: MakeConfig, autojump_clock: trio.testing.MockClock
 ) -> None:
     config = make_config(**{"broker.id": 1, "topics.order": 5})
     async with trio.open_nursery() as nursery, memory_broker(config) as (broker, listener):
-        client = await open_client(listener, nursery)
-        await client.send(rawclient.handshake("ord", client_id=3, ack=1))
-        for seq in range(3):
-            await client.send(rawclient.batch(seq, 3, 2 * seq, 2, 100)[0])
+        client = await publish(listener, nursery, "ord", 3, 2)
         await settle()
         await trio.sleep(1.0)
         assert broker.statistics().batches_committed == 3
@@ -63,10 +72,7 @@ async def test_the_head_orders_its_own_commits_before_it_acks(
 ) -> None:
     config = make_config(**{"topics.order": 5})
     async with trio.open_nursery() as nursery, memory_broker(config) as (broker, listener):
-        client = await open_client(listener, nursery)
-        await client.send(rawclient.handshake("ord", client_id=3, ack=1))
-        for seq in range(4):
-            await client.send(rawclient.batch(seq, 3, 3 * seq, 3, 100)[0])
+        client = await publish(listener, nursery, "ord", 4, 3)
         await settle()
         assert client.acks()[1][-1] == 12
         assert ordered_headers(broker.log, "ord", 0) == [(1, 0), (1, 3), (1, 6), (1, 9)]
@@ -82,9 +88,7 @@ async def test_order_0_topics_are_acked_at_commit_on_any_broker(
 ) -> None:
     config = make_config(**{"broker.id": 1})
     async with trio.open_nursery() as nursery, memory_broker(config) as (broker, listener):
-        client = await open_client(listener, nursery)
-        await client.send(rawclient.handshake("plain", client_id=3, ack=1))
-        await client.send(rawclient.batch(0, 3, 0, 2, 100)[0])
+        client = await publish(listener, nursery, "plain", 1, 2)
         await settle()
         assert client.acks()[1] == [2]
         assert broker.statistics().order_waits == 0
@@ -169,9 +173,7 @@ async def test_an_ordered_subscription_to_an_order_0_topic_is_refused(
     make_config: MakeConfig, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with trio.open_nursery() as nursery, memory_broker(make_config()) as (_, listener):
-        publisher = await open_client(listener, nursery)
-        await publisher.send(rawclient.handshake("plain", client_id=3, ack=1))
-        await publisher.send(rawclient.batch(0, 3, 0, 1, 100)[0])
+        publisher = await publish(listener, nursery, "plain", 1, 1)
         reader = await open_client(listener, nursery)
         await reader.send(rawclient.handshake("plain", req=3))
         await trio.sleep(0.1)

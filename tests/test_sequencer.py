@@ -8,6 +8,7 @@ sequencer goes on from the region alone.
 
 from __future__ import annotations
 
+import json
 import random
 import struct
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from trio_embarcadero.log.layout import (
 )
 from trio_embarcadero.log.sequencer import Sequencer
 from trio_embarcadero.log.topics import delete_topic
+from trio_embarcadero.tools import seqbench
 from trio_embarcadero.wire import BATCH_HEADER_SIZE, BatchHeader, scan_records, stamp_records
 
 TOPIC = "seq"
@@ -415,3 +417,15 @@ def test_index_segments_whose_batches_are_all_gone_are_let_go(
     assert log.map.statistics().free == free
     brokers[0].sequencer(HOLE_NS)
     assert log.map.statistics().free == free + 1
+
+
+def test_the_micro_benchmark_orders_every_batch_it_prepared(
+    cxl_path: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = seqbench.run(cxl_path, batches=3000, brokers=3, messages=4)
+    assert (result.batches, result.messages, result.brokers) == (3000, 12000, 3)
+    assert result.seconds > 0
+    assert seqbench.main(["--path", cxl_path, "--batches", "500", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["batches"] == 500
+    assert printed["batches_per_second"] > 0

@@ -100,6 +100,7 @@ read-write mapping or a read-only mapping in another process.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections.abc import Iterator
@@ -241,8 +242,9 @@ class Geometry:
     def map_offset(self) -> int:
         return _align(SUPERBLOCK_SIZE + self.max_topics * self.topic_entry_size, 64)
 
-    @property
+    @functools.cached_property
     def num_units(self) -> int:
+        # Cached: every segment offset depends on it, and the loop is slow.
         # The map takes 4 bytes a unit out of the same space as the units.
         room = self.region_size - self.map_offset
         units = max(0, room // (self.unit_size + 4))
@@ -252,7 +254,7 @@ class Geometry:
             units -= 1
         return units
 
-    @property
+    @functools.cached_property
     def data_offset(self) -> int:
         return _align(self.map_offset + 4 * self.num_units, 4096)
 
@@ -722,9 +724,11 @@ class WalkPosition:
     generation: int = 0
 
 
-def _enter(
+def enter_segment(
     buf: Any, g: Geometry, pos: WalkPosition, segment: int, topic_index: int, broker_id: int
 ) -> bool:
+    """Move ``pos`` to the start of ``segment`` if it is one of the stream's;
+    False if it is not (any more)."""
     header = read_segment_header(buf, g, segment) if segment < g.num_units else None
     if header is None or (header.topic, header.broker_id) != (topic_index, broker_id):
         return False
@@ -769,7 +773,7 @@ def iter_batches(
     pos = position if position is not None else WalkPosition()
     if pos.segment == NO_SEGMENT:
         (first,) = U32.unpack_from(buf, g.stream_offset(topic_index, broker_id))
-        if first == NO_SEGMENT or not _enter(buf, g, pos, first, topic_index, broker_id):
+        if first == NO_SEGMENT or not enter_segment(buf, g, pos, first, topic_index, broker_id):
             return
     while True:
         offset = pos.offset
@@ -786,7 +790,7 @@ def iter_batches(
         if total == 0 or offset + BATCH_HEADER.size + total > pos.end:
             if next_segment == NO_SEGMENT:
                 return  # the end of what is written
-            if not _enter(buf, g, pos, next_segment, topic_index, broker_id):
+            if not enter_segment(buf, g, pos, next_segment, topic_index, broker_id):
                 raise SegmentReclaimed(f"segment {pos.segment}'s successor is gone")
             continue
         header = unpack_batch_header(buf[offset : offset + BATCH_HEADER.size])

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -59,11 +60,11 @@ from .layout import (
     SegmentReclaimed,
     WalkPosition,
     check_segment,
+    enter_segment,
     generation_holding,
     index_chain,
     index_entry_offset,
     index_per_segment,
-    iter_batches,
     read_index_entry,
     read_ordered_count,
     read_stream_entry,
@@ -132,6 +133,44 @@ class SequencerStatistics:
     holes_skipped: int
     index_full: int
     index_segments_freed: int
+
+
+#: A batch header's num_msg, state, broker, ordered and total_size, read at +12.
+_HEAD = struct.Struct("<IIII4xQ")
+
+
+def _walk(
+    buf: Any, g: Geometry, topic_index: int, broker: int, pos: WalkPosition
+) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(offset, state, ordered, num_msg, total_size)`` of each batch of a
+    stream from ``pos`` on, moving ``pos`` past a batch when the next is asked
+    for (as :func:`~.layout.iter_batches` does, which checks the segment's
+    generation at every batch: here the caller holds the region's file lock,
+    so no segment is let go meanwhile, and checks it once before it walks)."""
+    if pos.segment == NO_SEGMENT:
+        (first,) = U32.unpack_from(buf, g.stream_offset(topic_index, broker))
+        if first == NO_SEGMENT or not enter_segment(buf, g, pos, first, topic_index, broker):
+            return
+    check_segment(buf, g, pos)
+    header_room = pos.end - BATCH_HEADER_SIZE
+    while True:
+        offset = pos.offset
+        total = 0
+        if offset <= header_room:
+            num_msg, state, _, ordered, total = _HEAD.unpack_from(buf, offset + 12)
+        end = offset + BATCH_HEADER_SIZE + total
+        if total and end <= pos.end:
+            yield offset, state, ordered, num_msg, total
+            pos.offset = end
+            continue
+        # The end of the segment's data: on to the next segment, if linked.
+        base = g.segment_offset(pos.segment)
+        (link,) = U32.unpack_from(buf, base + SEGMENT_NEXT_OFFSET)
+        if link == NO_SEGMENT:
+            return
+        if not enter_segment(buf, g, pos, link, topic_index, broker):
+            raise SegmentReclaimed(f"segment {pos.segment}'s successor is gone")
+        header_room = pos.end - BATCH_HEADER_SIZE
 
 
 class _Hole:
@@ -209,9 +248,10 @@ class Sequencer:
             self._recover_index_segments()
 
     def close(self) -> None:
-        """Let go of the region's buffer."""
+        """Let go of the region's buffer (and the segment map's view of it),
+        so the region can be unmapped."""
         self._topics.clear()
-        del self._words
+        del self._words, self._map
 
     # -- one step ------------------------------------------------------------------
 
@@ -316,15 +356,15 @@ class Sequencer:
         position = WalkPosition()
         after = WalkPosition()
         done = walked = 0
-        for offset, header in iter_batches(self._buf, self._g, topic.index, broker, position):
-            if header.batch_complete != BATCH_COMMITTED:
+        for offset, state, is_ordered, _, total in _walk(
+            self._buf, self._g, topic.index, broker, position
+        ):
+            if state != BATCH_COMMITTED:
                 continue
             walked += 1
-            if header.ordered:
+            if is_ordered:
                 done = walked
-                after = attrs.evolve(
-                    position, offset=offset + BATCH_HEADER_SIZE + header.total_size
-                )
+                after = attrs.evolve(position, offset=offset + BATCH_HEADER_SIZE + total)
         cursor.position = after
         cursor.done = entry.first_batch + done
 
@@ -337,29 +377,30 @@ class Sequencer:
         ordered: list[OrderedBatch],
     ) -> None:
         cursor = topic.cursors[broker]
-        if cursor.position is None:
-            (first,) = U32.unpack_from(self._buf, self._g.stream_offset(topic.index, broker))
-            if first == NO_SEGMENT:
-                return
-            self._frontier(topic, broker, cursor)
-        position = cursor.position
-        assert position is not None
         try:
-            for offset, header in iter_batches(self._buf, self._g, topic.index, broker, position):
-                state = header.batch_complete
+            if cursor.position is None:
+                (first,) = U32.unpack_from(self._buf, self._g.stream_offset(topic.index, broker))
+                if first == NO_SEGMENT:
+                    return
+                self._frontier(topic, broker, cursor)
+            position = cursor.position
+            assert position is not None
+            for offset, state, is_ordered, num_msg, total in _walk(
+                self._buf, self._g, topic.index, broker, position
+            ):
                 if state == BATCH_ABANDONED:
                     continue
                 if state == BATCH_RESERVED:
-                    if not self._past_hole(cursor, position, offset, header.total_size, now_ns):
+                    if not self._past_hole(cursor, position, offset, total, now_ns):
                         return
                     continue
                 cursor.hole = None
-                if header.ordered:
+                if is_ordered:
                     cursor.done += 1
                     continue
                 if len(ordered) >= budget:
                     return
-                batch = self._order_one(topic, broker, offset, header.num_msg, position)
+                batch = self._order_one(topic, broker, offset, num_msg, total, position)
                 if batch is None:
                     return  # no room for the index: the next step tries again
                 cursor.done += 1
@@ -406,6 +447,7 @@ class Sequencer:
         broker: int,
         header_offset: int,
         num_msg: int,
+        total_size: int,
         position: WalkPosition,
     ) -> OrderedBatch | None:
         entry = topic.entries
@@ -413,10 +455,8 @@ class Sequencer:
         if slot is None:
             return None
         total = topic.next_total
-        (total_size,) = U64.unpack_from(self._buf, header_offset + BH_TOTAL_SIZE)
         self._stamp(header_offset + BATCH_HEADER_SIZE, num_msg, total_size, total)
         U64.pack_into(self._buf, header_offset + BH_TOTAL_ORDER, total)
-        check_segment(self._buf, self._g, position)
         INDEX_ENTRY.pack_into(
             self._buf, slot, broker, num_msg, total, header_offset, position.generation
         )
