@@ -77,6 +77,8 @@ def ordered_view(log: CxlLog) -> list[tuple[int, int, int, int]]:
         ordered, total = struct.unpack_from("<I", raw, 24)[0], struct.unpack_from("<Q", raw, 56)[0]
         assert (ordered, total, h.num_msg) == (1, entry.total_order, entry.num_msg)
         payload = bytes(buf[h.payload_offset : h.payload_offset + h.total_size])
+        for _, cid, corder, data in rawclient.parse_records(payload):
+            assert data == rawclient.payload_for(cid, corder, len(data))  # not overwritten
         for i, (pos, (_, cid, corder, _)) in enumerate(
             zip(
                 scan_records(buf[h.payload_offset : h.payload_offset + h.total_size], h.num_msg),
@@ -136,6 +138,15 @@ def test_interleaved_commits_of_two_brokers_get_one_gap_free_order(
         sum(sent.values()),
         0,
     )
+
+
+def test_records_of_several_sizes_that_add_up_like_one_size_keep_their_bytes(
+    brokers: tuple[CxlLog, CxlLog],
+) -> None:
+    # Padded sizes 128, 64 and 192: three times the first is the batch's size.
+    commit(brokers[0], [64, 0, 128], 1, 0)
+    brokers[0].sequencer(HOLE_NS).step(0)
+    check_order(brokers[0], {1: 3})
 
 
 def test_a_step_orders_at_most_its_budget_and_shows_the_lag(

@@ -479,10 +479,16 @@ class Sequencer:
         if num_msg == 1:
             words[base + MH_TOTAL_ORDER] = first
             return
-        if padded * num_msg == total_size and padded % 8 == 0 and padded:
-            # One record size (the common case): a strided column.
-            step = padded // 8
-            stop = base + num_msg * step
+        step = padded // 8
+        stop = base + num_msg * step
+        if (
+            padded * num_msg == total_size
+            and padded % 8 == 0
+            and padded
+            and bool((words[base:stop:step] == padded).all())
+        ):
+            # One record size (the common case): a strided column. (Sizes
+            # that merely add up to as much take the walk below.)
             words[base + MH_TOTAL_ORDER : stop : step] = np.arange(
                 first, first + num_msg, dtype=np.uint64
             )
