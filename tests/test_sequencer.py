@@ -18,6 +18,7 @@ import pytest
 import rawclient
 from test_cxl import Region, body
 
+from trio_embarcadero.cli import main
 from trio_embarcadero.log import CxlLog, Reservation, open_log
 from trio_embarcadero.log import sequencer as sequencer_module
 from trio_embarcadero.log.layout import (
@@ -440,3 +441,12 @@ def test_the_micro_benchmark_orders_every_batch_it_prepared(
     printed = json.loads(capsys.readouterr().out)
     assert printed["batches"] == 500
     assert printed["batches_per_second"] > 0
+
+
+def test_subscribe_asks_for_ordered_on_an_order_5_topic(
+    brokers: tuple[CxlLog, CxlLog], cxl_path: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    commit(brokers[0], [10], 1, 0)
+    base = ["subscribe", "--cxl-path", cxl_path, "--port", "9", "--topic", TOPIC]
+    assert main(base) == 1
+    assert "has order 5: read its total order with --ordered" in capsys.readouterr().err

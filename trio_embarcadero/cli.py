@@ -477,6 +477,12 @@ def _subscription_start(args: argparse.Namespace, config: Config) -> tuple[int, 
             f"topic {args.topic!r} does not exist in {path} (the topics command lists "
             "them; --follow waits for it)"
         )
+    if topic is not None and (topic.order == 5) != args.ordered:
+        raise _CommandFailed(
+            f"topic {args.topic!r} has order 5: read its total order with --ordered"
+            if topic.order == 5
+            else f"topic {args.topic!r} has order 0 (each broker's own order): drop --ordered"
+        )
     if back is None:
         return int(wanted), ""
     if args.ordered:
