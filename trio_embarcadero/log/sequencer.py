@@ -65,10 +65,10 @@ from .layout import (
     index_chain,
     index_entry_offset,
     index_per_segment,
+    ordered_topics,
     read_index_entry,
     read_ordered_count,
     read_stream_entry,
-    read_topic_order,
     read_topic_state,
     read_topics,
 )
@@ -298,11 +298,7 @@ class Sequencer:
     # -- topics --------------------------------------------------------------------
 
     def _refresh_topics(self) -> None:
-        live = {
-            index: name
-            for name, index in read_topics(self._buf, self._g).items()
-            if read_topic_order(self._buf, self._g, index) == 5
-        }
+        live = ordered_topics(self._buf, self._g)
         for index in list(self._topics):
             state, incarnation = read_topic_state(self._buf, self._g, index)
             if index not in live or (state, incarnation) != (
