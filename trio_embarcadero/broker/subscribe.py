@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import struct
 
 import numpy as np
 import numpy.typing as npt
@@ -40,7 +39,7 @@ import trio
 from ..errors import ConnectionLost, ErrorCode, ProtocolError, StorageError
 from ..log import CxlLog, DiskLog, Stream
 from ..log.disk import DiskBatch
-from ..log.layout import BH_ORDERED, U32, read_topic_order
+from ..log.layout import BH_ORDERED, BH_TOTAL_ORDER, U32, U64, read_topic_order
 from ..log.ordered import OrderedIndex, cut_records
 from ..wire import (
     BATCH_METADATA,
@@ -215,12 +214,12 @@ async def _send_when_ordered(
 ) -> bool | None:
     """Wait until the batch at ``header_offset`` is ordered, then send its
     records from ``start`` behind their ``BatchMetadata``; like :func:`_send`."""
-    while not U32.unpack_from(region, header_offset + BH_ORDERED)[0]:  # type: ignore[arg-type]
+    while not U32.unpack_from(region.data, header_offset + BH_ORDERED)[0]:
         with connection.at_boundary():
             await commits.wait_ordered()
         if connection.stopping:
             return True
-    (total_order,) = struct.unpack_from("<Q", region, header_offset + 56)  # type: ignore[arg-type]
+    (total_order,) = U64.unpack_from(region.data, header_offset + BH_TOTAL_ORDER)
     frame = bytearray(BATCH_METADATA.size + end - start)
     BATCH_METADATA.pack_into(
         frame, 0, total_order + skip, num_msg - skip, BATCH_METADATA_VERSION, 0
