@@ -506,18 +506,26 @@ def topic_states(buf: Any, geometry: Geometry) -> npt.NDArray[np.uint32]:
     )
 
 
-def ordered_topics(buf: Any, geometry: Geometry) -> dict[int, str]:
-    """Every live topic of order 5, slot to name: one vectorised scan of the
-    state and order words (the head's sequencer looks every few ms, and a
-    region may hold thousands of order-0 topics)."""
+def _topic_table(buf: Any, geometry: Geometry) -> npt.NDArray[np.uint8]:
+    """The topic table as one row of bytes per slot."""
     stride = geometry.topic_entry_size
-    table = np.frombuffer(
+    return np.frombuffer(
         buf,
         dtype=np.uint8,
         count=geometry.max_topics * stride,
         offset=geometry.topic_offset(0),
     ).reshape(geometry.max_topics, stride)
-    words = table[:, TOPIC_STATE_OFFSET : TOPIC_ORDER_OFFSET + 4].copy().view("<u4")
+
+
+def ordered_topics(buf: Any, geometry: Geometry) -> dict[int, str]:
+    """Every live topic of order 5, slot to name: one vectorised scan of the
+    state and order words (the head's sequencer looks every few ms, and a
+    region may hold thousands of order-0 topics)."""
+    words = (
+        _topic_table(buf, geometry)[:, TOPIC_STATE_OFFSET : TOPIC_ORDER_OFFSET + 4]
+        .copy()
+        .view("<u4")
+    )
     found = np.flatnonzero((words[:, 0] == TOPIC_LIVE) & (words[:, 1] == 5)).tolist()
     names = {i: read_topic_name(buf, geometry, i) for i in found}
     return {i: name for i, name in names.items() if name is not None}
@@ -526,13 +534,7 @@ def ordered_topics(buf: Any, geometry: Geometry) -> dict[int, str]:
 def find_topic(buf: Any, geometry: Geometry, name: str) -> int | None:
     """The slot of the live topic ``name``, or None (one vectorised compare)."""
     raw = np.frombuffer(name.encode("ascii").ljust(TOPIC_NAME_BYTES, b"\0"), dtype=np.uint8)
-    stride = geometry.topic_entry_size
-    table = np.frombuffer(
-        buf,
-        dtype=np.uint8,
-        count=geometry.max_topics * stride,
-        offset=geometry.topic_offset(0),
-    ).reshape(geometry.max_topics, stride)
+    table = _topic_table(buf, geometry)
     matches = (table[:, :TOPIC_NAME_BYTES] == raw).all(axis=1) & (
         topic_states(buf, geometry) == TOPIC_LIVE
     )
