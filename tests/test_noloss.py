@@ -81,6 +81,21 @@ async def test_no_loss_on_the_direct_path() -> None:
     assert report["acked"] > 0
 
 
+async def test_no_loss_and_one_total_order_at_order_5() -> None:
+    status, report, stderr = await run_checker(
+        "--seconds", "2.5", "--publishers", "2", "--seed", "9", "--order", "5",
+        "--faults", "disconnect,kill",
+    )  # fmt: skip
+    assert report["problems"] == [], stderr
+    assert status == 0
+    assert report["order"] == 5
+    assert report["kills"] >= 1  # the head, its sequencer with it
+    assert report["lost"] == report["total_order_errors"] == report["corrupt_messages"] == 0
+    assert report["ordered_messages"] == report["log_messages"]
+    assert isinstance(report["acked"], int)
+    assert report["acked"] > 0
+
+
 def test_bad_options_exit_2() -> None:
     from trio_embarcadero.tools.noloss import main
 
@@ -121,10 +136,16 @@ class Books:
         reservation.payload[:] = np.frombuffer(data[128:], dtype=np.uint8)
         self._log.complete(reservation, scan_records(reservation.payload, header.num_msg))
 
-    def verify(self) -> Report:
+    def order(self, batches: int) -> None:
+        """Give the first ``batches`` batches not ordered yet their place."""
+        sequencer = self._log.sequencer(10**9)
+        sequencer.step(0, budget=batches)
+        sequencer.close()
+
+    def verify(self, order: int = 0) -> Report:
         gc.collect()
         self._log.close()
-        return verify(self.path, list(self.clients.values()), MAX_SIZE)
+        return verify(self.path, list(self.clients.values()), MAX_SIZE, order=order)
 
 
 @pytest.fixture
@@ -202,6 +223,19 @@ def test_messages_out_of_order_are_caught(books: Books) -> None:
     assert report.order_violations == 11
     assert report.lost == 0
     assert not report.ok
+
+
+def test_an_acked_message_without_a_place_in_the_total_order_is_caught(books: Books) -> None:
+    books._log.topic_order = lambda _topic: 5
+    publish_clean(books)
+    books.order(2)  # the third batch (client 1's 10-19, acked) has no place yet
+    report = books.verify(order=5)
+    assert report.ordered_messages == 15
+    assert report.total_order_errors == 10
+    assert report.problems == [
+        "client 1: 10 acked message(s) without a place in the total order, first "
+        "[10, 11, 12, 13, 14]"
+    ]
 
 
 def test_the_report_says_failed() -> None:

@@ -103,7 +103,7 @@ def test_handshake_of_wrong_length_is_rejected(length: int) -> None:
     assert rejection(data) == f"handshake is {length} bytes, want 64"
 
 
-@pytest.mark.parametrize("req", [2, 3, 0xFFFFFFFF])
+@pytest.mark.parametrize("req", [2, 4, 0xFFFFFFFF])
 def test_unknown_request_is_rejected(req: int) -> None:
     assert rejection(raw_handshake(req=req)) == f"unknown client_req {req}"
 

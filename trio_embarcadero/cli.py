@@ -403,6 +403,12 @@ def _add_client_commands(command: _AddCommand) -> None:
     subscribe.add_argument(
         "--summary", action="store_true", help="print only the message count and bytes"
     )
+    subscribe.add_argument(
+        "--ordered",
+        action="store_true",
+        help="read an order-5 topic's total order (every broker's messages, from this one); "
+        "--from and the offsets are then total orders",
+    )
     for name, text in (
         ("topics", "list the topics of a CXL file (or of a broker, --url) with their totals"),
         ("inspect", "the CXL file's geometry, topics, and with --topic its batches"),
@@ -673,8 +679,17 @@ def _subscription_start(args: argparse.Namespace, config: Config) -> tuple[int, 
             f"topic {args.topic!r} does not exist in {path} (the topics command lists "
             "them; --follow waits for it)"
         )
+    if topic is not None and (topic.order == 5) != args.ordered:
+        raise _CommandFailed(
+            f"topic {args.topic!r} has order 5: read its total order with --ordered"
+            if topic.order == 5
+            else f"topic {args.topic!r} has order 0 (each broker's own order): drop --ordered"
+        )
     if back is None:
         return int(wanted), ""
+    if args.ordered:
+        with open_log(path) as log:
+            return max(0, log.ordered_end(args.topic) - back), ""
     streams = () if topic is None else topic.streams
     committed = next((s.messages for s in streams if s.broker_id == config.broker.id), 0)
     return max(0, committed - back), ""
@@ -687,7 +702,7 @@ async def _subscribe(args: argparse.Namespace, host: str, port: int, start: int,
     count = nbytes = 0
     limit = args.count
     first = last = None
-    async with open_subscriber(host, port, args.topic, start=start) as sub:
+    async with open_subscriber(host, port, args.topic, start=start, ordered=args.ordered) as sub:
         while limit is None or count < limit:
             messages: list[MessageView] = []
             with trio.move_on_after(float("inf") if args.follow else args.idle):

@@ -543,6 +543,12 @@ class CxlConfig(_Checked):
             ``GLIBC_TUNABLES`` environment variable, read at process start;
             one it already sets is left alone). An application that embeds
             the broker sets the variable itself (see the README).
+        sequencer_interval_ms: How often the head broker's sequencer looks
+            for batches other broker processes committed to order-5 topics
+            (its own process's commits wake it at once).
+        sequencer_hole_timeout_s: How long the sequencer waits for a batch
+            that stays reserved while a committed one follows it in its
+            stream; then it goes past it, and that batch is never ordered.
     """
 
     path: str = attrs.field(
@@ -562,6 +568,8 @@ class CxlConfig(_Checked):
     )
     reclaim_interval_ms: float = attrs.field(default=1000.0, validator=_positive_float)
     streaming_copies: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    sequencer_interval_ms: float = attrs.field(default=5.0, validator=_positive_float)
+    sequencer_hole_timeout_s: float = attrs.field(default=5.0, validator=_positive_float)
 
     @property
     def size_bytes(self) -> int:

@@ -35,6 +35,10 @@ MESSAGE_HEADER = struct.Struct("<QQQQQQQQ")
 ACK_BROKER_ID = struct.Struct("<i")
 ACK_COUNT = struct.Struct("<Q")
 ERROR_FRAME_HEAD = struct.Struct("<QII")
+#: In front of each batch's records on an ordered subscribe stream: the total
+#: order of the first record that follows, their count, header version, flags.
+BATCH_METADATA = struct.Struct("<QIHH")
+BATCH_METADATA_VERSION = 1
 
 HANDSHAKE_SIZE = HANDSHAKE.size
 BATCH_HEADER_SIZE = BATCH_HEADER.size
@@ -73,6 +77,8 @@ class ClientRequest(enum.IntEnum):
 
     PUBLISH = 0
     SUBSCRIBE = 1
+    #: The merged total order of an order-5 topic, from any broker.
+    SUBSCRIBE_ORDERED = 3
 
 
 @attrs.frozen
@@ -653,6 +659,12 @@ def stamp_records(
     log_words[index + MH_SEGMENT_HEADER] = 0
     log_words[index + MH_LOGICAL_OFFSET] = offsets
     log_words[index + MH_NEXT_MSG_DIFF] = log_words[index + MH_PADDED_SIZE]
+
+
+def encode_batch_metadata(total_order: int, num_msg: int) -> bytes:
+    """The 16-byte ``BatchMetadata`` in front of ``num_msg`` records whose
+    first has total order ``total_order`` (an order-5 subscribe stream)."""
+    return BATCH_METADATA.pack(total_order, num_msg, BATCH_METADATA_VERSION, 0)
 
 
 def encode_ack_start(broker_id: int) -> bytes:

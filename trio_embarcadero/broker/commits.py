@@ -8,7 +8,8 @@ to its consumers:
 
 1. the disk writer (counts it as waiting for the disk, with ``storage.dir``);
 2. the batch's owner, the publish session that received it (its ack count,
-   or at ack level 2 a wait for the disk);
+   or at ack level 2 a wait for the disk); for an order-5 topic only once
+   the batch has its place in the total order (see :mod:`.ordering`);
 3. subscribers of the topic, woken once per call.
 
 A consumer that raises is logged and counted (``internal_errors``); the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol, cast
 
 import numpy as np
@@ -27,6 +29,7 @@ import numpy.typing as npt
 import trio
 
 from ..log import CxlLog, Reservation, Stream
+from .ordering import OrderWaits
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class CommitFeed:
         log: The broker's log.
         on_disk: Called with every committed batch first (the disk writer),
             or None without a disk log.
+        order_waits: Where batches of order-5 topics wait for their order
+            before their owner hears of them (None: owners hear at once).
 
     Attributes:
         committed_bytes: Payload bytes committed per stream since the broker
@@ -52,9 +57,15 @@ class CommitFeed:
         internal_errors: Consumers that raised.
     """
 
-    def __init__(self, log: CxlLog, on_disk: Callable[[Reservation], None] | None = None) -> None:
+    def __init__(
+        self,
+        log: CxlLog,
+        on_disk: Callable[[Reservation], None] | None = None,
+        order_waits: OrderWaits | None = None,
+    ) -> None:
         self._log = log
         self._on_disk = on_disk
+        self._order_waits = order_waits
         self._waiters: dict[str, trio.lowlevel.ParkingLot] = {}
         self.committed_bytes: dict[Stream, int] = {}
         self.internal_errors = 0
@@ -79,6 +90,14 @@ class CommitFeed:
             if not lot and self._waiters.get(topic) is lot:
                 del self._waiters[topic]
 
+    async def wait_ordered(self) -> None:
+        """Return once more may be ordered: at once after this process's
+        sequencer ordered batches, else after ``cxl.sequencer_interval_ms``."""
+        if self._order_waits is None:
+            await trio.sleep(0.005)
+        else:
+            await self._order_waits.wait_ordered()
+
     def _fan_out(self, committed: list[Reservation]) -> None:
         if not committed:
             return
@@ -92,7 +111,12 @@ class CommitFeed:
             owner = reservation.owner
             if owner is not None:
                 # The log keeps owners opaque; the broker only ever sets sessions.
-                self._guarded(cast(CommitConsumer, owner).batch_committed, reservation)
+                deliver = cast(CommitConsumer, owner).batch_committed
+                waits = self._order_waits
+                if waits is not None and waits.ordered_topic(reservation):
+                    waits.hold(reservation, partial(self._guarded, deliver))
+                else:
+                    self._guarded(deliver, reservation)
         lot = self._waiters.get(committed[0].stream.topic)
         if lot is not None:
             lot.unpark_all()

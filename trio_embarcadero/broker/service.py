@@ -4,7 +4,8 @@
 
     serve()
     └── service scope (shielded: outer cancellation starts a graceful drain)
-        ├── pool monitor, statistics reporter, heartbeat (the broker table entry), retention
+        ├── pool monitor, statistics reporter, heartbeat (the broker table entry), retention,
+        │   ordering (broker 0's sequencer; acks of order-5 topics wait for it)
         ├── HTTP endpoint (metrics, admin API; up until the drain is over)
         └── durable nursery: disk writer (with storage.dir)
             └── allocator nursery: num_cxl_allocation_workers allocator tasks
@@ -52,6 +53,7 @@ from ..log import CxlLog, DiskLog
 from ..log.layout import read_topic_state, read_topics
 from ..log.ownership import BrokerLock, claim_disk_log, claim_region, settings_path
 from ..log.region import check_memory_ordering
+from ..log.sequencer import Sequencer
 from ..log.settings import TopicSettingsFile, remove_settings
 from ..wire import encode_error_frame
 from .acks import DialBackRegistry, DialBackStatistics
@@ -63,6 +65,7 @@ from .durability import Durability
 from .http import serve_http
 from .membership import Membership
 from .monitor import PauseGate, run_pool_monitor
+from .ordering import OrderWaits, run_ordering
 from .publish import IngestPath
 from .retention import make_room, reclaimable_units, retention_configured, run_retention
 from .session import serve_connection
@@ -133,8 +136,17 @@ class Broker:
             if disk is not None
             else None
         )
+        self.order_waits = OrderWaits(log, config.cxl.sequencer_interval_ms / 1000)
+        # Broker 0 is the head: it orders every broker's order-5 batches.
+        self.sequencer = (
+            log.sequencer(int(config.cxl.sequencer_hole_timeout_s * 1e9))
+            if self.broker_id == 0
+            else None
+        )
         self.commits = CommitFeed(
-            log, self.durability.committed if self.durability is not None else None
+            log,
+            self.durability.committed if self.durability is not None else None,
+            self.order_waits,
         )
         self.pool = StagingPool(
             net.staging_pool_num_buffers if net.use_nonblocking else 1,
@@ -252,6 +264,8 @@ class Broker:
             ),
             unit_bytes=self.log.geometry.unit_size,
             draining=self.shutting_down,
+            order_waits=self.order_waits.held,
+            sequencer=self.sequencer.statistics() if self.sequencer is not None else None,
         )
 
     # -- running ---------------------------------------------------------------------
@@ -310,6 +324,14 @@ class Broker:
                 if self._http_listeners:
                     await services.start(partial(serve_http, AdminApi(self), self._http_listeners))
                     logger.info("HTTP (metrics, admin API) on %s", self._http_url())
+                await services.start(
+                    partial(
+                        run_ordering,
+                        self.order_waits,
+                        self.sequencer,
+                        self.config.cxl.sequencer_interval_ms / 1000,
+                    )
+                )
                 await services.start(
                     partial(
                         run_retention,
@@ -610,7 +632,9 @@ async def _start(
     return Broker(config, log, listeners, disk, http)
 
 
-def _close_logs(log: CxlLog, disk: DiskLog | None) -> None:
+def _close_logs(log: CxlLog, disk: DiskLog | None, sequencer: Sequencer | None) -> None:
+    if sequencer is not None:
+        sequencer.close()
     if disk is not None:
         disk.close()
     try:
@@ -637,7 +661,7 @@ async def _serve(broker: Broker, *, task_status: trio.TaskStatus[Broker]) -> NoR
                 broker.begin_shutdown()
     finally:
         broker.membership.leave()
-        _close_logs(broker.log, broker.disk)
+        _close_logs(broker.log, broker.disk, broker.sequencer)
         if broker.failure is not None:
             # Drained: the caller learns why the broker stopped, also when it
             # had asked it to stop meanwhile (this replaces the Cancelled).

@@ -29,7 +29,7 @@ async def serve_connection(connection: Connection, ingest: IngestPath) -> None:
     """
     try:
         handshake = connection.handshake = await _receive_handshake(connection, ingest)
-        if handshake.request == ClientRequest.SUBSCRIBE:
+        if handshake.request in (ClientRequest.SUBSCRIBE, ClientRequest.SUBSCRIBE_ORDERED):
             connection.phase = ConnectionPhase.SUBSCRIBED
             await serve_subscriber(
                 connection,

@@ -18,6 +18,7 @@ import attrs
 
 from ..errors import ErrorCode
 from ..log import CxlStatistics, DiskStatistics
+from ..log.sequencer import SequencerStatistics
 from ..wire import BatchHeader
 from .acks import DialBackStatistics
 from .staging import StagingPoolStatistics
@@ -201,6 +202,9 @@ class BrokerStatistics:
         unit_bytes: The size of an allocation unit of the region (``log``
             counts units).
         draining: Whether the broker is shutting down (a graceful drain).
+        order_waits: Committed batches of order-5 topics whose acks wait
+            for their place in the total order.
+        sequencer: The sequencer's counters and lag (broker 0 only, else None).
     """
 
     connections: dict[str, int]
@@ -237,6 +241,8 @@ class BrokerStatistics:
     disk_sync_seconds: HistogramSnapshot | None
     unit_bytes: int
     draining: bool
+    order_waits: int = 0
+    sequencer: SequencerStatistics | None = None
 
     @property
     def log_free_bytes(self) -> int:
@@ -303,6 +309,14 @@ class BrokerStatistics:
                 )
             )
         )
+        if self.order_waits:
+            parts.append(f"{self.order_waits} batch(es) of order-5 topics wait for their order")
+        seq = self.sequencer
+        if seq is not None and seq.topics:
+            parts.append(
+                f"sequencer: {seq.batches_ordered:,} batches ordered, {seq.lag_batches} waiting "
+                f"(oldest {seq.lag_oldest_s:.3f} s)"
+            )
         line = "; ".join(parts)
         if self.log_full_held:
             line += f"; HELD: {self.log_full_held} batch(es) wait for retention to free log space"

@@ -18,6 +18,13 @@ region no longer holds are read from the disk log, one synced batch at a
 time on a worker thread, and sent exactly as the region would have sent
 them; once the wanted offset is back in the region the stream goes on from
 there.
+
+On an order-5 topic, the stream of this broker (``client_req = 1``) sends a
+batch only once it is ordered, with a ``BatchMetadata`` in front of its
+records; ``client_req = 3`` reads the topic's ordered index in the region
+(every broker's batches, in total order) from the total order ``last_addr``
+on. Both wake when this process orders batches (the head) and every
+``cxl.sequencer_interval_ms`` otherwise.
 """
 
 from __future__ import annotations
@@ -25,12 +32,23 @@ from __future__ import annotations
 import bisect
 import logging
 
+import numpy as np
+import numpy.typing as npt
 import trio
 
 from ..errors import ConnectionLost, ErrorCode, ProtocolError, StorageError
 from ..log import CxlLog, DiskLog, Stream
 from ..log.disk import DiskBatch
-from ..wire import Handshake, scan_records
+from ..log.layout import BH_ORDERED, BH_TOTAL_ORDER, U32, U64, read_topic_order
+from ..log.ordered import OrderedIndex, cut_records
+from ..wire import (
+    BATCH_METADATA,
+    BATCH_METADATA_VERSION,
+    ClientRequest,
+    Handshake,
+    encode_batch_metadata,
+    scan_records,
+)
 from .commits import CommitFeed
 from .connection import Connection
 
@@ -62,9 +80,12 @@ async def serve_subscriber(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_for_close, connection, nursery.cancel_scope)
         try:
-            at_boundary = await _send_records(
-                connection, handshake, log, commits, send_timeout, disk
-            )
+            if handshake.request == ClientRequest.SUBSCRIBE_ORDERED:
+                at_boundary = await _send_ordered(connection, handshake, log, commits, send_timeout)
+            else:
+                at_boundary = await _send_records(
+                    connection, handshake, log, commits, send_timeout, disk
+                )
         except ProtocolError as exc:  # raised after the nursery: a plain exception
             ended = exc
         nursery.cancel_scope.cancel()
@@ -119,6 +140,8 @@ async def _send_records(
         "conn %d %s subscribes to %r from %d", connection.id, connection.peer, topic, wanted
     )
     region = log.region
+    # Order 5: each batch once ordered, with its BatchMetadata in front.
+    ordered_topic = read_topic_order(region, log.geometry, stream.topic_index) == 5
     while True:
         while wanted >= stream.next_offset:
             _check_not_deleted(log, stream)
@@ -156,17 +179,109 @@ async def _send_records(
         batch = stream.committed_batch(stream.first_batch + i)
         start = batch.payload_offset
         end = start + batch.total_size
-        if wanted > batch.first_offset:
+        skip = wanted - batch.first_offset
+        if skip > 0:
             starts = scan_records(region[start:end], batch.num_msg)
-            start += int(starts[wanted - batch.first_offset])
+            start += int(starts[skip])
         # Retention must not reuse the bytes while the socket still reads them.
         with stream.pinned(batch.header_offset):
-            ended = await _send(connection, region[start:end].data, send_timeout)
+            if ordered_topic:
+                ended = await _send_when_ordered(
+                    connection, commits, region, batch.header_offset, start, end, skip,
+                    batch.num_msg, send_timeout,
+                )  # fmt: skip
+            else:
+                ended = await _send(connection, region[start:end].data, send_timeout)
         if ended is not None:
             return ended
         wanted = batch.first_offset + batch.num_msg
         # A shutdown stops the stream at the next batch boundary, also while
         # the subscriber is catching up, so the error frame follows a record.
+        if connection.stopping:
+            return True
+
+
+async def _send_when_ordered(
+    connection: Connection,
+    commits: CommitFeed,
+    region: npt.NDArray[np.uint8],
+    header_offset: int,
+    start: int,
+    end: int,
+    skip: int,
+    num_msg: int,
+    send_timeout: float,
+) -> bool | None:
+    """Wait until the batch at ``header_offset`` is ordered, then send its
+    records from ``start`` behind their ``BatchMetadata``; like :func:`_send`."""
+    while not U32.unpack_from(region.data, header_offset + BH_ORDERED)[0]:
+        with connection.at_boundary():
+            await commits.wait_ordered()
+        if connection.stopping:
+            return True
+    (total_order,) = U64.unpack_from(region.data, header_offset + BH_TOTAL_ORDER)
+    frame = bytearray(BATCH_METADATA.size + end - start)
+    BATCH_METADATA.pack_into(
+        frame, 0, total_order + skip, num_msg - skip, BATCH_METADATA_VERSION, 0
+    )
+    frame[BATCH_METADATA.size :] = region[start:end].data
+    return await _send(connection, memoryview(frame), send_timeout)
+
+
+async def _send_ordered(
+    connection: Connection,
+    handshake: Handshake,
+    log: CxlLog,
+    commits: CommitFeed,
+    send_timeout: float,
+) -> bool:
+    """``client_req = 3``: an order-5 topic's batches of every broker, in
+    total order from ``last_addr``; like :func:`_send_records`."""
+    topic = handshake.topic
+    slot = log.topics().get(topic)
+    while slot is None:  # not created yet: wait, as client_req 1 does
+        with connection.at_boundary():
+            await commits.wait_ordered()
+        if connection.stopping:
+            return True
+        slot = log.topics().get(topic)
+    if read_topic_order(log.region, log.geometry, slot) != 5:
+        raise ProtocolError(
+            ErrorCode.BAD_HANDSHAKE,
+            f"topic {topic!r} has order 0: client_req 3 reads the total order of an order-5 "
+            "topic (subscribe with client_req 1)",
+        )
+    index = OrderedIndex(log.region, log.geometry, slot)
+    wanted = handshake.last_addr
+    k = -1
+    while True:
+        if index.deleted():
+            raise ProtocolError(ErrorCode.NOT_ALLOWED, f"topic {topic!r} was deleted")
+        count = index.count()
+        if k < 0:
+            k = index.find(wanted, count)
+        if k >= count:
+            with connection.at_boundary():
+                await commits.wait_ordered()
+            if connection.stopping:
+                return True
+            continue
+        entry = index.entry(k)
+        k += 1
+        if entry is None:
+            k = max(k, index.first())  # its index segment is gone: go on from the first left
+            continue
+        end = entry.total_order + entry.num_msg
+        records = index.records(entry) if end > wanted else None
+        if records is None:
+            continue  # before what is wanted, or gone (retention): the next one
+        skip = max(0, wanted - entry.total_order)
+        frame = encode_batch_metadata(entry.total_order + skip, entry.num_msg - skip)
+        data = cut_records(records, entry.num_msg, skip)
+        ended = await _send(connection, memoryview(frame + data.tobytes()), send_timeout)
+        if ended is not None:
+            return ended
+        wanted = end
         if connection.stopping:
             return True
 

@@ -64,11 +64,19 @@ class Subscriber:
         received: Messages received so far (handed out or about to be).
     """
 
-    def __init__(self, stream: trio.abc.Stream, topic: str, start: int, buffer_bytes: int) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        topic: str,
+        start: int,
+        buffer_bytes: int,
+        *,
+        ordered: bool = False,
+    ) -> None:
         self.topic = topic
         self.received = 0
         self._receiver: Receiver = receiver_for(stream)
-        self._decoder = RecordDecoder(start, buffer_bytes)
+        self._decoder = RecordDecoder(start, buffer_bytes, ordered=ordered)
         # The last batch received, and the fields of its messages iteration
         # has not handed out yet (each Message is built as it is handed out).
         self._batch: MessageBatch | None = None
@@ -77,8 +85,9 @@ class Subscriber:
 
     @property
     def position(self) -> int:
-        """The logical offset after the last message received (the next one
-        due, unless iteration still holds messages received before it)."""
+        """The logical offset (ordered: the total order) after the last
+        message received (the next one due, unless iteration still holds
+        messages received before it)."""
         return self._decoder.position
 
     @property
@@ -225,7 +234,12 @@ def _check_options(topic: str, start: int, client_id: int | None) -> int:
 
 @asynccontextmanager
 async def _subscribing(
-    stream: trio.abc.Stream, topic: str, start: int, client_id: int, buffer_bytes: int
+    stream: trio.abc.Stream,
+    topic: str,
+    start: int,
+    client_id: int,
+    buffer_bytes: int,
+    ordered: bool = False,
 ) -> AsyncIterator[Subscriber]:
     """Subscribe over ``stream``: the body of both ``open_subscriber*``."""
     try:
@@ -237,11 +251,11 @@ async def _subscribing(
                 num_msg=0,
                 last_addr=start,
                 port=0,
-                request=ClientRequest.SUBSCRIBE,
+                request=ClientRequest.SUBSCRIBE_ORDERED if ordered else ClientRequest.SUBSCRIBE,
                 topic=topic,
             ),
         )
-        yield Subscriber(stream, topic, start, buffer_bytes)
+        yield Subscriber(stream, topic, start, buffer_bytes, ordered=ordered)
     finally:
         await trio.aclose_forcefully(stream)
 
@@ -255,6 +269,7 @@ async def open_subscriber(
     start: int = 0,
     client_id: int | None = None,
     buffer_bytes: int = DEFAULT_RECEIVE_BUFFER,
+    ordered: bool = False,
 ) -> AsyncIterator[Subscriber]:
     """Connect to a broker over TCP and subscribe to ``topic``.
 
@@ -271,6 +286,10 @@ async def open_subscriber(
         client_id: Sent in the handshake; default random.
         buffer_bytes: Initial receive buffer size (it grows for records
             larger than it).
+        ordered: Read the total order of an order-5 topic (``client_req =
+            3``): every broker's messages, from any broker, in one order;
+            ``start`` and each message's ``offset`` are then total orders.
+            The broker refuses it for an order-0 topic (error 1).
 
     Yields:
         The :class:`Subscriber` (an async iterator of :class:`Message`).
@@ -282,7 +301,7 @@ async def open_subscriber(
     """
     chosen_id = _check_options(topic, start, client_id)
     stream = await connect(host, port)
-    async with _subscribing(stream, topic, start, chosen_id, buffer_bytes) as subscriber:
+    async with _subscribing(stream, topic, start, chosen_id, buffer_bytes, ordered) as subscriber:
         yield subscriber
 
 
@@ -294,6 +313,7 @@ async def open_subscriber_on_stream(
     start: int = 0,
     client_id: int | None = None,
     buffer_bytes: int = DEFAULT_RECEIVE_BUFFER,
+    ordered: bool = False,
 ) -> AsyncIterator[Subscriber]:
     """Subscribe to ``topic`` over an already open stream to a broker.
 
@@ -302,5 +322,5 @@ async def open_subscriber_on_stream(
     stream open.
     """
     chosen_id = _check_options(topic, start, client_id)
-    async with _subscribing(stream, topic, start, chosen_id, buffer_bytes) as subscriber:
+    async with _subscribing(stream, topic, start, chosen_id, buffer_bytes, ordered) as subscriber:
         yield subscriber

@@ -26,7 +26,10 @@ Layout (version 3, all integers little-endian)::
                         (0 free, 1 live, 2 being deleted), order u32 @36
                         (0 or 5, fixed when the topic is created),
                         incarnation u64 @40 (new at every creation of a
-                        topic in the slot),
+                        topic in the slot), ordered index head u32 @48
+                        (its first index segment + 1; 0: none yet),
+                        ordered batches u64 @56 (entries in the ordered
+                        index: the sequencer's commit point; see below),
                         then one 64-B stream entry per broker:
                           0 first segment (u32)   4 last segment (u32)
                           8 segment count (u32)  16 committed messages (u64)
@@ -45,6 +48,30 @@ Layout (version 3, all integers little-endian)::
                         last commit time u64 @32 (ns, for time retention)
                         then batches back to back from +64:
                         [128-B batch header][payload of total_size bytes]
+
+The ordered index of an order-5 topic (written by the sequencer, see
+:mod:`.sequencer`) is a chain of one-unit segments whose map owner is
+``INDEX_OWNER`` and whose header names the topic with broker
+``INDEX_OWNER``; from +64 each holds ``(unit_size - 64) // 32`` entries of
+32 B, entry ``k`` of the topic in the segment at chain position
+``k // per_segment`` (its header's chain index; the sequencer lets the
+first segment go once every batch it names is gone, so the chain may start
+later):
+                          0 broker (u32)          4 num_msg (u32)
+                          8 total order of its first message (u64)
+                         16 batch header offset (u64)
+                         24 generation of the data segment then (u64): a
+                            reader that finds another one there knows the
+                            batch is gone (retention), like an offset
+Ordering a batch writes, in this order: every record's ``total_order``
+and the header's ``total_order``, the index entry, the topic's ordered
+count (the commit point: one aligned 8-byte store), then the header's
+``ordered`` word (1). A batch is ordered once the count covers its entry;
+a sequencer that starts again redoes the last entry's ``ordered`` word and
+goes on from the count, so a ``kill -9`` at any step neither assigns a total
+order twice nor skips one. The next total order is the last entry's plus
+its ``num_msg``; each broker's stream is ordered in its commit order, so
+its ordered batches come first and a restart resumes after the last one.
 
 A *stream* is one (topic, broker) pair: its own chain of segments, its own
 logical offsets. Its first segment is one unit, and each next one twice the
@@ -73,6 +100,7 @@ read-write mapping or a read-only mapping in another process.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections.abc import Iterator
@@ -139,6 +167,19 @@ TOPIC_ORDER_OFFSET = 36
 #: A topic's incarnation, at +40 of its header: a broker's in-memory stream
 #: of an older incarnation is of a topic deleted since.
 TOPIC_INCARNATION_OFFSET = 40
+#: An order-5 topic's ordered index: its first segment + 1 (0: none), at +48.
+TOPIC_INDEX_HEAD_OFFSET = 48
+#: The entries in that index (the sequencer's commit point), at +56.
+TOPIC_ORDERED_OFFSET = 56
+#: The segment map's owner (and segment header's broker) of index segments:
+#: no broker id is this large.
+INDEX_OWNER = 0xFF
+#: broker, num_msg, total order, batch header offset, data segment generation.
+INDEX_ENTRY = struct.Struct("<IIQQQ")
+INDEX_ENTRY_SIZE = INDEX_ENTRY.size
+#: Byte offsets of the batch-header words the sequencer writes.
+BH_ORDERED = 24
+BH_TOTAL_ORDER = 56
 #: A stream entry's count of attached publish sessions, at +56.
 STREAM_ATTACHED_OFFSET = 56
 #: A stream entry: first, last segment, segment count.
@@ -201,8 +242,9 @@ class Geometry:
     def map_offset(self) -> int:
         return _align(SUPERBLOCK_SIZE + self.max_topics * self.topic_entry_size, 64)
 
-    @property
+    @functools.cached_property
     def num_units(self) -> int:
+        # Cached: every segment offset depends on it, and the loop is slow.
         # The map takes 4 bytes a unit out of the same space as the units.
         room = self.region_size - self.map_offset
         units = max(0, room // (self.unit_size + 4))
@@ -212,7 +254,7 @@ class Geometry:
             units -= 1
         return units
 
-    @property
+    @functools.cached_property
     def data_offset(self) -> int:
         return _align(self.map_offset + 4 * self.num_units, 4096)
 
@@ -464,16 +506,35 @@ def topic_states(buf: Any, geometry: Geometry) -> npt.NDArray[np.uint32]:
     )
 
 
-def find_topic(buf: Any, geometry: Geometry, name: str) -> int | None:
-    """The slot of the live topic ``name``, or None (one vectorised compare)."""
-    raw = np.frombuffer(name.encode("ascii").ljust(TOPIC_NAME_BYTES, b"\0"), dtype=np.uint8)
+def _topic_table(buf: Any, geometry: Geometry) -> npt.NDArray[np.uint8]:
+    """The topic table as one row of bytes per slot."""
     stride = geometry.topic_entry_size
-    table = np.frombuffer(
+    return np.frombuffer(
         buf,
         dtype=np.uint8,
         count=geometry.max_topics * stride,
         offset=geometry.topic_offset(0),
     ).reshape(geometry.max_topics, stride)
+
+
+def ordered_topics(buf: Any, geometry: Geometry) -> dict[int, str]:
+    """Every live topic of order 5, slot to name: one vectorised scan of the
+    state and order words (the head's sequencer looks every few ms, and a
+    region may hold thousands of order-0 topics)."""
+    words = (
+        _topic_table(buf, geometry)[:, TOPIC_STATE_OFFSET : TOPIC_ORDER_OFFSET + 4]
+        .copy()
+        .view("<u4")
+    )
+    found = np.flatnonzero((words[:, 0] == TOPIC_LIVE) & (words[:, 1] == 5)).tolist()
+    names = {i: read_topic_name(buf, geometry, i) for i in found}
+    return {i: name for i, name in names.items() if name is not None}
+
+
+def find_topic(buf: Any, geometry: Geometry, name: str) -> int | None:
+    """The slot of the live topic ``name``, or None (one vectorised compare)."""
+    raw = np.frombuffer(name.encode("ascii").ljust(TOPIC_NAME_BYTES, b"\0"), dtype=np.uint8)
+    table = _topic_table(buf, geometry)
     matches = (table[:, :TOPIC_NAME_BYTES] == raw).all(axis=1) & (
         topic_states(buf, geometry) == TOPIC_LIVE
     )
@@ -502,6 +563,9 @@ def write_topic(buf: Any, geometry: Geometry, index: int, raw_name: bytes, order
     off = geometry.topic_offset(index)
     buf[off : off + TOPIC_NAME_BYTES] = raw_name.ljust(TOPIC_NAME_BYTES, b"\0")
     U32.pack_into(buf, off + TOPIC_ORDER_OFFSET, order)
+    # A new topic has no ordered index (a deleted one's segments are freed).
+    U32.pack_into(buf, off + TOPIC_INDEX_HEAD_OFFSET, 0)
+    U64.pack_into(buf, off + TOPIC_ORDERED_OFFSET, 0)
     (incarnation,) = U64.unpack_from(buf, NEXT_GENERATION_OFFSET)
     U64.pack_into(buf, NEXT_GENERATION_OFFSET, incarnation + 1)
     U64.pack_into(buf, off + TOPIC_INCARNATION_OFFSET, incarnation)
@@ -521,6 +585,112 @@ def read_topic_order(buf: Any, geometry: Geometry, index: int) -> int:
     """The order level (0 or 5) slot ``index``'s topic was created with."""
     (order,) = U32.unpack_from(buf, geometry.topic_offset(index) + TOPIC_ORDER_OFFSET)
     return int(order)
+
+
+@attrs.frozen
+class IndexEntry:
+    """One entry of an order-5 topic's ordered index.
+
+    Attributes:
+        broker_id: The broker whose stream holds the batch.
+        num_msg: Its messages.
+        total_order: The total order of its first message.
+        header_offset: Where its batch header is in the region.
+        generation: The generation of its segment when it was ordered.
+    """
+
+    broker_id: int
+    num_msg: int
+    total_order: int
+    header_offset: int
+    generation: int
+
+
+def index_per_segment(geometry: Geometry) -> int:
+    """Ordered index entries in one index segment (one allocation unit)."""
+    return (geometry.unit_size - SEGMENT_HEADER_SIZE) // INDEX_ENTRY_SIZE
+
+
+def read_ordered_count(buf: Any, geometry: Geometry, topic_index: int) -> int:
+    """Entries in slot ``topic_index``'s ordered index (its ordered batches)."""
+    (count,) = U64.unpack_from(buf, geometry.topic_offset(topic_index) + TOPIC_ORDERED_OFFSET)
+    return int(count)
+
+
+@attrs.define
+class IndexChain:
+    """The segments of an ordered index, as last read.
+
+    Attributes:
+        first: The chain position of its first segment: retention let the
+            ones before go (their entries are gone), so entry ``e`` is in
+            ``units[e // per_segment - first]``.
+        units: Its segments (first units), in order.
+        generations: Each segment's generation when it was read: another
+            one there now means the segment was let go (and maybe reused).
+    """
+
+    first: int = 0
+    units: list[int] = attrs.Factory(list)
+    generations: list[int] = attrs.Factory(list)
+
+
+def index_chain(buf: Any, geometry: Geometry, topic_index: int) -> IndexChain:
+    """The segments of slot ``topic_index``'s ordered index, in order."""
+    (head,) = U32.unpack_from(buf, geometry.topic_offset(topic_index) + TOPIC_INDEX_HEAD_OFFSET)
+    chain = IndexChain()
+    segment = head - 1 if head else NO_SEGMENT
+    while segment < geometry.num_units and len(chain.units) < geometry.num_units:
+        found = read_segment_header(buf, geometry, segment)
+        if found is None or (found.topic, found.broker_id) != (topic_index, INDEX_OWNER):
+            break
+        if not chain.units:
+            chain.first = found.chain_index
+        chain.units.append(segment)
+        chain.generations.append(found.generation)
+        segment = found.next_segment
+    return chain
+
+
+def index_entry_offset(geometry: Geometry, chain: IndexChain, entry: int) -> int:
+    """Where entry ``entry`` of an index whose chain is ``chain`` is.
+
+    Raises:
+        IndexError: The entry is not in the chain (let go, or beyond it).
+    """
+    per = index_per_segment(geometry)
+    position = entry // per - chain.first
+    if not 0 <= position < len(chain.units):
+        raise IndexError(f"ordered index entry {entry} is not in the chain read")
+    unit = chain.units[position]
+    return geometry.segment_offset(unit) + SEGMENT_HEADER_SIZE + (entry % per) * INDEX_ENTRY_SIZE
+
+
+def read_index_entry(buf: Any, geometry: Geometry, chain: IndexChain, entry: int) -> IndexEntry:
+    """Entry ``entry`` of an index whose chain is ``chain`` (see :func:`index_chain`).
+
+    Raises:
+        IndexError: As for :func:`index_entry_offset`.
+    """
+    return IndexEntry(*INDEX_ENTRY.unpack_from(buf, index_entry_offset(geometry, chain, entry)))
+
+
+def generation_holding(buf: Any, geometry: Geometry, offset: int) -> int | None:
+    """The generation of the segment that holds byte ``offset`` now (from the
+    unit map: the head whose block covers its unit), or None if no segment
+    does."""
+    unit = (offset - geometry.data_offset) // geometry.unit_size
+    if not 0 <= unit < geometry.num_units:
+        return None
+    words = unit_map(buf, geometry)
+    for order in range(geometry.max_order + 1):
+        head = unit & ~((1 << order) - 1)
+        word = int(words[head])
+        # A head word: bit 31, the order in the low byte (see .segments).
+        if word & (1 << 31) and (word & 0xFF) >= order and head + (1 << (word & 0xFF)) > unit:
+            (generation,) = U64.unpack_from(buf, geometry.segment_offset(head) + 24)
+            return int(generation)
+    return None
 
 
 def member_offset(broker_id: int) -> int:
@@ -573,9 +743,11 @@ class WalkPosition:
     generation: int = 0
 
 
-def _enter(
+def enter_segment(
     buf: Any, g: Geometry, pos: WalkPosition, segment: int, topic_index: int, broker_id: int
 ) -> bool:
+    """Move ``pos`` to the start of ``segment`` if it is one of the stream's;
+    False if it is not (any more)."""
     header = read_segment_header(buf, g, segment) if segment < g.num_units else None
     if header is None or (header.topic, header.broker_id) != (topic_index, broker_id):
         return False
@@ -620,7 +792,7 @@ def iter_batches(
     pos = position if position is not None else WalkPosition()
     if pos.segment == NO_SEGMENT:
         (first,) = U32.unpack_from(buf, g.stream_offset(topic_index, broker_id))
-        if first == NO_SEGMENT or not _enter(buf, g, pos, first, topic_index, broker_id):
+        if first == NO_SEGMENT or not enter_segment(buf, g, pos, first, topic_index, broker_id):
             return
     while True:
         offset = pos.offset
@@ -637,7 +809,7 @@ def iter_batches(
         if total == 0 or offset + BATCH_HEADER.size + total > pos.end:
             if next_segment == NO_SEGMENT:
                 return  # the end of what is written
-            if not _enter(buf, g, pos, next_segment, topic_index, broker_id):
+            if not enter_segment(buf, g, pos, next_segment, topic_index, broker_id):
                 raise SegmentReclaimed(f"segment {pos.segment}'s successor is gone")
             continue
         header = unpack_batch_header(buf[offset : offset + BATCH_HEADER.size])

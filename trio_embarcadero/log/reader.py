@@ -53,6 +53,7 @@ import numpy.typing as npt
 from ..errors import LayoutError, ProtocolError
 from ..wire import (
     BATCH_HEADER_SIZE,
+    MESSAGE_HEADER,
     MESSAGE_HEADER_SIZE,
     MH_CLIENT_ID,
     MH_CLIENT_ORDER,
@@ -82,6 +83,7 @@ from .layout import (
     unit_map,
 )
 from .members import BrokerMember, read_members
+from .ordered import OrderedIndex
 from .ownership import lock_holders
 
 logger = logging.getLogger(__name__)
@@ -276,6 +278,55 @@ class LogReader:
         that serve clients now; ``address`` where they listen.
         """
         return region_brokers(self._mmap, self.path, self.geometry.max_brokers)
+
+    # -- the total order of an order-5 topic --------------------------------------------
+
+    def ordered_end(self, topic: str) -> int:
+        """The total order the next ordered message of ``topic`` gets (0 for a
+        topic that does not exist or has order 0)."""
+        index = self._topic_indexes().get(topic)
+        if index is None:
+            return 0
+        ordered = OrderedIndex(self._mmap, self.geometry, index)
+        count = ordered.count()
+        if not count:
+            return 0
+        last = ordered.entry(count - 1)
+        return 0 if last is None else last.total_order + last.num_msg
+
+    def ordered_messages(self, topic: str, start: int = 0) -> Iterator[Message]:
+        """Yield the ordered messages of the order-5 ``topic``, every broker's,
+        in total order from total order ``start`` on; each message's
+        ``offset`` is its total order.
+
+        Stops at the end of what is ordered so far (call again from the next
+        total order to go on). Messages whose segment retention let go are
+        skipped: total orders then jump forward. A topic that does not
+        exist, or of order 0, yields nothing.
+
+        Raises:
+            ValueError: ``start`` is negative.
+        """
+        if start < 0:
+            raise ValueError(f"start must be >= 0, not {start}")
+        index = self._topic_indexes().get(topic)
+        if index is None:
+            return
+        ordered = OrderedIndex(self._mmap, self.geometry, index)
+        count = ordered.count()
+        for k in range(ordered.find(start, count), count):
+            entry = ordered.entry(k)
+            records = None if entry is None else ordered.records(entry)
+            if entry is None or records is None:
+                continue  # reclaimed by retention
+            skip = max(0, start - entry.total_order)
+            starts = scan_records(records, entry.num_msg)
+            data = records.tobytes()
+            for i in range(skip, entry.num_msg):
+                at = int(starts[i])
+                _, _, _, _, _, order, client, size = MESSAGE_HEADER.unpack_from(data, at)
+                body = data[at + MESSAGE_HEADER_SIZE : at + MESSAGE_HEADER_SIZE + size]
+                yield Message(body, entry.total_order + i, client, order)
 
     # -- walking a stream -------------------------------------------------------------
 

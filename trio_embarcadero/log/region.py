@@ -63,6 +63,7 @@ from .layout import (
     BATCH_ABANDONED,
     BATCH_COMMITTED,
     BATCH_RESERVED,
+    BH_ORDERED,
     BH_TOTAL_SIZE,
     NEXT_GENERATION_OFFSET,
     NO_SEGMENT,
@@ -100,6 +101,7 @@ from .layout import (
 )
 from .ownership import BrokerLock, check_replaceable, claim_region, open_private_file
 from .segments import SegmentMap, order_for
+from .sequencer import Sequencer
 from .topics import attached_publishers, finish_deletions
 
 logger = logging.getLogger(__name__)
@@ -532,6 +534,12 @@ class CxlLog:
 
     def _lock(self) -> _FileLock:
         return _FileLock(self._fd)
+
+    def sequencer(self, hole_timeout_ns: int) -> Sequencer:
+        """A :class:`~.sequencer.Sequencer` of this region (the head broker's)."""
+        return Sequencer(
+            self._mmap, self.geometry, self.map, self._lock, hole_timeout_ns=hole_timeout_ns
+        )
 
     def topics(self) -> dict[str, int]:
         """Every live topic in the region and its table index."""
@@ -1120,9 +1128,13 @@ class CxlLog:
         Kafka's rule: the oldest whole segments go while what remains still
         holds ``retention_bytes``, and every segment whose last commit is
         older than ``retention_ms``; never the segment being written, and
-        never one with a batch not yet resolved. -1 means no limit.
+        never one with a batch not yet resolved, nor, for an order-5 topic,
+        one with a batch not yet ordered (its ack waits for that). -1 means
+        no limit.
         """
         segments = stream.segments
+        ordered_topic = read_topic_order(self._mmap, self.geometry, stream.topic_index) == 5
+        batches = 0
         # Only segments commits have moved past are whole.
         candidates = min(stream._commit_segment, len(segments) - 1)
         count = 0
@@ -1131,6 +1143,9 @@ class CxlLog:
             segment = segments[count]
             if segment.pins:
                 break  # a reader is using it: the next check will do
+            batches += segment.batches
+            if ordered_topic and segment.batches and not self._ordered(stream, batches - 1):
+                break  # the sequencer has not got past it yet
             too_big = retention_bytes >= 0 and remaining - segment.data_bytes >= retention_bytes
             too_old = (
                 retention_ms >= 0 and now_ns - segment.last_commit_ns > retention_ms * 1_000_000
@@ -1140,6 +1155,11 @@ class CxlLog:
             remaining -= segment.data_bytes
             count += 1
         return count
+
+    def _ordered(self, stream: Stream, retained: int) -> bool:
+        """Whether the ``retained``-th batch the stream retains is ordered."""
+        (ordered,) = U32.unpack_from(self._mmap, stream.index_header[retained] + BH_ORDERED)
+        return bool(ordered)
 
     def reclaim_oldest(self, stream: Stream) -> RetainedSegment | None:
         """Let ``stream``'s oldest segment go and give it back to the region.

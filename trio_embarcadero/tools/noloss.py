@@ -18,6 +18,14 @@ given time it injects faults:
 * ``pressure``: the broker runs with a two-buffer staging pool that pauses
   receivers at one buffer in use, so pauses happen all the time.
 
+``--order 5`` makes the topic one of order 5: the broker (broker 0, the
+head) runs the sequencer, acks wait for the total order, and a kill stops
+the sequencer too. The log is then also read in its total order
+(:meth:`~trio_embarcadero.log.LogReader.ordered_messages`): total orders run
+without a gap or a repeat, every record's ``total_order`` is its place, the
+total order is the stream's commit order (one broker), and every
+acknowledged message is ordered.
+
 ``--path direct`` runs the broker on its direct receive path instead
 (payloads received straight into reserved log space), where a kill often
 finds batches half received in the log.
@@ -317,8 +325,12 @@ def write_broker_config(
     pressure: bool = False,
     direct: bool = False,
     extra: str = "",
+    order: int = 0,
 ) -> None:
     """A broker config for checker runs: port 0, a private CXL file, INFO logs.
+
+    ``order``: the topics' order level (5: the broker is the head, with its
+    sequencer).
 
     ``pressure``: a two-buffer staging pool that pauses receivers at one buffer
     in use. ``direct``: the direct receive path (payloads go straight into
@@ -334,6 +346,8 @@ def write_broker_config(
     storage = f'[storage]\ndir = "{storage_dir}"\nsync_interval_ms = 2.0\n' if storage_dir else ""
     if direct:
         pool = "use_nonblocking = false\n"
+    # Only when asked for: a caller's ``extra`` may hold a [topics] table of its own.
+    topics = f"[topics]\norder = {order}\n" if order else ""
     Path(path).write_text(
         f"""[broker]
 port = 0
@@ -350,6 +364,7 @@ segment_mb = {segment_mb}
 prefault = false
 
 {storage}
+{topics}
 [logging]
 level = "INFO"
 """
@@ -409,6 +424,7 @@ class Options:
     keep: bool
     direct: bool = False
     broker_log: str | None = None
+    order: int = 0
 
 
 class Run:
@@ -629,6 +645,8 @@ class Report:
     order_violations: int = 0
     reclaimed: int = 0
     acked_reclaimed: int = 0
+    ordered_messages: int = 0
+    total_order_errors: int = 0
     problems: list[str] = attrs.Factory(list)
 
     @property
@@ -652,9 +670,44 @@ def log_start_offset(cxl_path: str, topic: str = TOPIC, broker_id: int = 0) -> i
         return 0 if index is None else read_stream_entry(m, geometry, index, broker_id).start_offset
 
 
-def verify(cxl_path: str, clients: Sequence[Client], max_size: int) -> Report:
+def verify_total_order(cxl_path: str, clients: Sequence[Client], report: Report) -> None:
+    """Order 5, one broker: check the topic's total order against its stream
+    and the publishers' acks (see the module docstring)."""
+    with open_log(cxl_path) as log:
+        ordered = [(m.offset, m.client_id, m.client_order) for m in log.ordered_messages(TOPIC)]
+        stream = [(m.client_id, m.client_order) for m in log.messages(TOPIC)]
+    report.ordered_messages = len(ordered)
+    first = ordered[0][0] if ordered else 0
+    places = [t for t, _, _ in ordered]
+    if places != list(range(first, first + len(ordered))):
+        report.total_order_errors += 1
+        gap = next(i for i, t in enumerate(places) if t != first + i)
+        report.problem(f"total orders skip or repeat at {first + gap}: {places[gap : gap + 3]}")
+    # Batches committed at the very end may not be ordered yet: a prefix.
+    if [(c, o) for _, c, o in ordered] != stream[: len(ordered)]:
+        report.total_order_errors += 1
+        report.problem("the total order is not the stream's commit order")
+    in_order: dict[int, set[int]] = collections.defaultdict(set)
+    for _, owner, index in ordered:
+        in_order[owner].add(index)
+    in_stream: dict[int, set[int]] = collections.defaultdict(set)
+    for owner, index in stream:
+        in_stream[owner].add(index)
+    for client in clients:
+        unordered = sorted(
+            i for i in in_stream[client.client_id] - in_order[client.client_id] if i < client.acked
+        )
+        if unordered:
+            report.total_order_errors += len(unordered)
+            report.problem(
+                f"client {client.client_id}: {len(unordered)} acked message(s) without a "
+                f"place in the total order, first {unordered[:5]}"
+            )
+
+
+def verify(cxl_path: str, clients: Sequence[Client], max_size: int, *, order: int = 0) -> Report:
     """Check the log at ``cxl_path`` against the publishers' books (see the
-    module docstring for what is checked)."""
+    module docstring for what is checked; ``order`` 5: its total order too)."""
     start = log_start_offset(cxl_path)
     report = Report(
         published=sum(c.published for c in clients),
@@ -765,6 +818,8 @@ def verify(cxl_path: str, clients: Sequence[Client], max_size: int) -> Report:
             f"the clients' first retained messages imply {below_start} messages below the "
             f"log start, which holds {start}: messages below it were lost"
         )
+    if order == 5:
+        verify_total_order(cxl_path, clients, report)
     return report
 
 
@@ -786,6 +841,7 @@ async def run_checker(options: Options, workdir: Path, cxl_path: str) -> tuple[R
         storage_dir=storage_dir,
         pressure="pressure" in options.faults,
         direct=options.direct,
+        order=options.order,
     )
     broker = BrokerProcess(config_path, log_path=options.broker_log)
     run = Run(options, broker)
@@ -804,7 +860,7 @@ async def run_checker(options: Options, workdir: Path, cxl_path: str) -> tuple[R
         # Not running at the end: it crashed (or failed to restart) on its own.
         status = await broker.stop() if broker.running else broker.returncode
         nursery.cancel_scope.cancel()
-    report = verify(cxl_path, run.clients, options.max_size)
+    report = verify(cxl_path, run.clients, options.max_size, order=options.order)
     tail = "\n".join(broker.stderr.splitlines()[-15:])
     if run.restart_failure is not None:
         report.problem(run.restart_failure)
@@ -825,6 +881,7 @@ def summary(options: Options, run: Run, report: Report, elapsed: float) -> dict[
         "seconds": round(elapsed, 2),
         "publishers": options.publishers,
         "ack": options.ack,
+        "order": options.order,
         "path": "direct" if options.direct else "staged",
         "faults": sorted(options.faults),
         "seed": options.seed,
@@ -855,6 +912,8 @@ def summary(options: Options, run: Run, report: Report, elapsed: float) -> dict[
         "order_violations": report.order_violations,
         "reclaimed": report.reclaimed,
         "acked_reclaimed": report.acked_reclaimed,
+        "ordered_messages": report.ordered_messages,
+        "total_order_errors": report.total_order_errors,
         "problems": report.problems,
     }
 
@@ -881,6 +940,11 @@ def format_summary(s: dict[str, object]) -> str:
         f"order violations {s['order_violations']}",
         f"reclaimed by retention {s['reclaimed']} (acked {s['acked_reclaimed']}), lost {s['lost']}",
     ]
+    if s.get("order") == 5:
+        lines.append(
+            f"order 5: {s['ordered_messages']} messages in the total order, "
+            f"{s['total_order_errors']} total-order errors"
+        )
     if s["log_full"]:
         lines.append("note: the log filled up, the run ended early (raise --cxl-mb)")
     problems = s["problems"]
@@ -932,6 +996,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the broker's receive path (network.use_nonblocking true / false)",
     )
     parser.add_argument(
+        "--order",
+        type=int,
+        choices=(0, 5),
+        default=0,
+        help="the topic's order level (5: one total order, the broker runs the sequencer)",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the CXL file, disk log and broker config"
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -959,6 +1030,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep=args.keep,
         direct=args.path == "direct",
         broker_log=args.broker_log,
+        order=args.order,
     )
     if options.direct and "pressure" in options.faults:
         print("noloss: the direct path has no staging pool: drop 'pressure'", file=sys.stderr)
@@ -997,5 +1069,6 @@ __all__ = [
     "payload",
     "proc_status_kib",
     "verify",
+    "verify_total_order",
     "write_broker_config",
 ]

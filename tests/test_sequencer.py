@@ -1,0 +1,452 @@
+"""The sequencer in the log core: one total order over several brokers' streams.
+
+Sans-IO: two broker handles commit into one region in this process, and the
+sequencer is stepped by hand with a made-up clock. A crash is injected
+between any two of the sequencer's stores to the region, and a new
+sequencer goes on from the region alone.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import rawclient
+from test_cxl import Region, body
+
+from trio_embarcadero.cli import main
+from trio_embarcadero.log import CxlLog, Reservation, open_log
+from trio_embarcadero.log import sequencer as sequencer_module
+from trio_embarcadero.log.layout import (
+    BATCH_COMMITTED,
+    INDEX_OWNER,
+    index_chain,
+    iter_batches,
+    read_index_entry,
+    read_ordered_count,
+    read_segment_header,
+)
+from trio_embarcadero.log.sequencer import Sequencer
+from trio_embarcadero.log.topics import delete_topic
+from trio_embarcadero.tools import seqbench
+from trio_embarcadero.wire import BATCH_HEADER_SIZE, BatchHeader, scan_records, stamp_records
+
+TOPIC = "seq"
+HOLE_NS = 1_000_000_000
+
+
+@pytest.fixture
+def brokers(cxl_path: str) -> Iterator[tuple[CxlLog, CxlLog]]:
+    region = Region(cxl_path)
+    # Small allocation units: an ordered index segment holds 126 entries.
+    logs = (region.open(broker_id=0, unit_size=4096), region.open(broker_id=1, unit_size=4096))
+    for log in logs:
+        log.topic_order = lambda _topic: 5
+    yield logs
+    for log in list(region.opened):
+        region.close(log)
+
+
+def reserve(log: CxlLog, sizes: list[int], client_id: int, first: int) -> Reservation:
+    data = body(sizes, client_id, first)
+    r = log.get_cxl_buffer(TOPIC, BatchHeader(first, client_id, len(sizes), len(data)))
+    r.payload[:] = list(data)
+    return r
+
+
+def commit(log: CxlLog, sizes: list[int], client_id: int, first: int) -> None:
+    r = reserve(log, sizes, client_id, first)
+    log.complete(r, scan_records(r.payload, len(sizes)))
+    assert r.state == BATCH_COMMITTED
+
+
+def ordered_view(log: CxlLog) -> list[tuple[int, int, int, int]]:
+    """(total order, client id, client order, broker) of every ordered message,
+    read through the topic's ordered index, checked against the headers."""
+    buf, g = log.region, log.geometry
+    index = log.topics()[TOPIC]
+    chain = index_chain(buf, g, index)
+    out = []
+    for k in range(read_ordered_count(buf, g, index)):
+        entry = read_index_entry(buf, g, chain, k)
+        h = log.batch_at(entry.header_offset)
+        raw = bytes(buf[entry.header_offset : entry.header_offset + 128])
+        ordered, total = struct.unpack_from("<I", raw, 24)[0], struct.unpack_from("<Q", raw, 56)[0]
+        assert (ordered, total, h.num_msg) == (1, entry.total_order, entry.num_msg)
+        payload = bytes(buf[h.payload_offset : h.payload_offset + h.total_size])
+        for _, cid, corder, data in rawclient.parse_records(payload):
+            assert data == rawclient.payload_for(cid, corder, len(data))  # not overwritten
+        for i, (pos, (_, cid, corder, _)) in enumerate(
+            zip(
+                scan_records(buf[h.payload_offset : h.payload_offset + h.total_size], h.num_msg),
+                rawclient.parse_records(payload),
+                strict=True,
+            )
+        ):
+            (record_total,) = struct.unpack_from("<Q", payload, int(pos) + 32)
+            assert record_total == entry.total_order + i
+            out.append((entry.total_order + i, cid, corder, entry.broker_id))
+    return out
+
+
+def check_order(log: CxlLog, expected: dict[int, int]) -> list[tuple[int, int, int, int]]:
+    """Gap-free total orders from 0, every committed message exactly once, and
+    each client's (one client per broker here) messages in the order it sent them."""
+    view = ordered_view(log)
+    assert [t for t, *_ in view] == list(range(len(view)))
+    for cid, count in expected.items():
+        assert [o for _, c, o, _ in view if c == cid] == list(range(count))
+    assert len(view) == sum(expected.values())
+    return view
+
+
+def unordered_committed(log: CxlLog, broker: int) -> int:
+    index = log.topics()[TOPIC]
+    return sum(
+        1
+        for _, h in iter_batches(log.region, log.geometry, index, broker)
+        if h.batch_complete == BATCH_COMMITTED and not h.ordered
+    )
+
+
+def test_interleaved_commits_of_two_brokers_get_one_gap_free_order(
+    brokers: tuple[CxlLog, CxlLog],
+) -> None:
+    rng = random.Random(12)
+    seq = brokers[0].sequencer(HOLE_NS)
+    sent = {1: 0, 2: 0}
+    for _ in range(60):
+        b = rng.randrange(2)
+        sizes = [rng.choice([10, 100, 700])] * rng.randint(1, 4)
+        if rng.random() < 0.3:
+            sizes = [rng.randint(1, 300) for _ in sizes]  # mixed record sizes
+        commit(brokers[b], sizes, b + 1, sent[b + 1])
+        sent[b + 1] += len(sizes)
+        if rng.random() < 0.4:
+            seq.step(0)
+    done = seq.step(0)
+    assert all(d.topic == TOPIC for d in done)
+    view = check_order(brokers[0], sent)
+    assert {b for *_, b in view} == {0, 1}
+    assert unordered_committed(brokers[0], 0) == unordered_committed(brokers[0], 1) == 0
+    stats = seq.statistics()
+    assert (stats.batches_ordered, stats.messages_ordered, stats.lag_batches) == (
+        60,
+        sum(sent.values()),
+        0,
+    )
+
+
+def test_records_of_several_sizes_that_add_up_like_one_size_keep_their_bytes(
+    brokers: tuple[CxlLog, CxlLog],
+) -> None:
+    # Padded sizes 128, 64 and 192: three times the first is the batch's size.
+    commit(brokers[0], [64, 0, 128], 1, 0)
+    brokers[0].sequencer(HOLE_NS).step(0)
+    check_order(brokers[0], {1: 3})
+
+
+def test_a_step_orders_at_most_its_budget_and_shows_the_lag(
+    brokers: tuple[CxlLog, CxlLog],
+) -> None:
+    seq = brokers[0].sequencer(HOLE_NS)
+    for i in range(5):
+        commit(brokers[1], [50], 2, i)
+    assert len(seq.step(10, budget=2)) == 2
+    stats = seq.statistics()
+    assert (stats.lag_batches, stats.lag_oldest_s) == (3, 0.0)
+    seq.step(2_000_000_010, budget=1)
+    assert seq.statistics().lag_batches == 2
+    assert seq.statistics().lag_oldest_s == pytest.approx(2.0)
+    seq.step(3_000_000_000)
+    assert (seq.statistics().lag_batches, seq.statistics().lag_oldest_s) == (0, 0.0)
+    check_order(brokers[0], {2: 5})
+
+
+def test_order_0_topics_are_left_alone(brokers: tuple[CxlLog, CxlLog]) -> None:
+    brokers[0].topic_order = lambda _topic: 0
+    commit(brokers[0], [10], 1, 0)
+    seq = brokers[0].sequencer(HOLE_NS)
+    assert seq.step(0) == []
+    assert seq.statistics().topics == 0
+    assert read_ordered_count(brokers[0].region, brokers[0].geometry, 0) == 0
+
+
+def test_abandoned_batches_are_never_ordered_and_block_nothing(
+    brokers: tuple[CxlLog, CxlLog],
+) -> None:
+    seq = brokers[0].sequencer(HOLE_NS)
+    gone = reserve(brokers[1], [40], 2, 0)
+    kept = reserve(brokers[1], [40], 2, 0)
+    commit(brokers[0], [40], 1, 0)
+    assert [b.broker_id for b in seq.step(0)] == [0]  # broker 1's batch is still held
+    brokers[1].complete(kept, scan_records(kept.payload, 1))
+    assert seq.step(0) == []
+    brokers[1].abandon(gone)
+    assert [b.broker_id for b in seq.step(0)] == [1]
+    check_order(brokers[0], {1: 1, 2: 1})
+
+
+def test_a_committed_batch_behind_a_reserved_one_waits_at_most_the_hole_timeout(
+    brokers: tuple[CxlLog, CxlLog], cxl_path: str
+) -> None:
+    log = brokers[1]
+    seq = brokers[0].sequencer(HOLE_NS)
+    hole = reserve(log, [40], 2, 0)
+    after = reserve(log, [40], 2, 1)
+    log.complete(after, scan_records(after.payload, 1))
+    # A writer that commits out of log order (or died in between): commit
+    # the later batch in the region by hand, its records stamped as ours are.
+    stamp_records(log.words, after.payload_offset, scan_records(after.payload, 1), 0)
+    log.region[after.header_offset + 16] = BATCH_COMMITTED
+    commit(brokers[0], [40], 1, 0)
+    assert [b.broker_id for b in seq.step(0)] == [0]
+    assert seq.step(HOLE_NS - 1) == []
+    assert [b.header_offset for b in seq.step(HOLE_NS)] == [after.header_offset]
+    assert seq.statistics().holes_skipped == 1
+    # The hole is committed late: never ordered, also by a sequencer that starts again.
+    stamp_records(log.words, hole.payload_offset, scan_records(hole.payload, 1), 1)
+    log.region[hole.header_offset + 16] = BATCH_COMMITTED
+    del hole, after
+    assert seq.step(2 * HOLE_NS) == []
+    again = brokers[0].sequencer(HOLE_NS)
+    assert again.step(3 * HOLE_NS) == []
+    view = ordered_view(brokers[0])
+    assert [(c, o) for _, c, o, _ in view] == [(1, 0), (2, 1)]
+
+
+class Crash(Exception):
+    """Stands for a kill -9 between two stores to the region."""
+
+
+class CountingStruct:
+    """Wraps a struct of the sequencer module: raises :class:`Crash` instead of
+    the ``limit``-th store, counting stores over every wrapped struct."""
+
+    count = 0
+    limit = -1
+
+    def __init__(self, inner: struct.Struct) -> None:
+        self.inner = inner
+        self.size = inner.size
+
+    def pack_into(self, buf: Any, offset: int, *values: int) -> None:
+        if CountingStruct.count == CountingStruct.limit:
+            raise Crash
+        CountingStruct.count += 1
+        self.inner.pack_into(buf, offset, *values)
+
+    def unpack_from(self, buf: Any, offset: int = 0) -> tuple[Any, ...]:
+        return self.inner.unpack_from(buf, offset)
+
+
+def test_a_crash_between_any_two_stores_neither_repeats_nor_skips_an_order(
+    brokers: tuple[CxlLog, CxlLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every store of a run of the sequencer, in turn, is where it dies; a new
+    sequencer goes on from the region, and the order is the same as without
+    a crash in all that matters: gap-free, each message once, client order."""
+    for name in ("U32", "U64", "INDEX_ENTRY", "SEGMENT_HEADER"):
+        monkeypatch.setattr(sequencer_module, name, CountingStruct(getattr(sequencer_module, name)))
+    sent = {1: 0, 2: 0}
+    for crash_at in range(30):
+        for b in (0, 1):
+            for _ in range(2):
+                commit(brokers[b], [64], b + 1, sent[b + 1])
+                sent[b + 1] += 1
+        # A new sequencer's step redoes the last entry's "ordered" word, then
+        # takes four stores a batch (header total order, entry, count,
+        # "ordered"): 17 stores; each round dies at another, twice over.
+        # (Dying while adding an index segment: the next test.)
+        CountingStruct.count, CountingStruct.limit = 0, crash_at % 16
+        with pytest.raises(Crash):
+            new_sequencer(brokers[0]).step(0)
+        CountingStruct.limit = -1
+        new_sequencer(brokers[0]).step(0)
+        check_order(brokers[0], sent)
+
+
+def new_sequencer(log: CxlLog) -> Sequencer:
+    return Sequencer(log.region, log.geometry, log.map, log._lock, hole_timeout_ns=HOLE_NS)
+
+
+def test_a_crash_while_adding_an_index_segment_leaks_nothing(
+    brokers: tuple[CxlLog, CxlLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    per_segment = (brokers[0].geometry.unit_size - 64) // 32
+    seq = brokers[0].sequencer(HOLE_NS)
+    for i in range(per_segment):
+        commit(brokers[0], [10], 1, i)
+    seq.step(0)
+    free = brokers[0].map.statistics().free
+    commit(brokers[0], [10], 1, per_segment)
+    real = sequencer_module.SEGMENT_HEADER
+
+    class Dies:
+        size = real.size
+
+        def pack_into(self, buf: Any, offset: int, *values: int) -> None:
+            real.pack_into(buf, offset, *values)
+            raise Crash  # allocated and written, never linked
+
+    monkeypatch.setattr(sequencer_module, "SEGMENT_HEADER", Dies())
+    with pytest.raises(Crash):
+        seq.step(0)
+    monkeypatch.setattr(sequencer_module, "SEGMENT_HEADER", real)
+    assert brokers[0].map.statistics().free == free - 1
+    again = brokers[0].sequencer(HOLE_NS)  # frees the unlinked one
+    assert brokers[0].map.statistics().free == free
+    again.step(0)
+    units = index_chain(brokers[0].region, brokers[0].geometry, 0).units
+    assert len(units) == 2
+    header = read_segment_header(brokers[0].region, brokers[0].geometry, units[1])
+    assert header is not None
+    assert header.broker_id == INDEX_OWNER
+    check_order(brokers[0], {1: per_segment + 1})
+
+
+def test_a_deleted_topic_made_anew_orders_from_0_again(
+    brokers: tuple[CxlLog, CxlLog],
+) -> None:
+    seq = brokers[0].sequencer(HOLE_NS)
+    commit(brokers[1], [10, 10], 2, 0)
+    seq.step(0)
+    free = brokers[0].map.statistics().free
+    with brokers[0]._lock():
+        freed = delete_topic(brokers[0].region, brokers[0].geometry, brokers[0].map, TOPIC, [])
+    assert freed == 2  # the stream's segment and the index's
+    assert brokers[0].map.statistics().free == free + 2
+    commit(brokers[1], [10], 3, 0)
+    assert [b.total_order for b in seq.step(0)] == [0]
+    check_order(brokers[0], {3: 1})
+
+
+def test_the_entry_points_at_the_batch_header(brokers: tuple[CxlLog, CxlLog]) -> None:
+    seq = brokers[0].sequencer(HOLE_NS)
+    commit(brokers[1], [10, 20, 30], 2, 0)
+    (batch,) = seq.step(0)
+    entry = read_index_entry(
+        brokers[0].region,
+        brokers[0].geometry,
+        index_chain(brokers[0].region, brokers[0].geometry, 0),
+        0,
+    )
+    assert (entry.broker_id, entry.num_msg, entry.total_order) == (1, 3, 0)
+    assert entry.header_offset == batch.header_offset
+    assert brokers[1].batch_at(batch.header_offset).payload_offset == (
+        batch.header_offset + BATCH_HEADER_SIZE
+    )
+
+
+def test_retention_keeps_a_segment_until_its_batches_are_ordered(
+    brokers: tuple[CxlLog, CxlLog],
+) -> None:
+    log = brokers[1]
+    for i in range(40):  # 1 KiB batches over several small segments
+        commit(log, [900], 2, i)
+    stream = log.stream(TOPIC)
+    assert len(stream.segments) > 2
+
+    def reclaimable() -> int:
+        return log.reclaimable_segments(stream, retention_bytes=0, retention_ms=-1, now_ns=0)
+
+    assert reclaimable() == 0  # nothing ordered yet: its acks wait
+    seq = brokers[0].sequencer(HOLE_NS)
+    seq.step(0, budget=stream.segments[0].batches)
+    assert reclaimable() == 1
+    seq.step(0)
+    assert reclaimable() == len(stream.segments) - 1
+
+
+def test_open_log_reads_the_total_order(brokers: tuple[CxlLog, CxlLog], cxl_path: str) -> None:
+    seq = brokers[0].sequencer(HOLE_NS)
+    commit(brokers[0], [10, 20], 1, 0)
+    commit(brokers[1], [30, 40, 50], 2, 0)
+    commit(brokers[0], [60], 1, 2)
+    with open_log(cxl_path) as reader:
+        assert list(reader.ordered_messages(TOPIC)) == []  # nothing ordered yet
+        seq.step(0)
+        assert reader.ordered_end(TOPIC) == 6
+        got = [(m.offset, m.client_id, m.client_order) for m in reader.ordered_messages(TOPIC)]
+        assert got == [(t, c, o) for t, c, o, _ in ordered_view(brokers[0])]
+        # Broker 0's batches first (the step walks its stream first), then
+        # broker 1's: from total order 4, its batch is cut after one record.
+        from_4 = list(reader.ordered_messages(TOPIC, start=4))
+        assert [(m.offset, len(m.payload)) for m in from_4] == [(4, 40), (5, 50)]
+        assert from_4[0].payload == rawclient.payload_for(2, 1, 40)
+
+
+def test_index_segments_whose_batches_are_all_gone_are_let_go(
+    brokers: tuple[CxlLog, CxlLog], cxl_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = brokers[1]
+    per = (log.geometry.unit_size - 64) // 32  # 126 entries an index segment
+    seq = brokers[0].sequencer(HOLE_NS)
+    for i in range(2 * per + 40):
+        commit(log, [10], 2, i)
+    seq.step(0)
+    assert len(index_chain(log.region, log.geometry, 0).units) == 3
+    stream = log.stream(TOPIC)
+    while log.reclaimable_segments(stream, retention_bytes=0, retention_ms=-1, now_ns=0):
+        log.reclaim_oldest(stream)  # retention: all but the last data segment
+    kept = stream.start_offset
+    assert kept > per  # the first index segment names only batches gone
+    free = log.map.statistics().free
+    seq.step(HOLE_NS // 2)  # it looks once a second
+    assert seq.statistics().index_segments_freed == 0
+    seq.step(HOLE_NS)
+    assert seq.statistics().index_segments_freed == 1
+    # The second index segment still names a batch in the region once it is
+    # not all gone; the first one went, and its unit is free again.
+    chain = index_chain(log.region, log.geometry, 0)
+    assert chain.first == 1
+    assert log.map.statistics().free == free + 1
+    with open_log(cxl_path) as reader:
+        got = [m.client_order for m in reader.ordered_messages(TOPIC)]
+        assert got == list(range(kept, 2 * per + 40))  # the gone ones skipped
+        assert next(iter(reader.ordered_messages(TOPIC, start=kept + 5))).client_order == kept + 5
+    # A crash after the head moved, before the unit was freed: a new
+    # sequencer frees it. (More batches gone first, so the next one can go.)
+    for i in range(3 * per):  # past the last data segment of before
+        commit(log, [10], 2, 2 * per + 40 + i)
+    seq.step(2 * HOLE_NS)
+    while log.reclaimable_segments(stream, retention_bytes=0, retention_ms=-1, now_ns=0):
+        log.reclaim_oldest(stream)
+    free = log.map.statistics().free
+
+    def dies(unit: int) -> None:
+        raise Crash
+
+    monkeypatch.setattr(brokers[0].map, "free", dies)
+    with pytest.raises(Crash):
+        seq.step(4 * HOLE_NS)
+    monkeypatch.undo()
+    assert index_chain(log.region, log.geometry, 0).first == 2
+    assert log.map.statistics().free == free
+    brokers[0].sequencer(HOLE_NS)
+    assert log.map.statistics().free == free + 1
+
+
+def test_the_micro_benchmark_orders_every_batch_it_prepared(
+    cxl_path: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = seqbench.run(cxl_path, batches=3000, brokers=3, messages=4)
+    assert (result.batches, result.messages, result.brokers) == (3000, 12000, 3)
+    assert result.seconds > 0
+    assert seqbench.main(["--path", cxl_path, "--batches", "500", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["batches"] == 500
+    assert printed["batches_per_second"] > 0
+
+
+def test_subscribe_asks_for_ordered_on_an_order_5_topic(
+    brokers: tuple[CxlLog, CxlLog], cxl_path: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    commit(brokers[0], [10], 1, 0)
+    base = ["subscribe", "--cxl-path", cxl_path, "--port", "9", "--topic", TOPIC]
+    assert main(base) == 1
+    assert "has order 5: read its total order with --ordered" in capsys.readouterr().err

@@ -1,0 +1,125 @@
+"""Reading an order-5 topic in its total order, from any process (no Trio).
+
+The sequencer (:mod:`.sequencer`) appends one entry per ordered batch to the
+topic's ordered index (its layout is in :mod:`.layout`); the entries'
+total orders rise, so the batch holding a total order is found by bisection.
+A batch whose segment retention let go since it was ordered is *gone*:
+:meth:`OrderedIndex.records` returns None for it, and readers go on with the
+next entry, as the offsets of a stream jump past what retention reclaimed.
+Once every batch an index segment names is gone, the sequencer lets that
+segment go too: its entries are gone (:meth:`OrderedIndex.entry` returns
+None), and an entry is trusted only if its segment is still the one the
+chain was read with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..wire import BATCH_HEADER_SIZE, scan_records
+from .layout import (
+    BH_TOTAL_SIZE,
+    U64,
+    Geometry,
+    IndexChain,
+    IndexEntry,
+    generation_holding,
+    index_chain,
+    index_per_segment,
+    read_index_entry,
+    read_ordered_count,
+    read_topic_state,
+)
+
+
+class OrderedIndex:
+    """The ordered index of one order-5 topic, as one process reads it.
+
+    Args:
+        buf: The region (a read-only mapping will do).
+        geometry: Its geometry.
+        topic_index: The topic's table slot.
+    """
+
+    def __init__(self, buf: Any, geometry: Geometry, topic_index: int) -> None:
+        self._buf = buf
+        self._g = geometry
+        self.topic_index = topic_index
+        self.incarnation = read_topic_state(buf, geometry, topic_index)[1]
+        self._chain = IndexChain()
+        self._per_segment = index_per_segment(geometry)
+
+    def count(self) -> int:
+        """Entries committed so far: the topic's ordered batches."""
+        return read_ordered_count(self._buf, self._g, self.topic_index)
+
+    def deleted(self) -> bool:
+        """Whether the topic was deleted (maybe made anew) since this was opened."""
+        state, incarnation = read_topic_state(self._buf, self._g, self.topic_index)
+        return state != 1 or incarnation != self.incarnation
+
+    def first(self) -> int:
+        """The first entry still in the index (the ones before are gone)."""
+        self._chain = index_chain(self._buf, self._g, self.topic_index)
+        return self._chain.first * self._per_segment
+
+    def entry(self, k: int) -> IndexEntry | None:
+        """Entry ``k`` (``k < count()``), or None if it is gone."""
+        for _ in range(3):
+            chain = self._chain
+            position = k // self._per_segment - chain.first
+            if not 0 <= position < len(chain.units):
+                # The chain grew, or its first segments went: read it again.
+                chain = self._chain = index_chain(self._buf, self._g, self.topic_index)
+                position = k // self._per_segment - chain.first
+                if position < 0:
+                    return None
+            found = read_index_entry(self._buf, self._g, chain, k)
+            base = self._g.segment_offset(chain.units[position])
+            # Read after the entry: the segment was not let go meanwhile.
+            if U64.unpack_from(self._buf, base + 24)[0] == chain.generations[position]:
+                return found
+            self._chain = IndexChain()
+        return None
+
+    def find(self, total_order: int, count: int | None = None) -> int:
+        """The first entry still there holding ``total_order`` or a later one
+        (``count`` when every entry so far ends before it)."""
+        lo, hi = self.first(), self.count() if count is None else count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            e = self.entry(mid)
+            if e is None or e.total_order + e.num_msg <= total_order:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def records(self, entry: IndexEntry) -> npt.NDArray[np.uint8] | None:
+        """A copy of ``entry``'s batch payload (its records), or None if the
+        batch is gone (retention reclaimed its segment, maybe reused since).
+
+        The copy is checked after it is taken: a segment reclaimed while it
+        was copied is seen, so the bytes returned are the batch's.
+        """
+        if generation_holding(self._buf, self._g, entry.header_offset) != entry.generation:
+            return None
+        (total,) = U64.unpack_from(self._buf, entry.header_offset + BH_TOTAL_SIZE)
+        start = entry.header_offset + BATCH_HEADER_SIZE
+        region = np.frombuffer(self._buf, dtype=np.uint8)
+        if start + total > len(region):
+            return None
+        data = region[start : start + total].copy()
+        if generation_holding(self._buf, self._g, entry.header_offset) != entry.generation:
+            return None
+        return data
+
+
+def cut_records(records: npt.NDArray[np.uint8], num_msg: int, skip: int) -> npt.NDArray[np.uint8]:
+    """``records`` (a batch payload of ``num_msg`` records) from record ``skip`` on."""
+    if skip <= 0:
+        return records
+    return records[int(scan_records(records, num_msg)[skip]) :]
