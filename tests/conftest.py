@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -10,6 +11,11 @@ import trio
 
 from trio_embarcadero.config import Config, load_config
 from trio_embarcadero.log import remove_region
+
+# The brokers tests start as processes run with streaming copies set up from
+# the start, as `serve` would set them up for itself: without it, each would
+# start Python twice (serve runs itself again with this tunable).
+os.environ.setdefault("GLIBC_TUNABLES", "glibc.cpu.x86_non_temporal_threshold=0x40000")
 
 MakeConfig = Callable[..., Config]
 

@@ -99,6 +99,11 @@ class OrderWaits:
         return done
 
 
+#: The longest the head waits between looks at a region with no order-5
+#: topic (another broker's new one is then ordered within this), seconds.
+IDLE_PAUSE = 0.5
+
+
 async def run_ordering(
     waits: OrderWaits,
     sequencer: Sequencer | None,
@@ -115,6 +120,7 @@ async def run_ordering(
             ordered (``cxl.sequencer_interval_ms``), in seconds.
     """
     task_status.started()
+    pause = interval
     while True:
         busy = False
         if sequencer is not None:
@@ -122,13 +128,18 @@ async def run_ordering(
             busy = len(ordered) >= DEFAULT_STEP_BUDGET
             if ordered:
                 waits.progress.unpark_all()
+            # A region without order-5 topics gets looked at less and less
+            # often (up to IDLE_PAUSE), not 200 times a second for nothing;
+            # a commit of this process wakes the head at once anyway.
+            idle = not sequencer.statistics().topics
+            pause = min(pause * 2, max(interval, IDLE_PAUSE)) if idle else interval
         waits.release()
         if busy:
             await trio.lowlevel.checkpoint()  # more waits: go on after others had a turn
             continue
         if sequencer is None and not waits.held:
             await waits.wakeup.park()  # nothing to look for until a batch is held
-        with trio.move_on_after(interval):
+        with trio.move_on_after(pause):
             if sequencer is not None:
                 await waits.wakeup.park()
             else:
