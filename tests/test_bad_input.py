@@ -274,8 +274,10 @@ async def test_connection_limit_per_host(make_config: MakeConfig) -> None:
 
 async def test_dial_back_to_a_closed_port(make_config: MakeConfig) -> None:
     with trio.fail_after(10):
-        unused_port = await closed_port()
         async with open_broker(make_config()) as broker:
+            # Taken once the broker listens: its own ephemeral ports (data,
+            # HTTP) can no longer be the closed one it is told to dial.
+            unused_port = await closed_port()
             async with good_publisher(broker.port) as good:
                 received = await exchange(
                     broker.port, raw_handshake(port=unused_port, topic=b"dial")
