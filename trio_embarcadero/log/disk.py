@@ -221,11 +221,6 @@ class WriteJob:
     _stream: _StreamLog
     _parts: list[_Part]
 
-    @property
-    def views(self) -> list[memoryview]:
-        """The batches to append, as views of the region, in order."""
-        return [view for part in self._parts for view in part.views]
-
 
 class DiskLog:
     """This broker's disk logs; see the module docstring.
