@@ -338,7 +338,9 @@ def _check_heartbeat(v: Mapping[str, Any]) -> Iterator[_Problem]:
 
 @attrs.frozen(kw_only=True)
 class ClusterConfig(_Checked):
-    """How ``trio-embarcadero cluster`` (and ``open_cluster``) supervise their brokers.
+    """The brokers of a region as a cluster: how ``trio-embarcadero cluster``
+    (and ``open_cluster``) supervise them, and the cluster service the stock
+    C++ client asks the head for.
 
     Attributes:
         restart_backoff_initial_s: How long after a broker process died it is
@@ -349,11 +351,29 @@ class ClusterConfig(_Checked):
         max_start_failures: A broker that exits this many times in a row
             before it listens is given up: the others drain and the cluster
             stops with an error (exit 1).
+        grpc_port: The port of the head's gRPC cluster service
+            (``heartbeat_system.HeartBeat``, which the C++ Embarcadero client
+            asks for the broker list and to create topics); 0, the default,
+            turns it off. Only broker 0 (the head) serves it, on
+            ``broker.host``; the others ignore the key. The C++ client looks
+            for it on 12140 unless told otherwise (its
+            ``EMBARCADERO_BROKER_PORT_ALT``). A head on an ephemeral data port
+            (``broker.port = 0``: tests, an embedding application) serves it
+            on an ephemeral port too.
     """
 
     restart_backoff_initial_s: float = attrs.field(default=0.1, validator=_positive_float)
     restart_backoff_max_s: float = attrs.field(default=10.0, validator=_positive_float)
     max_start_failures: int = attrs.field(default=5, validator=_positive_int)
+    grpc_port: int = attrs.field(default=0, validator=_int_in(0, 65535))
+
+    def grpc_port_for(self, broker: "BrokerConfig") -> int | None:
+        """The port ``broker`` serves the gRPC cluster service on: None when
+        it serves none (the service is off, or it is not broker 0), 0
+        (ephemeral) when ``broker.port`` is 0."""
+        if self.grpc_port == 0 or broker.id != 0:
+            return None
+        return 0 if broker.port == 0 else self.grpc_port
 
 
 _check_order(ClusterConfig, "restart_backoff_max_s", ">=", "restart_backoff_initial_s")
@@ -892,6 +912,31 @@ def _check_http_port(v: Mapping[str, Any]) -> Iterator[_Problem]:
             f"'port' + broker 'id' (the HTTP port, {port}) must differ from the data port "
             f"(broker.port + id): set http.port to another base port, e.g. 9214",
         )
+
+
+@_check(Config, "broker", "cluster", "cxl", "http")
+def _check_grpc_port(v: Mapping[str, Any]) -> Iterator[_Problem]:
+    broker: BrokerConfig = v["broker"]
+    cluster: ClusterConfig = v["cluster"]
+    cxl: CxlConfig = v["cxl"]
+    http: HttpConfig = v["http"]
+    port = cluster.grpc_port
+    if port == 0 or broker.port == 0:
+        return  # off, or ephemeral
+    # Every broker of the region uses the config's base ports: the head's
+    # gRPC port must be none of their data or HTTP ports.
+    for i in range(cxl.max_brokers):
+        taken = [("data port (broker.port + id)", broker.port + i)]
+        if http.enabled and http.port != 0:
+            taken.append(("HTTP port (http.port + id)", http.port + i))
+        for what, other in taken:
+            if other == port:
+                yield (
+                    "cluster.grpc_port",
+                    f"'grpc_port' ({port}) is broker {i}'s {what}: set cluster.grpc_port to "
+                    "another port, e.g. 12140",
+                )
+                return
 
 
 _SECTIONS: Final[Mapping[str, Any]] = {a.name: a.type for a in attrs.fields(Config)}

@@ -226,3 +226,39 @@ class AdminApiError(EmbarcaderoError):
         self.status = status
         self.message = message
         super().__init__(f"HTTP {status}: {message}" if status else message)
+
+
+class RpcStatus(enum.IntEnum):
+    """The status codes of gRPC (sent as a call's ``grpc-status`` trailer)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+class RpcError(EmbarcaderoError):
+    """A gRPC call ends with this status (raised by the broker's gRPC handlers).
+
+    Attributes:
+        status: The call's status.
+        message: What the client is told (its ``grpc-message``).
+    """
+
+    def __init__(self, status: RpcStatus, message: str) -> None:
+        self.status = status
+        self.message = message
+        super().__init__(f"{status.name}: {message}")

@@ -7,6 +7,7 @@
         ├── pool monitor, statistics reporter, heartbeat (the broker table entry), retention,
         │   ordering (broker 0's sequencer; acks of order-5 topics wait for it)
         ├── HTTP endpoint (metrics, admin API; up until the drain is over)
+        ├── gRPC cluster service for the C++ client (broker 0 with cluster.grpc_port)
         └── durable nursery: disk writer (with storage.dir)
             └── allocator nursery: num_cxl_allocation_workers allocator tasks
                 └── ack nursery: dial-back ack connections
@@ -95,6 +96,9 @@ class Broker:
         port: The data port it is bound to (the real one when configured as 0).
         http_port: The port of its HTTP endpoint (metrics, admin API), the
             real one when ephemeral; None when ``http.enabled`` is false.
+        grpc_port: The port of its gRPC cluster service for the C++ client,
+            the real one when ephemeral; None when it serves none (broker 0
+            serves it when ``cluster.grpc_port`` is set).
         log: The CXL log it writes.
         commits: Where reservations are completed or abandoned (the commit feed).
         failure: Why the broker stopped itself (its disk log failed), or None.
@@ -107,13 +111,14 @@ class Broker:
         listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
         disk: DiskLog | None = None,
         http_listeners: Sequence[trio.SocketListener] = (),
+        grpc_listeners: Sequence[trio.SocketListener] = (),
     ) -> None:
         net = config.network
         self._listeners = list(listeners)
         self._http_listeners = list(http_listeners)
-        self.http_port: int | None = next(
-            (lst.socket.getsockname()[1] for lst in self._http_listeners), None
-        )
+        self.http_port = _bound_port(self._http_listeners)
+        self._grpc_listeners = list(grpc_listeners)
+        self.grpc_port = _bound_port(self._grpc_listeners)
         self.config = config
         self.broker_id = config.broker.id
         self.host = config.broker.host
@@ -324,6 +329,24 @@ class Broker:
                 if self._http_listeners:
                     await services.start(partial(serve_http, AdminApi(self), self._http_listeners))
                     logger.info("HTTP (metrics, admin API) on %s", self._http_url())
+                if self._grpc_listeners:
+                    # Imported here: a broker without the service (the default)
+                    # does not pay for loading it (h2, the messages) at start-up.
+                    from .heartbeat import serve_cluster_service
+
+                    await services.start(partial(serve_cluster_service, self, self._grpc_listeners))
+                    logger.info(
+                        "gRPC cluster service (heartbeat_system.HeartBeat, for the C++ client) "
+                        "on %s:%d",
+                        self.host,
+                        self.grpc_port,
+                    )
+                elif self.config.cluster.grpc_port:
+                    logger.info(
+                        "cluster.grpc_port: broker 0 serves the gRPC cluster service, not "
+                        "broker %d",
+                        self.broker_id,
+                    )
                 await services.start(
                     partial(
                         run_ordering,
@@ -520,6 +543,11 @@ class Broker:
         return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}"
 
 
+def _bound_port(listeners: Sequence[trio.SocketListener]) -> int | None:
+    """The port the first of ``listeners`` is bound to (None: there is none)."""
+    return next((lst.socket.getsockname()[1] for lst in listeners), None)
+
+
 def _open_logs(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None]:
     cxl, storage, broker_id = config.cxl, config.storage, config.broker.id
     # Both locks first: a broker that finds either taken must leave the
@@ -608,6 +636,7 @@ async def _start(
     check_memory_ordering(config.cxl.allow_weak_memory_ordering)
     bound: list[trio.SocketListener] = []
     http: list[trio.SocketListener] = []
+    grpc: list[trio.SocketListener] = []
     try:
         if listeners is None:
             host, port = config.broker.host, config.broker.data_port
@@ -624,12 +653,24 @@ async def _start(
                 raise ListenError(
                     host, port, exc, "the HTTP endpoint: set http.port, or http.enabled = false"
                 ) from exc
+        grpc_port = config.cluster.grpc_port_for(config.broker)
+        if grpc_port is not None:
+            host = config.broker.host
+            try:
+                grpc = await trio.open_tcp_listeners(grpc_port, host=host)
+            except OSError as exc:
+                raise ListenError(
+                    host,
+                    grpc_port,
+                    exc,
+                    "the gRPC cluster service: set cluster.grpc_port, or 0 to turn it off",
+                ) from exc
         log, disk = await _open_log(config, reset)
     except BaseException:
-        for listener in [*bound, *http]:  # only those bound here; a caller's stay open
+        for listener in [*bound, *http, *grpc]:  # only those bound here; a caller's stay open
             listener.socket.close()
         raise
-    return Broker(config, log, listeners, disk, http)
+    return Broker(config, log, listeners, disk, http, grpc)
 
 
 def _close_logs(log: CxlLog, disk: DiskLog | None, sequencer: Sequencer | None) -> None:

@@ -192,9 +192,13 @@ class BrokerLock:
         if not self.whole:
             return
         own = self.broker_id * SLOT_SIZE
-        _try_lock(self._fd, fcntl.F_UNLCK, 0, own)
         end = own + SLOT_SIZE
-        _try_lock(self._fd, fcntl.F_UNLCK, end, SLOTS * SLOT_SIZE - end)
+        # Never an empty range: to fcntl a length of 0 means "to the end of
+        # the file", so broker 0's [0, 0) would let go of its own slot too.
+        if own:
+            _try_lock(self._fd, fcntl.F_UNLCK, 0, own)
+        if end < SLOTS * SLOT_SIZE:
+            _try_lock(self._fd, fcntl.F_UNLCK, end, SLOTS * SLOT_SIZE - end)
         self.whole = False
 
     def close(self) -> None:
