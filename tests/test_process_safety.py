@@ -40,6 +40,7 @@ from trio_embarcadero.log.layout import (
     member_offset,
     read_geometry,
 )
+from trio_embarcadero.log.ownership import lock_holders
 from trio_embarcadero.log.topics import attached_publishers
 from trio_embarcadero.tools.noloss import BrokerProcess, clean_environment, write_broker_config
 from trio_embarcadero.wire import BATCH_HEADER_SIZE, BH_BATCH_COMPLETE, scan_records
@@ -263,6 +264,18 @@ def test_a_second_handle_with_the_same_id_is_refused_before_recovery(cxl_path: s
         assert [h.batch_complete for h in walk_file(cxl_path)] == [1, 2]
     finally:
         other.close()
+
+
+@pytest.mark.parametrize("broker_id", [0, 1])
+def test_a_broker_that_reset_the_region_keeps_its_own_lock(cxl_path: str, broker_id: int) -> None:
+    log = open_small_log(cxl_path, broker_id=broker_id, reset=True)
+    try:
+        assert lock_holders(cxl_path) == {broker_id: os.getpid()}
+        with pytest.raises(AlreadyServedError):
+            open_small_log(cxl_path, broker_id=broker_id)
+        open_small_log(cxl_path, broker_id=1 - broker_id).close()  # the others are free
+    finally:
+        log.close()
 
 
 async def test_two_embedded_brokers_on_one_log(make_config: MakeConfig, tmp_path: Path) -> None:

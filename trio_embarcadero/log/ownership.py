@@ -192,7 +192,8 @@ class BrokerLock:
         if not self.whole:
             return
         own = self.broker_id * SLOT_SIZE
-        _try_lock(self._fd, fcntl.F_UNLCK, 0, own)
+        if own:  # a length of 0 would unlock to the end of the file, own slot too
+            _try_lock(self._fd, fcntl.F_UNLCK, 0, own)
         end = own + SLOT_SIZE
         _try_lock(self._fd, fcntl.F_UNLCK, end, SLOTS * SLOT_SIZE - end)
         self.whole = False
