@@ -909,6 +909,24 @@ def test_grpc_port_collisions(overrides: dict[str, object], problem: str) -> Non
     assert [p.removesuffix(" (from override)") for p in info.value.problems] == [problem]
 
 
+def test_the_sequencer_lease(tmp_path: Path) -> None:
+    assert load_config(None, env={}).cxl.sequencer_lease_s == 1.0
+    config = load_config(
+        write(tmp_path, "[cxl]\nsequencer_lease_s = 0.02\nsequencer_interval_ms = 5\n"), env={}
+    )
+    assert config.cxl.sequencer_lease_s == 0.02
+    assert problems_of(tmp_path, "[cxl]\nsequencer_lease_s = 0.019\n") == [
+        "'sequencer_lease_s' must be at least four 'sequencer_interval_ms' (5.0 ms), so the "
+        "sequencer renews its lease several times before it expires: 0.019 "
+        "@ $.cxl.sequencer_lease_s"
+    ]
+    assert problems_of(tmp_path, "[cxl]\nsequencer_lease_s = 0\n") == [
+        "'sequencer_lease_s' must be > 0.0: 0.0 @ $.cxl.sequencer_lease_s"
+    ]
+    env = {"TRIO_EMBARCADERO_CXL__SEQUENCER_LEASE_S": "2.5"}
+    assert load_config(None, env=env).cxl.sequencer_lease_s == 2.5
+
+
 def test_broker_id_just_below_max_brokers(tmp_path: Path) -> None:
     path = write(tmp_path, "[broker]\nid = 31\n[cxl]\nmax_brokers = 32\n")
     assert load_config(path, env={}).broker.id == 31
@@ -1445,7 +1463,7 @@ def test_config_to_toml_defaults_text() -> None:
         "[topics]",
     ]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert len(keys) == 5 + 4 + 25 + 14 + 5 + 3 + 2 + 3
+    assert len(keys) == 5 + 4 + 25 + 15 + 5 + 3 + 2 + 3
 
 
 @pytest.mark.parametrize(

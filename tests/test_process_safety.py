@@ -37,6 +37,8 @@ from trio_embarcadero.log.layout import (
     BATCH_COMMITTED,
     BATCH_RESERVED,
     BROKER_TABLE_ENTRIES,
+    LEASE_OFFSET,
+    LEASE_SIZE,
     member_offset,
     read_geometry,
 )
@@ -91,13 +93,15 @@ def wait_detached(cxl_path: str) -> None:
 
 def without_heartbeats(region: bytes) -> bytes:
     """A CXL file's bytes with every broker's heartbeat (and the sequence word
-    written around it) zeroed: running brokers renew those all the time; the
-    rest of their entries (state, pid, address) must hold still."""
+    written around it) and the sequencer lease zeroed: running brokers renew
+    those all the time (and a broker takes the lease soon after it listens);
+    the rest of their entries (state, pid, address) must hold still."""
     data = bytearray(region)
     for broker_id in range(BROKER_TABLE_ENTRIES):
         entry = member_offset(broker_id)
         data[entry : entry + 4] = bytes(4)  # the sequence word
         data[entry + 24 : entry + 40] = bytes(16)  # heartbeat time and count
+    data[LEASE_OFFSET : LEASE_OFFSET + LEASE_SIZE] = bytes(LEASE_SIZE)
     return bytes(data)
 
 

@@ -563,12 +563,18 @@ class CxlConfig(_Checked):
             ``GLIBC_TUNABLES`` environment variable, read at process start;
             one it already sets is left alone). An application that embeds
             the broker sets the variable itself (see the README).
-        sequencer_interval_ms: How often the head broker's sequencer looks
-            for batches other broker processes committed to order-5 topics
-            (its own process's commits wake it at once).
+        sequencer_interval_ms: How often the broker that runs the sequencer
+            looks for batches other broker processes committed to order-5
+            topics (its own process's commits wake it at once).
         sequencer_hole_timeout_s: How long the sequencer waits for a batch
             that stays reserved while a committed one follows it in its
             stream; then it goes past it, and that batch is never ordered.
+        sequencer_lease_s: How long the sequencer's lease lasts in the
+            region. The broker that runs the sequencer renews it with every
+            step; another live broker takes the sequencer over (a new epoch)
+            once it was not renewed this long, or at once when the holder's
+            process is gone. At least four ``sequencer_interval_ms``, so the
+            holder renews it several times a lease.
     """
 
     path: str = attrs.field(
@@ -590,6 +596,7 @@ class CxlConfig(_Checked):
     streaming_copies: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     sequencer_interval_ms: float = attrs.field(default=5.0, validator=_positive_float)
     sequencer_hole_timeout_s: float = attrs.field(default=5.0, validator=_positive_float)
+    sequencer_lease_s: float = attrs.field(default=1.0, validator=_positive_float)
 
     @property
     def size_bytes(self) -> int:
@@ -608,6 +615,17 @@ class CxlConfig(_Checked):
 
 
 _check_order(CxlConfig, "segment_mb", "<=", "size_mb")
+
+
+@_check(CxlConfig, "sequencer_lease_s", "sequencer_interval_ms")
+def _check_sequencer_lease(v: Mapping[str, Any]) -> Iterator[_Problem]:
+    if v["sequencer_lease_s"] * 1000 < 4 * v["sequencer_interval_ms"]:
+        yield (
+            "sequencer_lease_s",
+            f"'sequencer_lease_s' must be at least four 'sequencer_interval_ms' "
+            f"({v['sequencer_interval_ms']} ms), so the sequencer renews its lease several "
+            f"times before it expires: {v['sequencer_lease_s']}",
+        )
 
 
 @_check(CxlConfig, "segment_mb", "segment_unit_kb")

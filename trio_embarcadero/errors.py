@@ -91,6 +91,12 @@ class LayoutError(EmbarcaderoError):
     or the log's contents contradict themselves (another process wrote them)."""
 
 
+class SequencerDeposed(EmbarcaderoError):
+    """This process's sequencer lease is stale: another broker took the
+    sequencer over (a newer epoch), so this one writes nothing more to the
+    order. Raised under the region's lock, before any store."""
+
+
 class TopicBusyError(EmbarcaderoError):
     """A topic cannot be deleted now: publishers are attached to it."""
 

@@ -5,7 +5,8 @@
     serve()
     └── service scope (shielded: outer cancellation starts a graceful drain)
         ├── pool monitor, statistics reporter, heartbeat (the broker table entry), retention,
-        │   ordering (broker 0's sequencer; acks of order-5 topics wait for it)
+        │   ordering (the sequencer while this broker holds its lease; acks of order-5
+        │   topics wait for it)
         ├── HTTP endpoint (metrics, admin API; up until the drain is over)
         ├── gRPC cluster service for the C++ client (broker 0 with cluster.grpc_port)
         └── durable nursery: disk writer (with storage.dir)
@@ -54,7 +55,6 @@ from ..log import CxlLog, DiskLog
 from ..log.layout import read_topic_state, read_topics
 from ..log.ownership import BrokerLock, claim_disk_log, claim_region, settings_path
 from ..log.region import check_memory_ordering
-from ..log.sequencer import Sequencer
 from ..log.settings import TopicSettingsFile, remove_settings
 from ..wire import encode_error_frame
 from .acks import DialBackRegistry, DialBackStatistics
@@ -66,7 +66,7 @@ from .durability import Durability
 from .http import serve_http
 from .membership import Membership
 from .monitor import PauseGate, run_pool_monitor
-from .ordering import OrderWaits, run_ordering
+from .ordering import OrderWaits, SequencerRole, run_ordering
 from .publish import IngestPath
 from .retention import make_room, reclaimable_units, retention_configured, run_retention
 from .session import serve_connection
@@ -142,11 +142,13 @@ class Broker:
             else None
         )
         self.order_waits = OrderWaits(log, config.cxl.sequencer_interval_ms / 1000)
-        # Broker 0 is the head: it orders every broker's order-5 batches.
-        self.sequencer = (
-            log.sequencer(int(config.cxl.sequencer_hole_timeout_s * 1e9))
-            if self.broker_id == 0
-            else None
+        # The broker that holds the region's sequencer lease orders every
+        # broker's order-5 batches; any live broker may take it over.
+        self.ordering = SequencerRole(
+            log,
+            hole_timeout_s=config.cxl.sequencer_hole_timeout_s,
+            lease_s=config.cxl.sequencer_lease_s,
+            eligible=lambda: self.membership.joined and not self.shutting_down,
         )
         self.commits = CommitFeed(
             log,
@@ -232,6 +234,7 @@ class Broker:
         ingest = self._ingest
         channel = ingest.batches.statistics().current_buffer_used if ingest else 0
         dial = ingest.dial_backs.statistics() if ingest else DialBackStatistics(0, 0, 0, 0)
+        lease, sequencer = self.ordering.statistics()
         return BrokerStatistics(
             connections={p.value: phases.get(p.value, 0) for p in ConnectionPhase},
             connections_accepted=c.connections_accepted,
@@ -270,7 +273,8 @@ class Broker:
             unit_bytes=self.log.geometry.unit_size,
             draining=self.shutting_down,
             order_waits=self.order_waits.held,
-            sequencer=self.sequencer.statistics() if self.sequencer is not None else None,
+            sequencer=sequencer,
+            sequencer_lease=lease,
         )
 
     # -- running ---------------------------------------------------------------------
@@ -351,7 +355,7 @@ class Broker:
                     partial(
                         run_ordering,
                         self.order_waits,
-                        self.sequencer,
+                        self.ordering,
                         self.config.cxl.sequencer_interval_ms / 1000,
                     )
                 )
@@ -673,9 +677,8 @@ async def _start(
     return Broker(config, log, listeners, disk, http, grpc)
 
 
-def _close_logs(log: CxlLog, disk: DiskLog | None, sequencer: Sequencer | None) -> None:
-    if sequencer is not None:
-        sequencer.close()
+def _close_logs(log: CxlLog, disk: DiskLog | None, ordering: SequencerRole) -> None:
+    ordering.close()
     if disk is not None:
         disk.close()
     try:
@@ -696,13 +699,14 @@ async def _serve(broker: Broker, *, task_status: trio.TaskStatus[Broker]) -> NoR
                 with trio.CancelScope(shield=True):
                     await nursery.start(broker._run)
                 broker.membership.join(broker.port)  # it listens: other processes may see it
+                broker.order_waits.wakeup.unpark_all()  # it may run the sequencer now
                 task_status.started(broker)
                 await broker._failed.wait()  # else runs until cancelled
             finally:
                 broker.begin_shutdown()
     finally:
         broker.membership.leave()
-        _close_logs(broker.log, broker.disk, broker.sequencer)
+        _close_logs(broker.log, broker.disk, broker.ordering)
         if broker.failure is not None:
             # Drained: the caller learns why the broker stopped, also when it
             # had asked it to stop meanwhile (this replaces the Cancelled).

@@ -9,8 +9,12 @@ Layout (version 3, all integers little-endian)::
                        32  largest segment (u64)   40  data offset (u64)
                        48  largest order (u32)     56  unit size (u64)
                        64  map offset (u64)        72  next segment generation (u64)
-                      512  reserved (512 B, zero): the sequencer lease to come
-                           (epoch, holder, expiry); nothing reads it yet
+                      512  the sequencer lease (see .lease; zero: never held):
+                             0 epoch (u64)        8 holder broker id (u32)
+                            12 holder pid (u32)  16 expiry (u64, ns of the
+                            host's monotonic clock; 0: released)
+                            24 granted (u64, same clock); the rest of the
+                            512 B stays zero
                      1024  the broker table: 32 entries of 96 B, one per
                            broker id (see .members):
                              0 sequence (u32, odd while the entry is written)
@@ -127,9 +131,13 @@ LAYOUT_VERSION = 3
 MAGIC_2 = b"TEMBCXL2"
 _MAGIC_VERSION = struct.Struct("<8sI")
 SUPERBLOCK_SIZE = 4096
-#: Where the sequencer lease will live (reserved, zero in layout 3).
+#: The sequencer lease (see .lease): 512 B reserved in layout 3, zero until
+#: a broker first takes the lease, so layout 3 needs no new version for it.
 LEASE_OFFSET = 512
 LEASE_SIZE = 512
+#: epoch, holder broker id, holder pid, expiry, granted.
+LEASE_RECORD = struct.Struct("<QIIQQ")
+assert LEASE_RECORD.size <= LEASE_SIZE
 #: The broker table: one entry per possible broker id, inside the superblock
 #: page, so adding it moved nothing else.
 BROKER_TABLE_OFFSET = 1024

@@ -42,7 +42,7 @@ import os
 import platform
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import attrs
 import numpy as np
@@ -99,6 +99,8 @@ from .layout import (
     upgrade_layout,
     write_topic,
 )
+from .lease import SequencerLease
+from .members import BrokerMember
 from .ownership import BrokerLock, check_replaceable, claim_region, open_private_file
 from .segments import SegmentMap, order_for
 from .sequencer import Sequencer
@@ -535,10 +537,47 @@ class CxlLog:
     def _lock(self) -> _FileLock:
         return _FileLock(self._fd)
 
-    def sequencer(self, hole_timeout_ns: int) -> Sequencer:
-        """A :class:`~.sequencer.Sequencer` of this region (the head broker's)."""
-        return Sequencer(
-            self._mmap, self.geometry, self.map, self._lock, hole_timeout_ns=hole_timeout_ns
+    def _try_lock(self) -> _FileLock:
+        return _FileLock(self._fd, wait=False)
+
+    def sequencer(self, hole_timeout_ns: int, lease: SequencerLease | None = None) -> Sequencer:
+        """A :class:`~.sequencer.Sequencer` of this region.
+
+        Args:
+            hole_timeout_ns: See :class:`~.sequencer.Sequencer`.
+            lease: The sequencer lease this process holds: every step then
+                checks it under the region's lock first and writes nothing
+                once it is stale (:meth:`~.lease.SequencerLease.fenced`).
+                None: no check (a region only this process orders).
+        """
+        lock = self._lock if lease is None else lease.fenced
+        return Sequencer(self._mmap, self.geometry, self.map, lock, hole_timeout_ns=hole_timeout_ns)
+
+    def sequencer_lease(
+        self,
+        duration_ns: int,
+        *,
+        members: Callable[[], Sequence[BrokerMember]],
+        clock: Callable[[], int] = time.monotonic_ns,
+        pid: int | None = None,
+    ) -> SequencerLease:
+        """This broker's side of the region's sequencer lease (see :mod:`.lease`).
+
+        Args:
+            duration_ns: How long a grant or renewal lasts.
+            members: The region's brokers now (who is alive).
+            clock: The host's monotonic clock, ns.
+            pid: The process the lease names (default: this one).
+        """
+        return SequencerLease(
+            self._mmap,
+            self.broker_id,
+            self._lock,
+            self._try_lock,
+            duration_ns=duration_ns,
+            members=members,
+            clock=clock,
+            pid=pid,
         )
 
     def topics(self) -> dict[str, int]:
@@ -1251,11 +1290,13 @@ class _FileLock:
     so taking it synchronously on the event loop is cheaper than a thread hop.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, wait: bool = True) -> None:
         self._fd = fd
+        self._flags = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
 
     def __enter__(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        # Without wait: BlockingIOError while another process holds it.
+        fcntl.flock(self._fd, self._flags)
 
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
