@@ -1407,7 +1407,7 @@ def test_config_to_toml_defaults_text() -> None:
         "[topics]",
     ]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert len(keys) == 5 + 3 + 25 + 14 + 5 + 3 + 2 + 3
+    assert len(keys) == 5 + 3 + 25 + 15 + 5 + 3 + 2 + 3
 
 
 @pytest.mark.parametrize(

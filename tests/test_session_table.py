@@ -223,8 +223,8 @@ def test_another_token_is_a_collision_until_the_session_expires(
     zero, one = brokers
     store(zero, zero.sessions.admit(key(zero), 0))
     intruder = key(one, token=TOKEN + 1)
-    assert one.sessions.holder_differs(intruder)
-    assert not one.sessions.holder_differs(key(one))
+    assert one.sessions.holder(intruder) == TOKEN
+    assert (one.sessions.entry_of(intruder), one.sessions.entry_of(key(one))) == (None, 0)
     refused = one.sessions.admit(intruder, 0)
     assert refused.verdict is Verdict.COLLISION
     assert refused.reason == (
@@ -238,7 +238,7 @@ def test_another_token_is_a_collision_until_the_session_expires(
     clock.now += TIMEOUT
     assert one.sessions.admit(intruder, 0).verdict is Verdict.COLLISION
     clock.now += TIMEOUT + 1
-    assert not one.sessions.holder_differs(intruder)
+    assert one.sessions.holder(intruder) is None
     taken = one.sessions.admit(intruder, 0)
     assert (taken.verdict, taken.entry) == (Verdict.NEW, refused.entry)  # its entry, anew
     # The old client is the stranger now; a forgotten session starts again at 0.

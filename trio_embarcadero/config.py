@@ -548,7 +548,15 @@ class CxlConfig(_Checked):
             (its own process's commits wake it at once).
         sequencer_hole_timeout_s: How long the sequencer waits for a batch
             that stays reserved while a committed one follows it in its
-            stream; then it goes past it, and that batch is never ordered.
+            stream, and for a publish session's missing batch_seq while a
+            later one waits; then it goes past it, and that batch (that
+            batch_seq) is never ordered.
+        session_timeout_s: How long a publish session (``client_req = 2``)
+            is kept in the region's session table after it was last active
+            (a batch of it arrived, or a connection of it was open on a
+            running broker); then it is forgotten, and its client id on its
+            topic may begin a new session. A client that resends after a
+            failure must do so within it.
     """
 
     path: str = attrs.field(
@@ -570,6 +578,7 @@ class CxlConfig(_Checked):
     streaming_copies: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     sequencer_interval_ms: float = attrs.field(default=5.0, validator=_positive_float)
     sequencer_hole_timeout_s: float = attrs.field(default=5.0, validator=_positive_float)
+    session_timeout_s: float = attrs.field(default=300.0, validator=_positive_float)
 
     @property
     def size_bytes(self) -> int:

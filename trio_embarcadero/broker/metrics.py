@@ -48,6 +48,12 @@ class Observed(Protocol):
 
 _Value = Callable[[BrokerStatistics], float]
 
+
+def _of_sessions(field: str) -> _Value:
+    """The value of a field of the publish sessions' statistics (0 without them)."""
+    return lambda s: float(getattr(s.sessions, field)) if s.sessions is not None else 0.0
+
+
 #: Counters: name (without ``_total``), help, value.
 _COUNTERS: tuple[tuple[str, str, _Value], ...] = (
     ("received_batches", "Batches received whole and valid.", lambda s: s.batches_received),
@@ -115,6 +121,17 @@ _COUNTERS: tuple[tuple[str, str, _Value], ...] = (
     ("dial_back_dialed", "Dial-back ack connections opened.", lambda s: s.dial_backs.dialed),
     ("dial_back_failed", "Dial-back ack connections that failed.", lambda s: s.dial_backs.failed),
     ("dial_back_lost", "Dial-back ack connections lost while in use.", lambda s: s.dial_backs.lost),
+    (
+        "duplicate_batches",
+        "Batches of publish sessions acked as duplicates, not stored again.",
+        _of_sessions("duplicates"),
+    ),
+    ("duplicate_messages", "Messages of those duplicates.", _of_sessions("duplicate_messages")),
+    (
+        "session_waits",
+        "Batches of publish sessions that waited for another connection's copy.",
+        _of_sessions("waits"),
+    ),
 )
 
 #: Gauges: name, help, value.
@@ -146,6 +163,16 @@ _GAUGES: tuple[tuple[str, str, _Value], ...] = (
     ),
     ("log_free_bytes", "Bytes of the region's free allocation units.", lambda s: s.log_free_bytes),
     ("dial_back_connections", "Dial-back ack connections open.", lambda s: s.dial_backs.active),
+    (
+        "sessions",
+        "Publish sessions in the region's table (every broker's).",
+        _of_sessions("sessions"),
+    ),
+    (
+        "session_connections",
+        "Connections of publish sessions open on this broker.",
+        _of_sessions("connections"),
+    ),
 )
 
 

@@ -21,6 +21,7 @@ from ..log import CxlStatistics, DiskStatistics
 from ..log.sequencer import SequencerStatistics
 from ..wire import BatchHeader
 from .acks import DialBackStatistics
+from .sessions import SessionStatistics
 from .staging import StagingPoolStatistics
 
 #: Bucket bounds (seconds) of the ack latency and disk sync histograms:
@@ -205,6 +206,8 @@ class BrokerStatistics:
         order_waits: Committed batches of order-5 topics whose acks wait
             for their place in the total order.
         sequencer: The sequencer's counters and lag (broker 0 only, else None).
+        sessions: Publish sessions (``client_req = 2``): the region's, this
+            broker's connections, duplicates and waits.
     """
 
     connections: dict[str, int]
@@ -243,6 +246,7 @@ class BrokerStatistics:
     draining: bool
     order_waits: int = 0
     sequencer: SequencerStatistics | None = None
+    sessions: SessionStatistics | None = None
 
     @property
     def log_free_bytes(self) -> int:
@@ -316,6 +320,13 @@ class BrokerStatistics:
             parts.append(
                 f"sequencer: {seq.batches_ordered:,} batches ordered, {seq.lag_batches} waiting "
                 f"(oldest {seq.lag_oldest_s:.3f} s)"
+            )
+        sessions = self.sessions
+        if sessions is not None and (sessions.connections or sessions.duplicates):
+            parts.append(
+                f"sessions: {_count(sessions.connections, 'connection')} open here, "
+                f"{_count(sessions.duplicates, 'duplicate')} acked without storing them again, "
+                f"{_count(sessions.waits, 'wait')} for another copy"
             )
         line = "; ".join(parts)
         if self.log_full_held:

@@ -370,16 +370,24 @@ class SessionTable:
 
     # -- the publish side ---------------------------------------------------------------
 
-    def holder_differs(self, key: SessionKey) -> bool:
-        """Whether a client with another token holds ``key``'s session now
-        (a handshake's check: two clients that drew one client id)."""
+    def holder(self, key: SessionKey) -> int | None:
+        """The token of the client that holds ``key``'s session now, or None
+        when no live session has that key (a handshake's check: two clients
+        that drew one client id)."""
         with self._lock:
             found = self._find(key)
-            if found is None:
-                return False
-            off = found[1]
-            (token,) = U64.unpack_from(self._buf, off + E_TOKEN)
-            return token != key.token and not self._expired(off, self.clock())
+            if found is None or self._expired(found[1], self.clock()):
+                return None
+            (token,) = U64.unpack_from(self._buf, found[1] + E_TOKEN)
+            return int(token)
+
+    def entry_of(self, key: SessionKey) -> int | None:
+        """``key``'s entry, if its session is live and has ``key``'s token."""
+        with self._lock:
+            found = self._find(key)
+            if found is None or not self._holds(found[1], key.token):
+                return None
+            return None if self._expired(found[1], self.clock()) else found[0]
 
     def admit(self, key: SessionKey, seq: int) -> Admission:
         """Look batch_seq ``seq`` of ``key``'s session up, and claim it if it is new.
