@@ -412,14 +412,21 @@ class PublishSession:
         stream = self.ingest.log.existing_stream(self.topic)
         if stream is None:
             return None
-        handshake = self.handshake
-        return SessionKey(
-            handshake.client_id,
-            self.topic,
+        link = self._link
+        key = link.key if link is not None else None
+        if key is None or (key.topic_index, key.incarnation) != (
             stream.topic_index,
             stream.incarnation,
-            handshake.last_addr,
-        )
+        ):
+            handshake = self.handshake
+            key = SessionKey(
+                handshake.client_id,
+                self.topic,
+                stream.topic_index,
+                stream.incarnation,
+                handshake.last_addr,
+            )
+        return key
 
     def _order5(self, key: SessionKey) -> bool:
         log = self.ingest.log
@@ -431,31 +438,32 @@ class PublishSession:
         checked, acked once its stored copy is), or the first batch of a
         topic that does not exist yet (received aside and checked before
         the topic is made, as the direct path does, then stored)."""
-        if self._session_key() is None:
+        key = self._session_key()
+        if key is None:
             payload, starts = await self._receive_aside(header, clock)
             # Stored from here, not by an allocator: after the batches before
             # it (there are some only if the topic was deleted meanwhile).
             await self._wait_settled()
             self._attach()  # makes the topic
-            admission = await self._admit(header)
+            key = self._session_key()
+            assert key is not None  # just made
+            admission = await self._admit(header, key)
             if admission.verdict is Verdict.NEW:
                 await self._place_aside(header, payload, starts, admission.claim)
             else:
                 await self._duplicate(header, admission)
             return None
-        admission = await self._admit(header)
+        admission = await self._admit(header, key)
         if admission.verdict is Verdict.NEW:
             return admission.claim
         await self._receive_aside(header, clock)  # read and checked, never stored
         await self._duplicate(header, admission)
         return None
 
-    async def _admit(self, header: BatchHeader) -> Admission:
+    async def _admit(self, header: BatchHeader, key: SessionKey) -> Admission:
         link = self._link
         assert link is not None
-        key = self._session_key()
-        assert key is not None  # it exists: looked up (or made) just before
-        if key != link.key:
+        if key is not link.key:  # the first, or the topic was made anew
             link.key, link.order5 = key, self._order5(key)
         self.connection.phase = ConnectionPhase.WAIT_CXL
         return await link.admit(header, self.connection)
