@@ -21,6 +21,7 @@ from test_cxl import body
 from test_sequencer import CountingStruct, Crash
 
 from trio_embarcadero.log import CxlLog, open_log
+from trio_embarcadero.log import sequencer as sequencer_module
 from trio_embarcadero.log import sessions as sessions_module
 from trio_embarcadero.log.layout import (
     BATCH_COMMITTED,
@@ -467,3 +468,54 @@ def test_batches_of_client_req_0_are_never_held(ordered: tuple[CxlLog, CxlLog, S
 def test_claim_words_name_the_claimant() -> None:
     claim = Claim(entry=4, record=0, seq=9, token=1)
     assert claim.word == 5
+
+
+def test_a_sequencer_that_dies_at_any_store_orders_a_session_by_batch_seq_all_the_same(
+    cxl_path: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches 1, 3 of a session on broker 1, then 0, 2, 4 on broker 0, and 6
+    after a gap (5 never comes): a step orders 0..4 by batch_seq across the
+    two streams, and once 6 waited the hole timeout, skips 5 and orders 6.
+    The sequencer dies at every store of that (its own and the table's) in
+    turn, and a new one goes on from the region: the same order each time."""
+    structs = [
+        (module, name)
+        for module in (sequencer_module, sessions_module)
+        for name in ("U8", "U32", "U64", "HEAD", "INDEX_ENTRY", "SEGMENT_HEADER")
+        if hasattr(module, name)
+    ]
+    crash_at = 0
+    while True:
+        zero = open_small_log(cxl_path, broker_id=0, unit_size=4096, reset=True)
+        one = open_small_log(cxl_path, broker_id=1, unit_size=4096)
+        for log in (zero, one):
+            log.topic_order = lambda _topic: 5
+            log.sessions.clock = clock
+        for seq, log in ((1, one), (3, one), (0, zero), (2, zero), (4, zero), (6, zero)):
+            put(log, seq)
+        with monkeypatch.context() as patched:
+            for module, name in structs:
+                patched.setattr(module, name, CountingStruct(getattr(module, name)))
+            CountingStruct.count, CountingStruct.limit = 0, crash_at
+            try:
+                dying = zero.sequencer(SECOND)
+                for now in (0, SECOND):
+                    dying.step(now)
+            except Crash:
+                crashed = True
+            else:
+                crashed = False
+            finally:
+                CountingStruct.limit = -1
+        again = zero.sequencer(SECOND)  # started again: each step anew
+        for now in (0, SECOND):
+            again.step(now)
+        del dying, again
+        assert ordered_seqs(zero) == [0, 1, 2, 3, 4, 6], crash_at
+        assert zero.sessions.admit(key(zero), 5).verdict is Verdict.SKIPPED, crash_at
+        quick_close(one)
+        quick_close(zero)
+        if not crashed:
+            break
+        crash_at += 1
+    assert crash_at > 15  # it died at every store there is
