@@ -568,7 +568,15 @@ class CxlConfig(_Checked):
             topics (its own process's commits wake it at once).
         sequencer_hole_timeout_s: How long the sequencer waits for a batch
             that stays reserved while a committed one follows it in its
-            stream; then it goes past it, and that batch is never ordered.
+            stream, and for a publish session's missing batch_seq while a
+            later one waits; then it goes past it, and that batch (that
+            batch_seq) is never ordered.
+        session_timeout_s: How long a publish session (``client_req = 2``)
+            is kept in the region's session table after it was last active
+            (a batch of it arrived, or a connection of it was open on a
+            running broker); then it is forgotten, and its client id on its
+            topic may begin a new session. A client that resends after a
+            failure must do so within it.
         sequencer_lease_s: How long the sequencer's lease lasts in the
             region. The broker that runs the sequencer renews it with every
             step; another live broker takes the sequencer over (a new epoch)
@@ -597,6 +605,7 @@ class CxlConfig(_Checked):
     sequencer_interval_ms: float = attrs.field(default=5.0, validator=_positive_float)
     sequencer_hole_timeout_s: float = attrs.field(default=5.0, validator=_positive_float)
     sequencer_lease_s: float = attrs.field(default=1.0, validator=_positive_float)
+    session_timeout_s: float = attrs.field(default=300.0, validator=_positive_float)
 
     @property
     def size_bytes(self) -> int:

@@ -23,6 +23,9 @@ class ErrorCode(enum.IntEnum):
     NOT_ALLOWED = 6
     TIMEOUT = 7
     STORAGE_FAILURE = 8
+    #: A publish session's batch waited too long for another connection's
+    #: copy of its batch_seq (or a duplicate for its stored copy's ack level).
+    SESSION_BUSY = 9
 
 
 #: The code a client reports when the broker closed the connection without an

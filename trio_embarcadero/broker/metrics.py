@@ -49,6 +49,12 @@ class Observed(Protocol):
 
 _Value = Callable[[BrokerStatistics], float]
 
+
+def _of_sessions(field: str) -> _Value:
+    """The value of a field of the publish sessions' statistics (0 without them)."""
+    return lambda s: float(getattr(s.sessions, field)) if s.sessions is not None else 0.0
+
+
 #: Counters: name (without ``_total``), help, value.
 _COUNTERS: tuple[tuple[str, str, _Value], ...] = (
     ("received_batches", "Batches received whole and valid.", lambda s: s.batches_received),
@@ -126,6 +132,17 @@ _COUNTERS: tuple[tuple[str, str, _Value], ...] = (
         "Times this broker found its sequencer lease taken over and stopped ordering.",
         lambda s: s.sequencer_lease.deposed if s.sequencer_lease else 0,
     ),
+    (
+        "duplicate_batches",
+        "Batches of publish sessions acked as duplicates, not stored again.",
+        _of_sessions("duplicates"),
+    ),
+    ("duplicate_messages", "Messages of those duplicates.", _of_sessions("duplicate_messages")),
+    (
+        "session_waits",
+        "Batches of publish sessions that waited for another connection's copy.",
+        _of_sessions("waits"),
+    ),
 )
 
 #: Gauges: name, help, value.
@@ -176,6 +193,16 @@ _GAUGES: tuple[tuple[str, str, _Value], ...] = (
         "sequencer_lease_held",
         "1 while this broker holds the sequencer lease.",
         lambda s: float(bool(s.sequencer_lease and s.sequencer_lease.held)),
+    ),
+    (
+        "sessions",
+        "Publish sessions in the region's table (every broker's).",
+        _of_sessions("sessions"),
+    ),
+    (
+        "session_connections",
+        "Connections of publish sessions open on this broker.",
+        _of_sessions("connections"),
     ),
 )
 

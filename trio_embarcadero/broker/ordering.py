@@ -35,7 +35,7 @@ import trio
 
 from ..errors import SequencerDeposed
 from ..log import CxlLog, Reservation
-from ..log.layout import BH_ORDERED, read_topic_order
+from ..log.layout import BH_ORDERED, NEVER_ORDERED, read_topic_order
 from ..log.lease import Grant, LeaseStatistics, SequencerLease
 from ..log.reader import region_brokers
 from ..log.sequencer import DEFAULT_STEP_BUDGET, OrderedBatch, Sequencer, SequencerStatistics
@@ -55,7 +55,7 @@ class OrderWaits:
 
     def __init__(self, log: CxlLog, interval: float = 0.005) -> None:
         self._log = log
-        self._held: dict[int, deque[tuple[Reservation, Deliver]]] = {}
+        self._held: dict[int, deque[tuple[Reservation, Deliver, Deliver | None]]] = {}
         self._count = 0
         #: How often the order is looked for (``cxl.sequencer_interval_ms``).
         self.interval = interval
@@ -80,10 +80,14 @@ class OrderWaits:
         stream = reservation.stream
         return read_topic_order(self._log.region, self._log.geometry, stream.topic_index) == 5
 
-    def hold(self, reservation: Reservation, deliver: Deliver) -> None:
-        """Call ``deliver(reservation)`` once the committed ``reservation`` is ordered."""
+    def hold(
+        self, reservation: Reservation, deliver: Deliver, skipped: Deliver | None = None
+    ) -> None:
+        """Call ``deliver(reservation)`` once the committed ``reservation`` is
+        ordered, or ``skipped(reservation)`` once it is clear it never will be
+        (a publish session's batch whose batch_seq the sequencer skipped)."""
         key = id(reservation.stream)
-        self._held.setdefault(key, deque()).append((reservation, deliver))
+        self._held.setdefault(key, deque()).append((reservation, deliver, skipped))
         self._count += 1
         self.wakeup.unpark_all()
 
@@ -95,12 +99,15 @@ class OrderWaits:
         for key in list(self._held):
             waiting = self._held[key]
             while waiting:
-                reservation, deliver = waiting[0]
-                if not int(words[(reservation.header_offset + BH_ORDERED) // 8]) & 0xFFFFFFFF:
+                reservation, deliver, skipped = waiting[0]
+                ordered = int(words[(reservation.header_offset + BH_ORDERED) // 8]) & 0xFFFFFFFF
+                if not ordered:
                     break
                 waiting.popleft()
                 self._count -= 1
                 done += 1
+                if ordered == NEVER_ORDERED and skipped is not None:
+                    deliver = skipped
                 try:
                     deliver(reservation)
                 except Exception:

@@ -51,10 +51,11 @@ import trio
 
 from ..config import Config, TopicSettings, parse_networks
 from ..errors import ErrorCode, LayoutError, ListenError, ProtocolError, StorageError
-from ..log import CxlLog, DiskLog
+from ..log import CxlLog, DiskLog, Reservation
 from ..log.layout import read_topic_state, read_topics
 from ..log.ownership import BrokerLock, claim_disk_log, claim_region, settings_path
 from ..log.region import check_memory_ordering
+from ..log.sessions import Claim
 from ..log.settings import TopicSettingsFile, remove_settings
 from ..wire import encode_error_frame
 from .acks import DialBackRegistry, DialBackStatistics
@@ -70,6 +71,7 @@ from .ordering import OrderWaits, SequencerRole, run_ordering
 from .publish import IngestPath
 from .retention import make_room, reclaimable_units, retention_configured, run_retention
 from .session import serve_connection
+from .sessions import Sessions
 from .staging import StagingPool
 from .statistics import BrokerStatistics, IngestCounters, error_frame_log_level
 
@@ -141,6 +143,18 @@ class Broker:
             if disk is not None
             else None
         )
+        # Publish sessions: this broker's old claims are settled before it
+        # serves (its previous process may have died holding some).
+        log.sessions.timeout_ns = int(config.cxl.session_timeout_s * 1e9)
+        self.sessions = Sessions(log.sessions, net.batch_timeout_s)
+        settled = log.sessions.recover()
+        if settled:
+            logger.info("sessions: settled %d claim(s) of this broker's previous process", settled)
+        # What that process stored is durable once the disk log synced its
+        # start-up backlog (each stream up to where it is now).
+        self._session_backlog = log.sessions.not_durable() if disk is not None else []
+        self._backlog_batches = {s: s.batches for s in log.streams()} if disk is not None else {}
+        self._mark_session_backlog()
         self.order_waits = OrderWaits(log, config.cxl.sequencer_interval_ms / 1000)
         # The broker that holds the region's sequencer lease orders every
         # broker's order-5 batches; any live broker may take it over.
@@ -152,7 +166,7 @@ class Broker:
         )
         self.commits = CommitFeed(
             log,
-            self.durability.committed if self.durability is not None else None,
+            self._to_disk if self.durability is not None else None,
             self.order_waits,
         )
         self.pool = StagingPool(
@@ -190,6 +204,29 @@ class Broker:
         # have segments to drop: held batches try again (and make room).
         if self.space.held:
             self.space.room_made()
+        self.sessions.flush_durable()
+        self._mark_session_backlog()
+
+    def _mark_session_backlog(self) -> None:
+        disk = self.disk
+        if self._session_backlog and disk is not None:
+            if all(disk.durable_batches(s) >= n for s, n in self._backlog_batches.items()):
+                self.sessions.table.mark_durable(self._session_backlog)
+                self._session_backlog = []
+
+    def _to_disk(self, reservation: Reservation) -> None:
+        """A committed batch waits for the disk writer; a publish session's
+        is marked durable in the session table once it is synced."""
+        assert self.durability is not None
+        self.durability.committed(reservation)
+        if reservation.session is not None:
+            self.durability.when_durable(
+                reservation, partial(self._session_batch_synced, reservation.session)
+            )
+
+    def _session_batch_synced(self, claim: Claim, failure: StorageError | None) -> None:
+        if failure is None:
+            self.sessions.stored_durable(claim)
 
     def settings_for(self, topic: str) -> TopicSettings:
         """``topic``'s settings: the config file's, under the keys the admin
@@ -275,6 +312,7 @@ class Broker:
             order_waits=self.order_waits.held,
             sequencer=sequencer,
             sequencer_lease=lease,
+            sessions=self.sessions.statistics(),
         )
 
     # -- running ---------------------------------------------------------------------
@@ -330,6 +368,7 @@ class Broker:
                     )
                 await services.start(self._report)
                 await services.start(self.membership.run)
+                await services.start(self.sessions.run)
                 if self._http_listeners:
                     await services.start(partial(serve_http, AdminApi(self), self._http_listeners))
                     logger.info("HTTP (metrics, admin API) on %s", self._http_url())
@@ -421,6 +460,7 @@ class Broker:
                         counters=self.counters,
                         make_room=self._make_room,
                         space=self.space,
+                        sessions=self.sessions,
                     )
                     async with trio.open_nursery() as connections:
                         await connections.start(self._accept, connections)

@@ -22,6 +22,7 @@ from ..log.lease import LeaseStatistics
 from ..log.sequencer import SequencerStatistics
 from ..wire import BatchHeader
 from .acks import DialBackStatistics
+from .sessions import SessionStatistics
 from .staging import StagingPoolStatistics
 
 #: Bucket bounds (seconds) of the ack latency and disk sync histograms:
@@ -209,6 +210,8 @@ class BrokerStatistics:
             it (holds its lease), else None.
         sequencer_lease: Who holds the region's sequencer lease, at which
             epoch, and this broker's takeovers.
+        sessions: Publish sessions (``client_req = 2``): the region's, this
+            broker's connections, duplicates and waits.
     """
 
     connections: dict[str, int]
@@ -248,6 +251,7 @@ class BrokerStatistics:
     order_waits: int = 0
     sequencer: SequencerStatistics | None = None
     sequencer_lease: LeaseStatistics | None = None
+    sessions: SessionStatistics | None = None
 
     @property
     def log_free_bytes(self) -> int:
@@ -326,6 +330,13 @@ class BrokerStatistics:
             parts.append(
                 f"sequencer{epoch}: {seq.batches_ordered:,} batches ordered, "
                 f"{seq.lag_batches} waiting (oldest {seq.lag_oldest_s:.3f} s)"
+            )
+        sessions = self.sessions
+        if sessions is not None and (sessions.connections or sessions.duplicates):
+            parts.append(
+                f"sessions: {_count(sessions.connections, 'connection')} open here, "
+                f"{_count(sessions.duplicates, 'duplicate')} acked without storing them again, "
+                f"{_count(sessions.waits, 'wait')} for another copy"
             )
         line = "; ".join(parts)
         if self.log_full_held:

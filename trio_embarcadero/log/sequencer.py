@@ -18,6 +18,13 @@ batch behind a reserved one (a hole: a writer that commits out of log order,
 or one that died and left it) is waited for at most ``hole_timeout_ns``;
 then the sequencer goes past it, and that batch is never ordered.
 
+A publish session's batches (see :mod:`.sessions`) are ordered by their
+batch_seq, also when different brokers stored them: a session batch whose
+predecessor is not ordered yet holds its stream, like a hole, for at most
+``hole_timeout_ns``; then the batch_seqs still missing before it are
+skipped and it is ordered. A session batch whose batch_seq was skipped is
+never ordered: its header's ``ordered`` word becomes 2 (``NEVER_ORDERED``).
+
 Every step runs under the region's file lock: a topic is not deleted, nor a
 segment reclaimed, while the sequencer writes into it.
 """
@@ -40,10 +47,12 @@ from .layout import (
     BATCH_COMMITTED,
     BATCH_RESERVED,
     BH_ORDERED,
+    BH_SESSION,
     BH_TOTAL_ORDER,
     BH_TOTAL_SIZE,
     INDEX_ENTRY,
     INDEX_OWNER,
+    NEVER_ORDERED,
     NEXT_GENERATION_OFFSET,
     NO_SEGMENT,
     SEGMENT_HEADER,
@@ -73,6 +82,7 @@ from .layout import (
     read_topics,
 )
 from .segments import SegmentMap
+from .sessions import Placement, SessionTable
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +133,8 @@ class SequencerStatistics:
         index_full: Steps that found no free unit for an index segment.
         index_segments_freed: Index segments let go (every batch they named
             was gone).
+        session_skips: Batch_seqs of publish sessions it skipped after a
+            later one waited ``hole_timeout_ns`` for them.
     """
 
     topics: int
@@ -133,10 +145,13 @@ class SequencerStatistics:
     holes_skipped: int
     index_full: int
     index_segments_freed: int
+    session_skips: int = 0
 
 
 #: A batch header's num_msg, state, broker, ordered and total_size, read at +12.
 _HEAD = struct.Struct("<IIII4xQ")
+#: A batch header's session word (see :mod:`.sessions`), read at 0.
+_SESSION = struct.Struct(f"<{BH_SESSION}xI")
 
 
 def _walk(
@@ -184,7 +199,7 @@ class _Hole:
 class _StreamCursor:
     """Where the sequencer stands in one broker's stream of a topic."""
 
-    __slots__ = ("done", "hole", "position", "waiting_since")
+    __slots__ = ("done", "held", "hole", "position", "waiting_since")
 
     def __init__(self) -> None:
         self.position: WalkPosition | None = None
@@ -192,6 +207,8 @@ class _StreamCursor:
         # skipped or reclaimed), numbered as the stream's entry counts them.
         self.done = 0
         self.hole: _Hole | None = None
+        # A session batch waiting for its predecessor (since when).
+        self.held: _Hole | None = None
         self.waiting_since: int | None = None
 
 
@@ -217,7 +234,10 @@ class Sequencer:
         segment_map: Its segment map (index segments come from it).
         lock: Returns the region's file lock (a context manager).
         hole_timeout_ns: How long a committed batch behind a reserved one
-            waits before the sequencer goes past the reserved one.
+            waits before the sequencer goes past the reserved one (and a
+            session batch for its predecessor).
+        sessions: The region's session table, whose batches are ordered by
+            batch_seq; None orders them as any other.
     """
 
     def __init__(
@@ -228,8 +248,10 @@ class Sequencer:
         lock: Callable[[], contextlib.AbstractContextManager[object]],
         *,
         hole_timeout_ns: int,
+        sessions: SessionTable | None = None,
     ) -> None:
         self._buf = buf
+        self._sessions = sessions
         self._g = geometry
         self._map = segment_map
         self._lock = lock
@@ -243,6 +265,7 @@ class Sequencer:
         self._lag = 0
         self._lag_oldest_ns = 0
         self._index_segments_freed = 0
+        self._session_skips = 0
         self._index_checked_ns: int | None = None
         with self._lock():
             self._recover_index_segments()
@@ -251,6 +274,7 @@ class Sequencer:
         """Let go of the region's buffer (and the segment map's view of it),
         so the region can be unmapped."""
         self._topics.clear()
+        self._sessions = None
         del self._words, self._map
 
     # -- one step ------------------------------------------------------------------
@@ -270,10 +294,17 @@ class Sequencer:
         with self._lock():
             self._refresh_topics()
             for topic in self._topics.values():
-                for broker in range(self._g.max_brokers):
-                    if len(ordered) >= budget:
+                while True:
+                    before = len(ordered)
+                    held = False
+                    for broker in range(self._g.max_brokers):
+                        if len(ordered) >= budget:
+                            break
+                        held |= self._order_stream(topic, broker, now_ns, budget, ordered)
+                    # A session batch held in one stream may be free to go now
+                    # that another stream's batches are ordered: look again.
+                    if not held or len(ordered) in (before, budget):
                         break
-                    self._order_stream(topic, broker, now_ns, budget, ordered)
             self._measure_lag(now_ns)
             due = self._index_checked_ns
             if due is None or now_ns - due >= INDEX_RECLAIM_INTERVAL_NS:
@@ -293,6 +324,7 @@ class Sequencer:
             holes_skipped=self._holes,
             index_full=self._index_full,
             index_segments_freed=self._index_segments_freed,
+            session_skips=self._session_skips,
         )
 
     # -- topics --------------------------------------------------------------------
@@ -324,6 +356,8 @@ class Sequencer:
             found = generation_holding(self._buf, self._g, last.header_offset)
             if found == last.generation:
                 U32.pack_into(self._buf, last.header_offset + BH_ORDERED, 1)
+                if self._sessions is not None:
+                    self._sessions.ordered(last.header_offset)
             logger.info(
                 "sequencer: topic %r resumes at total order %d (%d batches ordered)",
                 name,
@@ -371,13 +405,15 @@ class Sequencer:
         now_ns: int,
         budget: int,
         ordered: list[OrderedBatch],
-    ) -> None:
+    ) -> bool:
+        """Order what the stream has; True if it stopped at a held session batch."""
         cursor = topic.cursors[broker]
+        buf, sessions = self._buf, self._sessions
         try:
             if cursor.position is None:
                 (first,) = U32.unpack_from(self._buf, self._g.stream_offset(topic.index, broker))
                 if first == NO_SEGMENT:
-                    return
+                    return False
                 self._frontier(topic, broker, cursor)
             position = cursor.position
             assert position is not None
@@ -388,23 +424,70 @@ class Sequencer:
                     continue
                 if state == BATCH_RESERVED:
                     if not self._past_hole(cursor, position, offset, total, now_ns):
-                        return
+                        return False
                     continue
                 cursor.hole = None
                 if is_ordered:
                     cursor.done += 1
                     continue
                 if len(ordered) >= budget:
-                    return
+                    return False
+                # A publish session's batch names its session at BH_SESSION.
+                session = sessions is not None and _SESSION.unpack_from(buf, offset)[0]
+                if session:
+                    placement = self._place_session_batch(cursor, offset, now_ns)
+                    if placement is Placement.HOLD:
+                        return True
+                    if placement is Placement.NEVER:
+                        cursor.done += 1
+                        continue
                 batch = self._order_one(topic, broker, offset, num_msg, total, position)
                 if batch is None:
-                    return  # no room for the index: the next step tries again
+                    return False  # no room for the index: the next step tries again
+                if session:
+                    assert sessions is not None
+                    sessions.ordered(offset)
                 cursor.done += 1
                 ordered.append(batch)
         except SegmentReclaimed:
             # Retention let the segment go; it keeps unordered batches of an
             # order-5 topic, so only ordered ones went: find the frontier anew.
             cursor.position = None
+        return False
+
+    def _place_session_batch(self, cursor: _StreamCursor, offset: int, now_ns: int) -> Placement:
+        """Whether to order the session batch at ``offset`` now, wait, or never.
+
+        One whose predecessor is missing waits ``hole_timeout_ns``; then the
+        missing batch_seqs are skipped. One whose batch_seq was skipped gets
+        ``NEVER_ORDERED`` in its ``ordered`` word (one store: a sequencer that
+        dies before it decides the same again).
+        """
+        assert self._sessions is not None
+        placement = self._sessions.placement(offset)
+        if placement is Placement.NEVER:
+            U32.pack_into(self._buf, offset + BH_ORDERED, NEVER_ORDERED)
+            cursor.held = None
+            return placement
+        if placement is Placement.ORDER:
+            cursor.held = None
+            return placement
+        if cursor.held is None or cursor.held.offset != offset:
+            cursor.held = _Hole(offset, now_ns)
+        waited = now_ns - cursor.held.since_ns
+        if waited < self.hole_timeout_ns:
+            return Placement.HOLD
+        skipped = self._sessions.skip_before(offset)
+        self._session_skips += skipped
+        logger.warning(
+            "sequencer: a publish session's batch at byte %d waited %.1f s for the batch_seq "
+            "before it; %d missing batch_seq(s) skipped (never ordered)",
+            offset,
+            waited / 1e9,
+            skipped,
+        )
+        cursor.held = None
+        return Placement.ORDER
 
     def _past_hole(
         self,
