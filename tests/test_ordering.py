@@ -216,6 +216,11 @@ async def test_a_deposed_broker_stops_ordering_and_takes_the_sequencer_back_once
         await settle()
         assert client.acks()[1][-1] == 2  # broker 0 orders
         assert broker.statistics().sequencer is not None
+        metrics = scrape(broker)
+        assert metrics["trio_embarcadero_sequencer_ordered_batches_total"] == 2
+        assert metrics["trio_embarcadero_sequencer_ordered_messages_total"] == 2
+        assert metrics["trio_embarcadero_sequencer_topics"] == 1
+        assert metrics["trio_embarcadero_sequencer_lag_batches"] == 0
         # Another process takes the lease over while broker 0 goes on (it
         # holds a stale view of who is alive: as if broker 0 had been stopped).
         other = open_handle(config, broker_id=1)
@@ -237,6 +242,7 @@ async def test_a_deposed_broker_stops_ordering_and_takes_the_sequencer_back_once
         assert metrics["trio_embarcadero_sequencer_lease_held"] == 0
         assert metrics["trio_embarcadero_sequencer_deposed_total"] == 1
         assert metrics["trio_embarcadero_order_waits"] == 1
+        assert "trio_embarcadero_sequencer_lag_batches" not in metrics  # not its sequencer
         # The new holder orders broker 0's batch; broker 0 acks it.
         new = other.sequencer(10**9, lease=thief)
         assert len(new.step(0)) == 1

@@ -27,6 +27,7 @@ from ..errors import ErrorCode
 from ..log import CxlLog, DiskLog, DiskStatistics
 from ..log.layout import StreamEntry, read_stream_entry, read_topic_state, read_topics
 from ..log.lease import LeaseStatistics
+from ..log.sequencer import SequencerStatistics
 from .connection import ConnectionPhase
 from .statistics import BrokerStatistics, HistogramSnapshot
 
@@ -212,6 +213,41 @@ def _lease_holder(lease: LeaseStatistics | None) -> float:
 
 
 _DiskValue = Callable[[DiskStatistics], float]
+_SequencerValue = Callable[[SequencerStatistics], float]
+
+#: The sequencer's counters and gauges, from the broker that runs it (holds
+#: its lease); the other brokers have none (``trio_embarcadero_sequencer_lease_held``).
+_SEQUENCER_COUNTERS: tuple[tuple[str, str, _SequencerValue], ...] = (
+    (
+        "sequencer_ordered_batches",
+        "Batches this broker's sequencer ordered.",
+        lambda q: q.batches_ordered,
+    ),
+    ("sequencer_ordered_messages", "Their messages.", lambda q: q.messages_ordered),
+    (
+        "sequencer_holes_skipped",
+        "Batches the sequencer went past after sequencer_hole_timeout_s (never ordered).",
+        lambda q: q.holes_skipped,
+    ),
+    (
+        "sequencer_session_skips",
+        "Batch_seqs of publish sessions the sequencer skipped (never ordered).",
+        lambda q: q.session_skips,
+    ),
+)
+_SEQUENCER_GAUGES: tuple[tuple[str, str, _SequencerValue], ...] = (
+    ("sequencer_topics", "Order-5 topics the sequencer orders.", lambda q: q.topics),
+    (
+        "sequencer_lag_batches",
+        "Batches committed (on any broker) and not ordered yet, at the sequencer's last step.",
+        lambda q: q.lag_batches,
+    ),
+    (
+        "sequencer_lag_oldest_seconds",
+        "How long the oldest of those has waited for its order.",
+        lambda q: q.lag_oldest_s,
+    ),
+)
 
 #: The disk log's counters and gauges (with ``storage.dir``).
 _DISK_COUNTERS: tuple[tuple[str, str, _DiskValue], ...] = (
@@ -311,6 +347,11 @@ class BrokerCollector(Collector):
         yield from self._histograms(stats)
         if stats.disk is not None:
             yield from self._disk(stats)
+        if stats.sequencer is not None:
+            for name, text, ofq in _SEQUENCER_COUNTERS:
+                yield CounterMetricFamily(PREFIX + name, text, value=ofq(stats.sequencer))
+            for name, text, ofq in _SEQUENCER_GAUGES:
+                yield GaugeMetricFamily(PREFIX + name, text, value=ofq(stats.sequencer))
         yield from self._topics()
 
     def _labelled(self, stats: BrokerStatistics) -> Iterator[Metric]:
