@@ -14,6 +14,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import rawclient
 from test_cxl import Region, body
@@ -171,7 +172,7 @@ def test_order_0_topics_are_left_alone(brokers: tuple[CxlLog, CxlLog]) -> None:
     brokers[0].topic_order = lambda _topic: 0
     commit(brokers[0], [10], 1, 0)
     seq = brokers[0].sequencer(HOLE_NS)
-    assert seq.step(0) == []
+    assert not seq.step(0)
     assert seq.statistics().topics == 0
     assert read_ordered_count(brokers[0].region, brokers[0].geometry, 0) == 0
 
@@ -185,7 +186,7 @@ def test_abandoned_batches_are_never_ordered_and_block_nothing(
     commit(brokers[0], [40], 1, 0)
     assert [b.broker_id for b in seq.step(0)] == [0]  # broker 1's batch is still held
     brokers[1].complete(kept, scan_records(kept.payload, 1))
-    assert seq.step(0) == []
+    assert not seq.step(0)
     brokers[1].abandon(gone)
     assert [b.broker_id for b in seq.step(0)] == [1]
     check_order(brokers[0], {1: 1, 2: 1})
@@ -205,16 +206,16 @@ def test_a_committed_batch_behind_a_reserved_one_waits_at_most_the_hole_timeout(
     log.region[after.header_offset + 16] = BATCH_COMMITTED
     commit(brokers[0], [40], 1, 0)
     assert [b.broker_id for b in seq.step(0)] == [0]
-    assert seq.step(HOLE_NS - 1) == []
+    assert not seq.step(HOLE_NS - 1)
     assert [b.header_offset for b in seq.step(HOLE_NS)] == [after.header_offset]
     assert seq.statistics().holes_skipped == 1
     # The hole is committed late: never ordered, also by a sequencer that starts again.
     stamp_records(log.words, hole.payload_offset, scan_records(hole.payload, 1), 1)
     log.region[hole.header_offset + 16] = BATCH_COMMITTED
     del hole, after
-    assert seq.step(2 * HOLE_NS) == []
+    assert not seq.step(2 * HOLE_NS)
     again = brokers[0].sequencer(HOLE_NS)
-    assert again.step(3 * HOLE_NS) == []
+    assert not again.step(3 * HOLE_NS)
     view = ordered_view(brokers[0])
     assert [(c, o) for _, c, o, _ in view] == [(1, 0), (2, 1)]
 
@@ -258,11 +259,69 @@ def test_a_crash_between_any_two_stores_neither_repeats_nor_skips_an_order(
             for _ in range(2):
                 commit(brokers[b], [64], b + 1, sent[b + 1])
                 sent[b + 1] += 1
-        # A new sequencer's step redoes the last entry's "ordered" word, then
-        # takes four stores a batch (header total order, entry, count,
-        # "ordered"): 17 stores; each round dies at another, twice over.
+        # A new sequencer's step redoes the last entries' "ordered" words
+        # (numpy stores, not counted here), then takes nine stores a stream
+        # for its run of two batches (record and header total orders, two
+        # entries, the count, two "ordered" words): 18 stores; each round
+        # dies at another of the first 16, twice over.
         # (Dying while adding an index segment: the next test.)
         CountingStruct.count, CountingStruct.limit = 0, crash_at % 16
+        with pytest.raises(Crash):
+            new_sequencer(brokers[0]).step(0)
+        CountingStruct.limit = -1
+        new_sequencer(brokers[0]).step(0)
+        check_order(brokers[0], sent)
+
+
+class CountingStore:
+    """Stands for the sequencer's ``_store`` (its numpy stores): one element
+    at a time, in order, counted with the :class:`CountingStruct` stores, so
+    a crash can fall inside a store of a whole run."""
+
+    def __call__(self, view: Any, at: Any, values: Any) -> None:
+        slots = range(*at.indices(len(view))) if isinstance(at, slice) else at
+        values = np.broadcast_to(values, (len(slots),))
+        for slot, value in zip(slots, values, strict=True):
+            if CountingStruct.count == CountingStruct.limit:
+                raise Crash
+            CountingStruct.count += 1
+            view[slot] = value
+
+
+def test_a_crash_at_any_store_of_a_run_of_batches_neither_repeats_nor_skips_an_order(
+    brokers: tuple[CxlLog, CxlLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of many batches is ordered with one store of each kind (and one
+    commit point) for all of them; the ``ordered`` words written after the
+    count are redone by the next sequencer. Every single store, in turn, is
+    where it dies, from the same region each time."""
+    for name in ("U32", "U64", "INDEX_ENTRY", "SEGMENT_HEADER"):
+        monkeypatch.setattr(sequencer_module, name, CountingStruct(getattr(sequencer_module, name)))
+    monkeypatch.setattr(sequencer_module, "_store", CountingStore())
+    sent = {1: 0, 2: 0}
+    for b in (0, 1):  # ordered before: the restart redoes their words too
+        commit(brokers[b], [64], b + 1, 0)
+        sent[b + 1] += 1
+    CountingStruct.count, CountingStruct.limit = 0, -1
+    new_sequencer(brokers[0]).step(0)
+    # Runs longer than batch by batch takes, of one record, of several of
+    # one size, and of several sizes (walked record by record).
+    shapes = [[64], [16, 16, 16], [10, 300], [64], [40, 40], [8]]
+    for b in (0, 1):
+        for sizes in shapes:
+            commit(brokers[b], sizes, b + 1, sent[b + 1])
+            sent[b + 1] += len(sizes)
+    assert len(shapes) > sequencer_module._FEW_BATCHES
+    region = brokers[0].region
+    before = np.array(region, copy=True)
+    CountingStruct.count = 0
+    new_sequencer(brokers[0]).step(0)
+    stores = CountingStruct.count
+    assert stores > 2 * (sum(map(len, shapes)) + 3 * len(shapes))  # records, headers, ...
+    check_order(brokers[0], sent)
+    for crash_at in range(stores):
+        region[:] = before
+        CountingStruct.count, CountingStruct.limit = 0, crash_at
         with pytest.raises(Crash):
             new_sequencer(brokers[0]).step(0)
         CountingStruct.limit = -1

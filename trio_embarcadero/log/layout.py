@@ -63,15 +63,18 @@ later):
                          24 generation of the data segment then (u64): a
                             reader that finds another one there knows the
                             batch is gone (retention), like an offset
-Ordering a batch writes, in this order: every record's ``total_order``
-and the header's ``total_order``, the index entry, the topic's ordered
-count (the commit point: one aligned 8-byte store), then the header's
-``ordered`` word (1). A batch is ordered once the count covers its entry;
-a sequencer that starts again redoes the last entry's ``ordered`` word and
-goes on from the count, so a ``kill -9`` at any step neither assigns a total
-order twice nor skips one. The next total order is the last entry's plus
-its ``num_msg``; each broker's stream is ordered in its commit order, so
-its ordered batches come first and a restart resumes after the last one.
+The sequencer orders a *run* of batches at a time (consecutive batches of
+one stream, at most ``RUN_LIMIT`` of :mod:`.sequencer`) and writes, in this
+order: every record's ``total_order`` and each header's ``total_order``, the
+index entries, the topic's ordered count (the commit point: one aligned
+8-byte store covering the whole run), then the headers' ``ordered`` words
+(1). A batch is ordered once the count covers its entry; a sequencer that
+starts again redoes the ``ordered`` words of the last ``RUN_LIMIT`` entries
+(those of batches still in the region) and goes on from the count, so a
+``kill -9`` at any store neither assigns a total order twice nor skips one.
+The next total order is the last entry's plus its ``num_msg``; each
+broker's stream is ordered in its commit order, so its ordered batches come
+first and a restart resumes after the last one.
 
 A *stream* is one (topic, broker) pair: its own chain of segments, its own
 logical offsets. Its first segment is one unit, and each next one twice the

@@ -6,8 +6,12 @@ each broker's stream of it from where the last step stopped, and gives every
 batch committed since a place in the topic's total order: per message, gap-free
 from 0, in the order the sequencer finds the commits (a stream's batches in
 their commit order, so a connection's batches keep the order it sent them in).
-For each batch it writes the total orders into the records and the header,
-appends an entry to the topic's ordered index and marks the header ordered.
+It orders a stream's batches found in one step as a run: the total orders
+into the records and the headers, the entries appended to the topic's
+ordered index, one commit point for the run, then the headers marked
+ordered; a long run with one numpy store of each kind (strided columns or
+one gather of every record's place), so a batch of 16 records costs about
+what a batch of one does.
 The layout and the crash-safe order of those stores are described in
 :mod:`.layout`; a sequencer that starts again (after a ``kill -9`` at any
 point) goes on from the region alone.
@@ -24,11 +28,13 @@ segment reclaimed, while the sequencer writes into it.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import logging
 import struct
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, overload
 
 import attrs
 import numpy as np
@@ -43,6 +49,7 @@ from .layout import (
     BH_TOTAL_ORDER,
     BH_TOTAL_SIZE,
     INDEX_ENTRY,
+    INDEX_ENTRY_SIZE,
     INDEX_OWNER,
     NEXT_GENERATION_OFFSET,
     NO_SEGMENT,
@@ -78,6 +85,11 @@ logger = logging.getLogger(__name__)
 
 #: Batches one step orders at most, so the file lock is never held long.
 DEFAULT_STEP_BUDGET = 4096
+#: Batches ordered with one commit point at most (one store of the ordered
+#: count covers them all). A sequencer that starts again redoes the
+#: ``ordered`` words of the index's last ``RUN_LIMIT`` entries: a run's
+#: stores after its commit point.
+RUN_LIMIT = 1024
 #: How often a step looks for index segments whose batches are all gone.
 INDEX_RECLAIM_INTERVAL_NS = 1_000_000_000
 #: An ordered index entry, as numpy reads a segment of them.
@@ -106,6 +118,51 @@ class OrderedBatch:
     num_msg: int
     total_order: int
     entry: int
+
+
+class OrderedBatches(Sequence[OrderedBatch]):
+    """What one step ordered: its batches in total order per topic, each
+    :class:`OrderedBatch` made only when asked for (a step may order
+    thousands, and most callers only count them)."""
+
+    def __init__(self) -> None:
+        # Per run: topic, broker, first entry, first total order, then its
+        # batches' header offsets, message counts and total orders.
+        self._runs: list[tuple[str, int, int, list[int], list[int], list[int]]] = []
+        self._starts: list[int] = []
+        self._count = 0
+
+    def _add(
+        self, topic: str, broker: int, entry: int, headers: list[int], num_msgs: list[int],
+        totals: list[int],
+    ) -> None:  # fmt: skip
+        self._runs.append((topic, broker, entry, headers, num_msgs, totals))
+        self._starts.append(self._count)
+        self._count += len(headers)
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> OrderedBatch: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[OrderedBatch]: ...
+
+    def __getitem__(self, index: int | slice) -> OrderedBatch | list[OrderedBatch]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError("ordered batch index out of range")
+        run = bisect.bisect_right(self._starts, index) - 1
+        topic, broker, entry, headers, num_msgs, totals = self._runs[run]
+        k = index - self._starts[run]
+        return OrderedBatch(topic, broker, headers[k], num_msgs[k], totals[k], entry + k)
+
+    def __repr__(self) -> str:
+        return f"OrderedBatches({list(self)!r})"
 
 
 @attrs.frozen
@@ -173,6 +230,35 @@ def _walk(
         header_room = pos.end - BATCH_HEADER_SIZE
 
 
+_ONE = np.uint32(1)
+#: A run of at most this many batches is ordered batch by batch with
+#: ``struct`` stores; a longer one with one numpy store per kind of word.
+_FEW_BATCHES = 4
+#: Batches of this many records each on average get a strided column each,
+#: not one gather of every record's place.
+_MANY_RECORDS = 64
+
+
+def _store(view: npt.NDArray[Any], at: npt.NDArray[np.int64] | slice, values: Any) -> None:
+    """``view[at] = values``: every store to the region of ordering a run
+    (but its commit point) goes through here, element by element in the
+    order of ``at``, so a test can stop it anywhere, as a ``kill -9`` would."""
+    view[at] = values
+
+
+class _Run:
+    """Batches of one stream found to order: their header offsets, message
+    counts, payload sizes and data segments' generations."""
+
+    __slots__ = ("generations", "num_msgs", "offsets", "sizes")
+
+    def __init__(self) -> None:
+        self.offsets: list[int] = []
+        self.num_msgs: list[int] = []
+        self.sizes: list[int] = []
+        self.generations: list[int] = []
+
+
 class _Hole:
     __slots__ = ("offset", "since_ns")
 
@@ -234,6 +320,7 @@ class Sequencer:
         self._map = segment_map
         self._lock = lock
         self._words: npt.NDArray[np.uint64] = np.frombuffer(buf, dtype="<u8")
+        self._u32: npt.NDArray[np.uint32] = np.frombuffer(buf, dtype="<u4")
         self.hole_timeout_ns = hole_timeout_ns
         self._topics: dict[int, _TopicOrder] = {}
         self._batches = 0
@@ -251,11 +338,11 @@ class Sequencer:
         """Let go of the region's buffer (and the segment map's view of it),
         so the region can be unmapped."""
         self._topics.clear()
-        del self._words, self._map
+        del self._words, self._u32, self._map
 
     # -- one step ------------------------------------------------------------------
 
-    def step(self, now_ns: int, budget: int = DEFAULT_STEP_BUDGET) -> list[OrderedBatch]:
+    def step(self, now_ns: int, budget: int = DEFAULT_STEP_BUDGET) -> OrderedBatches:
         """Order what was committed since the last step, up to ``budget`` batches.
 
         Args:
@@ -266,7 +353,7 @@ class Sequencer:
         Returns:
             The batches ordered, in total order per topic.
         """
-        ordered: list[OrderedBatch] = []
+        ordered = OrderedBatches()
         with self._lock():
             self._refresh_topics()
             for topic in self._topics.values():
@@ -319,11 +406,7 @@ class Sequencer:
         if topic.entries:
             last = read_index_entry(self._buf, self._g, topic.chain, topic.entries - 1)
             topic.next_total = last.total_order + last.num_msg
-            # Cut short after the commit point: its header's "ordered" word
-            # may not be written yet. Redo it, unless retention took the batch.
-            found = generation_holding(self._buf, self._g, last.header_offset)
-            if found == last.generation:
-                U32.pack_into(self._buf, last.header_offset + BH_ORDERED, 1)
+            self._redo_ordered_words(topic)
             logger.info(
                 "sequencer: topic %r resumes at total order %d (%d batches ordered)",
                 name,
@@ -331,6 +414,34 @@ class Sequencer:
                 topic.entries,
             )
         return topic
+
+    def _redo_ordered_words(self, topic: _TopicOrder) -> None:
+        """Write the ``ordered`` words of the index's last entries again: a
+        sequencer cut short after a run's commit point may not have written
+        them all. (Not those of batches retention took since.)"""
+        per = index_per_segment(self._g)
+        chain = topic.chain
+        start = max(topic.entries - RUN_LIMIT, chain.first * per)
+        while start < topic.entries:
+            unit = chain.units[start // per - chain.first]
+            count = min(topic.entries - start, per - start % per)
+            entries = np.frombuffer(
+                self._buf,
+                dtype=_ENTRIES,
+                count=count,
+                offset=self._g.segment_offset(unit)
+                + SEGMENT_HEADER_SIZE
+                + start % per * INDEX_ENTRY_SIZE,
+            )
+            generations, first = np.unique(entries["generation"], return_index=True)
+            kept = [
+                int(generation)
+                for generation, header in zip(generations, entries["header"][first], strict=True)
+                if generation_holding(self._buf, self._g, int(header)) == int(generation)
+            ]
+            headers = entries["header"][np.isin(entries["generation"], kept)].astype(np.int64)
+            _store(self._u32, (headers + BH_ORDERED) // 4, _ONE)
+            start += count
 
     def _recover_index_segments(self) -> None:
         """Free index segments that no index reaches (allocated, not linked yet)."""
@@ -370,17 +481,24 @@ class Sequencer:
         broker: int,
         now_ns: int,
         budget: int,
-        ordered: list[OrderedBatch],
+        ordered: OrderedBatches,
     ) -> None:
         cursor = topic.cursors[broker]
-        try:
-            if cursor.position is None:
-                (first,) = U32.unpack_from(self._buf, self._g.stream_offset(topic.index, broker))
-                if first == NO_SEGMENT:
-                    return
+        if cursor.position is None:
+            (first,) = U32.unpack_from(self._buf, self._g.stream_offset(topic.index, broker))
+            if first == NO_SEGMENT:
+                return
+            try:
                 self._frontier(topic, broker, cursor)
-            position = cursor.position
-            assert position is not None
+            except SegmentReclaimed:
+                return
+        position = cursor.position
+        assert position is not None
+        run = _Run()
+        per = index_per_segment(self._g)
+        chain = topic.chain
+        capacity = (chain.first + len(chain.units)) * per  # index entries with a place
+        try:
             for offset, state, is_ordered, num_msg, total in _walk(
                 self._buf, self._g, topic.index, broker, position
             ):
@@ -388,23 +506,34 @@ class Sequencer:
                     continue
                 if state == BATCH_RESERVED:
                     if not self._past_hole(cursor, position, offset, total, now_ns):
-                        return
+                        break
                     continue
                 cursor.hole = None
                 if is_ordered:
                     cursor.done += 1
                     continue
-                if len(ordered) >= budget:
-                    return
-                batch = self._order_one(topic, broker, offset, num_msg, total, position)
-                if batch is None:
-                    return  # no room for the index: the next step tries again
-                cursor.done += 1
-                ordered.append(batch)
+                if len(ordered) + len(run.offsets) >= budget:
+                    break
+                if len(run.offsets) >= RUN_LIMIT:
+                    self._order_run(topic, broker, run, ordered)
+                    cursor.done += RUN_LIMIT
+                    run = _Run()
+                if topic.entries + len(run.offsets) >= capacity:
+                    if self._index_slot(topic, capacity) is None:
+                        break  # no room for the index: the next step tries again
+                    capacity += per
+                run.offsets.append(offset)
+                run.num_msgs.append(num_msg)
+                run.sizes.append(total)
+                run.generations.append(position.generation)
         except SegmentReclaimed:
             # Retention let the segment go; it keeps unordered batches of an
-            # order-5 topic, so only ordered ones went: find the frontier anew.
+            # order-5 topic, so only ordered ones went: find the frontier anew
+            # (after ordering the batches found before, which are still there:
+            # the file lock keeps retention out while the step runs).
             cursor.position = None
+        self._order_run(topic, broker, run, ordered)
+        cursor.done += len(run.offsets)
 
     def _past_hole(
         self,
@@ -437,62 +566,163 @@ class Sequencer:
         self._holes += 1
         return True
 
-    def _order_one(
-        self,
-        topic: _TopicOrder,
-        broker: int,
-        header_offset: int,
-        num_msg: int,
-        total_size: int,
-        position: WalkPosition,
-    ) -> OrderedBatch | None:
-        entry = topic.entries
-        slot = self._index_slot(topic, entry)
-        if slot is None:
-            return None
-        total = topic.next_total
-        self._stamp(header_offset + BATCH_HEADER_SIZE, num_msg, total_size, total)
-        U64.pack_into(self._buf, header_offset + BH_TOTAL_ORDER, total)
-        INDEX_ENTRY.pack_into(
-            self._buf, slot, broker, num_msg, total, header_offset, position.generation
-        )
-        # The commit point: the batch has its place once the count covers it.
-        U64.pack_into(
-            self._buf, self._g.topic_offset(topic.index) + TOPIC_ORDERED_OFFSET, entry + 1
-        )
-        U32.pack_into(self._buf, header_offset + BH_ORDERED, 1)
-        topic.entries = entry + 1
-        topic.next_total = total + num_msg
-        self._batches += 1
-        self._messages += num_msg
-        return OrderedBatch(topic.name, broker, header_offset, num_msg, total, entry)
-
-    def _stamp(self, payload_offset: int, num_msg: int, total_size: int, first: int) -> None:
-        """Write ``first + i`` into the ``total_order`` of record ``i``."""
-        words = self._words
-        base = payload_offset // 8
-        padded = int(words[base + MH_PADDED_SIZE])
-        if num_msg == 1:
-            words[base + MH_TOTAL_ORDER] = first
+    def _order_run(
+        self, topic: _TopicOrder, broker: int, run: _Run, ordered: OrderedBatches
+    ) -> None:
+        """Order a run of a stream's batches (consecutive in its commit order)
+        whose index entries have room: the stores of :mod:`.layout`'s order,
+        each for the whole run before the next, with one commit point."""
+        n = len(run.offsets)
+        if not n:
             return
+        entry = topic.entries
+        totals = list(itertools.accumulate(run.num_msgs, initial=topic.next_total))
+        if n <= _FEW_BATCHES:
+            self._write_few(topic, broker, run, totals, entry)
+        else:
+            self._write_many(topic, broker, run, totals, entry)
+        # The commit point: the run has its place once the count covers it.
+        U64.pack_into(
+            self._buf, self._g.topic_offset(topic.index) + TOPIC_ORDERED_OFFSET, entry + n
+        )
+        if n <= _FEW_BATCHES:
+            for header in run.offsets:
+                U32.pack_into(self._buf, header + BH_ORDERED, 1)
+        else:
+            _store(self._u32, (np.array(run.offsets) + BH_ORDERED) // 4, _ONE)
+        topic.entries = entry + n
+        self._batches += n
+        self._messages += totals[-1] - topic.next_total
+        topic.next_total = totals[-1]
+        ordered._add(topic.name, broker, entry, run.offsets, run.num_msgs, totals)
+
+    def _write_few(
+        self, topic: _TopicOrder, broker: int, run: _Run, totals: list[int], entry: int
+    ) -> None:
+        """The stores before the commit point, batch by batch (a short run:
+        cheaper than setting up arrays)."""
+        buf = self._buf
+        for k, header in enumerate(run.offsets):
+            num_msg, total = run.num_msgs[k], totals[k]
+            payload = header + BATCH_HEADER_SIZE
+            if num_msg == 1:
+                U64.pack_into(buf, payload + 8 * MH_TOTAL_ORDER, total)
+            else:
+                self._stamp_batch(payload // 8, num_msg, run.sizes[k], total)
+            U64.pack_into(buf, header + BH_TOTAL_ORDER, total)
+        for k, header in enumerate(run.offsets):
+            INDEX_ENTRY.pack_into(
+                buf,
+                index_entry_offset(self._g, topic.chain, entry + k),
+                broker,
+                run.num_msgs[k],
+                totals[k],
+                header,
+                run.generations[k],
+            )
+
+    def _write_many(
+        self, topic: _TopicOrder, broker: int, run: _Run, totals: list[int], entry: int
+    ) -> None:
+        """The stores before the commit point, each for the whole run at once."""
+        headers = np.array(run.offsets, dtype=np.int64)
+        num_msgs = np.array(run.num_msgs, dtype=np.int64)
+        firsts = np.array(totals[:-1], dtype=np.uint64)
+        self._stamp_many(headers + BATCH_HEADER_SIZE, num_msgs, run.sizes, totals)
+        _store(self._words, (headers + BH_TOTAL_ORDER) // 8, firsts)
+        entries = np.empty(len(headers), dtype=_ENTRIES)
+        entries["broker"] = broker
+        entries["num_msg"] = num_msgs
+        entries["total"] = firsts
+        entries["header"] = headers
+        entries["generation"] = run.generations
+        per = index_per_segment(self._g)
+        chain = topic.chain
+        done = 0
+        while done < len(entries):
+            slot = (entry + done) % per
+            unit = chain.units[(entry + done) // per - chain.first]
+            view = np.frombuffer(
+                self._buf,
+                dtype=_ENTRIES,
+                count=per,
+                offset=self._g.segment_offset(unit) + SEGMENT_HEADER_SIZE,
+            )
+            count = min(len(entries) - done, per - slot)
+            _store(view, np.arange(slot, slot + count), entries[done : done + count])
+            done += count
+
+    def _stamp_many(
+        self,
+        payloads: npt.NDArray[np.int64],
+        num_msgs: npt.NDArray[np.int64],
+        sizes: list[int],
+        totals: list[int],
+    ) -> None:
+        """Write ``totals[0] + i`` into the ``total_order`` of the run's
+        ``i``-th record (numbered across its batches, whose payloads start at
+        ``payloads`` and whose first records get ``totals[:-1]``)."""
+        words = self._words
+        bases = payloads // 8
+        first, records = totals[0], totals[-1] - totals[0]
+        if records == len(bases):  # one record a batch
+            _store(
+                words, bases + MH_TOTAL_ORDER, np.arange(first, first + records, dtype=np.uint64)
+            )
+            return
+        if records >= _MANY_RECORDS * len(bases):
+            # Large batches: a strided column each costs less than finding
+            # every record's place.
+            for k, base in enumerate(bases.tolist()):
+                self._stamp_batch(base, int(num_msgs[k]), sizes[k], totals[k])
+            return
+        # Many small batches: every record's place at once. A batch of one
+        # record size (the common case) is a strided column: record i at
+        # word base + i * padded / 8.
+        ends = np.cumsum(num_msgs)
+        padded = words[bases + MH_PADDED_SIZE].astype(np.int64)
+        even = (padded * num_msgs == np.asarray(sizes)) & (padded % 8 == 0) & (padded > 0)
+        strides = np.where(even, padded // 8, 0)
+        batch_of = np.repeat(np.arange(len(bases)), num_msgs)
+        within = np.arange(records) - np.repeat(ends - num_msgs, num_msgs)
+        at = np.repeat(bases, num_msgs) + within * strides[batch_of]
+        # Sizes that merely add up like one size are walked record by record.
+        uneven = ~even
+        uneven[batch_of[words[at + MH_PADDED_SIZE].astype(np.int64) != padded[batch_of]]] = True
+        for k in np.flatnonzero(uneven).tolist():
+            start = int(ends[k] - num_msgs[k])
+            at[start : int(ends[k])] = self._record_words(int(bases[k]), int(num_msgs[k]))
+        _store(words, at + MH_TOTAL_ORDER, np.arange(first, first + records, dtype=np.uint64))
+
+    def _stamp_batch(self, base: int, num_msg: int, total_size: int, first: int) -> None:
+        """Write ``first + i`` into the ``total_order`` of record ``i`` of the
+        batch whose payload starts at word ``base``."""
+        words = self._words
+        padded = int(words[base + MH_PADDED_SIZE])
         step = padded // 8
         stop = base + num_msg * step
+        values = np.arange(first, first + num_msg, dtype=np.uint64)
         if (
             padded * num_msg == total_size
             and padded % 8 == 0
             and padded
             and bool((words[base:stop:step] == padded).all())
         ):
-            # One record size (the common case): a strided column. (Sizes
-            # that merely add up to as much take the walk below.)
-            words[base + MH_TOTAL_ORDER : stop : step] = np.arange(
-                first, first + num_msg, dtype=np.uint64
-            )
-            return
-        at = base
-        for i in range(num_msg):
-            words[at + MH_TOTAL_ORDER] = first + i
-            at += int(words[at + MH_NEXT_MSG_DIFF]) // 8
+            # One record size (the common case): a strided column.
+            _store(words, slice(base + MH_TOTAL_ORDER, stop, step), values)
+        else:
+            _store(words, self._record_words(base, num_msg) + MH_TOTAL_ORDER, values)
+
+    def _record_words(self, base: int, num_msg: int) -> npt.NDArray[np.int64]:
+        """The first words of the records of the batch whose payload starts at
+        word ``base``, followed record by record."""
+        words = self._words
+        at = np.empty(num_msg, dtype=np.int64)
+        word = base
+        for k in range(num_msg):
+            at[k] = word
+            word += int(words[word + MH_NEXT_MSG_DIFF]) // 8
+        return at
 
     def _index_slot(self, topic: _TopicOrder, entry: int) -> int | None:
         """Where entry ``entry`` goes, adding an index segment if it needs one."""
