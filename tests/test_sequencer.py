@@ -9,9 +9,11 @@ sequencer goes on from the region alone.
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,8 +22,9 @@ import rawclient
 from test_cxl import Region, body
 
 from trio_embarcadero.cli import main
-from trio_embarcadero.log import CxlLog, Reservation, open_log
+from trio_embarcadero.log import CxlLog, DiskLog, Reservation, open_log
 from trio_embarcadero.log import sequencer as sequencer_module
+from trio_embarcadero.log.disk import write_and_sync
 from trio_embarcadero.log.layout import (
     BATCH_COMMITTED,
     INDEX_OWNER,
@@ -509,3 +512,121 @@ def test_subscribe_asks_for_ordered_on_an_order_5_topic(
     base = ["subscribe", "--cxl-path", cxl_path, "--port", "9", "--topic", TOPIC]
     assert main(base) == 1
     assert "has order 5: read its total order with --ordered" in capsys.readouterr().err
+
+
+def sync(disk: DiskLog) -> None:
+    """What the broker's disk writer does once."""
+    result = write_and_sync(disk.take_jobs())
+    assert result.failure is None
+    disk.jobs_done(result.done, result.written, 0.0)
+
+
+def open_brokers(cxl_path: str, first: int = 0) -> tuple[Region, list[CxlLog]]:
+    """Both brokers on the region at ``cxl_path`` (created if need be),
+    broker ``first`` first."""
+    region = Region(cxl_path)
+    logs: list[CxlLog] = [None, None]  # type: ignore[list-item]
+    for broker in (first, 1 - first):
+        logs[broker] = region.open(broker_id=broker, unit_size=4096)
+        logs[broker].topic_order = lambda _topic: 5
+    return region, logs
+
+
+def close_all(region: Region, *closing: DiskLog | Sequencer) -> None:
+    for each in closing:
+        each.close()
+    for log in list(region.opened):
+        region.close(log)
+
+
+def test_a_region_rebuilt_from_the_disk_logs_keeps_its_total_order(
+    cxl_path: str, tmp_path: Path
+) -> None:
+    """Batches of an order-5 topic go to the disk log once ordered, their
+    total orders in them; a region replayed from the disk logs (each broker
+    its own) gets the same total order again, ordered index and all, and the
+    sequencer goes on from there without a gap."""
+    directory = str(tmp_path / "disk")
+    region, brokers = open_brokers(cxl_path)
+    disks = [DiskLog.open(directory, log, sync_interval=0.001, sync_bytes=1) for log in brokers]
+    seq = brokers[0].sequencer(HOLE_NS)
+    rng = random.Random(7)
+    sent = {1: 0, 2: 0}
+    for i in range(40):
+        b = 0 if i == 0 else rng.randrange(2)  # broker 0 holds total order 0
+        sizes = [rng.choice([10, 100])] * rng.randint(1, 3)
+        commit(brokers[b], sizes, b + 1, sent[b + 1])
+        sent[b + 1] += len(sizes)
+        if rng.random() < 0.5:
+            seq.step(0)
+        if rng.random() < 0.5:
+            for disk in disks:
+                sync(disk)
+    seq.step(0)
+    # A batch committed and not ordered yet stays off the disk (its ack
+    # waits for the order anyway).
+    commit(brokers[1], [10], 2, sent[2])
+    for disk in disks:
+        sync(disk)
+    stream = brokers[1].stream(TOPIC)
+    assert disks[1].durable_batches(stream) == stream.batches - 1
+    assert disks[1].waiting_batches == 1
+    seq.step(0)
+    sent[2] += 1
+    sync(disks[1])
+    assert disks[1].durable_batches(stream) == stream.batches
+    before = check_order(brokers[0], sent)
+    del stream
+    close_all(region, seq, *disks)
+    os.unlink(cxl_path)  # the reboot: /dev/shm is gone, the disk is not
+
+    # Broker 1 starts (and replays) first: its batches wait for broker 0's,
+    # which hold the total orders before theirs.
+    region, brokers = open_brokers(cxl_path, first=1)
+    disks = [DiskLog.open(directory, brokers[1], sync_interval=0.001, sync_bytes=1)]
+    seq = brokers[0].sequencer(HOLE_NS)
+    try:
+        assert not seq.step(0)
+        disks.append(DiskLog.open(directory, brokers[0], sync_interval=0.001, sync_bytes=1))
+        assert len(seq.step(1)) == 41
+        assert check_order(brokers[0], sent) == before
+        # New batches go on from the last total order, on either broker.
+        for b in (1, 0, 1):
+            commit(brokers[b], [20, 20], b + 1, sent[b + 1])
+            sent[b + 1] += 2
+        seq.step(2)
+        after = check_order(brokers[0], sent)
+        assert after[: len(before)] == before
+        assert len(after) == len(before) + 6
+    finally:
+        close_all(region, seq, *disks)
+
+
+def test_replayed_batches_wait_once_for_a_broker_that_does_not_replay(
+    cxl_path: str, tmp_path: Path
+) -> None:
+    """Broker 0 had no disk log: broker 1's replayed batches wait for its
+    total orders for the hole timeout, then keep their own (the gaps are
+    broker 0's lost batches), without waiting again at every gap."""
+    directory = str(tmp_path / "disk")
+    region, brokers = open_brokers(cxl_path)
+    disk = DiskLog.open(directory, brokers[1], sync_interval=0.001, sync_bytes=1)
+    seq = brokers[0].sequencer(HOLE_NS)
+    for i in range(4):
+        commit(brokers[0], [10], 1, i)
+        commit(brokers[1], [10, 10], 2, 2 * i)
+        seq.step(0)
+    sync(disk)
+    close_all(region, seq, disk)
+    os.unlink(cxl_path)
+    region, brokers = open_brokers(cxl_path, first=1)
+    disk = DiskLog.open(directory, brokers[1], sync_interval=0.001, sync_bytes=1)
+    seq = brokers[0].sequencer(HOLE_NS)
+    try:
+        assert not seq.step(0)
+        assert not seq.step(HOLE_NS - 1)
+        assert [b.total_order for b in seq.step(HOLE_NS)] == [1, 4, 7, 10]
+        commit(brokers[0], [10], 1, 4)
+        assert [b.total_order for b in seq.step(HOLE_NS)] == [12]
+    finally:
+        close_all(region, seq, disk)

@@ -183,6 +183,11 @@ INDEX_ENTRY_SIZE = INDEX_ENTRY.size
 #: Byte offsets of the batch-header words the sequencer writes.
 BH_ORDERED = 24
 BH_TOTAL_ORDER = 56
+#: A batch header's restored word (the wire's ``_pad0``, which the broker
+#: writes 0): 1 on a batch of an order-5 topic replayed from the disk log
+#: with the total order it had (in ``total_order``), which the sequencer
+#: gives it again.
+BH_RESTORED = 28
 #: A stream entry's count of attached publish sessions, at +56.
 STREAM_ATTACHED_OFFSET = 56
 #: A stream entry: first, last segment, segment count.

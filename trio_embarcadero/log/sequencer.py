@@ -192,14 +192,15 @@ class SequencerStatistics:
     index_segments_freed: int
 
 
-#: A batch header's num_msg, state, broker, ordered and total_size, read at +12.
-_HEAD = struct.Struct("<IIII4xQ")
+#: A batch header's num_msg, state, broker, ordered, restored and total_size,
+#: read at +12.
+_HEAD = struct.Struct("<IIIIIQ")
 
 
 def _walk(
     buf: Any, g: Geometry, topic_index: int, broker: int, pos: WalkPosition
-) -> Iterator[tuple[int, int, int, int, int]]:
-    """``(offset, state, ordered, num_msg, total_size)`` of each batch of a
+) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """``(offset, state, ordered, restored, num_msg, total_size)`` of each batch of a
     stream from ``pos`` on, moving ``pos`` past a batch when the next is asked
     for (as :func:`~.layout.iter_batches` does, which checks the segment's
     generation at every batch: here the caller holds the region's file lock,
@@ -214,10 +215,10 @@ def _walk(
         offset = pos.offset
         total = 0
         if offset <= header_room:
-            num_msg, state, _, ordered, total = _HEAD.unpack_from(buf, offset + 12)
+            num_msg, state, _, ordered, restored, total = _HEAD.unpack_from(buf, offset + 12)
         end = offset + BATCH_HEADER_SIZE + total
         if total and end <= pos.end:
-            yield offset, state, ordered, num_msg, total
+            yield offset, state, ordered, restored, num_msg, total
             pos.offset = end
             continue
         # The end of the segment's data: on to the next segment, if linked.
@@ -250,9 +251,10 @@ class _Run:
     """Batches of one stream found to order: their header offsets, message
     counts, payload sizes and data segments' generations."""
 
-    __slots__ = ("generations", "num_msgs", "offsets", "sizes")
+    __slots__ = ("generations", "messages", "num_msgs", "offsets", "sizes")
 
     def __init__(self) -> None:
+        self.messages = 0
         self.offsets: list[int] = []
         self.num_msgs: list[int] = []
         self.sizes: list[int] = []
@@ -270,7 +272,7 @@ class _Hole:
 class _StreamCursor:
     """Where the sequencer stands in one broker's stream of a topic."""
 
-    __slots__ = ("done", "hole", "position", "waiting_since")
+    __slots__ = ("done", "hole", "new_seen", "position", "waiting_since")
 
     def __init__(self) -> None:
         self.position: WalkPosition | None = None
@@ -279,6 +281,8 @@ class _StreamCursor:
         self.done = 0
         self.hole: _Hole | None = None
         self.waiting_since: int | None = None
+        # A batch not replayed from the disk log was seen: none comes after.
+        self.new_seen = False
 
 
 class _TopicOrder:
@@ -292,6 +296,14 @@ class _TopicOrder:
         self.entries = 0
         self.next_total = 0
         self.cursors = [_StreamCursor() for _ in range(max_brokers)]
+        # Streams whose next batch is one replayed from the disk log with a
+        # total order after the next one (other streams' batches come
+        # first): the total order it waits for, by broker.
+        self.restored_waiting: dict[int, int] = {}
+        # Since when a step found nothing to order but such batches; after
+        # one wait of the hole timeout, later gaps are not waited for.
+        self.gap_since: int | None = None
+        self.gap_waited = False
 
 
 class Sequencer:
@@ -357,10 +369,11 @@ class Sequencer:
         with self._lock():
             self._refresh_topics()
             for topic in self._topics.values():
-                for broker in range(self._g.max_brokers):
-                    if len(ordered) >= budget:
-                        break
-                    self._order_stream(topic, broker, now_ns, budget, ordered)
+                if self._order_restored(topic, now_ns, budget, ordered):
+                    for broker in range(self._g.max_brokers):
+                        if len(ordered) >= budget:
+                            break
+                        self._order_stream(topic, broker, now_ns, budget, ordered)
             self._measure_lag(now_ns)
             due = self._index_checked_ns
             if due is None or now_ns - due >= INDEX_RECLAIM_INTERVAL_NS:
@@ -463,7 +476,7 @@ class Sequencer:
         position = WalkPosition()
         after = WalkPosition()
         done = walked = 0
-        for offset, state, is_ordered, _, total in _walk(
+        for offset, state, is_ordered, _, _, total in _walk(
             self._buf, self._g, topic.index, broker, position
         ):
             if state != BATCH_COMMITTED:
@@ -475,6 +488,49 @@ class Sequencer:
         cursor.position = after
         cursor.done = entry.first_batch + done
 
+    def _order_restored(
+        self, topic: _TopicOrder, now_ns: int, budget: int, ordered: OrderedBatches
+    ) -> bool:
+        """Order the batches replayed from the disk log with their total
+        orders (a region rebuilt after it was lost), each stream's before any
+        of its others; returns whether the others may be ordered now (no
+        replayed batch waits for another stream's)."""
+        while True:
+            before = topic.entries
+            topic.restored_waiting.clear()
+            for broker, cursor in enumerate(topic.cursors):
+                if not cursor.new_seen and len(ordered) < budget:
+                    self._order_stream(topic, broker, now_ns, budget, ordered, restored_only=True)
+            if not topic.restored_waiting:
+                topic.gap_since = None
+                topic.gap_waited = False
+                return True
+            if len(ordered) >= budget:
+                return False
+            if topic.entries != before:
+                topic.gap_since = None
+                continue  # streams interleave: another pass orders more
+            # Nothing replayed holds the next total order (yet): a broker
+            # that has not replayed its stream may still. After the hole
+            # timeout (once: a broker that replays later has its batches
+            # ordered anew), go on at the first total order that is there.
+            if topic.gap_since is None:
+                topic.gap_since = now_ns
+            if not topic.gap_waited and now_ns - topic.gap_since < self.hole_timeout_ns:
+                return False
+            topic.gap_waited = True
+            resume = min(topic.restored_waiting.values())
+            logger.warning(
+                "sequencer: topic %r: no batch replayed from a disk log holds total orders "
+                "%d..%d; going on at %d",
+                topic.name,
+                topic.next_total,
+                resume - 1,
+                resume,
+            )
+            topic.next_total = resume
+            topic.gap_since = None
+
     def _order_stream(
         self,
         topic: _TopicOrder,
@@ -482,7 +538,12 @@ class Sequencer:
         now_ns: int,
         budget: int,
         ordered: OrderedBatches,
+        *,
+        restored_only: bool = False,
     ) -> None:
+        """Order what a stream committed since the last step (with
+        ``restored_only``: only its batches replayed with their total orders,
+        up to the first it has to wait for)."""
         cursor = topic.cursors[broker]
         if cursor.position is None:
             (first,) = U32.unpack_from(self._buf, self._g.stream_offset(topic.index, broker))
@@ -499,7 +560,7 @@ class Sequencer:
         chain = topic.chain
         capacity = (chain.first + len(chain.units)) * per  # index entries with a place
         try:
-            for offset, state, is_ordered, num_msg, total in _walk(
+            for offset, state, is_ordered, restored, num_msg, total in _walk(
                 self._buf, self._g, topic.index, broker, position
             ):
                 if state == BATCH_ABANDONED:
@@ -514,6 +575,24 @@ class Sequencer:
                     continue
                 if len(ordered) + len(run.offsets) >= budget:
                     break
+                if restored:
+                    (was,) = U64.unpack_from(self._buf, offset + BH_TOTAL_ORDER)
+                    due = topic.next_total + run.messages
+                    if was > due:
+                        topic.restored_waiting[broker] = was
+                        break
+                    if was < due:
+                        logger.warning(
+                            "sequencer: topic %r: a batch replayed from broker %d's disk log "
+                            "had total order %d, given again since; it is ordered anew at %d",
+                            topic.name,
+                            broker,
+                            was,
+                            due,
+                        )
+                elif restored_only:
+                    cursor.new_seen = True
+                    break
                 if len(run.offsets) >= RUN_LIMIT:
                     self._order_run(topic, broker, run, ordered)
                     cursor.done += RUN_LIMIT
@@ -523,6 +602,7 @@ class Sequencer:
                         break  # no room for the index: the next step tries again
                     capacity += per
                 run.offsets.append(offset)
+                run.messages += num_msg
                 run.num_msgs.append(num_msg)
                 run.sizes.append(total)
                 run.generations.append(position.generation)
