@@ -525,8 +525,8 @@ def _topic_table(buf: Any, geometry: Geometry) -> npt.NDArray[np.uint8]:
     ).reshape(geometry.max_topics, stride)
 
 
-def ordered_topics(buf: Any, geometry: Geometry) -> dict[int, str]:
-    """Every live topic of order 5, slot to name: one vectorised scan of the
+def ordered_slots(buf: Any, geometry: Geometry) -> list[int]:
+    """The slot of every live topic of order 5: one vectorised scan of the
     state and order words (the head's sequencer looks every few ms, and a
     region may hold thousands of order-0 topics)."""
     words = (
@@ -534,8 +534,12 @@ def ordered_topics(buf: Any, geometry: Geometry) -> dict[int, str]:
         .copy()
         .view("<u4")
     )
-    found = np.flatnonzero((words[:, 0] == TOPIC_LIVE) & (words[:, 1] == 5)).tolist()
-    names = {i: read_topic_name(buf, geometry, i) for i in found}
+    return np.flatnonzero((words[:, 0] == TOPIC_LIVE) & (words[:, 1] == 5)).tolist()
+
+
+def ordered_topics(buf: Any, geometry: Geometry) -> dict[int, str]:
+    """Every live topic of order 5, slot to name (see :func:`ordered_slots`)."""
+    names = {i: read_topic_name(buf, geometry, i) for i in ordered_slots(buf, geometry)}
     return {i: name for i, name in names.items() if name is not None}
 
 

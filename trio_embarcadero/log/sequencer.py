@@ -57,6 +57,7 @@ from .layout import (
     SEGMENT_HEADER_SIZE,
     SEGMENT_MAGIC,
     SEGMENT_NEXT_OFFSET,
+    STREAM_COUNTS_OFFSET,
     TOPIC_INDEX_HEAD_OFFSET,
     TOPIC_LIVE,
     TOPIC_ORDERED_OFFSET,
@@ -72,10 +73,11 @@ from .layout import (
     index_chain,
     index_entry_offset,
     index_per_segment,
-    ordered_topics,
+    ordered_slots,
     read_index_entry,
     read_ordered_count,
     read_stream_entry,
+    read_topic_name,
     read_topic_state,
     read_topics,
 )
@@ -90,6 +92,8 @@ DEFAULT_STEP_BUDGET = 4096
 #: ``ordered`` words of the index's last ``RUN_LIMIT`` entries: a run's
 #: stores after its commit point.
 RUN_LIMIT = 1024
+#: A stream entry's committed batches, at +24.
+_BATCHES = STREAM_COUNTS_OFFSET + 8
 #: How often a step looks for index segments whose batches are all gone.
 INDEX_RECLAIM_INTERVAL_NS = 1_000_000_000
 #: An ordered index entry, as numpy reads a segment of them.
@@ -288,10 +292,13 @@ class _StreamCursor:
 class _TopicOrder:
     """The sequencer's state of one order-5 topic."""
 
-    def __init__(self, name: str, index: int, incarnation: int, max_brokers: int) -> None:
+    def __init__(self, name: str, index: int, incarnation: int, geometry: Geometry) -> None:
+        max_brokers = geometry.max_brokers
         self.name = name
         self.index = index
         self.incarnation = incarnation
+        # Where each broker's stream entry is (looked at every step).
+        self.streams = [geometry.stream_offset(index, broker) for broker in range(max_brokers)]
         self.chain = IndexChain()
         self.entries = 0
         self.next_total = 0
@@ -398,7 +405,7 @@ class Sequencer:
     # -- topics --------------------------------------------------------------------
 
     def _refresh_topics(self) -> None:
-        live = ordered_topics(self._buf, self._g)
+        live = ordered_slots(self._buf, self._g)
         for index in list(self._topics):
             state, incarnation = read_topic_state(self._buf, self._g, index)
             if index not in live or (state, incarnation) != (
@@ -406,14 +413,16 @@ class Sequencer:
                 self._topics[index].incarnation,
             ):
                 del self._topics[index]  # deleted (maybe made anew since)
-        for index, name in live.items():
+        for index in live:
             if index not in self._topics:
-                self._topics[index] = self._recover_topic(name, index)
+                name = read_topic_name(self._buf, self._g, index)
+                if name is not None:
+                    self._topics[index] = self._recover_topic(name, index)
 
     def _recover_topic(self, name: str, index: int) -> _TopicOrder:
         """Pick up a topic's order from the region (a new topic, or a restart)."""
         _, incarnation = read_topic_state(self._buf, self._g, index)
-        topic = _TopicOrder(name, index, incarnation, self._g.max_brokers)
+        topic = _TopicOrder(name, index, incarnation, self._g)
         topic.chain = index_chain(self._buf, self._g, index)
         topic.entries = read_ordered_count(self._buf, self._g, index)
         if topic.entries:
@@ -546,7 +555,7 @@ class Sequencer:
         up to the first it has to wait for)."""
         cursor = topic.cursors[broker]
         if cursor.position is None:
-            (first,) = U32.unpack_from(self._buf, self._g.stream_offset(topic.index, broker))
+            (first,) = U32.unpack_from(self._buf, topic.streams[broker])
             if first == NO_SEGMENT:
                 return
             try:
@@ -882,8 +891,10 @@ class Sequencer:
         oldest = 0
         for topic in self._topics.values():
             for broker, cursor in enumerate(topic.cursors):
-                entry = read_stream_entry(self._buf, self._g, topic.index, broker)
-                waiting = max(0, entry.batches - cursor.done) if cursor.position else 0
+                waiting = 0
+                if cursor.position:
+                    (batches,) = U64.unpack_from(self._buf, topic.streams[broker] + _BATCHES)
+                    waiting = max(0, batches - cursor.done)
                 if waiting:
                     if cursor.waiting_since is None:
                         cursor.waiting_since = now_ns
