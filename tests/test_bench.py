@@ -1029,7 +1029,7 @@ def test_summary_of_cluster_variants_compares_order_5_with_order_0() -> None:
             r.broker_cpu_s = [1.0, 0.5]
     summary = bench.summarize(plan, runs)
     five = summary["cluster2-order5"]
-    assert (five["brokers"], five["order"]) == (2, 5)
+    assert (five["brokers"], five["order"], five["connections"]) == (2, 5, 4)
     assert five["ratio_to_order0"] == pytest.approx(1.65 / 2.0)
     assert five["paired_ratio_to_order0"] == pytest.approx((0.75 + 0.9) / 2)
     assert five["ratio_to_one_broker"] is None  # cluster1-order5 was not run

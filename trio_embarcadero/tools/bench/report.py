@@ -130,6 +130,7 @@ def summarize(plan: Plan, runs: Sequence[RunResult]) -> dict[str, Any]:
             "paced": [_paced(v, rate, runs) for rate in plan.rates] if v.paced else [],
             "brokers": v.brokers,
             "order": v.order,
+            "connections": plan.connections_for(v),
             # Cluster runs: each broker's share (by id), median over rounds.
             "broker_gb_per_s": _per_broker([r.broker_gb_per_s for r in mine]),
             # Each broker's CPU seconds per GB it received (broker 0's
