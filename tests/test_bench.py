@@ -968,14 +968,8 @@ def test_reader_fails_a_stream_that_skips_records(tmp_path: Path) -> None:
 
 
 def test_cluster_variants_parse_and_get_their_own_broker_settings(tmp_path: Path) -> None:
-    plan = bench.make_plan(
-        _args(
-            "--variants",
-            "cluster1-order0,cluster2-order5,cluster3-order5-ack0",
-            "--connections",
-            "1",
-        )
-    )
+    names = "cluster1-order0,cluster2-order5,cluster3-order5-ack0"
+    plan = bench.make_plan(_args("--variants", names, "--connections", "1"))
     assert [(v.name, v.kind, v.ack, v.brokers, v.order, v.is_broker) for v in plan.variants] == [
         ("cluster1-order0", "cluster", 1, 1, 0, True),
         ("cluster2-order5", "cluster", 1, 2, 5, True),

@@ -399,6 +399,27 @@ def _notes(plan: Plan, variants: dict[str, Any], storage: dict[str, Any] | None)
     return notes
 
 
+def _cost_note(
+    title: str,
+    name: str,
+    base: str,
+    key: str,
+    v: dict[str, Any],
+    variants: dict[str, Any],
+    target: str = "",
+) -> str:
+    """A line saying what ``name`` moves next to ``base`` (its ratio under
+    ``key``) and both ack latencies."""
+    mine, theirs = v["latency_ms"], variants[base]["latency_ms"]
+    paired = v[f"paired_ratio_to_{key}"]
+    return (
+        f"{title}: {name} moves {v[f'ratio_to_{key}']:.0%} of {base}'s GB/s (same-round "
+        f"median {_fmt(paired and paired * 100, '.0f')}%{target}); ack p50 "
+        f"{_fmt(theirs['p50'], '.1f')} -> {_fmt(mine['p50'], '.1f')} ms, p99 "
+        f"{_fmt(theirs['p99'], '.1f')} -> {_fmt(mine['p99'], '.1f')} ms."
+    )
+
+
 def _variant_notes(
     plan: Plan, variant: Variant, v: dict[str, Any], variants: dict[str, Any]
 ) -> list[str]:
@@ -407,24 +428,21 @@ def _variant_notes(
     notes = []
     ack1 = plan.counterpart(variant, ack=1)
     if variant.durable and ack1 is not None and v["ratio_to_ack1"] is not None:
-        lat2, lat1 = v["latency_ms"], variants[ack1.name]["latency_ms"]
-        paired = v["paired_ratio_to_ack1"]
         notes.append(
-            f"Ack-2 cost ({variant.kind}): {variant.name} moves {v['ratio_to_ack1']:.0%} of "
-            f"{ack1.name}'s GB/s (same-round median {_fmt(paired and paired * 100, '.0f')}"
-            f"%); ack p50 {_fmt(lat1['p50'], '.1f')} -> {_fmt(lat2['p50'], '.1f')} ms, "
-            f"p99 {_fmt(lat1['p99'], '.1f')} -> {_fmt(lat2['p99'], '.1f')} ms."
+            _cost_note(f"Ack-2 cost ({variant.kind})", variant.name, ack1.name, "ack1", v, variants)
         )
     order0 = plan.counterpart(variant, order=0)
     if variant.is_cluster and variant.order and order0 is not None and v["ratio_to_order0"]:
-        lat5, lat0 = v["latency_ms"], variants[order0.name]["latency_ms"]
-        paired = v["paired_ratio_to_order0"]
         notes.append(
-            f"Order-5 cost ({variant.brokers} broker(s)): {variant.name} moves "
-            f"{v['ratio_to_order0']:.0%} of {order0.name}'s GB/s (same-round median "
-            f"{_fmt(paired and paired * 100, '.0f')}%; target >= {TARGET_ORDER5_VS_ORDER0:.0%}); "
-            f"ack p50 {_fmt(lat0['p50'], '.1f')} -> {_fmt(lat5['p50'], '.1f')} ms, "
-            f"p99 {_fmt(lat0['p99'], '.1f')} -> {_fmt(lat5['p99'], '.1f')} ms."
+            _cost_note(
+                f"Order-5 cost ({variant.brokers} broker(s))",
+                variant.name,
+                order0.name,
+                "order0",
+                v,
+                variants,
+                f"; target >= {TARGET_ORDER5_VS_ORDER0:.0%}",
+            )
         )
     untagged = plan.counterpart(variant, tags=())
     if variant.tags and untagged is not None and v["ratio_to_untagged"] is not None:
