@@ -584,18 +584,24 @@ class DiskLog:
 
     def _writable(self, stream: Stream, synced: int) -> int:
         """How many of ``stream``'s committed batches may go to disk now: all
-        of them, but for an order-5 topic only up to its last ordered one
-        (a batch goes to disk once it is ordered, its total orders in it, so
-        a region rebuilt from the disk gets them back; a committed batch
-        before an ordered one that is not ordered never will be)."""
+        of them, but for an order-5 topic only those before its first one not
+        ordered yet (a batch goes to disk once it is ordered, its total
+        orders in it, so a region rebuilt from the disk gets them back). The
+        sequencer orders a stream in its commit order, so once the last batch
+        is ordered, one before it that is not never will be: all go."""
         region, geometry = self._log.region.data, self._log.geometry
         if read_topic_order(region, geometry, stream.topic_index) != 5:
             return stream.batches
-        for k in range(stream.batches - 1, synced - 1, -1):
+
+        def ordered(k: int) -> bool:
             header = stream.committed_batch(k).header_offset
-            if U32.unpack_from(region, header + BH_ORDERED)[0]:
-                return k + 1
-        return synced
+            return bool(U32.unpack_from(region, header + BH_ORDERED)[0])
+
+        if synced == stream.batches or ordered(stream.batches - 1):
+            return stream.batches
+        # Forward, from the first not on disk: a poll while the head lags
+        # reads only what was ordered since the last.
+        return next(k for k in range(synced, stream.batches) if not ordered(k))
 
     def jobs_done(self, jobs: list[WriteJob], written: int, seconds: float) -> None:
         """Record jobs that :func:`write_and_sync` finished: each job's stream
