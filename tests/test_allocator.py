@@ -186,7 +186,7 @@ class Owner:
     def batch_committed(self, reservation: Reservation) -> None:
         self.committed.append((reservation.header.batch_seq, reservation.first_offset))
 
-    def batch_discarded(self, error: LogFullError | None) -> None:
+    def batch_discarded(self, error: LogFullError | None, claim: object = None) -> None:
         if error is not None:
             self.failed = True
         self.discarded.append(error)

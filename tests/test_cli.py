@@ -338,6 +338,8 @@ def test_check_config_prints_the_effective_config(tmp_path: Path, cxl_path: str)
         "streaming_copies": True,
         "sequencer_interval_ms": 5.0,
         "sequencer_hole_timeout_s": 5.0,
+        "session_timeout_s": 300.0,
+        "sequencer_lease_s": 1.0,
     }
     # ...and the defaults of everything else, every key spelled out.
     assert printed["network"]["num_cxl_allocation_workers"] == 2

@@ -871,6 +871,62 @@ def test_heartbeat_and_cluster_keys(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("overrides", "port"),
+    [
+        ({}, None),  # off by default
+        ({"cluster.grpc_port": 12140}, 12140),
+        ({"cluster.grpc_port": 12140, "broker.id": 1}, None),  # the head's alone
+        ({"cluster.grpc_port": 12140, "broker.port": 0}, 0),  # ephemeral, as the data port
+        ({"cluster.grpc_port": 1218}, 1218),  # above the data ports of 4 broker ids
+        ({"cluster.grpc_port": 9215, "http.enabled": False}, 9215),
+    ],
+)
+def test_grpc_port(overrides: dict[str, object], port: int | None) -> None:
+    config = load_config(env={}, overrides=overrides)
+    assert config.cluster.grpc_port_for(config.broker) == port
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        (
+            {"cluster.grpc_port": 1217},
+            "'grpc_port' (1217) is broker 3's data port (broker.port + id): set "
+            "cluster.grpc_port to another port, e.g. 12140 @ $.cluster.grpc_port",
+        ),
+        (
+            {"cluster.grpc_port": 9214, "broker.id": 1},
+            "'grpc_port' (9214) is broker 0's HTTP port (http.port + id): set "
+            "cluster.grpc_port to another port, e.g. 12140 @ $.cluster.grpc_port",
+        ),
+        ({"cluster.grpc_port": 65536}, "'grpc_port' must be <= 65535: 65536 @ $.cluster.grpc_port"),
+    ],
+)
+def test_grpc_port_collisions(overrides: dict[str, object], problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides=overrides)
+    assert [p.removesuffix(" (from override)") for p in info.value.problems] == [problem]
+
+
+def test_the_sequencer_lease(tmp_path: Path) -> None:
+    assert load_config(None, env={}).cxl.sequencer_lease_s == 1.0
+    config = load_config(
+        write(tmp_path, "[cxl]\nsequencer_lease_s = 0.02\nsequencer_interval_ms = 5\n"), env={}
+    )
+    assert config.cxl.sequencer_lease_s == 0.02
+    assert problems_of(tmp_path, "[cxl]\nsequencer_lease_s = 0.019\n") == [
+        "'sequencer_lease_s' must be at least four 'sequencer_interval_ms' (5.0 ms), so the "
+        "sequencer renews its lease several times before it expires: 0.019 "
+        "@ $.cxl.sequencer_lease_s"
+    ]
+    assert problems_of(tmp_path, "[cxl]\nsequencer_lease_s = 0\n") == [
+        "'sequencer_lease_s' must be > 0.0: 0.0 @ $.cxl.sequencer_lease_s"
+    ]
+    env = {"TRIO_EMBARCADERO_CXL__SEQUENCER_LEASE_S": "2.5"}
+    assert load_config(None, env=env).cxl.sequencer_lease_s == 2.5
+
+
 def test_broker_id_just_below_max_brokers(tmp_path: Path) -> None:
     path = write(tmp_path, "[broker]\nid = 31\n[cxl]\nmax_brokers = 32\n")
     assert load_config(path, env={}).broker.id == 31
@@ -1380,7 +1436,7 @@ def test_config_to_toml_defaults_text() -> None:
     assert text.startswith(
         '[broker]\nid = 0\nhost = "127.0.0.1"\nport = 1214\nheartbeat_interval_s = 0.2\n'
         "heartbeat_timeout_s = 2.0\n\n[cluster]\nrestart_backoff_initial_s = 0.1\n"
-        "restart_backoff_max_s = 10.0\nmax_start_failures = 5\n\n[network]\n"
+        "restart_backoff_max_s = 10.0\nmax_start_failures = 5\ngrpc_port = 0\n\n[network]\n"
     )
     assert "\n# max_batch_bytes is unset: the staging buffer size (4194304 bytes)\n" in text
     assert "\nmax_batch_bytes" not in text
@@ -1407,7 +1463,7 @@ def test_config_to_toml_defaults_text() -> None:
         "[topics]",
     ]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert len(keys) == 5 + 3 + 25 + 14 + 5 + 3 + 2 + 3
+    assert len(keys) == 5 + 4 + 25 + 16 + 5 + 3 + 2 + 3
 
 
 @pytest.mark.parametrize(

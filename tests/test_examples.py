@@ -97,7 +97,8 @@ def run_pytest(path: Path, *options: str, cwd: Path) -> subprocess.CompletedProc
 
 
 def test_mock_clock_example_passes_under_pytest() -> None:
-    result = run_pytest(EXAMPLES / "test_app_with_mock_clock.py", cwd=EXAMPLES.parent)
+    # One process: the project's settings would start a worker per core for two tests.
+    result = run_pytest(EXAMPLES / "test_app_with_mock_clock.py", "-n", "0", cwd=EXAMPLES.parent)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
 

@@ -75,12 +75,15 @@ def spec_handshake(data: bytes) -> SpecHandshake | None:
     if len(data) != 64:
         return None
     client_id, ack, _num, last_addr, port, req, raw_topic = HANDSHAKE.unpack(data)
-    if req not in (0, 1) or ack > 2 or port > 65535:
+    if req not in (0, 1, 2, 3) or ack > 2 or port > 65535:
         return None
     nul = raw_topic.find(b"\0")
     name = raw_topic if nul < 0 else raw_topic[:nul]
     rest = b"" if nul < 0 else raw_topic[nul:]
     if not 1 <= len(name) <= 31 or not set(name) <= TOPIC_RE_CHARS or rest.strip(b"\0"):
+        return None
+    # A publish session (section 4.5) needs acks and a non-zero token.
+    if req == 2 and (ack == 0 or last_addr == 0):
         return None
     return SpecHandshake(client_id, ack, last_addr, port, req, name.decode())
 
@@ -252,7 +255,7 @@ def structured_handshakes() -> st.SearchStrategy[bytes]:
         st.sampled_from([0, 1, 2, 5, 2**63, U64]),
         # A dial-back port would make the broker dial whatever listens there.
         st.sampled_from([0, 0, 0, 65536, U32]),
-        st.sampled_from([0, 0, 1, 2, U32]),
+        st.sampled_from([0, 0, 1, 2, 3, U32]),
         topics,
     )
 

@@ -835,7 +835,13 @@ async def test_shutdown_grace_bounds_a_stalled_batch(
     make_config: MakeConfig, use_nonblocking: bool
 ) -> None:
     config = make_config(
-        **{"network.use_nonblocking": use_nonblocking, "network.shutdown_grace_s": 0.3}
+        **{
+            "network.use_nonblocking": use_nonblocking,
+            "network.shutdown_grace_s": 0.3,
+            # Only the grace may end the stall (a busy machine can take a second
+            # between the stall and the drain, and the stall timeout would end it).
+            "network.payload_stall_timeout_s": 30.0,
+        }
     )
     first, _ = make_batch(0, 21, 0, [8] * 10)
     big, _ = make_batch(1, 21, 10, [4000] * 100)

@@ -1,5 +1,5 @@
 """Several brokers on one region, in one process: the broker table and its heartbeats,
-who is alive (entry and lock together), layout 3, a topic's order level, and a restarted
+who is alive (entry and lock together), layouts 2 and 3, a topic's order level, and a restarted
 broker that recovers its own streams only.
 
 Two broker processes on one region: test_process_safety.py; a cluster of them (``cluster``,
@@ -27,6 +27,7 @@ from trio_embarcadero.log.layout import (
     BATCH_COMMITTED,
     BATCH_RESERVED,
     MEMBER_ENTRY,
+    SESSION_TABLE_OFFSET,
     SUPERBLOCK,
     U32,
     member_offset,
@@ -242,7 +243,7 @@ def test_a_region_of_layout_2_is_read_and_upgraded_in_place(
     cxl_path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A region the previous version wrote keeps every batch: readers read
-    it as it is, and the first broker that attaches makes it layout 3."""
+    it as it is, and the first broker that attaches makes it layout 4."""
     log = open_small_log(cxl_path)
     for k in range(3):
         commit(log, "kept", [100, 200], seq=k)
@@ -253,7 +254,7 @@ def test_a_region_of_layout_2_is_read_and_upgraded_in_place(
         assert reader.brokers() == []
     with caplog.at_level(logging.INFO, logger="trio_embarcadero.log.region"):
         log = open_small_log(cxl_path)
-    assert "upgraded the region from layout 2 to 3 in place" in caplog.text
+    assert "upgraded the region from layout 2 to 4 in place" in caplog.text
     try:
         stream = log.stream("kept")
         assert (stream.batches, stream.next_offset) == (3, 6)
@@ -262,22 +263,50 @@ def test_a_region_of_layout_2_is_read_and_upgraded_in_place(
     finally:
         close_log(log)
     with open(cxl_path, "rb") as f:
-        assert SUPERBLOCK.unpack(f.read(SUPERBLOCK.size))[:2] == (b"TEMBCXL3", 3)
+        assert SUPERBLOCK.unpack(f.read(SUPERBLOCK.size))[:2] == (b"TEMBCXL4", 4)
     with open_log(cxl_path) as reader:
         assert [m.offset for m in reader.messages("kept")] == list(range(7))
 
 
-def test_a_layout_2_region_with_data_in_the_superblock_page_is_refused(cxl_path: str) -> None:
+def test_a_region_of_layout_3_is_read_and_upgraded_in_place(
+    cxl_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Layout 4 only adds the session table, where layout 3 left zeros."""
+    log = open_small_log(cxl_path)
+    commit(log, "kept", [100])
+    close_log(log)
+    with open(cxl_path, "r+b") as f:
+        f.write(struct.pack("<8sI", b"TEMBCXL3", 3))
+    with open_log(cxl_path) as reader:
+        assert reader.topic("kept").messages == 1
+    with caplog.at_level(logging.INFO, logger="trio_embarcadero.log.region"):
+        close_log(open_small_log(cxl_path))
+    assert "upgraded the region from layout 3 to 4 in place" in caplog.text
+    with open(cxl_path, "rb") as f:
+        assert SUPERBLOCK.unpack(f.read(SUPERBLOCK.size))[:2] == (b"TEMBCXL4", 4)
+
+
+@pytest.mark.parametrize(
+    ("layout", "at", "where"),
+    [
+        (2, 1024, "past the superblock"),
+        (3, SESSION_TABLE_OFFSET + 8, "where layout 4 keeps the session table"),
+    ],
+)
+def test_an_old_region_with_data_where_the_new_layout_adds_is_refused(
+    cxl_path: str, layout: int, at: int, where: str
+) -> None:
     close_log(open_small_log(cxl_path))
     make_layout_2(cxl_path)
     with open(cxl_path, "r+b") as f:
-        f.seek(1024)
+        f.write(struct.pack("<8sI", f"TEMBCXL{layout}".encode(), layout))
+        f.seek(at)
         f.write(b"x")
     with pytest.raises(LayoutError) as info:
         open_small_log(cxl_path)
     assert str(info.value) == (
-        f"{cxl_path} says it is a CXL region of layout 2, but its superblock's page is not "
-        "empty past the superblock; start with --reset to discard it"
+        f"{cxl_path} says it is a CXL region of layout {layout}, but its superblock's page is "
+        f"not empty {where}; start with --reset to discard it"
     )
 
 

@@ -1,23 +1,44 @@
-"""Order-5 topics on the broker: acks wait for the order, the head orders.
+"""Order-5 topics on the broker: acks wait for the order, the lease holder orders.
 
-In-memory brokers on the mock clock. A broker other than 0 has no sequencer:
-a sequencer stepped by the test stands for the head in another process.
+In-memory brokers on the mock clock (the sequencer lease's host clock made to
+follow it where a test times the lease). A handle of another broker id on the
+region, whose lease and sequencer the test steps, stands for a broker in
+another process.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import rawclient
 import trio
 import trio.testing
-from conftest import MakeConfig
-from memory import MemoryClient, MemoryListener, memory_broker, open_client, settle
+from conftest import MakeConfig, wait_until
+from memory import (
+    MemoryClient,
+    MemoryListener,
+    close_log,
+    memory_broker,
+    open_client,
+    open_small_log,
+    settle,
+)
 
 from trio_embarcadero import open_subscriber_on_stream
+from trio_embarcadero.broker import Broker, ordering
+from trio_embarcadero.broker.metrics import BrokerCollector
+from trio_embarcadero.config import Config
+from trio_embarcadero.errors import SequencerDeposed
 from trio_embarcadero.log import CxlLog
 from trio_embarcadero.log.layout import BATCH_COMMITTED
+from trio_embarcadero.log.lease import SequencerLease
+from trio_embarcadero.log.reader import region_brokers
 
 pytestmark = pytest.mark.trio
 
@@ -43,28 +64,58 @@ async def publish(
     return client
 
 
+@contextmanager
+def other_head(
+    config: Config, duration_s: float = 1000.0
+) -> Iterator[tuple[CxlLog, SequencerLease]]:
+    """Broker 0, as if in another process: a handle of its own on the region
+    (holding broker 0's lock) and its side of the sequencer lease, taken."""
+    log = open_handle(config, 0)
+    lease = log.sequencer_lease(
+        int(duration_s * 1e9),
+        members=lambda: region_brokers(log.region, log.path, config.cxl.max_brokers),
+        clock=ordering.host_clock_ns,
+    )
+    assert lease.try_acquire() is not None
+    try:
+        yield log, lease
+    finally:
+        close_log(log)
+
+
+@pytest.fixture
+def lease_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lease's host clock follows Trio's (mock) clock."""
+    monkeypatch.setattr(ordering, "host_clock_ns", lambda: int(trio.current_time() * 1e9))
+
+
 async def test_acks_of_an_order_5_topic_wait_for_the_sequencer(
     make_config: MakeConfig, autojump_clock: trio.testing.MockClock
 ) -> None:
     config = make_config(**{"broker.id": 1, "topics.order": 5})
     async with trio.open_nursery() as nursery, memory_broker(config) as (broker, listener):
-        client = await publish(listener, nursery, "ord", 3, 2)
-        await settle()
-        await trio.sleep(1.0)
-        assert broker.statistics().batches_committed == 3
-        assert client.acks()[1] == []  # committed, not ordered: no ack
-        assert broker.statistics().order_waits == 3
-        assert broker.statistics().sequencer is None
-        head = broker.log.sequencer(10**9)  # the head, as if in another process
-        assert [b.total_order for b in head.step(0, budget=2)] == [0, 2]
-        await trio.sleep(0.1)
-        assert client.acks()[1][-1] == 4
-        head.step(0)
-        await trio.sleep(0.1)
-        assert client.acks()[1][-1] == 6
-        assert broker.statistics().order_waits == 0
-        head.close()
-        await client.close()
+        with other_head(config) as (head_log, lease):
+            client = await publish(listener, nursery, "ord", 3, 2)
+            await settle()
+            await trio.sleep(1.0)
+            assert broker.statistics().batches_committed == 3
+            assert client.acks()[1] == []  # committed, not ordered: no ack
+            stats = broker.statistics()
+            assert stats.order_waits == 3
+            assert stats.sequencer is None  # the lease is broker 0's
+            assert stats.sequencer_lease is not None
+            assert (stats.sequencer_lease.holder, stats.sequencer_lease.held) == (0, False)
+            assert "(sequencer: broker 0, epoch 1)" in stats.summary()
+            head = head_log.sequencer(10**9, lease=lease)
+            assert [b.total_order for b in head.step(0, budget=2)] == [0, 2]
+            await trio.sleep(0.1)
+            assert client.acks()[1][-1] == 4
+            head.step(0)
+            await trio.sleep(0.1)
+            assert client.acks()[1][-1] == 6
+            assert broker.statistics().order_waits == 0
+            head.close()
+            await client.close()
 
 
 async def test_the_head_orders_its_own_commits_before_it_acks(
@@ -79,7 +130,7 @@ async def test_the_head_orders_its_own_commits_before_it_acks(
         stats = broker.statistics()
         assert stats.sequencer is not None
         assert (stats.sequencer.batches_ordered, stats.sequencer.lag_batches) == (4, 0)
-        assert "sequencer: 4 batches ordered, 0 waiting" in stats.summary()
+        assert "sequencer (lease epoch 1): 4 batches ordered, 0 waiting" in stats.summary()
         await client.close()
 
 
@@ -93,6 +144,169 @@ async def test_order_0_topics_are_acked_at_commit_on_any_broker(
         assert client.acks()[1] == [2]
         assert broker.statistics().order_waits == 0
         await client.close()
+
+
+async def test_a_broker_takes_the_sequencer_over_once_the_lease_expires(
+    make_config: MakeConfig,
+    autojump_clock: trio.testing.MockClock,
+    lease_clock: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A small region: the test compares it whole.
+    config = make_config(
+        **{"broker.id": 1, "topics.order": 5, "cxl.size_mb": 8, "cxl.segment_mb": 2}
+    )
+    async with trio.open_nursery() as nursery, memory_broker(config) as (broker, listener):
+        # Broker 0 orders a first batch, then stops renewing (as if stopped
+        # with SIGSTOP): its lease, taken at 0, expires at 1 s.
+        with other_head(config, duration_s=1.0) as (head_log, lease):
+            client = await publish(listener, nursery, "ord", 1, 2)
+            await settle()
+            head = head_log.sequencer(10**9, lease=lease)
+            assert len(head.step(0)) == 1
+            for seq in range(1, 4):
+                await client.send(rawclient.batch(seq, 3, 2 * seq, 2, 100)[0])
+            await trio.sleep(0.1)
+            assert client.acks()[1][-1] == 2  # the rest wait for the order
+            await wait_for_ack(client, 8)
+            taken_at = client.chunks[-1][0]  # when that ack arrived
+            # Taken over once expired, at the next of its looks (ten a lease).
+            assert 1.0 <= taken_at <= 1.0 + 0.1 + config.cxl.sequencer_interval_ms / 1000
+            assert ordered_headers(broker.log, "ord", 1) == [(1, 0), (1, 2), (1, 4), (1, 6)]
+            lease_stats = broker.statistics().sequencer_lease
+            assert lease_stats is not None
+            assert (lease_stats.epoch, lease_stats.holder, lease_stats.held) == (2, 1, True)
+            assert (lease_stats.takeovers, lease_stats.deposed) == (1, 0)
+            assert (
+                f"broker 1 took the sequencer over at epoch 2: broker 0 (pid {os.getpid()}) "
+                "stopped renewing it" in caplog.text
+            )
+            # Broker 0 resumes: its epoch is stale, it writes nothing.
+            await client.send(rawclient.batch(4, 3, 8, 2, 100)[0])
+            region = broker.log.region.copy()
+            with pytest.raises(SequencerDeposed):
+                head.step(0)
+            assert np.array_equal(broker.log.region, region)
+            head.close()
+            await wait_for_ack(client, 10)
+            await client.close()
+
+
+async def wait_for_ack(client: MemoryClient, count: int) -> None:
+    """Until ``client``'s acks reach ``count``."""
+
+    def acked() -> int:
+        counts = client.acks()[1] if len(client.data) >= 4 else []
+        return counts[-1] if counts else 0
+
+    with trio.fail_after(10):
+        await wait_until(lambda: acked() >= count)
+
+
+async def test_a_deposed_broker_stops_ordering_and_takes_the_sequencer_back_once_free(
+    make_config: MakeConfig,
+    autojump_clock: trio.testing.MockClock,
+    lease_clock: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "trio_embarcadero.broker.ordering")
+    config = make_config(**{"topics.order": 5})
+    async with trio.open_nursery() as nursery, memory_broker(config) as (broker, listener):
+        client = await publish(listener, nursery, "ord", 2, 1)
+        await settle()
+        assert client.acks()[1][-1] == 2  # broker 0 orders
+        assert broker.statistics().sequencer is not None
+        # Another process takes the lease over while broker 0 goes on (it
+        # holds a stale view of who is alive: as if broker 0 had been stopped).
+        other = open_handle(config, broker_id=1)
+        thief = other.sequencer_lease(10**12, members=list, clock=ordering.host_clock_ns)
+        assert thief.try_acquire() is not None
+        await client.send(rawclient.batch(2, 3, 2, 1, 100)[0])
+        await trio.sleep(0.5)
+        assert client.acks()[1][-1] == 2  # broker 0 ordered nothing more
+        assert ordered_headers(broker.log, "ord", 0)[-1] == (0, 0)
+        stats = broker.statistics()
+        assert stats.sequencer is None
+        assert stats.sequencer_lease is not None
+        assert (stats.sequencer_lease.deposed, stats.sequencer_lease.held) == (1, False)
+        assert "(epoch 1) is stale: broker 1" in caplog.text
+        assert stats.order_waits == 1
+        metrics = scrape(broker)
+        assert metrics["trio_embarcadero_sequencer_lease_epoch"] == 2
+        assert metrics["trio_embarcadero_sequencer_lease_holder"] == 1
+        assert metrics["trio_embarcadero_sequencer_lease_held"] == 0
+        assert metrics["trio_embarcadero_sequencer_deposed_total"] == 1
+        assert metrics["trio_embarcadero_order_waits"] == 1
+        # The new holder orders broker 0's batch; broker 0 acks it.
+        new = other.sequencer(10**9, lease=thief)
+        assert len(new.step(0)) == 1
+        await wait_for_ack(client, 3)
+        new.close()
+        # It lets go: broker 0 takes the sequencer back, at a new epoch.
+        assert thief.release()
+        await trio.sleep(0.2)
+        stats = broker.statistics()
+        assert stats.sequencer_lease is not None
+        assert (stats.sequencer_lease.epoch, stats.sequencer_lease.held) == (3, True)
+        took = [r for r in caplog.records if "took the sequencer over at epoch 3" in r.message]
+        assert [(r.levelno, r.message) for r in took] == [
+            (
+                logging.INFO,
+                "broker 0 took the sequencer over at epoch 3: "
+                f"broker 1 (pid {os.getpid()}) released it",
+            )
+        ]
+        await client.send(rawclient.batch(3, 3, 3, 1, 100)[0])
+        await wait_for_ack(client, 4)
+        assert scrape(broker)["trio_embarcadero_sequencer_takeovers_total"] == 2
+        await client.close()
+        close_log(other)
+
+
+async def test_a_broker_that_stops_hands_the_sequencer_over_at_once(
+    make_config: MakeConfig,
+    autojump_clock: trio.testing.MockClock,
+    lease_clock: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "trio_embarcadero.broker.ordering")
+    head_config = make_config(**{"topics.order": 5})
+    other_config = make_config(**{"broker.id": 1, "topics.order": 5})
+    async with trio.open_nursery() as nursery, memory_broker(other_config) as (other, listener):
+        async with memory_broker(head_config) as (head, _):
+            client = await publish(listener, nursery, "ord", 2, 1)
+            await wait_for_ack(client, 2)  # ordered by the head
+            assert head.statistics().sequencer is not None
+            assert other.statistics().sequencer is None
+        stopped_at = trio.current_time()
+        assert "broker 0 released the sequencer lease (epoch 1)" in caplog.text
+        await client.send(rawclient.batch(2, 3, 2, 1, 100)[0])
+        await wait_for_ack(client, 3)
+        # Released: taken at the next look, long before a lease would expire.
+        assert client.chunks[-1][0] - stopped_at <= 0.1 + 0.01
+        assert (
+            f"took the sequencer over at epoch 2: broker 0 (pid {os.getpid()}) released it"
+            in caplog.text
+        )
+        await client.close()
+
+
+def open_handle(config: Config, broker_id: int) -> CxlLog:
+    """A handle of broker ``broker_id`` on the config's region (its lock taken)."""
+    cxl = config.cxl
+    keys = ("size", "segment_size", "unit_size", "max_topics", "max_brokers")
+    sizes = (cxl.size_bytes, cxl.segment_bytes, cxl.unit_bytes, cxl.max_topics, cxl.max_brokers)
+    return open_small_log(cxl.path, broker_id=broker_id, **dict(zip(keys, sizes, strict=True)))
+
+
+def scrape(broker: Broker) -> dict[str, float]:
+    """The broker's metrics without labels, as a scrape reads them."""
+    return {
+        sample.name: sample.value
+        for family in BrokerCollector(broker).collect()
+        for sample in family.samples
+        if not sample.labels
+    }
 
 
 def parse_ordered(data: bytes) -> list[tuple[int, int, list[tuple[int, int, int]]]]:

@@ -37,9 +37,12 @@ from trio_embarcadero.log.layout import (
     BATCH_COMMITTED,
     BATCH_RESERVED,
     BROKER_TABLE_ENTRIES,
+    LEASE_OFFSET,
+    LEASE_SIZE,
     member_offset,
     read_geometry,
 )
+from trio_embarcadero.log.ownership import lock_holders
 from trio_embarcadero.log.topics import attached_publishers
 from trio_embarcadero.tools.noloss import BrokerProcess, clean_environment, write_broker_config
 from trio_embarcadero.wire import BATCH_HEADER_SIZE, BH_BATCH_COMPLETE, scan_records
@@ -90,13 +93,15 @@ def wait_detached(cxl_path: str) -> None:
 
 def without_heartbeats(region: bytes) -> bytes:
     """A CXL file's bytes with every broker's heartbeat (and the sequence word
-    written around it) zeroed: running brokers renew those all the time; the
-    rest of their entries (state, pid, address) must hold still."""
+    written around it) and the sequencer lease zeroed: running brokers renew
+    those all the time (and a broker takes the lease soon after it listens);
+    the rest of their entries (state, pid, address) must hold still."""
     data = bytearray(region)
     for broker_id in range(BROKER_TABLE_ENTRIES):
         entry = member_offset(broker_id)
         data[entry : entry + 4] = bytes(4)  # the sequence word
         data[entry + 24 : entry + 40] = bytes(16)  # heartbeat time and count
+    data[LEASE_OFFSET : LEASE_OFFSET + LEASE_SIZE] = bytes(LEASE_SIZE)
     return bytes(data)
 
 
@@ -263,6 +268,20 @@ def test_a_second_handle_with_the_same_id_is_refused_before_recovery(cxl_path: s
         assert [h.batch_complete for h in walk_file(cxl_path)] == [1, 2]
     finally:
         other.close()
+
+
+@pytest.mark.parametrize("broker_id", [0, 1])
+def test_a_reset_keeps_its_own_broker_ids_lock(cxl_path: str, broker_id: int) -> None:
+    # After recreating the region a reset lets the other ids in again, and
+    # keeps its own: readers see it served, a second handle is refused.
+    log = open_small_log(cxl_path, broker_id=broker_id, reset=True)
+    try:
+        assert lock_holders(cxl_path) == {broker_id: os.getpid()}
+        with pytest.raises(AlreadyServedError):
+            open_small_log(cxl_path, broker_id=broker_id)
+        open_small_log(cxl_path, broker_id=1 - broker_id).close()
+    finally:
+        log.close()
 
 
 async def test_two_embedded_brokers_on_one_log(make_config: MakeConfig, tmp_path: Path) -> None:

@@ -103,9 +103,23 @@ def test_handshake_of_wrong_length_is_rejected(length: int) -> None:
     assert rejection(data) == f"handshake is {length} bytes, want 64"
 
 
-@pytest.mark.parametrize("req", [2, 4, 0xFFFFFFFF])
+@pytest.mark.parametrize("req", [4, 5, 0xFFFFFFFF])
 def test_unknown_request_is_rejected(req: int) -> None:
     assert rejection(raw_handshake(req=req)) == f"unknown client_req {req}"
+
+
+def test_a_session_handshake_needs_acks_and_a_token() -> None:
+    parsed = parse_handshake(raw_handshake(req=2, ack=2, last_addr=2**64 - 1))
+    assert (parsed.request, parsed.last_addr) == (ClientRequest.PUBLISH_SESSION, 2**64 - 1)
+    assert rejection(raw_handshake(req=2, ack=0, last_addr=5)) == (
+        "a publish session (client_req 2) needs acks (ack 1 or 2) to know what to resend"
+    )
+    assert rejection(raw_handshake(req=2, ack=1, last_addr=0)) == (
+        "a publish session (client_req 2) needs its token in last_addr: a random non-zero "
+        "64-bit number drawn when the session begins"
+    )
+    # A plain publish keeps ignoring last_addr, acks or none.
+    assert parse_handshake(raw_handshake(req=0, ack=0, last_addr=0)).ack == 0
 
 
 @pytest.mark.parametrize("ack", [3, 4, 0xFFFFFFFF])

@@ -338,7 +338,9 @@ def _check_heartbeat(v: Mapping[str, Any]) -> Iterator[_Problem]:
 
 @attrs.frozen(kw_only=True)
 class ClusterConfig(_Checked):
-    """How ``trio-embarcadero cluster`` (and ``open_cluster``) supervise their brokers.
+    """The brokers of a region as a cluster: how ``trio-embarcadero cluster``
+    (and ``open_cluster``) supervise them, and the cluster service the stock
+    C++ client asks the head for.
 
     Attributes:
         restart_backoff_initial_s: How long after a broker process died it is
@@ -349,11 +351,29 @@ class ClusterConfig(_Checked):
         max_start_failures: A broker that exits this many times in a row
             before it listens is given up: the others drain and the cluster
             stops with an error (exit 1).
+        grpc_port: The port of the head's gRPC cluster service
+            (``heartbeat_system.HeartBeat``, which the C++ Embarcadero client
+            asks for the broker list and to create topics); 0, the default,
+            turns it off. Only broker 0 (the head) serves it, on
+            ``broker.host``; the others ignore the key. The C++ client looks
+            for it on 12140 unless told otherwise (its
+            ``EMBARCADERO_BROKER_PORT_ALT``). A head on an ephemeral data port
+            (``broker.port = 0``: tests, an embedding application) serves it
+            on an ephemeral port too.
     """
 
     restart_backoff_initial_s: float = attrs.field(default=0.1, validator=_positive_float)
     restart_backoff_max_s: float = attrs.field(default=10.0, validator=_positive_float)
     max_start_failures: int = attrs.field(default=5, validator=_positive_int)
+    grpc_port: int = attrs.field(default=0, validator=_int_in(0, 65535))
+
+    def grpc_port_for(self, broker: "BrokerConfig") -> int | None:
+        """The port ``broker`` serves the gRPC cluster service on: None when
+        it serves none (the service is off, or it is not broker 0), 0
+        (ephemeral) when ``broker.port`` is 0."""
+        if self.grpc_port == 0 or broker.id != 0:
+            return None
+        return 0 if broker.port == 0 else self.grpc_port
 
 
 _check_order(ClusterConfig, "restart_backoff_max_s", ">=", "restart_backoff_initial_s")
@@ -543,12 +563,26 @@ class CxlConfig(_Checked):
             ``GLIBC_TUNABLES`` environment variable, read at process start;
             one it already sets is left alone). An application that embeds
             the broker sets the variable itself (see the README).
-        sequencer_interval_ms: How often the head broker's sequencer looks
-            for batches other broker processes committed to order-5 topics
-            (its own process's commits wake it at once).
+        sequencer_interval_ms: How often the broker that runs the sequencer
+            looks for batches other broker processes committed to order-5
+            topics (its own process's commits wake it at once).
         sequencer_hole_timeout_s: How long the sequencer waits for a batch
             that stays reserved while a committed one follows it in its
-            stream; then it goes past it, and that batch is never ordered.
+            stream, and for a publish session's missing batch_seq while a
+            later one waits; then it goes past it, and that batch (that
+            batch_seq) is never ordered.
+        session_timeout_s: How long a publish session (``client_req = 2``)
+            is kept in the region's session table after it was last active
+            (a batch of it arrived, or a connection of it was open on a
+            running broker); then it is forgotten, and its client id on its
+            topic may begin a new session. A client that resends after a
+            failure must do so within it.
+        sequencer_lease_s: How long the sequencer's lease lasts in the
+            region. The broker that runs the sequencer renews it with every
+            step; another live broker takes the sequencer over (a new epoch)
+            once it was not renewed this long, or at once when the holder's
+            process is gone. At least four ``sequencer_interval_ms``, so the
+            holder renews it several times a lease.
     """
 
     path: str = attrs.field(
@@ -570,6 +604,8 @@ class CxlConfig(_Checked):
     streaming_copies: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     sequencer_interval_ms: float = attrs.field(default=5.0, validator=_positive_float)
     sequencer_hole_timeout_s: float = attrs.field(default=5.0, validator=_positive_float)
+    sequencer_lease_s: float = attrs.field(default=1.0, validator=_positive_float)
+    session_timeout_s: float = attrs.field(default=300.0, validator=_positive_float)
 
     @property
     def size_bytes(self) -> int:
@@ -588,6 +624,17 @@ class CxlConfig(_Checked):
 
 
 _check_order(CxlConfig, "segment_mb", "<=", "size_mb")
+
+
+@_check(CxlConfig, "sequencer_lease_s", "sequencer_interval_ms")
+def _check_sequencer_lease(v: Mapping[str, Any]) -> Iterator[_Problem]:
+    if v["sequencer_lease_s"] * 1000 < 4 * v["sequencer_interval_ms"]:
+        yield (
+            "sequencer_lease_s",
+            f"'sequencer_lease_s' must be at least four 'sequencer_interval_ms' "
+            f"({v['sequencer_interval_ms']} ms), so the sequencer renews its lease several "
+            f"times before it expires: {v['sequencer_lease_s']}",
+        )
 
 
 @_check(CxlConfig, "segment_mb", "segment_unit_kb")
@@ -892,6 +939,31 @@ def _check_http_port(v: Mapping[str, Any]) -> Iterator[_Problem]:
             f"'port' + broker 'id' (the HTTP port, {port}) must differ from the data port "
             f"(broker.port + id): set http.port to another base port, e.g. 9214",
         )
+
+
+@_check(Config, "broker", "cluster", "cxl", "http")
+def _check_grpc_port(v: Mapping[str, Any]) -> Iterator[_Problem]:
+    broker: BrokerConfig = v["broker"]
+    cluster: ClusterConfig = v["cluster"]
+    cxl: CxlConfig = v["cxl"]
+    http: HttpConfig = v["http"]
+    port = cluster.grpc_port
+    if port == 0 or broker.port == 0:
+        return  # off, or ephemeral
+    # Every broker of the region uses the config's base ports: the head's
+    # gRPC port must be none of their data or HTTP ports.
+    for i in range(cxl.max_brokers):
+        taken = [("data port (broker.port + id)", broker.port + i)]
+        if http.enabled and http.port != 0:
+            taken.append(("HTTP port (http.port + id)", http.port + i))
+        for what, other in taken:
+            if other == port:
+                yield (
+                    "cluster.grpc_port",
+                    f"'grpc_port' ({port}) is broker {i}'s {what}: set cluster.grpc_port to "
+                    "another port, e.g. 12140",
+                )
+                return
 
 
 _SECTIONS: Final[Mapping[str, Any]] = {a.name: a.type for a in attrs.fields(Config)}

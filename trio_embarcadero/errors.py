@@ -23,6 +23,9 @@ class ErrorCode(enum.IntEnum):
     NOT_ALLOWED = 6
     TIMEOUT = 7
     STORAGE_FAILURE = 8
+    #: A publish session's batch waited too long for another connection's
+    #: copy of its batch_seq (or a duplicate for its stored copy's ack level).
+    SESSION_BUSY = 9
 
 
 #: The code a client reports when the broker closed the connection without an
@@ -89,6 +92,12 @@ class LogFullError(EmbarcaderoError):
 class LayoutError(EmbarcaderoError):
     """An existing CXL file has another layout or size than the config asks for,
     or the log's contents contradict themselves (another process wrote them)."""
+
+
+class SequencerDeposed(EmbarcaderoError):
+    """This process's sequencer lease is stale: another broker took the
+    sequencer over (a newer epoch), so this one writes nothing more to the
+    order. Raised under the region's lock, before any store."""
 
 
 class TopicBusyError(EmbarcaderoError):
@@ -226,3 +235,39 @@ class AdminApiError(EmbarcaderoError):
         self.status = status
         self.message = message
         super().__init__(f"HTTP {status}: {message}" if status else message)
+
+
+class RpcStatus(enum.IntEnum):
+    """The status codes of gRPC (sent as a call's ``grpc-status`` trailer)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+class RpcError(EmbarcaderoError):
+    """A gRPC call ends with this status (raised by the broker's gRPC handlers).
+
+    Attributes:
+        status: The call's status.
+        message: What the client is told (its ``grpc-message``).
+    """
+
+    def __init__(self, status: RpcStatus, message: str) -> None:
+        self.status = status
+        self.message = message
+        super().__init__(f"{status.name}: {message}")

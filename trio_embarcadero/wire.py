@@ -77,6 +77,9 @@ class ClientRequest(enum.IntEnum):
 
     PUBLISH = 0
     SUBSCRIBE = 1
+    #: Publish in a session: batches deduplicated by batch_seq (the wire
+    #: protocol, section 4.5); ``last_addr`` is the session token.
+    PUBLISH_SESSION = 2
     #: The merged total order of an order-5 topic, from any broker.
     SUBSCRIBE_ORDERED = 3
 
@@ -89,7 +92,8 @@ class Handshake:
         client_id: Chosen by the client; names it in acks and message headers.
         ack: Ack level: 0 none, 1 stored in the log, 2 stored and durable.
         num_msg: Ignored by the broker.
-        last_addr: Subscribe: logical offset of the first message wanted.
+        last_addr: Subscribe: logical offset of the first message wanted;
+            publish in a session: the session token.
         port: Publish with ack >= 1: 0 = acks on this connection, else the
             client's port the broker dials for acks.
         request: Publish or subscribe.
@@ -134,8 +138,9 @@ def parse_handshake(data: bytes | bytearray | memoryview) -> Handshake:
 
     Raises:
         ProtocolError: ``BAD_HANDSHAKE`` with the reason, for a short buffer,
-            an unknown request type, an ack level above 2, a bad topic, or a
-            dial-back port above 65535.
+            an unknown request type, an ack level above 2, a bad topic, a
+            dial-back port above 65535, or a session handshake without acks
+            or without a token.
     """
     if len(data) != HANDSHAKE_SIZE:
         raise ProtocolError(
@@ -156,6 +161,18 @@ def parse_handshake(data: bytes | bytearray | memoryview) -> Handshake:
             ErrorCode.BAD_HANDSHAKE,
             f"invalid topic {bytes(raw_topic).rstrip(bytes(1))!r}: want 1-31 of [A-Za-z0-9._-]",
         )
+    if request == ClientRequest.PUBLISH_SESSION:
+        if ack == 0:
+            raise ProtocolError(
+                ErrorCode.BAD_HANDSHAKE,
+                "a publish session (client_req 2) needs acks (ack 1 or 2) to know what to resend",
+            )
+        if last_addr == 0:
+            raise ProtocolError(
+                ErrorCode.BAD_HANDSHAKE,
+                "a publish session (client_req 2) needs its token in last_addr: a random "
+                "non-zero 64-bit number drawn when the session begins",
+            )
     return Handshake(
         client_id=client_id,
         ack=ack,

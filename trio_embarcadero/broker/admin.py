@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import trio
@@ -199,19 +199,12 @@ class AdminApi:
             name, asked, retention = _topic_to_create(request.body)
         except ValueError as exc:
             return Response.error(400, str(exc))
-        # Not given: the order a first batch would create it with.
-        order = broker.settings_for(name).order if asked is None else asked
         try:
-            await trio.to_thread.run_sync(
-                lambda: create_topic_file(
-                    broker.log.path, name, order=order, mode=broker.config.cxl.mode, **retention
-                )
-            )
+            order = await create_topic(broker, name, asked, retention, via="HTTP")
         except TopicExistsError as exc:
             return Response.error(409, f"{exc}; delete it first to create it anew")
         except LogFullError as exc:
             return Response.error(507, str(exc))
-        logger.info("created topic %r over HTTP (%s)", name, _settings_text(order, retention))
         return Response.json(
             201, self._describe(name, order, []), headers=(("location", f"/v1/topics/{name}"),)
         )
@@ -244,6 +237,80 @@ class AdminApi:
         )
 
 
+async def create_topic(
+    broker: Administered,
+    name: str,
+    order: int | None,
+    retention: Mapping[str, int],
+    *,
+    via: str,
+) -> int:
+    """Create topic ``name`` in the broker's region (``POST /v1/topics``, and
+    ``CreateNewTopic`` of the gRPC cluster service).
+
+    Args:
+        broker: The broker whose region gets it.
+        name: The topic (checked with :func:`check_topic`).
+        order: Its order level; None for the one its first batch would
+            create it with (the config's).
+        retention: Its own retention keys (checked), the others the config's.
+        via: Whose request it is, for the log line.
+
+    Returns:
+        The order level it was created with.
+
+    Raises:
+        TopicExistsError: It exists; nothing changed.
+        LogFullError: The topic table is full.
+    """
+    # Not given: the order a first batch would create it with.
+    order = broker.settings_for(name).order if order is None else order
+    await trio.to_thread.run_sync(
+        lambda: create_topic_file(
+            broker.log.path, name, order=order, mode=broker.config.cxl.mode, **retention
+        )
+    )
+    logger.info("created topic %r over %s (%s)", name, via, _settings_text(order, retention))
+    return order
+
+
+def check_topic(name: str, order: int | None, retention: Mapping[str, object]) -> dict[str, int]:
+    """Check a topic to be created: its name, order level and retention keys.
+
+    Args:
+        name: The topic's name.
+        order: Its order level (None: the config's).
+        retention: Retention keys to values (None values are left out).
+
+    Returns:
+        The retention keys given.
+
+    Raises:
+        ValueError: Saying what is wrong (in the admin API's words).
+    """
+    encode_topic(name)  # raises ValueError naming the rule
+    if order is not None and type(order) is not int:
+        raise ValueError(f'"order" must be an integer: {order!r}')
+    if order is not None and order not in ORDER_LEVELS:
+        raise ValueError(
+            f"order {order} is not an order level: 0 (each broker's stream in its own "
+            "order) or 5 (one total order across brokers)"
+        )
+    given = {}
+    for key in RETENTION_KEYS:
+        value = retention.get(key)
+        if value is None:
+            continue
+        if type(value) is not int:
+            raise ValueError(f'"{key}" must be an integer (-1 for no limit): {value!r}')
+        given[key] = value
+    try:
+        TopicOverride(**given)  # the config's checks: -1, or > 0
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("'", '"')) from None
+    return given
+
+
 def _topic_to_create(body: bytes) -> tuple[str, int | None, dict[str, int]]:
     """The name, order (None: not given) and retention keys of a ``POST
     /v1/topics`` body.
@@ -267,28 +334,8 @@ def _topic_to_create(body: bytes) -> tuple[str, int | None, dict[str, int]]:
     name = data.get("name")
     if not isinstance(name, str):
         raise ValueError('"name" must be given, a string')
-    encode_topic(name)  # raises ValueError naming the rule
     order = data.get("order")  # None: the config's order for the topic
-    if order is not None and type(order) is not int:
-        raise ValueError(f'"order" must be an integer: {order!r}')
-    if order is not None and order not in ORDER_LEVELS:
-        raise ValueError(
-            f"order {order} is not an order level: 0 (each broker's stream in its own "
-            "order) or 5 (one total order across brokers)"
-        )
-    retention = {}
-    for key in RETENTION_KEYS:
-        value = data.get(key)
-        if value is None:
-            continue
-        if type(value) is not int:
-            raise ValueError(f'"{key}" must be an integer (-1 for no limit): {value!r}')
-        retention[key] = value
-    try:
-        TopicOverride(**retention)  # the config's checks: -1, or > 0
-    except ValueError as exc:
-        raise ValueError(str(exc).replace("'", '"')) from None
-    return name, order, retention
+    return name, order, check_topic(name, order, data)
 
 
 def _disk_files(storage_dir: str) -> dict[tuple[str, int], list[tuple[int, int]]]:
@@ -296,6 +343,6 @@ def _disk_files(storage_dir: str) -> dict[tuple[str, int], list[tuple[int, int]]
     return stream_files(storage_dir) if os.path.isdir(storage_dir) else {}
 
 
-def _settings_text(order: int, retention: dict[str, int]) -> str:
+def _settings_text(order: int, retention: Mapping[str, int]) -> str:
     keys = ", ".join(f"{k} {v}" for k, v in retention.items())
     return f"order {order}" + (f", {keys}" if keys else ", the config's retention")

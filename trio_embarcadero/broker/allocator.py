@@ -32,6 +32,7 @@ import trio
 
 from ..errors import LogFullError
 from ..log import CxlLog, Reservation
+from ..log.sessions import Claim
 from ..wire import BatchHeader
 from .commits import CommitConsumer, CommitFeed
 from .staging import StagingBuffer
@@ -149,11 +150,13 @@ async def reserve(
     slot: trio.CapacityLimiter | None = None,
     make_room: Callable[[], int] | None = None,
     space: LogSpace | None = None,
+    session: Claim | None = None,
 ) -> Reservation:
     """Reserve log space for a batch, backing off while the log is full.
 
     ``owner`` goes on the reservation: the commit feed hands it the batch
-    once committed.
+    once committed; so does ``session``, a publish session's claim on the
+    batch's batch_seq (see :meth:`~trio_embarcadero.log.CxlLog.get_cxl_buffer`).
 
     With ``slot`` (the direct path's receive slots), every attempt is made
     holding one of its tokens, and the token is given back for each backoff
@@ -182,7 +185,7 @@ async def reserve(
         if slot is not None:
             await slot.acquire()
         try:
-            return log.get_cxl_buffer(topic, header, owner)
+            return log.get_cxl_buffer(topic, header, owner, session)
         except LogFullError as exc:
             if slot is not None:
                 slot.release()
@@ -223,7 +226,7 @@ class BatchOwner(CommitConsumer, Protocol):
     @property
     def failed(self) -> bool: ...
 
-    def batch_discarded(self, error: LogFullError | None) -> None: ...
+    def batch_discarded(self, error: LogFullError | None, claim: Claim | None = None) -> None: ...
 
 
 @attrs.define(eq=False)
@@ -236,6 +239,8 @@ class StagedBatch:
         buffer: The staging buffer holding the payload at its start.
         starts: Record offsets from ``scan_records``.
         after: Set when the same connection's previous batch is resolved.
+        claim: A publish session's claim on its batch_seq (given up if the
+            batch is discarded), or None.
         done: Set when this batch is resolved (committed or discarded).
     """
 
@@ -244,6 +249,7 @@ class StagedBatch:
     buffer: StagingBuffer
     starts: npt.NDArray[np.int64]
     after: trio.Event | None
+    claim: Claim | None = None
     done: trio.Event = attrs.Factory(trio.Event)
 
 
@@ -268,7 +274,7 @@ async def place_batch(
             # An earlier batch of this connection failed; committing this one
             # would reorder the connection's batches. Its owner already told
             # the client which messages were acked.
-            owner.batch_discarded(None)
+            _discard(log, batch, None)
             return
         try:
             reservation = await reserve(
@@ -280,9 +286,10 @@ async def place_batch(
                 owner,
                 make_room=make_room,
                 space=space,
+                session=batch.claim,
             )
         except LogFullError as exc:
-            owner.batch_discarded(exc)
+            _discard(log, batch, exc)
             return
         total = batch.header.total_size
         np.copyto(reservation.payload, batch.buffer.array[:total])
@@ -290,6 +297,13 @@ async def place_batch(
     finally:
         batch.buffer.release()
         batch.done.set()
+
+
+def _discard(log: CxlLog, batch: StagedBatch, error: LogFullError | None) -> None:
+    """Tell ``batch``'s owner it will never be in the log (and give its claim up)."""
+    if batch.claim is not None:
+        log.sessions.release(batch.claim)
+    batch.owner.batch_discarded(error, batch.claim)
 
 
 async def run_allocator(

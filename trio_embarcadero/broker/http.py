@@ -114,11 +114,32 @@ async def serve_http(
         max_connections: Connections served at once; more get a 503.
         task_status: Told once the listeners accept.
     """
+    await serve_connections(
+        partial(_serve_connection, handler), listeners, max_connections, task_status=task_status
+    )
+
+
+async def serve_connections(
+    serve: Callable[[trio.CapacityLimiter, trio.abc.Stream], Awaitable[None]],
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+    max_connections: int,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Run ``serve(limiter, stream)`` for every connection of ``listeners``
+    until cancelled (the HTTP endpoint's and the gRPC service's loop).
+
+    Args:
+        serve: Serves one connection; ``limiter`` counts the connections
+            served, ``max_connections`` at most (``serve`` takes and gives
+            back its place, or refuses the connection).
+        listeners: Where connections come from (bound by the caller).
+        max_connections: The limiter's size.
+        task_status: Told once the listeners accept.
+    """
     limiter = trio.CapacityLimiter(max_connections)
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            trio.serve_listeners, partial(_serve_connection, handler, limiter), list(listeners)
-        )
+        await nursery.start(trio.serve_listeners, partial(serve, limiter), list(listeners))
         task_status.started()
     raise AssertionError("unreachable")  # pragma: no cover - serve_listeners never returns
 

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 from ..errors import ErrorCode
 from ..log import CxlLog, DiskLog, DiskStatistics
 from ..log.layout import StreamEntry, read_stream_entry, read_topic_state, read_topics
+from ..log.lease import LeaseStatistics
 from .connection import ConnectionPhase
 from .statistics import BrokerStatistics, HistogramSnapshot
 
@@ -47,6 +48,12 @@ class Observed(Protocol):
 
 
 _Value = Callable[[BrokerStatistics], float]
+
+
+def _of_sessions(field: str) -> _Value:
+    """The value of a field of the publish sessions' statistics (0 without them)."""
+    return lambda s: float(getattr(s.sessions, field)) if s.sessions is not None else 0.0
+
 
 #: Counters: name (without ``_total``), help, value.
 _COUNTERS: tuple[tuple[str, str, _Value], ...] = (
@@ -115,6 +122,27 @@ _COUNTERS: tuple[tuple[str, str, _Value], ...] = (
     ("dial_back_dialed", "Dial-back ack connections opened.", lambda s: s.dial_backs.dialed),
     ("dial_back_failed", "Dial-back ack connections that failed.", lambda s: s.dial_backs.failed),
     ("dial_back_lost", "Dial-back ack connections lost while in use.", lambda s: s.dial_backs.lost),
+    (
+        "sequencer_takeovers",
+        "Times this broker took the sequencer lease (a new epoch each).",
+        lambda s: s.sequencer_lease.takeovers if s.sequencer_lease else 0,
+    ),
+    (
+        "sequencer_deposed",
+        "Times this broker found its sequencer lease taken over and stopped ordering.",
+        lambda s: s.sequencer_lease.deposed if s.sequencer_lease else 0,
+    ),
+    (
+        "duplicate_batches",
+        "Batches of publish sessions acked as duplicates, not stored again.",
+        _of_sessions("duplicates"),
+    ),
+    ("duplicate_messages", "Messages of those duplicates.", _of_sessions("duplicate_messages")),
+    (
+        "session_waits",
+        "Batches of publish sessions that waited for another connection's copy.",
+        _of_sessions("waits"),
+    ),
 )
 
 #: Gauges: name, help, value.
@@ -146,7 +174,41 @@ _GAUGES: tuple[tuple[str, str, _Value], ...] = (
     ),
     ("log_free_bytes", "Bytes of the region's free allocation units.", lambda s: s.log_free_bytes),
     ("dial_back_connections", "Dial-back ack connections open.", lambda s: s.dial_backs.active),
+    (
+        "order_waits",
+        "Committed batches of order-5 topics whose acks wait for their order.",
+        lambda s: s.order_waits,
+    ),
+    (
+        "sequencer_lease_epoch",
+        "The epoch of the region's sequencer lease (0: never held).",
+        lambda s: s.sequencer_lease.epoch if s.sequencer_lease else 0,
+    ),
+    (
+        "sequencer_lease_holder",
+        "The broker id that holds the sequencer lease (runs the sequencer); -1: none.",
+        lambda s: _lease_holder(s.sequencer_lease),
+    ),
+    (
+        "sequencer_lease_held",
+        "1 while this broker holds the sequencer lease.",
+        lambda s: float(bool(s.sequencer_lease and s.sequencer_lease.held)),
+    ),
+    (
+        "sessions",
+        "Publish sessions in the region's table (every broker's).",
+        _of_sessions("sessions"),
+    ),
+    (
+        "session_connections",
+        "Connections of publish sessions open on this broker.",
+        _of_sessions("connections"),
+    ),
 )
+
+
+def _lease_holder(lease: LeaseStatistics | None) -> float:
+    return -1 if lease is None or lease.holder is None else lease.holder
 
 
 _DiskValue = Callable[[DiskStatistics], float]

@@ -1,4 +1,4 @@
-"""Order-5 topics on the broker: the head's sequencer task and acks held for the order.
+"""Order-5 topics on the broker: who runs the sequencer, and acks held for the order.
 
 A batch of an order-5 topic is acked (level >= 1) only once it has its place
 in the topic's total order. :class:`OrderWaits` holds such batches between
@@ -8,26 +8,37 @@ region says they are ordered (the header's ``ordered`` word, which the
 sequencer writes after its commit point). Ordering within a stream follows
 its commit order, so only the oldest held batch of each stream is looked at.
 
-Broker 0 (the head) runs the sequencer (:mod:`~trio_embarcadero.log.sequencer`):
-:func:`run_ordering` steps it whenever this process commits a batch of an
+One broker of the region runs the sequencer (:mod:`~trio_embarcadero.log.sequencer`):
+the one that holds the sequencer lease (:mod:`~trio_embarcadero.log.lease`).
+:class:`SequencerRole` takes the lease when nobody holds it (the head, broker
+0, takes a region's first lease at once; another broker leaves it one lease
+period to come up first), renews it with every step and lets it go when the
+broker stops. Every broker runs :func:`run_ordering`: while it holds the
+lease it steps the sequencer whenever this process commits a batch of an
 order-5 topic, and every ``cxl.sequencer_interval_ms`` for what other broker
-processes commit, then releases the acks it can. The other brokers run the
-same task without a sequencer: it looks for the order of their held batches
-on the same timer, and sleeps while none is held.
+processes commit; otherwise it looks at the lease ten times a lease period
+(and takes the sequencer over when its holder is gone or stopped renewing).
+Either way it releases the acks it can: a broker that does not order looks
+for the order of its held batches on the same timer.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import trio
 
+from ..errors import SequencerDeposed
 from ..log import CxlLog, Reservation
-from ..log.layout import BH_ORDERED, read_topic_order
-from ..log.sequencer import DEFAULT_STEP_BUDGET, Sequencer
+from ..log.layout import BH_ORDERED, NEVER_ORDERED, read_topic_order
+from ..log.lease import Grant, LeaseStatistics, SequencerLease
+from ..log.reader import region_brokers
+from ..log.sequencer import DEFAULT_STEP_BUDGET, OrderedBatch, Sequencer, SequencerStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +55,7 @@ class OrderWaits:
 
     def __init__(self, log: CxlLog, interval: float = 0.005) -> None:
         self._log = log
-        self._held: dict[int, deque[tuple[Reservation, Deliver]]] = {}
+        self._held: dict[int, deque[tuple[Reservation, Deliver, Deliver | None]]] = {}
         self._count = 0
         #: How often the order is looked for (``cxl.sequencer_interval_ms``).
         self.interval = interval
@@ -69,10 +80,14 @@ class OrderWaits:
         stream = reservation.stream
         return read_topic_order(self._log.region, self._log.geometry, stream.topic_index) == 5
 
-    def hold(self, reservation: Reservation, deliver: Deliver) -> None:
-        """Call ``deliver(reservation)`` once the committed ``reservation`` is ordered."""
+    def hold(
+        self, reservation: Reservation, deliver: Deliver, skipped: Deliver | None = None
+    ) -> None:
+        """Call ``deliver(reservation)`` once the committed ``reservation`` is
+        ordered, or ``skipped(reservation)`` once it is clear it never will be
+        (a publish session's batch whose batch_seq the sequencer skipped)."""
         key = id(reservation.stream)
-        self._held.setdefault(key, deque()).append((reservation, deliver))
+        self._held.setdefault(key, deque()).append((reservation, deliver, skipped))
         self._count += 1
         self.wakeup.unpark_all()
 
@@ -84,12 +99,15 @@ class OrderWaits:
         for key in list(self._held):
             waiting = self._held[key]
             while waiting:
-                reservation, deliver = waiting[0]
-                if not int(words[(reservation.header_offset + BH_ORDERED) // 8]) & 0xFFFFFFFF:
+                reservation, deliver, skipped = waiting[0]
+                ordered = int(words[(reservation.header_offset + BH_ORDERED) // 8]) & 0xFFFFFFFF
+                if not ordered:
                     break
                 waiting.popleft()
                 self._count -= 1
                 done += 1
+                if ordered == NEVER_ORDERED and skipped is not None:
+                    deliver = skipped
                 try:
                     deliver(reservation)
                 except Exception:
@@ -99,48 +117,200 @@ class OrderWaits:
         return done
 
 
-#: The longest the head waits between looks at a region with no order-5
-#: topic (another broker's new one is then ordered within this), seconds.
+#: The longest the broker that orders waits between looks at a region with
+#: no order-5 topic (another broker's new one is then ordered within this),
+#: seconds; less when a quarter lease is less.
 IDLE_PAUSE = 0.5
+#: How often a broker that does not hold the lease looks at it, per lease period.
+LEASE_CHECKS = 10
+#: The host's monotonic clock in ns, which the lease's expiry is read on;
+#: every process of a host shares it. (Tests on Trio's mock clock replace it.)
+host_clock_ns: Callable[[], int] = time.monotonic_ns
+
+
+class SequencerRole:
+    """Whether this broker runs the region's sequencer, through the lease.
+
+    Args:
+        log: The broker's log.
+        hole_timeout_s: ``cxl.sequencer_hole_timeout_s``.
+        lease_s: ``cxl.sequencer_lease_s``.
+        eligible: Whether the broker may take the sequencer over now (it
+            listens and is not draining).
+        clock: The host's monotonic clock, ns (default :data:`host_clock_ns`).
+    """
+
+    def __init__(
+        self,
+        log: CxlLog,
+        *,
+        hole_timeout_s: float,
+        lease_s: float,
+        eligible: Callable[[], bool],
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        self._log = log
+        self._hole_ns = int(hole_timeout_s * 1e9)
+        self.lease_s = lease_s
+        self.lease: SequencerLease = log.sequencer_lease(
+            int(lease_s * 1e9),
+            # Read at every call (no view of the region kept: it is unmapped at close).
+            members=lambda: region_brokers(log.region, log.path, log.geometry.max_brokers),
+            clock=clock if clock is not None else host_clock_ns,
+        )
+        self._eligible = eligible
+        self._eligible_since: float | None = None
+        self._next_check = -math.inf
+        #: The sequencer while this broker holds the lease, else None.
+        self.sequencer: Sequencer | None = None
+
+    @property
+    def check_interval(self) -> float:
+        """Seconds between looks at the lease while another broker holds it."""
+        return self.lease_s / LEASE_CHECKS
+
+    @property
+    def renew_interval(self) -> float:
+        """The longest the holder goes without a step (each step renews the lease)."""
+        return self.lease_s / 4
+
+    def seconds_to_check(self, now: float) -> float:
+        """Seconds from ``now`` (Trio's clock) to this broker's next look at the lease."""
+        if not self._eligible():
+            return self.check_interval
+        return max(0.0, self._next_check - now)
+
+    def take(self, now: float) -> Sequencer | None:
+        """The sequencer, if this broker holds the lease, or takes it now.
+
+        A broker that does not hold it looks at the lease at most every
+        :attr:`check_interval` (``now`` is Trio's clock), and only while
+        it is eligible.
+        """
+        if self.sequencer is not None:
+            return self.sequencer
+        if not self._eligible():
+            self._eligible_since = None
+            return None
+        if self._eligible_since is None:
+            self._eligible_since = now
+        if now < self._next_check:
+            return None
+        self._next_check = now + self.check_interval
+        # The head takes a region's first lease at once; the others leave it
+        # a lease period to come up first, so the head orders as a rule.
+        fresh = self._log.broker_id == 0 or now - self._eligible_since >= self.lease_s
+        grant = self.lease.try_acquire(fresh=fresh)
+        if grant is None:
+            return None
+        self._granted(grant)
+        try:
+            self.sequencer = self._log.sequencer(self._hole_ns, lease=self.lease)
+        except SequencerDeposed as exc:  # taken over again before it began
+            self._deposed(exc)
+        return self.sequencer
+
+    def _granted(self, grant: Grant) -> None:
+        broker_id, epoch, previous = self._log.broker_id, grant.lease.epoch, grant.previous
+        if previous.epoch == 0:
+            logger.info("broker %d runs the sequencer (lease epoch %d)", broker_id, epoch)
+            return
+        # A handover after a graceful stop is routine; a dead or stopped
+        # holder is worth an operator's look.
+        logger.log(
+            logging.INFO if previous.expiry_ns == 0 else logging.WARNING,
+            "broker %d took the sequencer over at epoch %d: %s",
+            broker_id,
+            epoch,
+            grant.reason,
+        )
+
+    def step(self, now_ns: int) -> Sequence[OrderedBatch]:
+        """One sequencer step (the holder only); nothing once deposed.
+
+        Args:
+            now_ns: Trio's clock, ns (holes and lag are timed on it).
+        """
+        if self.sequencer is None:
+            return []
+        try:
+            return self.sequencer.step(now_ns)
+        except SequencerDeposed as exc:
+            self._deposed(exc)
+            return []
+
+    def _deposed(self, exc: SequencerDeposed) -> None:
+        logger.warning("%s; this broker stops ordering", exc)
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.sequencer is not None:
+            self.sequencer.close()
+            self.sequencer = None
+
+    def close(self) -> None:
+        """Stop ordering and release the lease, so another broker takes the
+        sequencer over at once (idempotent)."""
+        self._stop()
+        epoch = self.lease.epoch
+        if self.lease.release():
+            logger.info(
+                "broker %d released the sequencer lease (epoch %s)", self._log.broker_id, epoch
+            )
+
+    def statistics(self) -> tuple[LeaseStatistics, SequencerStatistics | None]:
+        """Who holds the lease, and this broker's sequencer's counters if it orders."""
+        sequencer = self.sequencer
+        return self.lease.statistics(), sequencer.statistics() if sequencer is not None else None
 
 
 async def run_ordering(
     waits: OrderWaits,
-    sequencer: Sequencer | None,
+    role: SequencerRole,
     interval: float,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Order (with a sequencer: the head) and release held acks, until cancelled.
+    """Order (while this broker holds the lease) and release held acks, until
+    cancelled; then let go of the lease.
 
     Args:
         waits: The batches whose acks wait for their order.
-        sequencer: The region's sequencer on the head broker; None elsewhere.
+        role: This broker's side of the sequencer lease.
         interval: How often to look at what other processes committed or
             ordered (``cxl.sequencer_interval_ms``), in seconds.
     """
     task_status.started()
     pause = interval
-    while True:
-        busy = False
-        if sequencer is not None:
-            ordered = sequencer.step(int(trio.current_time() * 1e9))
-            busy = len(ordered) >= DEFAULT_STEP_BUDGET
-            if ordered:
-                waits.progress.unpark_all()
-            # A region without order-5 topics gets looked at less and less
-            # often (up to IDLE_PAUSE), not 200 times a second for nothing;
-            # a commit of this process wakes the head at once anyway.
-            idle = not sequencer.statistics().topics
-            pause = min(pause * 2, max(interval, IDLE_PAUSE)) if idle else interval
-        waits.release()
-        if busy:
-            await trio.lowlevel.checkpoint()  # more waits: go on after others had a turn
-            continue
-        if sequencer is None and not waits.held:
-            await waits.wakeup.park()  # nothing to look for until a batch is held
-        with trio.move_on_after(pause):
+    try:
+        while True:
+            busy = False
+            now = trio.current_time()
+            sequencer = role.take(now)
             if sequencer is not None:
-                await waits.wakeup.park()
-            else:
-                await trio.sleep_forever()
+                ordered = role.step(int(now * 1e9))
+                busy = len(ordered) >= DEFAULT_STEP_BUDGET
+                if ordered:
+                    waits.progress.unpark_all()
+                # A region without order-5 topics gets looked at less and less
+                # often (up to IDLE_PAUSE), not 200 times a second for nothing;
+                # a commit of this process wakes the holder at once anyway.
+                idle = not sequencer.statistics().topics
+                pause = min(pause * 2, max(interval, IDLE_PAUSE)) if idle else interval
+            waits.release()
+            if busy:
+                await trio.lowlevel.checkpoint()  # more waits: go on after others had a turn
+                continue
+            if role.sequencer is not None:
+                # Each step renews the lease: a few steps a lease at least.
+                with trio.move_on_after(min(pause, role.renew_interval)):
+                    await waits.wakeup.park()
+                continue
+            wait = role.seconds_to_check(trio.current_time())
+            with trio.move_on_after(min(wait, interval) if waits.held else wait):
+                if waits.held:
+                    await trio.sleep_forever()  # the holder's order, on the timer
+                else:
+                    await waits.wakeup.park()  # or a batch to hold
+    finally:
+        role.close()

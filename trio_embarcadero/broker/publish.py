@@ -21,6 +21,12 @@ ingest path it may use) and never sees the broker itself. It owns the
 reservations of its batches: the commit feed calls
 :meth:`PublishSession.batch_committed`, the allocators
 :meth:`PublishSession.batch_discarded`.
+
+A connection of a publish session (``client_req = 2``, see :mod:`.sessions`)
+admits each batch before its payload: a new batch_seq goes on as above with
+its claim; a duplicate is read aside, not stored, and acked once its stored
+copy reached the connection's ack level. Its acks go out in the order its
+batches arrived (a ticket each), whichever settles first.
 """
 
 from __future__ import annotations
@@ -48,14 +54,24 @@ from ..errors import (
     StorageError,
 )
 from ..log import CxlLog, Reservation, Stream
+from ..log.layout import read_topic_order
+from ..log.sessions import Admission, Claim, SessionKey, Verdict
 from ..transport import Receiver, receive_exactly
-from ..wire import BATCH_HEADER_SIZE, BatchHeader, Handshake, parse_batch_header, scan_records
+from ..wire import (
+    BATCH_HEADER_SIZE,
+    BatchHeader,
+    ClientRequest,
+    Handshake,
+    parse_batch_header,
+    scan_records,
+)
 from .acks import AckCounter, DialBackLease, DialBackRegistry, run_ack_sender
 from .allocator import AllocationCounters, Backoff, LogSpace, StagedBatch, reserve
 from .commits import CommitFeed
 from .connection import Connection, ConnectionPhase
 from .durability import Durability
 from .monitor import PauseGate
+from .sessions import SessionLink, Sessions
 from .staging import StagingPool
 from .statistics import IngestCounters
 
@@ -82,6 +98,7 @@ class IngestPath:
         counters: The broker's counters.
         make_room: Reclaims what retention lets go when the region is full.
         space: Where batches wait for a full region to get room back.
+        sessions: The region's publish sessions (``client_req = 2``).
     """
 
     network: NetworkConfig
@@ -99,6 +116,22 @@ class IngestPath:
     counters: IngestCounters
     make_room: Callable[[], int]
     space: LogSpace
+    sessions: Sessions
+
+
+class _Ticket:
+    """One batch of a session connection, in the order it arrived: its ack
+    counts once it and every batch before it settled."""
+
+    __slots__ = ("entry", "messages", "seq", "state")
+
+    PENDING, ACKED, FAILED = range(3)
+
+    def __init__(self, messages: int, entry: int = -1, seq: int = -1) -> None:
+        self.messages = messages
+        self.entry = entry  # a duplicate's session entry and batch_seq
+        self.seq = seq
+        self.state = _Ticket.PENDING
 
 
 class PublishSession:
@@ -129,6 +162,15 @@ class PublishSession:
         self._settled = trio.lowlevel.ParkingLot()
         self._receive_scope = trio.CancelScope()
         self._stream: Stream | None = None  # attached to (see _attach)
+        # A publish session's connection (client_req 2): its way to the
+        # session table, and its batches' tickets (the stored ones', and the
+        # duplicates' waiting for their stored copy) in arrival order.
+        self._link: SessionLink | None = None
+        self._tickets: deque[_Ticket] | None = None
+        self._stored: dict[Claim, _Ticket] = {}
+        self._duplicates: deque[_Ticket] = deque()
+        self._duplicate_lot = trio.lowlevel.ParkingLot()
+        self._acks_stopped = False
 
     # -- what the commit feed and the allocators call ----------------------------
 
@@ -143,19 +185,62 @@ class PublishSession:
         self.committed += 1
         durability = self.ingest.durability
         messages = reservation.header.num_msg
+        ticket = self._ticket_of(reservation.session)
         if self.handshake.ack == 2 and durability is not None:
-            durability.when_durable(reservation, partial(self._made_durable, messages))
+            durability.when_durable(reservation, partial(self._made_durable, messages, ticket))
         else:
-            self._acked(messages)
+            self._acked(messages, ticket)
 
-    def _acked(self, messages: int) -> None:
+    def batch_skipped(self, reservation: Reservation) -> None:
+        """One of this session's batches is stored but never ordered: its
+        publish session's batch_seq was skipped (order-5 topics)."""
+        self.fail(
+            ProtocolError(
+                ErrorCode.BAD_BATCH_HEADER,
+                f"batch_seq {reservation.header.batch_seq} of this session was skipped by the "
+                "sequencer (missing for cxl.sequencer_hole_timeout_s while a later batch_seq "
+                "waited for it): it is never ordered",
+            )
+        )
+        self._settled_unacked(self._ticket_of(reservation.session))
+
+    def _ticket_of(self, claim: Claim | None) -> _Ticket | None:
+        """The ticket of a stored batch of a session connection (by its claim)."""
+        return self._stored.pop(claim) if claim is not None and self._tickets is not None else None
+
+    def _acked(self, messages: int, ticket: _Ticket | None = None) -> None:
+        if ticket is not None:
+            self._ticket_done(ticket, _Ticket.ACKED)
+            return
         if self._acks is not None:
             self._acks.advance(messages)
         self._settle(acked=True)
 
-    def _made_durable(self, messages: int, failure: StorageError | None) -> None:
+    def _settled_unacked(self, ticket: _Ticket | None) -> None:
+        if ticket is not None:
+            self._ticket_done(ticket, _Ticket.FAILED)
+        else:
+            self._settle()
+
+    def _ticket_done(self, ticket: _Ticket, state: int) -> None:
+        """Settle the tickets in arrival order: a count covers a batch only
+        once every batch before it is acked, and none after one that failed."""
+        ticket.state = state
+        tickets = self._tickets
+        assert tickets is not None
+        while tickets and tickets[0].state != _Ticket.PENDING:
+            done = tickets.popleft()
+            acked = done.state == _Ticket.ACKED and not self._acks_stopped
+            self._acks_stopped = not acked
+            if acked and self._acks is not None:
+                self._acks.advance(done.messages)
+            self._settle(acked=acked)
+
+    def _made_durable(
+        self, messages: int, ticket: _Ticket | None, failure: StorageError | None
+    ) -> None:
         if failure is None:
-            self._acked(messages)
+            self._acked(messages, ticket)
             return
         # Settled without a count: the final count stays what is durable.
         self.fail(
@@ -165,15 +250,16 @@ class PublishSession:
                 "the broker is stopping",
             )
         )
-        self._settle()
+        self._settled_unacked(ticket)
 
-    def batch_discarded(self, error: LogFullError | None) -> None:
-        """One of this session's batches will never be in the log."""
+    def batch_discarded(self, error: LogFullError | None, claim: Claim | None = None) -> None:
+        """One of this session's batches will never be in the log (``claim``:
+        a publish session's, already given up)."""
         if error is not None:
             self._placement_failed = True
             self.fail(ProtocolError(ErrorCode.LOG_FULL, f"no log space after retries: {error}"))
         self.ingest.counters.batches_discarded += 1
-        self._settle()
+        self._settled_unacked(self._ticket_of(claim))
 
     def _settle(self, *, acked: bool = False) -> None:
         self._inflight -= 1
@@ -182,10 +268,27 @@ class PublishSession:
             self.ingest.counters.count_acked(self.handshake.ack, time.perf_counter() - received)
         self._settled.unpark_all()
 
-    def _in_flight(self) -> None:
-        """One more batch received whole and handed on, not yet settled."""
+    def _in_flight(
+        self, messages: int, claim: Claim | None = None, ticket: _Ticket | None = None
+    ) -> None:
+        """One more batch received whole and handed on, not yet settled. A
+        session connection's gets a ticket: a stored batch's is found again
+        by its claim, a duplicate's is given."""
         self._inflight += 1
         self._received_at.append(time.perf_counter())
+        if self._tickets is not None:
+            if ticket is None:
+                assert claim is not None  # every batch stored in a session has one
+                ticket = self._stored[claim] = _Ticket(messages)
+            self._tickets.append(ticket)
+
+    def _not_in_flight(self, claim: Claim | None) -> None:
+        """Undo the last :meth:`_in_flight` (a hand-off that failed)."""
+        self._inflight -= 1
+        self._received_at.pop()
+        if self._tickets is not None:
+            self._tickets.pop()
+            self._ticket_of(claim)
 
     def fail(self, error: ProtocolError) -> None:
         """Stop receiving; the client gets ``error`` once acks are flushed."""
@@ -216,6 +319,8 @@ class PublishSession:
             ingest.log.check_topic_room(handshake.topic)
         except LogFullError as exc:
             raise ProtocolError(ErrorCode.LOG_FULL, str(exc)) from None
+        if handshake.request == ClientRequest.PUBLISH_SESSION:
+            self._open_session()
         dial_back = handshake.ack >= 1 and handshake.port != 0
         lease = await self._attach_dial_back() if dial_back else None
         lost: ConnectionLost | None = None
@@ -237,6 +342,8 @@ class PublishSession:
                     nursery.start_soon(self._send_acks, counter, ack_sender_done)
                 else:
                     ack_sender_done.set()
+                if self._link is not None:
+                    nursery.start_soon(self._ack_duplicates)
                 try:
                     with self._receive_scope:
                         await self._receive_batches()
@@ -258,10 +365,13 @@ class PublishSession:
                     if self._acks is not None and not dial_back:
                         self._acks.close()
                     await ack_sender_done.wait()
+                    nursery.cancel_scope.cancel()  # the duplicates' waiter: nothing left
         finally:
             if lease is not None:
                 lease.release()
             self._detach()
+            if self._link is not None:
+                self._link.close()
         if refused is not None:
             raise refused
         if self._error is None and conn.stopping:
@@ -272,6 +382,125 @@ class PublishSession:
             if lost.received:
                 logger.warning("conn %d %s: batch cut short: %s", conn.id, conn.peer, lost)
             raise lost
+
+    # -- publish sessions (client_req 2) -------------------------------------------------
+
+    def _open_session(self) -> None:
+        """Become a session connection; refused (error 6) if a client with
+        another token holds the session."""
+        handshake = self.handshake
+        self._tickets = deque()
+        key = self._session_key()
+        order5 = key is not None and self._order5(key)
+        self._link = link = SessionLink(self.ingest.sessions, key, order5, handshake.ack)
+        if key is None:
+            return  # no topic, no session yet: its first batch makes both
+        table = self.ingest.sessions.table
+        holder = table.holder(key)
+        if holder is not None and holder != key.token:
+            raise ProtocolError(
+                ErrorCode.NOT_ALLOWED,
+                f"client id {handshake.client_id} on topic {self.topic!r} is in use by another "
+                "publish session (another token): two clients share the id; reconnect with "
+                "another client_id",
+            )
+        if holder is not None:
+            link.opened(table.entry_of(key))  # kept active while this connection is open
+
+    def _session_key(self) -> SessionKey | None:
+        """The session's key in the region now (None while the topic does not exist)."""
+        stream = self.ingest.log.existing_stream(self.topic)
+        if stream is None:
+            return None
+        link = self._link
+        key = link.key if link is not None else None
+        if key is None or (key.topic_index, key.incarnation) != (
+            stream.topic_index,
+            stream.incarnation,
+        ):
+            handshake = self.handshake
+            key = SessionKey(
+                handshake.client_id,
+                self.topic,
+                stream.topic_index,
+                stream.incarnation,
+                handshake.last_addr,
+            )
+        return key
+
+    def _order5(self, key: SessionKey) -> bool:
+        log = self.ingest.log
+        return read_topic_order(log.region, log.geometry, key.topic_index) == 5
+
+    async def _session_batch(self, header: BatchHeader, clock: BatchClock) -> Claim | None:
+        """Admit a session connection's batch; returns its claim to go on as
+        any batch, or None when it was dealt with here: a duplicate (read,
+        checked, acked once its stored copy is), or the first batch of a
+        topic that does not exist yet (received aside and checked before
+        the topic is made, as the direct path does, then stored)."""
+        key = self._session_key()
+        if key is None:
+            payload, starts = await self._receive_aside(header, clock)
+            # Stored from here, not by an allocator: after the batches before
+            # it (there are some only if the topic was deleted meanwhile).
+            await self._wait_settled()
+            self._attach()  # makes the topic
+            key = self._session_key()
+            assert key is not None  # just made
+            admission = await self._admit(header, key)
+            if admission.verdict is Verdict.NEW:
+                await self._place_aside(header, payload, starts, admission.claim)
+            else:
+                await self._duplicate(header, admission)
+            return None
+        admission = await self._admit(header, key)
+        if admission.verdict is Verdict.NEW:
+            return admission.claim
+        await self._receive_aside(header, clock)  # read and checked, never stored
+        await self._duplicate(header, admission)
+        return None
+
+    async def _admit(self, header: BatchHeader, key: SessionKey) -> Admission:
+        link = self._link
+        assert link is not None
+        if key is not link.key:  # the first, or the topic was made anew
+            link.key, link.order5 = key, self._order5(key)
+        self.connection.phase = ConnectionPhase.WAIT_CXL
+        return await link.admit(header, self.connection)
+
+    async def _duplicate(self, header: BatchHeader, admission: Admission) -> None:
+        """Count a duplicate in flight; its ack comes once its stored copy's does."""
+        await self._wait_below_inflight_cap()
+        sessions = self.ingest.sessions
+        sessions.duplicates += 1
+        sessions.duplicate_messages += header.num_msg
+        self.ingest.counters.count_received(header)
+        self.batches += 1
+        ticket = _Ticket(header.num_msg, admission.entry, header.batch_seq)
+        self._in_flight(header.num_msg, ticket=ticket)
+        self._duplicates.append(ticket)
+        self._duplicate_lot.unpark_all()
+
+    async def _ack_duplicates(self) -> None:
+        """Settle each duplicate, in order, once its stored copy reached this
+        connection's ack level (or tell the client why it never will)."""
+        link = self._link
+        assert link is not None
+        while True:
+            while not self._duplicates:
+                await self._duplicate_lot.park()
+            ticket = self._duplicates[0]
+            state = _Ticket.ACKED
+            if self._error is not None:
+                state = _Ticket.FAILED  # nothing after an error counts anyway
+            else:
+                try:
+                    await link.wait_acked(ticket.entry, ticket.seq, self.connection)
+                except ProtocolError as exc:
+                    self.fail(exc)
+                    state = _Ticket.FAILED
+            self._duplicates.popleft()
+            self._ticket_done(ticket, state)
 
     async def _attach_dial_back(self) -> DialBackLease:
         handshake, conn = self.handshake, self.connection
@@ -348,10 +577,16 @@ class PublishSession:
             # its bytes are awaited, and only then.
             clock = BatchClock(net.batch_timeout_s)
             header = await self._receive_header(header_buf, got, clock)
+            claim = None
+            if self._link is not None:
+                claim = await self._session_batch(header, clock)
+                if claim is None:  # a duplicate, or stored on its own
+                    conn.phase = ConnectionPhase.COMPLETE
+                    continue
             if net.use_nonblocking:
-                previous = await self._receive_staged(header, previous, clock)
+                previous = await self._receive_staged(header, previous, clock, claim)
             else:
-                await self._receive_direct(header, clock)
+                await self._receive_direct(header, clock, claim)
             conn.phase = ConnectionPhase.COMPLETE
 
     async def _receive_header(self, buf: bytearray, got: int, clock: BatchClock) -> BatchHeader:
@@ -374,15 +609,24 @@ class PublishSession:
         )
 
     async def _receive_staged(
-        self, header: BatchHeader, previous: trio.Event | None, clock: BatchClock
+        self,
+        header: BatchHeader,
+        previous: trio.Event | None,
+        clock: BatchClock,
+        claim: Claim | None = None,
     ) -> trio.Event:
         ingest, conn = self.ingest, self.connection
         total = header.total_size
-        await self._wait_below_inflight_cap()
-        buffer = ingest.pool.allocate()
-        if buffer is None:
-            conn.phase = ConnectionPhase.PAUSED
-            buffer = await ingest.pool.acquire()
+        handed_off = False
+        try:
+            await self._wait_below_inflight_cap()
+            buffer = ingest.pool.allocate()
+            if buffer is None:
+                conn.phase = ConnectionPhase.PAUSED
+                buffer = await ingest.pool.acquire()
+        except BaseException:
+            self._give_up(claim)
+            raise
         try:
             conn.phase = ConnectionPhase.WAIT_PAYLOAD
             async with ingest.receive_limiter:
@@ -393,30 +637,38 @@ class PublishSession:
             self._attach()
             ingest.counters.count_received(header)
             self.batches += 1
-            batch = StagedBatch(self, header, buffer, starts, previous)
+            batch = StagedBatch(self, header, buffer, starts, previous, claim)
             buffer.hand_off()
             conn.phase = ConnectionPhase.WAIT_CXL
-            self._in_flight()
+            self._in_flight(header.num_msg, claim)
             try:
                 await ingest.batches.send(batch)
             except BaseException:
-                self._inflight -= 1
-                self._received_at.pop()
+                self._not_in_flight(claim)
                 raise
+            handed_off = True
         except BaseException:
             buffer.release()
+            if not handed_off:
+                self._give_up(claim)
             raise
         return batch.done
 
-    async def _receive_direct(self, header: BatchHeader, clock: BatchClock) -> None:
+    async def _receive_direct(
+        self, header: BatchHeader, clock: BatchClock, claim: Claim | None = None
+    ) -> None:
         ingest, conn = self.ingest, self.connection
         limiter = ingest.receive_limiter
-        await self._wait_below_inflight_cap()
-        if ingest.log.existing_stream(self.topic) is None:
+        try:
+            await self._wait_below_inflight_cap()
+        except BaseException:
+            self._give_up(claim)
+            raise
+        if claim is None and ingest.log.existing_stream(self.topic) is None:
             await self._receive_first_batch(header, clock)
             return
         # Returns holding a receive slot, which it never held while backing off.
-        reservation = await self._reserve(header, slot=limiter)
+        reservation = await self._reserve(header, slot=limiter, session=claim)
         try:
             try:
                 conn.phase = ConnectionPhase.WAIT_PAYLOAD
@@ -442,24 +694,44 @@ class PublishSession:
         batch is received aside and reserved only once it is valid: a batch
         that fails validation, stalls or is cut short creates no topic.
         """
+        payload, starts = await self._receive_aside(header, clock)
+        await self._place_aside(header, payload, starts)
+
+    async def _receive_aside(
+        self, header: BatchHeader, clock: BatchClock
+    ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+        """A batch's payload, received into memory of its own and checked."""
         async with self.ingest.receive_limiter:
             # Allocated under the slot: at most num_publish_receive_threads
             # of these are being filled at once.
             payload = np.empty(header.total_size, dtype=np.uint8)
             self.connection.phase = ConnectionPhase.WAIT_PAYLOAD
             await self._receive_payload(payload.data, clock)
-        starts = scan_records(payload, header.num_msg, client_id=self.handshake.client_id)
-        reservation = await self._reserve(header)
+        return payload, scan_records(payload, header.num_msg, client_id=self.handshake.client_id)
+
+    async def _place_aside(
+        self,
+        header: BatchHeader,
+        payload: npt.NDArray[np.uint8],
+        starts: npt.NDArray[np.int64],
+        claim: Claim | None = None,
+    ) -> None:
+        """Reserve for a batch received aside, copy it in and commit it."""
+        reservation = await self._reserve(header, session=claim)
         np.copyto(reservation.payload, payload)
         self._complete_direct(reservation, starts)
 
     async def _reserve(
-        self, header: BatchHeader, *, slot: trio.CapacityLimiter | None = None
+        self,
+        header: BatchHeader,
+        *,
+        slot: trio.CapacityLimiter | None = None,
+        session: Claim | None = None,
     ) -> Reservation:
         ingest = self.ingest
-        self._attach()
-        self.connection.phase = ConnectionPhase.WAIT_CXL
         try:
+            self._attach()
+            self.connection.phase = ConnectionPhase.WAIT_CXL
             return await reserve(
                 ingest.log,
                 self.topic,
@@ -470,9 +742,19 @@ class PublishSession:
                 slot=slot,
                 make_room=ingest.make_room,
                 space=ingest.space,
+                session=session,
             )
         except LogFullError as exc:
+            self._give_up(session)
             raise ProtocolError(ErrorCode.LOG_FULL, f"no log space after retries: {exc}") from None
+        except BaseException:
+            self._give_up(session)
+            raise
+
+    def _give_up(self, claim: Claim | None) -> None:
+        """A claimed batch_seq will not be reserved here: let it go."""
+        if claim is not None:
+            self.ingest.log.sessions.release(claim)
 
     def _attach(self) -> None:
         """Count this session in the region as a publisher of its topic
@@ -495,7 +777,7 @@ class PublishSession:
     def _complete_direct(self, reservation: Reservation, starts: npt.NDArray[np.int64]) -> None:
         self.ingest.counters.count_received(reservation.header)
         self.batches += 1
-        self._in_flight()
+        self._in_flight(reservation.header.num_msg, reservation.session)
         self.ingest.commits.complete(reservation, starts)
 
     async def _receive_payload(self, view: memoryview, clock: BatchClock) -> None:

@@ -5,8 +5,10 @@
     serve()
     └── service scope (shielded: outer cancellation starts a graceful drain)
         ├── pool monitor, statistics reporter, heartbeat (the broker table entry), retention,
-        │   ordering (broker 0's sequencer; acks of order-5 topics wait for it)
+        │   ordering (the sequencer while this broker holds its lease; acks of order-5
+        │   topics wait for it)
         ├── HTTP endpoint (metrics, admin API; up until the drain is over)
+        ├── gRPC cluster service for the C++ client (broker 0 with cluster.grpc_port)
         └── durable nursery: disk writer (with storage.dir)
             └── allocator nursery: num_cxl_allocation_workers allocator tasks
                 └── ack nursery: dial-back ack connections
@@ -49,11 +51,11 @@ import trio
 
 from ..config import Config, TopicSettings, parse_networks
 from ..errors import ErrorCode, LayoutError, ListenError, ProtocolError, StorageError
-from ..log import CxlLog, DiskLog
+from ..log import CxlLog, DiskLog, Reservation
 from ..log.layout import read_topic_state, read_topics
 from ..log.ownership import BrokerLock, claim_disk_log, claim_region, settings_path
 from ..log.region import check_memory_ordering
-from ..log.sequencer import Sequencer
+from ..log.sessions import Claim
 from ..log.settings import TopicSettingsFile, remove_settings
 from ..wire import encode_error_frame
 from .acks import DialBackRegistry, DialBackStatistics
@@ -65,10 +67,11 @@ from .durability import Durability
 from .http import serve_http
 from .membership import Membership
 from .monitor import PauseGate, run_pool_monitor
-from .ordering import OrderWaits, run_ordering
+from .ordering import OrderWaits, SequencerRole, run_ordering
 from .publish import IngestPath
 from .retention import make_room, reclaimable_units, retention_configured, run_retention
 from .session import serve_connection
+from .sessions import Sessions
 from .staging import StagingPool
 from .statistics import BrokerStatistics, IngestCounters, error_frame_log_level
 
@@ -95,6 +98,9 @@ class Broker:
         port: The data port it is bound to (the real one when configured as 0).
         http_port: The port of its HTTP endpoint (metrics, admin API), the
             real one when ephemeral; None when ``http.enabled`` is false.
+        grpc_port: The port of its gRPC cluster service for the C++ client,
+            the real one when ephemeral; None when it serves none (broker 0
+            serves it when ``cluster.grpc_port`` is set).
         log: The CXL log it writes.
         commits: Where reservations are completed or abandoned (the commit feed).
         failure: Why the broker stopped itself (its disk log failed), or None.
@@ -107,13 +113,14 @@ class Broker:
         listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
         disk: DiskLog | None = None,
         http_listeners: Sequence[trio.SocketListener] = (),
+        grpc_listeners: Sequence[trio.SocketListener] = (),
     ) -> None:
         net = config.network
         self._listeners = list(listeners)
         self._http_listeners = list(http_listeners)
-        self.http_port: int | None = next(
-            (lst.socket.getsockname()[1] for lst in self._http_listeners), None
-        )
+        self.http_port = _bound_port(self._http_listeners)
+        self._grpc_listeners = list(grpc_listeners)
+        self.grpc_port = _bound_port(self._grpc_listeners)
         self.config = config
         self.broker_id = config.broker.id
         self.host = config.broker.host
@@ -136,16 +143,30 @@ class Broker:
             if disk is not None
             else None
         )
+        # Publish sessions: this broker's old claims are settled before it
+        # serves (its previous process may have died holding some).
+        log.sessions.timeout_ns = int(config.cxl.session_timeout_s * 1e9)
+        self.sessions = Sessions(log.sessions, net.batch_timeout_s)
+        settled = log.sessions.recover()
+        if settled:
+            logger.info("sessions: settled %d claim(s) of this broker's previous process", settled)
+        # What that process stored is durable once the disk log synced its
+        # start-up backlog (each stream up to where it is now).
+        self._session_backlog = log.sessions.not_durable() if disk is not None else []
+        self._backlog_batches = {s: s.batches for s in log.streams()} if disk is not None else {}
+        self._mark_session_backlog()
         self.order_waits = OrderWaits(log, config.cxl.sequencer_interval_ms / 1000)
-        # Broker 0 is the head: it orders every broker's order-5 batches.
-        self.sequencer = (
-            log.sequencer(int(config.cxl.sequencer_hole_timeout_s * 1e9))
-            if self.broker_id == 0
-            else None
+        # The broker that holds the region's sequencer lease orders every
+        # broker's order-5 batches; any live broker may take it over.
+        self.ordering = SequencerRole(
+            log,
+            hole_timeout_s=config.cxl.sequencer_hole_timeout_s,
+            lease_s=config.cxl.sequencer_lease_s,
+            eligible=lambda: self.membership.joined and not self.shutting_down,
         )
         self.commits = CommitFeed(
             log,
-            self.durability.committed if self.durability is not None else None,
+            self._to_disk if self.durability is not None else None,
             self.order_waits,
         )
         self.pool = StagingPool(
@@ -183,6 +204,29 @@ class Broker:
         # have segments to drop: held batches try again (and make room).
         if self.space.held:
             self.space.room_made()
+        self.sessions.flush_durable()
+        self._mark_session_backlog()
+
+    def _mark_session_backlog(self) -> None:
+        disk = self.disk
+        if self._session_backlog and disk is not None:
+            if all(disk.durable_batches(s) >= n for s, n in self._backlog_batches.items()):
+                self.sessions.table.mark_durable(self._session_backlog)
+                self._session_backlog = []
+
+    def _to_disk(self, reservation: Reservation) -> None:
+        """A committed batch waits for the disk writer; a publish session's
+        is marked durable in the session table once it is synced."""
+        assert self.durability is not None
+        self.durability.committed(reservation)
+        if reservation.session is not None:
+            self.durability.when_durable(
+                reservation, partial(self._session_batch_synced, reservation.session)
+            )
+
+    def _session_batch_synced(self, claim: Claim, failure: StorageError | None) -> None:
+        if failure is None:
+            self.sessions.stored_durable(claim)
 
     def settings_for(self, topic: str) -> TopicSettings:
         """``topic``'s settings: the config file's, under the keys the admin
@@ -227,6 +271,7 @@ class Broker:
         ingest = self._ingest
         channel = ingest.batches.statistics().current_buffer_used if ingest else 0
         dial = ingest.dial_backs.statistics() if ingest else DialBackStatistics(0, 0, 0, 0)
+        lease, sequencer = self.ordering.statistics()
         return BrokerStatistics(
             connections={p.value: phases.get(p.value, 0) for p in ConnectionPhase},
             connections_accepted=c.connections_accepted,
@@ -265,7 +310,9 @@ class Broker:
             unit_bytes=self.log.geometry.unit_size,
             draining=self.shutting_down,
             order_waits=self.order_waits.held,
-            sequencer=self.sequencer.statistics() if self.sequencer is not None else None,
+            sequencer=sequencer,
+            sequencer_lease=lease,
+            sessions=self.sessions.statistics(),
         )
 
     # -- running ---------------------------------------------------------------------
@@ -321,14 +368,33 @@ class Broker:
                     )
                 await services.start(self._report)
                 await services.start(self.membership.run)
+                await services.start(self.sessions.run)
                 if self._http_listeners:
                     await services.start(partial(serve_http, AdminApi(self), self._http_listeners))
                     logger.info("HTTP (metrics, admin API) on %s", self._http_url())
+                if self._grpc_listeners:
+                    # Imported here: a broker without the service (the default)
+                    # does not pay for loading it (h2, the messages) at start-up.
+                    from .heartbeat import serve_cluster_service
+
+                    await services.start(partial(serve_cluster_service, self, self._grpc_listeners))
+                    logger.info(
+                        "gRPC cluster service (heartbeat_system.HeartBeat, for the C++ client) "
+                        "on %s:%d",
+                        self.host,
+                        self.grpc_port,
+                    )
+                elif self.config.cluster.grpc_port:
+                    logger.info(
+                        "cluster.grpc_port: broker 0 serves the gRPC cluster service, not "
+                        "broker %d",
+                        self.broker_id,
+                    )
                 await services.start(
                     partial(
                         run_ordering,
                         self.order_waits,
-                        self.sequencer,
+                        self.ordering,
                         self.config.cxl.sequencer_interval_ms / 1000,
                     )
                 )
@@ -394,6 +460,7 @@ class Broker:
                         counters=self.counters,
                         make_room=self._make_room,
                         space=self.space,
+                        sessions=self.sessions,
                     )
                     async with trio.open_nursery() as connections:
                         await connections.start(self._accept, connections)
@@ -520,6 +587,11 @@ class Broker:
         return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}"
 
 
+def _bound_port(listeners: Sequence[trio.SocketListener]) -> int | None:
+    """The port the first of ``listeners`` is bound to (None: there is none)."""
+    return next((lst.socket.getsockname()[1] for lst in listeners), None)
+
+
 def _open_logs(config: Config, reset: bool) -> tuple[CxlLog, DiskLog | None]:
     cxl, storage, broker_id = config.cxl, config.storage, config.broker.id
     # Both locks first: a broker that finds either taken must leave the
@@ -608,6 +680,7 @@ async def _start(
     check_memory_ordering(config.cxl.allow_weak_memory_ordering)
     bound: list[trio.SocketListener] = []
     http: list[trio.SocketListener] = []
+    grpc: list[trio.SocketListener] = []
     try:
         if listeners is None:
             host, port = config.broker.host, config.broker.data_port
@@ -624,17 +697,28 @@ async def _start(
                 raise ListenError(
                     host, port, exc, "the HTTP endpoint: set http.port, or http.enabled = false"
                 ) from exc
+        grpc_port = config.cluster.grpc_port_for(config.broker)
+        if grpc_port is not None:
+            host = config.broker.host
+            try:
+                grpc = await trio.open_tcp_listeners(grpc_port, host=host)
+            except OSError as exc:
+                raise ListenError(
+                    host,
+                    grpc_port,
+                    exc,
+                    "the gRPC cluster service: set cluster.grpc_port, or 0 to turn it off",
+                ) from exc
         log, disk = await _open_log(config, reset)
     except BaseException:
-        for listener in [*bound, *http]:  # only those bound here; a caller's stay open
+        for listener in [*bound, *http, *grpc]:  # only those bound here; a caller's stay open
             listener.socket.close()
         raise
-    return Broker(config, log, listeners, disk, http)
+    return Broker(config, log, listeners, disk, http, grpc)
 
 
-def _close_logs(log: CxlLog, disk: DiskLog | None, sequencer: Sequencer | None) -> None:
-    if sequencer is not None:
-        sequencer.close()
+def _close_logs(log: CxlLog, disk: DiskLog | None, ordering: SequencerRole) -> None:
+    ordering.close()
     if disk is not None:
         disk.close()
     try:
@@ -655,13 +739,14 @@ async def _serve(broker: Broker, *, task_status: trio.TaskStatus[Broker]) -> NoR
                 with trio.CancelScope(shield=True):
                     await nursery.start(broker._run)
                 broker.membership.join(broker.port)  # it listens: other processes may see it
+                broker.order_waits.wakeup.unpark_all()  # it may run the sequencer now
                 task_status.started(broker)
                 await broker._failed.wait()  # else runs until cancelled
             finally:
                 broker.begin_shutdown()
     finally:
         broker.membership.leave()
-        _close_logs(broker.log, broker.disk, broker.sequencer)
+        _close_logs(broker.log, broker.disk, broker.ordering)
         if broker.failure is not None:
             # Drained: the caller learns why the broker stopped, also when it
             # had asked it to stop meanwhile (this replaces the Cancelled).

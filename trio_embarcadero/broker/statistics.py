@@ -18,9 +18,11 @@ import attrs
 
 from ..errors import ErrorCode
 from ..log import CxlStatistics, DiskStatistics
+from ..log.lease import LeaseStatistics
 from ..log.sequencer import SequencerStatistics
 from ..wire import BatchHeader
 from .acks import DialBackStatistics
+from .sessions import SessionStatistics
 from .staging import StagingPoolStatistics
 
 #: Bucket bounds (seconds) of the ack latency and disk sync histograms:
@@ -204,7 +206,12 @@ class BrokerStatistics:
         draining: Whether the broker is shutting down (a graceful drain).
         order_waits: Committed batches of order-5 topics whose acks wait
             for their place in the total order.
-        sequencer: The sequencer's counters and lag (broker 0 only, else None).
+        sequencer: The sequencer's counters and lag while this broker runs
+            it (holds its lease), else None.
+        sequencer_lease: Who holds the region's sequencer lease, at which
+            epoch, and this broker's takeovers.
+        sessions: Publish sessions (``client_req = 2``): the region's, this
+            broker's connections, duplicates and waits.
     """
 
     connections: dict[str, int]
@@ -243,6 +250,8 @@ class BrokerStatistics:
     draining: bool
     order_waits: int = 0
     sequencer: SequencerStatistics | None = None
+    sequencer_lease: LeaseStatistics | None = None
+    sessions: SessionStatistics | None = None
 
     @property
     def log_free_bytes(self) -> int:
@@ -309,13 +318,25 @@ class BrokerStatistics:
                 )
             )
         )
+        lease = self.sequencer_lease
         if self.order_waits:
-            parts.append(f"{self.order_waits} batch(es) of order-5 topics wait for their order")
+            parts.append(
+                f"{self.order_waits} batch(es) of order-5 topics wait for their order"
+                + (f" ({_lease_words(lease)})" if lease is not None and not lease.held else "")
+            )
         seq = self.sequencer
         if seq is not None and seq.topics:
+            epoch = f" (lease epoch {lease.epoch})" if lease is not None else ""
             parts.append(
-                f"sequencer: {seq.batches_ordered:,} batches ordered, {seq.lag_batches} waiting "
-                f"(oldest {seq.lag_oldest_s:.3f} s)"
+                f"sequencer{epoch}: {seq.batches_ordered:,} batches ordered, "
+                f"{seq.lag_batches} waiting (oldest {seq.lag_oldest_s:.3f} s)"
+            )
+        sessions = self.sessions
+        if sessions is not None and (sessions.connections or sessions.duplicates):
+            parts.append(
+                f"sessions: {_count(sessions.connections, 'connection')} open here, "
+                f"{_count(sessions.duplicates, 'duplicate')} acked without storing them again, "
+                f"{_count(sessions.waits, 'wait')} for another copy"
             )
         line = "; ".join(parts)
         if self.log_full_held:
@@ -368,6 +389,13 @@ PHASE_WORDS = {
     "draining": "draining",
     "closed": "closing",
 }
+
+
+def _lease_words(lease: LeaseStatistics) -> str:
+    """Who orders, for a broker that does not: ``sequencer: broker 1, epoch 3``."""
+    if lease.holder is None:
+        return "no broker runs the sequencer"
+    return f"sequencer: broker {lease.holder}, epoch {lease.epoch}"
 
 
 def _count(n: int, thing: str) -> str:

@@ -39,7 +39,7 @@ import trio
 from ..errors import ConnectionLost, ErrorCode, ProtocolError, StorageError
 from ..log import CxlLog, DiskLog, Stream
 from ..log.disk import DiskBatch
-from ..log.layout import BH_ORDERED, BH_TOTAL_ORDER, U32, U64, read_topic_order
+from ..log.layout import BH_ORDERED, BH_TOTAL_ORDER, NEVER_ORDERED, U32, U64, read_topic_order
 from ..log.ordered import OrderedIndex, cut_records
 from ..wire import (
     BATCH_METADATA,
@@ -213,12 +213,16 @@ async def _send_when_ordered(
     send_timeout: float,
 ) -> bool | None:
     """Wait until the batch at ``header_offset`` is ordered, then send its
-    records from ``start`` behind their ``BatchMetadata``; like :func:`_send`."""
-    while not U32.unpack_from(region.data, header_offset + BH_ORDERED)[0]:
+    records from ``start`` behind their ``BatchMetadata``; like :func:`_send`.
+    A batch that is never ordered (a publish session's batch_seq the
+    sequencer skipped) has no total order and is not sent."""
+    while not (ordered := U32.unpack_from(region.data, header_offset + BH_ORDERED)[0]):
         with connection.at_boundary():
             await commits.wait_ordered()
         if connection.stopping:
             return True
+    if ordered == NEVER_ORDERED:
+        return None
     (total_order,) = U64.unpack_from(region.data, header_offset + BH_TOTAL_ORDER)
     frame = bytearray(BATCH_METADATA.size + end - start)
     BATCH_METADATA.pack_into(

@@ -6,7 +6,8 @@ broker service above fans that out. :mod:`.layout` is the one description of
 the file; :mod:`.reader` maps it read-only in any process; :mod:`.disk` keeps
 the disk copy behind ack level 2; :mod:`.members` is the broker table (who
 serves the region, and their heartbeats); :mod:`.sequencer` gives order-5
-topics one total order across brokers, which :mod:`.ordered` reads.
+topics one total order across brokers, which :mod:`.ordered` reads, run by
+the broker that holds the sequencer lease (:mod:`.lease`).
 """
 
 from .disk import DiskLog as DiskLog

@@ -40,7 +40,8 @@ On start the disk log is reconciled with the CXL region:
   written to disk only once it is ordered (:meth:`DiskLog.take_jobs`), so
   its header and records hold its total orders; replayed, it is marked
   restored (``BH_RESTORED``) with its total order in the header, and the
-  sequencer gives it that place again;
+  sequencer gives it that place again (one the sequencer went past, its
+  ``ordered`` word 2, gets that word again and stays out of the order);
 * the region has more batches (they were acked at level 1 but not synced
   before a crash): the writer appends them.
 
@@ -75,7 +76,15 @@ import numpy.typing as npt
 
 from ..errors import LayoutError, LogFullError, StartupError, StorageError, UnsafeFileError
 from ..wire import BATCH_HEADER_SIZE, encode_topic, scan_records, unpack_batch_header
-from .layout import BH_ORDERED, BH_RESTORED, BH_TOTAL_ORDER, U32, U64, read_topic_order
+from .layout import (
+    BH_ORDERED,
+    BH_RESTORED,
+    BH_TOTAL_ORDER,
+    NEVER_ORDERED,
+    U32,
+    U64,
+    read_topic_order,
+)
 from .layout import file_name as file_name
 from .layout import parse_file_name as parse_file_name
 from .ownership import BrokerLock, claim_disk_log, open_private_file, sync_directory
@@ -478,10 +487,15 @@ class DiskLog:
             ) from exc
         region = self._log.region.data
         if header.ordered and read_topic_order(region, self._log.geometry, stream.topic_index) == 5:
-            # It had its place in the total order (its records keep their
-            # total_order fields): the sequencer gives it the same again.
-            U64.pack_into(region, reservation.header_offset + BH_TOTAL_ORDER, header.total_order)
-            U32.pack_into(region, reservation.header_offset + BH_RESTORED, 1)
+            at = reservation.header_offset
+            if header.ordered == NEVER_ORDERED:
+                # The sequencer went past it: it stays out of the total order.
+                U32.pack_into(region, at + BH_ORDERED, NEVER_ORDERED)
+            else:
+                # It had its place in the total order (its records keep their
+                # total_order fields): the sequencer gives it the same again.
+                U64.pack_into(region, at + BH_TOTAL_ORDER, header.total_order)
+                U32.pack_into(region, at + BH_RESTORED, 1)
         try:
             got = os.preadv(fd, [reservation.payload.data], file_offset + BATCH_HEADER_SIZE)
             if got != total:

@@ -1,16 +1,23 @@
 """Where everything is in a CXL region: the one description of the file layout.
 
-Layout (version 3, all integers little-endian)::
+Layout (version 4, all integers little-endian)::
 
     offset 0          superblock (4096 B)
-                        0  magic  b"TEMBCXL3"       8  layout version (u32)
+                        0  magic  b"TEMBCXL4"       8  layout version (u32)
                        12  max_topics (u32)        16  max_brokers (u32)
                        20  num_units (u32)         24  region size (u64)
                        32  largest segment (u64)   40  data offset (u64)
                        48  largest order (u32)     56  unit size (u64)
                        64  map offset (u64)        72  next segment generation (u64)
-                      512  reserved (512 B, zero): the sequencer lease to come
-                           (epoch, holder, expiry); nothing reads it yet
+                      384  the session table (64 B; layout 4): its first
+                           segment's first unit + 1 (u32; 0: none yet), then
+                           zeros (see .sessions)
+                      512  the sequencer lease (see .lease; zero: never held):
+                             0 epoch (u64)        8 holder broker id (u32)
+                            12 holder pid (u32)  16 expiry (u64, ns of the
+                            host's monotonic clock; 0: released)
+                            24 granted (u64, same clock); the rest of the
+                            512 B stays zero
                      1024  the broker table: 32 entries of 96 B, one per
                            broker id (see .members):
                              0 sequence (u32, odd while the entry is written)
@@ -68,13 +75,37 @@ one stream, at most ``RUN_LIMIT`` of :mod:`.sequencer`) and writes, in this
 order: every record's ``total_order`` and each header's ``total_order``, the
 index entries, the topic's ordered count (the commit point: one aligned
 8-byte store covering the whole run), then the headers' ``ordered`` words
-(1). A batch is ordered once the count covers its entry; a sequencer that
-starts again redoes the ``ordered`` words of the last ``RUN_LIMIT`` entries
-(those of batches still in the region) and goes on from the count, so a
-``kill -9`` at any store neither assigns a total order twice nor skips one.
-The next total order is the last entry's plus its ``num_msg``; each
-broker's stream is ordered in its commit order, so its ordered batches come
-first and a restart resumes after the last one.
+(1), then the next batch_seq to order of each publish session (see below)
+with a batch in the run (one 8-byte store a session). A batch is ordered
+once the count covers its entry; a sequencer that starts again redoes the
+``ordered`` words of the last ``RUN_LIMIT`` entries (those of batches still
+in the region) and their sessions' next batch_seqs, and goes on from the
+count, so a ``kill -9`` at any store neither assigns a total order twice nor
+skips one. The next total order is the last entry's plus its ``num_msg``;
+each broker's stream is ordered in its commit order, so its ordered batches
+come first and a restart resumes after the last one whose ``ordered`` word
+is 1 (passing again the batches after it whose word is 2,
+``NEVER_ORDERED``). The sequencer writes 2 into a batch's ``ordered`` word
+only once the run before it in its stream is written whole, so a stream's
+``ordered`` words are set in its order (the disk writer relies on it).
+
+The session table of publish sessions (``client_req = 2``, see
+:mod:`.sessions`) is a chain of segments whose map owner is
+``SESSION_OWNER``, whose header names no topic (``NO_TOPIC``) and broker
+``SESSION_OWNER``; from +64 each holds entries of 2 KiB. A session's batch
+names its entry in its header's padding word at +28 (``BH_SESSION``: 1 + the
+entry's index, 0 for any other batch) and carries the session's token in
+``batch_off_to_export`` (+64, ``BH_SESSION_TOKEN``). The sequencer writes
+2 in the ``ordered`` word of a session batch that is never ordered (its
+batch_seq was skipped).
+
+A batch of an order-5 topic goes to the disk log once its ``ordered`` word
+is set (see :mod:`.disk`). Replayed into a region rebuilt after it was lost,
+a batch that had a total order gets it back in its header's ``total_order``
+and 1 in its restored word (``BH_RESTORED``, +72, in the padding the writer
+zeroes), both before its commit, and the sequencer gives it that place
+again, before any batch that was not replayed; one that was never ordered
+gets 2 in its ``ordered`` word again, and stays so.
 
 A *stream* is one (topic, broker) pair: its own chain of segments, its own
 logical offsets. Its first segment is one unit, and each next one twice the
@@ -122,17 +153,32 @@ from ..wire import (
     unpack_batch_header,
 )
 
-MAGIC = b"TEMBCXL3"
-#: Layout 3 added the broker table and a topic's order; layout 2 had neither.
-LAYOUT_VERSION = 3
-#: Layout 2's magic: such a region is read as it is and upgraded by the
-#: first broker that attaches (:func:`upgrade_layout`).
+MAGIC = b"TEMBCXL4"
+#: Layout 4 added the session table; layout 3 the broker table and a
+#: topic's order, which layout 2 had not.
+LAYOUT_VERSION = 4
+#: The magic of the layouts before: such a region is read as it is and
+#: upgraded by the first broker that attaches (:func:`upgrade_layout`).
 MAGIC_2 = b"TEMBCXL2"
+MAGIC_3 = b"TEMBCXL3"
 _MAGIC_VERSION = struct.Struct("<8sI")
 SUPERBLOCK_SIZE = 4096
-#: Where the sequencer lease will live (reserved, zero in layout 3).
+#: Where the session table starts (layout 4; zero in layout 3): the first
+#: unit + 1 of its first segment (u32), then zeros to 448.
+SESSION_TABLE_OFFSET = 384
+SESSION_TABLE_SIZE = 64
+#: The segment map's owner (and segment header's broker) of the session
+#: table's segments; no broker id is this large.
+SESSION_OWNER = 0xFE
+#: The topic a session table segment's header names: none.
+NO_TOPIC = 0xFFFFFFFF
+#: The sequencer lease (see .lease): 512 B reserved since layout 3, zero until
+#: a broker first takes the lease, so layout 3 needs no new version for it.
 LEASE_OFFSET = 512
 LEASE_SIZE = 512
+#: epoch, holder broker id, holder pid, expiry, granted.
+LEASE_RECORD = struct.Struct("<QIIQQ")
+assert LEASE_RECORD.size <= LEASE_SIZE
 #: The broker table: one entry per possible broker id, inside the superblock
 #: page, so adding it moved nothing else.
 BROKER_TABLE_OFFSET = 1024
@@ -183,11 +229,16 @@ INDEX_ENTRY_SIZE = INDEX_ENTRY.size
 #: Byte offsets of the batch-header words the sequencer writes.
 BH_ORDERED = 24
 BH_TOTAL_ORDER = 56
-#: A batch header's restored word (the wire's ``_pad0``, which the broker
-#: writes 0): 1 on a batch of an order-5 topic replayed from the disk log
-#: with the total order it had (in ``total_order``), which the sequencer
-#: gives it again.
-BH_RESTORED = 28
+#: A session batch's header (see .sessions): 1 + its session's entry, and its token.
+BH_SESSION = 28
+BH_SESSION_TOKEN = 64
+#: The ``ordered`` word of a batch that is never ordered.
+NEVER_ORDERED = 2
+#: A batch header's restored word (in the padding after the wire's fields,
+#: which the writer zeroes): 1 on a batch of an order-5 topic replayed from
+#: the disk log with the total order it had (in ``total_order``), which the
+#: sequencer gives it again.
+BH_RESTORED = 72
 #: A stream entry's count of attached publish sessions, at +56.
 STREAM_ATTACHED_OFFSET = 56
 #: A stream entry: first, last segment, segment count.
@@ -361,21 +412,23 @@ def read_geometry(buf: Any) -> Geometry:
     """Read a region's geometry from its superblock.
 
     Raises:
-        LayoutError: The buffer does not start with a layout-3 superblock;
-            the message tells a region of an older layout from other data.
+        LayoutError: The buffer does not start with a superblock of layout
+            2 to 4; the message tells a region of an older layout from other
+            data.
     """
     magic, version, topics, brokers, _, region, segment, _, _, unit, _, _ = SUPERBLOCK.unpack_from(
         buf, 0
     )
-    if (magic, version) == (MAGIC_2, 2):
-        # Layout 2 keeps its tables where layout 3 does; it has no broker
-        # table (its zeros read as "absent") and every topic's order is 0.
+    if (magic, version) in ((MAGIC_2, 2), (MAGIC_3, 3)):
+        # Layouts 2 and 3 keep their tables where layout 4 does; layout 2
+        # has no broker table (its zeros read as "absent") and every topic's
+        # order is 0; neither has a session table (zero: none yet).
         return Geometry(region, segment, topics, brokers, unit)
     if magic[:-1] == MAGIC[:-1] and (magic != MAGIC or version != LAYOUT_VERSION):
         # Ours, but of another layout: its tables are not where this one looks.
         raise LayoutError(
             f"a CXL region of layout {version} (this version of trio-embarcadero "
-            f"reads layout {LAYOUT_VERSION} only)"
+            f"reads layouts 2 to {LAYOUT_VERSION})"
         )
     if magic != MAGIC or version != LAYOUT_VERSION:
         raise LayoutError(
@@ -385,33 +438,41 @@ def read_geometry(buf: Any) -> Geometry:
     return Geometry(region, segment, topics, brokers, unit)
 
 
-def upgrade_layout(buf: Any, path: str) -> bool:
-    """Make a region of layout 2 one of layout 3, in place; the caller holds
-    the region's file lock and maps it read-write.
+def upgrade_layout(buf: Any, path: str) -> int | None:
+    """Make a region of layout 2 or 3 one of layout 4, in place; the caller
+    holds the region's file lock and maps it read-write.
 
-    Layout 3 only adds what layout 2 left as zeros: the broker table and the
-    sequencer lease in the superblock's page, and a topic's order (0) in its
-    header's padding. So the upgrade is the new magic and version, written
-    once the page is seen to be empty; every batch stays where it is.
+    Each layout only adds what the one before left as zeros: layout 3 the
+    broker table and the sequencer lease in the superblock's page and a
+    topic's order (0) in its header's padding, layout 4 the session table's
+    start in the superblock's page (and the session words of batch headers,
+    which are 0 for every batch written before). So the upgrade is the new
+    magic and version, written once the new areas are seen to be empty;
+    every batch stays where it is.
 
     Returns:
-        Whether the region was of layout 2 (and is of layout 3 now).
+        The layout the region was of (2 or 3), or None when it needed no upgrade.
 
     Raises:
-        LayoutError: The superblock's page holds data beyond layout 2's
-            superblock: not a region the previous version wrote.
+        LayoutError: The superblock's page holds data where the old layout
+            has none: not a region an earlier version wrote.
     """
     magic, version = _MAGIC_VERSION.unpack_from(buf, 0)
-    if (magic, version) != (MAGIC_2, 2):
-        return False
-    rest = np.frombuffer(buf, np.uint8, SUPERBLOCK_SIZE - SUPERBLOCK.size, SUPERBLOCK.size)
-    if rest.any():
+    if (magic, version) == (MAGIC_2, 2):
+        start, end = SUPERBLOCK.size, SUPERBLOCK_SIZE
+        where = "past the superblock"
+    elif (magic, version) == (MAGIC_3, 3):
+        start, end = SESSION_TABLE_OFFSET, SESSION_TABLE_OFFSET + SESSION_TABLE_SIZE
+        where = "where layout 4 keeps the session table"
+    else:
+        return None
+    if np.frombuffer(buf, np.uint8, end - start, start).any():
         raise LayoutError(
-            f"{path} says it is a CXL region of layout 2, but its superblock's page is not "
-            "empty past the superblock; start with --reset to discard it"
+            f"{path} says it is a CXL region of layout {version}, but its superblock's page "
+            f"is not empty {where}; start with --reset to discard it"
         )
     _MAGIC_VERSION.pack_into(buf, 0, MAGIC, LAYOUT_VERSION)
-    return True
+    return int(version)
 
 
 def check_layout(buf: Any, geometry: Geometry, path: str) -> None:

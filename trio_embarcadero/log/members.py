@@ -30,8 +30,9 @@ the host's monotonic clock, which every process of one host shares; a reader
 on another host (real CXL) would have to compare heartbeat counts over time
 instead.
 
-The superblock page keeps 512 bytes free before the table for the
-sequencer's lease (an epoch and an expiry) that is to come.
+The superblock page holds the sequencer's lease before the table
+(:mod:`.lease`); the table is how a broker tells that the lease's holder
+is gone.
 """
 
 from __future__ import annotations

@@ -43,6 +43,9 @@ from ..wire import MAX_BROKER_ID
 #: Bytes of the lock file per broker id: the locked range, holding the pid.
 SLOT_SIZE = 16
 SLOTS = MAX_BROKER_ID + 1
+#: The byte of a region's lock file, past every broker's slot, whose lock
+#: guards the region's session table (see :mod:`.sessions`).
+SESSION_LOCK_OFFSET = SLOTS * SLOT_SIZE
 #: Linux's ``struct flock`` on 64-bit: type, whence, (pad), start, len, pid, (pad).
 _FLOCK = struct.Struct("@hhqqi4x")
 
@@ -192,9 +195,13 @@ class BrokerLock:
         if not self.whole:
             return
         own = self.broker_id * SLOT_SIZE
-        _try_lock(self._fd, fcntl.F_UNLCK, 0, own)
         end = own + SLOT_SIZE
-        _try_lock(self._fd, fcntl.F_UNLCK, end, SLOTS * SLOT_SIZE - end)
+        # Never an empty range: to fcntl a length of 0 means "to the end of
+        # the file", so broker 0's [0, 0) would let go of its own slot too.
+        if own:
+            _try_lock(self._fd, fcntl.F_UNLCK, 0, own)
+        if end < SLOTS * SLOT_SIZE:
+            _try_lock(self._fd, fcntl.F_UNLCK, end, SLOTS * SLOT_SIZE - end)
         self.whole = False
 
     def close(self) -> None:
@@ -213,6 +220,38 @@ def _slot_pid(fd: int, slot: int) -> int | None:
     # refused start (maybe on the event loop) wait for it.
     text = os.pread(fd, SLOT_SIZE, slot * SLOT_SIZE).strip(b"\0 \n")
     return int(text) if text.isdigit() else None
+
+
+class RangeLock:
+    """An exclusive OFD lock on one byte range of an open lock file, taken
+    for a few stores at a time (a context manager; it waits for the lock).
+
+    Like the broker locks it conflicts between two handles of one process
+    too, and the kernel drops it when its holder dies, so a ``kill -9``
+    inside never leaves it taken. The holder must never wait for another
+    lock meanwhile (see :mod:`.sessions` for the order locks are taken in).
+    """
+
+    def __init__(self, fd: int, start: int, length: int = 1) -> None:
+        self._fd = fd
+        self._start = start
+        self._length = length
+
+    def __enter__(self) -> None:
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, self._start, self._length, 0)
+        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLKW, query)
+
+    def __exit__(self, *exc: object) -> None:
+        _try_lock(self._fd, fcntl.F_UNLCK, self._start, self._length)
+
+
+def slot_held(fd: int, slot: int) -> bool:
+    """Whether a live process holds broker id ``slot``'s lock in the lock
+    file open as ``fd`` (this process's own handles count, as for any
+    other)."""
+    query = _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, slot * SLOT_SIZE, SLOT_SIZE, 0)
+    kind, *_ = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query))
+    return bool(kind != fcntl.F_UNLCK)
 
 
 def _try_lock(fd: int, kind: int, start: int, length: int) -> bool:
@@ -324,13 +363,7 @@ def lock_holders(path: str) -> dict[int, int | None]:
     except FileNotFoundError:
         return {}
     try:
-        served = {}
-        for slot in range(SLOTS):
-            query = _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, slot * SLOT_SIZE, SLOT_SIZE, 0)
-            kind, *_ = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query))
-            if kind != fcntl.F_UNLCK:
-                served[slot] = _slot_pid(fd, slot)
-        return served
+        return {slot: _slot_pid(fd, slot) for slot in range(SLOTS) if slot_held(fd, slot)}
     finally:
         os.close(fd)
 
@@ -347,7 +380,9 @@ def claim_disk_log(directory: str, broker_id: int, *, mode: int) -> BrokerLock:
 
 
 __all__ = [
+    "SESSION_LOCK_OFFSET",
     "BrokerLock",
+    "RangeLock",
     "check_replaceable",
     "claim_disk_log",
     "claim_region",
@@ -357,5 +392,6 @@ __all__ = [
     "open_private_file",
     "region_lock_path",
     "remove_region",
+    "slot_held",
     "sync_directory",
 ]

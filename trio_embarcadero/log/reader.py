@@ -82,6 +82,7 @@ from .layout import (
     read_topics,
     unit_map,
 )
+from .lease import LeaseRecord, read_lease
 from .members import BrokerMember, read_members
 from .ordered import OrderedIndex
 from .ownership import lock_holders
@@ -278,6 +279,11 @@ class LogReader:
         that serve clients now; ``address`` where they listen.
         """
         return region_brokers(self._mmap, self.path, self.geometry.max_brokers)
+
+    def sequencer_lease(self) -> LeaseRecord:
+        """The region's sequencer lease: which broker orders its order-5
+        topics, at which epoch, until when (see :mod:`~trio_embarcadero.log.lease`)."""
+        return read_lease(self._mmap)
 
     # -- the total order of an order-5 topic --------------------------------------------
 

@@ -42,7 +42,7 @@ import os
 import platform
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import attrs
 import numpy as np
@@ -65,6 +65,7 @@ from .layout import (
     BATCH_RESERVED,
     BH_ORDERED,
     BH_TOTAL_SIZE,
+    LAYOUT_VERSION,
     NEXT_GENERATION_OFFSET,
     NO_SEGMENT,
     SEGMENT_HEADER,
@@ -99,12 +100,25 @@ from .layout import (
     upgrade_layout,
     write_topic,
 )
-from .ownership import BrokerLock, check_replaceable, claim_region, open_private_file
+from .lease import SequencerLease
+from .members import BrokerMember
+from .ownership import (
+    BrokerLock,
+    check_replaceable,
+    claim_region,
+    open_private_file,
+    region_lock_path,
+)
 from .segments import SegmentMap, order_for
 from .sequencer import Sequencer
+from .sessions import Claim, SessionTable
 from .topics import attached_publishers, finish_deletions
 
 logger = logging.getLogger(__name__)
+
+#: How long a publish session is kept without activity, unless the broker
+#: says otherwise (``cxl.session_timeout_s``).
+DEFAULT_SESSION_TIMEOUT_NS = 300 * 10**9
 
 #: ``platform.machine()`` of the machines whose stores become visible to other
 #: cores in program order (x86-64's total store order), lower case.
@@ -183,6 +197,8 @@ class Reservation:
         batch_index: Position among the stream's committed batches, once committed.
         owner: Whatever the caller of :meth:`CxlLog.get_cxl_buffer` tied to the
             batch (the broker: where its ack goes); the log never looks at it.
+        session: The claim of a publish session's batch (see :mod:`.sessions`),
+            or None.
     """
 
     __slots__ = (
@@ -192,6 +208,7 @@ class Reservation:
         "header_offset",
         "owner",
         "payload",
+        "session",
         "starts",
         "state",
         "stream",
@@ -204,11 +221,13 @@ class Reservation:
         header_offset: int,
         payload: npt.NDArray[np.uint8],
         owner: object = None,
+        session: Claim | None = None,
     ) -> None:
         self.stream = stream
         self.header = header
         self.header_offset = header_offset
         self.payload = payload
+        self.session = session
         self.state = BATCH_RESERVED
         self.starts: npt.NDArray[np.int64] | None = None
         self.first_offset = -1
@@ -374,6 +393,7 @@ class CxlLog:
         self._streams: dict[str, Stream] = {}
         #: topic -> (table slot, incarnation), as last seen.
         self._topic_index: dict[str, tuple[int, int]] = {}
+        self._sessions: SessionTable | None = None
         self._reservations = 0
         self._abandoned = 0
         self._ring_full = 0
@@ -499,8 +519,14 @@ class CxlLog:
                 if fresh:
                     format_region(mapping, geometry)
                 else:
-                    if upgrade_layout(mapping, path):
-                        logger.info("%s: upgraded the region from layout 2 to 3 in place", path)
+                    upgraded = upgrade_layout(mapping, path)
+                    if upgraded is not None:
+                        logger.info(
+                            "%s: upgraded the region from layout %d to %d in place",
+                            path,
+                            upgraded,
+                            LAYOUT_VERSION,
+                        )
                     check_layout(mapping, geometry, path)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
@@ -522,6 +548,9 @@ class CxlLog:
             for stream in self._streams.values():
                 stream.pending.clear()
             self._streams.clear()
+            if self._sessions is not None:
+                self._sessions.close()
+                self._sessions = None
             del self.words, self.region, self.map
             self._mmap.close()
         finally:
@@ -535,11 +564,72 @@ class CxlLog:
     def _lock(self) -> _FileLock:
         return _FileLock(self._fd)
 
-    def sequencer(self, hole_timeout_ns: int) -> Sequencer:
-        """A :class:`~.sequencer.Sequencer` of this region (the head broker's)."""
+    def _try_lock(self) -> _FileLock:
+        return _FileLock(self._fd, wait=False)
+
+    def sequencer(self, hole_timeout_ns: int, lease: SequencerLease | None = None) -> Sequencer:
+        """A :class:`~.sequencer.Sequencer` of this region, which orders the
+        batches of a publish session by batch_seq.
+
+        Args:
+            hole_timeout_ns: See :class:`~.sequencer.Sequencer`.
+            lease: The sequencer lease this process holds: every step then
+                checks it under the region's lock first and writes nothing
+                once it is stale (:meth:`~.lease.SequencerLease.fenced`).
+                None: no check (a region only this process orders).
+        """
+        lock = self._lock if lease is None else lease.fenced
         return Sequencer(
-            self._mmap, self.geometry, self.map, self._lock, hole_timeout_ns=hole_timeout_ns
+            self._mmap,
+            self.geometry,
+            self.map,
+            lock,
+            hole_timeout_ns=hole_timeout_ns,
+            sessions=self.sessions,
         )
+
+    def sequencer_lease(
+        self,
+        duration_ns: int,
+        *,
+        members: Callable[[], Sequence[BrokerMember]],
+        clock: Callable[[], int] = time.monotonic_ns,
+        pid: int | None = None,
+    ) -> SequencerLease:
+        """This broker's side of the region's sequencer lease (see :mod:`.lease`).
+
+        Args:
+            duration_ns: How long a grant or renewal lasts.
+            members: The region's brokers now (who is alive).
+            clock: The host's monotonic clock, ns.
+            pid: The process the lease names (default: this one).
+        """
+        return SequencerLease(
+            self._mmap,
+            self.broker_id,
+            self._lock,
+            self._try_lock,
+            duration_ns=duration_ns,
+            members=members,
+            clock=clock,
+            pid=pid,
+        )
+
+    @property
+    def sessions(self) -> SessionTable:
+        """This broker's handle on the region's session table (see
+        :mod:`.sessions`); its ``timeout_ns`` and ``clock`` are the broker's to set."""
+        if self._sessions is None:
+            self._sessions = SessionTable(
+                self._mmap,
+                self.geometry,
+                self.map,
+                self._lock,
+                region_lock_path(self.path),
+                self.broker_id,
+                timeout_ns=DEFAULT_SESSION_TIMEOUT_NS,
+            )
+        return self._sessions
 
     def topics(self) -> dict[str, int]:
         """Every live topic in the region and its table index."""
@@ -765,6 +855,7 @@ class CxlLog:
         topic: str,
         header: BatchHeader,
         owner: object = None,
+        session: Claim | None = None,
     ) -> Reservation:
         """Reserve log space for a batch of ``topic`` and write its header.
 
@@ -775,6 +866,11 @@ class CxlLog:
             topic: The batch's topic (created on first use).
             header: The validated batch header from the publisher.
             owner: Kept on the reservation for the caller (see :class:`Reservation`).
+            session: The claim of a publish session's batch (see
+                :mod:`.sessions`): its entry and token go into the header,
+                where the batch is into the claim (before it can commit),
+                and the claim onto the reservation; :meth:`complete` settles
+                it, :meth:`abandon` gives it up.
 
         Returns:
             The reservation, whose ``payload`` array is where the payload goes.
@@ -804,6 +900,10 @@ class CxlLog:
                     transient=False,
                 )
         offset = stream.write_offset
+        if session is not None:
+            # Where it will be, before anything is written there: a claim
+            # whose broker dies is judged by the header found there.
+            self.sessions.locate(session, offset)
         stream.write_offset += need
         if stream.write_offset + BATCH_HEADER_SIZE <= stream.segment_end:
             # The end of the data, written before this batch's header can be
@@ -818,15 +918,15 @@ class CxlLog:
             BATCH_RESERVED,
             self.broker_id,
             0,
-            0,
+            session.word if session is not None else 0,
             header.total_size,
             0,
             offset + BATCH_HEADER_SIZE,
             0,
-            0,
+            session.token if session is not None else 0,
         )
         payload = self.region[offset + BATCH_HEADER_SIZE : offset + need]
-        reservation = Reservation(stream, header, offset, payload, owner)
+        reservation = Reservation(stream, header, offset, payload, owner, session)
         stream.pending.append(reservation)
         self._reservations += 1
         return reservation
@@ -865,6 +965,13 @@ class CxlLog:
         self._refuse_if_foreign()
         return committed
 
+    def _settle_sessions(self, committed: list[Reservation]) -> None:
+        """Mark the publish session batches among ``committed`` stored (see
+        :mod:`.sessions`): after their commit, before anyone acks them."""
+        claims = [r.session for r in committed if r.session is not None]
+        if claims:
+            self.sessions.settle(claims)
+
     def abandon(self, reservation: Reservation) -> list[Reservation]:
         """Give up a reservation whose payload will never be whole.
 
@@ -886,6 +993,8 @@ class CxlLog:
         reservation.state = BATCH_ABANDONED
         U32.pack_into(self._mmap, reservation.header_offset + BH_BATCH_COMPLETE, BATCH_ABANDONED)
         self._abandoned += 1
+        if reservation.session is not None:
+            self.sessions.release(reservation.session)
         return self._advance(reservation.stream)
 
     def _advance(self, stream: Stream) -> list[Reservation]:
@@ -903,6 +1012,7 @@ class CxlLog:
             committed.append(head)
         if committed:
             self._write_counts(stream)
+            self._settle_sessions(committed)
         return committed
 
     def _still_reserved(self, reservation: Reservation) -> bool:
@@ -1251,11 +1361,13 @@ class _FileLock:
     so taking it synchronously on the event loop is cheaper than a thread hop.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, wait: bool = True) -> None:
         self._fd = fd
+        self._flags = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
 
     def __enter__(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        # Without wait: BlockingIOError while another process holds it.
+        fcntl.flock(self._fd, self._flags)
 
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -1,6 +1,7 @@
 """The sequencer: one total order over every broker's stream of an order-5 topic.
 
-Broker 0 (the head) runs it; it knows nothing of Trio. Each call of
+The broker that holds the sequencer lease (see :mod:`.lease`) runs it; it
+knows nothing of Trio. Each call of
 :meth:`Sequencer.step` looks at every live order-5 topic in the region, walks
 each broker's stream of it from where the last step stopped, and gives every
 batch committed since a place in the topic's total order: per message, gap-free
@@ -21,6 +22,18 @@ being received holds back only its own stream's later batches. A committed
 batch behind a reserved one (a hole: a writer that commits out of log order,
 or one that died and left it) is waited for at most ``hole_timeout_ns``;
 then the sequencer goes past it, and that batch is never ordered.
+
+A publish session's batches (see :mod:`.sessions`) are ordered by their
+batch_seq, also when different brokers stored them: a session batch whose
+predecessor is not ordered yet holds its stream, like a hole, for at most
+``hole_timeout_ns``; then the batch_seqs still missing before it are
+skipped and it is ordered. A session batch whose batch_seq was skipped is
+never ordered: its header's ``ordered`` word becomes 2 (``NEVER_ORDERED``).
+A session's batches go into runs like any others: those of the run being
+written count as ordered for the next (:meth:`.sessions.SessionTable.placement`), and
+the session's next batch_seq is written after the run's commit point. A
+batch_seq is skipped, or a word 2 written, only once the run before it is
+written whole (see :mod:`.layout`).
 
 Every step runs under the region's file lock: a topic is not deleted, nor a
 segment reclaimed, while the sequencer writes into it.
@@ -46,11 +59,14 @@ from .layout import (
     BATCH_COMMITTED,
     BATCH_RESERVED,
     BH_ORDERED,
+    BH_RESTORED,
+    BH_SESSION,
     BH_TOTAL_ORDER,
     BH_TOTAL_SIZE,
     INDEX_ENTRY,
     INDEX_ENTRY_SIZE,
     INDEX_OWNER,
+    NEVER_ORDERED,
     NEXT_GENERATION_OFFSET,
     NO_SEGMENT,
     SEGMENT_HEADER,
@@ -82,6 +98,7 @@ from .layout import (
     read_topics,
 )
 from .segments import SegmentMap
+from .sessions import Placement, SessionTable
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +182,14 @@ class OrderedBatches(Sequence[OrderedBatch]):
         k = index - self._starts[run]
         return OrderedBatch(topic, broker, headers[k], num_msgs[k], totals[k], entry + k)
 
+    def __eq__(self, other: object) -> bool:
+        # Equal to any list or tuple of the same batches, as a list would be.
+        if isinstance(other, OrderedBatches | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
     def __repr__(self) -> str:
         return f"OrderedBatches({list(self)!r})"
 
@@ -184,6 +209,8 @@ class SequencerStatistics:
         index_full: Steps that found no free unit for an index segment.
         index_segments_freed: Index segments let go (every batch they named
             was gone).
+        session_skips: Batch_seqs of publish sessions it skipped after a
+            later one waited ``hole_timeout_ns`` for them.
     """
 
     topics: int
@@ -194,18 +221,20 @@ class SequencerStatistics:
     holes_skipped: int
     index_full: int
     index_segments_freed: int
+    session_skips: int = 0
 
 
-#: A batch header's num_msg, state, broker, ordered, restored and total_size,
-#: read at +12.
-_HEAD = struct.Struct("<IIIIIQ")
+#: A batch header's num_msg, state, broker, ordered, session word (see
+#: :mod:`.sessions`), total_size and restored word, read at +12.
+_HEAD = struct.Struct(f"<IIIIIQ{BH_RESTORED - 40}xI")
+assert _HEAD.size == BH_RESTORED + 4 - 12
 
 
 def _walk(
     buf: Any, g: Geometry, topic_index: int, broker: int, pos: WalkPosition
-) -> Iterator[tuple[int, int, int, int, int, int]]:
-    """``(offset, state, ordered, restored, num_msg, total_size)`` of each batch of a
-    stream from ``pos`` on, moving ``pos`` past a batch when the next is asked
+) -> Iterator[tuple[int, int, int, int, int, int, int]]:
+    """``(offset, state, ordered, session, num_msg, total_size, restored)`` of
+    each batch of a stream from ``pos`` on, moving ``pos`` past a batch when the next is asked
     for (as :func:`~.layout.iter_batches` does, which checks the segment's
     generation at every batch: here the caller holds the region's file lock,
     so no segment is let go meanwhile, and checks it once before it walks)."""
@@ -219,10 +248,12 @@ def _walk(
         offset = pos.offset
         total = 0
         if offset <= header_room:
-            num_msg, state, _, ordered, restored, total = _HEAD.unpack_from(buf, offset + 12)
+            num_msg, state, _, ordered, session, total, restored = _HEAD.unpack_from(
+                buf, offset + 12
+            )
         end = offset + BATCH_HEADER_SIZE + total
         if total and end <= pos.end:
-            yield offset, state, ordered, restored, num_msg, total
+            yield offset, state, ordered, session, num_msg, total, restored
             pos.offset = end
             continue
         # The end of the segment's data: on to the next segment, if linked.
@@ -253,16 +284,23 @@ def _store(view: npt.NDArray[Any], at: npt.NDArray[np.int64] | slice, values: An
 
 class _Run:
     """Batches of one stream found to order: their header offsets, message
-    counts, payload sizes and data segments' generations."""
+    counts, payload sizes and data segments' generations, and the next
+    batch_seq of each publish session with a batch among them."""
 
-    __slots__ = ("generations", "messages", "num_msgs", "offsets", "sizes")
+    __slots__ = ("generations", "messages", "num_msgs", "offsets", "sessions", "sizes")
 
     def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        """Begin anew (new lists: the batches ordered keep the old ones)."""
         self.messages = 0
         self.offsets: list[int] = []
         self.num_msgs: list[int] = []
         self.sizes: list[int] = []
         self.generations: list[int] = []
+        # Entry offset of a session in the table: its batch_seq after the run.
+        self.sessions: dict[int, int] = {}
 
 
 class _Hole:
@@ -276,7 +314,7 @@ class _Hole:
 class _StreamCursor:
     """Where the sequencer stands in one broker's stream of a topic."""
 
-    __slots__ = ("done", "hole", "new_seen", "position", "waiting_since")
+    __slots__ = ("done", "held", "hole", "new_seen", "position", "waiting_since")
 
     def __init__(self) -> None:
         self.position: WalkPosition | None = None
@@ -284,6 +322,8 @@ class _StreamCursor:
         # skipped or reclaimed), numbered as the stream's entry counts them.
         self.done = 0
         self.hole: _Hole | None = None
+        # A session batch waiting for its predecessor (since when).
+        self.held: _Hole | None = None
         self.waiting_since: int | None = None
         # A batch not replayed from the disk log was seen: none comes after.
         self.new_seen = False
@@ -322,7 +362,10 @@ class Sequencer:
         segment_map: Its segment map (index segments come from it).
         lock: Returns the region's file lock (a context manager).
         hole_timeout_ns: How long a committed batch behind a reserved one
-            waits before the sequencer goes past the reserved one.
+            waits before the sequencer goes past the reserved one (and a
+            session batch for its predecessor).
+        sessions: The region's session table, whose batches are ordered by
+            batch_seq; None orders them as any other.
     """
 
     def __init__(
@@ -333,8 +376,10 @@ class Sequencer:
         lock: Callable[[], contextlib.AbstractContextManager[object]],
         *,
         hole_timeout_ns: int,
+        sessions: SessionTable | None = None,
     ) -> None:
         self._buf = buf
+        self._sessions = sessions
         self._g = geometry
         self._map = segment_map
         self._lock = lock
@@ -349,6 +394,7 @@ class Sequencer:
         self._lag = 0
         self._lag_oldest_ns = 0
         self._index_segments_freed = 0
+        self._session_skips = 0
         self._index_checked_ns: int | None = None
         with self._lock():
             self._recover_index_segments()
@@ -357,6 +403,7 @@ class Sequencer:
         """Let go of the region's buffer (and the segment map's view of it),
         so the region can be unmapped."""
         self._topics.clear()
+        self._sessions = None
         del self._words, self._u32, self._map
 
     # -- one step ------------------------------------------------------------------
@@ -377,10 +424,7 @@ class Sequencer:
             self._refresh_topics()
             for topic in self._topics.values():
                 if self._order_restored(topic, now_ns, budget, ordered):
-                    for broker in range(self._g.max_brokers):
-                        if len(ordered) >= budget:
-                            break
-                        self._order_stream(topic, broker, now_ns, budget, ordered)
+                    self._order_streams(topic, now_ns, budget, ordered)
             self._measure_lag(now_ns)
             due = self._index_checked_ns
             if due is None or now_ns - due >= INDEX_RECLAIM_INTERVAL_NS:
@@ -400,6 +444,7 @@ class Sequencer:
             holes_skipped=self._holes,
             index_full=self._index_full,
             index_segments_freed=self._index_segments_freed,
+            session_skips=self._session_skips,
         )
 
     # -- topics --------------------------------------------------------------------
@@ -438,7 +483,8 @@ class Sequencer:
         return topic
 
     def _redo_ordered_words(self, topic: _TopicOrder) -> None:
-        """Write the ``ordered`` words of the index's last entries again: a
+        """Write the ``ordered`` words of the index's last entries again, and
+        the next batch_seq to order of the publish sessions among them: a
         sequencer cut short after a run's commit point may not have written
         them all. (Not those of batches retention took since.)"""
         per = index_per_segment(self._g)
@@ -463,6 +509,10 @@ class Sequencer:
             ]
             headers = entries["header"][np.isin(entries["generation"], kept)].astype(np.int64)
             _store(self._u32, (headers + BH_ORDERED) // 4, _ONE)
+            if self._sessions is not None:
+                sessions = headers[self._u32[(headers + BH_SESSION) // 4] != 0]
+                for header in sessions.tolist():
+                    self._sessions.ordered(header)
             start += count
 
     def _recover_index_segments(self) -> None:
@@ -480,18 +530,20 @@ class Sequencer:
 
     def _frontier(self, topic: _TopicOrder, broker: int, cursor: _StreamCursor) -> None:
         """Set ``cursor`` after the stream's last ordered batch: a new stream's
-        start, or where a sequencer that stopped had got to."""
+        start, or where a sequencer that stopped had got to. (Batches never
+        ordered after it are passed again: a region rebuilt from the disk
+        log has them among batches it orders anew.)"""
         entry = read_stream_entry(self._buf, self._g, topic.index, broker)
         position = WalkPosition()
         after = WalkPosition()
         done = walked = 0
-        for offset, state, is_ordered, _, _, total in _walk(
+        for offset, state, is_ordered, _, _, total, _ in _walk(
             self._buf, self._g, topic.index, broker, position
         ):
             if state != BATCH_COMMITTED:
                 continue
             walked += 1
-            if is_ordered:
+            if is_ordered == 1:
                 done = walked
                 after = attrs.evolve(position, offset=offset + BATCH_HEADER_SIZE + total)
         cursor.position = after
@@ -540,6 +592,22 @@ class Sequencer:
             topic.next_total = resume
             topic.gap_since = None
 
+    def _order_streams(
+        self, topic: _TopicOrder, now_ns: int, budget: int, ordered: OrderedBatches
+    ) -> None:
+        """Order what every stream of ``topic`` committed since the last step."""
+        while True:
+            before = len(ordered)
+            held = False
+            for broker in range(self._g.max_brokers):
+                if len(ordered) >= budget:
+                    break
+                held |= self._order_stream(topic, broker, now_ns, budget, ordered)
+            # A session batch held in one stream may be free to go now that
+            # another stream's batches are ordered: look again.
+            if not held or len(ordered) in (before, budget):
+                return
+
     def _order_stream(
         self,
         topic: _TopicOrder,
@@ -549,27 +617,30 @@ class Sequencer:
         ordered: OrderedBatches,
         *,
         restored_only: bool = False,
-    ) -> None:
+    ) -> bool:
         """Order what a stream committed since the last step (with
         ``restored_only``: only its batches replayed with their total orders,
-        up to the first it has to wait for)."""
+        up to the first it has to wait for); True if it stopped at a publish
+        session's batch held for its predecessor."""
         cursor = topic.cursors[broker]
         if cursor.position is None:
             (first,) = U32.unpack_from(self._buf, topic.streams[broker])
             if first == NO_SEGMENT:
-                return
+                return False
             try:
                 self._frontier(topic, broker, cursor)
             except SegmentReclaimed:
-                return
+                return False
         position = cursor.position
         assert position is not None
         run = _Run()
+        held = False
+        sessions = self._sessions
         per = index_per_segment(self._g)
         chain = topic.chain
         capacity = (chain.first + len(chain.units)) * per  # index entries with a place
         try:
-            for offset, state, is_ordered, restored, num_msg, total in _walk(
+            for offset, state, is_ordered, session, num_msg, total, restored in _walk(
                 self._buf, self._g, topic.index, broker, position
             ):
                 if state == BATCH_ABANDONED:
@@ -603,13 +674,23 @@ class Sequencer:
                     cursor.new_seen = True
                     break
                 if len(run.offsets) >= RUN_LIMIT:
-                    self._order_run(topic, broker, run, ordered)
-                    cursor.done += RUN_LIMIT
-                    run = _Run()
+                    self._flush(topic, broker, run, ordered)
                 if topic.entries + len(run.offsets) >= capacity:
                     if self._index_slot(topic, capacity) is None:
                         break  # no room for the index: the next step tries again
                     capacity += per
+                # A publish session's batch names its session (BH_SESSION).
+                if session and sessions is not None:
+                    placement = self._place_session_batch(
+                        topic, broker, run, offset, now_ns, ordered
+                    )
+                    if placement is Placement.HOLD:
+                        held = True
+                        break
+                    if placement is Placement.NEVER:
+                        cursor.done += 1
+                        continue
+                    sessions.add_to_run(offset, run.sessions)
                 run.offsets.append(offset)
                 run.messages += num_msg
                 run.num_msgs.append(num_msg)
@@ -621,8 +702,58 @@ class Sequencer:
             # (after ordering the batches found before, which are still there:
             # the file lock keeps retention out while the step runs).
             cursor.position = None
-        self._order_run(topic, broker, run, ordered)
-        cursor.done += len(run.offsets)
+        self._flush(topic, broker, run, ordered)
+        return held
+
+    def _place_session_batch(
+        self,
+        topic: _TopicOrder,
+        broker: int,
+        run: _Run,
+        offset: int,
+        now_ns: int,
+        ordered: OrderedBatches,
+    ) -> Placement:
+        """Whether to order the session batch at ``offset`` now (after the
+        batches of ``run``), wait, or never.
+
+        One whose predecessor is missing waits ``hole_timeout_ns``; then the
+        missing batch_seqs are skipped. One whose batch_seq was skipped gets
+        ``NEVER_ORDERED`` in its ``ordered`` word (one store: a sequencer that
+        dies before it decides the same again). Both are written only once
+        ``run`` is ordered (written whole, its sessions' next batch_seqs too):
+        a restart resumes after a stream's last batch whose ``ordered`` word
+        is set, and decides from the session table.
+        """
+        sessions = self._sessions
+        assert sessions is not None
+        cursor = topic.cursors[broker]
+        placement = sessions.placement(offset, run.sessions)
+        if placement is Placement.ORDER:
+            cursor.held = None
+            return placement
+        if placement is Placement.NEVER:
+            self._flush(topic, broker, run, ordered)
+            U32.pack_into(self._buf, offset + BH_ORDERED, NEVER_ORDERED)
+            cursor.held = None
+            return placement
+        if cursor.held is None or cursor.held.offset != offset:
+            cursor.held = _Hole(offset, now_ns)
+        waited = now_ns - cursor.held.since_ns
+        if waited < self.hole_timeout_ns:
+            return Placement.HOLD
+        self._flush(topic, broker, run, ordered)
+        skipped = sessions.skip_before(offset)
+        self._session_skips += skipped
+        logger.warning(
+            "sequencer: a publish session's batch at byte %d waited %.1f s for the batch_seq "
+            "before it; %d missing batch_seq(s) skipped (never ordered)",
+            offset,
+            waited / 1e9,
+            skipped,
+        )
+        cursor.held = None
+        return Placement.ORDER
 
     def _past_hole(
         self,
@@ -655,6 +786,13 @@ class Sequencer:
         self._holes += 1
         return True
 
+    def _flush(self, topic: _TopicOrder, broker: int, run: _Run, ordered: OrderedBatches) -> None:
+        """Order ``run`` (if it holds any batch) and begin a new one."""
+        if run.offsets:
+            self._order_run(topic, broker, run, ordered)
+            topic.cursors[broker].done += len(run.offsets)
+            run.start()
+
     def _order_run(
         self, topic: _TopicOrder, broker: int, run: _Run, ordered: OrderedBatches
     ) -> None:
@@ -679,6 +817,9 @@ class Sequencer:
                 U32.pack_into(self._buf, header + BH_ORDERED, 1)
         else:
             _store(self._u32, (np.array(run.offsets) + BH_ORDERED) // 4, _ONE)
+        if run.sessions:
+            assert self._sessions is not None
+            self._sessions.mark_ordered(run.sessions)
         topic.entries = entry + n
         self._batches += n
         self._messages += totals[-1] - topic.next_total

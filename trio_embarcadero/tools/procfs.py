@@ -1,7 +1,8 @@
 """What ``/proc`` says about the tools' child processes and the file systems they use.
 
 The bench samples its receivers' CPU time and memory; the no-loss checker
-reads its broker's peak memory. Every reader returns an empty or "unknown"
+reads its broker's peak memory; the failover measurement stops a broker only
+outside the region's file lock. Every reader returns an empty or "unknown"
 answer rather than raising when a process is gone or ``/proc`` is missing:
 a sample that cannot be taken must not end a run.
 """
@@ -60,3 +61,30 @@ def filesystem(path: str) -> str:
         if inside and len(point) >= best[0]:  # the last of equal mounts is on top
             best = (len(point), f"{fields[2]} on {fields[0]}")
     return best[1]
+
+
+def process_state(pid: int) -> str:
+    """A process's state letter (``R``, ``S``, ``T`` when stopped...), from
+    ``/proc/PID/stat`` ("" if unreadable)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return text[text.rindex(")") + 2 :].split()[0]
+
+
+def holds_flock(pid: int, path: str) -> bool:
+    """Whether process ``pid`` holds a ``flock`` on the file ``path`` now (from
+    ``/proc/locks``; False if unreadable)."""
+    try:
+        inode = os.stat(path).st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 4711 00:1a:123456 0 EOF" (blocked waiters: "->").
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[4].isdigit():
+            if int(fields[4]) == pid and fields[5].rsplit(":", 1)[-1] == str(inode):
+                return True
+    return False
