@@ -396,3 +396,49 @@ async def test_an_ordered_subscription_to_an_order_0_topic_is_refused(
         assert code == 1
         assert "order 0" in text
         await publisher.close()
+
+
+async def test_a_batch_held_mid_payload_past_the_hole_timeout_is_ordered_and_acked(
+    make_config: MakeConfig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The direct path reserves a batch before its payload arrives; a slow
+    client takes 5 s over it (the hole timeout is 1 s). Right behind it a
+    connection gives its batch up (EOF mid-payload: abandoned), and another
+    connection's batches wait behind both (the writer commits in log order).
+    The slow batch is no hole: once it completes, every batch is ordered and
+    acked, the slow one first; nothing waits for an order that never comes."""
+    config = make_config(
+        **{
+            "topics.order": 5,
+            "network.use_nonblocking": False,
+            "cxl.sequencer_hole_timeout_s": 1.0,
+        }
+    )
+    async with trio.open_nursery() as nursery, memory_broker(config) as (broker, listener):
+        slow = await open_client(listener, nursery)
+        await slow.send(rawclient.handshake("t", client_id=3, ack=1))
+        held = rawclient.batch(1, 3, 1, 1, 100)[0]
+        await slow.send(rawclient.batch(0, 3, 0, 1, 100)[0] + held[:-50])
+        await settle()
+        gone = await open_client(listener, nursery)
+        await gone.send(rawclient.handshake("t", client_id=5, ack=1))
+        await gone.send(rawclient.batch(0, 5, 0, 1, 100)[0][:-50])
+        await settle()
+        await gone.close()
+        fast = await open_client(listener, nursery)
+        await fast.send(rawclient.handshake("t", client_id=4, ack=1))
+        for seq in range(3):
+            await fast.send(rawclient.batch(seq, 4, seq, 1, 100)[0])
+        for i in range(50):  # a byte every 0.1 s: within the payload stall timeout
+            await trio.sleep(0.1)
+            await slow.send(held[len(held) - 50 + i : len(held) - 49 + i])
+        await trio.sleep(0.5)
+        stats = broker.statistics()
+        assert stats.log.batches_abandoned == 1
+        assert (slow.acks()[1], fast.acks()[1]) == ([1, 2], [3])
+        assert ordered_headers(broker.log, "t", 0) == [(1, t) for t in range(5)]
+        assert stats.order_waits == 0
+        assert stats.sequencer is not None
+        assert (stats.sequencer.holes_skipped, stats.sequencer.lag_batches) == (0, 0)
+        await slow.close()
+        await fast.close()

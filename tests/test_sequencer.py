@@ -223,6 +223,32 @@ def test_a_committed_batch_behind_a_reserved_one_waits_at_most_the_hole_timeout(
     assert [(c, o) for _, c, o, _ in view] == [(1, 0), (2, 1)]
 
 
+def test_a_batch_given_up_behind_a_reserved_one_makes_no_hole(
+    brokers: tuple[CxlLog, CxlLog],
+) -> None:
+    """The writer commits in log order: a batch behind a reserved one waits
+    for it, and one given up meanwhile (abandoned) waits for nothing. So the
+    reserved one is never gone past, however long it takes, and is ordered
+    once it commits, before the batch that waited behind it."""
+    log = brokers[1]
+    seq = brokers[0].sequencer(HOLE_NS)
+    slow = reserve(log, [40], 2, 0)
+    log.abandon(reserve(log, [40], 2, 1))
+    behind = reserve(log, [40], 2, 1)
+    log.complete(behind, scan_records(behind.payload, 1))  # waits for the slow one
+    assert not seq.step(0)
+    assert not seq.step(10 * HOLE_NS)
+    assert seq.statistics().holes_skipped == 0
+    log.complete(slow, scan_records(slow.payload, 1))
+    assert [b.header_offset for b in seq.step(11 * HOLE_NS)] == [
+        slow.header_offset,
+        behind.header_offset,
+    ]
+    assert seq.statistics().lag_batches == 0
+    del slow, behind
+    check_order(brokers[0], {2: 2})
+
+
 class Crash(Exception):
     """Stands for a kill -9 between two stores to the region."""
 

@@ -18,10 +18,11 @@ The layout and the crash-safe order of those stores are described in
 point) goes on from the region alone.
 
 The broker's writer commits a stream's batches in log order, so a batch still
-being received holds back only its own stream's later batches. A committed
-batch behind a reserved one (a hole: a writer that commits out of log order,
-or one that died and left it) is waited for at most ``hole_timeout_ns``;
-then the sequencer goes past it, and that batch is never ordered.
+being received holds back only its own stream's later batches: they stay
+reserved, or are abandoned (given up), and neither kind waits for it. A
+committed batch behind a reserved one (a hole: a writer that commits out of
+log order) is waited for at most ``hole_timeout_ns``; then the sequencer goes
+past it, and that batch is never ordered.
 
 A publish session's batches (see :mod:`.sessions`) are ordered by their
 batch_seq, also when different brokers stored them: a session batch whose
@@ -53,7 +54,13 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from ..wire import BATCH_HEADER_SIZE, MH_NEXT_MSG_DIFF, MH_PADDED_SIZE, MH_TOTAL_ORDER
+from ..wire import (
+    BATCH_HEADER_SIZE,
+    BH_BATCH_COMPLETE,
+    MH_NEXT_MSG_DIFF,
+    MH_PADDED_SIZE,
+    MH_TOTAL_ORDER,
+)
 from .layout import (
     BATCH_ABANDONED,
     BATCH_COMMITTED,
@@ -764,14 +771,24 @@ class Sequencer:
         now_ns: int,
     ) -> bool:
         """Whether to go past the reserved batch at ``offset``: only once a
-        committed batch follows it and it has waited ``hole_timeout_ns``."""
+        committed batch follows it and it has waited ``hole_timeout_ns``.
+
+        Abandoned batches behind it are looked past: they wait for nothing.
+        (The broker's writer commits in log order, so its batches behind a
+        reserved one stay reserved until it is settled; one that a
+        connection gave up meanwhile is no reason to go past it.)
+        """
         end = offset + BATCH_HEADER_SIZE + total_size
-        if end + BATCH_HEADER_SIZE > position.end:
-            return False
-        (next_total,) = U64.unpack_from(self._buf, end + BH_TOTAL_SIZE)
-        (next_state,) = U32.unpack_from(self._buf, end + 16)
-        if next_total == 0 or next_state == BATCH_RESERVED:
-            return False  # nothing committed behind it (yet): no hole
+        while True:
+            if end + BATCH_HEADER_SIZE > position.end:
+                return False
+            (next_total,) = U64.unpack_from(self._buf, end + BH_TOTAL_SIZE)
+            (next_state,) = U32.unpack_from(self._buf, end + BH_BATCH_COMPLETE)
+            if next_total == 0 or next_state not in (BATCH_COMMITTED, BATCH_ABANDONED):
+                return False  # nothing committed behind it (yet): no hole
+            if next_state == BATCH_COMMITTED:
+                break
+            end += BATCH_HEADER_SIZE + next_total
         if cursor.hole is None or cursor.hole.offset != offset:
             cursor.hole = _Hole(offset, now_ns)
         if now_ns - cursor.hole.since_ns < self.hole_timeout_ns:
