@@ -26,8 +26,11 @@ from trio_embarcadero.log import CxlLog, DiskLog, Reservation, open_log
 from trio_embarcadero.log import sequencer as sequencer_module
 from trio_embarcadero.log.disk import write_and_sync
 from trio_embarcadero.log.layout import (
+    BATCH_ABANDONED,
     BATCH_COMMITTED,
+    BH_ORDERED,
     INDEX_OWNER,
+    NEVER_ORDERED,
     index_chain,
     iter_batches,
     read_index_entry,
@@ -212,15 +215,47 @@ def test_a_committed_batch_behind_a_reserved_one_waits_at_most_the_hole_timeout(
     assert not seq.step(HOLE_NS - 1)
     assert [b.header_offset for b in seq.step(HOLE_NS)] == [after.header_offset]
     assert seq.statistics().holes_skipped == 1
-    # The hole is committed late: never ordered, also by a sequencer that starts again.
+    # Marked never ordered at once, while still reserved.
+    assert ordered_word(log, hole.header_offset) == NEVER_ORDERED
+    assert seq.statistics().lag_batches == 0
+    # The hole is committed late: never ordered, also by a sequencer that
+    # starts again, and nothing waits for it (the lag).
     stamp_records(log.words, hole.payload_offset, scan_records(hole.payload, 1), 1)
     log.region[hole.header_offset + 16] = BATCH_COMMITTED
-    del hole, after
     assert not seq.step(2 * HOLE_NS)
+    assert seq.statistics().lag_batches == 0
+    assert ordered_word(log, hole.header_offset) == NEVER_ORDERED
     again = brokers[0].sequencer(HOLE_NS)
     assert not again.step(3 * HOLE_NS)
+    assert again.statistics().lag_batches == 0
+    del hole, after
     view = ordered_view(brokers[0])
     assert [(c, o) for _, c, o, _ in view] == [(1, 0), (2, 1)]
+
+
+def ordered_word(log: CxlLog, header_offset: int) -> int:
+    (word,) = struct.unpack_from("<I", log.region, header_offset + BH_ORDERED)
+    return int(word)
+
+
+def test_a_batch_gone_past_and_then_given_up_is_left_alone(
+    brokers: tuple[CxlLog, CxlLog],
+) -> None:
+    log = brokers[1]
+    seq = brokers[0].sequencer(HOLE_NS)
+    hole = reserve(log, [40], 2, 0)
+    after = reserve(log, [40], 2, 0)
+    stamp_records(log.words, after.payload_offset, scan_records(after.payload, 1), 0)
+    log.region[after.header_offset + 16] = BATCH_COMMITTED  # out of log order, by hand
+    assert not seq.step(0)
+    assert len(seq.step(HOLE_NS)) == 1
+    log.region[hole.header_offset + 16] = BATCH_ABANDONED  # its writer gave it up
+    assert ordered_word(log, hole.header_offset) == NEVER_ORDERED  # (harmless there)
+    assert not seq.step(2 * HOLE_NS)
+    assert seq.statistics().lag_batches == 0
+    assert not brokers[0].sequencer(HOLE_NS).step(3 * HOLE_NS)
+    del hole, after
+    assert [(c, o) for _, c, o, _ in ordered_view(brokers[0])] == [(2, 0)]
 
 
 def test_a_batch_given_up_behind_a_reserved_one_makes_no_hole(
@@ -356,6 +391,68 @@ def test_a_crash_at_any_store_of_a_run_of_batches_neither_repeats_nor_skips_an_o
         CountingStruct.limit = -1
         new_sequencer(brokers[0]).step(0)
         check_order(brokers[0], sent)
+
+
+def test_a_crash_at_any_store_of_going_past_a_hole_orders_the_same(
+    brokers: tuple[CxlLog, CxlLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five batches, one left reserved, one committed behind it out of log
+    order; with no hole timeout one step orders the five as a run, goes past
+    the reserved one (its word 2, once the run is written) and orders the
+    last. It dies at every store of that in turn, and the reserved one
+    commits then: the stream's words are set in its order whatever the
+    store, and a new sequencer orders every batch but one it went past."""
+    for name in ("U32", "U64", "INDEX_ENTRY", "SEGMENT_HEADER"):
+        monkeypatch.setattr(sequencer_module, name, CountingStruct(getattr(sequencer_module, name)))
+    monkeypatch.setattr(sequencer_module, "_store", CountingStore())
+    log = brokers[1]
+    for i in range(5):
+        commit(log, [40], 2, i)
+    hole = reserve(log, [40], 2, 5)
+    stamp_records(log.words, hole.payload_offset, scan_records(hole.payload, 1), 5)
+    after = reserve(log, [40], 2, 6)
+    stamp_records(log.words, after.payload_offset, scan_records(after.payload, 1), 6)
+    log.region[after.header_offset + 16] = BATCH_COMMITTED  # out of log order, by hand
+    region = brokers[0].region
+    before = np.array(region, copy=True)
+    crash_at = 0
+    while True:
+        region[:] = before
+        CountingStruct.count, CountingStruct.limit = 0, crash_at
+        try:
+            hasty(brokers[0]).step(0)
+        except Crash:
+            crashed = True
+        else:
+            crashed = False
+        CountingStruct.limit = -1
+        stores = CountingStruct.count
+        region[hole.header_offset + 16] = BATCH_COMMITTED  # its writer finishes it now
+        words = [
+            h.ordered for _, h in iter_batches(region, brokers[0].geometry, 0, 1)
+            if h.batch_complete == BATCH_COMMITTED
+        ]  # fmt: skip
+        unset = words.index(0) if 0 in words else len(words)
+        assert not any(words[unset:]), (crash_at, words)
+        hasty(brokers[0]).step(0)
+        # Gone past (if the dying one got that far) or ordered in its place.
+        orders = [0, 1, 2, 3, 4, 6]
+        if ordered_word(log, hole.header_offset) != NEVER_ORDERED:
+            orders.insert(5, 5)
+        assert [(c, o) for _, c, o, _ in ordered_view(brokers[0])] == [(2, o) for o in orders]
+        if not crashed:
+            break
+        crash_at += 1
+    assert ordered_word(log, hole.header_offset) == NEVER_ORDERED
+    del hole, after
+    # Every store: the index's first segment (3), the run of five (records,
+    # headers, entries, the count, words), the reserved one's word, the last one.
+    assert crash_at == stores == 3 + 4 * 5 + 1 + 1 + 5
+
+
+def hasty(log: CxlLog) -> Sequencer:
+    """A sequencer that goes past a hole as soon as it sees one."""
+    return Sequencer(log.region, log.geometry, log.map, log._lock, hole_timeout_ns=0)
 
 
 def new_sequencer(log: CxlLog) -> Sequencer:

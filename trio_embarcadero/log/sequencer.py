@@ -22,7 +22,10 @@ being received holds back only its own stream's later batches: they stay
 reserved, or are abandoned (given up), and neither kind waits for it. A
 committed batch behind a reserved one (a hole: a writer that commits out of
 log order) is waited for at most ``hole_timeout_ns``; then the sequencer goes
-past it, and that batch is never ordered.
+past it, and that batch is never ordered: its ``ordered`` word becomes 2
+(``NEVER_ORDERED``) while it is still reserved, so once it commits (or is
+abandoned) nothing waits for its order; the broker answers its publisher
+with an error in place of its ack.
 
 A publish session's batches (see :mod:`.sessions`) are ordered by their
 batch_seq, also when different brokers stored them: a session batch whose
@@ -212,7 +215,8 @@ class SequencerStatistics:
         lag_batches: Batches committed but not ordered yet, at its last step.
         lag_oldest_s: How long the oldest of them has been waiting (since a
             step first saw it), in seconds; 0 when none waits.
-        holes_skipped: Batches it went past after ``hole_timeout_ns``.
+        holes_skipped: Batches it went past after ``hole_timeout_ns``
+            (while reserved; each is marked never ordered at once).
         index_full: Steps that found no free unit for an index segment.
         index_segments_freed: Index segments let go (every batch they named
             was gone).
@@ -321,7 +325,7 @@ class _Hole:
 class _StreamCursor:
     """Where the sequencer stands in one broker's stream of a topic."""
 
-    __slots__ = ("done", "held", "hole", "new_seen", "position", "waiting_since")
+    __slots__ = ("done", "held", "hole", "new_seen", "passed", "position", "waiting_since")
 
     def __init__(self) -> None:
         self.position: WalkPosition | None = None
@@ -334,6 +338,10 @@ class _StreamCursor:
         self.waiting_since: int | None = None
         # A batch not replayed from the disk log was seen: none comes after.
         self.new_seen = False
+        # Batches behind the position gone past while reserved (never
+        # ordered), until they commit (then counted in ``done``) or not: their
+        # header offsets and segments' generations.
+        self.passed: list[tuple[int, int]] = []
 
 
 class _TopicOrder:
@@ -544,17 +552,23 @@ class Sequencer:
         position = WalkPosition()
         after = WalkPosition()
         done = walked = 0
+        passed: list[tuple[int, int]] = []
+        kept = 0
         for offset, state, is_ordered, _, _, total, _ in _walk(
             self._buf, self._g, topic.index, broker, position
         ):
+            if state == BATCH_RESERVED and is_ordered == NEVER_ORDERED:
+                passed.append((offset, position.generation))
             if state != BATCH_COMMITTED:
                 continue
             walked += 1
             if is_ordered == 1:
                 done = walked
+                kept = len(passed)
                 after = attrs.evolve(position, offset=offset + BATCH_HEADER_SIZE + total)
         cursor.position = after
         cursor.done = entry.first_batch + done
+        cursor.passed = passed[:kept]  # those after it are walked again
 
     def _order_restored(
         self, topic: _TopicOrder, now_ns: int, budget: int, ordered: OrderedBatches
@@ -653,8 +667,15 @@ class Sequencer:
                 if state == BATCH_ABANDONED:
                     continue
                 if state == BATCH_RESERVED:
-                    if not self._past_hole(cursor, position, offset, total, now_ns):
-                        break
+                    if is_ordered != NEVER_ORDERED:  # (else gone past before)
+                        if not self._past_hole(cursor, position, offset, total, now_ns):
+                            break
+                        # It stays out of the order, also once it commits (its
+                        # writer writes no more of its header than the state):
+                        # one store, once the run before it is written whole.
+                        self._flush(topic, broker, run, ordered)
+                        U32.pack_into(self._buf, offset + BH_ORDERED, NEVER_ORDERED)
+                    cursor.passed.append((offset, position.generation))
                     continue
                 cursor.hole = None
                 if is_ordered:
@@ -1049,6 +1070,8 @@ class Sequencer:
         oldest = 0
         for topic in self._topics.values():
             for broker, cursor in enumerate(topic.cursors):
+                if cursor.passed:
+                    self._settle_passed(cursor)
                 waiting = 0
                 if cursor.position:
                     (batches,) = U64.unpack_from(self._buf, topic.streams[broker] + _BATCHES)
@@ -1062,3 +1085,18 @@ class Sequencer:
                 lag += waiting
         self._lag = lag
         self._lag_oldest_ns = oldest
+
+    def _settle_passed(self, cursor: _StreamCursor) -> None:
+        """Count the batches gone past while reserved that committed since
+        (never ordered: nothing is waited for), and forget those settled (or
+        gone with their segment)."""
+        waiting = []
+        for offset, generation in cursor.passed:
+            if generation_holding(self._buf, self._g, offset) != generation:
+                continue
+            (state,) = U32.unpack_from(self._buf, offset + BH_BATCH_COMPLETE)
+            if state == BATCH_COMMITTED:
+                cursor.done += 1
+            elif state == BATCH_RESERVED:
+                waiting.append((offset, generation))
+        cursor.passed = waiting
