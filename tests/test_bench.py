@@ -564,10 +564,10 @@ def test_several_batch_sizes_run_every_variant_at_each(tmp_path: Path) -> None:
     assert plan.counterpart(staged64, kind="raw-sink") is None
     b = bench.Bench(plan, live=None)
     try:
-        command = b.loadgen_command(("127.0.0.1", 9), staged64, 1)
+        command = b.loadgen_command([("127.0.0.1", 9)], staged64, 1)
         assert command[command.index("--batch-messages") + 1] == "61"
         assert "--rate" not in command
-        command = b.loadgen_command(("127.0.0.1", 9), staged2m, 1, 1.5e9)
+        command = b.loadgen_command([("127.0.0.1", 9)], staged2m, 1, 1.5e9)
         assert command[command.index("--batch-messages") + 1] == "1928"
         assert command[command.index("--rate") + 1] == "1500000000"
         # 64 KiB batches need no bigger staging buffer; the regions hold each run.
@@ -962,3 +962,143 @@ def test_reader_fails_a_stream_that_skips_records(tmp_path: Path) -> None:
     assert code == 1
     result = json.loads(out.getvalue().splitlines()[-1])
     assert result["errors"] == ["connection 0: record 9 has (offset, size) (10, 100), not (9, 100)"]
+
+
+# -- clusters: several brokers on one region, order 0 and 5 ---------------------------------
+
+
+def test_cluster_variants_parse_and_get_their_own_broker_settings(tmp_path: Path) -> None:
+    names = "cluster1-order0,cluster2-order5,cluster3-order5-ack0"
+    plan = bench.make_plan(_args("--variants", names, "--connections", "1"))
+    assert [(v.name, v.kind, v.ack, v.brokers, v.order, v.is_broker) for v in plan.variants] == [
+        ("cluster1-order0", "cluster", 1, 1, 0, True),
+        ("cluster2-order5", "cluster", 1, 2, 5, True),
+        ("cluster3-order5-ack0", "cluster", 0, 3, 5, True),
+    ]
+    assert set(bench.CLUSTER_VARIANTS) >= {"cluster1-order0", "cluster2-order5"}
+    assert not set(bench.CLUSTER_VARIANTS) & set(bench.DEFAULT_VARIANTS)
+    # At least two connections a broker, whatever --connections says.
+    assert [plan.connections_for(v) for v in plan.variants] == [2, 4, 6]
+    runner = bench.Bench(plan, live=None)
+    try:
+        settings = runner.broker_settings(plan.variants[1], str(tmp_path / "cxl"))
+        assert settings["topics.order"] == 5
+        assert settings["cxl.max_brokers"] == 4
+        assert settings["network.use_nonblocking"] is False
+        runner.check_broker_config()  # the broker takes them
+        assert "topics.order" not in runner.broker_settings(
+            bench.make_plan(_args("--variants", "direct-ack1")).variants[0], "x"
+        )
+    finally:
+        runner.close()
+    # A bigger cluster's region has room for every broker's streams.
+    assert plan.cxl_size_mb(plan.variants[2]) > plan.cxl_size_mb(plan.variants[0])
+
+
+@pytest.mark.parametrize(
+    "text", ["cluster0-order0", "cluster2-order3", "cluster2", "cluster33-order0"]
+)
+def test_bad_cluster_variants_are_usage_errors(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        _args("--variants", text)
+    assert info.value.code == 2
+    assert "variant" in capsys.readouterr().err
+
+
+def test_summary_of_cluster_variants_compares_order_5_with_order_0() -> None:
+    plan = bench.make_plan(
+        _args("--variants", "cluster1-order0,cluster2-order0,cluster2-order5", "--rounds", "2")
+    )
+    runs = [
+        _run("cluster1-order0", 1, 1.0), _run("cluster2-order0", 1, 2.0),
+        _run("cluster2-order5", 1, 1.5), _run("cluster1-order0", 2, 1.0),
+        _run("cluster2-order0", 2, 2.0), _run("cluster2-order5", 2, 1.8),
+    ]  # fmt: skip
+    for r in runs:
+        if r.variant.startswith("cluster2"):
+            half = r.payload_bytes // 2
+            r.broker_payload_bytes = [half, r.payload_bytes - half]
+            r.broker_cpu_s = [1.0, 0.5]
+    summary = bench.summarize(plan, runs)
+    five = summary["cluster2-order5"]
+    assert (five["brokers"], five["order"], five["connections"]) == (2, 5, 4)
+    assert five["ratio_to_order0"] == pytest.approx(1.65 / 2.0)
+    assert five["paired_ratio_to_order0"] == pytest.approx((0.75 + 0.9) / 2)
+    assert five["ratio_to_one_broker"] is None  # cluster1-order5 was not run
+    assert summary["cluster2-order0"]["ratio_to_one_broker"] == pytest.approx(2.0)
+    assert summary["cluster2-order0"]["ratio_to_order0"] is None
+    assert five["broker_gb_per_s"] == pytest.approx([1.65 / 2, 1.65 / 2])
+    assert len(five["broker_cpu_s_per_gb"]) == 2
+    assert summary["cluster1-order0"]["broker_gb_per_s"] == []
+    assert summary["cluster2-order5"]["ratio_to_trio_sink"] is None
+    notes = _notes(plan, summary, None)
+    assert any(
+        n.startswith("Order-5 cost (2 broker(s)): cluster2-order5 moves 82% of cluster2-order0's")
+        and "target >= 85%" in n
+        for n in notes
+    )
+
+
+def test_loadgen_spreads_its_connections_over_several_ports(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Two sinks stand for two brokers: connections 0 and 2 go to the first,
+    1 to the second, and the result says what each received."""
+    ports, servers = [], []
+    for _ in range(2):
+        server = socket.create_server(("127.0.0.1", 0))
+        ports.append(server.getsockname()[1])
+        servers.append(server)
+    received = [0, 0]
+
+    def serve(k: int) -> None:
+        conns = [servers[k].accept()[0] for _ in range(2 - k)]
+        for conn in conns:
+            with conn:  # the handshake, then batches until the half-close
+                while data := conn.recv(1 << 16):
+                    received[k] += len(data)
+
+    threads = [threading.Thread(target=serve, args=(k,), daemon=True) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        argv = ["--port", f"{ports[0]},{ports[1]}", "--connections", "3", "--ack", "0"]
+        assert loadgen.main([*argv, "--batch-messages", "4", "--bytes", str(12 * 4 * 1024)]) == 0
+        for thread in threads:
+            thread.join(timeout=10)
+    finally:
+        for server in servers:
+            server.close()
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    per_port = result["per_port"]
+    assert [(p["port"], p["connections"]) for p in per_port] == [(ports[0], 2), (ports[1], 1)]
+    assert sum(p["payload_bytes"] for p in per_port) == result["payload_bytes"] == 12 * 4 * 1024
+    # (The connections share one budget: how it splits between them varies.)
+    wire = [p["messages"] // 4 * (128 + 4 * 1088) for p in per_port]
+    assert received == [2 * HANDSHAKE_SIZE + wire[0], HANDSHAKE_SIZE + wire[1]]
+
+
+def test_tiny_real_cluster_run(cxl_dir: Path) -> None:
+    """Two brokers, order 5, one round of a few batches, in real processes:
+    the aggregate, each broker's share, and the cluster table."""
+    requested = 6 * BATCH_PAYLOAD
+    proc, report = _bench(
+        *("--variants", "cluster2-order5", "--rounds", "1", "--quiet"),
+        *("--bytes", str(requested), "--cxl-dir", str(cxl_dir)),
+    )
+    assert "Clusters:" in proc.stdout
+    assert "per broker GB/s" in proc.stdout
+    assert report["ok"] is True
+    two = report["variants"]["cluster2-order5"]
+    assert len(two["broker_gb_per_s"]) == 2
+    assert all(x > 0 for x in two["broker_gb_per_s"])  # the load reached both brokers
+    assert sum(two["broker_gb_per_s"]) == pytest.approx(two["gb_per_s"]["median"])
+    assert len(two["broker_cpu_s_per_gb"]) == 2
+    assert two["latency_ms"]["count"] == 6  # every batch acked (after its order)
+    (run,) = report["runs"]
+    assert run["ok"], run
+    assert run["payload_bytes"] == requested
+    assert len(run["broker_cpu_s"]) == 2
+    assert list(cxl_dir.iterdir()) == []  # every CXL file was deleted

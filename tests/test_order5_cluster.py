@@ -15,6 +15,9 @@ region's ordered index names every committed batch exactly once.
 * Two brokers: the holder is stopped (SIGSTOP, outside the region's lock);
   the other takes the sequencer over once the lease expires; the holder,
   continued (SIGCONT), finds its epoch stale and writes nothing.
+* Two brokers with disk logs: the region file is lost (a reboot) and both are
+  killed; they replay their disk logs and every broker serves the total order
+  of before, new messages after it without a gap.
 """
 
 from __future__ import annotations
@@ -286,3 +289,51 @@ async def test_a_stopped_sequencer_is_taken_over_and_writes_nothing_when_it_resu
         "broker 0's sequencer lease (epoch 1) is stale: broker 1 "
         f"(pid {after.pid}) took it over at epoch 2; this broker stops ordering"
     ) in err
+
+
+async def test_an_order_5_region_rebuilt_from_the_disk_logs_keeps_its_total_order(
+    tmp_path: Path, cxl_path: str
+) -> None:
+    """Two brokers with disk logs; the region file is lost (a reboot empties
+    /dev/shm) and both are killed. They come back, replay their disk logs,
+    and ordered subscribers on each see the sequence they saw before; new
+    messages follow it without a gap."""
+    path = write_config(tmp_path, cxl_path)
+    disk = tmp_path / "disk"
+    path.write_text(
+        path.read_text()
+        + f'sequencer_interval_ms = 2.0\n\n[topics]\norder = 5\n\n[storage]\ndir = "{disk}"\n'
+    )
+    config = load_config(path, env={})
+
+    async def publish(cluster: Cluster, conn: int, first: int, count: int) -> None:
+        port = cluster.ports[conn % 2]
+        async with open_publisher(HOST, port, "t", ack=2, batch_bytes=2048, linger=None) as pub:
+            for i in range(first, first + count, 10):
+                await pub.publish_many(payload(conn, j) for j in range(i, i + 10))
+                await trio.sleep(0.001)  # the connections' batches interleave
+            await pub.flush()
+
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(config, 2, reset=True) as cluster:
+            async with trio.open_nursery() as nursery:
+                for conn in range(4):  # two connections to each broker
+                    nursery.start_soon(publish, cluster, conn, 0, 150)
+            before = await read_order(cluster.ports[1], 600)  # all acked at level 2
+            os.unlink(cxl_path)  # the reboot: /dev/shm is gone, the disk is not
+            for member in cluster.brokers:
+                assert member.pid is not None
+                os.kill(member.pid, signal.SIGKILL)
+            for broker_id in (0, 1):
+                await cluster.wait_serving(broker_id, starts=2)
+            await wait_until(lambda: committed_and_ordered(cxl_path) == (600, 600))
+            assert [await read_order(port, 600) for port in cluster.ports] == [before] * 2
+            async with trio.open_nursery() as nursery:
+                for conn in range(4):
+                    nursery.start_soon(publish, cluster, conn, 150, 20)
+            after = await read_order(cluster.ports[0], 680)
+    assert [t for t, _, _ in before] == list(range(600))
+    assert after[:600] == before
+    assert [t for t, _, _ in after] == list(range(680))
+    for conn in range(4):
+        assert [i for _, c, i in after if c == conn] == list(range(170))

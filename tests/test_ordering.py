@@ -13,6 +13,7 @@ import os
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,9 +35,9 @@ from trio_embarcadero import open_subscriber_on_stream
 from trio_embarcadero.broker import Broker, ordering
 from trio_embarcadero.broker.metrics import BrokerCollector
 from trio_embarcadero.config import Config
-from trio_embarcadero.errors import SequencerDeposed
+from trio_embarcadero.errors import ErrorCode, SequencerDeposed
 from trio_embarcadero.log import CxlLog
-from trio_embarcadero.log.layout import BATCH_COMMITTED
+from trio_embarcadero.log.layout import BATCH_COMMITTED, BATCH_RESERVED, BH_ORDERED, NEVER_ORDERED
 from trio_embarcadero.log.lease import SequencerLease
 from trio_embarcadero.log.reader import region_brokers
 
@@ -402,3 +403,131 @@ async def test_an_ordered_subscription_to_an_order_0_topic_is_refused(
         assert code == 1
         assert "order 0" in text
         await publisher.close()
+
+
+async def test_a_batch_held_mid_payload_past_the_hole_timeout_is_ordered_and_acked(
+    make_config: MakeConfig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The direct path reserves a batch before its payload arrives; a slow
+    client takes 5 s over it (the hole timeout is 1 s). Right behind it a
+    connection gives its batch up (EOF mid-payload: abandoned), and another
+    connection's batches wait behind both (the writer commits in log order).
+    The slow batch is no hole: once it completes, every batch is ordered and
+    acked, the slow one first; nothing waits for an order that never comes."""
+    config = make_config(
+        **{
+            "topics.order": 5,
+            "network.use_nonblocking": False,
+            "cxl.sequencer_hole_timeout_s": 1.0,
+        }
+    )
+    async with trio.open_nursery() as nursery, memory_broker(config) as (broker, listener):
+        slow = await open_client(listener, nursery)
+        await slow.send(rawclient.handshake("t", client_id=3, ack=1))
+        held = rawclient.batch(1, 3, 1, 1, 100)[0]
+        await slow.send(rawclient.batch(0, 3, 0, 1, 100)[0] + held[:-50])
+        await settle()
+        gone = await open_client(listener, nursery)
+        await gone.send(rawclient.handshake("t", client_id=5, ack=1))
+        await gone.send(rawclient.batch(0, 5, 0, 1, 100)[0][:-50])
+        await settle()
+        await gone.close()
+        fast = await open_client(listener, nursery)
+        await fast.send(rawclient.handshake("t", client_id=4, ack=1))
+        for seq in range(3):
+            await fast.send(rawclient.batch(seq, 4, seq, 1, 100)[0])
+        for i in range(50):  # a byte every 0.1 s: within the payload stall timeout
+            await trio.sleep(0.1)
+            await slow.send(held[len(held) - 50 + i : len(held) - 49 + i])
+        await trio.sleep(0.5)
+        stats = broker.statistics()
+        assert stats.log.batches_abandoned == 1
+        assert (slow.acks()[1], fast.acks()[1]) == ([1, 2], [3])
+        assert ordered_headers(broker.log, "t", 0) == [(1, t) for t in range(5)]
+        assert stats.order_waits == 0
+        assert stats.sequencer is not None
+        assert (stats.sequencer.holes_skipped, stats.sequencer.lag_batches) == (0, 0)
+        await slow.close()
+        await fast.close()
+
+
+@pytest.mark.parametrize("ack", [1, 2])
+async def test_a_batch_the_sequencer_went_past_gets_an_error_and_holds_up_nothing(
+    make_config: MakeConfig, autojump_clock: trio.testing.MockClock, tmp_path: Path, ack: int
+) -> None:
+    """The direct path reserves a batch before its payload arrives; its client
+    takes 3 s over it (the hole timeout is 1 s), while another connection's
+    batches wait behind it. The sequencer (broker 0's, in another process)
+    went past it while it was reserved: its ``ordered`` word is 2, written
+    here as the sequencer writes it (this broker's writer never leaves a
+    committed batch behind a reserved one; one that does is what makes the
+    sequencer go past: tests/test_sequencer.py). Once it completes: its
+    connection gets error 10 after the count of the batch before it, and no
+    count for the one it sent after it; the other connection's batches are
+    ordered and acked; subscribers of the stream (client_req 1) and of the
+    total order (client_req 3) never see it; the statistics count it. At ack
+    level 2 the same, each in turn with the disk's syncs."""
+    disk = {"storage.dir": str(tmp_path / "disk")} if ack == 2 else {}
+    config = make_config(
+        **{
+            "broker.id": 1,
+            "topics.order": 5,
+            "network.use_nonblocking": False,
+            "cxl.sequencer_hole_timeout_s": 1.0,
+            **disk,
+        }
+    )
+    async with trio.open_nursery() as nursery, memory_broker(config) as (broker, listener):
+        with other_head(config) as (head_log, lease):
+            head = head_log.sequencer(10**9, lease=lease)
+            slow = await open_client(listener, nursery)
+            await slow.send(rawclient.handshake("t", client_id=3, ack=ack))
+            held = rawclient.batch(1, 3, 1, 1, 100)[0]
+            await slow.send(rawclient.batch(0, 3, 0, 1, 100)[0] + held[:-50])
+            await settle()
+            log = broker.log
+            (at,) = [
+                offset
+                for offset, h in log.walk(log.topics()["t"], 1)
+                if h.batch_complete == BATCH_RESERVED
+            ]
+            struct.pack_into("<I", log.region, at + BH_ORDERED, NEVER_ORDERED)
+            fast = await open_client(listener, nursery)
+            await fast.send(rawclient.handshake("t", client_id=4, ack=ack))
+            for seq in range(2):
+                await fast.send(rawclient.batch(seq, 4, seq, 1, 100)[0])
+            for i in range(30):  # a byte every 0.1 s: within the payload stall timeout
+                await trio.sleep(0.1)
+                await slow.send(held[len(held) - 50 + i : len(held) - 49 + i])
+            # The rest, and a batch after it (taken in before the error is known).
+            await slow.send(held[len(held) - 20 :] + rawclient.batch(2, 3, 2, 1, 100)[0])
+            await trio.sleep(0.1)
+            assert broker.statistics().batches_committed == 5
+            # Every batch of the stream is ordered but the one it went past.
+            assert [b.total_order for b in head.step(int(4e9))] == [0, 1, 2, 3]
+            # (At ack level 2 the disk writer syncs on a worker thread.)
+            await wait_until(lambda: slow.eof_at is not None and fast.acks()[1] == [2])
+            _, counts, error = slow.acks()
+            assert counts == [1]
+            assert error is not None
+            assert error[0] == ErrorCode.NOT_ORDERED
+            assert error[1].startswith("batch 1 of topic 't' is never ordered")
+            assert slow.eof_at is not None
+            assert fast.acks()[1] == [2]
+            stats = broker.statistics()
+            assert (stats.order_waits, stats.never_ordered) == (0, 1)
+            assert stats.errors == {"not_ordered": 1}
+            assert scrape(broker)["trio_embarcadero_never_ordered_batches_total"] == 1
+            assert "1 batch(es) of order-5 topics never ordered" in stats.summary()
+            readers = []
+            for req in (1, 3):
+                reader = await open_client(listener, nursery)
+                await reader.send(rawclient.handshake("t", req=req))
+                readers.append(reader)
+            await trio.sleep(0.1)
+            expected = [(0, 3, 0), (1, 4, 0), (2, 4, 1), (3, 3, 2)]
+            for reader in readers:
+                assert [r for _, _, rs in parse_ordered(reader.data) for r in rs] == expected
+            head.close()
+            for client in (fast, *readers):
+                await client.close()

@@ -9,21 +9,28 @@ sequencer goes on from the region alone.
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import rawclient
 from test_cxl import Region, body
 
 from trio_embarcadero.cli import main
-from trio_embarcadero.log import CxlLog, Reservation, open_log
+from trio_embarcadero.log import CxlLog, DiskLog, Reservation, open_log
 from trio_embarcadero.log import sequencer as sequencer_module
+from trio_embarcadero.log.disk import write_and_sync
 from trio_embarcadero.log.layout import (
+    BATCH_ABANDONED,
     BATCH_COMMITTED,
+    BH_ORDERED,
     INDEX_OWNER,
+    NEVER_ORDERED,
     index_chain,
     iter_batches,
     read_index_entry,
@@ -171,7 +178,7 @@ def test_order_0_topics_are_left_alone(brokers: tuple[CxlLog, CxlLog]) -> None:
     brokers[0].topic_order = lambda _topic: 0
     commit(brokers[0], [10], 1, 0)
     seq = brokers[0].sequencer(HOLE_NS)
-    assert seq.step(0) == []
+    assert not seq.step(0)
     assert seq.statistics().topics == 0
     assert read_ordered_count(brokers[0].region, brokers[0].geometry, 0) == 0
 
@@ -185,7 +192,7 @@ def test_abandoned_batches_are_never_ordered_and_block_nothing(
     commit(brokers[0], [40], 1, 0)
     assert [b.broker_id for b in seq.step(0)] == [0]  # broker 1's batch is still held
     brokers[1].complete(kept, scan_records(kept.payload, 1))
-    assert seq.step(0) == []
+    assert not seq.step(0)
     brokers[1].abandon(gone)
     assert [b.broker_id for b in seq.step(0)] == [1]
     check_order(brokers[0], {1: 1, 2: 1})
@@ -205,18 +212,76 @@ def test_a_committed_batch_behind_a_reserved_one_waits_at_most_the_hole_timeout(
     log.region[after.header_offset + 16] = BATCH_COMMITTED
     commit(brokers[0], [40], 1, 0)
     assert [b.broker_id for b in seq.step(0)] == [0]
-    assert seq.step(HOLE_NS - 1) == []
+    assert not seq.step(HOLE_NS - 1)
     assert [b.header_offset for b in seq.step(HOLE_NS)] == [after.header_offset]
     assert seq.statistics().holes_skipped == 1
-    # The hole is committed late: never ordered, also by a sequencer that starts again.
+    # Marked never ordered at once, while still reserved.
+    assert ordered_word(log, hole.header_offset) == NEVER_ORDERED
+    assert seq.statistics().lag_batches == 0
+    # The hole is committed late: never ordered, also by a sequencer that
+    # starts again, and nothing waits for it (the lag).
     stamp_records(log.words, hole.payload_offset, scan_records(hole.payload, 1), 1)
     log.region[hole.header_offset + 16] = BATCH_COMMITTED
-    del hole, after
-    assert seq.step(2 * HOLE_NS) == []
+    assert not seq.step(2 * HOLE_NS)
+    assert seq.statistics().lag_batches == 0
+    assert ordered_word(log, hole.header_offset) == NEVER_ORDERED
     again = brokers[0].sequencer(HOLE_NS)
-    assert again.step(3 * HOLE_NS) == []
+    assert not again.step(3 * HOLE_NS)
+    assert again.statistics().lag_batches == 0
+    del hole, after
     view = ordered_view(brokers[0])
     assert [(c, o) for _, c, o, _ in view] == [(1, 0), (2, 1)]
+
+
+def ordered_word(log: CxlLog, header_offset: int) -> int:
+    (word,) = struct.unpack_from("<I", log.region, header_offset + BH_ORDERED)
+    return int(word)
+
+
+def test_a_batch_gone_past_and_then_given_up_is_left_alone(
+    brokers: tuple[CxlLog, CxlLog],
+) -> None:
+    log = brokers[1]
+    seq = brokers[0].sequencer(HOLE_NS)
+    hole = reserve(log, [40], 2, 0)
+    after = reserve(log, [40], 2, 0)
+    stamp_records(log.words, after.payload_offset, scan_records(after.payload, 1), 0)
+    log.region[after.header_offset + 16] = BATCH_COMMITTED  # out of log order, by hand
+    assert not seq.step(0)
+    assert len(seq.step(HOLE_NS)) == 1
+    log.region[hole.header_offset + 16] = BATCH_ABANDONED  # its writer gave it up
+    assert ordered_word(log, hole.header_offset) == NEVER_ORDERED  # (harmless there)
+    assert not seq.step(2 * HOLE_NS)
+    assert seq.statistics().lag_batches == 0
+    assert not brokers[0].sequencer(HOLE_NS).step(3 * HOLE_NS)
+    del hole, after
+    assert [(c, o) for _, c, o, _ in ordered_view(brokers[0])] == [(2, 0)]
+
+
+def test_a_batch_given_up_behind_a_reserved_one_makes_no_hole(
+    brokers: tuple[CxlLog, CxlLog],
+) -> None:
+    """The writer commits in log order: a batch behind a reserved one waits
+    for it, and one given up meanwhile (abandoned) waits for nothing. So the
+    reserved one is never gone past, however long it takes, and is ordered
+    once it commits, before the batch that waited behind it."""
+    log = brokers[1]
+    seq = brokers[0].sequencer(HOLE_NS)
+    slow = reserve(log, [40], 2, 0)
+    log.abandon(reserve(log, [40], 2, 1))
+    behind = reserve(log, [40], 2, 1)
+    log.complete(behind, scan_records(behind.payload, 1))  # waits for the slow one
+    assert not seq.step(0)
+    assert not seq.step(10 * HOLE_NS)
+    assert seq.statistics().holes_skipped == 0
+    log.complete(slow, scan_records(slow.payload, 1))
+    assert [b.header_offset for b in seq.step(11 * HOLE_NS)] == [
+        slow.header_offset,
+        behind.header_offset,
+    ]
+    assert seq.statistics().lag_batches == 0
+    del slow, behind
+    check_order(brokers[0], {2: 2})
 
 
 class Crash(Exception):
@@ -258,9 +323,11 @@ def test_a_crash_between_any_two_stores_neither_repeats_nor_skips_an_order(
             for _ in range(2):
                 commit(brokers[b], [64], b + 1, sent[b + 1])
                 sent[b + 1] += 1
-        # A new sequencer's step redoes the last entry's "ordered" word, then
-        # takes four stores a batch (header total order, entry, count,
-        # "ordered"): 17 stores; each round dies at another, twice over.
+        # A new sequencer's step redoes the last entries' "ordered" words
+        # (numpy stores, not counted here), then takes nine stores a stream
+        # for its run of two batches (record and header total orders, two
+        # entries, the count, two "ordered" words): 18 stores; each round
+        # dies at another of the first 16, twice over.
         # (Dying while adding an index segment: the next test.)
         CountingStruct.count, CountingStruct.limit = 0, crash_at % 16
         with pytest.raises(Crash):
@@ -268,6 +335,124 @@ def test_a_crash_between_any_two_stores_neither_repeats_nor_skips_an_order(
         CountingStruct.limit = -1
         new_sequencer(brokers[0]).step(0)
         check_order(brokers[0], sent)
+
+
+class CountingStore:
+    """Stands for the sequencer's ``_store`` (its numpy stores): one element
+    at a time, in order, counted with the :class:`CountingStruct` stores, so
+    a crash can fall inside a store of a whole run."""
+
+    def __call__(self, view: Any, at: Any, values: Any) -> None:
+        slots = range(*at.indices(len(view))) if isinstance(at, slice) else at
+        values = np.broadcast_to(values, (len(slots),))
+        for slot, value in zip(slots, values, strict=True):
+            if CountingStruct.count == CountingStruct.limit:
+                raise Crash
+            CountingStruct.count += 1
+            view[slot] = value
+
+
+def test_a_crash_at_any_store_of_a_run_of_batches_neither_repeats_nor_skips_an_order(
+    brokers: tuple[CxlLog, CxlLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of many batches is ordered with one store of each kind (and one
+    commit point) for all of them; the ``ordered`` words written after the
+    count are redone by the next sequencer. Every single store, in turn, is
+    where it dies, from the same region each time."""
+    for name in ("U32", "U64", "INDEX_ENTRY", "SEGMENT_HEADER"):
+        monkeypatch.setattr(sequencer_module, name, CountingStruct(getattr(sequencer_module, name)))
+    monkeypatch.setattr(sequencer_module, "_store", CountingStore())
+    sent = {1: 0, 2: 0}
+    for b in (0, 1):  # ordered before: the restart redoes their words too
+        commit(brokers[b], [64], b + 1, 0)
+        sent[b + 1] += 1
+    CountingStruct.count, CountingStruct.limit = 0, -1
+    new_sequencer(brokers[0]).step(0)
+    # Runs longer than batch by batch takes, of one record, of several of
+    # one size, and of several sizes (walked record by record).
+    shapes = [[64], [16, 16, 16], [10, 300], [64], [40, 40], [8]]
+    for b in (0, 1):
+        for sizes in shapes:
+            commit(brokers[b], sizes, b + 1, sent[b + 1])
+            sent[b + 1] += len(sizes)
+    assert len(shapes) > sequencer_module._FEW_BATCHES
+    region = brokers[0].region
+    before = np.array(region, copy=True)
+    CountingStruct.count = 0
+    new_sequencer(brokers[0]).step(0)
+    stores = CountingStruct.count
+    assert stores > 2 * (sum(map(len, shapes)) + 3 * len(shapes))  # records, headers, ...
+    check_order(brokers[0], sent)
+    for crash_at in range(stores):
+        region[:] = before
+        CountingStruct.count, CountingStruct.limit = 0, crash_at
+        with pytest.raises(Crash):
+            new_sequencer(brokers[0]).step(0)
+        CountingStruct.limit = -1
+        new_sequencer(brokers[0]).step(0)
+        check_order(brokers[0], sent)
+
+
+def test_a_crash_at_any_store_of_going_past_a_hole_orders_the_same(
+    brokers: tuple[CxlLog, CxlLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five batches, one left reserved, one committed behind it out of log
+    order; with no hole timeout one step orders the five as a run, goes past
+    the reserved one (its word 2, once the run is written) and orders the
+    last. It dies at every store of that in turn, and the reserved one
+    commits then: the stream's words are set in its order whatever the
+    store, and a new sequencer orders every batch but one it went past."""
+    for name in ("U32", "U64", "INDEX_ENTRY", "SEGMENT_HEADER"):
+        monkeypatch.setattr(sequencer_module, name, CountingStruct(getattr(sequencer_module, name)))
+    monkeypatch.setattr(sequencer_module, "_store", CountingStore())
+    log = brokers[1]
+    for i in range(5):
+        commit(log, [40], 2, i)
+    hole = reserve(log, [40], 2, 5)
+    stamp_records(log.words, hole.payload_offset, scan_records(hole.payload, 1), 5)
+    after = reserve(log, [40], 2, 6)
+    stamp_records(log.words, after.payload_offset, scan_records(after.payload, 1), 6)
+    log.region[after.header_offset + 16] = BATCH_COMMITTED  # out of log order, by hand
+    region = brokers[0].region
+    before = np.array(region, copy=True)
+    crash_at = 0
+    while True:
+        region[:] = before
+        CountingStruct.count, CountingStruct.limit = 0, crash_at
+        try:
+            hasty(brokers[0]).step(0)
+        except Crash:
+            crashed = True
+        else:
+            crashed = False
+        CountingStruct.limit = -1
+        stores = CountingStruct.count
+        region[hole.header_offset + 16] = BATCH_COMMITTED  # its writer finishes it now
+        words = [
+            h.ordered for _, h in iter_batches(region, brokers[0].geometry, 0, 1)
+            if h.batch_complete == BATCH_COMMITTED
+        ]  # fmt: skip
+        unset = words.index(0) if 0 in words else len(words)
+        assert not any(words[unset:]), (crash_at, words)
+        hasty(brokers[0]).step(0)
+        # Gone past (if the dying one got that far) or ordered in its place.
+        orders = [0, 1, 2, 3, 4, 6]
+        if ordered_word(log, hole.header_offset) != NEVER_ORDERED:
+            orders.insert(5, 5)
+        assert [(c, o) for _, c, o, _ in ordered_view(brokers[0])] == [(2, o) for o in orders]
+        if not crashed:
+            break
+        crash_at += 1
+    assert ordered_word(log, hole.header_offset) == NEVER_ORDERED
+    del hole, after
+    # Every store: the index's first segment (3), the run of five (records,
+    # headers, entries, the count, words), the reserved one's word, the last one.
+    assert crash_at == stores == 3 + 4 * 5 + 1 + 1 + 5
+
+
+def hasty(log: CxlLog) -> Sequencer:
+    """A sequencer that goes past a hole as soon as it sees one."""
+    return Sequencer(log.region, log.geometry, log.map, log._lock, hole_timeout_ns=0)
 
 
 def new_sequencer(log: CxlLog) -> Sequencer:
@@ -450,3 +635,121 @@ def test_subscribe_asks_for_ordered_on_an_order_5_topic(
     base = ["subscribe", "--cxl-path", cxl_path, "--port", "9", "--topic", TOPIC]
     assert main(base) == 1
     assert "has order 5: read its total order with --ordered" in capsys.readouterr().err
+
+
+def sync(disk: DiskLog) -> None:
+    """What the broker's disk writer does once."""
+    result = write_and_sync(disk.take_jobs())
+    assert result.failure is None
+    disk.jobs_done(result.done, result.written, 0.0)
+
+
+def open_brokers(cxl_path: str, first: int = 0) -> tuple[Region, list[CxlLog]]:
+    """Both brokers on the region at ``cxl_path`` (created if need be),
+    broker ``first`` first."""
+    region = Region(cxl_path)
+    logs: list[CxlLog] = [None, None]  # type: ignore[list-item]
+    for broker in (first, 1 - first):
+        logs[broker] = region.open(broker_id=broker, unit_size=4096)
+        logs[broker].topic_order = lambda _topic: 5
+    return region, logs
+
+
+def close_all(region: Region, *closing: DiskLog | Sequencer) -> None:
+    for each in closing:
+        each.close()
+    for log in list(region.opened):
+        region.close(log)
+
+
+def test_a_region_rebuilt_from_the_disk_logs_keeps_its_total_order(
+    cxl_path: str, tmp_path: Path
+) -> None:
+    """Batches of an order-5 topic go to the disk log once ordered, their
+    total orders in them; a region replayed from the disk logs (each broker
+    its own) gets the same total order again, ordered index and all, and the
+    sequencer goes on from there without a gap."""
+    directory = str(tmp_path / "disk")
+    region, brokers = open_brokers(cxl_path)
+    disks = [DiskLog.open(directory, log, sync_interval=0.001, sync_bytes=1) for log in brokers]
+    seq = brokers[0].sequencer(HOLE_NS)
+    rng = random.Random(7)
+    sent = {1: 0, 2: 0}
+    for i in range(40):
+        b = 0 if i == 0 else rng.randrange(2)  # broker 0 holds total order 0
+        sizes = [rng.choice([10, 100])] * rng.randint(1, 3)
+        commit(brokers[b], sizes, b + 1, sent[b + 1])
+        sent[b + 1] += len(sizes)
+        if rng.random() < 0.5:
+            seq.step(0)
+        if rng.random() < 0.5:
+            for disk in disks:
+                sync(disk)
+    seq.step(0)
+    # A batch committed and not ordered yet stays off the disk (its ack
+    # waits for the order anyway).
+    commit(brokers[1], [10], 2, sent[2])
+    for disk in disks:
+        sync(disk)
+    stream = brokers[1].stream(TOPIC)
+    assert disks[1].durable_batches(stream) == stream.batches - 1
+    assert disks[1].waiting_batches == 1
+    seq.step(0)
+    sent[2] += 1
+    sync(disks[1])
+    assert disks[1].durable_batches(stream) == stream.batches
+    before = check_order(brokers[0], sent)
+    del stream
+    close_all(region, seq, *disks)
+    os.unlink(cxl_path)  # the reboot: /dev/shm is gone, the disk is not
+
+    # Broker 1 starts (and replays) first: its batches wait for broker 0's,
+    # which hold the total orders before theirs.
+    region, brokers = open_brokers(cxl_path, first=1)
+    disks = [DiskLog.open(directory, brokers[1], sync_interval=0.001, sync_bytes=1)]
+    seq = brokers[0].sequencer(HOLE_NS)
+    try:
+        assert not seq.step(0)
+        disks.append(DiskLog.open(directory, brokers[0], sync_interval=0.001, sync_bytes=1))
+        assert len(seq.step(1)) == 41
+        assert check_order(brokers[0], sent) == before
+        # New batches go on from the last total order, on either broker.
+        for b in (1, 0, 1):
+            commit(brokers[b], [20, 20], b + 1, sent[b + 1])
+            sent[b + 1] += 2
+        seq.step(2)
+        after = check_order(brokers[0], sent)
+        assert after[: len(before)] == before
+        assert len(after) == len(before) + 6
+    finally:
+        close_all(region, seq, *disks)
+
+
+def test_replayed_batches_wait_once_for_a_broker_that_does_not_replay(
+    cxl_path: str, tmp_path: Path
+) -> None:
+    """Broker 0 had no disk log: broker 1's replayed batches wait for its
+    total orders for the hole timeout, then keep their own (the gaps are
+    broker 0's lost batches), without waiting again at every gap."""
+    directory = str(tmp_path / "disk")
+    region, brokers = open_brokers(cxl_path)
+    disk = DiskLog.open(directory, brokers[1], sync_interval=0.001, sync_bytes=1)
+    seq = brokers[0].sequencer(HOLE_NS)
+    for i in range(4):
+        commit(brokers[0], [10], 1, i)
+        commit(brokers[1], [10, 10], 2, 2 * i)
+        seq.step(0)
+    sync(disk)
+    close_all(region, seq, disk)
+    os.unlink(cxl_path)
+    region, brokers = open_brokers(cxl_path, first=1)
+    disk = DiskLog.open(directory, brokers[1], sync_interval=0.001, sync_bytes=1)
+    seq = brokers[0].sequencer(HOLE_NS)
+    try:
+        assert not seq.step(0)
+        assert not seq.step(HOLE_NS - 1)
+        assert [b.total_order for b in seq.step(HOLE_NS)] == [1, 4, 7, 10]
+        commit(brokers[0], [10], 1, 4)
+        assert [b.total_order for b in seq.step(HOLE_NS)] == [12]
+    finally:
+        close_all(region, seq, disk)

@@ -10,17 +10,19 @@ reserve, locate, commit, settle. A broker "dies" by losing its lock, as a
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import rawclient
 from memory import close_log, lose_lock, open_small_log
 from test_cxl import body
-from test_sequencer import CountingStruct, Crash
+from test_sequencer import CountingStore, CountingStruct, Crash, sync
 
-from trio_embarcadero.log import CxlLog, open_log
+from trio_embarcadero.log import CxlLog, DiskLog, open_log
 from trio_embarcadero.log import sequencer as sequencer_module
 from trio_embarcadero.log import sessions as sessions_module
 from trio_embarcadero.log.layout import (
@@ -465,9 +467,167 @@ def test_batches_of_client_req_0_are_never_held(ordered: tuple[CxlLog, CxlLog, S
     assert len(sequencer.step(SECOND)) == 3  # the plain one never waited for a batch_seq
 
 
+def plain(log: CxlLog, client_id: int, seq: int) -> None:
+    """A batch of ``client_req = 0`` (one message), committed by ``log``'s broker."""
+    data = body([30], client_id, seq)
+    reservation = log.get_cxl_buffer(TOPIC, BatchHeader(seq, client_id, 1, len(data)))
+    reservation.payload[:] = list(data)
+    log.complete(reservation, scan_records(reservation.payload, 1))
+
+
+def test_a_batch_never_ordered_is_marked_only_after_the_run_before_it(
+    cxl_path: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch_seq 1 of a session is skipped while on its way; broker 1 stores
+    it after five plain batches and before a sixth. The step that orders them
+    dies at every store in turn: whatever the store, the stream's ``ordered``
+    words are set in its order (a 2 only once the run before it is written
+    whole, as a restart and the disk writer need), and a new sequencer
+    orders the six plain batches after the session's, the skipped one never."""
+    crash_at = 0
+    while True:
+        zero, one = ordered_pair(cxl_path, clock)
+        put(zero, 0)
+        late = one.sessions.admit(key(one), 1)
+        put(zero, 2)
+        first = zero.sequencer(SECOND)
+        first.step(0)
+        first.step(SECOND)  # 1 is skipped
+        first.close()
+        for i in range(5):
+            plain(one, 9, i)
+        skipped = store(one, late).header_offset
+        plain(one, 9, 5)
+        crashed = dies_at(monkeypatch, zero, crash_at, (2 * SECOND,))
+        index = zero.topics()[TOPIC]
+        words = [
+            h.ordered
+            for _, h in iter_batches(zero.region, zero.geometry, index, 1)
+            if h.batch_complete == BATCH_COMMITTED
+        ]
+        unset = words.index(0) if 0 in words else len(words)
+        assert not any(words[unset:]), (crash_at, words)
+        again = zero.sequencer(SECOND)
+        again.step(2 * SECOND)
+        del again
+        assert U32.unpack_from(zero.region, skipped + BH_ORDERED)[0] == NEVER_ORDERED
+        with open_log(zero.path) as reader:
+            payloads = [m.payload for m in reader.ordered_messages(TOPIC)]
+        assert payloads == [rawclient.payload_for(7, s, 30) for s in (0, 2)] + [
+            rawclient.payload_for(9, i, 30) for i in range(6)
+        ], crash_at
+        quick_close(one)
+        quick_close(zero)
+        if not crashed:
+            break
+        crash_at += 1
+    # Every store: the new sequencer's redo of the two "ordered" words before,
+    # the run of five (records, headers, entries, the count, "ordered"
+    # words), the skipped one's word, then the sixth's five.
+    assert crash_at == CountingStruct.count == 2 + 4 * 5 + 1 + 1 + 5
+
+
+def test_a_batch_never_ordered_stays_so_in_a_region_rebuilt_from_the_disk_log(
+    cxl_path: str, clock: Clock, tmp_path: Path
+) -> None:
+    """A session batch stored after its batch_seq was skipped goes to the disk
+    log with its ``ordered`` word 2 (as the ordered ones with theirs); a
+    region lost and replayed gives the others their total orders back and
+    keeps it out of the order."""
+    directory = str(tmp_path / "disk")
+
+    def open_both() -> tuple[list[CxlLog], list[DiskLog]]:
+        logs = [open_small_log(cxl_path, broker_id=b, unit_size=4096) for b in (0, 1)]
+        for log in logs:
+            log.topic_order = lambda _topic: 5
+            log.sessions.clock = clock
+        return logs, [
+            DiskLog.open(directory, log, sync_interval=0.001, sync_bytes=1) for log in logs
+        ]
+
+    def close_both(logs: list[CxlLog], disks: list[DiskLog], *sequencers: Sequencer) -> None:
+        for each in (*sequencers, *disks):
+            each.close()
+        for log in logs:
+            quick_close(log)
+
+    (zero, one), disks = open_both()
+    sequencer = zero.sequencer(SECOND)
+    put(zero, 0)
+    late = one.sessions.admit(key(one), 1)
+    put(zero, 2)
+    sequencer.step(0)
+    sequencer.step(SECOND)  # 1 is skipped
+    store(one, late)
+    plain(one, 9, 0)
+    sequencer.step(2 * SECOND)
+    for disk in disks:
+        sync(disk)
+        assert disk.waiting_batches == 0  # every batch is on disk
+    with open_log(cxl_path) as reader:
+        before = [(m.offset, m.payload) for m in reader.ordered_messages(TOPIC)]
+    assert [p for _, p in before] == [
+        rawclient.payload_for(7, 0, 30),
+        rawclient.payload_for(7, 2, 30),
+        rawclient.payload_for(9, 0, 30),
+    ]
+    close_both([zero, one], disks, sequencer)
+    os.unlink(cxl_path)  # the reboot
+
+    (zero, one), disks = open_both()  # each replays its disk log
+    sequencer = zero.sequencer(SECOND)
+    try:
+        assert len(sequencer.step(3 * SECOND)) == 3
+        with open_log(cxl_path) as reader:
+            assert [(m.offset, m.payload) for m in reader.ordered_messages(TOPIC)] == before
+        index = zero.topics()[TOPIC]
+        words = {
+            (h.client_id, h.batch_seq): h.ordered
+            for _, h in iter_batches(zero.region, zero.geometry, index, 1)
+        }
+        assert words == {(7, 1): NEVER_ORDERED, (9, 0): 1}
+    finally:
+        close_both([zero, one], disks, sequencer)
+
+
 def test_claim_words_name_the_claimant() -> None:
     claim = Claim(entry=4, record=0, seq=9, token=1)
     assert claim.word == 5
+
+
+def ordered_pair(cxl_path: str, clock: Clock) -> tuple[CxlLog, CxlLog]:
+    """Brokers 0 and 1 on a new region, their topics of order 5."""
+    zero = open_small_log(cxl_path, broker_id=0, unit_size=4096, reset=True)
+    one = open_small_log(cxl_path, broker_id=1, unit_size=4096)
+    for log in (zero, one):
+        log.topic_order = lambda _topic: 5
+        log.sessions.clock = clock
+    return zero, one
+
+
+def dies_at(
+    monkeypatch: pytest.MonkeyPatch, log: CxlLog, crash_at: int, times: tuple[int, ...]
+) -> bool:
+    """A new sequencer of ``log``'s region steps at each of ``times`` and dies
+    instead of its ``crash_at``-th store (counting its own and the session
+    table's, numpy stores element by element); whether it died. Afterwards
+    :attr:`CountingStruct.count` says how many stores it made."""
+    with monkeypatch.context() as patched:
+        for module in (sequencer_module, sessions_module):
+            for name in ("U8", "U32", "U64", "HEAD", "INDEX_ENTRY", "SEGMENT_HEADER"):
+                if hasattr(module, name):
+                    patched.setattr(module, name, CountingStruct(getattr(module, name)))
+        patched.setattr(sequencer_module, "_store", CountingStore())
+        CountingStruct.count, CountingStruct.limit = 0, crash_at
+        try:
+            dying = log.sequencer(SECOND)
+            for now in times:
+                dying.step(now)
+        except Crash:
+            return True
+        finally:
+            CountingStruct.limit = -1
+    return False
 
 
 def test_a_sequencer_that_dies_at_any_store_orders_a_session_by_batch_seq_all_the_same(
@@ -478,39 +638,16 @@ def test_a_sequencer_that_dies_at_any_store_orders_a_session_by_batch_seq_all_th
     two streams, and once 6 waited the hole timeout, skips 5 and orders 6.
     The sequencer dies at every store of that (its own and the table's) in
     turn, and a new one goes on from the region: the same order each time."""
-    structs = [
-        (module, name)
-        for module in (sequencer_module, sessions_module)
-        for name in ("U8", "U32", "U64", "HEAD", "INDEX_ENTRY", "SEGMENT_HEADER")
-        if hasattr(module, name)
-    ]
     crash_at = 0
     while True:
-        zero = open_small_log(cxl_path, broker_id=0, unit_size=4096, reset=True)
-        one = open_small_log(cxl_path, broker_id=1, unit_size=4096)
-        for log in (zero, one):
-            log.topic_order = lambda _topic: 5
-            log.sessions.clock = clock
+        zero, one = ordered_pair(cxl_path, clock)
         for seq, log in ((1, one), (3, one), (0, zero), (2, zero), (4, zero), (6, zero)):
             put(log, seq)
-        with monkeypatch.context() as patched:
-            for module, name in structs:
-                patched.setattr(module, name, CountingStruct(getattr(module, name)))
-            CountingStruct.count, CountingStruct.limit = 0, crash_at
-            try:
-                dying = zero.sequencer(SECOND)
-                for now in (0, SECOND):
-                    dying.step(now)
-            except Crash:
-                crashed = True
-            else:
-                crashed = False
-            finally:
-                CountingStruct.limit = -1
+        crashed = dies_at(monkeypatch, zero, crash_at, (0, SECOND))
         again = zero.sequencer(SECOND)  # started again: each step anew
         for now in (0, SECOND):
             again.step(now)
-        del dying, again
+        del again
         assert ordered_seqs(zero) == [0, 1, 2, 3, 4, 6], crash_at
         assert zero.sessions.admit(key(zero), 5).verdict is Verdict.SKIPPED, crash_at
         quick_close(one)
@@ -519,3 +656,41 @@ def test_a_sequencer_that_dies_at_any_store_orders_a_session_by_batch_seq_all_th
             break
         crash_at += 1
     assert crash_at > 15  # it died at every store there is
+
+
+def test_a_sequencer_that_dies_at_any_store_of_a_run_of_session_batches_goes_on_all_the_same(
+    cxl_path: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches 0..7 of a session on broker 0 are ordered as one run (numpy
+    stores, one commit point, then the session's next batch_seq), 8 on
+    broker 1 after them in the same step. The sequencer dies at every store
+    of that step in turn (the run's element by element, and the table's); a
+    new one redoes the run's ``ordered`` words and the session's next
+    batch_seq from the region, so 8, and 9 sent since, are ordered at once:
+    nothing waits for a batch_seq that is ordered, nothing is skipped."""
+    crash_at = 0
+    while True:
+        zero, one = ordered_pair(cxl_path, clock)
+        for seq in range(8):
+            put(zero, seq)
+        put(one, 8)
+        assert 8 > sequencer_module._FEW_BATCHES  # a run of numpy stores
+        crashed = dies_at(monkeypatch, zero, crash_at, (0,))
+        put(one, 9)
+        again = zero.sequencer(SECOND)  # at time 0: a held batch would still wait
+        again.step(0)
+        assert again.statistics().session_skips == 0, crash_at
+        del again
+        assert ordered_seqs(zero) == list(range(10)), crash_at
+        entry = zero.sessions.entry_of(key(zero))
+        assert entry is not None
+        assert all(zero.sessions.state(entry, TOKEN, s).ordered for s in range(10)), crash_at
+        quick_close(one)
+        quick_close(zero)
+        if not crashed:
+            break
+        crash_at += 1
+    # It died at every store there is: the index's first segment (3), 8
+    # batches' records, headers, entries, "ordered" words, the count and the
+    # session's next batch_seq; then 8's.
+    assert crash_at == CountingStruct.count == 3 + 4 * 8 + 2 + 6

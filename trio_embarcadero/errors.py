@@ -26,6 +26,10 @@ class ErrorCode(enum.IntEnum):
     #: A publish session's batch waited too long for another connection's
     #: copy of its batch_seq (or a duplicate for its stored copy's ack level).
     SESSION_BUSY = 9
+    #: A batch of an order-5 topic that the sequencer went past (it stayed
+    #: in flight for the hole timeout while a later batch of its stream was
+    #: committed): it gets no place in the total order and is not acked.
+    NOT_ORDERED = 10
 
 
 #: The code a client reports when the broker closed the connection without an

@@ -40,10 +40,10 @@ class CommitConsumer(Protocol):
     def batch_committed(self, reservation: Reservation) -> None: ...
 
 
-class SessionConsumer(CommitConsumer, Protocol):
-    """The owner of a publish session's batch, which may never be ordered."""
+class OrderedConsumer(CommitConsumer, Protocol):
+    """The owner of a batch of an order-5 topic, which may never be ordered."""
 
-    def batch_skipped(self, reservation: Reservation) -> None: ...
+    def batch_never_ordered(self, reservation: Reservation) -> None: ...
 
 
 class CommitFeed:
@@ -120,14 +120,14 @@ class CommitFeed:
                 deliver = cast(CommitConsumer, owner).batch_committed
                 waits = self._order_waits
                 if waits is not None and waits.ordered_topic(reservation):
-                    # A publish session's batch whose batch_seq the sequencer
-                    # skipped is never ordered: its owner hears that instead.
-                    skipped = (
-                        partial(self._guarded, cast(SessionConsumer, owner).batch_skipped)
-                        if reservation.session is not None
-                        else None
+                    # A batch the sequencer skipped or went past is never
+                    # ordered: its owner hears that instead.
+                    never = cast(OrderedConsumer, owner).batch_never_ordered
+                    waits.hold(
+                        reservation,
+                        partial(self._guarded, deliver),
+                        partial(self._guarded, never),
                     )
-                    waits.hold(reservation, partial(self._guarded, deliver), skipped)
                 else:
                     self._guarded(deliver, reservation)
         lot = self._waiters.get(committed[0].stream.topic)

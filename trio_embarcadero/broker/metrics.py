@@ -119,6 +119,11 @@ _COUNTERS: tuple[tuple[str, str, _Value], ...] = (
         "Connections told error 5 at a shutdown (expected, not errors).",
         lambda s: s.shutdown_notices,
     ),
+    (
+        "never_ordered_batches",
+        "Committed batches of order-5 topics never ordered (not acked: error 2 or 10).",
+        lambda s: s.never_ordered,
+    ),
     ("internal_errors", "Bugs caught (see the log).", lambda s: s.internal_errors),
     ("dial_back_dialed", "Dial-back ack connections opened.", lambda s: s.dial_backs.dialed),
     ("dial_back_failed", "Dial-back ack connections that failed.", lambda s: s.dial_backs.failed),

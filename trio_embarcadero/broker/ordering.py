@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import trio
@@ -55,8 +55,10 @@ class OrderWaits:
 
     def __init__(self, log: CxlLog, interval: float = 0.005) -> None:
         self._log = log
-        self._held: dict[int, deque[tuple[Reservation, Deliver, Deliver | None]]] = {}
+        self._held: dict[int, deque[tuple[Reservation, Deliver, Deliver]]] = {}
         self._count = 0
+        #: Batches held here that turned out never to be ordered.
+        self.never_ordered = 0
         #: How often the order is looked for (``cxl.sequencer_interval_ms``).
         self.interval = interval
         #: Unparked when a batch is held (the head's sequencer runs at once).
@@ -80,34 +82,35 @@ class OrderWaits:
         stream = reservation.stream
         return read_topic_order(self._log.region, self._log.geometry, stream.topic_index) == 5
 
-    def hold(
-        self, reservation: Reservation, deliver: Deliver, skipped: Deliver | None = None
-    ) -> None:
+    def hold(self, reservation: Reservation, deliver: Deliver, never: Deliver) -> None:
         """Call ``deliver(reservation)`` once the committed ``reservation`` is
-        ordered, or ``skipped(reservation)`` once it is clear it never will be
-        (a publish session's batch whose batch_seq the sequencer skipped)."""
+        ordered, or ``never(reservation)`` once it is clear it never will be
+        (its header's ``ordered`` word is 2: a publish session's batch whose
+        batch_seq the sequencer skipped, or one it went past while in flight)."""
         key = id(reservation.stream)
-        self._held.setdefault(key, deque()).append((reservation, deliver, skipped))
+        self._held.setdefault(key, deque()).append((reservation, deliver, never))
         self._count += 1
         self.wakeup.unpark_all()
 
     def release(self) -> int:
-        """Deliver every held batch that is ordered now; returns how many."""
+        """Deliver every held batch that is ordered now (or hand it to its
+        ``never`` if it never will be); returns how many."""
         done = 0
         # Headers are 64-byte aligned: the "ordered" word is the low half of a u64.
         words = self._log.words
         for key in list(self._held):
             waiting = self._held[key]
             while waiting:
-                reservation, deliver, skipped = waiting[0]
+                reservation, deliver, never = waiting[0]
                 ordered = int(words[(reservation.header_offset + BH_ORDERED) // 8]) & 0xFFFFFFFF
                 if not ordered:
                     break
                 waiting.popleft()
                 self._count -= 1
                 done += 1
-                if ordered == NEVER_ORDERED and skipped is not None:
-                    deliver = skipped
+                if ordered == NEVER_ORDERED:
+                    self.never_ordered += 1
+                    deliver = never
                 try:
                     deliver(reservation)
                 except Exception:
@@ -225,7 +228,7 @@ class SequencerRole:
             grant.reason,
         )
 
-    def step(self, now_ns: int) -> list[OrderedBatch]:
+    def step(self, now_ns: int) -> Sequence[OrderedBatch]:
         """One sequencer step (the holder only); nothing once deposed.
 
         Args:

@@ -170,6 +170,7 @@ class PublishSession:
         self._stored: dict[Claim, _Ticket] = {}
         self._duplicates: deque[_Ticket] = deque()
         self._duplicate_lot = trio.lowlevel.ParkingLot()
+        # No count after a batch stored but not acked (never ordered).
         self._acks_stopped = False
 
     # -- what the commit feed and the allocators call ----------------------------
@@ -191,18 +192,43 @@ class PublishSession:
         else:
             self._acked(messages, ticket)
 
-    def batch_skipped(self, reservation: Reservation) -> None:
-        """One of this session's batches is stored but never ordered: its
-        publish session's batch_seq was skipped (order-5 topics)."""
-        self.fail(
-            ProtocolError(
-                ErrorCode.BAD_BATCH_HEADER,
-                f"batch_seq {reservation.header.batch_seq} of this session was skipped by the "
-                "sequencer (missing for cxl.sequencer_hole_timeout_s while a later batch_seq "
-                "waited for it): it is never ordered",
+    def batch_never_ordered(self, reservation: Reservation) -> None:
+        """One of this session's batches of an order-5 topic is stored but
+        never ordered: its publish session's batch_seq was skipped, or the
+        sequencer went past it while it was in flight. It is not acked, nor
+        is any batch after it (counts are cumulative); the client gets an
+        error after the counts of the batches before it."""
+        ticket = self._ticket_of(reservation.session)
+        if reservation.session is not None:
+            # Its ticket keeps the session's acks in order.
+            self.fail(
+                ProtocolError(
+                    ErrorCode.BAD_BATCH_HEADER,
+                    f"batch_seq {reservation.header.batch_seq} of this session was skipped by "
+                    "the sequencer (missing for cxl.sequencer_hole_timeout_s while a later "
+                    "batch_seq waited for it): it is never ordered",
+                )
             )
+            self._settled_unacked(ticket)
+            return
+        error = ProtocolError(
+            ErrorCode.NOT_ORDERED,
+            f"batch {reservation.header.batch_seq} of topic {self.topic!r} is never ordered: "
+            "it was still arriving when a later batch of this broker's stream was committed, "
+            "and the sequencer went past it after cxl.sequencer_hole_timeout_s; it is in no "
+            "total order and not acked, nor is any batch sent after it",
         )
-        self._settled_unacked(self._ticket_of(reservation.session))
+        durability = self.ingest.durability
+        if self.handshake.ack == 2 and durability is not None:
+            # In turn with the acks of the batches before it, which wait for the disk.
+            durability.when_durable(reservation, lambda _failure: self._never_acked(error))
+        else:
+            self._never_acked(error)
+
+    def _never_acked(self, error: ProtocolError) -> None:
+        self._acks_stopped = True
+        self.fail(error)
+        self._settle()
 
     def _ticket_of(self, claim: Claim | None) -> _Ticket | None:
         """The ticket of a stored batch of a session connection (by its claim)."""
@@ -211,6 +237,9 @@ class PublishSession:
     def _acked(self, messages: int, ticket: _Ticket | None = None) -> None:
         if ticket is not None:
             self._ticket_done(ticket, _Ticket.ACKED)
+            return
+        if self._acks_stopped:  # a batch before it was never ordered
+            self._settle()
             return
         if self._acks is not None:
             self._acks.advance(messages)

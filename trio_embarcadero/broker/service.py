@@ -310,6 +310,7 @@ class Broker:
             unit_bytes=self.log.geometry.unit_size,
             draining=self.shutting_down,
             order_waits=self.order_waits.held,
+            never_ordered=self.order_waits.never_ordered,
             sequencer=sequencer,
             sequencer_lease=lease,
             sessions=self.sessions.statistics(),

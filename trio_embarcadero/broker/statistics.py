@@ -206,6 +206,10 @@ class BrokerStatistics:
         draining: Whether the broker is shutting down (a graceful drain).
         order_waits: Committed batches of order-5 topics whose acks wait
             for their place in the total order.
+        never_ordered: Committed batches of order-5 topics that turned out
+            never to be ordered (a publish session's skipped batch_seq, or
+            one the sequencer went past): their publishers got an error
+            (2 or 10) in place of their acks.
         sequencer: The sequencer's counters and lag while this broker runs
             it (holds its lease), else None.
         sequencer_lease: Who holds the region's sequencer lease, at which
@@ -249,6 +253,7 @@ class BrokerStatistics:
     unit_bytes: int
     draining: bool
     order_waits: int = 0
+    never_ordered: int = 0
     sequencer: SequencerStatistics | None = None
     sequencer_lease: LeaseStatistics | None = None
     sessions: SessionStatistics | None = None
@@ -324,6 +329,8 @@ class BrokerStatistics:
                 f"{self.order_waits} batch(es) of order-5 topics wait for their order"
                 + (f" ({_lease_words(lease)})" if lease is not None and not lease.held else "")
             )
+        if self.never_ordered:
+            parts.append(f"{self.never_ordered} batch(es) of order-5 topics never ordered")
         seq = self.sequencer
         if seq is not None and seq.topics:
             epoch = f" (lease epoch {lease.epoch})" if lease is not None else ""

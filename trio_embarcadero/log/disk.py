@@ -36,7 +36,12 @@ On start the disk log is reconciled with the CXL region:
   file was removed): the missing batches are replayed into it, getting the
   same logical offsets again; of a stream the region lost whole, only the
   newest batches that fit comfortably (see :meth:`DiskLog._replay_missing`),
-  the older ones staying on disk only;
+  the older ones staying on disk only. A batch of an order-5 topic is
+  written to disk only once it is ordered (:meth:`DiskLog.take_jobs`), so
+  its header and records hold its total orders; replayed, it is marked
+  restored (``BH_RESTORED``) with its total order in the header, and the
+  sequencer gives it that place again (one the sequencer went past, its
+  ``ordered`` word 2, gets that word again and stays out of the order);
 * the region has more batches (they were acked at level 1 but not synced
   before a crash): the writer appends them.
 
@@ -71,6 +76,15 @@ import numpy.typing as npt
 
 from ..errors import LayoutError, LogFullError, StartupError, StorageError, UnsafeFileError
 from ..wire import BATCH_HEADER_SIZE, encode_topic, scan_records, unpack_batch_header
+from .layout import (
+    BH_ORDERED,
+    BH_RESTORED,
+    BH_TOTAL_ORDER,
+    NEVER_ORDERED,
+    U32,
+    U64,
+    read_topic_order,
+)
 from .layout import file_name as file_name
 from .layout import parse_file_name as parse_file_name
 from .ownership import BrokerLock, claim_disk_log, open_private_file, sync_directory
@@ -471,6 +485,17 @@ class DiskLog:
                 f"{path}: the CXL region has no room to replay {stream.topic!r} from the disk "
                 f"log ({exc}); give the region more room (cxl.size_mb)"
             ) from exc
+        region = self._log.region.data
+        if header.ordered and read_topic_order(region, self._log.geometry, stream.topic_index) == 5:
+            at = reservation.header_offset
+            if header.ordered == NEVER_ORDERED:
+                # The sequencer went past it: it stays out of the total order.
+                U32.pack_into(region, at + BH_ORDERED, NEVER_ORDERED)
+            else:
+                # It had its place in the total order (its records keep their
+                # total_order fields): the sequencer gives it the same again.
+                U64.pack_into(region, at + BH_TOTAL_ORDER, header.total_order)
+                U32.pack_into(region, at + BH_RESTORED, 1)
         try:
             got = os.preadv(fd, [reservation.payload.data], file_offset + BATCH_HEADER_SIZE)
             if got != total:
@@ -548,7 +573,9 @@ class DiskLog:
                 continue
             stream_log = self._stream_log(stream)
             parts: list[_Part] = []
-            for k in range(stream_log.synced, stream.batches):
+            upto = self._writable(stream, stream_log.synced)
+            self.waiting_batches += stream.batches - upto
+            for k in range(stream_log.synced, upto):
                 batch = stream.committed_batch(k)
                 size = BATCH_HEADER_SIZE + batch.total_size
                 segment = stream_log.segments[-1] if stream_log.segments else None
@@ -566,8 +593,29 @@ class DiskLog:
                 parts[-1].batches.append((batch.first_offset, batch.num_msg, batch.total_size))
                 segment.planned += size
             if parts:
-                jobs.append(WriteJob(stream.topic, stream.batches, stream_log, parts))
+                jobs.append(WriteJob(stream.topic, upto, stream_log, parts))
         return jobs
+
+    def _writable(self, stream: Stream, synced: int) -> int:
+        """How many of ``stream``'s committed batches may go to disk now: all
+        of them, but for an order-5 topic only those before its first one not
+        ordered yet (a batch goes to disk once it is ordered, its total
+        orders in it, so a region rebuilt from the disk gets them back). The
+        sequencer orders a stream in its commit order, so once the last batch
+        is ordered, one before it that is not never will be: all go."""
+        region, geometry = self._log.region.data, self._log.geometry
+        if read_topic_order(region, geometry, stream.topic_index) != 5:
+            return stream.batches
+
+        def ordered(k: int) -> bool:
+            header = stream.committed_batch(k).header_offset
+            return bool(U32.unpack_from(region, header + BH_ORDERED)[0])
+
+        if synced == stream.batches or ordered(stream.batches - 1):
+            return stream.batches
+        # Forward, from the first not on disk: a poll while the head lags
+        # reads only what was ordered since the last.
+        return next(k for k in range(synced, stream.batches) if not ordered(k))
 
     def jobs_done(self, jobs: list[WriteJob], written: int, seconds: float) -> None:
         """Record jobs that :func:`write_and_sync` finished: each job's stream

@@ -70,15 +70,24 @@ later):
                          24 generation of the data segment then (u64): a
                             reader that finds another one there knows the
                             batch is gone (retention), like an offset
-Ordering a batch writes, in this order: every record's ``total_order``
-and the header's ``total_order``, the index entry, the topic's ordered
-count (the commit point: one aligned 8-byte store), then the header's
-``ordered`` word (1). A batch is ordered once the count covers its entry;
-a sequencer that starts again redoes the last entry's ``ordered`` word and
-goes on from the count, so a ``kill -9`` at any step neither assigns a total
-order twice nor skips one. The next total order is the last entry's plus
-its ``num_msg``; each broker's stream is ordered in its commit order, so
-its ordered batches come first and a restart resumes after the last one.
+The sequencer orders a *run* of batches at a time (consecutive batches of
+one stream, at most ``RUN_LIMIT`` of :mod:`.sequencer`) and writes, in this
+order: every record's ``total_order`` and each header's ``total_order``, the
+index entries, the topic's ordered count (the commit point: one aligned
+8-byte store covering the whole run), then the headers' ``ordered`` words
+(1), then the next batch_seq to order of each publish session (see below)
+with a batch in the run (one 8-byte store a session). A batch is ordered
+once the count covers its entry; a sequencer that starts again redoes the
+``ordered`` words of the last ``RUN_LIMIT`` entries (those of batches still
+in the region) and their sessions' next batch_seqs, and goes on from the
+count, so a ``kill -9`` at any store neither assigns a total order twice nor
+skips one. The next total order is the last entry's plus its ``num_msg``;
+each broker's stream is ordered in its commit order, so its ordered batches
+come first and a restart resumes after the last one whose ``ordered`` word
+is 1 (passing again the batches after it whose word is 2,
+``NEVER_ORDERED``). The sequencer writes 2 into a batch's ``ordered`` word
+only once the run before it in its stream is written whole, so a stream's
+``ordered`` words are set in its order (the disk writer relies on it).
 
 The session table of publish sessions (``client_req = 2``, see
 :mod:`.sessions`) is a chain of segments whose map owner is
@@ -89,6 +98,14 @@ entry's index, 0 for any other batch) and carries the session's token in
 ``batch_off_to_export`` (+64, ``BH_SESSION_TOKEN``). The sequencer writes
 2 in the ``ordered`` word of a session batch that is never ordered (its
 batch_seq was skipped).
+
+A batch of an order-5 topic goes to the disk log once its ``ordered`` word
+is set (see :mod:`.disk`). Replayed into a region rebuilt after it was lost,
+a batch that had a total order gets it back in its header's ``total_order``
+and 1 in its restored word (``BH_RESTORED``, +72, in the padding the writer
+zeroes), both before its commit, and the sequencer gives it that place
+again, before any batch that was not replayed; one that was never ordered
+gets 2 in its ``ordered`` word again, and stays so.
 
 A *stream* is one (topic, broker) pair: its own chain of segments, its own
 logical offsets. Its first segment is one unit, and each next one twice the
@@ -215,8 +232,13 @@ BH_TOTAL_ORDER = 56
 #: A session batch's header (see .sessions): 1 + its session's entry, and its token.
 BH_SESSION = 28
 BH_SESSION_TOKEN = 64
-#: The ``ordered`` word of a session batch that is never ordered.
+#: The ``ordered`` word of a batch that is never ordered.
 NEVER_ORDERED = 2
+#: A batch header's restored word (in the padding after the wire's fields,
+#: which the writer zeroes): 1 on a batch of an order-5 topic replayed from
+#: the disk log with the total order it had (in ``total_order``), which the
+#: sequencer gives it again.
+BH_RESTORED = 72
 #: A stream entry's count of attached publish sessions, at +56.
 STREAM_ATTACHED_OFFSET = 56
 #: A stream entry: first, last segment, segment count.
@@ -564,8 +586,8 @@ def _topic_table(buf: Any, geometry: Geometry) -> npt.NDArray[np.uint8]:
     ).reshape(geometry.max_topics, stride)
 
 
-def ordered_topics(buf: Any, geometry: Geometry) -> dict[int, str]:
-    """Every live topic of order 5, slot to name: one vectorised scan of the
+def ordered_slots(buf: Any, geometry: Geometry) -> list[int]:
+    """The slot of every live topic of order 5: one vectorised scan of the
     state and order words (the head's sequencer looks every few ms, and a
     region may hold thousands of order-0 topics)."""
     words = (
@@ -573,8 +595,12 @@ def ordered_topics(buf: Any, geometry: Geometry) -> dict[int, str]:
         .copy()
         .view("<u4")
     )
-    found = np.flatnonzero((words[:, 0] == TOPIC_LIVE) & (words[:, 1] == 5)).tolist()
-    names = {i: read_topic_name(buf, geometry, i) for i in found}
+    return np.flatnonzero((words[:, 0] == TOPIC_LIVE) & (words[:, 1] == 5)).tolist()
+
+
+def ordered_topics(buf: Any, geometry: Geometry) -> dict[int, str]:
+    """Every live topic of order 5, slot to name (see :func:`ordered_slots`)."""
+    names = {i: read_topic_name(buf, geometry, i) for i in ordered_slots(buf, geometry)}
     return {i: name for i, name in names.items() if name is not None}
 
 

@@ -1,22 +1,31 @@
 """The sequencer: one total order over every broker's stream of an order-5 topic.
 
-Broker 0 (the head) runs it; it knows nothing of Trio. Each call of
+The broker that holds the sequencer lease (see :mod:`.lease`) runs it; it
+knows nothing of Trio. Each call of
 :meth:`Sequencer.step` looks at every live order-5 topic in the region, walks
 each broker's stream of it from where the last step stopped, and gives every
 batch committed since a place in the topic's total order: per message, gap-free
 from 0, in the order the sequencer finds the commits (a stream's batches in
 their commit order, so a connection's batches keep the order it sent them in).
-For each batch it writes the total orders into the records and the header,
-appends an entry to the topic's ordered index and marks the header ordered.
+It orders a stream's batches found in one step as a run: the total orders
+into the records and the headers, the entries appended to the topic's
+ordered index, one commit point for the run, then the headers marked
+ordered; a long run with one numpy store of each kind (strided columns or
+one gather of every record's place), so a batch of 16 records costs about
+what a batch of one does.
 The layout and the crash-safe order of those stores are described in
 :mod:`.layout`; a sequencer that starts again (after a ``kill -9`` at any
 point) goes on from the region alone.
 
 The broker's writer commits a stream's batches in log order, so a batch still
-being received holds back only its own stream's later batches. A committed
-batch behind a reserved one (a hole: a writer that commits out of log order,
-or one that died and left it) is waited for at most ``hole_timeout_ns``;
-then the sequencer goes past it, and that batch is never ordered.
+being received holds back only its own stream's later batches: they stay
+reserved, or are abandoned (given up), and neither kind waits for it. A
+committed batch behind a reserved one (a hole: a writer that commits out of
+log order) is waited for at most ``hole_timeout_ns``; then the sequencer goes
+past it, and that batch is never ordered: its ``ordered`` word becomes 2
+(``NEVER_ORDERED``) while it is still reserved, so once it commits (or is
+abandoned) nothing waits for its order; the broker answers its publisher
+with an error in place of its ack.
 
 A publish session's batches (see :mod:`.sessions`) are ordered by their
 batch_seq, also when different brokers stored them: a session batch whose
@@ -24,6 +33,11 @@ predecessor is not ordered yet holds its stream, like a hole, for at most
 ``hole_timeout_ns``; then the batch_seqs still missing before it are
 skipped and it is ordered. A session batch whose batch_seq was skipped is
 never ordered: its header's ``ordered`` word becomes 2 (``NEVER_ORDERED``).
+A session's batches go into runs like any others: those of the run being
+written count as ordered for the next (:meth:`.sessions.SessionTable.placement`), and
+the session's next batch_seq is written after the run's commit point. A
+batch_seq is skipped, or a word 2 written, only once the run before it is
+written whole (see :mod:`.layout`).
 
 Every step runs under the region's file lock: a topic is not deleted, nor a
 segment reclaimed, while the sequencer writes into it.
@@ -31,26 +45,36 @@ segment reclaimed, while the sequencer writes into it.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import logging
 import struct
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, overload
 
 import attrs
 import numpy as np
 import numpy.typing as npt
 
-from ..wire import BATCH_HEADER_SIZE, MH_NEXT_MSG_DIFF, MH_PADDED_SIZE, MH_TOTAL_ORDER
+from ..wire import (
+    BATCH_HEADER_SIZE,
+    BH_BATCH_COMPLETE,
+    MH_NEXT_MSG_DIFF,
+    MH_PADDED_SIZE,
+    MH_TOTAL_ORDER,
+)
 from .layout import (
     BATCH_ABANDONED,
     BATCH_COMMITTED,
     BATCH_RESERVED,
     BH_ORDERED,
+    BH_RESTORED,
     BH_SESSION,
     BH_TOTAL_ORDER,
     BH_TOTAL_SIZE,
     INDEX_ENTRY,
+    INDEX_ENTRY_SIZE,
     INDEX_OWNER,
     NEVER_ORDERED,
     NEXT_GENERATION_OFFSET,
@@ -59,6 +83,7 @@ from .layout import (
     SEGMENT_HEADER_SIZE,
     SEGMENT_MAGIC,
     SEGMENT_NEXT_OFFSET,
+    STREAM_COUNTS_OFFSET,
     TOPIC_INDEX_HEAD_OFFSET,
     TOPIC_LIVE,
     TOPIC_ORDERED_OFFSET,
@@ -74,10 +99,11 @@ from .layout import (
     index_chain,
     index_entry_offset,
     index_per_segment,
-    ordered_topics,
+    ordered_slots,
     read_index_entry,
     read_ordered_count,
     read_stream_entry,
+    read_topic_name,
     read_topic_state,
     read_topics,
 )
@@ -88,6 +114,13 @@ logger = logging.getLogger(__name__)
 
 #: Batches one step orders at most, so the file lock is never held long.
 DEFAULT_STEP_BUDGET = 4096
+#: Batches ordered with one commit point at most (one store of the ordered
+#: count covers them all). A sequencer that starts again redoes the
+#: ``ordered`` words of the index's last ``RUN_LIMIT`` entries: a run's
+#: stores after its commit point.
+RUN_LIMIT = 1024
+#: A stream entry's committed batches, at +24.
+_BATCHES = STREAM_COUNTS_OFFSET + 8
 #: How often a step looks for index segments whose batches are all gone.
 INDEX_RECLAIM_INTERVAL_NS = 1_000_000_000
 #: An ordered index entry, as numpy reads a segment of them.
@@ -118,6 +151,59 @@ class OrderedBatch:
     entry: int
 
 
+class OrderedBatches(Sequence[OrderedBatch]):
+    """What one step ordered: its batches in total order per topic, each
+    :class:`OrderedBatch` made only when asked for (a step may order
+    thousands, and most callers only count them)."""
+
+    def __init__(self) -> None:
+        # Per run: topic, broker, first entry, first total order, then its
+        # batches' header offsets, message counts and total orders.
+        self._runs: list[tuple[str, int, int, list[int], list[int], list[int]]] = []
+        self._starts: list[int] = []
+        self._count = 0
+
+    def _add(
+        self, topic: str, broker: int, entry: int, headers: list[int], num_msgs: list[int],
+        totals: list[int],
+    ) -> None:  # fmt: skip
+        self._runs.append((topic, broker, entry, headers, num_msgs, totals))
+        self._starts.append(self._count)
+        self._count += len(headers)
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> OrderedBatch: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[OrderedBatch]: ...
+
+    def __getitem__(self, index: int | slice) -> OrderedBatch | list[OrderedBatch]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError("ordered batch index out of range")
+        run = bisect.bisect_right(self._starts, index) - 1
+        topic, broker, entry, headers, num_msgs, totals = self._runs[run]
+        k = index - self._starts[run]
+        return OrderedBatch(topic, broker, headers[k], num_msgs[k], totals[k], entry + k)
+
+    def __eq__(self, other: object) -> bool:
+        # Equal to any list or tuple of the same batches, as a list would be.
+        if isinstance(other, OrderedBatches | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"OrderedBatches({list(self)!r})"
+
+
 @attrs.frozen
 class SequencerStatistics:
     """What the sequencer counts.
@@ -129,7 +215,8 @@ class SequencerStatistics:
         lag_batches: Batches committed but not ordered yet, at its last step.
         lag_oldest_s: How long the oldest of them has been waiting (since a
             step first saw it), in seconds; 0 when none waits.
-        holes_skipped: Batches it went past after ``hole_timeout_ns``.
+        holes_skipped: Batches it went past after ``hole_timeout_ns``
+            (while reserved; each is marked never ordered at once).
         index_full: Steps that found no free unit for an index segment.
         index_segments_freed: Index segments let go (every batch they named
             was gone).
@@ -148,17 +235,17 @@ class SequencerStatistics:
     session_skips: int = 0
 
 
-#: A batch header's num_msg, state, broker, ordered and total_size, read at +12.
-_HEAD = struct.Struct("<IIII4xQ")
-#: A batch header's session word (see :mod:`.sessions`), read at 0.
-_SESSION = struct.Struct(f"<{BH_SESSION}xI")
+#: A batch header's num_msg, state, broker, ordered, session word (see
+#: :mod:`.sessions`), total_size and restored word, read at +12.
+_HEAD = struct.Struct(f"<IIIIIQ{BH_RESTORED - 40}xI")
+assert _HEAD.size == BH_RESTORED + 4 - 12
 
 
 def _walk(
     buf: Any, g: Geometry, topic_index: int, broker: int, pos: WalkPosition
-) -> Iterator[tuple[int, int, int, int, int]]:
-    """``(offset, state, ordered, num_msg, total_size)`` of each batch of a
-    stream from ``pos`` on, moving ``pos`` past a batch when the next is asked
+) -> Iterator[tuple[int, int, int, int, int, int, int]]:
+    """``(offset, state, ordered, session, num_msg, total_size, restored)`` of
+    each batch of a stream from ``pos`` on, moving ``pos`` past a batch when the next is asked
     for (as :func:`~.layout.iter_batches` does, which checks the segment's
     generation at every batch: here the caller holds the region's file lock,
     so no segment is let go meanwhile, and checks it once before it walks)."""
@@ -172,10 +259,12 @@ def _walk(
         offset = pos.offset
         total = 0
         if offset <= header_room:
-            num_msg, state, _, ordered, total = _HEAD.unpack_from(buf, offset + 12)
+            num_msg, state, _, ordered, session, total, restored = _HEAD.unpack_from(
+                buf, offset + 12
+            )
         end = offset + BATCH_HEADER_SIZE + total
         if total and end <= pos.end:
-            yield offset, state, ordered, num_msg, total
+            yield offset, state, ordered, session, num_msg, total, restored
             pos.offset = end
             continue
         # The end of the segment's data: on to the next segment, if linked.
@@ -186,6 +275,43 @@ def _walk(
         if not enter_segment(buf, g, pos, link, topic_index, broker):
             raise SegmentReclaimed(f"segment {pos.segment}'s successor is gone")
         header_room = pos.end - BATCH_HEADER_SIZE
+
+
+_ONE = np.uint32(1)
+#: A run of at most this many batches is ordered batch by batch with
+#: ``struct`` stores; a longer one with one numpy store per kind of word.
+_FEW_BATCHES = 4
+#: Batches of this many records each on average get a strided column each,
+#: not one gather of every record's place.
+_MANY_RECORDS = 64
+
+
+def _store(view: npt.NDArray[Any], at: npt.NDArray[np.int64] | slice, values: Any) -> None:
+    """``view[at] = values``: every store to the region of ordering a run
+    (but its commit point) goes through here, element by element in the
+    order of ``at``, so a test can stop it anywhere, as a ``kill -9`` would."""
+    view[at] = values
+
+
+class _Run:
+    """Batches of one stream found to order: their header offsets, message
+    counts, payload sizes and data segments' generations, and the next
+    batch_seq of each publish session with a batch among them."""
+
+    __slots__ = ("generations", "messages", "num_msgs", "offsets", "sessions", "sizes")
+
+    def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        """Begin anew (new lists: the batches ordered keep the old ones)."""
+        self.messages = 0
+        self.offsets: list[int] = []
+        self.num_msgs: list[int] = []
+        self.sizes: list[int] = []
+        self.generations: list[int] = []
+        # Entry offset of a session in the table: its batch_seq after the run.
+        self.sessions: dict[int, int] = {}
 
 
 class _Hole:
@@ -199,7 +325,7 @@ class _Hole:
 class _StreamCursor:
     """Where the sequencer stands in one broker's stream of a topic."""
 
-    __slots__ = ("done", "held", "hole", "position", "waiting_since")
+    __slots__ = ("done", "held", "hole", "new_seen", "passed", "position", "waiting_since")
 
     def __init__(self) -> None:
         self.position: WalkPosition | None = None
@@ -210,19 +336,36 @@ class _StreamCursor:
         # A session batch waiting for its predecessor (since when).
         self.held: _Hole | None = None
         self.waiting_since: int | None = None
+        # A batch not replayed from the disk log was seen: none comes after.
+        self.new_seen = False
+        # Batches behind the position gone past while reserved (never
+        # ordered), until they commit (then counted in ``done``) or not: their
+        # header offsets and segments' generations.
+        self.passed: list[tuple[int, int]] = []
 
 
 class _TopicOrder:
     """The sequencer's state of one order-5 topic."""
 
-    def __init__(self, name: str, index: int, incarnation: int, max_brokers: int) -> None:
+    def __init__(self, name: str, index: int, incarnation: int, geometry: Geometry) -> None:
+        max_brokers = geometry.max_brokers
         self.name = name
         self.index = index
         self.incarnation = incarnation
+        # Where each broker's stream entry is (looked at every step).
+        self.streams = [geometry.stream_offset(index, broker) for broker in range(max_brokers)]
         self.chain = IndexChain()
         self.entries = 0
         self.next_total = 0
         self.cursors = [_StreamCursor() for _ in range(max_brokers)]
+        # Streams whose next batch is one replayed from the disk log with a
+        # total order after the next one (other streams' batches come
+        # first): the total order it waits for, by broker.
+        self.restored_waiting: dict[int, int] = {}
+        # Since when a step found nothing to order but such batches; after
+        # one wait of the hole timeout, later gaps are not waited for.
+        self.gap_since: int | None = None
+        self.gap_waited = False
 
 
 class Sequencer:
@@ -256,6 +399,7 @@ class Sequencer:
         self._map = segment_map
         self._lock = lock
         self._words: npt.NDArray[np.uint64] = np.frombuffer(buf, dtype="<u8")
+        self._u32: npt.NDArray[np.uint32] = np.frombuffer(buf, dtype="<u4")
         self.hole_timeout_ns = hole_timeout_ns
         self._topics: dict[int, _TopicOrder] = {}
         self._batches = 0
@@ -275,11 +419,11 @@ class Sequencer:
         so the region can be unmapped."""
         self._topics.clear()
         self._sessions = None
-        del self._words, self._map
+        del self._words, self._u32, self._map
 
     # -- one step ------------------------------------------------------------------
 
-    def step(self, now_ns: int, budget: int = DEFAULT_STEP_BUDGET) -> list[OrderedBatch]:
+    def step(self, now_ns: int, budget: int = DEFAULT_STEP_BUDGET) -> OrderedBatches:
         """Order what was committed since the last step, up to ``budget`` batches.
 
         Args:
@@ -290,21 +434,12 @@ class Sequencer:
         Returns:
             The batches ordered, in total order per topic.
         """
-        ordered: list[OrderedBatch] = []
+        ordered = OrderedBatches()
         with self._lock():
             self._refresh_topics()
             for topic in self._topics.values():
-                while True:
-                    before = len(ordered)
-                    held = False
-                    for broker in range(self._g.max_brokers):
-                        if len(ordered) >= budget:
-                            break
-                        held |= self._order_stream(topic, broker, now_ns, budget, ordered)
-                    # A session batch held in one stream may be free to go now
-                    # that another stream's batches are ordered: look again.
-                    if not held or len(ordered) in (before, budget):
-                        break
+                if self._order_restored(topic, now_ns, budget, ordered):
+                    self._order_streams(topic, now_ns, budget, ordered)
             self._measure_lag(now_ns)
             due = self._index_checked_ns
             if due is None or now_ns - due >= INDEX_RECLAIM_INTERVAL_NS:
@@ -330,7 +465,7 @@ class Sequencer:
     # -- topics --------------------------------------------------------------------
 
     def _refresh_topics(self) -> None:
-        live = ordered_topics(self._buf, self._g)
+        live = ordered_slots(self._buf, self._g)
         for index in list(self._topics):
             state, incarnation = read_topic_state(self._buf, self._g, index)
             if index not in live or (state, incarnation) != (
@@ -338,26 +473,22 @@ class Sequencer:
                 self._topics[index].incarnation,
             ):
                 del self._topics[index]  # deleted (maybe made anew since)
-        for index, name in live.items():
+        for index in live:
             if index not in self._topics:
-                self._topics[index] = self._recover_topic(name, index)
+                name = read_topic_name(self._buf, self._g, index)
+                if name is not None:
+                    self._topics[index] = self._recover_topic(name, index)
 
     def _recover_topic(self, name: str, index: int) -> _TopicOrder:
         """Pick up a topic's order from the region (a new topic, or a restart)."""
         _, incarnation = read_topic_state(self._buf, self._g, index)
-        topic = _TopicOrder(name, index, incarnation, self._g.max_brokers)
+        topic = _TopicOrder(name, index, incarnation, self._g)
         topic.chain = index_chain(self._buf, self._g, index)
         topic.entries = read_ordered_count(self._buf, self._g, index)
         if topic.entries:
             last = read_index_entry(self._buf, self._g, topic.chain, topic.entries - 1)
             topic.next_total = last.total_order + last.num_msg
-            # Cut short after the commit point: its header's "ordered" word
-            # may not be written yet. Redo it, unless retention took the batch.
-            found = generation_holding(self._buf, self._g, last.header_offset)
-            if found == last.generation:
-                U32.pack_into(self._buf, last.header_offset + BH_ORDERED, 1)
-                if self._sessions is not None:
-                    self._sessions.ordered(last.header_offset)
+            self._redo_ordered_words(topic)
             logger.info(
                 "sequencer: topic %r resumes at total order %d (%d batches ordered)",
                 name,
@@ -365,6 +496,39 @@ class Sequencer:
                 topic.entries,
             )
         return topic
+
+    def _redo_ordered_words(self, topic: _TopicOrder) -> None:
+        """Write the ``ordered`` words of the index's last entries again, and
+        the next batch_seq to order of the publish sessions among them: a
+        sequencer cut short after a run's commit point may not have written
+        them all. (Not those of batches retention took since.)"""
+        per = index_per_segment(self._g)
+        chain = topic.chain
+        start = max(topic.entries - RUN_LIMIT, chain.first * per)
+        while start < topic.entries:
+            unit = chain.units[start // per - chain.first]
+            count = min(topic.entries - start, per - start % per)
+            entries = np.frombuffer(
+                self._buf,
+                dtype=_ENTRIES,
+                count=count,
+                offset=self._g.segment_offset(unit)
+                + SEGMENT_HEADER_SIZE
+                + start % per * INDEX_ENTRY_SIZE,
+            )
+            generations, first = np.unique(entries["generation"], return_index=True)
+            kept = [
+                int(generation)
+                for generation, header in zip(generations, entries["header"][first], strict=True)
+                if generation_holding(self._buf, self._g, int(header)) == int(generation)
+            ]
+            headers = entries["header"][np.isin(entries["generation"], kept)].astype(np.int64)
+            _store(self._u32, (headers + BH_ORDERED) // 4, _ONE)
+            if self._sessions is not None:
+                sessions = headers[self._u32[(headers + BH_SESSION) // 4] != 0]
+                for header in sessions.tolist():
+                    self._sessions.ordered(header)
+            start += count
 
     def _recover_index_segments(self) -> None:
         """Free index segments that no index reaches (allocated, not linked yet)."""
@@ -381,22 +545,89 @@ class Sequencer:
 
     def _frontier(self, topic: _TopicOrder, broker: int, cursor: _StreamCursor) -> None:
         """Set ``cursor`` after the stream's last ordered batch: a new stream's
-        start, or where a sequencer that stopped had got to."""
+        start, or where a sequencer that stopped had got to. (Batches never
+        ordered after it are passed again: a region rebuilt from the disk
+        log has them among batches it orders anew.)"""
         entry = read_stream_entry(self._buf, self._g, topic.index, broker)
         position = WalkPosition()
         after = WalkPosition()
         done = walked = 0
-        for offset, state, is_ordered, _, total in _walk(
+        passed: list[tuple[int, int]] = []
+        kept = 0
+        for offset, state, is_ordered, _, _, total, _ in _walk(
             self._buf, self._g, topic.index, broker, position
         ):
+            if state == BATCH_RESERVED and is_ordered == NEVER_ORDERED:
+                passed.append((offset, position.generation))
             if state != BATCH_COMMITTED:
                 continue
             walked += 1
-            if is_ordered:
+            if is_ordered == 1:
                 done = walked
+                kept = len(passed)
                 after = attrs.evolve(position, offset=offset + BATCH_HEADER_SIZE + total)
         cursor.position = after
         cursor.done = entry.first_batch + done
+        cursor.passed = passed[:kept]  # those after it are walked again
+
+    def _order_restored(
+        self, topic: _TopicOrder, now_ns: int, budget: int, ordered: OrderedBatches
+    ) -> bool:
+        """Order the batches replayed from the disk log with their total
+        orders (a region rebuilt after it was lost), each stream's before any
+        of its others; returns whether the others may be ordered now (no
+        replayed batch waits for another stream's)."""
+        while True:
+            before = topic.entries
+            topic.restored_waiting.clear()
+            for broker, cursor in enumerate(topic.cursors):
+                if not cursor.new_seen and len(ordered) < budget:
+                    self._order_stream(topic, broker, now_ns, budget, ordered, restored_only=True)
+            if not topic.restored_waiting:
+                topic.gap_since = None
+                topic.gap_waited = False
+                return True
+            if len(ordered) >= budget:
+                return False
+            if topic.entries != before:
+                topic.gap_since = None
+                continue  # streams interleave: another pass orders more
+            # Nothing replayed holds the next total order (yet): a broker
+            # that has not replayed its stream may still. After the hole
+            # timeout (once: a broker that replays later has its batches
+            # ordered anew), go on at the first total order that is there.
+            if topic.gap_since is None:
+                topic.gap_since = now_ns
+            if not topic.gap_waited and now_ns - topic.gap_since < self.hole_timeout_ns:
+                return False
+            topic.gap_waited = True
+            resume = min(topic.restored_waiting.values())
+            logger.warning(
+                "sequencer: topic %r: no batch replayed from a disk log holds total orders "
+                "%d..%d; going on at %d",
+                topic.name,
+                topic.next_total,
+                resume - 1,
+                resume,
+            )
+            topic.next_total = resume
+            topic.gap_since = None
+
+    def _order_streams(
+        self, topic: _TopicOrder, now_ns: int, budget: int, ordered: OrderedBatches
+    ) -> None:
+        """Order what every stream of ``topic`` committed since the last step."""
+        while True:
+            before = len(ordered)
+            held = False
+            for broker in range(self._g.max_brokers):
+                if len(ordered) >= budget:
+                    break
+                held |= self._order_stream(topic, broker, now_ns, budget, ordered)
+            # A session batch held in one stream may be free to go now that
+            # another stream's batches are ordered: look again.
+            if not held or len(ordered) in (before, budget):
+                return
 
     def _order_stream(
         self,
@@ -404,72 +635,134 @@ class Sequencer:
         broker: int,
         now_ns: int,
         budget: int,
-        ordered: list[OrderedBatch],
+        ordered: OrderedBatches,
+        *,
+        restored_only: bool = False,
     ) -> bool:
-        """Order what the stream has; True if it stopped at a held session batch."""
+        """Order what a stream committed since the last step (with
+        ``restored_only``: only its batches replayed with their total orders,
+        up to the first it has to wait for); True if it stopped at a publish
+        session's batch held for its predecessor."""
         cursor = topic.cursors[broker]
-        buf, sessions = self._buf, self._sessions
-        try:
-            if cursor.position is None:
-                (first,) = U32.unpack_from(self._buf, self._g.stream_offset(topic.index, broker))
-                if first == NO_SEGMENT:
-                    return False
+        if cursor.position is None:
+            (first,) = U32.unpack_from(self._buf, topic.streams[broker])
+            if first == NO_SEGMENT:
+                return False
+            try:
                 self._frontier(topic, broker, cursor)
-            position = cursor.position
-            assert position is not None
-            for offset, state, is_ordered, num_msg, total in _walk(
+            except SegmentReclaimed:
+                return False
+        position = cursor.position
+        assert position is not None
+        run = _Run()
+        held = False
+        sessions = self._sessions
+        per = index_per_segment(self._g)
+        chain = topic.chain
+        capacity = (chain.first + len(chain.units)) * per  # index entries with a place
+        try:
+            for offset, state, is_ordered, session, num_msg, total, restored in _walk(
                 self._buf, self._g, topic.index, broker, position
             ):
                 if state == BATCH_ABANDONED:
                     continue
                 if state == BATCH_RESERVED:
-                    if not self._past_hole(cursor, position, offset, total, now_ns):
-                        return False
+                    if is_ordered != NEVER_ORDERED:  # (else gone past before)
+                        if not self._past_hole(cursor, position, offset, total, now_ns):
+                            break
+                        # It stays out of the order, also once it commits (its
+                        # writer writes no more of its header than the state):
+                        # one store, once the run before it is written whole.
+                        self._flush(topic, broker, run, ordered)
+                        U32.pack_into(self._buf, offset + BH_ORDERED, NEVER_ORDERED)
+                    cursor.passed.append((offset, position.generation))
                     continue
                 cursor.hole = None
                 if is_ordered:
                     cursor.done += 1
                     continue
-                if len(ordered) >= budget:
-                    return False
-                # A publish session's batch names its session at BH_SESSION.
-                session = sessions is not None and _SESSION.unpack_from(buf, offset)[0]
-                if session:
-                    placement = self._place_session_batch(cursor, offset, now_ns)
+                if len(ordered) + len(run.offsets) >= budget:
+                    break
+                if restored:
+                    (was,) = U64.unpack_from(self._buf, offset + BH_TOTAL_ORDER)
+                    due = topic.next_total + run.messages
+                    if was > due:
+                        topic.restored_waiting[broker] = was
+                        break
+                    if was < due:
+                        logger.warning(
+                            "sequencer: topic %r: a batch replayed from broker %d's disk log "
+                            "had total order %d, given again since; it is ordered anew at %d",
+                            topic.name,
+                            broker,
+                            was,
+                            due,
+                        )
+                elif restored_only:
+                    cursor.new_seen = True
+                    break
+                if len(run.offsets) >= RUN_LIMIT:
+                    self._flush(topic, broker, run, ordered)
+                if topic.entries + len(run.offsets) >= capacity:
+                    if self._index_slot(topic, capacity) is None:
+                        break  # no room for the index: the next step tries again
+                    capacity += per
+                # A publish session's batch names its session (BH_SESSION).
+                if session and sessions is not None:
+                    placement = self._place_session_batch(
+                        topic, broker, run, offset, now_ns, ordered
+                    )
                     if placement is Placement.HOLD:
-                        return True
+                        held = True
+                        break
                     if placement is Placement.NEVER:
                         cursor.done += 1
                         continue
-                batch = self._order_one(topic, broker, offset, num_msg, total, position)
-                if batch is None:
-                    return False  # no room for the index: the next step tries again
-                if session:
-                    assert sessions is not None
-                    sessions.ordered(offset)
-                cursor.done += 1
-                ordered.append(batch)
+                    sessions.add_to_run(offset, run.sessions)
+                run.offsets.append(offset)
+                run.messages += num_msg
+                run.num_msgs.append(num_msg)
+                run.sizes.append(total)
+                run.generations.append(position.generation)
         except SegmentReclaimed:
             # Retention let the segment go; it keeps unordered batches of an
-            # order-5 topic, so only ordered ones went: find the frontier anew.
+            # order-5 topic, so only ordered ones went: find the frontier anew
+            # (after ordering the batches found before, which are still there:
+            # the file lock keeps retention out while the step runs).
             cursor.position = None
-        return False
+        self._flush(topic, broker, run, ordered)
+        return held
 
-    def _place_session_batch(self, cursor: _StreamCursor, offset: int, now_ns: int) -> Placement:
-        """Whether to order the session batch at ``offset`` now, wait, or never.
+    def _place_session_batch(
+        self,
+        topic: _TopicOrder,
+        broker: int,
+        run: _Run,
+        offset: int,
+        now_ns: int,
+        ordered: OrderedBatches,
+    ) -> Placement:
+        """Whether to order the session batch at ``offset`` now (after the
+        batches of ``run``), wait, or never.
 
         One whose predecessor is missing waits ``hole_timeout_ns``; then the
         missing batch_seqs are skipped. One whose batch_seq was skipped gets
         ``NEVER_ORDERED`` in its ``ordered`` word (one store: a sequencer that
-        dies before it decides the same again).
+        dies before it decides the same again). Both are written only once
+        ``run`` is ordered (written whole, its sessions' next batch_seqs too):
+        a restart resumes after a stream's last batch whose ``ordered`` word
+        is set, and decides from the session table.
         """
-        assert self._sessions is not None
-        placement = self._sessions.placement(offset)
-        if placement is Placement.NEVER:
-            U32.pack_into(self._buf, offset + BH_ORDERED, NEVER_ORDERED)
+        sessions = self._sessions
+        assert sessions is not None
+        cursor = topic.cursors[broker]
+        placement = sessions.placement(offset, run.sessions)
+        if placement is Placement.ORDER:
             cursor.held = None
             return placement
-        if placement is Placement.ORDER:
+        if placement is Placement.NEVER:
+            self._flush(topic, broker, run, ordered)
+            U32.pack_into(self._buf, offset + BH_ORDERED, NEVER_ORDERED)
             cursor.held = None
             return placement
         if cursor.held is None or cursor.held.offset != offset:
@@ -477,7 +770,8 @@ class Sequencer:
         waited = now_ns - cursor.held.since_ns
         if waited < self.hole_timeout_ns:
             return Placement.HOLD
-        skipped = self._sessions.skip_before(offset)
+        self._flush(topic, broker, run, ordered)
+        skipped = sessions.skip_before(offset)
         self._session_skips += skipped
         logger.warning(
             "sequencer: a publish session's batch at byte %d waited %.1f s for the batch_seq "
@@ -498,14 +792,24 @@ class Sequencer:
         now_ns: int,
     ) -> bool:
         """Whether to go past the reserved batch at ``offset``: only once a
-        committed batch follows it and it has waited ``hole_timeout_ns``."""
+        committed batch follows it and it has waited ``hole_timeout_ns``.
+
+        Abandoned batches behind it are looked past: they wait for nothing.
+        (The broker's writer commits in log order, so its batches behind a
+        reserved one stay reserved until it is settled; one that a
+        connection gave up meanwhile is no reason to go past it.)
+        """
         end = offset + BATCH_HEADER_SIZE + total_size
-        if end + BATCH_HEADER_SIZE > position.end:
-            return False
-        (next_total,) = U64.unpack_from(self._buf, end + BH_TOTAL_SIZE)
-        (next_state,) = U32.unpack_from(self._buf, end + 16)
-        if next_total == 0 or next_state == BATCH_RESERVED:
-            return False  # nothing committed behind it (yet): no hole
+        while True:
+            if end + BATCH_HEADER_SIZE > position.end:
+                return False
+            (next_total,) = U64.unpack_from(self._buf, end + BH_TOTAL_SIZE)
+            (next_state,) = U32.unpack_from(self._buf, end + BH_BATCH_COMPLETE)
+            if next_total == 0 or next_state not in (BATCH_COMMITTED, BATCH_ABANDONED):
+                return False  # nothing committed behind it (yet): no hole
+            if next_state == BATCH_COMMITTED:
+                break
+            end += BATCH_HEADER_SIZE + next_total
         if cursor.hole is None or cursor.hole.offset != offset:
             cursor.hole = _Hole(offset, now_ns)
         if now_ns - cursor.hole.since_ns < self.hole_timeout_ns:
@@ -520,62 +824,173 @@ class Sequencer:
         self._holes += 1
         return True
 
-    def _order_one(
-        self,
-        topic: _TopicOrder,
-        broker: int,
-        header_offset: int,
-        num_msg: int,
-        total_size: int,
-        position: WalkPosition,
-    ) -> OrderedBatch | None:
-        entry = topic.entries
-        slot = self._index_slot(topic, entry)
-        if slot is None:
-            return None
-        total = topic.next_total
-        self._stamp(header_offset + BATCH_HEADER_SIZE, num_msg, total_size, total)
-        U64.pack_into(self._buf, header_offset + BH_TOTAL_ORDER, total)
-        INDEX_ENTRY.pack_into(
-            self._buf, slot, broker, num_msg, total, header_offset, position.generation
-        )
-        # The commit point: the batch has its place once the count covers it.
-        U64.pack_into(
-            self._buf, self._g.topic_offset(topic.index) + TOPIC_ORDERED_OFFSET, entry + 1
-        )
-        U32.pack_into(self._buf, header_offset + BH_ORDERED, 1)
-        topic.entries = entry + 1
-        topic.next_total = total + num_msg
-        self._batches += 1
-        self._messages += num_msg
-        return OrderedBatch(topic.name, broker, header_offset, num_msg, total, entry)
+    def _flush(self, topic: _TopicOrder, broker: int, run: _Run, ordered: OrderedBatches) -> None:
+        """Order ``run`` (if it holds any batch) and begin a new one."""
+        if run.offsets:
+            self._order_run(topic, broker, run, ordered)
+            topic.cursors[broker].done += len(run.offsets)
+            run.start()
 
-    def _stamp(self, payload_offset: int, num_msg: int, total_size: int, first: int) -> None:
-        """Write ``first + i`` into the ``total_order`` of record ``i``."""
-        words = self._words
-        base = payload_offset // 8
-        padded = int(words[base + MH_PADDED_SIZE])
-        if num_msg == 1:
-            words[base + MH_TOTAL_ORDER] = first
+    def _order_run(
+        self, topic: _TopicOrder, broker: int, run: _Run, ordered: OrderedBatches
+    ) -> None:
+        """Order a run of a stream's batches (consecutive in its commit order)
+        whose index entries have room: the stores of :mod:`.layout`'s order,
+        each for the whole run before the next, with one commit point."""
+        n = len(run.offsets)
+        if not n:
             return
+        entry = topic.entries
+        totals = list(itertools.accumulate(run.num_msgs, initial=topic.next_total))
+        if n <= _FEW_BATCHES:
+            self._write_few(topic, broker, run, totals, entry)
+        else:
+            self._write_many(topic, broker, run, totals, entry)
+        # The commit point: the run has its place once the count covers it.
+        U64.pack_into(
+            self._buf, self._g.topic_offset(topic.index) + TOPIC_ORDERED_OFFSET, entry + n
+        )
+        if n <= _FEW_BATCHES:
+            for header in run.offsets:
+                U32.pack_into(self._buf, header + BH_ORDERED, 1)
+        else:
+            _store(self._u32, (np.array(run.offsets) + BH_ORDERED) // 4, _ONE)
+        if run.sessions:
+            assert self._sessions is not None
+            self._sessions.mark_ordered(run.sessions)
+        topic.entries = entry + n
+        self._batches += n
+        self._messages += totals[-1] - topic.next_total
+        topic.next_total = totals[-1]
+        ordered._add(topic.name, broker, entry, run.offsets, run.num_msgs, totals)
+
+    def _write_few(
+        self, topic: _TopicOrder, broker: int, run: _Run, totals: list[int], entry: int
+    ) -> None:
+        """The stores before the commit point, batch by batch (a short run:
+        cheaper than setting up arrays)."""
+        buf = self._buf
+        for k, header in enumerate(run.offsets):
+            num_msg, total = run.num_msgs[k], totals[k]
+            payload = header + BATCH_HEADER_SIZE
+            if num_msg == 1:
+                U64.pack_into(buf, payload + 8 * MH_TOTAL_ORDER, total)
+            else:
+                self._stamp_batch(payload // 8, num_msg, run.sizes[k], total)
+            U64.pack_into(buf, header + BH_TOTAL_ORDER, total)
+        for k, header in enumerate(run.offsets):
+            INDEX_ENTRY.pack_into(
+                buf,
+                index_entry_offset(self._g, topic.chain, entry + k),
+                broker,
+                run.num_msgs[k],
+                totals[k],
+                header,
+                run.generations[k],
+            )
+
+    def _write_many(
+        self, topic: _TopicOrder, broker: int, run: _Run, totals: list[int], entry: int
+    ) -> None:
+        """The stores before the commit point, each for the whole run at once."""
+        headers = np.array(run.offsets, dtype=np.int64)
+        num_msgs = np.array(run.num_msgs, dtype=np.int64)
+        firsts = np.array(totals[:-1], dtype=np.uint64)
+        self._stamp_many(headers + BATCH_HEADER_SIZE, num_msgs, run.sizes, totals)
+        _store(self._words, (headers + BH_TOTAL_ORDER) // 8, firsts)
+        entries = np.empty(len(headers), dtype=_ENTRIES)
+        entries["broker"] = broker
+        entries["num_msg"] = num_msgs
+        entries["total"] = firsts
+        entries["header"] = headers
+        entries["generation"] = run.generations
+        per = index_per_segment(self._g)
+        chain = topic.chain
+        done = 0
+        while done < len(entries):
+            slot = (entry + done) % per
+            unit = chain.units[(entry + done) // per - chain.first]
+            view = np.frombuffer(
+                self._buf,
+                dtype=_ENTRIES,
+                count=per,
+                offset=self._g.segment_offset(unit) + SEGMENT_HEADER_SIZE,
+            )
+            count = min(len(entries) - done, per - slot)
+            _store(view, np.arange(slot, slot + count), entries[done : done + count])
+            done += count
+
+    def _stamp_many(
+        self,
+        payloads: npt.NDArray[np.int64],
+        num_msgs: npt.NDArray[np.int64],
+        sizes: list[int],
+        totals: list[int],
+    ) -> None:
+        """Write ``totals[0] + i`` into the ``total_order`` of the run's
+        ``i``-th record (numbered across its batches, whose payloads start at
+        ``payloads`` and whose first records get ``totals[:-1]``)."""
+        words = self._words
+        bases = payloads // 8
+        first, records = totals[0], totals[-1] - totals[0]
+        if records == len(bases):  # one record a batch
+            _store(
+                words, bases + MH_TOTAL_ORDER, np.arange(first, first + records, dtype=np.uint64)
+            )
+            return
+        if records >= _MANY_RECORDS * len(bases):
+            # Large batches: a strided column each costs less than finding
+            # every record's place.
+            for k, base in enumerate(bases.tolist()):
+                self._stamp_batch(base, int(num_msgs[k]), sizes[k], totals[k])
+            return
+        # Many small batches: every record's place at once. A batch of one
+        # record size (the common case) is a strided column: record i at
+        # word base + i * padded / 8.
+        ends = np.cumsum(num_msgs)
+        padded = words[bases + MH_PADDED_SIZE].astype(np.int64)
+        even = (padded * num_msgs == np.asarray(sizes)) & (padded % 8 == 0) & (padded > 0)
+        strides = np.where(even, padded // 8, 0)
+        batch_of = np.repeat(np.arange(len(bases)), num_msgs)
+        within = np.arange(records) - np.repeat(ends - num_msgs, num_msgs)
+        at = np.repeat(bases, num_msgs) + within * strides[batch_of]
+        # Sizes that merely add up like one size are walked record by record.
+        uneven = ~even
+        uneven[batch_of[words[at + MH_PADDED_SIZE].astype(np.int64) != padded[batch_of]]] = True
+        for k in np.flatnonzero(uneven).tolist():
+            start = int(ends[k] - num_msgs[k])
+            at[start : int(ends[k])] = self._record_words(int(bases[k]), int(num_msgs[k]))
+        _store(words, at + MH_TOTAL_ORDER, np.arange(first, first + records, dtype=np.uint64))
+
+    def _stamp_batch(self, base: int, num_msg: int, total_size: int, first: int) -> None:
+        """Write ``first + i`` into the ``total_order`` of record ``i`` of the
+        batch whose payload starts at word ``base``."""
+        words = self._words
+        padded = int(words[base + MH_PADDED_SIZE])
         step = padded // 8
         stop = base + num_msg * step
+        values = np.arange(first, first + num_msg, dtype=np.uint64)
         if (
             padded * num_msg == total_size
             and padded % 8 == 0
             and padded
             and bool((words[base:stop:step] == padded).all())
         ):
-            # One record size (the common case): a strided column. (Sizes
-            # that merely add up to as much take the walk below.)
-            words[base + MH_TOTAL_ORDER : stop : step] = np.arange(
-                first, first + num_msg, dtype=np.uint64
-            )
-            return
-        at = base
-        for i in range(num_msg):
-            words[at + MH_TOTAL_ORDER] = first + i
-            at += int(words[at + MH_NEXT_MSG_DIFF]) // 8
+            # One record size (the common case): a strided column.
+            _store(words, slice(base + MH_TOTAL_ORDER, stop, step), values)
+        else:
+            _store(words, self._record_words(base, num_msg) + MH_TOTAL_ORDER, values)
+
+    def _record_words(self, base: int, num_msg: int) -> npt.NDArray[np.int64]:
+        """The first words of the records of the batch whose payload starts at
+        word ``base``, followed record by record."""
+        words = self._words
+        at = np.empty(num_msg, dtype=np.int64)
+        word = base
+        for k in range(num_msg):
+            at[k] = word
+            word += int(words[word + MH_NEXT_MSG_DIFF]) // 8
+        return at
 
     def _index_slot(self, topic: _TopicOrder, entry: int) -> int | None:
         """Where entry ``entry`` goes, adding an index segment if it needs one."""
@@ -655,8 +1070,12 @@ class Sequencer:
         oldest = 0
         for topic in self._topics.values():
             for broker, cursor in enumerate(topic.cursors):
-                entry = read_stream_entry(self._buf, self._g, topic.index, broker)
-                waiting = max(0, entry.batches - cursor.done) if cursor.position else 0
+                if cursor.passed:
+                    self._settle_passed(cursor)
+                waiting = 0
+                if cursor.position:
+                    (batches,) = U64.unpack_from(self._buf, topic.streams[broker] + _BATCHES)
+                    waiting = max(0, batches - cursor.done)
                 if waiting:
                     if cursor.waiting_since is None:
                         cursor.waiting_since = now_ns
@@ -666,3 +1085,18 @@ class Sequencer:
                 lag += waiting
         self._lag = lag
         self._lag_oldest_ns = oldest
+
+    def _settle_passed(self, cursor: _StreamCursor) -> None:
+        """Count the batches gone past while reserved that committed since
+        (never ordered: nothing is waited for), and forget those settled (or
+        gone with their segment)."""
+        waiting = []
+        for offset, generation in cursor.passed:
+            if generation_holding(self._buf, self._g, offset) != generation:
+                continue
+            (state,) = U32.unpack_from(self._buf, offset + BH_BATCH_COMPLETE)
+            if state == BATCH_COMMITTED:
+                cursor.done += 1
+            elif state == BATCH_RESERVED:
+                waiting.append((offset, generation))
+        cursor.passed = waiting

@@ -72,7 +72,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -539,12 +539,18 @@ class SessionTable:
 
     # -- the sequencer's side (it holds the region's lock) ------------------------------
 
-    def placement(self, header_offset: int) -> Placement:
+    def placement(self, header_offset: int, run: Mapping[int, int] | None = None) -> Placement:
         """Whether the sequencer orders the batch at ``header_offset`` now.
 
         A batch that is not a session's (or whose session is gone from the
         table) is ordered; a session's batch once every batch_seq before it
         is ordered or skipped.
+
+        Args:
+            header_offset: The batch's header.
+            run: The run the sequencer is writing (ordered, its commit point
+                not stored yet), as :meth:`add_to_run` fills it: those
+                batches count as ordered.
         """
         found = self._session_of(header_offset)
         if found is None:
@@ -554,6 +560,10 @@ class SessionTable:
         byte = self._ring_byte(off, seq)
         if seq < ordered_next or (byte is not None and byte & SKIPPED):
             return Placement.NEVER
+        if run:
+            ordered_next = max(ordered_next, run.get(off, 0))
+            if seq < ordered_next:
+                return Placement.NEVER  # a second copy in the run
         if seq == ordered_next:
             return Placement.ORDER
         # Skipped already (a sequencer that died before it ordered this one)?
@@ -562,6 +572,25 @@ class SessionTable:
             if byte is None or not byte & SKIPPED:
                 return Placement.HOLD
         return Placement.ORDER
+
+    def add_to_run(self, header_offset: int, run: dict[int, int]) -> None:
+        """The sequencer put the batch at ``header_offset`` into the run it is
+        writing: if it is a session's, the session's next batch_seq after the
+        run is the one after it."""
+        found = self._session_of(header_offset)
+        if found is not None:
+            off, seq = found
+            run[off] = max(run.get(off, 0), seq + 1)
+
+    def mark_ordered(self, run: Mapping[int, int]) -> None:
+        """The sequencer's run is ordered (after its commit point): each of
+        its sessions' next batch_seq to order is the one after its last batch
+        in the run (see :meth:`add_to_run`). Redone at the sequencer's restart
+        (:meth:`ordered`)."""
+        for off, after in run.items():
+            (ordered_next,) = U64.unpack_from(self._buf, off + E_ORDERED)
+            if after > ordered_next:
+                U64.pack_into(self._buf, off + E_ORDERED, after)
 
     def skip_before(self, header_offset: int) -> int:
         """Skip every batch_seq of the batch's session between the last ordered

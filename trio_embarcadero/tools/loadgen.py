@@ -4,6 +4,10 @@ Run by ``trio-embarcadero bench`` (or by hand)::
 
     python -m trio_embarcadero.tools.loadgen --port 1214 --connections 4 --ack 1 --bytes 2e9
 
+``--port`` may list several brokers' ports (``--port 1214,1215``): connection
+``i`` goes to the ``i % n``-th, and the result says what each port received
+(``per_port``).
+
 Each connection sends a 64-byte publish handshake, then the same prebuilt
 batch over and over (``[128-B header][num_msg message records]``, built once
 with correct records; only ``batch_seq`` changes between sends), and with
@@ -110,7 +114,8 @@ class _Connection:
         self.index = index
         self.client_id = gen.first_client_id + index
         self.batch = build_batch(self.client_id, gen.num_msg, gen.message_size)
-        self.sock = socket.create_connection((gen.host, gen.port))
+        self.port = gen.ports[index % len(gen.ports)]
+        self.sock = socket.create_connection((gen.host, self.port))
         self.sent_batches = 0
         self.sent_msgs = 0
         self.acked_msgs = 0
@@ -241,7 +246,7 @@ class LoadGenerator:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.host: str = args.host
-        self.port: int = args.port
+        self.ports: list[int] = args.port
         self.ack: int = args.ack
         self.topic: str = args.topic
         self.message_size: int = args.message_size
@@ -346,7 +351,28 @@ class LoadGenerator:
             if self.rate
             else [],
             "loadgen_cpu_s": cpu,
+            "per_port": [
+                {
+                    "port": port,
+                    "connections": sum(1 for c in conns if c.port == port),
+                    "messages": sum(c.sent_msgs for c in conns if c.port == port),
+                    "payload_bytes": sum(c.sent_msgs for c in conns if c.port == port)
+                    * self.message_size,
+                }
+                for port in self.ports
+            ],
         }
+
+
+def _ports(text: str) -> list[int]:
+    """``--port``: one port, or several separated by commas."""
+    try:
+        ports = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port or list of ports: {text!r}") from None
+    if not all(0 < port < 65536 for port in ports):
+        raise argparse.ArgumentTypeError(f"ports are 1..65535: {text!r}")
+    return ports
 
 
 def parse_size(text: str) -> int:
@@ -380,7 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Publish load generator (one process, a thread pair per connection).",
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--port",
+        type=_ports,
+        required=True,
+        help="the broker's port, or several brokers' (comma-separated): connections "
+        "are spread over them round-robin",
+    )
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument(
         "--ack",

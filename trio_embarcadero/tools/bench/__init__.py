@@ -13,6 +13,14 @@ invocation. A variant is a receiver and an ack level:
   generator alone can push.
 * ``staged`` / ``direct``: the broker with ``network.use_nonblocking`` true
   or false.
+* ``clusterN-orderO``: N broker processes on one region (``serve --broker-id
+  i``, the direct path), the topic of order O (0, or 5: one total order
+  across them, which the head's sequencer gives); the load generator spreads
+  its connections round-robin over the brokers, at least two a broker. GB/s
+  is all brokers together, and each broker's share is reported too; CPU s/GB
+  counts every broker process. ``cluster1-order0`` next to ``cluster2-order0``
+  is the gain of a second broker process on this machine, ``clusterN-order5``
+  next to ``clusterN-order0`` the cost of the total order.
 
 Written ``NAME-ack0`` or ``NAME-ack1``; plain ``trio-sink`` and ``raw-sink``
 mean ack 1. The broker also runs as ``staged-ack2`` / ``direct-ack2`` (not in
@@ -80,6 +88,7 @@ from ..procfs import filesystem
 from .command import build_parser, main, run
 from .plan import (
     ACK2_VARIANTS,
+    CLUSTER_VARIANTS,
     DEFAULT_VARIANTS,
     PRESETS,
     READ_VARIANTS,
@@ -94,6 +103,7 @@ from .runner import Bench, BenchError
 
 __all__ = [
     "ACK2_VARIANTS",
+    "CLUSTER_VARIANTS",
     "DEFAULT_VARIANTS",
     "PRESETS",
     "READ_VARIANTS",

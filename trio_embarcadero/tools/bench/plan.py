@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from ...wire import BATCH_HEADER_SIZE, padded_size
+from ...wire import BATCH_HEADER_SIZE, MAX_BROKER_ID, padded_size
 from ..loadgen import DEFAULT_MESSAGE_SIZE, parse_size
 
 DEFAULT_VARIANTS = (
@@ -31,6 +31,12 @@ DEFAULT_VARIANTS = (
 ACK2_VARIANTS = ("staged-ack2", "direct-ack2")
 #: The read path, 1 and 4 readers: the minimal sender and the broker's subscribers.
 READ_VARIANTS = ("read-sink1", "read-sub1", "read-sink4", "read-sub4")
+#: Several broker processes on one region, a topic of order 0 or 5 (one total
+#: order across them), next to one broker: the cost of the order and of a
+#: second broker on this machine.
+CLUSTER_VARIANTS = ("cluster1-order0", "cluster1-order5", "cluster2-order0", "cluster2-order5")
+#: Connections each broker of a cluster variant gets at least.
+CLUSTER_CONNECTIONS_PER_BROKER = 2
 #: Broker settings a variant takes by name: ``staged-ack1+retention``. Retention
 #: runs through the shipped 1 GiB region and keeps 256 MiB of the topic, so a
 #: run may send more than the region holds.
@@ -45,6 +51,7 @@ PROGRESS_INTERVAL = 0.1
 
 _VARIANT_RE = re.compile(
     r"(?:(?P<kind>trio-sink|raw-sink|staged|direct)(?:-ack(?P<ack>[012]))?"
+    r"|cluster(?P<brokers>[0-9]+)-order(?P<order>[0-9]+)(?:-ack(?P<cluster_ack>[012]))?"
     r"|read-(?P<read>sink|sub)(?P<readers>[0-9]*))"
     r"(?P<tags>(?:\+[A-Za-z0-9_-]+)*)"
 )
@@ -53,9 +60,10 @@ DESCRIPTION = (
     "Run the broker (staged and direct path, ack 0 and 1; ack 2, durable on disk, "
     "on request) and two minimal receivers against one load generator, in "
     "interleaved rounds, each in its own process; on request also the read path "
-    "(subscribers of a filled topic next to a minimal sender) and paced load "
-    "(ack latency at fractions of the peak). Prints a live line per second "
-    "and a table of medians [min-max]."
+    "(subscribers of a filled topic next to a minimal sender), paced load "
+    "(ack latency at fractions of the peak) and clusters (several brokers on one "
+    "region, topics of order 0 or 5). Prints a live line per second and a table "
+    "of medians [min-max]."
 )
 
 
@@ -69,8 +77,9 @@ class Variant:
     Attributes:
         name: As listed (``staged-ack1+retention``), with ``@SIZE`` appended
             when several batch sizes run.
-        kind: ``trio-sink``, ``raw-sink``, ``staged``, ``direct`` (the ingest
-            path), ``read-sink`` or ``read-sub`` (the read path).
+        kind: ``trio-sink``, ``raw-sink``, ``staged``, ``direct``,
+            ``cluster`` (the ingest path), ``read-sink`` or ``read-sub`` (the
+            read path).
         ack: The publishers' ack level (0 on the read path, which has no acks).
         readers: Reader connections of a read variant (0 otherwise).
         tags: The ``+NAME`` parts of the name.
@@ -79,6 +88,8 @@ class Variant:
         batch: The ``--batch-size`` it runs with, as written, when several
             are given ("" otherwise).
         batch_messages: Messages per batch (0 until :func:`make_plan` sets it).
+        brokers: Broker processes on the region (``cluster`` variants; 1 otherwise).
+        order: The topic's order level (``cluster`` variants: 0 or 5; 0 otherwise).
     """
 
     name: str
@@ -89,11 +100,18 @@ class Variant:
     options: dict[str, object] = attrs.field(factory=dict, hash=False)
     batch: str = ""
     batch_messages: int = 0
+    brokers: int = 1
+    order: int = 0
 
     @property
     def is_broker(self) -> bool:
-        """The broker (staged, direct or its subscribers), not a sink."""
-        return self.kind in ("staged", "direct", "read-sub")
+        """The broker (staged, direct, a cluster, or its subscribers), not a sink."""
+        return self.kind in ("staged", "direct", "cluster", "read-sub")
+
+    @property
+    def is_cluster(self) -> bool:
+        """Broker processes on one region (``clusterN-orderO``), any number."""
+        return self.kind == "cluster"
 
     @property
     def is_read(self) -> bool:
@@ -127,6 +145,13 @@ class Plan:
     storage_dir: str = attrs.field(factory=tempfile.gettempdir)
     #: ``--rate``: fractions of each variant's peak to offer in paced runs.
     rates: tuple[float, ...] = ()
+
+    def connections_for(self, variant: Variant) -> int:
+        """Publisher connections of ``variant``'s runs: ``--connections``, and
+        for a cluster at least :data:`CLUSTER_CONNECTIONS_PER_BROKER` a broker."""
+        if variant.is_cluster:
+            return max(self.connections, CLUSTER_CONNECTIONS_PER_BROKER * variant.brokers)
+        return self.connections
 
     def batch_payload(self, variant: Variant) -> int:
         """Message payload bytes per batch (what throughput counts)."""
@@ -162,7 +187,8 @@ class Plan:
         segment = segment_mb * 2**20
         per_batch = BATCH_HEADER_SIZE + self.batch_total_size(variant) + 256
         per_segment = max(1, (segment - 64) // per_batch)
-        segments = -(-self.batches_per_run(variant) // per_segment) + 2
+        # Two more segments a broker: each has a stream (and half-full ends).
+        segments = -(-self.batches_per_run(variant) // per_segment) + 2 * variant.brokers
         return segments * segment_mb + 4
 
     def counterpart(
@@ -172,22 +198,34 @@ class Plan:
         kind: str | None = None,
         ack: int | None = None,
         tags: tuple[str, ...] | None = None,
+        brokers: int | None = None,
+        order: int | None = None,
     ) -> Variant | None:
         """The first planned variant that is ``variant`` with another ``kind``,
-        ``ack`` or ``tags``, at the same batch size, if any: what a ratio
-        compares it with."""
+        ``ack``, ``tags``, ``brokers`` or ``order``, at the same batch size,
+        if any: what a ratio compares it with."""
         wanted = (
             variant.kind if kind is None else kind,
             variant.ack if ack is None else ack,
             variant.readers,
             variant.tags if tags is None else tags,
             variant.batch_messages,
+            variant.brokers if brokers is None else brokers,
+            variant.order if order is None else order,
         )
         return next(
             (
                 other
                 for other in self.variants
-                if (other.kind, other.ack, other.readers, other.tags, other.batch_messages)
+                if (
+                    other.kind,
+                    other.ack,
+                    other.readers,
+                    other.tags,
+                    other.batch_messages,
+                    other.brokers,
+                    other.order,
+                )
                 == wanted
             ),
             None,
@@ -317,13 +355,25 @@ def _variant(text: str) -> Variant:
     if not match:
         raise argparse.ArgumentTypeError(
             f"unknown variant {text!r}: use trio-sink, raw-sink, staged or direct, "
-            "optionally with -ack0 or -ack1 (staged and direct also -ack2), or "
-            "read-sinkN / read-subN (N readers); then any +NAME (e.g. +retention)"
+            "optionally with -ack0 or -ack1 (staged and direct also -ack2), "
+            "read-sinkN / read-subN (N readers), or clusterN-orderO (N brokers, a topic "
+            "of order O: 0 or 5); then any +NAME (e.g. +retention)"
         )
     kind, ack, read, readers, tags = match.group("kind", "ack", "read", "readers", "tags")
     tag_list = tuple(t for t in tags.split("+") if t)
     if len(set(tag_list)) != len(tag_list):
         raise argparse.ArgumentTypeError(f"variant {text!r} names a +tag twice")
+    brokers, order, cluster_ack = match.group("brokers", "order", "cluster_ack")
+    if brokers is not None:
+        if not 1 <= int(brokers) <= MAX_BROKER_ID + 1 or int(order) not in (0, 5):
+            raise argparse.ArgumentTypeError(
+                f"variant {text!r}: a cluster has 1 to {MAX_BROKER_ID + 1} brokers and a topic "
+                "of order 0 or 5: cluster2-order5, cluster1-order0, ..."
+            )
+        ack_level = 1 if cluster_ack is None else int(cluster_ack)
+        return Variant(
+            name, "cluster", ack_level, 0, tag_list, brokers=int(brokers), order=int(order)
+        )
     if read is not None:
         if not readers or int(readers) < 1:
             raise argparse.ArgumentTypeError(
@@ -403,7 +453,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated, run in this order each round "
         f"(default: {','.join(DEFAULT_VARIANTS)}; also {','.join(ACK2_VARIANTS)}, "
         "the broker acking once the batch is fdatasync'ed to its disk log; "
-        f"{','.join(READ_VARIANTS)}, the read path; any broker variant +retention "
+        f"{','.join(READ_VARIANTS)}, the read path; {','.join(CLUSTER_VARIANTS)}, "
+        "N broker processes on one region with a topic of order 0 or 5 (also -ack0/-ack2); "
+        "any broker variant +retention "
         "(1 GiB region keeping 256 MiB) or +NAME with --variant-option)",
     )
     parser.add_argument("--rounds", type=_positive_int, default=3, help="default: 3")
@@ -411,7 +463,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--connections",
         type=_positive_int,
         default=4,
-        help="publisher connections (default: 4; the read variants' fill uses them too)",
+        help="publisher connections (default: 4; the read variants' fill uses them too; "
+        f"a cluster variant gets at least {CLUSTER_CONNECTIONS_PER_BROKER} a broker)",
     )
     parser.add_argument(
         "--message-size",

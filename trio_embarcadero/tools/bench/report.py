@@ -38,6 +38,9 @@ TARGET_P99_MS = 5.0
 TARGET_P99_RATE = 0.8
 #: Issue 10: a run with retention keeps within 5 % of one without.
 TARGET_RETENTION_COST = 0.05
+#: Issue 12: order 5 (one total order across the brokers) moves at least this
+#: much of order 0's GB/s with as many brokers (Embarcadero's own costs ~14 %).
+TARGET_ORDER5_VS_ORDER0 = 0.85
 
 
 # -- summaries -------------------------------------------------------------------------
@@ -125,8 +128,32 @@ def summarize(plan: Plan, runs: Sequence[RunResult]) -> dict[str, Any]:
                 [float(r.storage_bytes) for r in mine if r.storage_bytes is not None]
             ),
             "paced": [_paced(v, rate, runs) for rate in plan.rates] if v.paced else [],
+            "brokers": v.brokers,
+            "order": v.order,
+            "connections": plan.connections_for(v),
+            # Cluster runs: each broker's share (by id), median over rounds.
+            "broker_gb_per_s": _per_broker([r.broker_gb_per_s for r in mine]),
+            # Each broker's CPU seconds per GB it received (broker 0's
+            # include the sequencer), median over rounds.
+            "broker_cpu_s_per_gb": _per_broker(
+                [
+                    [
+                        cpu / (got / 1e9) if got else 0.0
+                        for cpu, got in zip(r.broker_cpu_s, r.broker_payload_bytes, strict=True)
+                    ]
+                    for r in mine
+                    if r.broker_cpu_s and r.broker_payload_bytes
+                ]
+            ),
         }
     return variants
+
+
+def _per_broker(rows: Sequence[Sequence[float]]) -> list[float]:
+    """Per broker (column), the median over the runs (rows) that have a figure
+    for every broker."""
+    rows = [row for row in rows if row]
+    return [statistics.median(column) for column in zip(*rows, strict=True)] if rows else []
 
 
 def _baselines(plan: Plan, v: Variant) -> dict[str, Variant | None]:
@@ -134,8 +161,16 @@ def _baselines(plan: Plan, v: Variant) -> dict[str, Variant | None]:
     or not a comparison that means anything for ``v``)."""
     ingest = not v.is_read
     return {
-        "trio_sink": plan.counterpart(v, kind=BASELINE, ack=1, tags=()) if ingest else None,
-        "raw_sink": plan.counterpart(v, kind=BEST_RAW, ack=1, tags=()) if ingest else None,
+        "trio_sink": (
+            plan.counterpart(v, kind=BASELINE, ack=1, tags=(), brokers=1, order=0)
+            if ingest
+            else None
+        ),
+        "raw_sink": (
+            plan.counterpart(v, kind=BEST_RAW, ack=1, tags=(), brokers=1, order=0)
+            if ingest
+            else None
+        ),
         # The minimal sender serving as many readers.
         "read_sink": None if ingest else plan.counterpart(v, kind=READ_BASELINE, tags=()),
         # The broker at ack 0 or 2 next to the same path at ack 1: the cost
@@ -143,6 +178,11 @@ def _baselines(plan: Plan, v: Variant) -> dict[str, Variant | None]:
         "ack1": plan.counterpart(v, ack=1) if ingest and v.is_broker and v.ack != 1 else None,
         # Retention and other +tags next to the same variant without them.
         "untagged": plan.counterpart(v, tags=()) if v.tags else None,
+        # A cluster's order 5 next to order 0 with as many brokers (the cost
+        # of the total order), and N brokers next to one (the gain of more
+        # broker processes).
+        "order0": plan.counterpart(v, order=0) if v.is_cluster and v.order else None,
+        "one_broker": plan.counterpart(v, brokers=1) if v.is_cluster and v.brokers > 1 else None,
     }
 
 
@@ -249,6 +289,38 @@ def render_table(report: dict[str, Any]) -> str:
         for name, v in report["variants"].items()
         for p in v["paced"]
     ]
+    clusters = [
+        [
+            name + ("" if not v["failed_runs"] else f" ({v['failed_runs']} failed)"),
+            str(v["brokers"]),
+            str(v["order"]),
+            f"{_fmt(v['gb_per_s']['median'])} "
+            f"[{_fmt(v['gb_per_s']['min'])}-{_fmt(v['gb_per_s']['max'])}]",
+            " + ".join(_fmt(x) for x in v["broker_gb_per_s"]) or "-",
+            _fmt(v["ratio_to_order0"]),
+            _fmt(v["ratio_to_one_broker"]),
+            _latency(v["latency_ms"], "- (ack 0)"),
+            _fmt(v["server_cpu_s_per_gb"]["median"]),
+            " / ".join(_fmt(x) for x in v["broker_cpu_s_per_gb"]) or "-",
+        ]
+        for name, v in report["variants"].items()
+        if v["receiver"] == "cluster"
+    ]
+    if clusters:
+        lines.append("Clusters: broker processes on one region, the load spread over them")
+        columns = [
+            "variant",
+            "brokers",
+            "order",
+            "GB/s median [min-max]",
+            "per broker GB/s",
+            "x order 0",
+            "x 1 broker",
+            "ack ms p50/p99/p99.9",
+            "CPU s/GB",
+            "per broker CPU s/GB",
+        ]
+        lines.extend([*_table(columns, clusters), ""])
     if paced:
         lines.append("Paced load: ack latency from each batch's scheduled send, pooled over rounds")
         columns = [
@@ -285,6 +357,17 @@ def _notes(plan: Plan, variants: dict[str, Any], storage: dict[str, Any] | None)
             "not timed. x read-sink: against the minimal sender with as many readers. CPU "
             "s/GB: the sender (broker or read-sink) while the readers read."
         )
+    if any(v["receiver"] == "cluster" for v in variants.values()):
+        notes.append(
+            "Clusters: clusterN-orderO runs N broker processes on one region (serve "
+            "--broker-id i, the direct path), the topic of order O (5: one total order across "
+            "them, given by broker 0's sequencer; acks wait for it); the load generator spreads "
+            "its connections over them round-robin (at least 2 a broker, all drawing from one "
+            "budget). GB/s: all brokers together; per broker: each one's share over the same "
+            "window. CPU s/GB: every broker process together (per broker: over what it "
+            "received; broker 0's includes the sequencer). x order 0: against the same number "
+            "of brokers at order 0; x 1 broker: against one broker at the same order."
+        )
     if plan.rates:
         notes.append(
             "Paced: each ingest variant with acks, right after its unpaced run, is offered "
@@ -316,6 +399,27 @@ def _notes(plan: Plan, variants: dict[str, Any], storage: dict[str, Any] | None)
     return notes
 
 
+def _cost_note(
+    title: str,
+    name: str,
+    base: str,
+    key: str,
+    v: dict[str, Any],
+    variants: dict[str, Any],
+    target: str = "",
+) -> str:
+    """A line saying what ``name`` moves next to ``base`` (its ratio under
+    ``key``) and both ack latencies."""
+    mine, theirs = v["latency_ms"], variants[base]["latency_ms"]
+    paired = v[f"paired_ratio_to_{key}"]
+    return (
+        f"{title}: {name} moves {v[f'ratio_to_{key}']:.0%} of {base}'s GB/s (same-round "
+        f"median {_fmt(paired and paired * 100, '.0f')}%{target}); ack p50 "
+        f"{_fmt(theirs['p50'], '.1f')} -> {_fmt(mine['p50'], '.1f')} ms, p99 "
+        f"{_fmt(theirs['p99'], '.1f')} -> {_fmt(mine['p99'], '.1f')} ms."
+    )
+
+
 def _variant_notes(
     plan: Plan, variant: Variant, v: dict[str, Any], variants: dict[str, Any]
 ) -> list[str]:
@@ -324,13 +428,21 @@ def _variant_notes(
     notes = []
     ack1 = plan.counterpart(variant, ack=1)
     if variant.durable and ack1 is not None and v["ratio_to_ack1"] is not None:
-        lat2, lat1 = v["latency_ms"], variants[ack1.name]["latency_ms"]
-        paired = v["paired_ratio_to_ack1"]
         notes.append(
-            f"Ack-2 cost ({variant.kind}): {variant.name} moves {v['ratio_to_ack1']:.0%} of "
-            f"{ack1.name}'s GB/s (same-round median {_fmt(paired and paired * 100, '.0f')}"
-            f"%); ack p50 {_fmt(lat1['p50'], '.1f')} -> {_fmt(lat2['p50'], '.1f')} ms, "
-            f"p99 {_fmt(lat1['p99'], '.1f')} -> {_fmt(lat2['p99'], '.1f')} ms."
+            _cost_note(f"Ack-2 cost ({variant.kind})", variant.name, ack1.name, "ack1", v, variants)
+        )
+    order0 = plan.counterpart(variant, order=0)
+    if variant.is_cluster and variant.order and order0 is not None and v["ratio_to_order0"]:
+        notes.append(
+            _cost_note(
+                f"Order-5 cost ({variant.brokers} broker(s))",
+                variant.name,
+                order0.name,
+                "order0",
+                v,
+                variants,
+                f"; target >= {TARGET_ORDER5_VS_ORDER0:.0%}",
+            )
         )
     untagged = plan.counterpart(variant, tags=())
     if variant.tags and untagged is not None and v["ratio_to_untagged"] is not None:

@@ -52,6 +52,16 @@ class RunResult:
     send_lag_us: list[int] = attrs.Factory(list)
     #: Read runs of the broker: how long filling the topic took (not measured).
     fill_s: float | None = None
+    #: Cluster runs, per broker (by id): message payload it received, its CPU seconds.
+    broker_payload_bytes: list[int] = attrs.Factory(list)
+    broker_cpu_s: list[float] = attrs.Factory(list)
+
+    @property
+    def broker_gb_per_s(self) -> list[float]:
+        """Each broker's share of the throughput, over the run's window."""
+        return [
+            b / self.elapsed_s / 1e9 if self.elapsed_s else 0.0 for b in self.broker_payload_bytes
+        ]
 
     @property
     def gb_per_s(self) -> float:
@@ -102,6 +112,8 @@ class RunResult:
             ),
             "send_lag_ms": percentiles_ms(self.send_lag_us),
             "fill_s": self.fill_s,
+            "broker_gb_per_s": self.broker_gb_per_s,
+            "broker_cpu_s": self.broker_cpu_s,
             "series": [[round(t, 3), b] for t, b in self.series],
         }
 

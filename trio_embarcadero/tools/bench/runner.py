@@ -209,7 +209,8 @@ class Bench:
             {
                 "broker.host": plan.host,
                 "broker.port": 0,
-                # read-sub: the fill takes the direct path, the faster one here.
+                # read-sub: the fill takes the direct path, the faster one
+                # here; so do clusters.
                 "network.use_nonblocking": variant.kind == "staged",
                 "network.stats_interval_s": _STATS_INTERVAL,
                 "cxl.path": cxl_path,
@@ -221,6 +222,9 @@ class Bench:
                 "storage.dir": (storage_path or plan.storage_dir) if variant.durable else "",
             }
         )
+        if variant.is_cluster:
+            settings["cxl.max_brokers"] = max(variant.brokers, 4)
+            settings["topics.order"] = variant.order
         return settings
 
     def write_broker_config(
@@ -371,10 +375,37 @@ class Bench:
             f"({r.payload_bytes / 1e9:.2f} GB in {r.elapsed_s:.2f} s{fill}; wall {wall:.1f} s)"
         )
 
-    async def start_server(
+    async def start_servers(
         self, nursery: trio.Nursery, variant: Variant, cxl: str, storage: str | None = None
+    ) -> list[Server]:
+        """Start the variant's receivers (a cluster's brokers one after the
+        other, broker 0 making the region) and wait until each listens.
+
+        Raises:
+            BenchError: One exited or did not listen in time (the ones
+                started are stopped).
+        """
+        servers: list[Server] = []
+        try:
+            while len(servers) < variant.brokers:  # broker ids 0, 1, ...
+                server = await self.start_server(nursery, variant, cxl, storage, len(servers))
+                servers.append(server)
+        except BaseException:
+            for server in servers:
+                await _stop_process(server.process, signal.SIGKILL)
+            raise
+        return servers
+
+    async def start_server(
+        self,
+        nursery: trio.Nursery,
+        variant: Variant,
+        cxl: str,
+        storage: str | None = None,
+        broker_id: int = 0,
     ) -> Server:
-        """Start the variant's receiver (or sender) and wait until it listens.
+        """Start the variant's receiver (or sender; a cluster's broker
+        ``broker_id``) and wait until it listens.
 
         Raises:
             BenchError: It exited or did not listen in time.
@@ -386,7 +417,9 @@ class Bench:
             for key in _CONTROLLED_ENV:
                 env.pop(key, None)
             config = self.write_broker_config(variant, cxl, storage)
-            cmd = [python, "-m", "trio_embarcadero", "serve", "--config", config, "--reset"]
+            cmd = [python, "-m", "trio_embarcadero", "serve", "--config", config]
+            # The first broker makes the region anew; the others attach.
+            cmd += ["--broker-id", str(broker_id)] if broker_id else ["--reset"]
             prefault_mb = plan.cxl_size_mb(variant)
         else:
             kind = variant.kind.removesuffix("-sink")
@@ -417,7 +450,8 @@ class Bench:
         if server.address is None:
             await _stop_process(process, signal.SIGKILL)
             tail = " | ".join(server.tail)
-            raise BenchError(f"{variant.name}: receiver did not start: {tail}")
+            who = f" broker {broker_id}" if variant.is_cluster else ""
+            raise BenchError(f"{variant.name}:{who} receiver did not start: {tail}")
         return server
 
     async def run_once(
@@ -443,23 +477,26 @@ class Bench:
                 except OSError as exc:
                     raise BenchError(f"{variant.name}: no disk-log directory: {exc}") from None
             async with trio.open_nursery() as nursery:
-                server = await self.start_server(nursery, variant, cxl, storage)
+                servers = await self.start_servers(nursery, variant, cxl, storage)
                 try:
                     if variant.is_read:
-                        await self.drive_read(server, variant, result, label)
+                        await self.drive_read(servers[0], variant, result, label)
                     else:
-                        await self.drive(server, variant, result, label, offered)
+                        await self.drive(servers, variant, result, label, offered)
                 finally:
-                    await _stop_process(
-                        server.process, signal.SIGINT if variant.is_broker else signal.SIGTERM
-                    )
-                if variant.is_broker and server.process.returncode not in (0, None):
-                    result.receiver_failed = True
-                    result.errors.append(
-                        f"broker exited with {server.process.returncode}: "
-                        + " | ".join(list(server.tail)[-5:])
-                    )
-                    result.ok = False
+                    # The others first: broker 0 (the head) orders their last batches.
+                    for server in reversed(servers):
+                        await _stop_process(
+                            server.process, signal.SIGINT if variant.is_broker else signal.SIGTERM
+                        )
+                for server in servers:
+                    if variant.is_broker and server.process.returncode not in (0, None):
+                        result.receiver_failed = True
+                        result.errors.append(
+                            f"broker exited with {server.process.returncode}: "
+                            + " | ".join(list(server.tail)[-5:])
+                        )
+                        result.ok = False
             if storage is not None:
                 # The broker has stopped: everything it acked is in the files.
                 result.storage_bytes = _tree_bytes(storage)
@@ -476,16 +513,22 @@ class Bench:
         return result
 
     def loadgen_command(
-        self, address: tuple[str, int], variant: Variant, ack: int, rate: float | None = None
+        self,
+        addresses: list[tuple[str, int]],
+        variant: Variant,
+        ack: int,
+        rate: float | None = None,
     ) -> list[str]:
-        """The load generator's command line against ``address`` (paced at
-        ``rate`` payload bytes per second, if given)."""
+        """The load generator's command line against ``addresses`` (one
+        host; its connections spread over the ports), paced at ``rate``
+        payload bytes per second, if given."""
         plan = self.plan
-        host, port = address
+        host = addresses[0][0]
+        ports = ",".join(str(port) for _, port in addresses)
         cmd = [
             *(sys.executable, "-m", "trio_embarcadero.tools.loadgen"),
-            *("--host", host, "--port", str(port)),
-            *("--connections", str(plan.connections), "--ack", str(ack)),
+            *("--host", host, "--port", ports),
+            *("--connections", str(plan.connections_for(variant)), "--ack", str(ack)),
             *("--message-size", str(plan.message_size)),
             *("--batch-messages", str(variant.batch_messages)),
             *("--bytes", str(plan.bytes), "--seconds", str(plan.seconds)),
@@ -495,23 +538,27 @@ class Bench:
 
     async def drive(
         self,
-        server: Server,
+        servers: list[Server],
         variant: Variant,
         result: RunResult,
         label: str,
         offered: float | None = None,
     ) -> None:
-        """Run the load generator against ``server`` (paced at ``offered``
-        payload bytes per second, if given), sampling it; fills in ``result``."""
-        assert server.address is not None
-        cmd = self.loadgen_command(server.address, variant, variant.ack, offered)
-        track = self.progress(label, server, result, "sent_bytes", acks=variant.ack > 0)
+        """Run the load generator against ``servers`` (paced at ``offered``
+        payload bytes per second, if given), sampling them; fills in ``result``."""
+        addresses = [server.address for server in servers if server.address is not None]
+        assert len(addresses) == len(servers)
+        cmd = self.loadgen_command(addresses, variant, variant.ack, offered)
+        track = self.progress(label, servers[0], result, "sent_bytes", acks=variant.ack > 0)
         final = await self.measure(
-            server, result, functools.partial(self.client, server, cmd, result, track)
+            servers, result, functools.partial(self.client, servers, cmd, result, track)
         )
         if not final:
             return
         _take_result(result, final)
+        if variant.is_cluster:
+            received = {entry["port"]: entry["payload_bytes"] for entry in final["per_port"]}
+            result.broker_payload_bytes = [received[port] for _, port in addresses]
         result.wire_bytes = final["wire_bytes"]
         result.batches = final["batches"]
         result.latency_us = final["latency_us"]
@@ -530,8 +577,8 @@ class Bench:
         if variant.kind == "read-sub":
             started = time.monotonic()
             self.say(f"  {label}: filling the topic (not timed)")
-            cmd = self.loadgen_command(server.address, variant, ack=1)
-            fill = await self.client(server, cmd, result, lambda _: None)
+            cmd = self.loadgen_command([server.address], variant, ack=1)
+            fill = await self.client([server], cmd, result, lambda _: None)
             result.fill_s = time.monotonic() - started
             if fill and not fill["ok"]:
                 result.errors.append(f"the fill failed: {'; '.join(fill['errors'])}")
@@ -548,7 +595,7 @@ class Bench:
         ]
         track = self.progress(label, server, result, "payload_bytes", acks=False)
         final = await self.measure(
-            server, result, functools.partial(self.client, server, cmd, result, track)
+            [server], result, functools.partial(self.client, [server], cmd, result, track)
         )
         if not final:
             return
@@ -577,29 +624,42 @@ class Bench:
         return track
 
     async def measure(
-        self, server: Server, result: RunResult, run: Callable[[], Awaitable[dict[str, Any]]]
+        self,
+        servers: list[Server],
+        result: RunResult,
+        run: Callable[[], Awaitable[dict[str, Any]]],
     ) -> dict[str, Any]:
-        """Await ``run()`` (a client's run) with the server's CPU time and memory
-        measured around it; returns what it returns."""
-        pid = server.process.pid
-        cpu0 = process_cpu_seconds(pid)
-        memory0 = process_memory(pid)
+        """Await ``run()`` (a client's run) with the servers' CPU time and
+        memory measured around it; returns what it returns. Several servers
+        (a cluster's brokers): their CPU and private memory added up, the
+        largest peak RSS (each maps the one region), the first one's pool."""
+        cpu0 = [process_cpu_seconds(s.process.pid) for s in servers]
+        memory0 = [process_memory(s.process.pid) for s in servers]
         final = await run()
+        server = servers[0]
         if server.variant.is_broker and server.process.returncode is None:
             # One more statistics line, so short runs get their pool peak too.
             server.stats_seen = trio.Event()
             with trio.move_on_after(_STATS_INTERVAL * 1.5):
                 await server.stats_seen.wait()
-        cpu1 = process_cpu_seconds(pid)
-        memory1 = process_memory(pid)
-        if server.process.returncode is not None:
-            result.receiver_failed = True
-            result.errors.append(
-                f"receiver died ({server.process.returncode}): " + " | ".join(server.tail)
-            )
-        result.server_cpu_s = cpu1 - cpu0
-        result.server_peak_rss = memory1.get("VmHWM", memory0.get("VmHWM", 0))
-        result.server_peak_anon = max(result.server_peak_anon, memory1.get("RssAnon", 0))
+        cpu1 = [process_cpu_seconds(s.process.pid) for s in servers]
+        memory1 = [process_memory(s.process.pid) for s in servers]
+        for each in servers:
+            if each.process.returncode is not None:
+                result.receiver_failed = True
+                result.errors.append(
+                    f"receiver died ({each.process.returncode}): " + " | ".join(each.tail)
+                )
+        spent = [after - before for before, after in zip(cpu0, cpu1, strict=True)]
+        result.server_cpu_s = sum(spent)
+        if server.variant.is_cluster:
+            result.broker_cpu_s = spent
+        result.server_peak_rss = max(
+            m1.get("VmHWM", m0.get("VmHWM", 0)) for m0, m1 in zip(memory0, memory1, strict=True)
+        )
+        result.server_peak_anon = max(
+            result.server_peak_anon, sum(m.get("RssAnon", 0) for m in memory1)
+        )
         result.pool_peak, result.pool_size, result.pauses = (
             server.pool_peak,
             server.pool_size,
@@ -609,14 +669,15 @@ class Bench:
 
     async def client(
         self,
-        server: Server,
+        servers: list[Server],
         cmd: list[str],
         result: RunResult,
         on_progress: Callable[[dict[str, Any]], None],
     ) -> dict[str, Any]:
         """Run one client process (load generator or reader) to its end, handing
-        its progress lines to ``on_progress`` and sampling the server's private
-        memory; returns its result line ({} if none: the reason is in ``result.errors``)."""
+        its progress lines to ``on_progress`` and sampling the servers' private
+        memory (added up); returns its result line ({} if none: the reason is
+        in ``result.errors``)."""
         final: dict[str, Any] = {}
         stderr: deque[str] = deque(maxlen=10)
         name = cmd[2].rpartition(".")[2]
@@ -632,7 +693,6 @@ class Bench:
             elif record.get("type") == "progress":
                 on_progress(record)
 
-        pid = server.process.pid
         process = await trio.lowlevel.open_process(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
@@ -642,9 +702,9 @@ class Bench:
                 pumps.start_soon(_pump, process.stderr, stderr.append)
                 with trio.move_on_after(self.plan.seconds + 120) as scope:
                     while process.poll() is None:
-                        anon = process_memory(pid).get("RssAnon", 0)
+                        anon = sum(process_memory(s.process.pid).get("RssAnon", 0) for s in servers)
                         result.server_peak_anon = max(result.server_peak_anon, anon)
-                        if server.process.poll() is not None:
+                        if any(s.process.poll() is not None for s in servers):
                             break
                         with trio.move_on_after(0.5):
                             await process.wait()
