@@ -308,7 +308,8 @@ async def test_broker_failure_without_error_frame() -> None:
                 got = b""
                 while len(got) < HANDSHAKE_SIZE + BATCH_HEADER.size:
                     got += await server.receive_some()
-                await server.send_all(struct.pack("<iQ", 3, 2))  # broker 3, two acked
+                # Broker 3, the first batch (two messages) acked.
+                await server.send_all(struct.pack("<iQ", 3, 2))
                 await server.aclose()
 
             nursery.start_soon(fake_broker)
@@ -317,7 +318,8 @@ async def test_broker_failure_without_error_frame() -> None:
             async def publish() -> None:
                 async with open_publisher_on_stream(client, "fails", linger=None) as pub:
                     publishers.append(pub)
-                    await pub.publish_many([b"a", b"b", b"c"])
+                    await pub.publish_many([b"a", b"b"])
+                    await pub.publish(b"c")
                     await pub.flush()
 
             with pytest.raises(BrokerError) as info:
