@@ -29,6 +29,7 @@ from tcpclient import closed_port
 from test_client_checkpoints import FakeBroker as BrokerEnd
 
 from trio_embarcadero import BrokerError, ConnectionLost, ErrorCode, NoBrokerError, open_broker
+from trio_embarcadero.cli import build_parser, main
 from trio_embarcadero.client import (
     BROKER_FAILED,
     Message,
@@ -723,3 +724,30 @@ async def test_a_dial_back_publisher_and_a_subscriber_follow_a_broker_restart_ov
     assert [(m.offset, m.payload) for m in got] == list(enumerate(payloads))
     with open_log(cxl_path) as log:
         assert [m.payload for m in log.messages("d")] == payloads
+
+
+# -- the command line -------------------------------------------------------------------
+
+
+def test_publish_and_subscribe_take_several_brokers() -> None:
+    args = build_parser().parse_args(
+        ["publish", "--topic", "t", "--broker", "h:1", "--broker", "[::1]:2"]
+    )
+    assert args.brokers == [("h", 1), ("::1", 2)]
+
+
+@pytest.mark.parametrize("value", ["1214", "host:", ":1214", "host:0", "host:70000", "host:x"])
+def test_a_bad_broker_address_is_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc_info:
+        main(["publish", "--topic", "t", "--broker", value])
+    assert exc_info.value.code == 2
+    assert "argument --broker: must be HOST:PORT with a port of 1..65535" in capsys.readouterr().err
+
+
+def test_several_brokers_for_one_brokers_stream_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["subscribe", "--topic", "t", "--broker", "h:1", "--broker", "h:2"]) == 2
+    assert "several --broker need --ordered" in capsys.readouterr().err
