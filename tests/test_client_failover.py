@@ -36,6 +36,7 @@ from trio_embarcadero.client import (
     open_publisher,
     open_subscriber,
 )
+from trio_embarcadero.client import publisher as publisher_module
 from trio_embarcadero.client.failover import BACKOFF_MAX, Backoff, endpoints
 from trio_embarcadero.log import open_log
 from trio_embarcadero.wire import (
@@ -99,7 +100,8 @@ class FakeConnection(BrokerEnd):
             if self.refuse:  # a broker draining: error 5 in place of the broker id
                 await self.fail(ErrorCode.SHUTTING_DOWN, "broker is shutting down")
                 return
-            await self._send(ACK_BROKER_ID.pack(self.broker_id))
+            if ack:  # ack level 0: no ack stream at all
+                await self._send(ACK_BROKER_ID.pack(self.broker_id))
             while True:
                 head = await self._receive(BATCH_HEADER_SIZE)
                 header = unpack_batch_header(head)
@@ -107,9 +109,11 @@ class FakeConnection(BrokerEnd):
                 first = struct.unpack_from("<Q", body, 40)[0]  # the first record's client_order
                 self.got.append(Received(header.batch_seq, first, header.num_msg, head + body))
                 self.received += header.num_msg
-                if self.auto_ack:
+                if self.auto_ack and ack:
                     await self.ack()
-        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+        except EOFError:
+            await self.stream.aclose()  # the end of the stream is confirmed
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
     async def ack(self, count: int | None = None) -> None:
@@ -430,6 +434,24 @@ async def test_a_session_keeps_at_most_256_batches_unacked_and_resends_after_err
             assert not pub.failed
 
 
+@pytest.mark.parametrize("by_default", [False, True])
+async def test_sessions_by_default_means_for_publishers_with_acks(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, by_default: bool
+) -> None:
+    monkeypatch.setattr(publisher_module, "SESSIONS_BY_DEFAULT", by_default)
+    async with fake_brokers(1) as (_, (broker,)):
+        async with open_publisher(brokers=[broker.dial], **options()) as acked:
+            await acked.publish(b"x")
+        async with open_publisher(brokers=[broker.dial], **options(ack=0)) as unacked:
+            await unacked.publish(b"y")
+    assert (acked.idempotent, unacked.idempotent) == (by_default, False)
+    hellos = [c.hello for c in broker.connections]
+    assert [(h.request, h.last_addr != 0) for h in hellos if h is not None] == [
+        (2, True) if by_default else (0, False),
+        (0, False),
+    ]
+
+
 async def test_plain_publishers_send_client_req_0_and_a_zero_token(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -701,13 +723,15 @@ async def test_a_dial_back_publisher_and_a_subscriber_follow_a_broker_restart_ov
             halfway.set()
             await back.wait()
             await pub.publish_many(payloads[500:])
-        assert (pub.acked, pub.reconnects) == (1000, 1)
+        assert pub.acked == 1000
+        # At least once: a dial while the old broker drains gets error 5 too.
+        assert pub.reconnects >= 1
 
     async def subscribe() -> None:
         async with open_subscriber("127.0.0.1", port, "d") as sub:
             while len(got) < 1000:
                 got.extend(await sub.receive_messages())
-        assert sub.reconnects == 1
+        assert sub.reconnects >= 1
         done.set()
 
     with trio.fail_after(20):

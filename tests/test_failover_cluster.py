@@ -96,14 +96,14 @@ async def test_clients_ride_out_the_kill_of_a_broker(tmp_path: Path, cxl_path: s
                         with trio.move_on_after(0.05):
                             ordered.extend(await sub.receive_messages())
                     assert sub.broker == f"{HOST}:{cluster.ports[0]}"  # moved on
-                    assert sub.reconnects == 1
+                    assert sub.reconnects >= 1
 
             async def read_own() -> None:
                 async with open_subscriber(*one, "p") as sub:
                     while not done.is_set() or len(own) < targets["p"]:
                         with trio.move_on_after(0.05):
                             own.extend(await sub.receive_messages())
-                    assert sub.reconnects == 1
+                    assert sub.reconnects >= 1
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(read_ordered)

@@ -75,6 +75,10 @@ PUBLISH_SESSION = cast(ClientRequest, 2)
 #: A session's window (wire protocol section 4.5): batch_seq ``s`` goes out
 #: only once every batch up to ``s - 256`` has been acknowledged.
 SESSION_WINDOW = 256
+#: What ``idempotent=None`` (the default) means for a publisher with acks:
+#: a session, once the brokers accept ``client_req = 2``. At ack level 0 a
+#: publisher never runs one (a session resends until acked).
+SESSIONS_BY_DEFAULT = False
 _RECEIVE_SIZE = 1 << 16
 # publish_many takes messages from its iterable this many at a time.
 _PUBLISH_MANY_CHUNK = 4096
@@ -138,8 +142,10 @@ def _check_options(
     return _Options(topic, ack, batch_bytes, linger, chosen_id, window, dial_back, close_timeout)
 
 
-def _with_failover(options: _Options, delivery_timeout: float, idempotent: bool) -> _Options:
-    """``options`` with the failover options, checked."""
+def _with_failover(options: _Options, delivery_timeout: float, idempotent: bool | None) -> _Options:
+    """``options`` with the failover options, checked, the default filled in."""
+    if idempotent is None:
+        idempotent = SESSIONS_BY_DEFAULT and options.ack >= 1
     if idempotent and options.ack < 1:
         raise ValueError("idempotent needs ack >= 1 (a batch is resent until it is acked)")
     timeout = check_timeout("delivery_timeout_s", delivery_timeout)
@@ -875,7 +881,7 @@ async def open_publisher(
     dial_back: bool = False,
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     delivery_timeout_s: float = DEFAULT_DELIVERY_TIMEOUT,
-    idempotent: bool = False,
+    idempotent: bool | None = None,
 ) -> AsyncIterator[Publisher]:
     """Connect to a broker (or several) over TCP and publish to ``topic``.
 
@@ -964,6 +970,9 @@ async def open_publisher(
         idempotent: Publish in a session (``client_req = 2``), so that a
             resend is stored once. Needs ``ack >= 1`` and brokers that know
             sessions (an older broker refuses the handshake with error 1).
+            None (the default): :data:`SESSIONS_BY_DEFAULT` with ``ack >= 1``,
+            a plain publish otherwise; for now that is a plain publish, as
+            the brokers of this version do not take sessions yet.
 
     Yields:
         The :class:`Publisher`.
@@ -1000,7 +1009,7 @@ async def open_publisher_on_stream(
     max_inflight_bytes: int | None = None,
     dial_back: bool = False,
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
-    idempotent: bool = False,
+    idempotent: bool | None = None,
 ) -> AsyncIterator[Publisher]:
     """Publish to ``topic`` over an already open stream to a broker.
 
