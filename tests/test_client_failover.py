@@ -191,13 +191,15 @@ async def fake_brokers(
 
 
 def options(**more: Any) -> dict[str, Any]:
-    """Batches of four messages, a window of 100 batches."""
+    """Batches of four messages, a window of 100 batches, a plain publisher
+    (whatever the default)."""
     return {
         "topic": "t",
         "batch_bytes": BATCH,
         "max_inflight_bytes": 100 * BATCH,
         "linger": None,
         "client_id": 7,
+        "idempotent": False,
         **more,
     }
 
@@ -383,9 +385,7 @@ async def test_a_session_sends_its_token_and_numbers_batches_across_connections(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with fake_brokers(2, auto_ack=False) as (_, (zero, one)):
-        async with open_publisher(
-            brokers=[zero.dial, one.dial], idempotent=True, **options()
-        ) as pub:
+        async with open_publisher(brokers=[zero.dial, one.dial], **options(idempotent=True)) as pub:
             await pub.publish_many(messages(16))
             await trio.sleep(0.1)
             token = pub.session_token
@@ -409,8 +409,7 @@ async def test_a_session_keeps_at_most_256_batches_unacked_and_resends_after_err
         one.reachable = False
         async with open_publisher(
             brokers=[zero.dial, one.dial],
-            idempotent=True,
-            **options(batch_bytes=RECORD, max_inflight_bytes=1000 * RECORD),
+            **options(batch_bytes=RECORD, max_inflight_bytes=1000 * RECORD, idempotent=True),
         ) as pub:
             await pub.publish_many(messages(300))  # 300 batches of one message
             await trio.sleep(1)
@@ -440,9 +439,10 @@ async def test_sessions_by_default_means_for_publishers_with_acks(
 ) -> None:
     monkeypatch.setattr(publisher_module, "SESSIONS_BY_DEFAULT", by_default)
     async with fake_brokers(1) as (_, (broker,)):
-        async with open_publisher(brokers=[broker.dial], **options()) as acked:
+        async with open_publisher(brokers=[broker.dial], **options(idempotent=None)) as acked:
             await acked.publish(b"x")
-        async with open_publisher(brokers=[broker.dial], **options(ack=0)) as unacked:
+        default = options(ack=0, idempotent=None)
+        async with open_publisher(brokers=[broker.dial], **default) as unacked:
             await unacked.publish(b"y")
     assert (acked.idempotent, unacked.idempotent) == (by_default, False)
     hellos = [c.hello for c in broker.connections]
@@ -450,6 +450,33 @@ async def test_sessions_by_default_means_for_publishers_with_acks(
         (2, True) if by_default else (0, False),
         (0, False),
     ]
+
+
+async def test_a_session_sends_on_one_broker_at_a_time_and_moves_on_when_it_fails(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with fake_brokers(3) as (_, brokers):
+        zero, one, two = brokers
+        zero.reachable = False
+        async with open_publisher(
+            brokers=[b.dial for b in brokers], **options(idempotent=True)
+        ) as pub:
+            await pub.publish_many(messages(40))
+            await pub.flush()
+            assert pub.connected == 2
+            # All on broker 1, the first of the list that answered.
+            assert ([b.seq for b in one.batches()], two.batches()) == (list(range(10)), [])
+            zero.reachable = True
+            await trio.sleep(2)  # broker 0 is back: the publisher stays on broker 1
+            await pub.publish_many(messages(8, 40))
+            await pub.flush()
+            assert (zero.batches(), len(one.batches())) == ([], 12)
+            one.reachable = False
+            await one.last.fail()
+            await pub.publish_many(messages(8, 48))
+            await pub.flush()
+    # Then on broker 0, the first of the list that answers.
+    assert ([b.seq for b in zero.batches()], two.batches()) == ([12, 13], [])
 
 
 async def test_plain_publishers_send_client_req_0_and_a_zero_token(

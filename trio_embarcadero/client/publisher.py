@@ -113,6 +113,7 @@ class _Options:
     #: 0: no failover.
     delivery_timeout: float = 0.0
     idempotent: bool = False
+    spread: bool = True
 
 
 def _check_options(
@@ -142,14 +143,21 @@ def _check_options(
     return _Options(topic, ack, batch_bytes, linger, chosen_id, window, dial_back, close_timeout)
 
 
-def _with_failover(options: _Options, delivery_timeout: float, idempotent: bool | None) -> _Options:
-    """``options`` with the failover options, checked, the default filled in."""
+def _with_failover(
+    options: _Options, delivery_timeout: float, idempotent: bool | None, spread: bool | None
+) -> _Options:
+    """``options`` with the failover options, checked, the defaults filled in."""
     if idempotent is None:
         idempotent = SESSIONS_BY_DEFAULT and options.ack >= 1
     if idempotent and options.ack < 1:
         raise ValueError("idempotent needs ack >= 1 (a batch is resent until it is acked)")
     timeout = check_timeout("delivery_timeout_s", delivery_timeout)
-    return attrs.evolve(options, delivery_timeout=timeout, idempotent=idempotent)
+    return attrs.evolve(
+        options,
+        delivery_timeout=timeout,
+        idempotent=idempotent,
+        spread=not idempotent if spread is None else spread,
+    )
 
 
 def random_session_token() -> int:
@@ -239,6 +247,9 @@ class Publisher:
         # stopped process) holds none; a single broker's connection sends at
         # once, as there is nowhere else to send to.
         self._send_when_up = len(links) > 1
+        # Not spreading: only this connection gets batches, until it ends.
+        self._spread = options.spread or len(links) == 1
+        self._active: _Connection | None = None
         self._batches = PublishBatches(
             options.client_id,
             batch_bytes=options.batch_bytes,
@@ -509,6 +520,27 @@ class Publisher:
         if connection.up:
             self._up -= 1
             self._links_lot.unpark_all()
+        if connection is self._active:
+            self._active = None
+            self._sealed_lot.unpark_all()  # another connection takes over
+
+    def _may_send(self, connection: _Connection) -> bool:
+        """Whether ``connection``'s sender may take a batch now."""
+        if self._spread:
+            return connection.up or not self._send_when_up
+        if self._active is None:
+            # The first broker of the list whose connection took the handshake.
+            self._active = next(
+                (
+                    link.connection
+                    for link in self._links
+                    if link.connection is not None
+                    and link.connection.up
+                    and not link.connection.ended.is_set()
+                ),
+                None,
+            )
+        return connection is self._active
 
     # -- background tasks -----------------------------------------------------------
 
@@ -601,7 +633,7 @@ class Publisher:
             while batch is None:
                 if connection.ended.is_set() or self._failure is not None:
                     return
-                if connection.up or not self._send_when_up:
+                if self._may_send(connection):
                     batch = batches.take()
                     if batch is None and self._closing:
                         await self._end_stream(connection)
@@ -882,13 +914,15 @@ async def open_publisher(
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     delivery_timeout_s: float = DEFAULT_DELIVERY_TIMEOUT,
     idempotent: bool | None = None,
+    spread: bool | None = None,
 ) -> AsyncIterator[Publisher]:
     """Connect to a broker (or several) over TCP and publish to ``topic``.
 
     ``open_publisher(host, port, topic)`` publishes through one broker;
     ``open_publisher(topic=..., brokers=[(host, port), ...])`` through
     several: the publisher keeps a connection to each and hands each sealed
-    batch to whichever connection is free to write it.
+    batch to whichever connection is free to write it (a session, one broker
+    at a time: see ``spread``).
 
     Leaving the block normally flushes (waits until every message reached the
     ack level) and closes the connections; leaving it with an exception
@@ -973,6 +1007,17 @@ async def open_publisher(
             None (the default): :data:`SESSIONS_BY_DEFAULT` with ``ack >= 1``,
             a plain publish otherwise; for now that is a plain publish, as
             the brokers of this version do not take sessions yet.
+        spread: With several brokers, hand batches to every broker's
+            connection (True), or send on one connection at a time, the
+            first broker of the list that answers, and move to the next only
+            when it fails (False). Default: spread, except in a session. A
+            session's resend must not land behind a later batch of the session
+            in one broker's stream: on an order-5 topic the sequencer orders
+            each stream in its commit order and a session in ``batch_seq``
+            order, so it would hold the later batch for the resent one behind
+            it until ``cxl.sequencer_hole_timeout_s``, then skip the resent one
+            (error 2, the publisher fails). A session on order-0 topics may
+            spread.
 
     Yields:
         The :class:`Publisher`.
@@ -989,7 +1034,7 @@ async def open_publisher(
     options = _check_options(
         topic, ack, batch_bytes, linger, client_id, max_inflight_bytes, dial_back, close_timeout
     )
-    options = _with_failover(options, delivery_timeout_s, idempotent)
+    options = _with_failover(options, delivery_timeout_s, idempotent, spread)
     links = endpoints(host, port, brokers)
     first, stream = await connect_first(links)
     failover = options.delivery_timeout > 0
@@ -1027,7 +1072,7 @@ async def open_publisher_on_stream(
     options = _check_options(
         topic, ack, batch_bytes, linger, client_id, max_inflight_bytes, dial_back, close_timeout
     )
-    options = _with_failover(options, 0.0, idempotent)
+    options = _with_failover(options, 0.0, idempotent, True)
     if dial_back and not isinstance(stream, trio.SocketStream):
         raise ValueError("dial_back needs a TCP connection (a trio.SocketStream)")
 
