@@ -661,6 +661,53 @@ async def test_a_subscriber_without_a_broker_for_its_timeout_raises(
     assert info.value.acked is None
 
 
+async def test_receives_cut_short_by_a_timeout_do_not_restart_the_reconnect_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    a = OrderedBroker("a", 3)
+    a.cut_after = 16 + 3 * 128
+    async with bounded_nursery() as nursery:
+        a.nursery = nursery
+        async with open_subscriber(
+            topic="t", brokers=[a.dial], ordered=True, reconnect_timeout_s=3.0
+        ) as sub:
+            await sub.receive_messages()
+            lost = trio.current_time()
+            while True:  # polling, as `subscribe --idle` does
+                with trio.move_on_after(0.4):
+                    try:
+                        await sub.receive_messages()
+                    except NoBrokerError:
+                        break
+            assert trio.current_time() - lost == pytest.approx(3.0, abs=0.01)
+            with pytest.raises(NoBrokerError):  # at once, from now on
+                await sub.receive_messages()
+            assert trio.current_time() - lost == pytest.approx(3.0, abs=0.01)
+
+
+async def test_receives_shorter_than_the_backoff_still_reconnect(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    a = OrderedBroker("a", 6)
+    a.cut_after = 16 + 3 * 128  # the first batch, then the broker is down
+    got: list[Message] = []
+    async with bounded_nursery() as nursery:
+        a.nursery = nursery
+        async with open_subscriber(topic="t", brokers=[a.dial], ordered=True) as sub:
+            while len(got) < 3:
+                got.extend(await sub.receive_messages())
+            lost = trio.current_time()
+            while len(got) < 6:
+                if trio.current_time() - lost >= 3 and not a.reachable:
+                    a.cut_after, a.reachable = None, True  # back, with everything
+                with trio.move_on_after(0.05):  # far shorter than the pauses
+                    got.extend(await sub.receive_messages())
+            assert 3 < trio.current_time() - lost <= 3 + BACKOFF_MAX + 0.1
+        nursery.cancel_scope.cancel()
+    assert [m.offset for m in got] == list(range(6))
+    assert a.starts == [0, 3]
+
+
 # -- real in-memory brokers, restarted --------------------------------------------------
 
 
@@ -736,7 +783,7 @@ async def test_a_dial_back_publisher_and_a_subscriber_follow_a_broker_restart_ov
     make_config: MakeConfig, cxl_path: str
 ) -> None:
     port = await closed_port()  # the same port for both brokers
-    config = make_config(**{"broker.port": port})
+    config = make_config(**{"broker.port": port, "http.enabled": False})  # no fixed HTTP port
     payloads = [payload_for(31, i, 200) for i in range(1000)]
     halfway, back, done = trio.Event(), trio.Event(), trio.Event()
     got: list[Message] = []

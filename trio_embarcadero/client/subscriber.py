@@ -54,8 +54,10 @@ class _Reconnect:
         client_id: Its handshakes' client id.
         timeout: Seconds without a broker before it gives up.
         backoff: Pauses between tries.
+        connected: A connection was made since the outage began.
         connected_at: When the current connection was opened.
         outage_since: When the failures of the current outage began.
+        next_try: When to try the brokers next.
     """
 
     links: Sequence[Endpoint]
@@ -63,8 +65,10 @@ class _Reconnect:
     client_id: int
     timeout: float
     backoff: failover.Backoff = attrs.Factory(failover.Backoff)
+    connected: bool = True
     connected_at: float = 0.0
     outage_since: float | None = None
+    next_try: float = 0.0
 
 
 class Subscriber:
@@ -244,7 +248,11 @@ class Subscriber:
         while True:
             error = self._error
             if error is not None:
-                if self._plan is not None and failover.fails_over(error.code):
+                if (
+                    self._plan is not None
+                    and failover.fails_over(error.code)
+                    and not isinstance(error, NoBrokerError)
+                ):
                     await self._reconnect(error)
                     continue
                 await trio.lowlevel.checkpoint()
@@ -299,14 +307,19 @@ class Subscriber:
         assert plan is not None
         await trio.aclose_forcefully(self._stream)
         now = trio.current_time()
-        # A connection that lasted does not continue the last outage (nor its
-        # backoff); one that failed at once (a broker refusing with error 5
-        # while it drains) does, so such a broker is not knocked at in a loop.
-        if plan.outage_since is None or now - plan.connected_at > failover.BACKOFF_MAX:
-            plan.outage_since = now
+        # A connection that lasted ends the last outage (and its backoff); one
+        # that failed at once (a broker refusing with error 5 while it drains)
+        # does not, so such a broker is not knocked at in a loop; nor does a
+        # reconnect a cancellation cut short (a receive under a timeout).
+        lasted = plan.connected and now - plan.connected_at > failover.BACKOFF_MAX
+        if plan.outage_since is None or lasted:
+            plan.outage_since = plan.next_try = now
             plan.backoff.reset()
-        else:
-            await trio.sleep(plan.backoff.next_delay())
+        elif plan.connected:
+            plan.next_try = now + plan.backoff.next_delay()
+        # Else a reconnect was cut short (a receive under a timeout): it goes on
+        # at the time it was to try next, so that short receives get there too.
+        plan.connected = False
         deadline = plan.outage_since + plan.timeout
         links = plan.links
         # One broker's stream is on that broker only; the total order is on
@@ -317,6 +330,7 @@ class Subscriber:
         ]
         last = f"{links[plan.current].name}: {failure}"
         while True:
+            await trio.sleep_until(min(plan.next_try, deadline))
             for index in tries:
                 try:
                     stream = await links[index].open()
@@ -333,6 +347,7 @@ class Subscriber:
                     last = f"{links[index].name}: {exc}"
                     continue
                 plan.current = index
+                plan.connected = True
                 plan.connected_at = trio.current_time()
                 self._stream = stream
                 self._receiver = receiver_for(stream)
@@ -343,13 +358,16 @@ class Subscriber:
             now = trio.current_time()
             if now >= deadline:
                 names = ", ".join(links[i].name for i in tries)
-                raise NoBrokerError(
+                gave_up = NoBrokerError(
                     failure.code,
                     f"no broker for {plan.timeout:g} s (tried {names}); last failure: {last}",
                     brokers=tuple(links[i].name for i in tries),
                     timeout=plan.timeout,
-                ) from failure
-            await trio.sleep(min(plan.backoff.next_delay(), deadline - now))
+                )
+                gave_up.__cause__ = failure
+                self._error = gave_up  # every later receive raises it
+                raise gave_up
+            plan.next_try = now + plan.backoff.next_delay()
 
 
 class _Batches:
