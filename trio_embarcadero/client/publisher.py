@@ -333,8 +333,12 @@ class Publisher:
         the linger time. Waits while the in-flight window is full.
 
         Raises:
-            BrokerError: The broker reported an error, or failed; ``acked``
-                says how many messages are stored.
+            BrokerError: The publisher failed: a broker reported an error that
+                another would report too, or (with failover off) failed; a
+                :class:`~trio_embarcadero.errors.NoBrokerError` after
+                ``delivery_timeout_s`` without any broker. ``acked`` says how
+                many messages are stored. A broker that merely went away
+                raises nothing: its batches go to another.
             trio.ClosedResourceError: The publisher's context has exited.
 
         Checkpoints and cancellation:
@@ -405,7 +409,7 @@ class Publisher:
         far reached the ack level (with ``ack=0``: was handed to the kernel).
 
         Raises:
-            BrokerError: The broker reported an error or failed before that.
+            BrokerError: As for :meth:`publish`, before that.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_usable()

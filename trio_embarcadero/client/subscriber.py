@@ -176,8 +176,12 @@ class Subscriber:
         *Checkpoints* above).
 
         Raises:
-            BrokerError: The broker sent an error frame (code 5 when it shuts
-                down) or closed the connection (code :data:`BROKER_FAILED`).
+            BrokerError: The broker sent an error frame that reconnecting
+                does not help with (6 when the topic was deleted), or a
+                :class:`~trio_embarcadero.errors.NoBrokerError` after
+                ``reconnect_timeout_s`` without a broker. With reconnecting
+                off, also error 5 (the broker shuts down) and the end of the
+                connection (code :data:`BROKER_FAILED`).
             ProtocolError: The stream is not a valid record stream.
         """
         for fields in self._rest:
