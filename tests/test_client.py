@@ -308,7 +308,8 @@ async def test_broker_failure_without_error_frame() -> None:
                 got = b""
                 while len(got) < HANDSHAKE_SIZE + BATCH_HEADER.size:
                     got += await server.receive_some()
-                await server.send_all(struct.pack("<iQ", 3, 2))  # broker 3, two acked
+                # Broker 3, the first batch (two messages) acked.
+                await server.send_all(struct.pack("<iQ", 3, 2))
                 await server.aclose()
 
             nursery.start_soon(fake_broker)
@@ -317,7 +318,8 @@ async def test_broker_failure_without_error_frame() -> None:
             async def publish() -> None:
                 async with open_publisher_on_stream(client, "fails", linger=None) as pub:
                     publishers.append(pub)
-                    await pub.publish_many([b"a", b"b", b"c"])
+                    await pub.publish_many([b"a", b"b"])
+                    await pub.publish(b"c")
                     await pub.flush()
 
             with pytest.raises(BrokerError) as info:
@@ -470,15 +472,16 @@ async def test_two_dial_back_publishers_with_one_client_id_on_one_host(
 ) -> None:
     with trio.fail_after(10):
         async with open_broker(make_config()) as broker:
+            # Plain publishers: two sessions of one client id would be refused first.
             async with open_publisher(
-                HOST, broker.port, "dial3", client_id=22, dial_back=True
+                HOST, broker.port, "dial3", client_id=22, dial_back=True, idempotent=False
             ) as first:
                 await first.publish(b"first")
                 await first.flush()
                 # The second listens on another port: refused, the first unaffected.
                 with pytest.raises(BrokerError) as info:
                     async with open_publisher(
-                        HOST, broker.port, "dial3", client_id=22, dial_back=True
+                        HOST, broker.port, "dial3", client_id=22, dial_back=True, idempotent=False
                     ) as second:
                         await second.publish(b"second")
                 await first.publish(b"again")

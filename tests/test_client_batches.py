@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from trio_embarcadero.client.batches import OPENED, PACKED, SEALED, PublishBatches
+from trio_embarcadero.client.batches import (
+    OPENED,
+    PACKED,
+    SEALED,
+    PublishBatches,
+    SealedBatch,
+    SentBatches,
+)
 from trio_embarcadero.wire import (
     BATCH_HEADER_SIZE,
     BatchEncoder,
@@ -28,13 +35,22 @@ def make(
     )
 
 
-def send_all(batches: PublishBatches) -> list[bytes]:
-    """Every sealed batch, in order, as the sender would write it."""
+def send_all(batches: PublishBatches, sent: SentBatches | None = None) -> list[bytes]:
+    """Every batch waiting, in order, as a sender would write it (on the
+    connection ``sent`` keeps the books of)."""
     out: list[bytes] = []
-    while (data := batches.next_unsent()) is not None:
-        out.append(bytes(data))
-        batches.mark_sent()
+    while (batch := batches.take()) is not None:
+        if sent is not None:
+            sent.add(batch)
+        assert batch.data is not None
+        out.append(bytes(batch.data))
+        batches.mark_sent(batch)
     return out
+
+
+def ack(batches: PublishBatches, sent: SentBatches, count: int) -> bool:
+    """Take a connection's cumulative count; True if it acknowledged a batch."""
+    return any([batches.acknowledge(batch) for batch in sent.ack(count)])
 
 
 def payload(i: int, n: int) -> bytes:
@@ -87,7 +103,7 @@ def test_a_batch_filled_exactly_is_sealed_at_once() -> None:
 def test_seal_of_an_empty_batch_does_nothing() -> None:
     batches = make(1024)
     assert not batches.seal()
-    assert batches.next_unsent() is None
+    assert batches.take() is None
     assert batches.batch_seq == 0
 
 
@@ -135,6 +151,7 @@ def test_batch_seq_counts_sealed_batches() -> None:
 
 def test_the_window_refuses_records_until_acks_release_whole_batches() -> None:
     batches = make(2 * RECORD, window=3 * RECORD)
+    sent = SentBatches()
     msg = bytes(100)
     for _ in range(3):
         assert batches.append(msg) & PACKED
@@ -142,22 +159,26 @@ def test_the_window_refuses_records_until_acks_release_whole_batches() -> None:
     # Full: nothing is packed and nothing counted.
     assert batches.append(msg) == 0
     assert (batches.published, batches.open_count) == (3, 1)
-    send_all(batches)  # sending frees no window space while acks are due
+    send_all(batches, sent)  # sending frees no window space while acks are due
     assert batches.append(msg) == 0
-    # Ack 1 covers no whole batch (the first ends at message 2).
-    assert batches.ack(1)
-    assert batches.acked == 1
+    # A count of 1 covers no whole batch (the first ends at message 2).
+    assert not ack(batches, sent, 1)
+    assert batches.acked == 0
     assert batches.inflight_bytes == 3 * RECORD
     assert batches.append(msg) == 0
-    assert batches.ack(2)
+    assert ack(batches, sent, 2)
+    assert batches.acked == 2
     assert batches.inflight_bytes == RECORD
     assert batches.append(msg) == PACKED | SEALED
     assert batches.inflight_bytes == 2 * RECORD
-    # Stale or repeated counts change nothing; counts past published are capped.
-    assert not batches.ack(2)
-    assert batches.ack(99)
+    send_all(batches, sent)
+    # Stale or repeated counts change nothing; counts past what was sent are
+    # harmless.
+    assert not ack(batches, sent, 2)
+    assert ack(batches, sent, 99)
     assert batches.acked == batches.published == 4
     assert batches.inflight_bytes == 0
+    assert batches.unacked == 0
 
 
 def test_a_full_window_still_seals_the_batch_the_record_does_not_fit() -> None:
@@ -267,3 +288,159 @@ def test_the_encoder_packs_the_prefix_of_a_run_that_fits(sizes: list[int]) -> No
         assert encoder.append_run([], 4, 1 << 20) == 0
         buffer, length = encoder.seal(0)
         assert buffer[:length] == encode_batch([b"first", *payloads[:3]], client_id=CLIENT)
+
+
+# -- keeping batches for a resend ------------------------------------------------------
+
+
+def sealed(batches: PublishBatches, count: int, size: int = 100) -> None:
+    """``count`` batches of one message each (the batch holds one record)."""
+    for i in range(count):
+        assert batches.append(payload(i, size)) & PACKED
+        batches.seal()
+
+
+def seqs(wire: list[bytes]) -> list[int]:
+    return [unpack_batch_header(b[:BATCH_HEADER_SIZE]).batch_seq for b in wire]
+
+
+def test_a_failed_connections_batches_go_again_first_with_their_batch_seq() -> None:
+    batches = make(4 * RECORD)
+    one, two = SentBatches(), SentBatches()
+    sealed(batches, 6)
+    # Batches 0, 2, 4 go out on one connection, 1, 3, 5 on the other.
+    first: dict[int, bytes] = {}
+    for n in range(6):
+        batch = batches.take()
+        assert batch is not None
+        assert batch.seq == n
+        (one if n % 2 == 0 else two).add(batch)
+        assert batch.data is not None
+        first[n] = bytes(batch.data)
+        batches.mark_sent(batch)
+    assert batches.sent == 6
+    # The second connection's count covers its first batch; then it fails.
+    assert ack(batches, two, 1)
+    assert batches.acked == 0  # batch 0 (on the first connection) is not acked yet
+    assert ack(batches, one, 1)
+    assert batches.acked == 2  # 0 and 1, without a gap
+    sealed(batches, 1)  # batch 6 waits
+    batches.requeue(two.take_all())
+    assert len(two) == 0
+    assert batches.unsent == 3
+    # Its unacked batches come again before the newer one, byte for byte.
+    again = send_all(batches, one)
+    assert seqs(again) == [3, 5, 6]
+    assert again[:2] == [first[3], first[5]]
+    assert batches.resent == 2
+    assert batches.sent == 7  # a batch is counted once, however often it is sent
+    # The first connection's counts now span its old and new batches.
+    assert ack(batches, one, 2)  # batch 2
+    assert batches.acked == 3
+    assert ack(batches, one, 6)  # 4, 3, 5, 6
+    assert batches.acked == batches.published == 7
+    assert batches.inflight_bytes == 0
+
+
+def test_requeue_merges_in_batch_seq_order_and_skips_acked_batches() -> None:
+    batches = make(4 * RECORD)
+    sealed(batches, 5)
+    taken = [batches.take() for _ in range(4)]
+    assert all(isinstance(b, SealedBatch) for b in taken)
+    for batch in taken:
+        assert batch is not None
+        batches.mark_sent(batch)
+    batches.requeue([t for t in taken[2:] if t is not None])  # 2, 3 ahead of 4
+    assert taken[0] is not None
+    assert batches.acknowledge(taken[0])
+    batches.requeue([t for t in taken[:2] if t is not None])  # 1 merged before 2; 0 is acked
+    assert [b.seq for b in iter(batches.take, None) if b is not None] == [1, 2, 3, 4]
+
+
+def test_a_batch_kept_for_a_resend_small_as_a_copy_large_in_its_buffer() -> None:
+    batches = make(8 * RECORD)
+    for _ in range(2):
+        batches.append(bytes(100))
+    batches.seal()  # a quarter full
+    for _ in range(8):
+        batches.append(bytes(100))  # full: sealed
+    small, big = batches.take(), batches.take()
+    assert small is not None
+    assert big is not None
+    for batch in (small, big):
+        batches.mark_sent(batch)
+    # The small one is a copy of its own size; its buffer packs the next batch.
+    assert isinstance(small.data, bytes)
+    assert len(small.data) == BATCH_HEADER_SIZE + 2 * RECORD
+    assert isinstance(big.data, memoryview)
+    kept = bytes(big.data)
+    batches.append(b"\xff" * 100)
+    batches.seal()
+    assert big.data == kept  # not reused while it may go again
+    assert batches.acknowledge(big)
+    assert big.data is None  # now it is
+
+
+def test_an_ack_while_the_batch_is_written_keeps_its_bytes_until_the_write_is_over() -> None:
+    batches = make(RECORD)
+    sealed(batches, 1)
+    sent = SentBatches()
+    batch = batches.take()
+    assert batch is not None
+    assert batch.data is not None
+    sent.add(batch)
+    wire = bytes(batch.data)
+    assert ack(batches, sent, 1)  # the count overtook the end of the write
+    assert batches.acked == 1
+    assert batch.data is not None
+    assert bytes(batch.data) == wire
+    batches.mark_sent(batch)
+    assert batch.data is None
+
+
+def test_ack_level_zero_sends_a_batch_again_only_if_its_write_failed() -> None:
+    batches = make(RECORD, release_on_send=True)
+    sealed(batches, 2)
+    first = batches.take()
+    assert first is not None
+    batches.mark_sent(first, written=False)  # the connection broke mid-write
+    assert batches.unacked == 0
+    assert batches.sent == 0
+    assert seqs(send_all(batches)) == [0, 1]
+    assert batches.sent == 2
+    assert batches.inflight_bytes == 0
+
+
+def test_sent_batches_map_a_connections_counts_to_its_batches() -> None:
+    batches = make(4 * RECORD)
+    for n in (3, 1, 2):  # batches of 3, 1 and 2 messages
+        for _ in range(n):
+            batches.append(bytes(100))
+        batches.seal()
+    sent = SentBatches()
+    for batch in iter(batches.take, None):
+        assert batch is not None
+        sent.add(batch)
+    assert (len(sent), sent.count) == (3, 6)
+    assert [b.seq for b in sent.ack(3)] == [0]
+    assert sent.ack(3) == []
+    assert [b.seq for b in sent.ack(5)] == [1]  # 5 ends inside the third
+    assert [b.seq for b in sent.take_all()] == [2]
+    assert len(sent) == 0
+
+
+def test_a_sessions_window_holds_back_batches_too_far_ahead_of_the_oldest_unacked() -> None:
+    batches = PublishBatches(
+        CLIENT,
+        batch_bytes=RECORD,
+        max_inflight_bytes=1 << 20,
+        release_on_send=False,
+        max_unacked_batches=3,
+    )
+    sent = SentBatches()
+    sealed(batches, 6)
+    assert seqs(send_all(batches, sent)) == [0, 1, 2]  # 3 is 3 ahead of 0
+    assert ack(batches, sent, 2)  # 0 and 1
+    assert seqs(send_all(batches, sent)) == [3, 4]
+    batches.requeue(sent.take_all())  # 2, 3, 4 again, and 5: the window is 2..4
+    assert seqs(send_all(batches, sent)) == [2, 3, 4]

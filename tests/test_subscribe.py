@@ -123,7 +123,10 @@ async def test_shutdown_ends_subscriptions_with_error_5(make_config: MakeConfig)
             async with open_broker(make_config()) as broker:
 
                 async def subscribe(*, task_status: trio.TaskStatus[None]) -> None:
-                    async with open_subscriber(HOST, broker.port, "bye") as sub:
+                    # Without the client's reconnect: the error is what is tested.
+                    async with open_subscriber(
+                        HOST, broker.port, "bye", reconnect_timeout_s=0
+                    ) as sub:
                         task_status.started()
                         try:
                             while True:
@@ -151,7 +154,7 @@ async def test_shutdown_while_a_subscriber_catches_up(make_config: MakeConfig) -
         async with open_broker(config) as broker:
             async with open_publisher(HOST, broker.port, "catch", batch_bytes=256 * 1024) as pub:
                 await pub.publish_many(payload for _ in range(8000))  # 33 MiB
-            async with open_subscriber(HOST, broker.port, "catch") as sub:
+            async with open_subscriber(HOST, broker.port, "catch", reconnect_timeout_s=0) as sub:
                 first = await sub.receive_messages()
                 assert first[0].offset == 0
                 broker.begin_shutdown()

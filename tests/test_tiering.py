@@ -251,7 +251,12 @@ async def test_a_disk_log_added_to_a_trimmed_stream_begins_at_its_first_retained
     with trio.fail_after(90):
         async with open_broker(make_config(**sizes)) as broker:
             async with open_publisher(
-                "127.0.0.1", broker.port, "late", client_id=9, batch_bytes=256 * 1024
+                "127.0.0.1",
+                broker.port,
+                "late",
+                client_id=9,
+                idempotent=False,
+                batch_bytes=256 * 1024,
             ) as pub:
                 await pub.publish_many(payloads[:COUNT])
             stream = broker.log.stream("late")
@@ -263,7 +268,13 @@ async def test_a_disk_log_added_to_a_trimmed_stream_begins_at_its_first_retained
             stream = broker.log.stream("late")
             assert (stream.first_batch, stream.start_offset) == (first_batch, start)
             async with open_publisher(
-                "127.0.0.1", broker.port, "late", client_id=9, ack=2, batch_bytes=256 * 1024
+                "127.0.0.1",
+                broker.port,
+                "late",
+                client_id=9,
+                idempotent=False,
+                ack=2,
+                batch_bytes=256 * 1024,
             ) as pub:
                 await pub.publish_many(payloads[COUNT:])  # every one acked at level 2
             assert broker.statistics().errors == {}

@@ -27,6 +27,7 @@ from .errors import EmbarcaderoError as EmbarcaderoError
 from .errors import ErrorCode as ErrorCode
 from .errors import LayoutError as LayoutError
 from .errors import LogFullError as LogFullError
+from .errors import NoBrokerError as NoBrokerError
 from .errors import ProtocolError as ProtocolError
 from .errors import StorageError as StorageError
 from .log import BrokerMember as BrokerMember

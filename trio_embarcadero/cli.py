@@ -101,6 +101,28 @@ def _start_offset(text: str) -> int | str:
         ) from None
 
 
+def _broker_address(text: str) -> tuple[str, int]:
+    """An argparse type: ``HOST:PORT`` (``[ADDR]:PORT`` for IPv6)."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"must be HOST:PORT with a port of 1..65535 (e.g. 127.0.0.1:1214), not {text!r}"
+        )
+    return host, int(port)
+
+
+def _add_broker_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--broker",
+        dest="brokers",
+        action="append",
+        type=_broker_address,
+        metavar="HOST:PORT",
+        help=f"a broker's data address (instead of --host/--port); repeat it to {what}",
+    )
+
+
 def _add_config_options(parser: argparse.ArgumentParser, *, broker_id: bool = True) -> None:
     parser.add_argument("--config", metavar="PATH", help="TOML config file (default: built-ins)")
     if broker_id:
@@ -343,6 +365,11 @@ def _add_client_commands(command: _AddCommand) -> None:
         "--host/--port) and report how many messages were acked, and how fast.",
     )
     _add_config_options(publish)
+    _add_broker_option(
+        publish,
+        "publish through several brokers (batches are spread, and sent again to "
+        "another when one fails)",
+    )
     publish.add_argument("--topic", required=True, help="topic to publish to")
     publish.add_argument("--ack", type=int, choices=(0, 1, 2), default=1, help="ack level")
     publish.add_argument(
@@ -377,6 +404,10 @@ def _add_client_commands(command: _AddCommand) -> None:
         "(cxl.path of --config, or --cxl-path), so run them on the broker's host.",
     )
     _add_config_options(subscribe)
+    _add_broker_option(
+        subscribe,
+        "give --ordered several brokers to go on from (one broker's stream is on that broker only)",
+    )
     subscribe.add_argument("--cxl-path", metavar="PATH", help="the CXL file (overrides cxl.path)")
     subscribe.add_argument("--topic", required=True, help="topic to read")
     subscribe.add_argument(
@@ -497,14 +528,26 @@ def _run_client_command(args: argparse.Namespace, config: Config) -> int:
         except (_CommandFailed, EmbarcaderoError, OSError) as exc:
             print(f"trio-embarcadero {args.command}: {exc}", file=sys.stderr)
             return 1
-    if config.broker.data_port == 0:
-        print("trio-embarcadero: give the broker's port (--port or broker.port)", file=sys.stderr)
+    brokers: list[tuple[str, int]] = args.brokers or []
+    if not brokers and config.broker.data_port == 0:
+        print(
+            "trio-embarcadero: give the broker's port (--port or broker.port) or --broker",
+            file=sys.stderr,
+        )
         return 2
+    if len(brokers) > 1 and args.command == "subscribe" and not args.ordered:
+        print(
+            "trio-embarcadero subscribe: several --broker need --ordered (one broker's "
+            "stream is read from that broker only)",
+            file=sys.stderr,
+        )
+        return 2
+    brokers = brokers or [(config.broker.host, config.broker.data_port)]
     try:
         if args.command == "publish":
-            return trio.run(_publish, args, config.broker.host, config.broker.data_port)
+            return trio.run(_publish, args, brokers)
         start, note = _subscription_start(args, config)
-        return trio.run(_subscribe, args, config.broker.host, config.broker.data_port, start, note)
+        return trio.run(_subscribe, args, brokers, start, note)
     except (_CommandFailed, EmbarcaderoError, ValueError) as exc:
         print(f"trio-embarcadero {args.command}: {exc}", file=sys.stderr)
         return 1
@@ -512,7 +555,7 @@ def _run_client_command(args: argparse.Namespace, config: Config) -> int:
         return 130
 
 
-async def _publish(args: argparse.Namespace, host: str, port: int) -> int:
+async def _publish(args: argparse.Namespace, brokers: list[tuple[str, int]]) -> int:
     import os
 
     from .client import open_publisher
@@ -522,9 +565,8 @@ async def _publish(args: argparse.Namespace, host: str, port: int) -> int:
         args.progress if args.progress is not None else sys.stderr.isatty()
     )
     async with open_publisher(
-        host,
-        port,
-        args.topic,
+        topic=args.topic,
+        brokers=brokers,
         ack=args.ack,
         batch_bytes=args.batch_bytes,
         dial_back=args.dial_back,
@@ -695,14 +737,18 @@ def _subscription_start(args: argparse.Namespace, config: Config) -> tuple[int, 
     return max(0, committed - back), ""
 
 
-async def _subscribe(args: argparse.Namespace, host: str, port: int, start: int, note: str) -> int:
+async def _subscribe(
+    args: argparse.Namespace, brokers: list[tuple[str, int]], start: int, note: str
+) -> int:
     from .client import MessageView, open_subscriber
 
     out = sys.stdout.buffer
     count = nbytes = 0
     limit = args.count
     first = last = None
-    async with open_subscriber(host, port, args.topic, start=start, ordered=args.ordered) as sub:
+    async with open_subscriber(
+        topic=args.topic, brokers=brokers, start=start, ordered=args.ordered
+    ) as sub:
         while limit is None or count < limit:
             messages: list[MessageView] = []
             with trio.move_on_after(float("inf") if args.follow else args.idle):

@@ -227,6 +227,32 @@ class BrokerError(EmbarcaderoError):
         super().__init__(f"broker error {name}: {message}{suffix}")
 
 
+class NoBrokerError(BrokerError):
+    """A client went on without any broker for longer than it was told to wait.
+
+    Raised by a publisher after ``delivery_timeout_s`` (by a subscriber after
+    ``reconnect_timeout_s``) in which it reached none of its brokers. Its
+    ``code`` and the end of its ``message`` are those of the last failure.
+
+    Attributes:
+        brokers: The brokers it tried (``host:port``), in the order given.
+        timeout: The time it waited, in seconds.
+    """
+
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        acked: int | None = None,
+        *,
+        brokers: tuple[str, ...] = (),
+        timeout: float = 0.0,
+    ) -> None:
+        self.brokers = brokers
+        self.timeout = timeout
+        super().__init__(code, message, acked)
+
+
 class AdminApiError(EmbarcaderoError):
     """A broker's admin API (HTTP) refused a request, or gave no answer.
 

@@ -25,6 +25,17 @@ payload (``bytes``, yours to keep); :meth:`Subscriber.receive_views` and
 of that buffer, valid until the next receive: a :class:`MessageBatch` holds
 one receive's records as one view and their fields as numpy arrays.
 
+Both survive a broker going away: given several brokers
+(``brokers=[(host, port), ...]``), a publisher spreads its batches over them,
+and when one fails (EOF, reset, error 5, a refused connect) sends what that
+broker had not acknowledged to another one, or to the same one when it is
+back, with the same ``batch_seq``; a subscriber reconnects and goes on from
+the first message it has not received. The application sees a delay, not an
+error, unless no broker can be reached for ``delivery_timeout_s`` (publisher)
+or ``reconnect_timeout_s`` (subscriber): then
+:class:`~trio_embarcadero.errors.NoBrokerError`. ``idempotent=True`` makes the
+publisher's resends exactly-once (a session, ``client_req = 2``).
+
 Which calls are Trio checkpoints is said in each docstring: the per-message
 fast paths (a publish with room in the window, iteration over messages
 already received) skip the schedule point that makes a checkpoint cost
@@ -36,6 +47,7 @@ Modules, each importing only those before it and the base modules:
   :class:`~trio_embarcadero.wire.BatchEncoder`, sealing, the in-flight window);
 * ``records``: the subscribe side without I/O (message records out of bytes);
 * ``connect``: client ids, dialling and the handshake;
+* ``failover``: the brokers a client knows, reconnect backoff;
 * ``publisher`` and ``subscriber``: the Trio tasks and the ``open_*`` functions.
 
 Error handling:
@@ -43,7 +55,11 @@ Error handling:
     (its ``code`` is the error frame's; ``acked`` says how many of the
     publisher's messages were acknowledged before it). A connection that ends
     without an error frame means the broker failed; that is a ``BrokerError``
-    with code :data:`BROKER_FAILED` (0). Neither context manager wraps errors
+    with code :data:`BROKER_FAILED` (0), raised only with failover turned off
+    (a timeout of 0, or a stream given to ``open_*_on_stream``); with it, such
+    failures and error 5 are retried until the timeout and end in a
+    :class:`~trio_embarcadero.errors.NoBrokerError` (a ``BrokerError``) if no
+    broker comes back. Neither context manager wraps errors
     in exception groups: its background tasks report failures to the calling
     task instead of raising in a nursery.
 """
@@ -52,8 +68,11 @@ from ..errors import BROKER_FAILED as BROKER_FAILED
 from ..wire import Message as Message
 from ..wire import MessageView as MessageView
 from .connect import random_client_id as random_client_id
+from .failover import BrokerAddress as BrokerAddress
+from .failover import Dialer as Dialer
 from .publisher import DEFAULT_BATCH_BYTES as DEFAULT_BATCH_BYTES
 from .publisher import DEFAULT_CLOSE_TIMEOUT as DEFAULT_CLOSE_TIMEOUT
+from .publisher import DEFAULT_DELIVERY_TIMEOUT as DEFAULT_DELIVERY_TIMEOUT
 from .publisher import DEFAULT_LINGER as DEFAULT_LINGER
 from .publisher import Publisher as Publisher
 from .publisher import open_publisher as open_publisher
@@ -61,6 +80,7 @@ from .publisher import open_publisher_on_stream as open_publisher_on_stream
 from .records import MAX_RECORD_BYTES as MAX_RECORD_BYTES
 from .records import MessageBatch as MessageBatch
 from .subscriber import DEFAULT_RECEIVE_BUFFER as DEFAULT_RECEIVE_BUFFER
+from .subscriber import DEFAULT_RECONNECT_TIMEOUT as DEFAULT_RECONNECT_TIMEOUT
 from .subscriber import Subscriber as Subscriber
 from .subscriber import open_subscriber as open_subscriber
 from .subscriber import open_subscriber_on_stream as open_subscriber_on_stream
@@ -68,7 +88,11 @@ from .subscriber import open_subscriber_on_stream as open_subscriber_on_stream
 __all__ = [
     "BROKER_FAILED",
     "DEFAULT_BATCH_BYTES",
+    "DEFAULT_DELIVERY_TIMEOUT",
     "DEFAULT_LINGER",
+    "DEFAULT_RECONNECT_TIMEOUT",
+    "BrokerAddress",
+    "Dialer",
     "Message",
     "MessageBatch",
     "MessageView",

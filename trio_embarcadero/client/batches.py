@@ -1,20 +1,22 @@
 """The publish side without I/O: batches, the send queue and the in-flight window.
 
 :class:`PublishBatches` is what a publisher knows about its messages apart
-from the connection: it packs each record into the open batch through
+from its connections: it packs each record into the open batch through
 :class:`~trio_embarcadero.wire.BatchEncoder` (the one writer of the batch
 format), seals batches with consecutive sequence numbers into a queue for the
-sender, and keeps the in-flight window: the record bytes published but not yet
-acknowledged, given back batch by batch as the cumulative ack count passes
-their last message. It imports no Trio; the publisher's tasks drive it and
+senders, keeps every batch until it is acknowledged so that a failed
+connection's batches can be sent again, and keeps the in-flight window: the
+record bytes published but not yet acknowledged, given back batch by batch.
+:class:`SentBatches` maps one connection's cumulative ack counts back to the
+batches sent on it. Neither imports Trio; the publisher's tasks drive them and
 turn what :meth:`PublishBatches.append` reports into wake-ups.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
-from typing import NamedTuple, TypeAlias
+from collections.abc import Iterable, Sequence
+from typing import TypeAlias
 
 from ..wire import ALIGN, BATCH_HEADER_SIZE, MESSAGE_HEADER_SIZE, BatchEncoder
 
@@ -35,23 +37,105 @@ OPENED = 2
 SEALED = 4
 
 
-class SealedBatch(NamedTuple):
-    """A batch ready for the wire, and its place in the publish order.
+class SealedBatch:
+    """A sealed batch: its bytes, its place in the publish order, and where it is.
+
+    A batch stays with the publisher until it is acknowledged (or, at ack
+    level 0, written once), so that it can be sent again, byte for byte and
+    with the same ``batch_seq``, when the connection it went out on fails.
 
     Attributes:
-        buffer: The buffer the batch was packed into.
-        length: Header plus record bytes: the batch is ``buffer[:length]``.
-        end_count: Messages published up to and including its last one; a
-            cumulative ack count of at least this acknowledges the batch.
+        seq: Its ``batch_seq``.
+        count: Its number of messages.
+        end_count: Messages published up to and including its last one.
+        record_bytes: Bytes of its records (what it holds of the window).
+        data: Its wire bytes (header and records); None once acknowledged.
+        sends: How many times a sender took it.
+        written: A write of it has finished.
+        writing: A sender is writing it right now.
+        acked: It reached the ack level.
     """
 
-    buffer: bytearray
-    length: int
-    end_count: int
+    __slots__ = (
+        "acked",
+        "buffer",
+        "count",
+        "data",
+        "end_count",
+        "record_bytes",
+        "sends",
+        "seq",
+        "writing",
+        "written",
+    )
+
+    def __init__(self, seq: int, buffer: bytearray, length: int, count: int, end_count: int):
+        self.seq = seq
+        self.count = count
+        self.end_count = end_count
+        self.record_bytes = length - BATCH_HEADER_SIZE
+        # The packing buffer, while the batch's bytes still live in it.
+        self.buffer: bytearray | None = buffer
+        self.data: memoryview | bytes | None = memoryview(buffer)[:length]
+        self.sends = 0
+        self.written = False
+        self.writing = False
+        self.acked = False
+
+    def __repr__(self) -> str:
+        return f"<SealedBatch {self.seq}: {self.count} messages, sent {self.sends}x>"
+
+
+class SentBatches:
+    """The batches written on one connection and not acknowledged yet (sans-IO).
+
+    A same-connection ack count covers the first ``count`` messages sent on
+    that connection; this maps it back to the batches, which may be any of
+    the publisher's (another connection may have the ones in between).
+
+    Attributes:
+        count: Messages handed to this connection so far.
+    """
+
+    __slots__ = ("_batches", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._batches: deque[tuple[int, SealedBatch]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def add(self, batch: SealedBatch) -> None:
+        """``batch`` goes out on this connection next (call it before writing:
+        the ack may arrive before the write returns)."""
+        self.count += batch.count
+        self._batches.append((self.count, batch))
+
+    def ack(self, count: int) -> list[SealedBatch]:
+        """The batches a cumulative count of this connection acknowledges
+        that an earlier count did not."""
+        batches = self._batches
+        out = []
+        while batches and batches[0][0] <= count:
+            out.append(batches.popleft()[1])
+        return out
+
+    def take_all(self) -> list[SealedBatch]:
+        """Every batch not acknowledged, oldest first; none is left."""
+        out = [batch for _, batch in self._batches]
+        self._batches.clear()
+        return out
 
 
 class PublishBatches:
     """A publisher's batches and window accounting (sans-IO).
+
+    Sealed batches wait in a queue for a sender to :meth:`take` them; a
+    batch taken is kept until :meth:`acknowledge` (or, with
+    ``release_on_send``, until :meth:`mark_sent`), and a connection that
+    fails gives its unacknowledged batches back with :meth:`requeue`: they are
+    taken again before any newer one, in ``batch_seq`` order.
 
     Args:
         client_id: Written into every record and batch header.
@@ -59,15 +143,23 @@ class PublishBatches:
             would overflow it. A record larger than that travels alone.
         max_inflight_bytes: Record bytes that may be published and not yet
             released; :meth:`append` refuses a record beyond that, except into
-            an empty window.
-        release_on_send: Give window space back when a batch is sent rather
-            than when it is acknowledged (ack level 0: no acks come).
+            an empty window. It bounds the batches kept for sending again too.
+        release_on_send: Give window space back when a batch is written rather
+            than when it is acknowledged (ack level 0: no acks come, and a
+            batch written is not sent again).
+        max_unacked_batches: If not 0, :meth:`take` hands out a batch only
+            while it is fewer than this many ``batch_seq`` ahead of the oldest
+            batch not acknowledged (a publish session's window).
 
     Attributes:
         published: Messages packed so far; the next record's client order.
-        sent: Messages whose batch :meth:`mark_sent` confirmed.
-        acked: The cumulative ack count, capped at :attr:`published`.
+        sent: Messages whose batch :meth:`mark_sent` confirmed (each batch
+            counted once, however often it was sent).
+        acked: Messages acknowledged without a gap from the first: every
+            batch up to the ``acked``-th message was acknowledged (later ones
+            may have been as well, on other connections).
         batch_seq: Sequence number the next sealed batch gets.
+        resent: Batches taken again after a :meth:`requeue`.
         inflight_bytes: Record bytes holding window space.
         max_inflight_bytes: The window size.
     """
@@ -77,30 +169,42 @@ class PublishBatches:
         "_encoder",
         "_free",
         "_inflight",
+        "_max_unacked",
+        "_ready",
         "_release_on_send",
-        "_unsent",
         "acked",
         "batch_seq",
         "inflight_bytes",
         "max_inflight_bytes",
         "published",
+        "resent",
         "sent",
     )
 
     def __init__(
-        self, client_id: int, *, batch_bytes: int, max_inflight_bytes: int, release_on_send: bool
+        self,
+        client_id: int,
+        *,
+        batch_bytes: int,
+        max_inflight_bytes: int,
+        release_on_send: bool,
+        max_unacked_batches: int = 0,
     ) -> None:
         self.published = self.sent = self.acked = 0
+        self._max_unacked = max_unacked_batches
         self.batch_seq = 0
+        self.resent = 0
         self.inflight_bytes = 0
         self.max_inflight_bytes = max_inflight_bytes
         self._release_on_send = release_on_send
         self._capacity = BATCH_HEADER_SIZE + batch_bytes
         self._encoder = BatchEncoder(client_id, self._capacity)
-        # Buffers of sent batches, reused for new ones.
+        # Packing buffers no batch uses any more, reused for new ones.
         self._free: list[bytearray] = []
-        self._unsent: deque[SealedBatch] = deque()
-        # Sealed batches whose bytes still hold window space, oldest first.
+        # Sealed batches waiting for a sender, oldest batch_seq first.
+        self._ready: deque[SealedBatch] = deque()
+        # Batches not acknowledged yet, in batch_seq order (not with
+        # release_on_send): the acked count advances over its front.
         self._inflight: deque[SealedBatch] = deque()
 
     @property
@@ -110,8 +214,13 @@ class PublishBatches:
 
     @property
     def unsent(self) -> int:
-        """Sealed batches waiting for :meth:`mark_sent`."""
-        return len(self._unsent)
+        """Sealed batches waiting for a sender (new ones and requeued ones)."""
+        return len(self._ready)
+
+    @property
+    def unacked(self) -> int:
+        """Sealed batches not acknowledged yet (0 with ``release_on_send``)."""
+        return len(self._inflight)
 
     def append(self, payload: Payload) -> int:
         """Pack one message, sealing the open batch first if it has no room.
@@ -178,44 +287,100 @@ class PublishBatches:
         if not encoder.count:
             return False
         free = self._free
+        count = encoder.count
         buffer, length = encoder.seal(
             self.batch_seq, free.pop() if free else bytearray(self._capacity)
         )
-        batch = SealedBatch(buffer, length, self.published)
-        self._unsent.append(batch)
-        self._inflight.append(batch)
+        batch = SealedBatch(self.batch_seq, buffer, length, count, self.published)
+        self._ready.append(batch)
+        if not self._release_on_send:
+            self._inflight.append(batch)
         self.batch_seq += 1
         return True
 
-    def next_unsent(self) -> memoryview | None:
-        """The bytes of the oldest sealed batch not yet sent, or None."""
-        if not self._unsent:
-            return None
-        batch = self._unsent[0]
-        return memoryview(batch.buffer)[: batch.length]
+    def take(self) -> SealedBatch | None:
+        """The next batch to write, oldest ``batch_seq`` first, or None.
 
-    def mark_sent(self) -> None:
-        """Record that the batch :meth:`next_unsent` returned has been written."""
-        batch = self._unsent.popleft()
-        self.sent = batch.end_count
-        if len(batch.buffer) == self._capacity:  # not a one-message oversized buffer
-            self._free.append(BatchEncoder.recycle(batch.buffer, batch.length))
-        if self._release_on_send:
-            self._release(batch.end_count)
-
-    def ack(self, count: int) -> bool:
-        """Take a cumulative ack count; True if it acknowledged more messages.
-
-        Counts beyond :attr:`published` are capped; window space of every batch
-        the count covers is released.
+        The caller writes ``batch.data`` and then calls :meth:`mark_sent`,
+        whether the write succeeded or not. None too while the next batch is
+        beyond the window of ``max_unacked_batches``.
         """
-        if count <= self.acked:
+        ready = self._ready
+        if not ready:
+            return None
+        limit = self._max_unacked
+        if limit and ready[0].seq - self._inflight[0].seq >= limit:
+            return None  # beyond the session's window: wait for acks
+        batch = ready.popleft()
+        if batch.sends:
+            self.resent += 1
+        batch.sends += 1
+        batch.writing = True
+        return batch
+
+    def mark_sent(self, batch: SealedBatch, *, written: bool = True) -> None:
+        """The write of a batch :meth:`take` returned is over.
+
+        Args:
+            batch: The batch.
+            written: It was written whole (False: the connection broke).
+        """
+        batch.writing = False
+        if not written:
+            if self._release_on_send:
+                self.requeue([batch])  # nothing else keeps it
+            elif batch.acked:
+                self._recycle(batch)
+            return
+        if not batch.written:
+            batch.written = True
+            self.sent += batch.count
+        if self._release_on_send:
+            self.inflight_bytes -= batch.record_bytes
+            self._recycle(batch)
+        elif batch.acked:
+            self._recycle(batch)
+        elif batch.buffer is not None and 2 * batch.record_bytes < self._capacity:
+            # Kept for sending again: a batch that fills less than half its
+            # buffer is kept as a copy of its own size and the buffer is reused
+            # at once, so a window of small batches holds little more memory
+            # than their bytes.
+            assert batch.data is not None
+            batch.data = bytes(batch.data)
+            self._recycle(batch)
+
+    def acknowledge(self, batch: SealedBatch) -> bool:
+        """``batch`` reached the ack level; True if it had not before.
+
+        Its window space is released at once; :attr:`acked` advances over
+        every batch acknowledged without a gap from the first.
+        """
+        if batch.acked:
             return False
-        self.acked = min(count, self.published)
-        self._release(self.acked)
+        batch.acked = True
+        self.inflight_bytes -= batch.record_bytes
+        if not batch.writing:
+            self._recycle(batch)
+        inflight = self._inflight
+        while inflight and inflight[0].acked:
+            self.acked = inflight.popleft().end_count
         return True
 
-    def _release(self, count: int) -> None:
-        inflight = self._inflight
-        while inflight and inflight[0].end_count <= count:
-            self.inflight_bytes -= inflight.popleft().length - BATCH_HEADER_SIZE
+    def requeue(self, batches: Iterable[SealedBatch]) -> None:
+        """Queue ``batches`` (taken, not acknowledged) for sending again,
+        ahead of newer ones, everything waiting in ``batch_seq`` order."""
+        again = [batch for batch in batches if not batch.acked]
+        if again:
+            self._ready = deque(sorted((*again, *self._ready), key=_seq))
+
+    def _recycle(self, batch: SealedBatch) -> None:
+        buffer = batch.buffer
+        if batch.acked or self._release_on_send:
+            batch.data = None
+        batch.buffer = None
+        if buffer is not None and len(buffer) == self._capacity:  # not a one-record buffer
+            self._free.append(BatchEncoder.recycle(buffer, batch.record_bytes + BATCH_HEADER_SIZE))
+
+
+def _seq(batch: SealedBatch) -> int:
+    return batch.seq

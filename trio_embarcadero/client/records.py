@@ -233,6 +233,17 @@ class RecordDecoder:
         self._view = memoryview(self._buffer)
         self._words: npt.NDArray[np.uint64] = np.frombuffer(self._buffer, dtype="<u8")
 
+    def restart(self) -> None:
+        """Forget what is left of a stream that ended (the start of a record, a
+        batch's framing, an error): a new stream starts at :attr:`position`.
+
+        Views handed out earlier stay valid until the next
+        :meth:`receive_buffer` call, as they would without a restart.
+        """
+        self._start = self._end = 0
+        self._batch_left = 0
+        self.error = None
+
     @property
     def pending(self) -> int:
         """Bytes received that do not form a whole record yet."""
