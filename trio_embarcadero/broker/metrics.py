@@ -11,8 +11,8 @@ in the name (``_bytes``, ``_seconds``), ``_total`` on counters. The README's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol, TypeVar
 
 import attrs
 from prometheus_client.core import (
@@ -219,6 +219,7 @@ def _lease_holder(lease: LeaseStatistics | None) -> float:
 
 _DiskValue = Callable[[DiskStatistics], float]
 _SequencerValue = Callable[[SequencerStatistics], float]
+_T = TypeVar("_T")
 
 #: The sequencer's counters and gauges, from the broker that runs it (holds
 #: its lease); the other brokers have none (``trio_embarcadero_sequencer_lease_held``).
@@ -281,6 +282,18 @@ _DISK_GAUGES: tuple[tuple[str, str, _DiskValue], ...] = (
     ("disk_retained_bytes", "Synced bytes the disk log holds.", lambda d: d.bytes_retained),
     ("disk_last_sync_seconds", "How long the last sync round took.", lambda d: d.last_sync_seconds),
 )
+
+
+def _families(
+    counters: Sequence[tuple[str, str, Callable[[_T], float]]],
+    gauges: Sequence[tuple[str, str, Callable[[_T], float]]],
+    of: _T,
+) -> Iterator[Metric]:
+    """The counters and gauges of one part of a snapshot (the disk log's, the sequencer's)."""
+    for name, text, value in counters:
+        yield CounterMetricFamily(PREFIX + name, text, value=value(of))
+    for name, text, value in gauges:
+        yield GaugeMetricFamily(PREFIX + name, text, value=value(of))
 
 
 @attrs.frozen
@@ -351,12 +364,9 @@ class BrokerCollector(Collector):
         yield from self._labelled(stats)
         yield from self._histograms(stats)
         if stats.disk is not None:
-            yield from self._disk(stats)
+            yield from _families(_DISK_COUNTERS, _DISK_GAUGES, stats.disk)
         if stats.sequencer is not None:
-            for name, text, ofq in _SEQUENCER_COUNTERS:
-                yield CounterMetricFamily(PREFIX + name, text, value=ofq(stats.sequencer))
-            for name, text, ofq in _SEQUENCER_GAUGES:
-                yield GaugeMetricFamily(PREFIX + name, text, value=ofq(stats.sequencer))
+            yield from _families(_SEQUENCER_COUNTERS, _SEQUENCER_GAUGES, stats.sequencer)
         yield from self._topics()
 
     def _labelled(self, stats: BrokerStatistics) -> Iterator[Metric]:
@@ -414,14 +424,6 @@ class BrokerCollector(Collector):
             )
             _add_histogram(syncs, [], stats.disk_sync_seconds)
             yield syncs
-
-    def _disk(self, stats: BrokerStatistics) -> Iterator[Metric]:
-        disk = stats.disk
-        assert disk is not None
-        for name, text, value in _DISK_COUNTERS:
-            yield CounterMetricFamily(PREFIX + name, text, value=value(disk))
-        for name, text, value in _DISK_GAUGES:
-            yield GaugeMetricFamily(PREFIX + name, text, value=value(disk))
 
     def _topics(self) -> Iterator[Metric]:
         broker = self._broker
