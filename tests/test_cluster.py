@@ -231,8 +231,10 @@ def test_a_supervised_broker_drains_when_its_supervisor_is_gone(
         try:
             ours.settimeout(TIMEOUT)
             ready = ours.recv(256)
-            found = re.fullmatch(rb"listening 127\.0\.0\.1 (\d+)\n", ready)
+            # The data port, then the HTTP endpoint's (ephemeral too with broker.port = 0).
+            found = re.fullmatch(rb"listening 127\.0\.0\.1 (\d+) (\d+)\n", ready)
             assert found is not None, ready
+            assert int(found[2]) not in (0, 9214 + 1)
             assert trio.run(publish, int(found[1]), 1, 0, 50) == 50
         except BaseException:
             proc.kill()
@@ -293,6 +295,8 @@ async def test_two_brokers_share_a_topic_and_one_survives_the_others_kill(
     with trio.fail_after(TIMEOUT):
         async with open_cluster(config, 2, reset=True) as cluster:
             zero, one = (b.port for b in cluster.brokers)
+            http_one = cluster.brokers[1].http_port
+            assert http_one not in (0, 9214 + 1)  # ephemeral, like its data port
             victims_done = trio.Event()
             halfway = trio.Event()  # a publisher of broker 1 has 500 acks
 
@@ -353,6 +357,9 @@ async def test_two_brokers_share_a_topic_and_one_survives_the_others_kill(
                         (one, [-signal.SIGKILL]),
                         (restarted.port, [-signal.SIGKILL, 1]),
                     )
+                    # Its HTTP port too (not the configured base + id, never its own).
+                    if restarted.port == one:
+                        assert restarted.http_port == http_one
                     # Broker 0 took (and acked: each chunk is flushed) more meanwhile.
                     assert all(sent[client] > at_kill[client] for client in (0, 1))
                 victims_done.set()

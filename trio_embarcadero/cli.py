@@ -156,10 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
         "broker's disk log files in storage.dir; refused while any broker serves the file",
     )
     serve_cmd.add_argument(
+        "--http-port",
+        type=int,
+        metavar="N",
+        help="overrides http.port (base port: the HTTP endpoint listens on N + broker id)",
+    )
+    serve_cmd.add_argument(
         "--supervisor-fd",
         type=int,
         metavar="FD",
-        help="for a supervisor (the cluster command): write 'listening HOST PORT' on the "
+        help="for a supervisor (the cluster command): write 'listening HOST PORT HTTP_PORT' on the "
         "inherited socket FD once listening, and drain when its other end closes",
     )
     cluster_cmd = command(
@@ -200,6 +206,7 @@ def _load(args: argparse.Namespace) -> Config:
         ("broker_id", "broker.id"),
         ("host", "broker.host"),
         ("port", "broker.port"),
+        ("http_port", "http.port"),
         ("log_level", "logging.level"),
         ("log_format", "logging.format"),
     ):
@@ -1064,7 +1071,12 @@ async def _serve_until_signalled(
         brokers.append(broker)
         if supervisor_fd is not None:
             nursery.start_soon(
-                report_to_supervisor, supervisor_fd, broker.host, broker.port, serve_scope.cancel
+                report_to_supervisor,
+                supervisor_fd,
+                broker.host,
+                broker.port,
+                broker.http_port,
+                serve_scope.cancel,
             )
 
 

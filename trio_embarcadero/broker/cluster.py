@@ -22,8 +22,9 @@ A broker that dies is started again, ``cluster.restart_backoff_initial_s``
 later, the delay doubling with every death in a row up to
 ``cluster.restart_backoff_max_s`` (one that served that long starts from the
 initial delay again). With ``broker.port = 0`` each broker keeps the
-ephemeral port it got at its first start (``--port`` of the restart), as
-long as that port can be bound. A broker that exits
+ephemeral ports it got at its first start, its data port and its HTTP
+port (``--port`` and ``--http-port`` of the restart), as long as they can be
+bound. A broker that exits
 ``cluster.max_start_failures`` times in a row before it listens, or exits 2
 (its configuration is refused) before it ever listened, is given up: the
 others drain and the cluster raises :class:`~trio_embarcadero.errors.ClusterError`.
@@ -119,6 +120,7 @@ class ClusterBroker:
         broker_id: Its broker id.
         host: The address it listens on.
         port: Its port (0 until it first listens).
+        http_port: Its HTTP endpoint's port (0: none, or not listened yet).
         pid: Its current process (None between processes).
         serving: Whether its current process listens.
         starts: Processes started for it so far.
@@ -129,6 +131,7 @@ class ClusterBroker:
     broker_id: int
     host: str = ""
     port: int = 0
+    http_port: int = 0
     pid: int | None = None
     serving: bool = False
     starts: int = 0
@@ -234,10 +237,16 @@ class _Supervisor:
         if self.reset and broker.broker_id:
             # A reset locks every broker id until the region is recreated.
             await self.cluster.wait_serving(0)
-        pinned = 0  # the port an ephemeral broker keeps across restarts
+        # The ports an ephemeral broker keeps across restarts: its data port
+        # and its HTTP port (with its data port pinned, a restart would
+        # otherwise serve HTTP on the configured base port + id, which was
+        # never its own and may be another process's).
+        pinned = pinned_http = 0
         failures = deaths = 0
         while True:
-            served_for = await self._run_once(broker, reset=reset, port=pinned)
+            served_for = await self._run_once(
+                broker, reset=reset, port=pinned, http_port=pinned_http
+            )
             status = broker.exit_statuses[-1]
             if served_for is None:
                 failures += 1
@@ -253,12 +262,12 @@ class _Supervisor:
                         broker.broker_id,
                         pinned,
                     )
-                    pinned = 0
+                    pinned = pinned_http = 0
             else:
                 reset = False  # the region is recreated: never again
                 failures = 0
                 if self.ephemeral:
-                    pinned = broker.port
+                    pinned, pinned_http = broker.port, broker.http_port
                 if served_for >= self.settings.restart_backoff_max_s:
                     deaths = 0  # it served a good while: a fresh start
             deaths += 1
@@ -285,16 +294,22 @@ class _Supervisor:
         self.cluster._notify()
         self.stop.cancel()
 
-    def _command(self, broker: ClusterBroker, fd: int, *, reset: bool, port: int) -> list[str]:
+    def _command(
+        self, broker: ClusterBroker, fd: int, *, reset: bool, port: int, http_port: int
+    ) -> list[str]:
         command = [*_SERVE, "--config", self.config_path, "--broker-id", str(broker.broker_id)]
         command += ["--supervisor-fd", str(fd)]
         if port and port > broker.broker_id:
             command += ["--port", str(port - broker.broker_id)]  # listens on port + id
+            if http_port > broker.broker_id:
+                command += ["--http-port", str(http_port - broker.broker_id)]
         if reset:
             command.append("--reset")
         return command
 
-    async def _run_once(self, broker: ClusterBroker, *, reset: bool, port: int) -> float | None:
+    async def _run_once(
+        self, broker: ClusterBroker, *, reset: bool, port: int, http_port: int
+    ) -> float | None:
         """Run one process of ``broker`` until it exits.
 
         Returns:
@@ -308,7 +323,9 @@ class _Supervisor:
                 process = await nursery.start(
                     partial(
                         trio.run_process,
-                        self._command(broker, theirs.fileno(), reset=reset, port=port),
+                        self._command(
+                            broker, theirs.fileno(), reset=reset, port=port, http_port=http_port
+                        ),
                         check=False,
                         stdin=subprocess.DEVNULL,
                         stdout=subprocess.DEVNULL,
@@ -328,7 +345,7 @@ class _Supervisor:
                 address = await _read_ready(stream)
                 if address is not None:
                     served_at = trio.current_time()
-                    broker.host, broker.port = address
+                    broker.host, broker.port, broker.http_port = address
                     broker.serving = True
                     self.cluster._notify()
                     if self.on_serving is not None:
@@ -357,8 +374,9 @@ class _Supervisor:
         process.kill()
 
 
-async def _read_ready(stream: trio.SocketStream) -> tuple[str, int] | None:
-    """Read a child's ``listening HOST PORT`` line; None at EOF (it exited)."""
+async def _read_ready(stream: trio.SocketStream) -> tuple[str, int, int] | None:
+    """Read a child's ``listening HOST PORT HTTP_PORT`` line: its address and
+    HTTP port (0: none); None at EOF (it exited)."""
     line = b""
     while b"\n" not in line:
         chunk = await stream.receive_some(_MAX_READY_LINE)
@@ -368,12 +386,13 @@ async def _read_ready(stream: trio.SocketStream) -> tuple[str, int] | None:
         if len(line) > _MAX_READY_LINE:
             break
     word, _, rest = line.split(b"\n", 1)[0].decode("utf-8", "replace").partition(" ")
-    host, _, port = rest.rpartition(" ")
-    if word != READY_WORD or not port.isdigit():
+    host, _, ports = rest.partition(" ")
+    port, _, http_port = ports.partition(" ")
+    if word != READY_WORD or not port.isdigit() or not http_port.isdigit():
         # Not a broker of this version: taken as one that never listened.
         logger.error("a broker wrote an unexpected ready line: %r", line[:80])
         return None
-    return host, int(port)
+    return host, int(port), int(http_port)
 
 
 async def run_cluster(
@@ -466,7 +485,9 @@ async def open_cluster(
         raise failed.exceptions[0] from None
 
 
-async def report_to_supervisor(fd: int, host: str, port: int, stop: Callable[[], None]) -> None:
+async def report_to_supervisor(
+    fd: int, host: str, port: int, http_port: int | None, stop: Callable[[], None]
+) -> None:
     """The broker's side of ``serve --supervisor-fd``: say it listens, then
     call ``stop`` (a graceful drain) when the supervisor's end closes.
 
@@ -474,12 +495,13 @@ async def report_to_supervisor(fd: int, host: str, port: int, stop: Callable[[],
         fd: The broker's end of the supervisor's socket pair (taken over).
         host: The address the broker listens on.
         port: Its port.
+        http_port: Its HTTP endpoint's port (None: it serves none).
         stop: Starts the broker's graceful drain.
     """
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
     async with stream:
         try:
-            await stream.send_all(f"{READY_WORD} {host} {port}\n".encode())
+            await stream.send_all(f"{READY_WORD} {host} {port} {http_port or 0}\n".encode())
             while await stream.receive_some():
                 pass  # the supervisor writes nothing: wait for its end to close
         except (trio.BrokenResourceError, trio.ClosedResourceError):
