@@ -58,6 +58,13 @@ from retention: the log no longer holds them.)
 
 The exit status is 0 when every check holds, 1 when one fails, 2 when the
 run itself could not be done (bad options, a broker that does not start).
+
+``--mode session`` is the other mode (:mod:`.noloss_session`): a cluster of
+two or three brokers, publishers through the Python client in publish
+sessions, kills of any broker and of the sequencer's, stops of the
+sequencer's, and client disconnects::
+
+    python -m trio_embarcadero.tools.noloss --mode session --brokers 3 --seconds 60
 """
 
 from __future__ import annotations
@@ -712,6 +719,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Publish to a broker subprocess under injected faults, then check from "
         "the CXL log that every acknowledged message is there, once, intact and in order.",
     )
+    parser.add_argument(
+        "--mode",
+        choices=("broker", "session"),
+        default="broker",
+        help="broker: one broker, raw-wire publishers (this help); session: a cluster, the "
+        "Python client in publish sessions (--mode session --help)",
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to publish")
     parser.add_argument("--publishers", type=int, default=4, help="concurrent publishers")
     parser.add_argument("--seed", type=int, help="random seed (default: random, printed)")
@@ -755,7 +769,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the checker; returns 0 (every check held), 1 (one failed) or 2 (no run)."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    # The modes' options differ (their --faults, say): the mode picks the parser.
+    choose = argparse.ArgumentParser(add_help=False)
+    choose.add_argument("--mode", choices=("broker", "session"), default="broker")
+    mode, _ = choose.parse_known_args(arguments)
+    if mode.mode == "session":
+        from . import noloss_session  # its own options (--brokers, --lease-s, ...)
+
+        return noloss_session.main(arguments)
+    args = build_parser().parse_args(arguments)
     if args.seconds <= 0 or args.publishers < 1 or args.max_size < 0 or args.cxl_mb < 8:
         print("noloss: --seconds, --publishers, --max-size, --cxl-mb out of range", file=sys.stderr)
         return 2
