@@ -133,6 +133,7 @@ class SessionBooks:
             accepted: indices ``0 .. published-1``.
         acked: Messages acknowledged, without a gap from the first.
         error: What it raised, if it did.
+        error_code: The code of the broker error it raised, if it did.
         resent: Batches its client sent again after a connection failed.
         reconnects: Connections its client opened again.
         disconnects: Connections the checker reset under it.
@@ -142,6 +143,7 @@ class SessionBooks:
     published: int = 0
     acked: int = 0
     error: str | None = None
+    error_code: int | None = None
     resent: int = 0
     reconnects: int = 0
     disconnects: int = 0
@@ -260,10 +262,10 @@ class SessionReport:
         return not self.problems
 
     def problem(self, text: str) -> None:
-        """Record a failed check (the first 20 are kept)."""
-        if len(self.problems) < 20:
+        """Record a failed check (the first 40 are kept)."""
+        if len(self.problems) < 40:
             self.problems.append(text)
-        elif len(self.problems) == 20:
+        elif len(self.problems) == 40:
             self.problems.append("(more problems not listed)")
 
 
@@ -282,6 +284,9 @@ def verify_sessions(
     by_id = {s.client_id: s for s in sessions}
     seen: dict[int, set[int]] = collections.defaultdict(set)
     last: dict[int, int] = collections.defaultdict(lambda: -1)
+    # Per session: (place, message, the session's message before it) of
+    # each message whose predecessors are not all in the order before it.
+    holes: dict[int, list[tuple[int, int, int]]] = collections.defaultdict(list)
     keys = array("q")
     for position, record in enumerate(records):
         place, total, client, index = record[:4]
@@ -313,12 +318,17 @@ def verify_sessions(
                 f"total order {place}: client {client} message {index} after its message {previous}"
             )
         elif index > previous + 1:
-            report.holes += index - previous - 1
-            report.problem(
-                f"total order {place}: client {client} message {index} follows its message "
-                f"{previous}: {index - previous - 1} message(s) between are not in the order"
-            )
+            holes[client].append((place, index, previous))
         last[client] = max(previous, index)
+    for client, found in holes.items():
+        skipped = sum(index - previous - 1 for _, index, previous in found)
+        report.holes += skipped
+        place, index, previous = found[0]
+        after = f"follows its message {previous}" if previous >= 0 else "is its first"
+        report.problem(
+            f"client {client}: {skipped} message(s) in {len(found)} hole(s) of its order, the "
+            f"first at total order {place}: message {index} {after}"
+        )
     for session in sessions:
         done = seen[session.client_id]
         report.present += len(done)
@@ -466,6 +476,11 @@ class SessionRun:
     # -- brokers ------------------------------------------------------------------------
 
     async def start_broker(self, nursery: trio.Nursery, broker_id: int, *extra: str) -> None:
+        """Start broker ``broker_id`` (again) and wait until it listens.
+
+        Raises:
+            RunError: It exited or did not listen in time.
+        """
         await self.brokers[broker_id].start(nursery, "--broker-id", str(broker_id), *extra)
 
     def holder(self) -> int | None:
@@ -480,6 +495,7 @@ class SessionRun:
         return lease.holder
 
     def epoch(self) -> int:
+        """The sequencer lease's epoch in the region (one more at each takeover)."""
         with open_log(self.cxl_path) as region:
             return region.sequencer_lease().epoch
 
@@ -549,10 +565,7 @@ class SessionRun:
                 continue
             max(streams, key=lambda s: s.last_send).sever()
             self.faults["disconnect"] += 1
-            self.sessions_by_id(client_id).disconnects += 1
-
-    def sessions_by_id(self, client_id: int) -> SessionBooks:
-        return next(s for s in reversed(self.sessions) if s.client_id == client_id)
+            next(s for s in self.sessions if s.client_id == client_id).disconnects += 1
 
     # -- clients ------------------------------------------------------------------------
 
@@ -610,8 +623,10 @@ class SessionRun:
                 books.acked = pub.acked
             except (BrokerError, ConnectionLost) as exc:
                 books.error = f"{type(exc).__name__}: {exc}"
-                if isinstance(exc, BrokerError) and exc.acked is not None:
-                    books.acked = max(books.acked, exc.acked)
+                if isinstance(exc, BrokerError):
+                    books.error_code = exc.code
+                    if exc.acked is not None:
+                        books.acked = max(books.acked, exc.acked)
             finally:
                 self._active.discard(client_id)
                 if pub is not None:
@@ -773,6 +788,9 @@ def summary(
         "broker_starts": [b.starts for b in run.brokers],
         "sessions": len(sessions),
         "publisher_errors": report.publisher_errors,
+        "publisher_errors_by_code": dict(
+            collections.Counter(str(s.error_code) for s in sessions if s.error is not None)
+        ),
         "resent_batches": sum(s.resent for s in sessions),
         "publisher_reconnects": sum(s.reconnects for s in sessions),
         "subscriber_reconnects": [r.reconnects for r in run.readers],
@@ -804,7 +822,8 @@ def format_summary(s: dict[str, object]) -> str:
         f"lease {s['lease_s']} s",
         f"faults injected: {s['faults_injected']}; the lease was taken over from a stopped "
         f"holder {s['takeovers']} time(s); broker starts {s['broker_starts']}",
-        f"sessions {s['sessions']} ({s['publisher_errors']} raised), batches resent "
+        f"sessions {s['sessions']} ({s['publisher_errors']} raised, by error code "
+        f"{s['publisher_errors_by_code']}), batches resent "
         f"{s['resent_batches']}, publisher reconnects {s['publisher_reconnects']}",
         f"published {s['published']} messages, acked {s['acked']}; the total order holds "
         f"{s['ordered_messages']} ({s['present']} distinct)",
