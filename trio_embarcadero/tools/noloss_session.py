@@ -615,12 +615,7 @@ class SessionRun:
                     client_id=client_id,
                     delivery_timeout_s=opts.delivery_timeout_s,
                 ) as pub:
-                    try:
-                        await self._publish(pub, books, rng)
-                    finally:
-                        books.published = pub.published
-                # Closed: every message it accepted was acknowledged.
-                books.acked = pub.acked
+                    await self._publish(pub, books, rng)
             except (BrokerError, ConnectionLost) as exc:
                 books.error = f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, BrokerError):
@@ -630,6 +625,8 @@ class SessionRun:
             finally:
                 self._active.discard(client_id)
                 if pub is not None:
+                    # Closed in order, it flushed: every message it accepted is acked.
+                    books.published, books.acked = pub.published, max(books.acked, pub.acked)
                     books.resent, books.reconnects = pub.resent, pub.reconnects
             if books.error is not None:
                 await trio.sleep(_RESTART_PAUSE_S)
