@@ -233,6 +233,8 @@ async def test_no_loss_in_sessions_under_every_fault() -> None:
     injected = report["faults_injected"]
     assert all(injected.get(fault, 0) >= 1 for fault in report["faults"]), injected
     assert report["takeovers"] >= 1
+    resets = [line for line in report["timeline"] if "reset a connection of client" in line]
+    assert len(resets) == injected["disconnect"]
     assert report["lost"] == report["duplicates"] == report["subscriber_mismatches"] == 0
     assert report["place_errors"] == report["record_order_errors"] == 0
     assert report["present"] == report["ordered_messages"] >= report["acked"]

@@ -55,6 +55,9 @@ and the region's total order is read record by record. The checks:
   logged an internal error or exited other than 0 at the stop, and every
   stop of the lease holder saw the lease taken over.
 
+``--json`` prints the report as JSON, with a ``timeline``: each fault (and
+each publisher that raised) with the second of the run it came at.
+
 The exit status is 0 when every check holds, 1 when one fails, 2 when the
 run itself could not be done.
 """
@@ -463,6 +466,9 @@ class SessionRun:
         self.sessions: list[SessionBooks] = []
         self.readers = [ReaderBooks(f"subscriber {i}") for i in range(options.brokers)]
         self.faults: collections.Counter[str] = collections.Counter()
+        #: Each fault as it came: seconds into the run, what was done.
+        self.timeline: list[str] = []
+        self._started = trio.current_time()
         self.takeovers = 0
         self.problems: list[str] = []
         self.stopping = False
@@ -494,6 +500,9 @@ class SessionRun:
             return None
         return lease.holder
 
+    def _note(self, what: str) -> None:
+        self.timeline.append(f"{trio.current_time() - self._started:.2f} s: {what}")
+
     def epoch(self) -> int:
         """The sequencer lease's epoch in the region (one more at each takeover)."""
         with open_log(self.cxl_path) as region:
@@ -523,6 +532,7 @@ class SessionRun:
         holder = self.holder()
         if holder is None:
             self.faults["skipped (no lease holder)"] += 1
+            self._note(f"{kind} skipped: no broker holds the lease")
             return
         if kind == "kill":
             victim = rng.choice([i for i in range(len(self.brokers)) if i != holder])
@@ -534,6 +544,7 @@ class SessionRun:
             pid = broker.process.pid
             epoch = self.epoch()
             await stop_outside_the_lock(pid, self.cxl_path)
+            self._note(f"SIGSTOP broker {victim}, the lease holder (epoch {epoch})")
             try:
                 await trio.sleep(self.options.lease_s * rng.uniform(1.5, 2.5))
                 if self.epoch() == epoch:
@@ -545,12 +556,15 @@ class SessionRun:
                     self.takeovers += 1
             finally:
                 os.kill(pid, signal.SIGCONT)
+                self._note(f"SIGCONT broker {victim} (epoch {self.epoch()})")
             self.faults["stop"] += 1
             return
         await broker.kill()
         self.faults[kind] += 1
+        self._note(f"SIGKILL broker {victim}" + (", the lease holder" if kind == "head" else ""))
         await trio.sleep(rng.uniform(0.0, 0.5))  # down a while: clients notice
         await self.start_broker(nursery, victim)
+        self._note(f"broker {victim} listens again")
 
     async def disconnects(self, rng: random.Random) -> None:
         """Reset a publishing session's busiest connection now and then."""
@@ -565,6 +579,7 @@ class SessionRun:
                 continue
             max(streams, key=lambda s: s.last_send).sever()
             self.faults["disconnect"] += 1
+            self._note(f"reset a connection of client {client_id}")
             next(s for s in self.sessions if s.client_id == client_id).disconnects += 1
 
     # -- clients ------------------------------------------------------------------------
@@ -622,6 +637,7 @@ class SessionRun:
                     books.error_code = exc.code
                     if exc.acked is not None:
                         books.acked = max(books.acked, exc.acked)
+                self._note(f"client {client_id} raised {type(exc).__name__} {books.error_code}")
             finally:
                 self._active.discard(client_id)
                 if pub is not None:
@@ -807,6 +823,7 @@ def summary(
         "corrupt_messages": report.corrupt_messages,
         "subscriber_mismatches": report.subscriber_mismatches,
         "problems": report.problems,
+        "timeline": run.timeline,
     }
 
 
