@@ -58,6 +58,13 @@ from retention: the log no longer holds them.)
 
 The exit status is 0 when every check holds, 1 when one fails, 2 when the
 run itself could not be done (bad options, a broker that does not start).
+
+``--mode session`` is the other mode (:mod:`.noloss_session`): a cluster of
+two or three brokers, publishers through the Python client in publish
+sessions, kills of any broker and of the sequencer's, stops of the
+sequencer's, and client disconnects::
+
+    python -m trio_embarcadero.tools.noloss --mode session --brokers 3 --seconds 60
 """
 
 from __future__ import annotations
@@ -68,12 +75,9 @@ import json
 import mmap
 import os
 import random
-import re
 import shutil
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -88,287 +92,31 @@ from .. import wire
 from ..log import open_log, remove_region
 from ..log.layout import read_geometry, read_stream_entry, read_topics
 from ..wire import AckCount, AckDecoder, ErrorFrame
-from .procfs import process_memory
+from .noloss_base import (
+    BrokerProcess,
+    RunError,
+    clean_environment,
+    payload,
+    proc_status_kib,
+    write_broker_config,
+)
 from .rawwire import publish_handshake
 
 TOPIC = "noloss"
 FAULTS = ("disconnect", "kill", "pressure")
-_LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
-_DISCARDED = re.compile(rb"discarded (\d+) uncommitted batch")
-_REPLAYED = re.compile(rb"replayed (\d+) batch")
 #: Client ids of the half batches sent just before kills start here.
 _VICTIM_ID = 1_000_000
 #: Messages a publisher may have sent beyond its last ack.
 _WINDOW = 256
 _MAX_BATCH_MESSAGES = 64
 _CONNECT_RETRY = 0.05
-_START_TIMEOUT = 30.0
-_STOP_TIMEOUT = 30.0
 _FINAL_ACKS_TIMEOUT = 10.0
-
-
-class RunError(Exception):
-    """The checker could not do its run (not a verdict on the broker)."""
-
-
-def payload(client_id: int, index: int, max_size: int) -> bytes:
-    """The payload of message ``index`` of ``client_id``: its size and bytes
-    follow from the pair alone, so the log can be checked byte for byte."""
-    size = (index * 2_654_435_761 + client_id * 40_503) % (max_size + 1)
-    seed = f"{client_id}:{index}|".encode()
-    return (seed * (size // len(seed) + 1))[:size]
 
 
 def encode_batch(client_id: int, seq: int, first: int, count: int, max_size: int) -> bytes:
     """Batch ``seq`` of a client: header and messages ``first .. first+count-1``."""
     payloads = (payload(client_id, first + i, max_size) for i in range(count))
     return bytes(wire.encode_batch(payloads, client_id=client_id, batch_seq=seq, first_order=first))
-
-
-# -- the broker subprocess ----------------------------------------------------------------------
-
-
-def clean_environment() -> dict[str, str]:
-    """This process's environment without variables that change a broker's config."""
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("TRIO_EMBARCADERO_", "EMBARCADERO_"))
-    }
-
-
-def proc_status_kib(pid: int, field: str) -> int:
-    """A ``/proc/<pid>/status`` memory field (``VmHWM``, ``VmRSS``) in KiB.
-
-    Raises:
-        KeyError: The process has no such field (or is gone).
-    """
-    return process_memory(pid)[field] // 1024
-
-
-class BrokerProcess:
-    """``python -m trio_embarcadero serve`` as a child process.
-
-    Its stderr is read continuously (a full pipe would block the broker's
-    logging) and kept, up to ``keep_bytes``; a few lines are also counted.
-
-    Attributes:
-        config_path: The TOML file it serves with.
-        port: The port it listens on, once started.
-        process: The running (or last) process.
-        starts: How many times it was started.
-        pauses: "pausing receivers" lines seen, over every start.
-        internal_errors: "internal error" lines seen, over every start.
-        discarded: Uncommitted batches discarded at re-attach, over every start.
-        replayed: Batches replayed from the disk log, over every start.
-    """
-
-    def __init__(
-        self,
-        config_path: str | os.PathLike[str],
-        *,
-        keep_bytes: int = 1 << 20,
-        log_path: str | None = None,
-    ) -> None:
-        self.config_path = os.fspath(config_path)
-        self._log_file = open(log_path, "ab") if log_path else None
-        self.port = 0
-        self.process: trio.Process | None = None
-        self.starts = 0
-        self.pauses = 0
-        self.internal_errors = 0
-        self.discarded = 0
-        self.replayed = 0
-        self._keep = keep_bytes
-        self._stderr = bytearray()
-        self._partial = b""
-        # Per start: the "listening on" line was seen; its stderr reached EOF.
-        self._listening = trio.Event()
-        self._exited = trio.Event()
-
-    @property
-    def stderr(self) -> str:
-        """What the broker wrote to stderr (the last ``keep_bytes`` of it)."""
-        return self._stderr.decode("utf-8", "replace")
-
-    @property
-    def returncode(self) -> int | None:
-        """The exit status of the last process, None while it runs."""
-        return None if self.process is None else self.process.returncode
-
-    @property
-    def running(self) -> bool:
-        """Whether the last process started is still running."""
-        return self.process is not None and self.process.returncode is None
-
-    async def start(self, nursery: trio.Nursery, *extra_args: str) -> int:
-        """Start it (``extra_args`` such as ``--reset`` go to ``serve``) and
-        return its port once it listens.
-
-        Raises:
-            RunError: It exited or did not listen within 30 s.
-        """
-        if self.process is not None:
-            await self.kill()  # and its stderr read to the end
-        self.port = 0
-        self._partial = b""
-        self._take(f"--- start {self.starts + 1} ---\n".encode())
-        self._listening = listening = trio.Event()
-        self._exited = exited = trio.Event()
-        command = [
-            sys.executable,
-            "-m",
-            "trio_embarcadero",
-            "serve",
-            "--config",
-            self.config_path,
-            *extra_args,
-        ]
-        process = await trio.lowlevel.open_process(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=clean_environment(),
-        )
-        self.process = process
-        self.starts += 1
-        nursery.start_soon(self._read_stderr, process, exited)
-        with trio.move_on_after(_START_TIMEOUT):
-            async with trio.open_nursery() as waiting:
-
-                async def first_of(event: trio.Event) -> None:
-                    await event.wait()
-                    waiting.cancel_scope.cancel()
-
-                waiting.start_soon(first_of, listening)
-                waiting.start_soon(first_of, exited)
-        if self.port == 0:
-            await self.kill()
-            raise RunError(f"the broker did not start; its stderr:\n{self.stderr[-4000:]}")
-        return self.port
-
-    async def _read_stderr(self, process: trio.Process, exited: trio.Event) -> None:
-        assert process.stderr is not None
-        try:
-            async for chunk in process.stderr:
-                self._take(bytes(chunk))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            exited.set()
-            # Cancelled with the nursery (the run or a test failed): a process
-            # from open_process outlives its parent unless it is killed here.
-            if process.returncode is None:
-                process.kill()
-
-    def _take(self, chunk: bytes) -> None:
-        if self._log_file is not None:
-            self._log_file.write(chunk)
-            self._log_file.flush()
-        self._stderr += chunk
-        if len(self._stderr) > self._keep:
-            del self._stderr[: len(self._stderr) - self._keep]
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            if b"pausing receivers" in line:
-                self.pauses += 1
-            elif b"internal error" in line:
-                self.internal_errors += 1
-            elif (found := _DISCARDED.search(line)) is not None:
-                self.discarded += int(found.group(1))
-            elif (found := _REPLAYED.search(line)) is not None:
-                self.replayed += int(found.group(1))
-            elif self.port == 0 and (found := _LISTENING.search(line)) is not None:
-                self.port = int(found.group(1))
-                self._listening.set()
-
-    def memory_kib(self, field: str = "VmHWM") -> int:
-        """A memory figure of the running broker (peak RSS by default)."""
-        assert self.process is not None
-        return proc_status_kib(self.process.pid, field)
-
-    async def kill(self) -> int:
-        """SIGKILL it and wait; returns its exit status."""
-        assert self.process is not None
-        if self.process.returncode is None:
-            self.process.kill()
-        status = await self.process.wait()
-        await self._exited.wait()
-        return status
-
-    async def stop(self) -> int:
-        """SIGTERM it (a graceful drain) and wait; returns its exit status.
-
-        Raises:
-            RunError: It did not exit within 30 s (it is killed then).
-        """
-        assert self.process is not None
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(_STOP_TIMEOUT):
-            status = await self.process.wait()
-            await self._exited.wait()
-            return status
-        await self.kill()
-        raise RunError(f"the broker did not stop within {_STOP_TIMEOUT} s of SIGTERM")
-
-
-def write_broker_config(
-    path: str | os.PathLike[str],
-    *,
-    cxl_path: str,
-    cxl_mb: int,
-    segment_mb: int = 4,
-    storage_dir: str = "",
-    pressure: bool = False,
-    direct: bool = False,
-    extra: str = "",
-    order: int = 0,
-) -> None:
-    """A broker config for checker runs: port 0, a private CXL file, INFO logs.
-
-    ``order``: the topics' order level (5: the broker is the head, with its
-    sequencer).
-
-    ``pressure``: a two-buffer staging pool that pauses receivers at one buffer
-    in use. ``direct``: the direct receive path (payloads go straight into
-    reserved log space; no staging pool, so no pressure).
-    """
-    pool = (
-        "staging_pool_num_buffers = 2\nnum_cxl_allocation_workers = 1\n"
-        "max_buffers_per_connection = 1\npause_high_watermark = 0.5\n"
-        "resume_low_watermark = 0.0\n"
-        if pressure
-        else "staging_pool_num_buffers = 8\n"
-    )
-    storage = f'[storage]\ndir = "{storage_dir}"\nsync_interval_ms = 2.0\n' if storage_dir else ""
-    if direct:
-        pool = "use_nonblocking = false\n"
-    # Only when asked for: a caller's ``extra`` may hold a [topics] table of its own.
-    topics = f"[topics]\norder = {order}\n" if order else ""
-    Path(path).write_text(
-        f"""[broker]
-port = 0
-
-[network]
-staging_pool_buffer_size_mb = 1
-{pool}shutdown_grace_s = 5.0
-stats_interval_s = 1000.0
-{extra}
-[cxl]
-path = "{cxl_path}"
-size_mb = {cxl_mb}
-segment_mb = {segment_mb}
-prefault = false
-
-{storage}
-{topics}
-[logging]
-level = "INFO"
-"""
-    )
 
 
 # -- publishers -------------------------------------------------------------------------------
@@ -971,6 +719,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Publish to a broker subprocess under injected faults, then check from "
         "the CXL log that every acknowledged message is there, once, intact and in order.",
     )
+    parser.add_argument(
+        "--mode",
+        choices=("broker", "session"),
+        default="broker",
+        help="broker: one broker, raw-wire publishers (this help); session: a cluster, the "
+        "Python client in publish sessions (--mode session --help)",
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to publish")
     parser.add_argument("--publishers", type=int, default=4, help="concurrent publishers")
     parser.add_argument("--seed", type=int, help="random seed (default: random, printed)")
@@ -1014,7 +769,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the checker; returns 0 (every check held), 1 (one failed) or 2 (no run)."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    # The modes' options differ (their --faults, say): the mode picks the parser.
+    choose = argparse.ArgumentParser(add_help=False)
+    choose.add_argument("--mode", choices=("broker", "session"), default="broker")
+    mode, _ = choose.parse_known_args(arguments)
+    if mode.mode == "session":
+        from . import noloss_session  # its own options (--brokers, --lease-s, ...)
+
+        return noloss_session.main(arguments)
+    args = build_parser().parse_args(arguments)
     if args.seconds <= 0 or args.publishers < 1 or args.max_size < 0 or args.cxl_mb < 8:
         print("noloss: --seconds, --publishers, --max-size, --cxl-mb out of range", file=sys.stderr)
         return 2
@@ -1062,6 +826,7 @@ __all__ = [
     "BrokerProcess",
     "Client",
     "Report",
+    "RunError",
     "SentBatch",
     "clean_environment",
     "encode_batch",
