@@ -188,6 +188,8 @@ class _Connection:
         self.ack_connections = 0
         self.ack_connections_lot = trio.lowlevel.ParkingLot()
         self.dial_back_acks = 0
+        #: It ended with batches unacknowledged that are not queued again yet.
+        self.requeue_pending = False
         self.peer_host: str | None = None
         if isinstance(stream, trio.SocketStream):
             try:
@@ -262,6 +264,9 @@ class Publisher:
         self._batch_opened = trio.lowlevel.ParkingLot()  # wakes the linger task
         self._links_lot = trio.lowlevel.ParkingLot()  # a connection went up or down
         self._up = 0  # connections whose broker took the handshake
+        # Connections that ended with unacknowledged batches not yet queued
+        # again: no sender takes a batch meanwhile (see _connection_ended).
+        self._requeues_pending = 0
         self._last_failure = _Failure(BROKER_FAILED, "no connection was tried")
         self._failure: _Failure | None = None
         self._closing = False
@@ -520,6 +525,16 @@ class Publisher:
             return
         connection.end = end
         connection.ended.set()
+        if len(connection.sent):
+            # Its batches are queued again only once its tasks are over (its
+            # sender may be writing one). Until then no sender takes a newer
+            # batch: one broker would store it before the older ones it then
+            # gets, and in a session on an order-5 topic the sequencer, which
+            # takes a broker's batches in the order it stored them, would
+            # hold the newer batch for the older ones behind it until
+            # cxl.sequencer_hole_timeout_s, then skip those (error 2).
+            connection.requeue_pending = True
+            self._requeues_pending += 1
         if connection.up:
             self._up -= 1
             self._links_lot.unpark_all()
@@ -607,11 +622,14 @@ class Publisher:
         finally:
             self._connection_ended(connection, connection.end)
             link.connection = None
-            await trio.aclose_forcefully(stream)
             again = connection.sent.take_all()
             if again:
                 self._batches.requeue(again)
+            if connection.requeue_pending:
+                connection.requeue_pending = False
+                self._requeues_pending -= 1
                 self._sealed_lot.unpark_all()
+            await trio.aclose_forcefully(stream)
         return connection
 
     def _handshake(self, ack_port: int) -> Handshake:
@@ -636,7 +654,7 @@ class Publisher:
             while batch is None:
                 if connection.ended.is_set() or self._failure is not None:
                     return
-                if self._may_send(connection):
+                if not self._requeues_pending and self._may_send(connection):
                     batch = batches.take()
                     if batch is None and self._closing:
                         await self._end_stream(connection)
