@@ -765,6 +765,32 @@ class Restartable:
         return await listener.connect()
 
 
+async def test_a_reconnect_cancelled_after_its_connect_closes_the_new_stream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ends: list[trio.abc.Stream] = []  # the broker's end of each connection
+
+    async def dial() -> trio.abc.Stream:
+        # A connect that completes just as the caller's deadline passes.
+        with trio.CancelScope(shield=True):
+            await trio.sleep(1)
+        client, server = trio.testing.memory_stream_pair()
+        ends.append(server)
+        return client
+
+    async with open_subscriber(topic="t", brokers=[dial]) as sub:
+        await ends[0].aclose()  # the broker goes away
+        with trio.move_on_after(0.5) as scope:
+            await sub.receive_messages()
+        assert scope.cancelled_caught
+        assert len(ends) == 2
+        assert sub.reconnects == 0
+        # The connection the cancelled reconnect opened is closed, the
+        # handshake unsent.
+        with trio.fail_after(1):
+            assert await ends[1].receive_some() == b""
+
+
 async def test_a_publisher_and_a_subscriber_ride_out_a_broker_restart(
     make_config: MakeConfig, cxl_path: str, autojump_clock: trio.testing.MockClock
 ) -> None:
