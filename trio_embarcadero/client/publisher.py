@@ -72,12 +72,10 @@ PUBLISH_SESSION = ClientRequest.PUBLISH_SESSION
 #: A session's window (wire protocol section 4.5): batch_seq ``s`` goes out
 #: only once every batch up to ``s - 256`` has been acknowledged.
 SESSION_WINDOW = 256
-#: What ``idempotent=None`` (the default) means for a publisher with acks:
-#: a plain publish for now. A session that fails over on an order-5 topic can
-#: still have a resent batch_seq skipped by the sequencer (error 2), so
-#: sessions are asked for with ``idempotent=True`` until that is fixed. At ack
-#: level 0 a publisher never runs one (a session resends until acked).
-SESSIONS_BY_DEFAULT = False
+#: What ``idempotent=None`` (the default) means for a publisher with acks: a
+#: session, so that a resend after a failover is stored once. At ack level 0
+#: a publisher never runs one (a session resends until acked).
+SESSIONS_BY_DEFAULT = True
 _RECEIVE_SIZE = 1 << 16
 # publish_many takes messages from its iterable this many at a time.
 _PUBLISH_MANY_CHUNK = 4096
@@ -954,22 +952,24 @@ async def open_publisher(
         or is reset; it refuses connections; or it sends error 5, shutting
         down), the publisher sends every batch that broker had not
         acknowledged again, with the same ``batch_seq``, on another
-        connection (or on a new one to the same broker once it is back), and
-        dials the broker again after a pause that grows from 50 ms to 1 s
-        (with jitter). The application sees only the delay: no call raises
-        and no message is lost. Only after ``delivery_timeout_s`` without any
-        broker while messages wait does the publisher fail: every later call
+        connection (or on a new one to the same broker once it is back),
+        before any batch it had not sent yet, and dials the broker again
+        after a pause that grows from 50 ms to 1 s (with jitter). The
+        application sees only the delay: no call raises and no message is
+        lost. Only after ``delivery_timeout_s`` without any broker while
+        messages wait does the publisher fail: every later call
         raises :class:`~trio_embarcadero.errors.NoBrokerError`, which names
         the brokers tried and the last failure. Error frames with other codes
         are about the client or its data (a bad batch, a full log, an ack
         level the broker cannot give, ...): they fail the publisher at once.
 
-        What a resend means depends on ``idempotent``. With ``True`` the
-        publisher runs a session (``client_req = 2``, a random session token
-        in every handshake, ``batch_seq`` counted from 0 across all its
-        connections): the brokers store a resent batch only once, whichever
-        broker it reaches. With ``False`` (``client_req = 0``) a batch the
-        failed broker had stored but not yet acknowledged is stored again: a
+        What a resend means depends on ``idempotent``. In a session (the
+        default with ``ack >= 1``: ``client_req = 2``, a random session
+        token in every handshake, ``batch_seq`` counted from 0 across all
+        its connections) the brokers store a resent batch only once,
+        whichever broker it reaches. In a plain publish (``idempotent=False``,
+        and always at ``ack=0``: ``client_req = 0``) a batch the failed
+        broker had stored but not yet acknowledged is stored again: a
         broker that is killed may leave such duplicates (at most the batches
         it had not acknowledged); a broker that shuts down in order (error 5)
         acknowledges everything it stored first, so its failover duplicates
@@ -1025,9 +1025,9 @@ async def open_publisher(
         idempotent: Publish in a session (``client_req = 2``), so that a
             resend is stored once. Needs ``ack >= 1`` and brokers that know
             sessions (an older broker refuses the handshake with error 1).
-            None (the default): :data:`SESSIONS_BY_DEFAULT` with ``ack >= 1``,
-            a plain publish otherwise; for now that is a plain publish, as
-            the brokers of this version do not take sessions yet.
+            None (the default): a session with ``ack >= 1``
+            (:data:`SESSIONS_BY_DEFAULT`), a plain publish at ``ack=0``;
+            False: a plain publish (``client_req = 0``).
         spread: With several brokers, hand batches to every broker's
             connection (True), or send on one connection at a time, the
             first broker of the list that answers, and move to the next only
