@@ -362,6 +362,37 @@ async def test_an_idle_publisher_without_a_broker_fails_only_once_a_message_wait
     assert waited == [pytest.approx(5.0, abs=0.01)]
 
 
+async def test_a_failed_publisher_closes_its_connection_to_every_broker(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with fake_brokers(2) as (_, brokers):
+        streams: list[trio.abc.Stream] = []  # the publisher's ends
+
+        def recorded(broker: FakeBroker) -> Any:
+            async def dial() -> trio.abc.Stream:
+                stream = await broker.dial()
+                streams.append(stream)
+                return stream
+
+            return dial
+
+        async def publish() -> None:
+            async with open_publisher(brokers=[recorded(b) for b in brokers], **options()) as pub:
+                await pub.publish_many(messages(8))
+                await pub.flush()
+                assert pub.connected == 2
+                await brokers[0].last.fail(ErrorCode.BAD_MESSAGE_RECORDS, "bad records")
+                await pub.publish_many(messages(8, 8))
+                await pub.flush()
+
+        with pytest.raises(BrokerError):
+            await publish()
+        assert len(streams) == 2
+        for stream in streams:  # closed by the publisher, not only by the broker
+            with pytest.raises(trio.ClosedResourceError):
+                await stream.send_all(b"x")
+
+
 @pytest.mark.parametrize(
     ("code", "delivery_timeout_s"),
     [(ErrorCode.BAD_MESSAGE_RECORDS, 60.0), (ErrorCode.SHUTTING_DOWN, 0.0), (None, 0.0)],
