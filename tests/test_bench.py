@@ -32,12 +32,14 @@ from trio_embarcadero.wire import (
     ACK_BROKER_ID,
     ACK_COUNT,
     BATCH_HEADER,
+    HANDSHAKE,
     HANDSHAKE_SIZE,
     MESSAGE_HEADER,
     MH_LOGICAL_OFFSET,
     MH_SIZE,
     encode_error_frame,
     scan_records,
+    unpack_batch_header,
 )
 
 BATCH_PAYLOAD = 1928 * 1024
@@ -356,18 +358,23 @@ def _bench(*argv: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]
 
 
 def test_tiny_real_run(cxl_dir: Path) -> None:
-    """Three variants, one round, ten batches each, in real processes."""
+    """Four variants (one publishing in sessions), one round, ten batches
+    each, in real processes."""
     requested = 10 * BATCH_PAYLOAD
     proc, report = _bench(
-        *("--variants", "trio-sink,staged-ack1,direct-ack0", "--rounds", "1"),
+        *("--variants", "trio-sink,staged-ack1,direct-ack0,staged-ack1-session", "--rounds", "1"),
         *("--connections", "2", "--bytes", str(requested), "--cxl-dir", str(cxl_dir)),
     )
     assert "x trio-sink" in proc.stdout  # the table
-    assert "[1/3 r1] trio-sink:" in proc.stderr  # the per-run lines
+    assert "[1/4 r1] trio-sink:" in proc.stderr  # the per-run lines
+    assert "Session cost: staged-ack1-session moves " in proc.stdout
     assert report["ok"] is True
     assert report["setup"]["bytes_per_run"] == requested
-    assert set(report["variants"]) == {"trio-sink", "staged-ack1", "direct-ack0"}
-    assert len(report["runs"]) == 3
+    names = {"trio-sink", "staged-ack1", "direct-ack0", "staged-ack1-session"}
+    assert set(report["variants"]) == names
+    assert report["variants"]["staged-ack1-session"]["session"] is True
+    assert report["variants"]["staged-ack1-session"]["ratio_to_plain"] > 0
+    assert len(report["runs"]) == 4
     for run in report["runs"]:
         assert run["ok"], run
         assert run["payload_bytes"] == requested
@@ -1039,6 +1046,121 @@ def test_summary_of_cluster_variants_compares_order_5_with_order_0() -> None:
         and "target >= 85%" in n
         for n in notes
     )
+
+
+def test_session_variants_parse_and_compare_with_the_plain_variant(tmp_path: Path) -> None:
+    plan = bench.make_plan(
+        _args(
+            *("--variants", "trio-sink,staged-ack1,staged-ack1-session,cluster2-order5-session"),
+            *("--rounds", "2"),
+        )
+    )
+    session = plan.variants[2]
+    assert (session.kind, session.ack, session.session) == ("staged", 1, True)
+    cluster = plan.variants[3]
+    assert (cluster.kind, cluster.brokers, cluster.order, cluster.session) == (
+        "cluster",
+        2,
+        5,
+        True,
+    )
+    b = bench.Bench(plan, live=None)
+    try:
+        assert "--session" in b.loadgen_command([("127.0.0.1", 9)], session, 1)
+        assert "--session" not in b.loadgen_command([("127.0.0.1", 9)], plan.variants[1], 1)
+    finally:
+        b.close()
+    runs = [
+        _run("trio-sink", 1, 2.0), _run("staged-ack1", 1, 2.0), _run("staged-ack1-session", 1, 1.0),
+        _run("trio-sink", 2, 2.0), _run("staged-ack1", 2, 4.0), _run("staged-ack1-session", 2, 3.0),
+    ]  # fmt: skip
+    summary = bench.summarize(plan, runs)
+    mine = summary["staged-ack1-session"]
+    assert mine["session"] is True
+    assert mine["ratio_to_plain"] == pytest.approx(2.0 / 3.0)
+    assert mine["paired_ratio_to_plain"] == pytest.approx((0.5 + 0.75) / 2)
+    # The sinks stay the baselines of a session variant too.
+    assert mine["ratio_to_trio_sink"] == pytest.approx(1.0)
+    assert summary["staged-ack1"]["ratio_to_plain"] is None
+    assert summary["cluster2-order5-session"]["ratio_to_plain"] is None  # not run plainly
+    notes = _notes(plan, summary, None)
+    assert any(
+        n.startswith("Session cost: staged-ack1-session moves 67% of staged-ack1's GB/s")
+        for n in notes
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "trio-sink-session",
+        "staged-ack0-session",
+        "read-sub1-session",
+        "cluster2-order5-ack0-session",
+    ],
+)
+def test_bad_session_variants_are_usage_errors(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        _args("--variants", text)
+    assert info.value.code == 2
+    assert "-session" in capsys.readouterr().err
+
+
+def test_loadgen_sessions_number_their_batches_and_keep_the_window(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A session handshake with a token; batch_seq 0, 1, 2, ...; no batch
+    256 or more past the oldest unacked one until that is acked."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    seen: dict[str, Any] = {"seqs": []}
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            hello = bytearray(HANDSHAKE_SIZE)
+            assert recv_exactly(conn, memoryview(hello))
+            seen["hello"] = HANDSHAKE.unpack(hello)
+            conn.sendall(ACK_BROKER_ID.pack(0))
+            head = bytearray(BATCH_HEADER.size)
+
+            def batch() -> bool:
+                if not recv_exactly(conn, memoryview(head)):
+                    return False
+                header = unpack_batch_header(head)
+                body = bytearray(header.total_size)
+                assert recv_exactly(conn, memoryview(body))
+                seen["seqs"].append(header.batch_seq)
+                return True
+
+            for _ in range(256):
+                assert batch()
+            # The window is full: nothing comes until an ack.
+            conn.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                conn.recv(1)
+            conn.settimeout(None)
+            conn.sendall(ACK_COUNT.pack(4))  # batch 0 (four messages) is acked
+            while batch():
+                conn.sendall(ACK_COUNT.pack(4 * len(seen["seqs"])))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        argv = ["--port", str(port), "--connections", "1", "--session", "--client-id", "9"]
+        assert loadgen.main([*argv, "--batch-messages", "4", "--bytes", str(300 * 4 * 1024)]) == 0
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    client_id, ack, _, token, _, request, _ = seen["hello"]
+    assert (client_id, ack, request) == (9, 1, 2)
+    assert token != 0
+    assert seen["seqs"] == list(range(300))
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (result["ok"], result["session"], result["batches"]) == (True, True, 300)
+    assert loadgen.main(["--port", str(port), "--ack", "0", "--session"]) == 2
 
 
 def test_loadgen_spreads_its_connections_over_several_ports(

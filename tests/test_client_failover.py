@@ -86,6 +86,8 @@ class FakeConnection(BrokerEnd):
         self.broker_id = broker_id
         self.auto_ack = auto_ack
         self.refuse = refuse
+        self.reading = trio.Event()  # cleared: it reads no further batch
+        self.reading.set()
         self.hello: Hello | None = None
         self.got: list[Received] = []  # the batches received
         self.received = 0  # messages
@@ -103,6 +105,7 @@ class FakeConnection(BrokerEnd):
             if ack:  # ack level 0: no ack stream at all
                 await self._send(ACK_BROKER_ID.pack(self.broker_id))
             while True:
+                await self.reading.wait()
                 head = await self._receive(BATCH_HEADER_SIZE)
                 header = unpack_batch_header(head)
                 body = await self._receive(header.total_size)
@@ -135,6 +138,9 @@ class FakeBroker:
         self.broker_id = broker_id
         self.nursery = nursery
         self.auto_ack = auto_ack
+        # Lockstep connections: a write returns once the broker read it all,
+        # so a broker that stops reading holds the publisher's sender.
+        self.lockstep = False
         self.reachable = True
         self.refuse = False  # connections are refused with error 5
         self.dials = 0
@@ -145,7 +151,10 @@ class FakeBroker:
         await trio.lowlevel.checkpoint()
         if not self.reachable:
             raise ConnectionLost(f"broker {self.broker_id} refused the connection")
-        client, server = trio.testing.memory_stream_pair()
+        pair = (
+            trio.testing.lockstep_stream_pair if self.lockstep else trio.testing.memory_stream_pair
+        )
+        client, server = pair()
         connection = FakeConnection(server, self.broker_id, self.auto_ack, self.refuse)
         self.connections.append(connection)
         self.nursery.start_soon(connection.run)
@@ -353,6 +362,37 @@ async def test_an_idle_publisher_without_a_broker_fails_only_once_a_message_wait
     assert waited == [pytest.approx(5.0, abs=0.01)]
 
 
+async def test_a_failed_publisher_closes_its_connection_to_every_broker(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with fake_brokers(2) as (_, brokers):
+        streams: list[trio.abc.Stream] = []  # the publisher's ends
+
+        def recorded(broker: FakeBroker) -> Any:
+            async def dial() -> trio.abc.Stream:
+                stream = await broker.dial()
+                streams.append(stream)
+                return stream
+
+            return dial
+
+        async def publish() -> None:
+            async with open_publisher(brokers=[recorded(b) for b in brokers], **options()) as pub:
+                await pub.publish_many(messages(8))
+                await pub.flush()
+                assert pub.connected == 2
+                await brokers[0].last.fail(ErrorCode.BAD_MESSAGE_RECORDS, "bad records")
+                await pub.publish_many(messages(8, 8))
+                await pub.flush()
+
+        with pytest.raises(BrokerError):
+            await publish()
+        assert len(streams) == 2
+        for stream in streams:  # closed by the publisher, not only by the broker
+            with pytest.raises(trio.ClosedResourceError):
+                await stream.send_all(b"x")
+
+
 @pytest.mark.parametrize(
     ("code", "delivery_timeout_s"),
     [(ErrorCode.BAD_MESSAGE_RECORDS, 60.0), (ErrorCode.SHUTTING_DOWN, 0.0), (None, 0.0)],
@@ -477,6 +517,37 @@ async def test_a_session_sends_on_one_broker_at_a_time_and_moves_on_when_it_fail
             await pub.flush()
     # Then on broker 0, the first of the list that answers.
     assert ([b.seq for b in zero.batches()], two.batches()) == ([12, 13], [])
+
+
+@pytest.mark.parametrize("idempotent", [True, False], ids=["session", "plain"])
+async def test_a_failed_brokers_batches_go_out_again_before_any_newer_batch(
+    autojump_clock: trio.testing.MockClock, idempotent: bool
+) -> None:
+    # Broker 0 stops reading with batches 0-4 unacked and batch 5 half
+    # written; 6-9 wait for a sender. When it dies, broker 1 must get 0-5
+    # before 6: stored behind 6 in one broker's stream, a session's resent
+    # batches would be held up by the sequencer of an order-5 topic, and
+    # skipped after cxl.sequencer_hole_timeout_s (error 2).
+    async with fake_brokers(2, auto_ack=False) as (_, (zero, one)):
+        zero.lockstep = True
+        async with open_publisher(
+            brokers=[zero.dial, one.dial], spread=False, **options(idempotent=idempotent)
+        ) as pub:
+            await pub.publish_many(messages(16))
+            await trio.sleep(0.1)
+            assert [b.seq for b in zero.batches()] == [0, 1, 2, 3]
+            zero.last.reading = trio.Event()  # after the batch it waits for
+            await pub.publish_many(messages(24, 16))
+            await trio.sleep(0.1)
+            assert [b.seq for b in zero.batches()] == [0, 1, 2, 3, 4]
+            assert not one.batches()
+            zero.reachable = False
+            await zero.last.fail()
+            await trio.sleep(0.1)
+            await one.last.ack()
+            await pub.flush()
+            assert pub.acked == 40
+    assert [b.seq for b in one.batches()] == list(range(10))
 
 
 async def test_plain_publishers_send_client_req_0_and_a_zero_token(
@@ -723,6 +794,32 @@ class Restartable:
         if listener is None or listener.closed:
             raise ConnectionLost("no broker is listening")
         return await listener.connect()
+
+
+async def test_a_reconnect_cancelled_after_its_connect_closes_the_new_stream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ends: list[trio.abc.Stream] = []  # the broker's end of each connection
+
+    async def dial() -> trio.abc.Stream:
+        # A connect that completes just as the caller's deadline passes.
+        with trio.CancelScope(shield=True):
+            await trio.sleep(1)
+        client, server = trio.testing.memory_stream_pair()
+        ends.append(server)
+        return client
+
+    async with open_subscriber(topic="t", brokers=[dial]) as sub:
+        await ends[0].aclose()  # the broker goes away
+        with trio.move_on_after(0.5) as scope:
+            await sub.receive_messages()
+        assert scope.cancelled_caught
+        assert len(ends) == 2
+        assert sub.reconnects == 0
+        # The connection the cancelled reconnect opened is closed, the
+        # handshake unsent.
+        with trio.fail_after(1):
+            assert await ends[1].receive_some() == b""
 
 
 async def test_a_publisher_and_a_subscriber_ride_out_a_broker_restart(

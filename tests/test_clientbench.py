@@ -29,8 +29,11 @@ def test_a_tiny_run_measures_every_mode(
     results = json.loads(out.read_text())
     assert [r["mode"] for r in results] == list(clientbench.MODES)
     counts = {r["mode"]: r["messages"] for r in results}
-    assert counts["publish"] == 500
-    assert counts["publish_many"] == 1500
+    assert counts["publish"] == counts["publish-plain"] == 500
+    assert counts["publish_many"] == counts["publish_many-plain"] == 1500
+    # By default a publisher with acks runs a session; -plain does not.
+    sessions = {r["mode"] for r in results if r["session"]}
+    assert sessions == {"publish", "publish_nowait", "publish_many"}
     assert counts["batches-1k"] == 300
     assert all(len(r["msgs_per_s"]) == 1 and r["msgs_per_s"][0] > 0 for r in results)
     assert "| iter-100 | 100 B |" in captured.out

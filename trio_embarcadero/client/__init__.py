@@ -33,8 +33,10 @@ back, with the same ``batch_seq``; a subscriber reconnects and goes on from
 the first message it has not received. The application sees a delay, not an
 error, unless no broker can be reached for ``delivery_timeout_s`` (publisher)
 or ``reconnect_timeout_s`` (subscriber): then
-:class:`~trio_embarcadero.errors.NoBrokerError`. ``idempotent=True`` makes the
-publisher's resends exactly-once (a session, ``client_req = 2``).
+:class:`~trio_embarcadero.errors.NoBrokerError`. A publisher with acks
+publishes in a session by default (``client_req = 2``), so its resends are
+stored once; ``idempotent=False`` publishes plainly (a resend after a
+``kill -9`` may store a batch twice).
 
 Which calls are Trio checkpoints is said in each docstring: the per-message
 fast paths (a publish with room in the window, iteration over messages

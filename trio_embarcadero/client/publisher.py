@@ -72,12 +72,10 @@ PUBLISH_SESSION = ClientRequest.PUBLISH_SESSION
 #: A session's window (wire protocol section 4.5): batch_seq ``s`` goes out
 #: only once every batch up to ``s - 256`` has been acknowledged.
 SESSION_WINDOW = 256
-#: What ``idempotent=None`` (the default) means for a publisher with acks:
-#: a plain publish for now. A session that fails over on an order-5 topic can
-#: still have a resent batch_seq skipped by the sequencer (error 2), so
-#: sessions are asked for with ``idempotent=True`` until that is fixed. At ack
-#: level 0 a publisher never runs one (a session resends until acked).
-SESSIONS_BY_DEFAULT = False
+#: What ``idempotent=None`` (the default) means for a publisher with acks: a
+#: session, so that a resend after a failover is stored once. At ack level 0
+#: a publisher never runs one (a session resends until acked).
+SESSIONS_BY_DEFAULT = True
 _RECEIVE_SIZE = 1 << 16
 # publish_many takes messages from its iterable this many at a time.
 _PUBLISH_MANY_CHUNK = 4096
@@ -188,6 +186,8 @@ class _Connection:
         self.ack_connections = 0
         self.ack_connections_lot = trio.lowlevel.ParkingLot()
         self.dial_back_acks = 0
+        #: It ended with batches unacknowledged that are not queued again yet.
+        self.requeue_pending = False
         self.peer_host: str | None = None
         if isinstance(stream, trio.SocketStream):
             try:
@@ -262,6 +262,9 @@ class Publisher:
         self._batch_opened = trio.lowlevel.ParkingLot()  # wakes the linger task
         self._links_lot = trio.lowlevel.ParkingLot()  # a connection went up or down
         self._up = 0  # connections whose broker took the handshake
+        # Connections that ended with unacknowledged batches not yet queued
+        # again: no sender takes a batch meanwhile (see _connection_ended).
+        self._requeues_pending = 0
         self._last_failure = _Failure(BROKER_FAILED, "no connection was tried")
         self._failure: _Failure | None = None
         self._closing = False
@@ -520,6 +523,16 @@ class Publisher:
             return
         connection.end = end
         connection.ended.set()
+        if len(connection.sent):
+            # Its batches are queued again only once its tasks are over (its
+            # sender may be writing one). Until then no sender takes a newer
+            # batch: one broker would store it before the older ones it then
+            # gets, and in a session on an order-5 topic the sequencer, which
+            # takes a broker's batches in the order it stored them, would
+            # hold the newer batch for the older ones behind it until
+            # cxl.sequencer_hole_timeout_s, then skip those (error 2).
+            connection.requeue_pending = True
+            self._requeues_pending += 1
         if connection.up:
             self._up -= 1
             self._links_lot.unpark_all()
@@ -607,11 +620,14 @@ class Publisher:
         finally:
             self._connection_ended(connection, connection.end)
             link.connection = None
-            await trio.aclose_forcefully(stream)
             again = connection.sent.take_all()
             if again:
                 self._batches.requeue(again)
+            if connection.requeue_pending:
+                connection.requeue_pending = False
+                self._requeues_pending -= 1
                 self._sealed_lot.unpark_all()
+            await trio.aclose_forcefully(stream)
         return connection
 
     def _handshake(self, ack_port: int) -> Handshake:
@@ -636,7 +652,7 @@ class Publisher:
             while batch is None:
                 if connection.ended.is_set() or self._failure is not None:
                     return
-                if self._may_send(connection):
+                if not self._requeues_pending and self._may_send(connection):
                     batch = batches.take()
                     if batch is None and self._closing:
                         await self._end_stream(connection)
@@ -936,22 +952,24 @@ async def open_publisher(
         or is reset; it refuses connections; or it sends error 5, shutting
         down), the publisher sends every batch that broker had not
         acknowledged again, with the same ``batch_seq``, on another
-        connection (or on a new one to the same broker once it is back), and
-        dials the broker again after a pause that grows from 50 ms to 1 s
-        (with jitter). The application sees only the delay: no call raises
-        and no message is lost. Only after ``delivery_timeout_s`` without any
-        broker while messages wait does the publisher fail: every later call
+        connection (or on a new one to the same broker once it is back),
+        before any batch it had not sent yet, and dials the broker again
+        after a pause that grows from 50 ms to 1 s (with jitter). The
+        application sees only the delay: no call raises and no message is
+        lost. Only after ``delivery_timeout_s`` without any broker while
+        messages wait does the publisher fail: every later call
         raises :class:`~trio_embarcadero.errors.NoBrokerError`, which names
         the brokers tried and the last failure. Error frames with other codes
         are about the client or its data (a bad batch, a full log, an ack
         level the broker cannot give, ...): they fail the publisher at once.
 
-        What a resend means depends on ``idempotent``. With ``True`` the
-        publisher runs a session (``client_req = 2``, a random session token
-        in every handshake, ``batch_seq`` counted from 0 across all its
-        connections): the brokers store a resent batch only once, whichever
-        broker it reaches. With ``False`` (``client_req = 0``) a batch the
-        failed broker had stored but not yet acknowledged is stored again: a
+        What a resend means depends on ``idempotent``. In a session (the
+        default with ``ack >= 1``: ``client_req = 2``, a random session
+        token in every handshake, ``batch_seq`` counted from 0 across all
+        its connections) the brokers store a resent batch only once,
+        whichever broker it reaches. In a plain publish (``idempotent=False``,
+        and always at ``ack=0``: ``client_req = 0``) a batch the failed
+        broker had stored but not yet acknowledged is stored again: a
         broker that is killed may leave such duplicates (at most the batches
         it had not acknowledged); a broker that shuts down in order (error 5)
         acknowledges everything it stored first, so its failover duplicates
@@ -1007,9 +1025,9 @@ async def open_publisher(
         idempotent: Publish in a session (``client_req = 2``), so that a
             resend is stored once. Needs ``ack >= 1`` and brokers that know
             sessions (an older broker refuses the handshake with error 1).
-            None (the default): :data:`SESSIONS_BY_DEFAULT` with ``ack >= 1``,
-            a plain publish otherwise; for now that is a plain publish, as
-            the brokers of this version do not take sessions yet.
+            None (the default): a session with ``ack >= 1``
+            (:data:`SESSIONS_BY_DEFAULT`), a plain publish at ``ack=0``;
+            False: a plain publish (``client_req = 0``).
         spread: With several brokers, hand batches to every broker's
             connection (True), or send on one connection at a time, the
             first broker of the list that answers, and move to the next only

@@ -350,6 +350,12 @@ class Subscriber:
                     await trio.aclose_forcefully(stream)
                     last = f"{links[index].name}: {exc}"
                     continue
+                except BaseException:
+                    # Cancelled (a receive under a timeout, or the caller's
+                    # scope) before the stream is the subscriber's: nothing
+                    # else would close it.
+                    await trio.aclose_forcefully(stream)
+                    raise
                 plan.current = index
                 plan.connected = True
                 plan.connected_at = trio.current_time()

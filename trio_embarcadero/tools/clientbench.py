@@ -14,6 +14,9 @@ measures in this process, round after round, every mode once per round
 * ``publish_nowait``: ``publisher.publish_nowait(m)`` while the in-flight
   window has room, ``await publisher.publish(m)`` when it is full;
 * ``publish_many``: one ``await publisher.publish_many(...)`` call;
+* each of them with ``-plain`` (``publish-plain``, ...): the same with
+  ``idempotent=False``; without it the publisher runs as by default, in a
+  publish session (``client_req = 2``), so the pair is the session's cost;
 * ``iter-SIZE``: ``async for message in subscriber`` (a ``Message`` each);
 * ``receive-SIZE``: ``await subscriber.receive_messages()`` (a list each);
 * ``batches-SIZE``: ``async for batch in subscriber.batches()`` (no copy).
@@ -52,9 +55,11 @@ from .noloss import BrokerProcess, RunError
 HOST = "127.0.0.1"
 _SIZES = {"100": 100, "1k": 1024}
 _PUBLISH_MODES = ("publish", "publish_nowait", "publish_many")
+#: A publish mode with this suffix publishes plainly (``idempotent=False``).
+_PLAIN = "-plain"
 _SUBSCRIBE_KINDS = ("iter", "receive", "batches")
 MODES = (
-    *_PUBLISH_MODES,
+    *(mode + suffix for mode in _PUBLISH_MODES for suffix in ("", _PLAIN)),
     *(f"{kind}-{size}" for kind in _SUBSCRIBE_KINDS for size in _SIZES),
 )
 _PUBLISH_SIZE = 100
@@ -98,9 +103,23 @@ class _Timer:
         self.cpu = time.process_time() - self.cpu
 
 
-async def _publish(port: int, topic: str, count: int, mode: str) -> _Timer:
+def _publishes(mode: str) -> bool:
+    return mode.removesuffix(_PLAIN) in _PUBLISH_MODES
+
+
+async def _publish(port: int, topic: str, count: int, mode: str) -> tuple[_Timer, bool]:
+    """Time one publish run; the timer, and whether the publisher ran a session."""
     payload = b"p" * _PUBLISH_SIZE
-    async with open_publisher(HOST, port, topic, ack=1, batch_bytes=_BATCH_BYTES) as publisher:
+    plain = mode.endswith(_PLAIN)
+    mode = mode.removesuffix(_PLAIN)
+    async with open_publisher(
+        HOST,
+        port,
+        topic,
+        ack=1,
+        batch_bytes=_BATCH_BYTES,
+        idempotent=False if plain else None,
+    ) as publisher:
         with _Timer() as timer:
             if mode == "publish_many":
                 await publisher.publish_many(itertools.repeat(payload, count))
@@ -116,7 +135,7 @@ async def _publish(port: int, topic: str, count: int, mode: str) -> _Timer:
                 for _ in range(count):
                     await publish(payload)
             await publisher.flush()
-    return timer
+    return timer, publisher.idempotent
 
 
 async def _subscribe(port: int, topic: str, count: int, kind: str, buffer_bytes: int) -> _Timer:
@@ -154,18 +173,19 @@ class _Plan:
 
     @staticmethod
     def _count(mode: str, args: argparse.Namespace) -> int:
-        if mode in _PUBLISH_MODES:
-            return int(args.publish_messages * (3 if mode == "publish_many" else 1))
+        if _publishes(mode):
+            many = mode.removesuffix(_PLAIN) == "publish_many"
+            return int(args.publish_messages * (3 if many else 1))
         return int(args.subscribe_messages)
 
     def message_size(self, mode: str) -> int:
-        return _PUBLISH_SIZE if mode in _PUBLISH_MODES else _SIZES[mode.split("-")[1]]
+        return _PUBLISH_SIZE if _publishes(mode) else _SIZES[mode.split("-")[1]]
 
     def fills(self) -> dict[str, int]:
         """Subscriber topics (one per message size) and their message counts."""
         wanted: dict[str, int] = {}
         for mode in self.modes:
-            if mode not in _PUBLISH_MODES:
+            if not _publishes(mode):
                 size = mode.split("-")[1]
                 wanted[size] = max(wanted.get(size, 0), self.counts[mode])
         return wanted
@@ -175,13 +195,13 @@ class _Plan:
         total = sum(
             self.counts[m] * padded_size(_PUBLISH_SIZE) * self.rounds
             for m in self.modes
-            if m in _PUBLISH_MODES
+            if _publishes(m)
         )
         total += sum(n * padded_size(_SIZES[s]) for s, n in self.fills().items())
         return int(total * 1.25 / 2**20) + 64 * (len(self.modes) + 2)
 
 
-@attrs.frozen
+@attrs.define
 class Result:
     """One mode's runs.
 
@@ -191,6 +211,7 @@ class Result:
         messages: Messages per run.
         msgs_per_s: Each round's rate (wall time).
         cpu_ns_per_msg: Each round's CPU time of this process (the client) per message.
+        session: A publish mode whose publisher ran a publish session.
     """
 
     mode: str
@@ -198,6 +219,7 @@ class Result:
     messages: int
     msgs_per_s: list[float] = attrs.field(factory=list)
     cpu_ns_per_msg: list[float] = attrs.field(factory=list)
+    session: bool = False
 
     def add(self, timer: _Timer) -> None:
         self.msgs_per_s.append(self.messages / timer.wall)
@@ -224,8 +246,8 @@ async def _measure(plan: _Plan, port: int, say: Callable[[str], None]) -> list[R
         for result in results:
             mode = result.mode
             timer: _Timer
-            if mode in _PUBLISH_MODES:
-                timer = await _publish(port, f"pub-{mode}", result.messages, mode)
+            if _publishes(mode):
+                timer, result.session = await _publish(port, f"pub-{mode}", result.messages, mode)
             else:
                 kind, size = mode.split("-")
                 timer = await _subscribe(

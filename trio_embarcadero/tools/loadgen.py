@@ -40,6 +40,14 @@ blocked on a full socket, i.e. backpressure) and from its completion
 (``latency_after_send_us``, the time the receiver took once the batch was in
 the kernel).
 
+With ``--session`` (needs ``--ack 1`` or ``2``) each connection publishes in a
+publish session of its own (``client_req = 2``, a random token, its client
+id): its batch_seqs run 0, 1, 2, ... as a session's must, the broker admits
+each batch in the region's session table before it reads the payload, and
+the sender keeps the session's window (a batch goes out only once every
+batch 256 or more before it is acked). Next to the same run without it, that
+is the cost of a session on the ingest path.
+
 With ``--rate`` the connections are paced: each sends its batches on a fixed
 schedule (``--rate`` bytes of message payload per second for all of them
 together, each connection an equal share, their schedules staggered), sleeping
@@ -56,6 +64,7 @@ import argparse
 import collections
 import itertools
 import math
+import random
 import re
 import socket
 import struct
@@ -81,6 +90,9 @@ from .rawwire import publish_handshake, recv_exactly
 
 # batch_seq is the header's first field; it is the only one that changes.
 _BATCH_SEQ = struct.Struct("<Q")
+#: A session's window (wire protocol section 4.5): batch_seq ``s`` goes out
+#: only once every batch up to ``s - 256`` has been acked.
+SESSION_WINDOW = 256
 
 #: The C++ evaluation's batch: 2 MiB + one padded 1 KiB message of payload.
 DEFAULT_BATCH_MESSAGES = 1928
@@ -116,6 +128,10 @@ class _Connection:
         self.batch = build_batch(self.client_id, gen.num_msg, gen.message_size)
         self.port = gen.ports[index % len(gen.ports)]
         self.sock = socket.create_connection((gen.host, self.port))
+        # With --session: its token; the reader wakes a sender that waits
+        # for the session's window.
+        self.token = random.SystemRandom().randrange(1, 2**64) if gen.session else 0
+        self.window = threading.Condition() if gen.session else None
         self.sent_batches = 0
         self.sent_msgs = 0
         self.acked_msgs = 0
@@ -132,7 +148,7 @@ class _Connection:
 
     def handshake(self) -> None:
         gen = self.gen
-        self.sock.sendall(publish_handshake(self.client_id, gen.ack, gen.topic))
+        self.sock.sendall(publish_handshake(self.client_id, gen.ack, gen.topic, self.token))
         if gen.ack:
             head = self._receive(ACK_BROKER_ID.size)
             if head is None:
@@ -169,11 +185,15 @@ class _Connection:
         pending = self.pending
         start.wait()
         interval = gen.pace_interval
+        window = self.window
         # Staggered, so paced connections do not all send at the same instants.
         due = gen.t0 + interval * self.index / len(gen.connections)
         try:
             seq = 0
             while next(gen.budget) < gen.total_batches and time.perf_counter() < gen.deadline:
+                if window is not None and seq - self.acked_msgs // num_msg >= SESSION_WINDOW:
+                    if not self._wait_for_window(window, seq):
+                        break
                 _BATCH_SEQ.pack_into(batch, 0, seq)
                 now = time.perf_counter()
                 if interval:
@@ -199,6 +219,17 @@ class _Connection:
         except OSError as exc:
             self.error = f"connection {self.index}: send failed: {exc}"
             self.sending_done = True
+
+    def _wait_for_window(self, window: threading.Condition, seq: int) -> bool:
+        """Wait until batch_seq ``seq`` is inside the session's window; False
+        if the run ends first (an error, or the run was abandoned)."""
+        num_msg = self.gen.num_msg
+        with window:
+            while seq - self.acked_msgs // num_msg >= SESSION_WINDOW:
+                if self.error or self.done_at or self.gen.stop.is_set():
+                    return False
+                window.wait(0.1)
+        return True
 
     def read_loop(self) -> None:
         """Read acks (or, with ack 0, wait for EOF); record per-batch latencies."""
@@ -227,6 +258,9 @@ class _Connection:
                     self.last_ack_at = now
                     while pending and pending[0][0] <= count:
                         pending.popleft()[3] = now
+                if self.window is not None and whole:
+                    with self.window:
+                        self.window.notify()
                 if whole:
                     buf[: have - whole] = buf[whole:have]
                     have -= whole
@@ -239,6 +273,9 @@ class _Connection:
         finally:
             if not self.done_at:
                 self.done_at = time.perf_counter()
+            if self.window is not None:  # a sender waiting for acks stops
+                with self.window:
+                    self.window.notify()
 
 
 class LoadGenerator:
@@ -262,6 +299,7 @@ class LoadGenerator:
         self.deadline = float("inf")
         self.stop = threading.Event()
         self.rate: float | None = args.rate
+        self.session: bool = args.session
         # Seconds between one connection's batches when paced (0: as fast as it can).
         self.pace_interval = batch_payload * args.connections / args.rate if args.rate else 0.0
         self.connections = open_connections(args.connections, lambda i: _Connection(self, i))
@@ -324,6 +362,7 @@ class LoadGenerator:
             "ok": not errors and (self.ack == 0 or acked == messages),
             "errors": errors,
             "ack": self.ack,
+            "session": self.session,
             "connections": len(conns),
             "message_size": self.message_size,
             "batch_messages": self.num_msg,
@@ -435,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES_PER_S",
         help="pace the connections: message payload per second, all together (default: unpaced)",
     )
+    parser.add_argument(
+        "--session",
+        action="store_true",
+        help="publish in sessions (client_req 2): one per connection, batch_seq 0, 1, 2, ... "
+        "(needs --ack 1 or 2)",
+    )
     parser.add_argument("--interval", type=float, default=1.0, help="progress line period")
     return parser
 
@@ -444,6 +489,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.connections < 1 or args.message_size < 1 or args.batch_messages < 1:
         print("connections, message size and batch messages must be >= 1", file=sys.stderr)
+        return 2
+    if args.session and not args.ack:
+        print("--session needs --ack 1 or 2 (a session resends until acked)", file=sys.stderr)
         return 2
     return clientproc.main("loadgen", args, LoadGenerator)
 

@@ -25,14 +25,24 @@ if TYPE_CHECKING:
     import trio
 
 
-def publish_handshake(client_id: int, ack: int, topic: str) -> bytes:
+def publish_handshake(client_id: int, ack: int, topic: str, session_token: int = 0) -> bytes:
     """The 64-byte handshake that opens a publish connection (acks on it, if any).
 
     Args:
         client_id: The publisher's id.
         ack: Ack level, 0 to 2.
         topic: The topic to publish to.
+        session_token: Non-zero: publish in a session with this token
+            (``client_req = 2``, the wire protocol's section 4.5).
     """
+    if session_token:
+        return _handshake(
+            ClientRequest.PUBLISH_SESSION,
+            topic,
+            client_id=client_id,
+            ack=ack,
+            last_addr=session_token,
+        )
     return _handshake(ClientRequest.PUBLISH, topic, client_id=client_id, ack=ack)
 
 

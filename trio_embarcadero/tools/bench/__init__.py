@@ -23,12 +23,16 @@ invocation. A variant is a receiver and an ack level:
   next to ``clusterN-order0`` the cost of the total order.
 
 Written ``NAME-ack0`` or ``NAME-ack1``; plain ``trio-sink`` and ``raw-sink``
-mean ack 1. The broker also runs as ``staged-ack2`` / ``direct-ack2`` (not in
-the default list): the broker config gets ``storage.dir``, a fresh directory
-under ``--storage-dir`` removed after the run, and every ack waits for the
-disk log's group-committed ``fdatasync``; the load generator counts those
-acks like ack 1, so the difference to ``NAME-ack1`` is the cost of
-durability on disk.
+mean ack 1. A broker variant with acks may end in ``-session``
+(``staged-ack1-session``, ``cluster2-order5-session``): the load generator
+then publishes in publish sessions (``client_req = 2``, one a connection,
+batch_seq 0, 1, 2, ...), and the report sets it next to the same variant
+publishing plainly (the cost of a session). The broker also runs as
+``staged-ack2`` / ``direct-ack2`` (not in the default list): the broker
+config gets ``storage.dir``, a fresh directory under ``--storage-dir``
+removed after the run, and every ack waits for the disk log's
+group-committed ``fdatasync``; the load generator counts those acks like
+ack 1, so the difference to ``NAME-ack1`` is the cost of durability on disk.
 
 The read path, on request: ``read-subN`` fills the broker's topic with the
 load generator (not timed), then times N subscribers, each reading it all

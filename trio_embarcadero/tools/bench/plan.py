@@ -53,6 +53,7 @@ _VARIANT_RE = re.compile(
     r"(?:(?P<kind>trio-sink|raw-sink|staged|direct)(?:-ack(?P<ack>[012]))?"
     r"|cluster(?P<brokers>[0-9]+)-order(?P<order>[0-9]+)(?:-ack(?P<cluster_ack>[012]))?"
     r"|read-(?P<read>sink|sub)(?P<readers>[0-9]*))"
+    r"(?P<session>-session)?"
     r"(?P<tags>(?:\+[A-Za-z0-9_-]+)*)"
 )
 #: What ``trio-embarcadero bench --help`` says the command does.
@@ -90,6 +91,9 @@ class Variant:
         batch_messages: Messages per batch (0 until :func:`make_plan` sets it).
         brokers: Broker processes on the region (``cluster`` variants; 1 otherwise).
         order: The topic's order level (``cluster`` variants: 0 or 5; 0 otherwise).
+        session: The load generator publishes in sessions (``-session``:
+            ``client_req = 2``, one session a connection); the broker's
+            ingest path with acks only.
     """
 
     name: str
@@ -102,6 +106,7 @@ class Variant:
     batch_messages: int = 0
     brokers: int = 1
     order: int = 0
+    session: bool = False
 
     @property
     def is_broker(self) -> bool:
@@ -200,10 +205,11 @@ class Plan:
         tags: tuple[str, ...] | None = None,
         brokers: int | None = None,
         order: int | None = None,
+        session: bool | None = None,
     ) -> Variant | None:
         """The first planned variant that is ``variant`` with another ``kind``,
-        ``ack``, ``tags``, ``brokers`` or ``order``, at the same batch size,
-        if any: what a ratio compares it with."""
+        ``ack``, ``tags``, ``brokers``, ``order`` or ``session``, at the same
+        batch size, if any: what a ratio compares it with."""
         wanted = (
             variant.kind if kind is None else kind,
             variant.ack if ack is None else ack,
@@ -212,6 +218,7 @@ class Plan:
             variant.batch_messages,
             variant.brokers if brokers is None else brokers,
             variant.order if order is None else order,
+            variant.session if session is None else session,
         )
         return next(
             (
@@ -225,6 +232,7 @@ class Plan:
                     other.batch_messages,
                     other.brokers,
                     other.order,
+                    other.session,
                 )
                 == wanted
             ),
@@ -357,13 +365,24 @@ def _variant(text: str) -> Variant:
             f"unknown variant {text!r}: use trio-sink, raw-sink, staged or direct, "
             "optionally with -ack0 or -ack1 (staged and direct also -ack2), "
             "read-sinkN / read-subN (N readers), or clusterN-orderO (N brokers, a topic "
-            "of order O: 0 or 5); then any +NAME (e.g. +retention)"
+            "of order O: 0 or 5); then -session (publish in sessions; the broker with "
+            "acks), then any +NAME (e.g. +retention)"
         )
     kind, ack, read, readers, tags = match.group("kind", "ack", "read", "readers", "tags")
     tag_list = tuple(t for t in tags.split("+") if t)
     if len(set(tag_list)) != len(tag_list):
         raise argparse.ArgumentTypeError(f"variant {text!r} names a +tag twice")
     brokers, order, cluster_ack = match.group("brokers", "order", "cluster_ack")
+    session = match.group("session") is not None
+    if session and (
+        kind not in ("staged", "direct", None)
+        or read is not None
+        or (ack or cluster_ack or "1") == "0"
+    ):
+        raise argparse.ArgumentTypeError(
+            f"variant {text!r}: -session is the broker's ingest path with acks: "
+            "staged-ack1-session, direct-ack2-session, cluster2-order5-session, ..."
+        )
     if brokers is not None:
         if not 1 <= int(brokers) <= MAX_BROKER_ID + 1 or int(order) not in (0, 5):
             raise argparse.ArgumentTypeError(
@@ -372,7 +391,14 @@ def _variant(text: str) -> Variant:
             )
         ack_level = 1 if cluster_ack is None else int(cluster_ack)
         return Variant(
-            name, "cluster", ack_level, 0, tag_list, brokers=int(brokers), order=int(order)
+            name,
+            "cluster",
+            ack_level,
+            0,
+            tag_list,
+            brokers=int(brokers),
+            order=int(order),
+            session=session,
         )
     if read is not None:
         if not readers or int(readers) < 1:
@@ -389,7 +415,7 @@ def _variant(text: str) -> Variant:
             f"variant {text!r}: ack 2 needs the broker's disk log; a sink has none "
             "(use staged-ack2 or direct-ack2)"
         )
-    return Variant(name, kind, 1 if ack is None else int(ack), 0, tag_list)
+    return Variant(name, kind, 1 if ack is None else int(ack), 0, tag_list, session=session)
 
 
 def _variants(text: str) -> list[Variant]:

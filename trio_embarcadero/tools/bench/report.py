@@ -130,6 +130,7 @@ def summarize(plan: Plan, runs: Sequence[RunResult]) -> dict[str, Any]:
             "paced": [_paced(v, rate, runs) for rate in plan.rates] if v.paced else [],
             "brokers": v.brokers,
             "order": v.order,
+            "session": v.session,
             "connections": plan.connections_for(v),
             # Cluster runs: each broker's share (by id), median over rounds.
             "broker_gb_per_s": _per_broker([r.broker_gb_per_s for r in mine]),
@@ -162,12 +163,12 @@ def _baselines(plan: Plan, v: Variant) -> dict[str, Variant | None]:
     ingest = not v.is_read
     return {
         "trio_sink": (
-            plan.counterpart(v, kind=BASELINE, ack=1, tags=(), brokers=1, order=0)
+            plan.counterpart(v, kind=BASELINE, ack=1, tags=(), brokers=1, order=0, session=False)
             if ingest
             else None
         ),
         "raw_sink": (
-            plan.counterpart(v, kind=BEST_RAW, ack=1, tags=(), brokers=1, order=0)
+            plan.counterpart(v, kind=BEST_RAW, ack=1, tags=(), brokers=1, order=0, session=False)
             if ingest
             else None
         ),
@@ -183,6 +184,8 @@ def _baselines(plan: Plan, v: Variant) -> dict[str, Variant | None]:
         # broker processes).
         "order0": plan.counterpart(v, order=0) if v.is_cluster and v.order else None,
         "one_broker": plan.counterpart(v, brokers=1) if v.is_cluster and v.brokers > 1 else None,
+        # Publishing in sessions next to the same variant publishing plainly.
+        "plain": plan.counterpart(v, session=False) if v.session else None,
     }
 
 
@@ -444,6 +447,9 @@ def _variant_notes(
                 f"; target >= {TARGET_ORDER5_VS_ORDER0:.0%}",
             )
         )
+    plain = plan.counterpart(variant, session=False)
+    if variant.session and plain is not None and v["ratio_to_plain"] is not None:
+        notes.append(_cost_note("Session cost", variant.name, plain.name, "plain", v, variants))
     untagged = plan.counterpart(variant, tags=())
     if variant.tags and untagged is not None and v["ratio_to_untagged"] is not None:
         paired = v["paired_ratio_to_untagged"]

@@ -533,6 +533,7 @@ class Bench:
             *("--batch-messages", str(variant.batch_messages)),
             *("--bytes", str(plan.bytes), "--seconds", str(plan.seconds)),
             *("--interval", str(PROGRESS_INTERVAL)),
+            *(("--session",) if variant.session else ()),
         ]
         return cmd if rate is None else [*cmd, "--rate", str(round(rate))]
 
