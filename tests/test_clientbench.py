@@ -31,6 +31,7 @@ def test_a_tiny_run_measures_every_mode(
     counts = {r["mode"]: r["messages"] for r in results}
     assert counts["publish"] == 500
     assert counts["publish_many"] == 1500
+    assert counts["publish_many-idempotent"] == 1500
     assert counts["batches-1k"] == 300
     assert all(len(r["msgs_per_s"]) == 1 and r["msgs_per_s"][0] > 0 for r in results)
     assert "| iter-100 | 100 B |" in captured.out

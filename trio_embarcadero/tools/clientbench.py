@@ -14,6 +14,9 @@ measures in this process, round after round, every mode once per round
 * ``publish_nowait``: ``publisher.publish_nowait(m)`` while the in-flight
   window has room, ``await publisher.publish(m)`` when it is full;
 * ``publish_many``: one ``await publisher.publish_many(...)`` call;
+* ``publish-idempotent``, ``publish_many-idempotent``: the same in a publish
+  session (``open_publisher(..., idempotent=True)``, ``client_req = 2``); the
+  other publisher modes ask for ``idempotent=False``, whatever the default;
 * ``iter-SIZE``: ``async for message in subscriber`` (a ``Message`` each);
 * ``receive-SIZE``: ``await subscriber.receive_messages()`` (a list each);
 * ``batches-SIZE``: ``async for batch in subscriber.batches()`` (no copy).
@@ -51,7 +54,13 @@ from .noloss import BrokerProcess, RunError
 
 HOST = "127.0.0.1"
 _SIZES = {"100": 100, "1k": 1024}
-_PUBLISH_MODES = ("publish", "publish_nowait", "publish_many")
+_PUBLISH_MODES = (
+    "publish",
+    "publish_nowait",
+    "publish_many",
+    "publish-idempotent",
+    "publish_many-idempotent",
+)
 _SUBSCRIBE_KINDS = ("iter", "receive", "batches")
 MODES = (
     *_PUBLISH_MODES,
@@ -100,7 +109,10 @@ class _Timer:
 
 async def _publish(port: int, topic: str, count: int, mode: str) -> _Timer:
     payload = b"p" * _PUBLISH_SIZE
-    async with open_publisher(HOST, port, topic, ack=1, batch_bytes=_BATCH_BYTES) as publisher:
+    mode, _, session = mode.partition("-")
+    async with open_publisher(
+        HOST, port, topic, ack=1, batch_bytes=_BATCH_BYTES, idempotent=bool(session)
+    ) as publisher:
         with _Timer() as timer:
             if mode == "publish_many":
                 await publisher.publish_many(itertools.repeat(payload, count))
@@ -155,7 +167,7 @@ class _Plan:
     @staticmethod
     def _count(mode: str, args: argparse.Namespace) -> int:
         if mode in _PUBLISH_MODES:
-            return int(args.publish_messages * (3 if mode == "publish_many" else 1))
+            return int(args.publish_messages * (3 if mode.startswith("publish_many") else 1))
         return int(args.subscribe_messages)
 
     def message_size(self, mode: str) -> int:
