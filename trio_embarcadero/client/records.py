@@ -13,8 +13,9 @@ one strided numpy comparison per run of equal-sized records (one per receive
 when every message has the same size), the headers are copied as one array
 whose columns are the fields, checked with a few vector operations. A
 :class:`~trio_embarcadero.wire.Message` is a tuple built in C from fields
-prepared for the whole batch (its payload a slice of one copy of the
-received bytes), so handing one out takes a few bytecodes.
+prepared for the whole batch (equal-sized payloads copied by numpy in one
+loop, others sliced from one copy of the received bytes), so handing one out
+takes a few bytecodes.
 
 An ordered subscription (``client_req = 3``, or ``1`` on an order-5 topic)
 has a 16-byte ``BatchMetadata`` in front of each batch's records; there the

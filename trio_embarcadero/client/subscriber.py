@@ -139,8 +139,8 @@ class Subscriber:
             plan.connected_at = trio.current_time()
         self._receiver: Receiver = receiver_for(stream)
         self._decoder = RecordDecoder(start, buffer_bytes, ordered=ordered)
-        # The last batch received, and the fields of its messages iteration
-        # has not handed out yet (each Message is built as it is handed out).
+        # The last batch received, and its messages iteration has not handed
+        # out yet (each Message is built as it is handed out).
         self._batch: MessageBatch | None = None
         self._rest: Iterator[Message] = iter(())
         self._error: BrokerError | ProtocolError | None = None
