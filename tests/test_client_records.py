@@ -25,7 +25,14 @@ from trio_embarcadero.client.records import (
     make_message,
 )
 from trio_embarcadero.errors import BrokerError, ErrorCode, ProtocolError
-from trio_embarcadero.wire import ERROR_FRAME_HEAD, ERROR_MARKER, MESSAGE_HEADER, Message
+from trio_embarcadero.wire import (
+    BATCH_METADATA,
+    BATCH_METADATA_VERSION,
+    ERROR_FRAME_HEAD,
+    ERROR_MARKER,
+    MESSAGE_HEADER,
+    Message,
+)
 
 U64 = struct.Struct("<Q")
 # (payload, logical offset, client id, client order)
@@ -34,6 +41,13 @@ Decoded = tuple[bytes, int, int, int]
 
 def record(payload: bytes, offset: int, *, order: int = 0, padded: int | None = None) -> bytes:
     return committed(payload, offset, client_order=order, padded=padded)
+
+
+def ordered_record(payload: bytes, total_order: int) -> bytes:
+    """A record of an ordered stream: numbered by its total order."""
+    pad = (64 - len(payload) % 64) % 64
+    head = MESSAGE_HEADER.pack(64 + len(payload) + pad, 0, 0, 0, total_order, 0, 9, len(payload))
+    return head + payload + b"\0" * pad
 
 
 def error_frame(code: int, text: str) -> bytes:
@@ -263,3 +277,42 @@ def test_a_jump_forward_counts_as_skipped() -> None:
     assert decoder.skipped == 3 + 6 + 3
     assert decoder.position == 16
     assert decoder.error is None
+
+
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 100, 1024])
+def test_equal_sized_messages_are_copied_whole_from_their_strided_records(size: int) -> None:
+    # Equal sizes at equal distances take numpy's strided copy; trailing zero
+    # bytes and empty payloads must come out exactly as sent.
+    payloads = [(bytes([i % 256]) + b"\0" * size)[:size] for i in range(300)]
+    stream = b"".join(record(p, 7 + i, order=i) for i, p in enumerate(payloads))
+    decoder = RecordDecoder(7, len(stream))
+    room = decoder.receive_buffer()
+    room[: len(stream)] = stream
+    batch = decoder.feed_batch(len(stream))
+    assert batch is not None
+    expected = spec_decode(stream, 7)[0]
+    messages = batch.messages()
+    assert [tuple(m) for m in messages] == expected
+    assert all(type(m) is Message and type(m.payload) is bytes for m in messages)
+    assert list(batch.iter_messages()) == messages
+    assert [m.payload for m in batch.since(100).messages()] == payloads[93:]
+
+
+def test_equal_sizes_at_unequal_distances_are_copied_one_by_one() -> None:
+    # An ordered stream puts a BatchMetadata between batches: equal sizes, but
+    # the records are not evenly spaced.
+    payloads = [bytes([i]) * 40 for i in range(6)]
+    stream = (
+        BATCH_METADATA.pack(0, 3, BATCH_METADATA_VERSION, 0)
+        + b"".join(ordered_record(p, i) for i, p in enumerate(payloads[:3]))
+        + BATCH_METADATA.pack(3, 3, BATCH_METADATA_VERSION, 0)
+        + b"".join(ordered_record(p, 3 + i) for i, p in enumerate(payloads[3:]))
+    )
+    decoder = RecordDecoder(0, len(stream), ordered=True)
+    room = decoder.receive_buffer()
+    room[: len(stream)] = stream
+    batch = decoder.feed_batch(len(stream))
+    assert batch is not None
+    assert decoder.error is None
+    assert [m.payload for m in batch.messages()] == payloads
+    assert [m.offset for m in batch.iter_messages()] == list(range(6))

@@ -13,8 +13,9 @@ one strided numpy comparison per run of equal-sized records (one per receive
 when every message has the same size), the headers are copied as one array
 whose columns are the fields, checked with a few vector operations. A
 :class:`~trio_embarcadero.wire.Message` is a tuple built in C from fields
-prepared for the whole batch (its payload a slice of one copy of the
-received bytes), so handing one out takes a few bytecodes.
+prepared for the whole batch (equal-sized payloads copied by numpy in one
+loop, others sliced from one copy of the received bytes), so handing one out
+takes a few bytecodes.
 
 An ordered subscription (``client_req = 3``, or ``1`` on an order-5 topic)
 has a 16-byte ``BatchMetadata`` in front of each batch's records; there the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator
 from functools import partial
+from itertools import repeat
 from typing import Any, cast
 
 import attrs
@@ -71,6 +73,9 @@ _HEADER_WORDS = np.arange(MESSAGE_HEADER_SIZE // 8)
 make_message = cast(
     "Callable[[tuple[bytes, int, int, int]], Message]", partial(tuple.__new__, Message)
 )
+# ``tuple.__new__`` itself, for ``map`` with the class as its first argument:
+# one C call per message, no ``partial`` in between.
+_new_tuple = cast("Callable[[type[Message], tuple[bytes, int, int, int]], Message]", tuple.__new__)
 _new_view = cast(
     "Callable[[tuple[memoryview, int, int, int]], MessageView]",
     partial(tuple.__new__, MessageView),
@@ -151,27 +156,52 @@ class MessageBatch:
     def messages(self) -> list[Message]:
         """Every message as a :class:`~trio_embarcadero.wire.Message`, its
         payload a copy (``bytes``) that stays valid."""
-        return list(map(make_message, self.message_fields()))
+        return list(self.iter_messages())
+
+    def iter_messages(self) -> Iterator[Message]:
+        """Every message as a :class:`~trio_embarcadero.wire.Message`, built
+        as the iterator is advanced (its payload a copy, as for
+        :meth:`messages`).
+
+        For a reader that takes its messages one at a time: a Message is a
+        tuple the garbage collector tracks, so building each only when it is
+        wanted keeps few of them alive at once, which costs the collector
+        less than a list of them all. Each is built in C (``tuple.__new__``
+        called by ``map``), without a Python frame per message.
+        """
+        return map(_new_tuple, repeat(Message), self.message_fields())
 
     def message_fields(self) -> Iterator[tuple[bytes, int, int, int]]:
         """The fields of every message as a :class:`~trio_embarcadero.wire.Message`
-        has them, its payload a copy; :func:`make_message` makes one of each.
+        has them, its payload a copy; :func:`make_message` makes one of each."""
+        return zip(self._payload_copies(), *self._fields(), strict=True)
 
-        For a reader that builds its messages one at a time: a Message is a
-        tuple the garbage collector tracks, so building each only when it is
-        wanted keeps few of them alive at once, which costs the collector
-        less than a list of them all.
-        """
-        starts = self.starts.tolist()
-        ends = (self.starts + self.sizes).tolist()
-        if len(starts) == 1:  # a large record is copied once, not twice
-            payloads = [self.data[starts[0] : ends[0]].tobytes()]
-        else:
-            # One copy of the received bytes; slicing bytes from it costs no
-            # more than slicing views.
-            chunk = self.data.tobytes()
-            payloads = [chunk[start:end] for start, end in zip(starts, ends, strict=True)]
-        return zip(payloads, *self._fields(), strict=True)
+    def _payload_copies(self) -> list[bytes]:
+        """Every payload as ``bytes`` of its own."""
+        starts, sizes = self.starts, self.sizes
+        count = len(starts)
+        if count > 1:
+            size = int(sizes[0])
+            step = int(starts[1] - starts[0])
+            if (sizes == size).all() and (np.diff(starts) == step).all():
+                # Equal payloads at equal distances (a run of one message
+                # size, the usual stream): numpy makes them ``bytes`` in one C
+                # loop, one copy each, as items of a strided array of
+                # fixed-size raw values.
+                strided = np.ndarray(
+                    (count,), dtype=f"V{size}", buffer=self.data, offset=int(starts[0]),
+                    strides=(step,),
+                )  # fmt: skip
+                payloads: list[bytes] = strided.tolist()
+                return payloads
+        starts_list = starts.tolist()
+        ends = (starts + sizes).tolist()
+        if count == 1:  # a large record is copied once, not twice
+            return [self.data[starts_list[0] : ends[0]].tobytes()]
+        # One copy of the received bytes; slicing bytes from it costs no
+        # more than slicing views.
+        chunk = self.data.tobytes()
+        return [chunk[start:end] for start, end in zip(starts_list, ends, strict=True)]
 
     def views(self) -> list[MessageView]:
         """Every message as a :class:`~trio_embarcadero.wire.MessageView`,

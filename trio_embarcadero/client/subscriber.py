@@ -36,7 +36,7 @@ from ..wire import (
 from . import failover
 from .connect import choose_client_id, send_handshake
 from .failover import BrokerAddress, Endpoint
-from .records import MessageBatch, RecordDecoder, make_message
+from .records import MessageBatch, RecordDecoder
 
 #: Default size of a subscriber's receive buffer (it grows for larger records).
 DEFAULT_RECEIVE_BUFFER = 1 << 20
@@ -139,10 +139,10 @@ class Subscriber:
             plan.connected_at = trio.current_time()
         self._receiver: Receiver = receiver_for(stream)
         self._decoder = RecordDecoder(start, buffer_bytes, ordered=ordered)
-        # The last batch received, and the fields of its messages iteration
-        # has not handed out yet (each Message is built as it is handed out).
+        # The last batch received, and its messages iteration has not handed
+        # out yet (each Message is built as it is handed out).
         self._batch: MessageBatch | None = None
-        self._rest: Iterator[tuple[bytes, int, int, int]] = iter(())
+        self._rest: Iterator[Message] = iter(())
         self._error: BrokerError | ProtocolError | None = None
 
     @property
@@ -184,10 +184,10 @@ class Subscriber:
                 connection (code :data:`BROKER_FAILED`).
             ProtocolError: The stream is not a valid record stream.
         """
-        for fields in self._rest:
-            return make_message(fields)
-        self._rest = rest = (await self._receive()).message_fields()
-        return make_message(next(rest))
+        for message in self._rest:
+            return message
+        self._rest = rest = (await self._receive()).iter_messages()
+        return next(rest)
 
     async def receive_messages(self) -> list[Message]:
         """Every whole message that has arrived, at least one; waits for one.
@@ -198,7 +198,7 @@ class Subscriber:
             BrokerError: As for iteration.
             ProtocolError: As for iteration.
         """
-        if rest := list(map(make_message, self._rest)):
+        if rest := list(self._rest):
             await trio.lowlevel.checkpoint()
             return rest
         return (await self._receive()).messages()
@@ -229,11 +229,11 @@ class Subscriber:
             BrokerError: As for iteration.
             ProtocolError: As for iteration.
         """
-        if self._batch is not None and (fields := next(self._rest, None)) is not None:
+        if self._batch is not None and (message := next(self._rest, None)) is not None:
             # Messages an iteration received but has not handed out yet.
             self._rest = iter(())
             await trio.lowlevel.checkpoint()
-            return self._batch.since(fields[1])
+            return self._batch.since(message.offset)
         return await self._receive()
 
     def batches(self) -> AsyncIterator[MessageBatch]:
