@@ -20,7 +20,7 @@ import pytest
 import rawclient
 from memory import close_log, lose_lock, open_small_log
 from test_cxl import body
-from test_sequencer import CountingStore, CountingStruct, Crash, sync
+from test_sequencer import CountingStore, CountingStruct, Crash, stamp, sync
 
 from trio_embarcadero.log import CxlLog, DiskLog, open_log
 from trio_embarcadero.log import sequencer as sequencer_module
@@ -522,9 +522,9 @@ def test_a_batch_never_ordered_is_marked_only_after_the_run_before_it(
             break
         crash_at += 1
     # Every store: the new sequencer's redo of the two "ordered" words before,
-    # the run of five (records, headers, entries, the count, "ordered"
-    # words), the skipped one's word, then the sixth's five.
-    assert crash_at == CountingStruct.count == 2 + 4 * 5 + 1 + 1 + 5
+    # the run of five (headers, entries, the count, "ordered" words), the
+    # skipped one's word, then the sixth's four (no record: its broker's).
+    assert crash_at == CountingStruct.count == 2 + 3 * 5 + 1 + 1 + 4
 
 
 def test_a_batch_never_ordered_stays_so_in_a_region_rebuilt_from_the_disk_log(
@@ -561,6 +561,7 @@ def test_a_batch_never_ordered_stays_so_in_a_region_rebuilt_from_the_disk_log(
     store(one, late)
     plain(one, 9, 0)
     sequencer.step(2 * SECOND)
+    stamp(zero, one, topic=TOPIC)  # each broker, once its batches are ordered
     for disk in disks:
         sync(disk)
         assert disk.waiting_batches == 0  # every batch is on disk
@@ -691,6 +692,6 @@ def test_a_sequencer_that_dies_at_any_store_of_a_run_of_session_batches_goes_on_
             break
         crash_at += 1
     # It died at every store there is: the index's first segment (3), 8
-    # batches' records, headers, entries, "ordered" words, the count and the
-    # session's next batch_seq; then 8's.
-    assert crash_at == CountingStruct.count == 3 + 4 * 8 + 2 + 6
+    # batches' headers, entries, "ordered" words, the count and the
+    # session's next batch_seq; then 8's (no record: their broker's).
+    assert crash_at == CountingStruct.count == 3 + 3 * 8 + 2 + 5

@@ -72,11 +72,18 @@ later):
                             batch is gone (retention), like an offset
 The sequencer orders a *run* of batches at a time (consecutive batches of
 one stream, at most ``RUN_LIMIT`` of :mod:`.sequencer`) and writes, in this
-order: every record's ``total_order`` and each header's ``total_order``, the
-index entries, the topic's ordered count (the commit point: one aligned
-8-byte store covering the whole run), then the headers' ``ordered`` words
-(1), then the next batch_seq to order of each publish session (see below)
-with a batch in the run (one 8-byte store a session). A batch is ordered
+order: each header's ``total_order``, the index entries, the topic's
+ordered count (the commit point: one aligned 8-byte store covering the whole
+run), then the headers' ``ordered`` words (1), then the next batch_seq to
+order of each publish session (see below) with a batch in the run (one
+8-byte store a session). It writes no record: the broker that stored a
+batch writes every record's ``total_order`` (the header's + the record's
+index) once the batch's ``ordered`` word is 1, then the header's stamped
+word (``BH_STAMPED``, +76, in the padding the writer zeroes) to 1, and
+only then acks it, writes it to disk or lets retention have its segment;
+a broker that starts stamps what its previous process left unstamped
+(see :mod:`.stamps`). A reader takes a record's total order from the
+header or index entry, not from a record of a batch not stamped yet. A batch is ordered
 once the count covers its entry; a sequencer that starts again redoes the
 ``ordered`` words of the last ``RUN_LIMIT`` entries (those of batches still
 in the region) and their sessions' next batch_seqs, and goes on from the
@@ -239,6 +246,10 @@ NEVER_ORDERED = 2
 #: the disk log with the total order it had (in ``total_order``), which the
 #: sequencer gives it again.
 BH_RESTORED = 72
+#: A batch header's stamped word (in the same padding): 1 once every record
+#: of an ordered batch of an order-5 topic carries its total order, written
+#: by the broker that stored the batch (see .stamps).
+BH_STAMPED = 76
 #: A stream entry's count of attached publish sessions, at +56.
 STREAM_ATTACHED_OFFSET = 56
 #: A stream entry: first, last segment, segment count.

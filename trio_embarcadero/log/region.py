@@ -66,6 +66,7 @@ from .layout import (
     BH_ORDERED,
     BH_TOTAL_SIZE,
     LAYOUT_VERSION,
+    NEVER_ORDERED,
     NEXT_GENERATION_OFFSET,
     NO_SEGMENT,
     SEGMENT_HEADER,
@@ -112,6 +113,7 @@ from .ownership import (
 from .segments import SegmentMap, order_for
 from .sequencer import Sequencer
 from .sessions import Claim, SessionTable
+from .stamps import is_stamped
 from .topics import attached_publishers, finish_deletions
 
 logger = logging.getLogger(__name__)
@@ -1267,9 +1269,12 @@ class CxlLog:
         return count
 
     def _ordered(self, stream: Stream, retained: int) -> bool:
-        """Whether the ``retained``-th batch the stream retains is ordered."""
-        (ordered,) = U32.unpack_from(self._mmap, stream.index_header[retained] + BH_ORDERED)
-        return bool(ordered)
+        """Whether the ``retained``-th batch the stream retains is ordered
+        and its records stamped with their total orders (by this broker,
+        which must not find its segment gone), or never ordered."""
+        header = stream.index_header[retained]
+        (ordered,) = U32.unpack_from(self._mmap, header + BH_ORDERED)
+        return ordered == NEVER_ORDERED or is_stamped(self._mmap, header)
 
     def reclaim_oldest(self, stream: Stream) -> RetainedSegment | None:
         """Let ``stream``'s oldest segment go and give it back to the region.

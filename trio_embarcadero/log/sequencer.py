@@ -8,11 +8,12 @@ batch committed since a place in the topic's total order: per message, gap-free
 from 0, in the order the sequencer finds the commits (a stream's batches in
 their commit order, so a connection's batches keep the order it sent them in).
 It orders a stream's batches found in one step as a run: the total orders
-into the records and the headers, the entries appended to the topic's
-ordered index, one commit point for the run, then the headers marked
-ordered; a long run with one numpy store of each kind (strided columns or
-one gather of every record's place), so a batch of 16 records costs about
-what a batch of one does.
+into the headers, the entries appended to the topic's ordered index, one
+commit point for the run, then the headers marked ordered; a long run with
+one numpy store of each kind. It writes no record, so a batch of any size
+costs the same: the broker that stored a batch writes its records' total
+orders once it is ordered (see :mod:`.stamps`), which spreads that work
+over the brokers.
 The layout and the crash-safe order of those stores are described in
 :mod:`.layout`; a sequencer that starts again (after a ``kill -9`` at any
 point) goes on from the region alone.
@@ -60,9 +61,6 @@ import numpy.typing as npt
 from ..wire import (
     BATCH_HEADER_SIZE,
     BH_BATCH_COMPLETE,
-    MH_NEXT_MSG_DIFF,
-    MH_PADDED_SIZE,
-    MH_TOTAL_ORDER,
 )
 from .layout import (
     BATCH_ABANDONED,
@@ -281,9 +279,6 @@ _ONE = np.uint32(1)
 #: A run of at most this many batches is ordered batch by batch with
 #: ``struct`` stores; a longer one with one numpy store per kind of word.
 _FEW_BATCHES = 4
-#: Batches of this many records each on average get a strided column each,
-#: not one gather of every record's place.
-_MANY_RECORDS = 64
 
 
 def _store(view: npt.NDArray[Any], at: npt.NDArray[np.int64] | slice, values: Any) -> None:
@@ -295,10 +290,10 @@ def _store(view: npt.NDArray[Any], at: npt.NDArray[np.int64] | slice, values: An
 
 class _Run:
     """Batches of one stream found to order: their header offsets, message
-    counts, payload sizes and data segments' generations, and the next
+    counts and data segments' generations, and the next
     batch_seq of each publish session with a batch among them."""
 
-    __slots__ = ("generations", "messages", "num_msgs", "offsets", "sessions", "sizes")
+    __slots__ = ("generations", "messages", "num_msgs", "offsets", "sessions")
 
     def __init__(self) -> None:
         self.start()
@@ -308,7 +303,6 @@ class _Run:
         self.messages = 0
         self.offsets: list[int] = []
         self.num_msgs: list[int] = []
-        self.sizes: list[int] = []
         self.generations: list[int] = []
         # Entry offset of a session in the table: its batch_seq after the run.
         self.sessions: dict[int, int] = {}
@@ -722,7 +716,6 @@ class Sequencer:
                 run.offsets.append(offset)
                 run.messages += num_msg
                 run.num_msgs.append(num_msg)
-                run.sizes.append(total)
                 run.generations.append(position.generation)
         except SegmentReclaimed:
             # Retention let the segment go; it keeps unordered batches of an
@@ -871,13 +864,7 @@ class Sequencer:
         cheaper than setting up arrays)."""
         buf = self._buf
         for k, header in enumerate(run.offsets):
-            num_msg, total = run.num_msgs[k], totals[k]
-            payload = header + BATCH_HEADER_SIZE
-            if num_msg == 1:
-                U64.pack_into(buf, payload + 8 * MH_TOTAL_ORDER, total)
-            else:
-                self._stamp_batch(payload // 8, num_msg, run.sizes[k], total)
-            U64.pack_into(buf, header + BH_TOTAL_ORDER, total)
+            U64.pack_into(buf, header + BH_TOTAL_ORDER, totals[k])
         for k, header in enumerate(run.offsets):
             INDEX_ENTRY.pack_into(
                 buf,
@@ -896,7 +883,6 @@ class Sequencer:
         headers = np.array(run.offsets, dtype=np.int64)
         num_msgs = np.array(run.num_msgs, dtype=np.int64)
         firsts = np.array(totals[:-1], dtype=np.uint64)
-        self._stamp_many(headers + BATCH_HEADER_SIZE, num_msgs, run.sizes, totals)
         _store(self._words, (headers + BH_TOTAL_ORDER) // 8, firsts)
         entries = np.empty(len(headers), dtype=_ENTRIES)
         entries["broker"] = broker
@@ -919,78 +905,6 @@ class Sequencer:
             count = min(len(entries) - done, per - slot)
             _store(view, np.arange(slot, slot + count), entries[done : done + count])
             done += count
-
-    def _stamp_many(
-        self,
-        payloads: npt.NDArray[np.int64],
-        num_msgs: npt.NDArray[np.int64],
-        sizes: list[int],
-        totals: list[int],
-    ) -> None:
-        """Write ``totals[0] + i`` into the ``total_order`` of the run's
-        ``i``-th record (numbered across its batches, whose payloads start at
-        ``payloads`` and whose first records get ``totals[:-1]``)."""
-        words = self._words
-        bases = payloads // 8
-        first, records = totals[0], totals[-1] - totals[0]
-        if records == len(bases):  # one record a batch
-            _store(
-                words, bases + MH_TOTAL_ORDER, np.arange(first, first + records, dtype=np.uint64)
-            )
-            return
-        if records >= _MANY_RECORDS * len(bases):
-            # Large batches: a strided column each costs less than finding
-            # every record's place.
-            for k, base in enumerate(bases.tolist()):
-                self._stamp_batch(base, int(num_msgs[k]), sizes[k], totals[k])
-            return
-        # Many small batches: every record's place at once. A batch of one
-        # record size (the common case) is a strided column: record i at
-        # word base + i * padded / 8.
-        ends = np.cumsum(num_msgs)
-        padded = words[bases + MH_PADDED_SIZE].astype(np.int64)
-        even = (padded * num_msgs == np.asarray(sizes)) & (padded % 8 == 0) & (padded > 0)
-        strides = np.where(even, padded // 8, 0)
-        batch_of = np.repeat(np.arange(len(bases)), num_msgs)
-        within = np.arange(records) - np.repeat(ends - num_msgs, num_msgs)
-        at = np.repeat(bases, num_msgs) + within * strides[batch_of]
-        # Sizes that merely add up like one size are walked record by record.
-        uneven = ~even
-        uneven[batch_of[words[at + MH_PADDED_SIZE].astype(np.int64) != padded[batch_of]]] = True
-        for k in np.flatnonzero(uneven).tolist():
-            start = int(ends[k] - num_msgs[k])
-            at[start : int(ends[k])] = self._record_words(int(bases[k]), int(num_msgs[k]))
-        _store(words, at + MH_TOTAL_ORDER, np.arange(first, first + records, dtype=np.uint64))
-
-    def _stamp_batch(self, base: int, num_msg: int, total_size: int, first: int) -> None:
-        """Write ``first + i`` into the ``total_order`` of record ``i`` of the
-        batch whose payload starts at word ``base``."""
-        words = self._words
-        padded = int(words[base + MH_PADDED_SIZE])
-        step = padded // 8
-        stop = base + num_msg * step
-        values = np.arange(first, first + num_msg, dtype=np.uint64)
-        if (
-            padded * num_msg == total_size
-            and padded % 8 == 0
-            and padded
-            and bool((words[base:stop:step] == padded).all())
-        ):
-            # One record size (the common case): a strided column.
-            _store(words, slice(base + MH_TOTAL_ORDER, stop, step), values)
-        else:
-            _store(words, self._record_words(base, num_msg) + MH_TOTAL_ORDER, values)
-
-    def _record_words(self, base: int, num_msg: int) -> npt.NDArray[np.int64]:
-        """The first words of the records of the batch whose payload starts at
-        word ``base``, followed record by record."""
-        words = self._words
-        at = np.empty(num_msg, dtype=np.int64)
-        word = base
-        for k in range(num_msg):
-            at[k] = word
-            word += int(words[word + MH_NEXT_MSG_DIFF]) // 8
-        return at
 
     def _index_slot(self, topic: _TopicOrder, entry: int) -> int | None:
         """Where entry ``entry`` goes, adding an index segment if it needs one."""
