@@ -601,12 +601,14 @@ def ordered_slots(buf: Any, geometry: Geometry) -> list[int]:
     """The slot of every live topic of order 5: one vectorised scan of the
     state and order words (the head's sequencer looks every few ms, and a
     region may hold thousands of order-0 topics)."""
-    words = (
-        _topic_table(buf, geometry)[:, TOPIC_STATE_OFFSET : TOPIC_ORDER_OFFSET + 4]
-        .copy()
-        .view("<u4")
+    stride = geometry.topic_entry_size // 4
+    words = np.frombuffer(
+        buf, dtype="<u4", count=geometry.max_topics * stride, offset=geometry.topic_offset(0)
     )
-    return np.flatnonzero((words[:, 0] == TOPIC_LIVE) & (words[:, 1] == 5)).tolist()
+    # Strided columns, compared in place: no copy of the table's rows.
+    states = words[TOPIC_STATE_OFFSET // 4 :: stride]
+    orders = words[TOPIC_ORDER_OFFSET // 4 :: stride]
+    return np.flatnonzero((states == TOPIC_LIVE) & (orders == 5)).tolist()
 
 
 def ordered_topics(buf: Any, geometry: Geometry) -> dict[int, str]:
