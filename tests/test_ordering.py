@@ -36,7 +36,7 @@ from trio_embarcadero.broker import Broker, ordering
 from trio_embarcadero.broker.metrics import BrokerCollector
 from trio_embarcadero.config import Config
 from trio_embarcadero.errors import ErrorCode, SequencerDeposed
-from trio_embarcadero.log import CxlLog
+from trio_embarcadero.log import CxlLog, open_log
 from trio_embarcadero.log.layout import BATCH_COMMITTED, BATCH_RESERVED, BH_ORDERED, NEVER_ORDERED
 from trio_embarcadero.log.lease import SequencerLease
 from trio_embarcadero.log.reader import region_brokers
@@ -628,3 +628,37 @@ async def test_subscribers_get_total_orders_in_records_their_broker_has_not_stam
             ]
             await reader.close()
         await client.close()
+
+
+async def test_batches_behind_a_session_batch_waiting_for_its_predecessor_are_acked_first(
+    make_config: MakeConfig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A session's batch_seq 1 reaches the broker before its 0 (on another
+    connection, as after a failover); a plain publisher's batches behind it
+    in the stream are ordered and acked meanwhile, and 1 is acked once 0
+    is ordered, after it, without waiting for the hole timeout."""
+    config = make_config(**{"topics.order": 5, "cxl.sequencer_hole_timeout_s": 60.0})
+    async with trio.open_nursery() as nursery, memory_broker(config) as (broker, listener):
+        late = await open_client(listener, nursery)
+        await late.send(rawclient.handshake("ord", client_id=5, ack=1, req=2, last_addr=0xAB))
+        await late.send(rawclient.batch(1, 5, 2, 2, 100)[0])
+        await settle()
+        plain = await publish(listener, nursery, "ord", 3, 2)
+        await trio.sleep(0.1)
+        assert plain.acks()[1][-1] == 6  # ordered past the waiting one
+        assert late.acks()[1] == []
+        assert broker.statistics().order_waits == 1
+        await late.close()
+        await settle()
+        first = await open_client(listener, nursery)
+        await first.send(rawclient.handshake("ord", client_id=5, ack=1, req=2, last_addr=0xAB))
+        await first.send(rawclient.batch(0, 5, 0, 2, 100)[0])
+        await trio.sleep(0.1)
+        assert first.acks()[1] == [2]
+        assert broker.statistics().order_waits == 0
+        assert broker.statistics().sequencer.session_skips == 0
+        with open_log(broker.log.path) as reader:
+            got = [(m.client_id, m.client_order) for m in reader.ordered_messages("ord")]
+        assert got == [(3, i) for i in range(6)] + [(5, 0), (5, 1), (5, 2), (5, 3)]
+        await first.close()
+        await plain.close()

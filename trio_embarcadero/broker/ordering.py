@@ -9,7 +9,9 @@ point) this broker writes their records' total orders
 (:mod:`~trio_embarcadero.log.stamps`: the sequencer writes headers only, so
 the per-record work is spread over the brokers that stored the batches),
 then they go on to the session. Ordering within a stream follows
-its commit order, so only the oldest held batch of each stream is looked at.
+its commit order, so the oldest held batch of each stream is looked at
+first, and past it only when it is a publish session's batch, which the
+sequencer may order after later batches of its stream.
 
 One broker of the region runs the sequencer (:mod:`~trio_embarcadero.log.sequencer`):
 the one that holds the sequencer lease (:mod:`~trio_embarcadero.log.lease`).
@@ -27,6 +29,7 @@ for the order of its held batches on the same timer.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -40,8 +43,10 @@ from ..errors import SequencerDeposed
 from ..log import CxlLog, Reservation, Stream
 from ..log.layout import (
     BH_ORDERED,
+    BH_SESSION,
     NEVER_ORDERED,
     TOPIC_LIVE,
+    U32,
     read_topic_order,
     read_topic_state,
 )
@@ -186,12 +191,13 @@ class OrderWaits:
                 # Headers are 64-byte aligned: the "ordered" word is the low half of a u64.
                 ordered = int(words[(item.header_offset + BH_ORDERED) // 8]) & 0xFFFFFFFF
                 if not ordered:
+                    if U32.unpack_from(region.data, item.header_offset + BH_SESSION)[0]:
+                        # A session batch waiting for its predecessor: the
+                        # sequencer orders the stream's later batches meanwhile.
+                        self._release_past(waiting, done, stamp)
                     break
                 waiting.popleft()
-                never = ordered == NEVER_ORDERED
-                if not never and not is_stamped(region, item.header_offset):
-                    stamp.append(item.header_offset)
-                done.append((item, never))
+                self._settle(item, ordered, done, stamp)
             if not waiting:
                 del self._held[stream]
         # Every record first, then the stamped words, then the acks: an ack
@@ -213,6 +219,44 @@ class OrderWaits:
             except Exception:
                 logger.exception("internal error acking an ordered batch")
         return len(done)
+
+    def _settle(
+        self, item: _Held, ordered: int, done: list[tuple[_Held, bool]], stamp: list[int]
+    ) -> None:
+        never = ordered == NEVER_ORDERED
+        if not never and not is_stamped(self._log.region, item.header_offset):
+            stamp.append(item.header_offset)
+        done.append((item, never))
+
+    def _release_past(
+        self, waiting: deque[_Held], done: list[tuple[_Held, bool]], stamp: list[int]
+    ) -> None:
+        """Settle the ordered batches of a stream whose oldest held batch is
+        a session batch the sequencer went past (see
+        :mod:`~trio_embarcadero.log.sequencer`), keeping the others in their
+        order. A batch behind one of its own connection that still waits is
+        stamped but not handed on yet: a connection's acks keep its order."""
+        words, region = self._log.words, self._log.region
+        kept: list[_Held] = []
+        owners: set[int] = set()  # connections with a batch kept
+        for k, item in enumerate(waiting):
+            ordered = int(words[(item.header_offset + BH_ORDERED) // 8]) & 0xFFFFFFFF
+            owner = item.reservation.owner if item.reservation is not None else None
+            if ordered and (owner is None or id(owner) not in owners):
+                self._settle(item, ordered, done, stamp)
+                continue
+            if ordered == 1 and not is_stamped(region, item.header_offset):
+                stamp.append(item.header_offset)
+            kept.append(item)
+            if owner is not None:
+                owners.add(id(owner))
+            if not ordered and not U32.unpack_from(region.data, item.header_offset + BH_SESSION)[0]:
+                # The sequencer's walk stops at a plain batch not ordered:
+                # nothing after it is ordered yet.
+                kept += itertools.islice(waiting, k + 1, None)
+                break
+        waiting.clear()
+        waiting.extend(kept)
 
     def _forget(self, stream: Stream) -> None:
         for item in self._held.pop(stream):

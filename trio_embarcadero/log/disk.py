@@ -605,9 +605,9 @@ class DiskLog:
         of them, but for an order-5 topic only those before its first one not
         settled yet: a batch goes to disk once it is ordered and this broker
         wrote its records' total orders (stamped), or is never ordered, so a
-        region rebuilt from the disk gets them back. The broker stamps a
-        stream's batches in its commit order, once each is ordered, so once
-        the last batch is stamped, every one before it is settled: all go."""
+        region rebuilt from the disk gets them back. (Not a stream's last
+        batch alone tells: a publish session's batch waiting for its
+        predecessor is ordered after later batches of its stream.)"""
         region, geometry = self._log.region.data, self._log.geometry
         if read_topic_order(region, geometry, stream.topic_index) != 5:
             return stream.batches
@@ -618,13 +618,9 @@ class DiskLog:
                 return True
             return is_stamped(region, header)
 
-        if synced == stream.batches or is_stamped(
-            region, stream.committed_batch(stream.batches - 1).header_offset
-        ):
-            return stream.batches
-        # Forward, from the first not on disk: a poll while the head lags
-        # reads only what was ordered since the last.
-        return next(k for k in range(synced, stream.batches) if not settled(k))
+        # Forward, from the first not on disk: a poll reads only what was
+        # committed since the last one wrote.
+        return next((k for k in range(synced, stream.batches) if not settled(k)), stream.batches)
 
     def jobs_done(self, jobs: list[WriteJob], written: int, seconds: float) -> None:
         """Record jobs that :func:`write_and_sync` finished: each job's stream

@@ -89,12 +89,15 @@ once the count covers its entry; a sequencer that starts again redoes the
 in the region) and their sessions' next batch_seqs, and goes on from the
 count, so a ``kill -9`` at any store neither assigns a total order twice nor
 skips one. The next total order is the last entry's plus its ``num_msg``;
-each broker's stream is ordered in its commit order, so its ordered batches
-come first and a restart resumes after the last one whose ``ordered`` word
-is 1 (passing again the batches after it whose word is 2,
-``NEVER_ORDERED``). The sequencer writes 2 into a batch's ``ordered`` word
-only once the run before it in its stream is written whole, so a stream's
-``ordered`` words are set in its order (the disk writer relies on it).
+each broker's stream is ordered in its commit order but for publish
+session batches deferred for their predecessors (ordered later, once those
+are), so a restart resumes after the last batch whose ``ordered`` word is
+1 (passing again the batches after it whose word is 2, ``NEVER_ORDERED``),
+and the committed batches before it whose word is 0 are the deferred ones.
+The sequencer writes 2 into a batch's ``ordered`` word only once the run
+before it in its stream is written whole. A stream's ``ordered`` (and
+stamped) words are thus set in its order but for deferred batches: the
+disk writer and retention look at every batch, not at a stream's last.
 
 The session table of publish sessions (``client_req = 2``, see
 :mod:`.sessions`) is a chain of segments whose map owner is

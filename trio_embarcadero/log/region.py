@@ -1256,14 +1256,18 @@ class CxlLog:
             if segment.pins:
                 break  # a reader is using it: the next check will do
             batches += segment.batches
-            if ordered_topic and segment.batches and not self._ordered(stream, batches - 1):
-                break  # the sequencer has not got past it yet
             too_big = retention_bytes >= 0 and remaining - segment.data_bytes >= retention_bytes
             too_old = (
                 retention_ms >= 0 and now_ns - segment.last_commit_ns > retention_ms * 1_000_000
             )
             if not (too_big or too_old):
                 break
+            # Every batch of it, not its last alone: a publish session's
+            # batch waiting for its predecessor is ordered after later ones.
+            if ordered_topic and not all(
+                self._ordered(stream, k) for k in range(batches - segment.batches, batches)
+            ):
+                break  # the sequencer (or this broker's stamping) has not got past it yet
             remaining -= segment.data_bytes
             count += 1
         return count

@@ -30,9 +30,13 @@ with an error in place of its ack.
 
 A publish session's batches (see :mod:`.sessions`) are ordered by their
 batch_seq, also when different brokers stored them: a session batch whose
-predecessor is not ordered yet holds its stream, like a hole, for at most
-``hole_timeout_ns``; then the batch_seqs still missing before it are
-skipped and it is ordered. A session batch whose batch_seq was skipped is
+predecessor is not ordered yet is deferred (the walk of its stream goes on
+past it, so sessions spread over brokers never wait for each other) and
+ordered once its predecessor is, for at most ``hole_timeout_ns``; then the
+batch_seqs still missing before it are skipped and it is ordered. A plain
+batch is never deferred, so it never overtakes an earlier plain batch of
+its stream. (Batches replayed from a disk log keep their stream's order: a
+replayed session batch that waits holds its stream.) A session batch whose batch_seq was skipped is
 never ordered: its header's ``ordered`` word becomes 2 (``NEVER_ORDERED``).
 A session's batches go into runs like any others: those of the run being
 written count as ordered for the next (:meth:`.sessions.SessionTable.placement`), and
@@ -316,10 +320,24 @@ class _Hole:
         self.since_ns = since_ns
 
 
+class _Deferred:
+    """A committed session batch that waits for its predecessor, behind the
+    stream's walk: where it is (its header, its data segment's generation)
+    and since when it waits."""
+
+    __slots__ = ("generation", "offset", "since_ns")
+
+    def __init__(self, offset: int, generation: int, since_ns: int) -> None:
+        self.offset = offset
+        self.generation = generation
+        self.since_ns = since_ns
+
+
 class _StreamCursor:
     """Where the sequencer stands in one broker's stream of a topic."""
 
-    __slots__ = ("done", "held", "hole", "new_seen", "passed", "position", "waiting_since")
+    __slots__ = ("deferred", "done", "held", "hole", "new_seen", "passed", "position",
+                 "waiting_since")  # fmt: skip
 
     def __init__(self) -> None:
         self.position: WalkPosition | None = None
@@ -327,8 +345,11 @@ class _StreamCursor:
         # skipped or reclaimed), numbered as the stream's entry counts them.
         self.done = 0
         self.hole: _Hole | None = None
-        # A session batch waiting for its predecessor (since when).
+        # A replayed session batch waiting for its predecessor (since when).
         self.held: _Hole | None = None
+        # Session batches behind the position that wait for their
+        # predecessors, in the stream's order (the walk went on past them).
+        self.deferred: list[_Deferred] = []
         self.waiting_since: int | None = None
         # A batch not replayed from the disk log was seen: none comes after.
         self.new_seen = False
@@ -537,17 +558,23 @@ class Sequencer:
 
     # -- one stream ----------------------------------------------------------------
 
-    def _frontier(self, topic: _TopicOrder, broker: int, cursor: _StreamCursor) -> None:
+    def _frontier(
+        self, topic: _TopicOrder, broker: int, cursor: _StreamCursor, now_ns: int
+    ) -> None:
         """Set ``cursor`` after the stream's last ordered batch: a new stream's
-        start, or where a sequencer that stopped had got to. (Batches never
-        ordered after it are passed again: a region rebuilt from the disk
-        log has them among batches it orders anew.)"""
+        start, or where a sequencer that stopped had got to. The committed
+        batches before it not ordered (word 0) are session batches the walk
+        went past while they waited for their predecessors: they wait again,
+        from now. (Batches never ordered after it are passed again: a
+        region rebuilt from the disk log has them among batches it orders
+        anew.)"""
         entry = read_stream_entry(self._buf, self._g, topic.index, broker)
         position = WalkPosition()
         after = WalkPosition()
         done = walked = 0
         passed: list[tuple[int, int]] = []
-        kept = 0
+        waiting: list[_Deferred] = []
+        kept = deferred = 0
         for offset, state, is_ordered, _, _, total, _ in _walk(
             self._buf, self._g, topic.index, broker, position
         ):
@@ -556,13 +583,17 @@ class Sequencer:
             if state != BATCH_COMMITTED:
                 continue
             walked += 1
-            if is_ordered == 1:
+            if is_ordered == 0:
+                waiting.append(_Deferred(offset, position.generation, now_ns))
+            elif is_ordered == 1:
                 done = walked
                 kept = len(passed)
+                deferred = len(waiting)
                 after = attrs.evolve(position, offset=offset + BATCH_HEADER_SIZE + total)
         cursor.position = after
-        cursor.done = entry.first_batch + done
+        cursor.done = entry.first_batch + done - deferred
         cursor.passed = passed[:kept]  # those after it are walked again
+        cursor.deferred = waiting[:deferred]
 
     def _order_restored(
         self, topic: _TopicOrder, now_ns: int, budget: int, ordered: OrderedBatches
@@ -635,21 +666,31 @@ class Sequencer:
     ) -> bool:
         """Order what a stream committed since the last step (with
         ``restored_only``: only its batches replayed with their total orders,
-        up to the first it has to wait for); True if it stopped at a publish
-        session's batch held for its predecessor."""
+        up to the first it has to wait for); True if a publish session's
+        batch waits for its predecessor.
+
+        A session batch that waits is deferred: the walk goes on past it, so
+        other sessions' batches and plain ones behind it are ordered (a plain
+        batch still never overtakes an earlier plain one: the walk keeps the
+        stream's order for all but deferred batches), and it is ordered once
+        its predecessor is (:meth:`_order_deferred`), also in a later step.
+        Replayed batches keep their stream's order: one that waits stops the
+        walk."""
         cursor = topic.cursors[broker]
         if cursor.position is None:
             (first,) = U32.unpack_from(self._buf, topic.streams[broker])
             if first == NO_SEGMENT:
                 return False
             try:
-                self._frontier(topic, broker, cursor)
+                self._frontier(topic, broker, cursor, now_ns)
             except SegmentReclaimed:
                 return False
         position = cursor.position
         assert position is not None
-        run = _Run()
         held = False
+        if cursor.deferred and not restored_only:
+            held = self._order_deferred(topic, broker, now_ns, budget, ordered)
+        run = _Run()
         sessions = self._sessions
         per = index_per_segment(self._g)
         chain = topic.chain
@@ -703,12 +744,21 @@ class Sequencer:
                     capacity += per
                 # A publish session's batch names its session (BH_SESSION).
                 if session and sessions is not None:
+                    since = now_ns
+                    if restored_only:
+                        if cursor.held is None or cursor.held.offset != offset:
+                            cursor.held = _Hole(offset, now_ns)
+                        since = cursor.held.since_ns
                     placement = self._place_session_batch(
-                        topic, broker, run, offset, now_ns, ordered
+                        topic, broker, run, offset, since, now_ns, ordered
                     )
                     if placement is Placement.HOLD:
                         held = True
-                        break
+                        if restored_only:
+                            break
+                        cursor.deferred.append(_Deferred(offset, position.generation, now_ns))
+                        continue
+                    cursor.held = None
                     if placement is Placement.NEVER:
                         cursor.done += 1
                         continue
@@ -732,14 +782,16 @@ class Sequencer:
         broker: int,
         run: _Run,
         offset: int,
+        since_ns: int,
         now_ns: int,
         ordered: OrderedBatches,
     ) -> Placement:
         """Whether to order the session batch at ``offset`` now (after the
         batches of ``run``), wait, or never.
 
-        One whose predecessor is missing waits ``hole_timeout_ns``; then the
-        missing batch_seqs are skipped. One whose batch_seq was skipped gets
+        One whose predecessor is missing waits ``hole_timeout_ns`` (from
+        ``since_ns``, when it was first found waiting); then the missing
+        batch_seqs are skipped. One whose batch_seq was skipped gets
         ``NEVER_ORDERED`` in its ``ordered`` word (one store: a sequencer that
         dies before it decides the same again). Both are written only once
         ``run`` is ordered (written whole, its sessions' next batch_seqs too):
@@ -748,19 +800,14 @@ class Sequencer:
         """
         sessions = self._sessions
         assert sessions is not None
-        cursor = topic.cursors[broker]
         placement = sessions.placement(offset, run.sessions)
         if placement is Placement.ORDER:
-            cursor.held = None
             return placement
         if placement is Placement.NEVER:
             self._flush(topic, broker, run, ordered)
             U32.pack_into(self._buf, offset + BH_ORDERED, NEVER_ORDERED)
-            cursor.held = None
             return placement
-        if cursor.held is None or cursor.held.offset != offset:
-            cursor.held = _Hole(offset, now_ns)
-        waited = now_ns - cursor.held.since_ns
+        waited = now_ns - since_ns
         if waited < self.hole_timeout_ns:
             return Placement.HOLD
         self._flush(topic, broker, run, ordered)
@@ -773,8 +820,58 @@ class Sequencer:
             waited / 1e9,
             skipped,
         )
-        cursor.held = None
         return Placement.ORDER
+
+    def _order_deferred(
+        self, topic: _TopicOrder, broker: int, now_ns: int, budget: int, ordered: OrderedBatches
+    ) -> bool:
+        """Order the stream's deferred session batches whose predecessors are
+        ordered now (or that waited ``hole_timeout_ns``: the batch_seqs
+        missing before them are skipped), as one run in the stream's order,
+        and write 2 into those never ordered; True if any still waits.
+
+        Crash-safe like any run: a sequencer that starts again finds them
+        among the stream's committed batches before its last ordered one
+        whose ``ordered`` word is 0 (:meth:`_frontier`)."""
+        sessions = self._sessions
+        assert sessions is not None
+        cursor = topic.cursors[broker]
+        run = _Run()
+        waiting: list[_Deferred] = []
+        per = index_per_segment(self._g)
+        chain = topic.chain
+        capacity = (chain.first + len(chain.units)) * per
+        for k, item in enumerate(cursor.deferred):
+            if len(ordered) + len(run.offsets) >= budget:
+                waiting += cursor.deferred[k:]
+                break
+            if generation_holding(self._buf, self._g, item.offset) != item.generation:
+                continue  # its topic went (retention keeps batches not ordered)
+            if len(run.offsets) >= RUN_LIMIT:
+                self._flush(topic, broker, run, ordered)
+            if topic.entries + len(run.offsets) >= capacity:
+                if self._index_slot(topic, capacity) is None:
+                    waiting += cursor.deferred[k:]
+                    break
+                capacity += per
+            placement = self._place_session_batch(
+                topic, broker, run, item.offset, item.since_ns, now_ns, ordered
+            )
+            if placement is Placement.HOLD:
+                waiting.append(item)
+                continue
+            if placement is Placement.NEVER:
+                cursor.done += 1
+                continue
+            sessions.add_to_run(item.offset, run.sessions)
+            (num_msg,) = U32.unpack_from(self._buf, item.offset + 12)
+            run.offsets.append(item.offset)
+            run.messages += num_msg
+            run.num_msgs.append(num_msg)
+            run.generations.append(item.generation)
+        cursor.deferred = waiting
+        self._flush(topic, broker, run, ordered)
+        return bool(waiting)
 
     def _past_hole(
         self,
