@@ -99,7 +99,7 @@ class OrderWaits:
         # Per stream, its batches in commit order.
         self._held: dict[Stream, deque[_Held]] = {}
         self._count = 0
-        self._adopted = 0
+        self._ownerless = 0
         #: Batches held here that turned out never to be ordered.
         self.never_ordered = 0
         #: Batches whose records this broker stamped with their total orders.
@@ -125,7 +125,7 @@ class OrderWaits:
     @property
     def unstamped(self) -> int:
         """Batches held here, acked or not, whose records wait for their total orders."""
-        return self._count + self._adopted
+        return self._count + self._ownerless
 
     def ordered_topic(self, reservation: Reservation) -> bool:
         """Whether ``reservation``'s topic has order 5 (fixed in the region)."""
@@ -144,7 +144,7 @@ class OrderWaits:
         item = _Held(reservation.header_offset, reservation, deliver, never)
         self._held.setdefault(reservation.stream, deque()).append(item)
         if deliver is None:
-            self._adopted += 1
+            self._ownerless += 1
         else:
             self._count += 1
         self.wakeup.unpark_all()
@@ -169,7 +169,7 @@ class OrderWaits:
                     adopted += 1
             if not waiting:
                 del self._held[stream]
-        self._adopted += adopted
+        self._ownerless += adopted
         return adopted
 
     def release(self) -> int:
@@ -206,7 +206,7 @@ class OrderWaits:
         self.stamped += len(stamp)
         for item, never in done:
             if item.deliver is None:
-                self._adopted -= 1
+                self._ownerless -= 1
                 continue
             self._count -= 1
             callback = item.deliver
@@ -261,7 +261,7 @@ class OrderWaits:
     def _forget(self, stream: Stream) -> None:
         for item in self._held.pop(stream):
             if item.deliver is None:
-                self._adopted -= 1
+                self._ownerless -= 1
             else:
                 self._count -= 1
 

@@ -36,13 +36,14 @@ ordered once its predecessor is, for at most ``hole_timeout_ns``; then the
 batch_seqs still missing before it are skipped and it is ordered. A plain
 batch is never deferred, so it never overtakes an earlier plain batch of
 its stream. (Batches replayed from a disk log keep their stream's order: a
-replayed session batch that waits holds its stream.) A session batch whose batch_seq was skipped is
-never ordered: its header's ``ordered`` word becomes 2 (``NEVER_ORDERED``).
-A session's batches go into runs like any others: those of the run being
-written count as ordered for the next (:meth:`.sessions.SessionTable.placement`), and
-the session's next batch_seq is written after the run's commit point. A
-batch_seq is skipped, or a word 2 written, only once the run before it is
-written whole (see :mod:`.layout`).
+replayed session batch that waits holds its stream.) A session batch whose
+batch_seq was skipped is never ordered: its header's ``ordered`` word
+becomes 2 (``NEVER_ORDERED``). A session's batches go into runs like any
+others: those of the run being written count as ordered for the next
+(:meth:`.sessions.SessionTable.placement`), and the session's next
+batch_seq is written after the run's commit point. A batch_seq is skipped,
+or a word 2 written, only once the run before it is written whole (see
+:mod:`.layout`).
 
 Every step runs under the region's file lock: a topic is not deleted, nor a
 segment reclaimed, while the sequencer writes into it.
@@ -834,7 +835,6 @@ class Sequencer:
         among the stream's committed batches before its last ordered one
         whose ``ordered`` word is 0 (:meth:`_frontier`)."""
         sessions = self._sessions
-        assert sessions is not None
         cursor = topic.cursors[broker]
         run = _Run()
         waiting: list[_Deferred] = []
@@ -854,16 +854,17 @@ class Sequencer:
                     waiting += cursor.deferred[k:]
                     break
                 capacity += per
-            placement = self._place_session_batch(
-                topic, broker, run, item.offset, item.since_ns, now_ns, ordered
-            )
-            if placement is Placement.HOLD:
-                waiting.append(item)
-                continue
-            if placement is Placement.NEVER:
-                cursor.done += 1
-                continue
-            sessions.add_to_run(item.offset, run.sessions)
+            if sessions is not None:
+                placement = self._place_session_batch(
+                    topic, broker, run, item.offset, item.since_ns, now_ns, ordered
+                )
+                if placement is Placement.HOLD:
+                    waiting.append(item)
+                    continue
+                if placement is Placement.NEVER:
+                    cursor.done += 1
+                    continue
+                sessions.add_to_run(item.offset, run.sessions)
             (num_msg,) = U32.unpack_from(self._buf, item.offset + 12)
             run.offsets.append(item.offset)
             run.messages += num_msg
