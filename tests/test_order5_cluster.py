@@ -238,7 +238,7 @@ async def test_sessions_spread_over_two_brokers_are_ordered_each_in_its_order(
     one session's later batch before the other's earlier one) would stall
     the test past its deadline."""
     config = order5_config(tmp_path, cxl_path, "sequencer_hole_timeout_s = 60.0")
-    sessions, messages = 3, 600
+    sessions, messages = 3, 300
     with trio.fail_after(TIMEOUT):
         async with open_cluster(config, 2, reset=True) as cluster:
             brokers = [(HOST, port) for port in cluster.ports]
