@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..wire import BATCH_HEADER_SIZE, MH_NEXT_MSG_DIFF, MH_PADDED_SIZE, MH_TOTAL_ORDER
-from .layout import BH_STAMPED, BH_TOTAL_ORDER, U32, U64
+from .layout import BH_STAMPED, BH_TOTAL_ORDER, U32
 
 #: Batches of this many records each on average get a strided column each,
 #: not one gather of every record's place.
@@ -152,8 +152,3 @@ def stamp_copy(records: npt.NDArray[np.uint8], num_msg: int, first: int) -> None
     units, as every payload is) that a reader hands out."""
     words = records.view("<u8")
     stamp_batch(words, 0, num_msg, len(records), first)
-
-
-def read_total_order(buf: Any, header_offset: int) -> int:
-    """The total order of the first record of the ordered batch at ``header_offset``."""
-    return int(U64.unpack_from(buf, header_offset + BH_TOTAL_ORDER)[0])
