@@ -492,14 +492,28 @@ async def test_sessions_by_default_means_for_publishers_with_acks(
     ]
 
 
-async def test_a_session_sends_on_one_broker_at_a_time_and_moves_on_when_it_fails(
+async def test_a_session_spreads_over_the_brokers_by_default(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with fake_brokers(2) as (_, brokers):
+        async with open_publisher(
+            brokers=[b.dial for b in brokers], **options(idempotent=True)
+        ) as pub:
+            await pub.publish_many(messages(40))
+            await pub.flush()
+    seqs = [[b.seq for b in broker.batches()] for broker in brokers]
+    assert all(seqs)
+    assert sorted(seqs[0] + seqs[1]) == list(range(10))
+
+
+async def test_a_session_that_does_not_spread_sends_on_one_broker_at_a_time(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with fake_brokers(3) as (_, brokers):
         zero, one, two = brokers
         zero.reachable = False
         async with open_publisher(
-            brokers=[b.dial for b in brokers], **options(idempotent=True)
+            brokers=[b.dial for b in brokers], **options(idempotent=True, spread=False)
         ) as pub:
             await pub.publish_many(messages(40))
             await pub.flush()

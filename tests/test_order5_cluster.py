@@ -226,6 +226,48 @@ async def test_two_brokers_one_total_order_through_kills_of_either(
     assert load.errors[1] + load.errors[3] >= 1  # and the other's kill, its own
 
 
+async def test_sessions_spread_over_two_brokers_are_ordered_each_in_its_order(
+    tmp_path: Path, cxl_path: str
+) -> None:
+    """Three publish sessions (client_req 2), each spreading its batches over
+    both broker processes (the client's default), on an order-5 topic: every
+    message is in the total order exactly once, each session's in the order
+    it published them, and no batch_seq was skipped (a skip fails its
+    publisher with error 2). The hole timeout is a minute: a session batch
+    that held its stream until then (crossed sessions: each broker holding
+    one session's later batch before the other's earlier one) would stall
+    the test past its deadline."""
+    config = order5_config(tmp_path, cxl_path, "sequencer_hole_timeout_s = 60.0")
+    sessions, messages = 3, 300
+    with trio.fail_after(TIMEOUT):
+        async with open_cluster(config, 2, reset=True) as cluster:
+            brokers = [(HOST, port) for port in cluster.ports]
+
+            async def publish(client: int) -> None:
+                async with open_publisher(
+                    topic="t", brokers=brokers, ack=1, batch_bytes=1024, linger=None,
+                    idempotent=True,
+                ) as pub:  # fmt: skip
+                    for first in range(0, messages, 20):
+                        await pub.publish_many(payload(client, i) for i in range(first, first + 20))
+                    await pub.flush()
+                    assert pub.acked == messages
+
+            async with trio.open_nursery() as nursery:
+                for client in range(sessions):
+                    nursery.start_soon(publish, client)
+            committed, ordered = committed_and_ordered(cxl_path)
+            assert committed == ordered == sessions * messages  # acked once ordered
+            check_ordered_index(cxl_path)
+            order = await read_order(cluster.ports[1], ordered)
+    assert [t for t, _, _ in order] == list(range(sessions * messages))
+    for client in range(sessions):
+        assert [i for _, c, i in order if c == client] == list(range(messages))
+    with open_log(cxl_path) as log:
+        stored_by = {b: sum(1 for _ in log.messages("t", broker_id=b)) for b in (0, 1)}
+    assert min(stored_by.values()) > 0  # the sessions did spread over both
+
+
 async def test_a_killed_sequencer_is_taken_over_within_its_lease(
     tmp_path: Path, cxl_path: str
 ) -> None:

@@ -36,10 +36,12 @@ from trio_embarcadero.broker import Broker, ordering
 from trio_embarcadero.broker.metrics import BrokerCollector
 from trio_embarcadero.config import Config
 from trio_embarcadero.errors import ErrorCode, SequencerDeposed
-from trio_embarcadero.log import CxlLog
+from trio_embarcadero.log import CxlLog, open_log
 from trio_embarcadero.log.layout import BATCH_COMMITTED, BATCH_RESERVED, BH_ORDERED, NEVER_ORDERED
 from trio_embarcadero.log.lease import SequencerLease
 from trio_embarcadero.log.reader import region_brokers
+from trio_embarcadero.log.stamps import is_stamped
+from trio_embarcadero.wire import BatchHeader, scan_records
 
 pytestmark = pytest.mark.trio
 
@@ -51,6 +53,20 @@ def ordered_headers(log: CxlLog, topic: str, broker: int) -> list[tuple[int, int
         for _, h in log.walk(log.topics()[topic], broker)
         if h.batch_complete == BATCH_COMMITTED
     ]
+
+
+def record_orders(log: CxlLog, topic: str, broker: int) -> list[tuple[bool, list[int]]]:
+    """(stamped word, each record's total_order field) of every committed
+    batch of a stream, as the region holds them."""
+    out = []
+    for offset, h in log.walk(log.topics()[topic], broker):
+        if h.batch_complete != BATCH_COMMITTED:
+            continue
+        payload = log.region[offset + 128 : offset + 128 + h.total_size]
+        starts = scan_records(payload, h.num_msg)
+        totals = [int(log.words[(offset + 128 + int(at)) // 8 + 4]) for at in starts]
+        out.append((is_stamped(log.region, offset), totals))
+    return out
 
 
 async def publish(
@@ -109,8 +125,14 @@ async def test_acks_of_an_order_5_topic_wait_for_the_sequencer(
             assert "(sequencer: broker 0, epoch 1)" in stats.summary()
             head = head_log.sequencer(10**9, lease=lease)
             assert [b.total_order for b in head.step(0, budget=2)] == [0, 2]
+            # The sequencer wrote the headers only; broker 1, which stored
+            # the batches, writes their records' total orders, then acks.
+            assert record_orders(broker.log, "ord", 1) == [(False, [0, 0])] * 3
             await trio.sleep(0.1)
             assert client.acks()[1][-1] == 4
+            assert record_orders(broker.log, "ord", 1) == [
+                (True, [0, 1]), (True, [2, 3]), (False, [0, 0])
+            ]  # fmt: skip
             head.step(0)
             await trio.sleep(0.1)
             assert client.acks()[1][-1] == 6
@@ -531,3 +553,112 @@ async def test_a_batch_the_sequencer_went_past_gets_an_error_and_holds_up_nothin
             head.close()
             for client in (fast, *readers):
                 await client.close()
+
+
+async def test_a_batch_whose_broker_died_before_it_stamped_it_is_read_stamped_and_stamped_later(
+    make_config: MakeConfig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Broker 1 commits two batches and dies before they are ordered; the
+    head orders them. Its readers' copies carry every record's total order
+    from the header, though the region's records do not yet; broker 1,
+    started again, writes them (and marks the batches stamped)."""
+    head_config = make_config(**{"topics.order": 5})
+    other_config = make_config(**{"broker.id": 1, "topics.order": 5})
+    async with (
+        trio.open_nursery() as nursery,
+        memory_broker(head_config) as (head, head_listener),
+    ):
+        dead = open_handle(other_config, 1)
+        dead.topic_order = lambda _topic: 5
+        for seq, sizes in enumerate(([100, 100, 100], [10, 300])):
+            data = b"".join(
+                rawclient.record(rawclient.payload_for(7, 3 * seq + i, size), 3 * seq + i, 7)
+                for i, size in enumerate(sizes)
+            )
+            r = dead.get_cxl_buffer("ord", BatchHeader(seq, 7, len(sizes), len(data)))
+            r.payload[:] = list(data)
+            dead.complete(r, scan_records(r.payload, len(sizes)))
+        del r
+        close_log(dead)  # it died: nobody stamps its batches
+        await trio.sleep(0.1)
+        assert head.statistics().sequencer.batches_ordered == 2
+        assert record_orders(head.log, "ord", 1) == [(False, [0, 0, 0]), (False, [0, 0])]
+        reader = await open_client(head_listener, nursery)
+        await reader.send(rawclient.handshake("ord", req=3, last_addr=1))
+        await trio.sleep(0.1)
+        assert parse_ordered(reader.data) == [
+            (1, 2, [(1, 7, 1), (2, 7, 2)]),
+            (3, 2, [(3, 7, 3), (4, 7, 4)]),
+        ]
+        async with memory_broker(other_config) as (other, other_listener):
+            await trio.sleep(0.1)
+            assert record_orders(head.log, "ord", 1) == [(True, [0, 1, 2]), (True, [3, 4])]
+            assert other.order_waits.unstamped == 0
+            # And a subscriber of broker 1's own stream (client_req 1).
+            own = await open_client(other_listener, nursery)
+            await own.send(rawclient.handshake("ord", req=1, last_addr=0))
+            await trio.sleep(0.1)
+            assert [r for _, _, rs in parse_ordered(own.data) for r in rs] == [
+                (i, 7, i) for i in range(5)
+            ]
+            await own.close()
+        await reader.close()
+
+
+async def test_subscribers_get_total_orders_in_records_their_broker_has_not_stamped(
+    make_config: MakeConfig, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ordered subscribe streams send every record's total order, also
+    of a batch ordered but not stamped in the region (its broker has not
+    got to it: here it never does)."""
+    monkeypatch.setattr(ordering, "stamp_batches", lambda *_: None)
+    config = make_config(**{"topics.order": 5})
+    async with trio.open_nursery() as nursery, memory_broker(config) as (broker, listener):
+        client = await publish(listener, nursery, "ord", 2, 3)
+        await settle()
+        assert client.acks()[1][-1] == 6
+        assert record_orders(broker.log, "ord", 0) == [(False, [0, 0, 0])] * 2
+        for req, start in ((1, 1), (3, 1)):
+            reader = await open_client(listener, nursery)
+            await reader.send(rawclient.handshake("ord", req=req, last_addr=start))
+            await trio.sleep(0.1)
+            assert parse_ordered(reader.data) == [
+                (1, 2, [(1, 3, 1), (2, 3, 2)]),
+                (3, 3, [(3, 3, 3), (4, 3, 4), (5, 3, 5)]),
+            ]
+            await reader.close()
+        await client.close()
+
+
+async def test_batches_behind_a_session_batch_waiting_for_its_predecessor_are_acked_first(
+    make_config: MakeConfig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A session's batch_seq 1 reaches the broker before its 0 (on another
+    connection, as after a failover); a plain publisher's batches behind it
+    in the stream are ordered and acked meanwhile, and 1 is acked once 0
+    is ordered, after it, without waiting for the hole timeout."""
+    config = make_config(**{"topics.order": 5, "cxl.sequencer_hole_timeout_s": 60.0})
+    async with trio.open_nursery() as nursery, memory_broker(config) as (broker, listener):
+        late = await open_client(listener, nursery)
+        await late.send(rawclient.handshake("ord", client_id=5, ack=1, req=2, last_addr=0xAB))
+        await late.send(rawclient.batch(1, 5, 2, 2, 100)[0])
+        await settle()
+        plain = await publish(listener, nursery, "ord", 3, 2)
+        await trio.sleep(0.1)
+        assert plain.acks()[1][-1] == 6  # ordered past the waiting one
+        assert late.acks()[1] == []
+        assert broker.statistics().order_waits == 1
+        await late.close()
+        await settle()
+        first = await open_client(listener, nursery)
+        await first.send(rawclient.handshake("ord", client_id=5, ack=1, req=2, last_addr=0xAB))
+        await first.send(rawclient.batch(0, 5, 0, 2, 100)[0])
+        await trio.sleep(0.1)
+        assert first.acks()[1] == [2]
+        assert broker.statistics().order_waits == 0
+        assert broker.statistics().sequencer.session_skips == 0
+        with open_log(broker.log.path) as reader:
+            got = [(m.client_id, m.client_order) for m in reader.ordered_messages("ord")]
+        assert got == [(3, i) for i in range(6)] + [(5, 0), (5, 1), (5, 2), (5, 3)]
+        await first.close()
+        await plain.close()

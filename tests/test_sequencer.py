@@ -24,6 +24,7 @@ from test_cxl import Region, body
 from trio_embarcadero.cli import main
 from trio_embarcadero.log import CxlLog, DiskLog, Reservation, open_log
 from trio_embarcadero.log import sequencer as sequencer_module
+from trio_embarcadero.log import stamps as stamps_module
 from trio_embarcadero.log.disk import write_and_sync
 from trio_embarcadero.log.layout import (
     BATCH_ABANDONED,
@@ -37,7 +38,9 @@ from trio_embarcadero.log.layout import (
     read_ordered_count,
     read_segment_header,
 )
+from trio_embarcadero.log.ordered import OrderedIndex
 from trio_embarcadero.log.sequencer import Sequencer
+from trio_embarcadero.log.stamps import is_stamped, stamp_batches
 from trio_embarcadero.log.topics import delete_topic
 from trio_embarcadero.tools import seqbench
 from trio_embarcadero.wire import BATCH_HEADER_SIZE, BatchHeader, scan_records, stamp_records
@@ -73,10 +76,16 @@ def commit(log: CxlLog, sizes: list[int], client_id: int, first: int) -> None:
 
 def ordered_view(log: CxlLog) -> list[tuple[int, int, int, int]]:
     """(total order, client id, client order, broker) of every ordered message,
-    read through the topic's ordered index, checked against the headers."""
+    read through the topic's ordered index, checked against the headers.
+
+    The sequencer writes no record: a record's ``total_order`` in the region
+    is the one the broker that stored it writes (stamped word set), else
+    still 0 (or the one replayed from a disk log); a reader's copy
+    (:meth:`OrderedIndex.records`) carries it either way."""
     buf, g = log.region, log.geometry
     index = log.topics()[TOPIC]
     chain = index_chain(buf, g, index)
+    reader = OrderedIndex(buf, g, index)
     out = []
     for k in range(read_ordered_count(buf, g, index)):
         entry = read_index_entry(buf, g, chain, k)
@@ -95,9 +104,38 @@ def ordered_view(log: CxlLog) -> list[tuple[int, int, int, int]]:
             )
         ):
             (record_total,) = struct.unpack_from("<Q", payload, int(pos) + 32)
-            assert record_total == entry.total_order + i
+            if is_stamped(buf, entry.header_offset):
+                assert record_total == entry.total_order + i
+            else:
+                assert record_total in (0, entry.total_order + i)
+            copy = reader.records(entry)
+            assert copy is not None
+            (copy_total,) = struct.unpack_from("<Q", copy, int(pos) + 32)
+            assert copy_total == entry.total_order + i
             out.append((entry.total_order + i, cid, corder, entry.broker_id))
     return out
+
+
+def stamp(*logs: CxlLog, topic: str = TOPIC) -> int:
+    """What each broker does once its batches are ordered (its ``OrderWaits``):
+    write their records' total orders; returns how many batches it stamped."""
+    done = 0
+    for log in logs:
+        stream = log.existing_stream(topic)
+        if stream is None:
+            continue
+        due = [
+            h for h in stream.index_header
+            if ordered_word(log, h) == 1 and not is_stamped(log.region, h)
+        ]  # fmt: skip
+        stamp_batches(log.region, log.words, due)
+        done += len(due)
+    return done
+
+
+def step_and_stamp(seq: Sequencer, logs: list[CxlLog], now_ns: int) -> None:
+    seq.step(now_ns)
+    stamp(*logs)
 
 
 def check_order(log: CxlLog, expected: dict[int, int]) -> list[tuple[int, int, int, int]]:
@@ -324,12 +362,12 @@ def test_a_crash_between_any_two_stores_neither_repeats_nor_skips_an_order(
                 commit(brokers[b], [64], b + 1, sent[b + 1])
                 sent[b + 1] += 1
         # A new sequencer's step redoes the last entries' "ordered" words
-        # (numpy stores, not counted here), then takes nine stores a stream
-        # for its run of two batches (record and header total orders, two
-        # entries, the count, two "ordered" words): 18 stores; each round
-        # dies at another of the first 16, twice over.
-        # (Dying while adding an index segment: the next test.)
-        CountingStruct.count, CountingStruct.limit = 0, crash_at % 16
+        # (numpy stores, not counted here), then takes seven stores a stream
+        # for its run of two batches (header total orders, two entries, the
+        # count, two "ordered" words; no record: their broker writes those):
+        # 14 stores; each round dies at another of the first 12, more than
+        # twice over. (Dying while adding an index segment: the next test.)
+        CountingStruct.count, CountingStruct.limit = 0, crash_at % 12
         with pytest.raises(Crash):
             new_sequencer(brokers[0]).step(0)
         CountingStruct.limit = -1
@@ -381,7 +419,9 @@ def test_a_crash_at_any_store_of_a_run_of_batches_neither_repeats_nor_skips_an_o
     CountingStruct.count = 0
     new_sequencer(brokers[0]).step(0)
     stores = CountingStruct.count
-    assert stores > 2 * (sum(map(len, shapes)) + 3 * len(shapes))  # records, headers, ...
+    # Per stream: header total orders, entries, "ordered" words, the count;
+    # no record (their broker writes those); and the two words redone.
+    assert stores == 2 * (3 * len(shapes) + 1) + 2
     check_order(brokers[0], sent)
     for crash_at in range(stores):
         region[:] = before
@@ -445,9 +485,9 @@ def test_a_crash_at_any_store_of_going_past_a_hole_orders_the_same(
         crash_at += 1
     assert ordered_word(log, hole.header_offset) == NEVER_ORDERED
     del hole, after
-    # Every store: the index's first segment (3), the run of five (records,
-    # headers, entries, the count, words), the reserved one's word, the last one.
-    assert crash_at == stores == 3 + 4 * 5 + 1 + 1 + 5
+    # Every store: the index's first segment (3), the run of five (headers,
+    # entries, the count, words), the reserved one's word, the last one (4).
+    assert crash_at == stores == 3 + 3 * 5 + 1 + 1 + 4
 
 
 def hasty(log: CxlLog) -> Sequencer:
@@ -542,8 +582,12 @@ def test_retention_keeps_a_segment_until_its_batches_are_ordered(
     assert reclaimable() == 0  # nothing ordered yet: its acks wait
     seq = brokers[0].sequencer(HOLE_NS)
     seq.step(0, budget=stream.segments[0].batches)
+    # Ordered, not stamped yet: the broker that stores them writes into them still.
+    assert reclaimable() == 0
+    assert stamp(log) == stream.segments[0].batches
     assert reclaimable() == 1
     seq.step(0)
+    stamp(log)
     assert reclaimable() == len(stream.segments) - 1
 
 
@@ -573,7 +617,7 @@ def test_index_segments_whose_batches_are_all_gone_are_let_go(
     seq = brokers[0].sequencer(HOLE_NS)
     for i in range(2 * per + 40):
         commit(log, [10], 2, i)
-    seq.step(0)
+    step_and_stamp(seq, [log], 0)
     assert len(index_chain(log.region, log.geometry, 0).units) == 3
     stream = log.stream(TOPIC)
     while log.reclaimable_segments(stream, retention_bytes=0, retention_ms=-1, now_ns=0):
@@ -598,7 +642,7 @@ def test_index_segments_whose_batches_are_all_gone_are_let_go(
     # sequencer frees it. (More batches gone first, so the next one can go.)
     for i in range(3 * per):  # past the last data segment of before
         commit(log, [10], 2, 2 * per + 40 + i)
-    seq.step(2 * HOLE_NS)
+    step_and_stamp(seq, [log], 2 * HOLE_NS)
     while log.reclaimable_segments(stream, retention_bytes=0, retention_ms=-1, now_ns=0):
         log.reclaim_oldest(stream)
     free = log.map.statistics().free
@@ -681,11 +725,11 @@ def test_a_region_rebuilt_from_the_disk_logs_keeps_its_total_order(
         commit(brokers[b], sizes, b + 1, sent[b + 1])
         sent[b + 1] += len(sizes)
         if rng.random() < 0.5:
-            seq.step(0)
+            step_and_stamp(seq, brokers, 0)
         if rng.random() < 0.5:
             for disk in disks:
                 sync(disk)
-    seq.step(0)
+    step_and_stamp(seq, brokers, 0)
     # A batch committed and not ordered yet stays off the disk (its ack
     # waits for the order anyway).
     commit(brokers[1], [10], 2, sent[2])
@@ -695,6 +739,10 @@ def test_a_region_rebuilt_from_the_disk_logs_keeps_its_total_order(
     assert disks[1].durable_batches(stream) == stream.batches - 1
     assert disks[1].waiting_batches == 1
     seq.step(0)
+    sync(disks[1])
+    # Ordered, and written to disk once its broker wrote its records' total orders.
+    assert disks[1].durable_batches(stream) == stream.batches - 1
+    stamp(brokers[1])
     sent[2] += 1
     sync(disks[1])
     assert disks[1].durable_batches(stream) == stream.batches
@@ -738,7 +786,7 @@ def test_replayed_batches_wait_once_for_a_broker_that_does_not_replay(
     for i in range(4):
         commit(brokers[0], [10], 1, i)
         commit(brokers[1], [10, 10], 2, 2 * i)
-        seq.step(0)
+        step_and_stamp(seq, brokers, 0)
     sync(disk)
     close_all(region, seq, disk)
     os.unlink(cxl_path)
@@ -753,3 +801,83 @@ def test_replayed_batches_wait_once_for_a_broker_that_does_not_replay(
         assert [b.total_order for b in seq.step(HOLE_NS)] == [12]
     finally:
         close_all(region, seq, disk)
+
+
+def test_the_broker_that_stored_a_batch_writes_its_records_total_orders(
+    brokers: tuple[CxlLog, CxlLog],
+) -> None:
+    """The sequencer writes headers only; the broker's stamping writes every
+    record's total order from its header: one record, one record size (a
+    strided column), sizes that differ (walked), many small batches at once
+    (one gather) and a few large ones."""
+    log = brokers[1]
+    seq = brokers[0].sequencer(HOLE_NS)
+    shapes = [[64], [16, 16, 16], [10, 300], [40] * 70, [8], [24, 24]] + [[32, 32]] * 8
+    client_order = 0
+    for sizes in shapes:
+        commit(log, sizes, 2, client_order)
+        client_order += len(sizes)
+    seq.step(0)
+    stream = log.stream(TOPIC)
+    assert not any(is_stamped(log.region, h) for h in stream.index_header)
+    region_totals = [m for batch in record_orders(log) for m in batch]
+    assert region_totals == [0] * client_order  # untouched so far
+    # A few at a time (strided columns), then the rest at once (a gather).
+    stamp_batches(log.region, log.words, stream.index_header[:5])
+    stamp_batches(log.region, log.words, stream.index_header[5:])
+    assert all(is_stamped(log.region, h) for h in stream.index_header)
+    assert [m for batch in record_orders(log) for m in batch] == list(range(client_order))
+    check_order(brokers[0], {2: client_order})
+
+
+def record_orders(log: CxlLog) -> list[list[int]]:
+    """Each record's total_order field in the region, batch by batch, of the log's stream."""
+    out = []
+    for header in log.stream(TOPIC).index_header:
+        h = log.batch_at(header)
+        payload = log.region[h.payload_offset : h.payload_offset + h.total_size]
+        out.append(
+            [
+                int(log.words[(h.payload_offset + int(at)) // 8 + 4])
+                for at in scan_records(payload, h.num_msg)
+            ]
+        )
+    return out
+
+
+def test_a_crash_at_any_store_of_stamping_leaves_no_batch_marked_before_its_records(
+    brokers: tuple[CxlLog, CxlLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker dies at every store of stamping a run of batches in turn: a
+    batch marked stamped has every record's total order, and stamping what
+    is left unmarked (a restarted broker) finishes the job."""
+    monkeypatch.setattr(stamps_module, "U32", CountingStruct(stamps_module.U32))
+    monkeypatch.setattr(stamps_module, "_store", CountingStore())
+    log = brokers[1]
+    seq = brokers[0].sequencer(HOLE_NS)
+    shapes = [[64], [16, 16, 16], [10, 300], [40, 40]]
+    sent = 0
+    for sizes in shapes:
+        commit(log, sizes, 2, sent)
+        sent += len(sizes)
+    seq.step(0)
+    headers = log.stream(TOPIC).index_header
+    region = log.region
+    before = np.array(region, copy=True)
+    CountingStruct.count, CountingStruct.limit = 0, -1
+    stamp_batches(region, log.words, headers)
+    stores = CountingStruct.count
+    assert stores == sent + len(shapes)  # every record, then every mark
+    expected = record_orders(log)
+    for crash_at in range(stores):
+        region[:] = before
+        CountingStruct.count, CountingStruct.limit = 0, crash_at
+        with pytest.raises(Crash):
+            stamp_batches(region, log.words, headers)
+        CountingStruct.limit = -1
+        for header, totals in zip(headers, record_orders(log), strict=True):
+            if is_stamped(region, header):
+                assert totals == expected[headers.index(header)]
+        stamp(log)
+        assert record_orders(log) == expected
+        assert all(is_stamped(region, h) for h in headers)

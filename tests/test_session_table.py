@@ -20,7 +20,7 @@ import pytest
 import rawclient
 from memory import close_log, lose_lock, open_small_log
 from test_cxl import body
-from test_sequencer import CountingStore, CountingStruct, Crash, sync
+from test_sequencer import CountingStore, CountingStruct, Crash, stamp, sync
 
 from trio_embarcadero.log import CxlLog, DiskLog, open_log
 from trio_embarcadero.log import sequencer as sequencer_module
@@ -457,14 +457,17 @@ def test_a_missing_batch_seq_is_skipped_after_the_hole_timeout_and_never_ordered
 
 def test_batches_of_client_req_0_are_never_held(ordered: tuple[CxlLog, CxlLog, Sequencer]) -> None:
     zero, _, sequencer = ordered
-    store(zero, zero.sessions.admit(key(zero), 1))  # a session batch waits for 0...
-    data = body([30], 7, 5)  # ...a plain batch of the same client id behind it waits too,
+    waits = store(zero, zero.sessions.admit(key(zero), 1))  # a session batch waits for 0...
+    data = body([30], 7, 5)  # ...a plain batch of the same client id behind it does not:
     plain = zero.get_cxl_buffer(TOPIC, BatchHeader(5, 7, 1, len(data)))
     plain.payload[:] = list(data)
     zero.complete(plain, scan_records(plain.payload, 1))
-    assert sequencer.step(0) == []  # (it is behind it in the stream)
+    assert [b.header_offset for b in sequencer.step(0)] == [plain.header_offset]
     store(zero, zero.sessions.admit(key(zero, client_id=8, token=1), 0))
-    assert len(sequencer.step(SECOND)) == 3  # the plain one never waited for a batch_seq
+    # Another session's batch goes too; the first goes once 0 is skipped.
+    got = [b.header_offset for b in sequencer.step(SECOND)]
+    assert len(got) == 2
+    assert waits.header_offset in got
 
 
 def plain(log: CxlLog, client_id: int, seq: int) -> None:
@@ -522,9 +525,9 @@ def test_a_batch_never_ordered_is_marked_only_after_the_run_before_it(
             break
         crash_at += 1
     # Every store: the new sequencer's redo of the two "ordered" words before,
-    # the run of five (records, headers, entries, the count, "ordered"
-    # words), the skipped one's word, then the sixth's five.
-    assert crash_at == CountingStruct.count == 2 + 4 * 5 + 1 + 1 + 5
+    # the run of five (headers, entries, the count, "ordered" words), the
+    # skipped one's word, then the sixth's four (no record: its broker's).
+    assert crash_at == CountingStruct.count == 2 + 3 * 5 + 1 + 1 + 4
 
 
 def test_a_batch_never_ordered_stays_so_in_a_region_rebuilt_from_the_disk_log(
@@ -561,6 +564,7 @@ def test_a_batch_never_ordered_stays_so_in_a_region_rebuilt_from_the_disk_log(
     store(one, late)
     plain(one, 9, 0)
     sequencer.step(2 * SECOND)
+    stamp(zero, one, topic=TOPIC)  # each broker, once its batches are ordered
     for disk in disks:
         sync(disk)
         assert disk.waiting_batches == 0  # every batch is on disk
@@ -691,6 +695,141 @@ def test_a_sequencer_that_dies_at_any_store_of_a_run_of_session_batches_goes_on_
             break
         crash_at += 1
     # It died at every store there is: the index's first segment (3), 8
-    # batches' records, headers, entries, "ordered" words, the count and the
-    # session's next batch_seq; then 8's.
-    assert crash_at == CountingStruct.count == 3 + 4 * 8 + 2 + 6
+    # batches' headers, entries, "ordered" words, the count and the
+    # session's next batch_seq; then 8's (no record: their broker's).
+    assert crash_at == CountingStruct.count == 3 + 3 * 8 + 2 + 5
+
+
+def session_put(log: CxlLog, client_id: int, seq: int, *, commit: bool = True) -> Any:
+    """Batch ``seq`` of ``client_id``'s session (one message whose client
+    order is ``seq``), stored by ``log``'s broker."""
+    claim = log.sessions.admit(key(log, client_id=client_id, token=client_id), seq).claim
+    assert claim is not None
+    data = body([30], client_id, seq)
+    reservation = log.get_cxl_buffer(
+        TOPIC, BatchHeader(seq, client_id, 1, len(data)), session=claim
+    )
+    reservation.payload[:] = list(data)
+    if commit:
+        log.complete(reservation, scan_records(reservation.payload, 1))
+    return reservation
+
+
+def total_order(log: CxlLog) -> list[tuple[int, int]]:
+    """(client id, client order) of every ordered message, in total order,
+    with total orders gap-free from 0 and each batch once."""
+    with open_log(log.path) as reader:
+        messages = list(reader.ordered_messages(TOPIC))
+    assert [m.offset for m in messages] == list(range(len(messages)))
+    return [(m.client_id, m.client_order) for m in messages]
+
+
+def check_sessions(log: CxlLog, expected: dict[int, int]) -> list[tuple[int, int]]:
+    """Every message of each client exactly once, in its client order (FIFO)."""
+    got = total_order(log)
+    for client_id, count in expected.items():
+        assert [o for c, o in got if c == client_id] == list(range(count)), got
+    assert len(got) == sum(expected.values()), got
+    return got
+
+
+def crossed(zero: CxlLog, one: CxlLog) -> None:
+    """Two sessions spread over two brokers, each stream holding the later
+    batch of one session before the earlier one of the other: broker 0
+    [X1, Y0], broker 1 [Y1, X0]. In stream order alone, each waits for the
+    other: a deadlock until the hole timeout."""
+    session_put(zero, 7, 1)
+    session_put(zero, 8, 0)
+    session_put(one, 8, 1)
+    session_put(one, 7, 0)
+
+
+def test_crossed_sessions_on_two_brokers_are_ordered_at_once_without_a_skip(
+    ordered: tuple[CxlLog, CxlLog, Sequencer],
+) -> None:
+    zero, one, sequencer = ordered
+    crossed(zero, one)
+    assert len(sequencer.step(0)) == 4  # no wait for the hole timeout
+    got = check_sessions(zero, {7: 2, 8: 2})
+    # X1 waited behind Y0, which went first; each session in batch_seq order.
+    assert got.index((8, 0)) < got.index((7, 1))
+    assert sequencer.statistics().session_skips == 0
+    assert sequencer.statistics().lag_batches == 0
+
+
+def test_batches_behind_a_waiting_session_batch_go_on_and_plain_ones_keep_their_order(
+    ordered: tuple[CxlLog, CxlLog, Sequencer],
+) -> None:
+    """Broker 0: X1 (its X0 not there yet), then plain P0, another session's
+    Z0, plain P1, X2. The walk orders P0, Z0, P1 past X1 and X2 (which waits
+    for X1); X0 on broker 1 frees both, in batch_seq order."""
+    zero, one, sequencer = ordered
+    session_put(zero, 7, 1)
+    plain(zero, 9, 0)
+    session_put(zero, 8, 0)
+    plain(zero, 9, 1)
+    session_put(zero, 7, 2)
+    assert len(sequencer.step(0)) == 3
+    assert total_order(zero) == [(9, 0), (8, 0), (9, 1)]
+    assert sequencer.statistics().lag_batches == 2  # X1 and X2 wait
+    plain(zero, 9, 2)
+    assert len(sequencer.step(SECOND // 2)) == 1  # still waiting, within the timeout
+    session_put(one, 7, 0)
+    assert len(sequencer.step(SECOND // 2)) == 3
+    assert total_order(zero)[4:] == [(7, 0), (7, 1), (7, 2)]
+    check_sessions(zero, {7: 3, 8: 1, 9: 3})
+    assert sequencer.statistics().session_skips == 0
+
+
+def test_a_deferred_session_batch_still_waits_at_most_the_hole_timeout(
+    ordered: tuple[CxlLog, CxlLog, Sequencer],
+) -> None:
+    zero, _, sequencer = ordered
+    session_put(zero, 7, 1)
+    plain(zero, 9, 0)
+    assert len(sequencer.step(0)) == 1
+    plain(zero, 9, 1)
+    assert len(sequencer.step(SECOND - 1)) == 1
+    assert [b.header_offset for b in sequencer.step(SECOND)] != []  # 0 skipped, 1 ordered
+    assert sequencer.statistics().session_skips == 1
+    assert total_order(zero) == [(9, 0), (9, 1), (7, 1)]
+
+
+def test_a_sequencer_that_dies_at_any_store_orders_crossed_sessions_the_same(
+    cxl_path: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The crossed sessions and a plain batch behind each waiting one, then a
+    session batch behind them: the steps that order them die at every store
+    in turn; a new sequencer, from the region alone, orders every batch
+    exactly once, each session in batch_seq order, none skipped, plain
+    batches in their stream's order."""
+    crash_at = 0
+    while True:
+        zero, one = ordered_pair(cxl_path, clock)
+        plain(zero, 9, 0)
+        first = zero.sequencer(SECOND)
+        first.step(0)  # a run before: the new sequencer redoes its words
+        first.close()
+        session_put(zero, 7, 1)
+        plain(zero, 9, 1)
+        session_put(zero, 8, 0)
+        session_put(one, 8, 1)
+        plain(one, 10, 0)
+        crashed = dies_at(monkeypatch, zero, crash_at, (0,))
+        stores = CountingStruct.count
+        session_put(one, 7, 0)  # arrives after: X1 was deferred
+        session_put(zero, 7, 2)
+        if not crashed:  # then at every store of the steps that order the rest
+            crashed = dies_at(monkeypatch, zero, crash_at - stores, (0, 1))
+        again = zero.sequencer(SECOND)
+        again.step(0)
+        again.close()
+        got = check_sessions(zero, {7: 3, 8: 2, 9: 2, 10: 1})
+        assert [o for c, o in got if c == 9] == [0, 1]
+        assert again.statistics().session_skips == 0, crash_at
+        quick_close(one)
+        quick_close(zero)
+        if not crashed:
+            break
+        crash_at += 1
+    assert crash_at > 20

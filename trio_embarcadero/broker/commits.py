@@ -9,7 +9,8 @@ to its consumers:
 1. the disk writer (counts it as waiting for the disk, with ``storage.dir``);
 2. the batch's owner, the publish session that received it (its ack count,
    or at ack level 2 a wait for the disk); for an order-5 topic only once
-   the batch has its place in the total order (see :mod:`.ordering`);
+   the batch has its place in the total order and this broker wrote its
+   records' total orders (see :mod:`.ordering`);
 3. subscribers of the topic, woken once per call.
 
 A consumer that raises is logged and counted (``internal_errors``); the
@@ -115,21 +116,24 @@ class CommitFeed:
             if self._on_disk is not None:
                 self._guarded(self._on_disk, reservation)
             owner = reservation.owner
-            if owner is not None:
-                # The log keeps owners opaque; the broker only ever sets sessions.
-                deliver = cast(CommitConsumer, owner).batch_committed
-                waits = self._order_waits
-                if waits is not None and waits.ordered_topic(reservation):
-                    # A batch the sequencer skipped or went past is never
-                    # ordered: its owner hears that instead.
+            waits = self._order_waits
+            if waits is not None and waits.ordered_topic(reservation):
+                # This broker stamps its records once the batch is ordered
+                # (owner or not), then its owner hears; a batch the sequencer
+                # skipped or went past is never ordered: its owner hears that.
+                if owner is None:
+                    waits.hold(reservation, None, None)
+                else:
+                    # The log keeps owners opaque; the broker only ever sets sessions.
+                    deliver = cast(OrderedConsumer, owner).batch_committed
                     never = cast(OrderedConsumer, owner).batch_never_ordered
                     waits.hold(
                         reservation,
                         partial(self._guarded, deliver),
                         partial(self._guarded, never),
                     )
-                else:
-                    self._guarded(deliver, reservation)
+            elif owner is not None:
+                self._guarded(cast(CommitConsumer, owner).batch_committed, reservation)
         lot = self._waiters.get(committed[0].stream.topic)
         if lot is not None:
             lot.unpark_all()

@@ -3,10 +3,15 @@
 A batch of an order-5 topic is acked (level >= 1) only once it has its place
 in the topic's total order. :class:`OrderWaits` holds such batches between
 their commit and their order: the commit feed hands them over instead of
-telling their publish session, and they go on to the session once the
-region says they are ordered (the header's ``ordered`` word, which the
-sequencer writes after its commit point). Ordering within a stream follows
-its commit order, so only the oldest held batch of each stream is looked at.
+telling their publish session, and once the region says they are ordered
+(the header's ``ordered`` word, which the sequencer writes after its commit
+point) this broker writes their records' total orders
+(:mod:`~trio_embarcadero.log.stamps`: the sequencer writes headers only, so
+the per-record work is spread over the brokers that stored the batches),
+then they go on to the session. Ordering within a stream follows
+its commit order, so the oldest held batch of each stream is looked at
+first, and past it only when it is a publish session's batch, which the
+sequencer may order after later batches of its stream.
 
 One broker of the region runs the sequencer (:mod:`~trio_embarcadero.log.sequencer`):
 the one that holds the sequencer lease (:mod:`~trio_embarcadero.log.lease`).
@@ -24,6 +29,7 @@ for the order of its held batches on the same timer.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -34,11 +40,20 @@ from typing import NoReturn
 import trio
 
 from ..errors import SequencerDeposed
-from ..log import CxlLog, Reservation
-from ..log.layout import BH_ORDERED, NEVER_ORDERED, read_topic_order
+from ..log import CxlLog, Reservation, Stream
+from ..log.layout import (
+    BH_ORDERED,
+    BH_SESSION,
+    NEVER_ORDERED,
+    TOPIC_LIVE,
+    U32,
+    read_topic_order,
+    read_topic_state,
+)
 from ..log.lease import Grant, LeaseStatistics, SequencerLease
 from ..log.reader import region_brokers
 from ..log.sequencer import DEFAULT_STEP_BUDGET, OrderedBatch, Sequencer, SequencerStatistics
+from ..log.stamps import is_stamped, stamp_batches
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +61,34 @@ logger = logging.getLogger(__name__)
 Deliver = Callable[[Reservation], None]
 
 
+class _Held:
+    """A committed batch of an order-5 topic waiting for its order: where it
+    is, and who hears of it (nobody for one stored before this process)."""
+
+    __slots__ = ("deliver", "header_offset", "never", "reservation")
+
+    def __init__(
+        self,
+        header_offset: int,
+        reservation: Reservation | None = None,
+        deliver: Deliver | None = None,
+        never: Deliver | None = None,
+    ) -> None:
+        self.header_offset = header_offset
+        self.reservation = reservation
+        self.deliver = deliver
+        self.never = never
+
+
 class OrderWaits:
-    """Committed batches of order-5 topics whose acks wait for their order.
+    """Committed batches of order-5 topics waiting for their order.
+
+    Once the sequencer has ordered such a batch, this broker (the one that
+    stored it) writes its records' total orders
+    (:func:`~trio_embarcadero.log.stamps.stamp_batches`), and only then
+    hands it on to its owner (the ack). Every batch of this
+    broker's order-5 streams passes here, also those its previous process
+    stored and left unstamped (:meth:`adopt`).
 
     Args:
         log: The broker's log (the region the headers are read from).
@@ -55,10 +96,14 @@ class OrderWaits:
 
     def __init__(self, log: CxlLog, interval: float = 0.005) -> None:
         self._log = log
-        self._held: dict[int, deque[tuple[Reservation, Deliver, Deliver]]] = {}
+        # Per stream, its batches in commit order.
+        self._held: dict[Stream, deque[_Held]] = {}
         self._count = 0
+        self._ownerless = 0
         #: Batches held here that turned out never to be ordered.
         self.never_ordered = 0
+        #: Batches whose records this broker stamped with their total orders.
+        self.stamped = 0
         #: How often the order is looked for (``cxl.sequencer_interval_ms``).
         self.interval = interval
         #: Unparked when a batch is held (the head's sequencer runs at once).
@@ -77,47 +122,148 @@ class OrderWaits:
         """Batches whose acks wait for their order."""
         return self._count
 
+    @property
+    def unstamped(self) -> int:
+        """Batches held here, acked or not, whose records wait for their total orders."""
+        return self._count + self._ownerless
+
     def ordered_topic(self, reservation: Reservation) -> bool:
         """Whether ``reservation``'s topic has order 5 (fixed in the region)."""
         stream = reservation.stream
         return read_topic_order(self._log.region, self._log.geometry, stream.topic_index) == 5
 
-    def hold(self, reservation: Reservation, deliver: Deliver, never: Deliver) -> None:
-        """Call ``deliver(reservation)`` once the committed ``reservation`` is
-        ordered, or ``never(reservation)`` once it is clear it never will be
-        (its header's ``ordered`` word is 2: a publish session's batch whose
-        batch_seq the sequencer skipped, or one it went past while in flight)."""
-        key = id(reservation.stream)
-        self._held.setdefault(key, deque()).append((reservation, deliver, never))
-        self._count += 1
+    def hold(
+        self, reservation: Reservation, deliver: Deliver | None, never: Deliver | None
+    ) -> None:
+        """Stamp the committed ``reservation``'s records once it is ordered,
+        then call ``deliver(reservation)``; or call ``never(reservation)``
+        once it is clear it never will be ordered (its header's ``ordered``
+        word is 2: a publish session's batch whose batch_seq the sequencer
+        skipped, or one it went past while in flight). Without ``deliver``
+        (a batch nobody waits for) only its records are stamped."""
+        item = _Held(reservation.header_offset, reservation, deliver, never)
+        self._held.setdefault(reservation.stream, deque()).append(item)
+        if deliver is None:
+            self._ownerless += 1
+        else:
+            self._count += 1
         self.wakeup.unpark_all()
 
+    def adopt(self) -> int:
+        """Hold the batches of this broker's order-5 streams already in the
+        region whose records are not stamped yet (its previous process
+        stored them, maybe ordered, and died before it stamped them, or the
+        disk log replayed them), so they are stamped once ordered; returns
+        how many. Called once, before the broker serves."""
+        log = self._log
+        region, words = log.region, log.words
+        adopted = 0
+        for stream in log.streams():
+            if read_topic_order(region, log.geometry, stream.topic_index) != 5:
+                continue
+            waiting = self._held.setdefault(stream, deque())
+            for header in stream.index_header:
+                ordered = int(words[(header + BH_ORDERED) // 8]) & 0xFFFFFFFF
+                if ordered != NEVER_ORDERED and not is_stamped(region, header):
+                    waiting.append(_Held(header))
+                    adopted += 1
+            if not waiting:
+                del self._held[stream]
+        self._ownerless += adopted
+        return adopted
+
     def release(self) -> int:
-        """Deliver every held batch that is ordered now (or hand it to its
-        ``never`` if it never will be); returns how many."""
-        done = 0
-        # Headers are 64-byte aligned: the "ordered" word is the low half of a u64.
-        words = self._log.words
-        for key in list(self._held):
-            waiting = self._held[key]
+        """Stamp every held batch that is ordered now and deliver it (or hand
+        it to its ``never`` if it never will be); returns how many."""
+        log = self._log
+        region, words = log.region, log.words
+        done: list[tuple[_Held, bool]] = []
+        stamp: list[int] = []
+        for stream in list(self._held):
+            waiting = self._held[stream]
+            state, incarnation = read_topic_state(region, log.geometry, stream.topic_index)
+            if (state, incarnation) != (TOPIC_LIVE, stream.incarnation):
+                # Deleted (its segments maybe reused): nothing left to stamp.
+                self._forget(stream)
+                continue
             while waiting:
-                reservation, deliver, never = waiting[0]
-                ordered = int(words[(reservation.header_offset + BH_ORDERED) // 8]) & 0xFFFFFFFF
+                item = waiting[0]
+                # Headers are 64-byte aligned: the "ordered" word is the low half of a u64.
+                ordered = int(words[(item.header_offset + BH_ORDERED) // 8]) & 0xFFFFFFFF
                 if not ordered:
+                    if U32.unpack_from(region.data, item.header_offset + BH_SESSION)[0]:
+                        # A session batch waiting for its predecessor: the
+                        # sequencer orders the stream's later batches meanwhile.
+                        self._release_past(waiting, done, stamp)
                     break
                 waiting.popleft()
-                self._count -= 1
-                done += 1
-                if ordered == NEVER_ORDERED:
-                    self.never_ordered += 1
-                    deliver = never
-                try:
-                    deliver(reservation)
-                except Exception:
-                    logger.exception("internal error acking an ordered batch")
+                self._settle(item, ordered, done, stamp)
             if not waiting:
-                del self._held[key]
-        return done
+                del self._held[stream]
+        # Every record first, then the stamped words, then the acks: an ack
+        # promises a batch whose records carry their total orders.
+        stamp_batches(region, words, stamp)
+        self.stamped += len(stamp)
+        for item, never in done:
+            if item.deliver is None:
+                self._ownerless -= 1
+                continue
+            self._count -= 1
+            callback = item.deliver
+            if never:
+                self.never_ordered += 1
+                callback = item.never if item.never is not None else callback
+            try:
+                assert item.reservation is not None
+                callback(item.reservation)
+            except Exception:
+                logger.exception("internal error acking an ordered batch")
+        return len(done)
+
+    def _settle(
+        self, item: _Held, ordered: int, done: list[tuple[_Held, bool]], stamp: list[int]
+    ) -> None:
+        never = ordered == NEVER_ORDERED
+        if not never and not is_stamped(self._log.region, item.header_offset):
+            stamp.append(item.header_offset)
+        done.append((item, never))
+
+    def _release_past(
+        self, waiting: deque[_Held], done: list[tuple[_Held, bool]], stamp: list[int]
+    ) -> None:
+        """Settle the ordered batches of a stream whose oldest held batch is
+        a session batch the sequencer went past (see
+        :mod:`~trio_embarcadero.log.sequencer`), keeping the others in their
+        order. A batch behind one of its own connection that still waits is
+        stamped but not handed on yet: a connection's acks keep its order."""
+        words, region = self._log.words, self._log.region
+        kept: list[_Held] = []
+        owners: set[int] = set()  # connections with a batch kept
+        for k, item in enumerate(waiting):
+            ordered = int(words[(item.header_offset + BH_ORDERED) // 8]) & 0xFFFFFFFF
+            owner = item.reservation.owner if item.reservation is not None else None
+            if ordered and (owner is None or id(owner) not in owners):
+                self._settle(item, ordered, done, stamp)
+                continue
+            if ordered == 1 and not is_stamped(region, item.header_offset):
+                stamp.append(item.header_offset)
+            kept.append(item)
+            if owner is not None:
+                owners.add(id(owner))
+            if not ordered and not U32.unpack_from(region.data, item.header_offset + BH_SESSION)[0]:
+                # The sequencer's walk stops at a plain batch not ordered:
+                # nothing after it is ordered yet.
+                kept += itertools.islice(waiting, k + 1, None)
+                break
+        waiting.clear()
+        waiting.extend(kept)
+
+    def _forget(self, stream: Stream) -> None:
+        for item in self._held.pop(stream):
+            if item.deliver is None:
+                self._ownerless -= 1
+            else:
+                self._count -= 1
 
 
 #: The longest the broker that orders waits between looks at a region with
@@ -283,6 +429,13 @@ async def run_ordering(
         interval: How often to look at what other processes committed or
             ordered (``cxl.sequencer_interval_ms``), in seconds.
     """
+    adopted = waits.adopt()
+    if adopted:
+        logger.info(
+            "%d batch(es) of order-5 topics stored before this process get their records' "
+            "total orders once ordered",
+            adopted,
+        )
     task_status.started()
     pause = interval
     try:

@@ -41,6 +41,7 @@ from ..log import CxlLog, DiskLog, Stream
 from ..log.disk import DiskBatch
 from ..log.layout import BH_ORDERED, BH_TOTAL_ORDER, NEVER_ORDERED, U32, U64, read_topic_order
 from ..log.ordered import OrderedIndex, cut_records
+from ..log.stamps import is_stamped, stamp_copy
 from ..wire import (
     BATCH_METADATA,
     BATCH_METADATA_VERSION,
@@ -223,12 +224,19 @@ async def _send_when_ordered(
             return True
     if ordered == NEVER_ORDERED:
         return None
+    # Looked at before the copy: once set, the records copied are stamped.
+    stamped = is_stamped(region.data, header_offset)
     (total_order,) = U64.unpack_from(region.data, header_offset + BH_TOTAL_ORDER)
     frame = bytearray(BATCH_METADATA.size + end - start)
     BATCH_METADATA.pack_into(
         frame, 0, total_order + skip, num_msg - skip, BATCH_METADATA_VERSION, 0
     )
     frame[BATCH_METADATA.size :] = region[start:end].data
+    if not stamped:
+        # The broker that stored it has not written its records' total
+        # orders yet (or is down): the copy gets them, from the header.
+        records = np.frombuffer(frame, dtype=np.uint8, offset=BATCH_METADATA.size)
+        stamp_copy(records, num_msg - skip, total_order + skip)
     return await _send(connection, memoryview(frame), send_timeout)
 
 

@@ -153,7 +153,7 @@ def _with_failover(
         options,
         delivery_timeout=timeout,
         idempotent=idempotent,
-        spread=not idempotent if spread is None else spread,
+        spread=spread is None or spread,
     )
 
 
@@ -1031,14 +1031,12 @@ async def open_publisher(
         spread: With several brokers, hand batches to every broker's
             connection (True), or send on one connection at a time, the
             first broker of the list that answers, and move to the next only
-            when it fails (False). Default: spread, except in a session. A
-            session's resend must not land behind a later batch of the session
-            in one broker's stream: on an order-5 topic the sequencer orders
-            each stream in its commit order and a session in ``batch_seq``
-            order, so it would hold the later batch for the resent one behind
-            it until ``cxl.sequencer_hole_timeout_s``, then skip the resent one
-            (error 2, the publisher fails). A session on order-0 topics may
-            spread.
+            when it fails (False). Default: spread, also in a session: on an
+            order-5 topic the sequencer orders a session's batches in
+            ``batch_seq`` order across the brokers' streams, and orders a
+            stream's later batches past one that waits for its predecessor
+            (stored by another broker, or resent behind it), so spreading
+            holds no stream up.
 
     Yields:
         The :class:`Publisher`.

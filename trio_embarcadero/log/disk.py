@@ -37,11 +37,14 @@ On start the disk log is reconciled with the CXL region:
   same logical offsets again; of a stream the region lost whole, only the
   newest batches that fit comfortably (see :meth:`DiskLog._replay_missing`),
   the older ones staying on disk only. A batch of an order-5 topic is
-  written to disk only once it is ordered (:meth:`DiskLog.take_jobs`), so
-  its header and records hold its total orders; replayed, it is marked
-  restored (``BH_RESTORED``) with its total order in the header, and the
-  sequencer gives it that place again (one the sequencer went past, its
-  ``ordered`` word 2, gets that word again and stays out of the order);
+  written to disk only once it is ordered and the broker stamped its
+  records (:meth:`DiskLog.take_jobs`, see :mod:`.stamps`), so its header
+  and records hold its total orders; replayed, it is marked restored
+  (``BH_RESTORED``) with its total order in the header, and the sequencer
+  gives it that place again (one the sequencer went past, its ``ordered``
+  word 2, gets that word again and stays out of the order); the broker
+  then stamps it again (its stamped word is not replayed: given a place
+  anew, it gets other total orders);
 * the region has more batches (they were acked at level 1 but not synced
   before a crash): the writer appends them.
 
@@ -89,6 +92,7 @@ from .layout import file_name as file_name
 from .layout import parse_file_name as parse_file_name
 from .ownership import BrokerLock, claim_disk_log, open_private_file, sync_directory
 from .region import CxlLog, Reservation, Stream
+from .stamps import is_stamped
 
 logger = logging.getLogger(__name__)
 
@@ -599,23 +603,24 @@ class DiskLog:
     def _writable(self, stream: Stream, synced: int) -> int:
         """How many of ``stream``'s committed batches may go to disk now: all
         of them, but for an order-5 topic only those before its first one not
-        ordered yet (a batch goes to disk once it is ordered, its total
-        orders in it, so a region rebuilt from the disk gets them back). The
-        sequencer orders a stream in its commit order, so once the last batch
-        is ordered, one before it that is not never will be: all go."""
+        settled yet: a batch goes to disk once it is ordered and this broker
+        wrote its records' total orders (stamped), or is never ordered, so a
+        region rebuilt from the disk gets them back. (Not a stream's last
+        batch alone tells: a publish session's batch waiting for its
+        predecessor is ordered after later batches of its stream.)"""
         region, geometry = self._log.region.data, self._log.geometry
         if read_topic_order(region, geometry, stream.topic_index) != 5:
             return stream.batches
 
-        def ordered(k: int) -> bool:
+        def settled(k: int) -> bool:
             header = stream.committed_batch(k).header_offset
-            return bool(U32.unpack_from(region, header + BH_ORDERED)[0])
+            if U32.unpack_from(region, header + BH_ORDERED)[0] == NEVER_ORDERED:
+                return True
+            return is_stamped(region, header)
 
-        if synced == stream.batches or ordered(stream.batches - 1):
-            return stream.batches
-        # Forward, from the first not on disk: a poll while the head lags
-        # reads only what was ordered since the last.
-        return next(k for k in range(synced, stream.batches) if not ordered(k))
+        # Forward, from the first not on disk: a poll reads only what was
+        # committed since the last one wrote.
+        return next((k for k in range(synced, stream.batches) if not settled(k)), stream.batches)
 
     def jobs_done(self, jobs: list[WriteJob], written: int, seconds: float) -> None:
         """Record jobs that :func:`write_and_sync` finished: each job's stream

@@ -72,22 +72,32 @@ later):
                             batch is gone (retention), like an offset
 The sequencer orders a *run* of batches at a time (consecutive batches of
 one stream, at most ``RUN_LIMIT`` of :mod:`.sequencer`) and writes, in this
-order: every record's ``total_order`` and each header's ``total_order``, the
-index entries, the topic's ordered count (the commit point: one aligned
-8-byte store covering the whole run), then the headers' ``ordered`` words
-(1), then the next batch_seq to order of each publish session (see below)
-with a batch in the run (one 8-byte store a session). A batch is ordered
+order: each header's ``total_order``, the index entries, the topic's
+ordered count (the commit point: one aligned 8-byte store covering the whole
+run), then the headers' ``ordered`` words (1), then the next batch_seq to
+order of each publish session (see below) with a batch in the run (one
+8-byte store a session). It writes no record: the broker that stored a
+batch writes every record's ``total_order`` (the header's + the record's
+index) once the batch's ``ordered`` word is 1, then the header's stamped
+word (``BH_STAMPED``, +76, in the padding the writer zeroes) to 1, and
+only then acks it, writes it to disk or lets retention have its segment;
+a broker that starts stamps what its previous process left unstamped
+(see :mod:`.stamps`). A reader takes a record's total order from the
+header or index entry, not from a record of a batch not stamped yet. A batch is ordered
 once the count covers its entry; a sequencer that starts again redoes the
 ``ordered`` words of the last ``RUN_LIMIT`` entries (those of batches still
 in the region) and their sessions' next batch_seqs, and goes on from the
 count, so a ``kill -9`` at any store neither assigns a total order twice nor
 skips one. The next total order is the last entry's plus its ``num_msg``;
-each broker's stream is ordered in its commit order, so its ordered batches
-come first and a restart resumes after the last one whose ``ordered`` word
-is 1 (passing again the batches after it whose word is 2,
-``NEVER_ORDERED``). The sequencer writes 2 into a batch's ``ordered`` word
-only once the run before it in its stream is written whole, so a stream's
-``ordered`` words are set in its order (the disk writer relies on it).
+each broker's stream is ordered in its commit order but for publish
+session batches deferred for their predecessors (ordered later, once those
+are), so a restart resumes after the last batch whose ``ordered`` word is
+1 (passing again the batches after it whose word is 2, ``NEVER_ORDERED``),
+and the committed batches before it whose word is 0 are the deferred ones.
+The sequencer writes 2 into a batch's ``ordered`` word only once the run
+before it in its stream is written whole. A stream's ``ordered`` (and
+stamped) words are thus set in its order but for deferred batches: the
+disk writer and retention look at every batch, not at a stream's last.
 
 The session table of publish sessions (``client_req = 2``, see
 :mod:`.sessions`) is a chain of segments whose map owner is
@@ -239,6 +249,10 @@ NEVER_ORDERED = 2
 #: the disk log with the total order it had (in ``total_order``), which the
 #: sequencer gives it again.
 BH_RESTORED = 72
+#: A batch header's stamped word (in the same padding): 1 once every record
+#: of an ordered batch of an order-5 topic carries its total order, written
+#: by the broker that stored the batch (see .stamps).
+BH_STAMPED = 76
 #: A stream entry's count of attached publish sessions, at +56.
 STREAM_ATTACHED_OFFSET = 56
 #: A stream entry: first, last segment, segment count.
@@ -590,12 +604,14 @@ def ordered_slots(buf: Any, geometry: Geometry) -> list[int]:
     """The slot of every live topic of order 5: one vectorised scan of the
     state and order words (the head's sequencer looks every few ms, and a
     region may hold thousands of order-0 topics)."""
-    words = (
-        _topic_table(buf, geometry)[:, TOPIC_STATE_OFFSET : TOPIC_ORDER_OFFSET + 4]
-        .copy()
-        .view("<u4")
+    stride = geometry.topic_entry_size // 4
+    words = np.frombuffer(
+        buf, dtype="<u4", count=geometry.max_topics * stride, offset=geometry.topic_offset(0)
     )
-    return np.flatnonzero((words[:, 0] == TOPIC_LIVE) & (words[:, 1] == 5)).tolist()
+    # Strided columns, compared in place: no copy of the table's rows.
+    states = words[TOPIC_STATE_OFFSET // 4 :: stride]
+    orders = words[TOPIC_ORDER_OFFSET // 4 :: stride]
+    return np.flatnonzero((states == TOPIC_LIVE) & (orders == 5)).tolist()
 
 
 def ordered_topics(buf: Any, geometry: Geometry) -> dict[int, str]:

@@ -33,6 +33,7 @@ from .layout import (
     read_ordered_count,
     read_topic_state,
 )
+from .stamps import is_stamped, stamp_copy
 
 
 class OrderedIndex:
@@ -103,10 +104,15 @@ class OrderedIndex:
         batch is gone (retention reclaimed its segment, maybe reused since).
 
         The copy is checked after it is taken: a segment reclaimed while it
-        was copied is seen, so the bytes returned are the batch's.
+        was copied is seen, so the bytes returned are the batch's. Its
+        records carry their total orders: if the broker that stored the
+        batch has not written them yet (or died before it did), they are
+        written into the copy, from the entry.
         """
         if generation_holding(self._buf, self._g, entry.header_offset) != entry.generation:
             return None
+        # Looked at before the copy: once set, the records copied are stamped.
+        stamped = is_stamped(self._buf, entry.header_offset)
         (total,) = U64.unpack_from(self._buf, entry.header_offset + BH_TOTAL_SIZE)
         start = entry.header_offset + BATCH_HEADER_SIZE
         region = np.frombuffer(self._buf, dtype=np.uint8)
@@ -115,6 +121,8 @@ class OrderedIndex:
         data = region[start : start + total].copy()
         if generation_holding(self._buf, self._g, entry.header_offset) != entry.generation:
             return None
+        if not stamped:
+            stamp_copy(data, entry.num_msg, entry.total_order)
         return data
 
 

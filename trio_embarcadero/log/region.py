@@ -66,6 +66,7 @@ from .layout import (
     BH_ORDERED,
     BH_TOTAL_SIZE,
     LAYOUT_VERSION,
+    NEVER_ORDERED,
     NEXT_GENERATION_OFFSET,
     NO_SEGMENT,
     SEGMENT_HEADER,
@@ -112,6 +113,7 @@ from .ownership import (
 from .segments import SegmentMap, order_for
 from .sequencer import Sequencer
 from .sessions import Claim, SessionTable
+from .stamps import is_stamped
 from .topics import attached_publishers, finish_deletions
 
 logger = logging.getLogger(__name__)
@@ -1254,22 +1256,29 @@ class CxlLog:
             if segment.pins:
                 break  # a reader is using it: the next check will do
             batches += segment.batches
-            if ordered_topic and segment.batches and not self._ordered(stream, batches - 1):
-                break  # the sequencer has not got past it yet
             too_big = retention_bytes >= 0 and remaining - segment.data_bytes >= retention_bytes
             too_old = (
                 retention_ms >= 0 and now_ns - segment.last_commit_ns > retention_ms * 1_000_000
             )
             if not (too_big or too_old):
                 break
+            # Every batch of it, not its last alone: a publish session's
+            # batch waiting for its predecessor is ordered after later ones.
+            if ordered_topic and not all(
+                self._ordered(stream, k) for k in range(batches - segment.batches, batches)
+            ):
+                break  # the sequencer (or this broker's stamping) has not got past it yet
             remaining -= segment.data_bytes
             count += 1
         return count
 
     def _ordered(self, stream: Stream, retained: int) -> bool:
-        """Whether the ``retained``-th batch the stream retains is ordered."""
-        (ordered,) = U32.unpack_from(self._mmap, stream.index_header[retained] + BH_ORDERED)
-        return bool(ordered)
+        """Whether the ``retained``-th batch the stream retains is ordered
+        and its records stamped with their total orders (by this broker,
+        which must not find its segment gone), or never ordered."""
+        header = stream.index_header[retained]
+        (ordered,) = U32.unpack_from(self._mmap, header + BH_ORDERED)
+        return ordered == NEVER_ORDERED or is_stamped(self._mmap, header)
 
     def reclaim_oldest(self, stream: Stream) -> RetainedSegment | None:
         """Let ``stream``'s oldest segment go and give it back to the region.

@@ -8,11 +8,12 @@ batch committed since a place in the topic's total order: per message, gap-free
 from 0, in the order the sequencer finds the commits (a stream's batches in
 their commit order, so a connection's batches keep the order it sent them in).
 It orders a stream's batches found in one step as a run: the total orders
-into the records and the headers, the entries appended to the topic's
-ordered index, one commit point for the run, then the headers marked
-ordered; a long run with one numpy store of each kind (strided columns or
-one gather of every record's place), so a batch of 16 records costs about
-what a batch of one does.
+into the headers, the entries appended to the topic's ordered index, one
+commit point for the run, then the headers marked ordered; a long run with
+one numpy store of each kind. It writes no record, so a batch of any size
+costs the same: the broker that stored a batch writes its records' total
+orders once it is ordered (see :mod:`.stamps`), which spreads that work
+over the brokers.
 The layout and the crash-safe order of those stores are described in
 :mod:`.layout`; a sequencer that starts again (after a ``kill -9`` at any
 point) goes on from the region alone.
@@ -29,15 +30,20 @@ with an error in place of its ack.
 
 A publish session's batches (see :mod:`.sessions`) are ordered by their
 batch_seq, also when different brokers stored them: a session batch whose
-predecessor is not ordered yet holds its stream, like a hole, for at most
-``hole_timeout_ns``; then the batch_seqs still missing before it are
-skipped and it is ordered. A session batch whose batch_seq was skipped is
-never ordered: its header's ``ordered`` word becomes 2 (``NEVER_ORDERED``).
-A session's batches go into runs like any others: those of the run being
-written count as ordered for the next (:meth:`.sessions.SessionTable.placement`), and
-the session's next batch_seq is written after the run's commit point. A
-batch_seq is skipped, or a word 2 written, only once the run before it is
-written whole (see :mod:`.layout`).
+predecessor is not ordered yet is deferred (the walk of its stream goes on
+past it, so sessions spread over brokers never wait for each other) and
+ordered once its predecessor is, for at most ``hole_timeout_ns``; then the
+batch_seqs still missing before it are skipped and it is ordered. A plain
+batch is never deferred, so it never overtakes an earlier plain batch of
+its stream. (Batches replayed from a disk log keep their stream's order: a
+replayed session batch that waits holds its stream.) A session batch whose
+batch_seq was skipped is never ordered: its header's ``ordered`` word
+becomes 2 (``NEVER_ORDERED``). A session's batches go into runs like any
+others: those of the run being written count as ordered for the next
+(:meth:`.sessions.SessionTable.placement`), and the session's next
+batch_seq is written after the run's commit point. A batch_seq is skipped,
+or a word 2 written, only once the run before it is written whole (see
+:mod:`.layout`).
 
 Every step runs under the region's file lock: a topic is not deleted, nor a
 segment reclaimed, while the sequencer writes into it.
@@ -60,9 +66,6 @@ import numpy.typing as npt
 from ..wire import (
     BATCH_HEADER_SIZE,
     BH_BATCH_COMPLETE,
-    MH_NEXT_MSG_DIFF,
-    MH_PADDED_SIZE,
-    MH_TOTAL_ORDER,
 )
 from .layout import (
     BATCH_ABANDONED,
@@ -281,9 +284,6 @@ _ONE = np.uint32(1)
 #: A run of at most this many batches is ordered batch by batch with
 #: ``struct`` stores; a longer one with one numpy store per kind of word.
 _FEW_BATCHES = 4
-#: Batches of this many records each on average get a strided column each,
-#: not one gather of every record's place.
-_MANY_RECORDS = 64
 
 
 def _store(view: npt.NDArray[Any], at: npt.NDArray[np.int64] | slice, values: Any) -> None:
@@ -295,10 +295,10 @@ def _store(view: npt.NDArray[Any], at: npt.NDArray[np.int64] | slice, values: An
 
 class _Run:
     """Batches of one stream found to order: their header offsets, message
-    counts, payload sizes and data segments' generations, and the next
+    counts and data segments' generations, and the next
     batch_seq of each publish session with a batch among them."""
 
-    __slots__ = ("generations", "messages", "num_msgs", "offsets", "sessions", "sizes")
+    __slots__ = ("generations", "messages", "num_msgs", "offsets", "sessions")
 
     def __init__(self) -> None:
         self.start()
@@ -308,7 +308,6 @@ class _Run:
         self.messages = 0
         self.offsets: list[int] = []
         self.num_msgs: list[int] = []
-        self.sizes: list[int] = []
         self.generations: list[int] = []
         # Entry offset of a session in the table: its batch_seq after the run.
         self.sessions: dict[int, int] = {}
@@ -322,10 +321,24 @@ class _Hole:
         self.since_ns = since_ns
 
 
+class _Deferred:
+    """A committed session batch that waits for its predecessor, behind the
+    stream's walk: where it is (its header, its data segment's generation)
+    and since when it waits."""
+
+    __slots__ = ("generation", "offset", "since_ns")
+
+    def __init__(self, offset: int, generation: int, since_ns: int) -> None:
+        self.offset = offset
+        self.generation = generation
+        self.since_ns = since_ns
+
+
 class _StreamCursor:
     """Where the sequencer stands in one broker's stream of a topic."""
 
-    __slots__ = ("done", "held", "hole", "new_seen", "passed", "position", "waiting_since")
+    __slots__ = ("deferred", "done", "held", "hole", "new_seen", "passed", "position",
+                 "waiting_since")  # fmt: skip
 
     def __init__(self) -> None:
         self.position: WalkPosition | None = None
@@ -333,8 +346,11 @@ class _StreamCursor:
         # skipped or reclaimed), numbered as the stream's entry counts them.
         self.done = 0
         self.hole: _Hole | None = None
-        # A session batch waiting for its predecessor (since when).
+        # A replayed session batch waiting for its predecessor (since when).
         self.held: _Hole | None = None
+        # Session batches behind the position that wait for their
+        # predecessors, in the stream's order (the walk went on past them).
+        self.deferred: list[_Deferred] = []
         self.waiting_since: int | None = None
         # A batch not replayed from the disk log was seen: none comes after.
         self.new_seen = False
@@ -543,17 +559,23 @@ class Sequencer:
 
     # -- one stream ----------------------------------------------------------------
 
-    def _frontier(self, topic: _TopicOrder, broker: int, cursor: _StreamCursor) -> None:
+    def _frontier(
+        self, topic: _TopicOrder, broker: int, cursor: _StreamCursor, now_ns: int
+    ) -> None:
         """Set ``cursor`` after the stream's last ordered batch: a new stream's
-        start, or where a sequencer that stopped had got to. (Batches never
-        ordered after it are passed again: a region rebuilt from the disk
-        log has them among batches it orders anew.)"""
+        start, or where a sequencer that stopped had got to. The committed
+        batches before it not ordered (word 0) are session batches the walk
+        went past while they waited for their predecessors: they wait again,
+        from now. (Batches never ordered after it are passed again: a
+        region rebuilt from the disk log has them among batches it orders
+        anew.)"""
         entry = read_stream_entry(self._buf, self._g, topic.index, broker)
         position = WalkPosition()
         after = WalkPosition()
         done = walked = 0
         passed: list[tuple[int, int]] = []
-        kept = 0
+        waiting: list[_Deferred] = []
+        kept = deferred = 0
         for offset, state, is_ordered, _, _, total, _ in _walk(
             self._buf, self._g, topic.index, broker, position
         ):
@@ -562,13 +584,17 @@ class Sequencer:
             if state != BATCH_COMMITTED:
                 continue
             walked += 1
-            if is_ordered == 1:
+            if is_ordered == 0:
+                waiting.append(_Deferred(offset, position.generation, now_ns))
+            elif is_ordered == 1:
                 done = walked
                 kept = len(passed)
+                deferred = len(waiting)
                 after = attrs.evolve(position, offset=offset + BATCH_HEADER_SIZE + total)
         cursor.position = after
-        cursor.done = entry.first_batch + done
+        cursor.done = entry.first_batch + done - deferred
         cursor.passed = passed[:kept]  # those after it are walked again
+        cursor.deferred = waiting[:deferred]
 
     def _order_restored(
         self, topic: _TopicOrder, now_ns: int, budget: int, ordered: OrderedBatches
@@ -641,21 +667,31 @@ class Sequencer:
     ) -> bool:
         """Order what a stream committed since the last step (with
         ``restored_only``: only its batches replayed with their total orders,
-        up to the first it has to wait for); True if it stopped at a publish
-        session's batch held for its predecessor."""
+        up to the first it has to wait for); True if a publish session's
+        batch waits for its predecessor.
+
+        A session batch that waits is deferred: the walk goes on past it, so
+        other sessions' batches and plain ones behind it are ordered (a plain
+        batch still never overtakes an earlier plain one: the walk keeps the
+        stream's order for all but deferred batches), and it is ordered once
+        its predecessor is (:meth:`_order_deferred`), also in a later step.
+        Replayed batches keep their stream's order: one that waits stops the
+        walk."""
         cursor = topic.cursors[broker]
         if cursor.position is None:
             (first,) = U32.unpack_from(self._buf, topic.streams[broker])
             if first == NO_SEGMENT:
                 return False
             try:
-                self._frontier(topic, broker, cursor)
+                self._frontier(topic, broker, cursor, now_ns)
             except SegmentReclaimed:
                 return False
         position = cursor.position
         assert position is not None
-        run = _Run()
         held = False
+        if cursor.deferred and not restored_only:
+            held = self._order_deferred(topic, broker, now_ns, budget, ordered)
+        run = _Run()
         sessions = self._sessions
         per = index_per_segment(self._g)
         chain = topic.chain
@@ -709,12 +745,21 @@ class Sequencer:
                     capacity += per
                 # A publish session's batch names its session (BH_SESSION).
                 if session and sessions is not None:
+                    since = now_ns
+                    if restored_only:
+                        if cursor.held is None or cursor.held.offset != offset:
+                            cursor.held = _Hole(offset, now_ns)
+                        since = cursor.held.since_ns
                     placement = self._place_session_batch(
-                        topic, broker, run, offset, now_ns, ordered
+                        topic, broker, run, offset, since, now_ns, ordered
                     )
                     if placement is Placement.HOLD:
                         held = True
-                        break
+                        if restored_only:
+                            break
+                        cursor.deferred.append(_Deferred(offset, position.generation, now_ns))
+                        continue
+                    cursor.held = None
                     if placement is Placement.NEVER:
                         cursor.done += 1
                         continue
@@ -722,7 +767,6 @@ class Sequencer:
                 run.offsets.append(offset)
                 run.messages += num_msg
                 run.num_msgs.append(num_msg)
-                run.sizes.append(total)
                 run.generations.append(position.generation)
         except SegmentReclaimed:
             # Retention let the segment go; it keeps unordered batches of an
@@ -739,14 +783,16 @@ class Sequencer:
         broker: int,
         run: _Run,
         offset: int,
+        since_ns: int,
         now_ns: int,
         ordered: OrderedBatches,
     ) -> Placement:
         """Whether to order the session batch at ``offset`` now (after the
         batches of ``run``), wait, or never.
 
-        One whose predecessor is missing waits ``hole_timeout_ns``; then the
-        missing batch_seqs are skipped. One whose batch_seq was skipped gets
+        One whose predecessor is missing waits ``hole_timeout_ns`` (from
+        ``since_ns``, when it was first found waiting); then the missing
+        batch_seqs are skipped. One whose batch_seq was skipped gets
         ``NEVER_ORDERED`` in its ``ordered`` word (one store: a sequencer that
         dies before it decides the same again). Both are written only once
         ``run`` is ordered (written whole, its sessions' next batch_seqs too):
@@ -755,19 +801,14 @@ class Sequencer:
         """
         sessions = self._sessions
         assert sessions is not None
-        cursor = topic.cursors[broker]
         placement = sessions.placement(offset, run.sessions)
         if placement is Placement.ORDER:
-            cursor.held = None
             return placement
         if placement is Placement.NEVER:
             self._flush(topic, broker, run, ordered)
             U32.pack_into(self._buf, offset + BH_ORDERED, NEVER_ORDERED)
-            cursor.held = None
             return placement
-        if cursor.held is None or cursor.held.offset != offset:
-            cursor.held = _Hole(offset, now_ns)
-        waited = now_ns - cursor.held.since_ns
+        waited = now_ns - since_ns
         if waited < self.hole_timeout_ns:
             return Placement.HOLD
         self._flush(topic, broker, run, ordered)
@@ -780,8 +821,58 @@ class Sequencer:
             waited / 1e9,
             skipped,
         )
-        cursor.held = None
         return Placement.ORDER
+
+    def _order_deferred(
+        self, topic: _TopicOrder, broker: int, now_ns: int, budget: int, ordered: OrderedBatches
+    ) -> bool:
+        """Order the stream's deferred session batches whose predecessors are
+        ordered now (or that waited ``hole_timeout_ns``: the batch_seqs
+        missing before them are skipped), as one run in the stream's order,
+        and write 2 into those never ordered; True if any still waits.
+
+        Crash-safe like any run: a sequencer that starts again finds them
+        among the stream's committed batches before its last ordered one
+        whose ``ordered`` word is 0 (:meth:`_frontier`)."""
+        sessions = self._sessions
+        cursor = topic.cursors[broker]
+        run = _Run()
+        waiting: list[_Deferred] = []
+        per = index_per_segment(self._g)
+        chain = topic.chain
+        capacity = (chain.first + len(chain.units)) * per
+        for k, item in enumerate(cursor.deferred):
+            if len(ordered) + len(run.offsets) >= budget:
+                waiting += cursor.deferred[k:]
+                break
+            if generation_holding(self._buf, self._g, item.offset) != item.generation:
+                continue  # its topic went (retention keeps batches not ordered)
+            if len(run.offsets) >= RUN_LIMIT:
+                self._flush(topic, broker, run, ordered)
+            if topic.entries + len(run.offsets) >= capacity:
+                if self._index_slot(topic, capacity) is None:
+                    waiting += cursor.deferred[k:]
+                    break
+                capacity += per
+            if sessions is not None:
+                placement = self._place_session_batch(
+                    topic, broker, run, item.offset, item.since_ns, now_ns, ordered
+                )
+                if placement is Placement.HOLD:
+                    waiting.append(item)
+                    continue
+                if placement is Placement.NEVER:
+                    cursor.done += 1
+                    continue
+                sessions.add_to_run(item.offset, run.sessions)
+            (num_msg,) = U32.unpack_from(self._buf, item.offset + 12)
+            run.offsets.append(item.offset)
+            run.messages += num_msg
+            run.num_msgs.append(num_msg)
+            run.generations.append(item.generation)
+        cursor.deferred = waiting
+        self._flush(topic, broker, run, ordered)
+        return bool(waiting)
 
     def _past_hole(
         self,
@@ -871,13 +962,7 @@ class Sequencer:
         cheaper than setting up arrays)."""
         buf = self._buf
         for k, header in enumerate(run.offsets):
-            num_msg, total = run.num_msgs[k], totals[k]
-            payload = header + BATCH_HEADER_SIZE
-            if num_msg == 1:
-                U64.pack_into(buf, payload + 8 * MH_TOTAL_ORDER, total)
-            else:
-                self._stamp_batch(payload // 8, num_msg, run.sizes[k], total)
-            U64.pack_into(buf, header + BH_TOTAL_ORDER, total)
+            U64.pack_into(buf, header + BH_TOTAL_ORDER, totals[k])
         for k, header in enumerate(run.offsets):
             INDEX_ENTRY.pack_into(
                 buf,
@@ -896,7 +981,6 @@ class Sequencer:
         headers = np.array(run.offsets, dtype=np.int64)
         num_msgs = np.array(run.num_msgs, dtype=np.int64)
         firsts = np.array(totals[:-1], dtype=np.uint64)
-        self._stamp_many(headers + BATCH_HEADER_SIZE, num_msgs, run.sizes, totals)
         _store(self._words, (headers + BH_TOTAL_ORDER) // 8, firsts)
         entries = np.empty(len(headers), dtype=_ENTRIES)
         entries["broker"] = broker
@@ -919,78 +1003,6 @@ class Sequencer:
             count = min(len(entries) - done, per - slot)
             _store(view, np.arange(slot, slot + count), entries[done : done + count])
             done += count
-
-    def _stamp_many(
-        self,
-        payloads: npt.NDArray[np.int64],
-        num_msgs: npt.NDArray[np.int64],
-        sizes: list[int],
-        totals: list[int],
-    ) -> None:
-        """Write ``totals[0] + i`` into the ``total_order`` of the run's
-        ``i``-th record (numbered across its batches, whose payloads start at
-        ``payloads`` and whose first records get ``totals[:-1]``)."""
-        words = self._words
-        bases = payloads // 8
-        first, records = totals[0], totals[-1] - totals[0]
-        if records == len(bases):  # one record a batch
-            _store(
-                words, bases + MH_TOTAL_ORDER, np.arange(first, first + records, dtype=np.uint64)
-            )
-            return
-        if records >= _MANY_RECORDS * len(bases):
-            # Large batches: a strided column each costs less than finding
-            # every record's place.
-            for k, base in enumerate(bases.tolist()):
-                self._stamp_batch(base, int(num_msgs[k]), sizes[k], totals[k])
-            return
-        # Many small batches: every record's place at once. A batch of one
-        # record size (the common case) is a strided column: record i at
-        # word base + i * padded / 8.
-        ends = np.cumsum(num_msgs)
-        padded = words[bases + MH_PADDED_SIZE].astype(np.int64)
-        even = (padded * num_msgs == np.asarray(sizes)) & (padded % 8 == 0) & (padded > 0)
-        strides = np.where(even, padded // 8, 0)
-        batch_of = np.repeat(np.arange(len(bases)), num_msgs)
-        within = np.arange(records) - np.repeat(ends - num_msgs, num_msgs)
-        at = np.repeat(bases, num_msgs) + within * strides[batch_of]
-        # Sizes that merely add up like one size are walked record by record.
-        uneven = ~even
-        uneven[batch_of[words[at + MH_PADDED_SIZE].astype(np.int64) != padded[batch_of]]] = True
-        for k in np.flatnonzero(uneven).tolist():
-            start = int(ends[k] - num_msgs[k])
-            at[start : int(ends[k])] = self._record_words(int(bases[k]), int(num_msgs[k]))
-        _store(words, at + MH_TOTAL_ORDER, np.arange(first, first + records, dtype=np.uint64))
-
-    def _stamp_batch(self, base: int, num_msg: int, total_size: int, first: int) -> None:
-        """Write ``first + i`` into the ``total_order`` of record ``i`` of the
-        batch whose payload starts at word ``base``."""
-        words = self._words
-        padded = int(words[base + MH_PADDED_SIZE])
-        step = padded // 8
-        stop = base + num_msg * step
-        values = np.arange(first, first + num_msg, dtype=np.uint64)
-        if (
-            padded * num_msg == total_size
-            and padded % 8 == 0
-            and padded
-            and bool((words[base:stop:step] == padded).all())
-        ):
-            # One record size (the common case): a strided column.
-            _store(words, slice(base + MH_TOTAL_ORDER, stop, step), values)
-        else:
-            _store(words, self._record_words(base, num_msg) + MH_TOTAL_ORDER, values)
-
-    def _record_words(self, base: int, num_msg: int) -> npt.NDArray[np.int64]:
-        """The first words of the records of the batch whose payload starts at
-        word ``base``, followed record by record."""
-        words = self._words
-        at = np.empty(num_msg, dtype=np.int64)
-        word = base
-        for k in range(num_msg):
-            at[k] = word
-            word += int(words[word + MH_NEXT_MSG_DIFF]) // 8
-        return at
 
     def _index_slot(self, topic: _TopicOrder, entry: int) -> int | None:
         """Where entry ``entry`` goes, adding an index segment if it needs one."""
