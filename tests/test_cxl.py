@@ -6,6 +6,7 @@ import gc
 import os
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,6 +158,57 @@ def test_fresh_region_is_formatted(region: Region) -> None:
     stats = log.statistics()
     assert (stats.topics, stats.segments_used, stats.segments_total) == (0, 0, NUM_SEGMENTS)
     assert stats.reservations == stats.batches_committed == stats.log_full == 0
+
+
+def _mapping_kib(log: CxlLog) -> dict[str, int]:
+    """The ``/proc/self/smaps`` counters (kB) of the mapping that holds ``log``'s region."""
+    address = log.region.ctypes.data
+    counters: dict[str, int] = {}
+    inside = False
+    with open("/proc/self/smaps", encoding="ascii") as smaps:
+        for line in smaps:
+            first = line.split()[0]
+            if not first.endswith(":"):
+                low, high = (int(bound, 16) for bound in first.split("-"))
+                inside = low <= address < high
+            elif inside and line.split()[-1] == "kB":
+                counters[first[:-1]] = int(line.split()[1])
+    return counters
+
+
+def test_prefault_maps_a_region_in_memory_writable(region: Region) -> None:
+    # MAP_POPULATE would leave every page clean (Private_Clean), and the first
+    # store to each page would then pay for setting its dirty bit.
+    log = region.open(prefault=True)
+    kib = _mapping_kib(log)
+    assert kib["Rss"] >= SIZE // 1024
+    assert kib["Private_Dirty"] + kib["Shared_Dirty"] >= SIZE // 1024
+
+
+def test_prefault_reads_a_region_on_disk_in(tmp_path: Path) -> None:
+    # Faulting a file on a disk in for writing would dirty all of it.
+    path = str(tmp_path / "region")
+    if not os.path.exists("/proc/self/mountinfo") or _on_tmpfs(tmp_path):
+        pytest.skip("needs a temporary directory on a disk")
+    log = CxlLog.open(path, size=SIZE, segment_size=SEG, max_topics=4, max_brokers=2, broker_id=0)
+    try:
+        kib = _mapping_kib(log)
+        assert kib["Rss"] >= SIZE // 1024
+        # Only the tables format_region wrote are dirty.
+        assert kib["Private_Dirty"] + kib["Shared_Dirty"] <= DATA_OFFSET // 1024
+    finally:
+        log.close()
+
+
+def _on_tmpfs(directory: Path) -> bool:
+    device = os.stat(directory).st_dev
+    with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
+        for line in mounts:
+            fields = line.split()
+            major, _, minor = fields[2].partition(":")
+            if os.makedev(int(major), int(minor)) == device:
+                return fields[fields.index("-") + 1] in ("tmpfs", "ramfs")
+    return False
 
 
 def test_region_without_room_for_a_segment_is_refused(region: Region) -> None:
