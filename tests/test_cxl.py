@@ -305,6 +305,42 @@ def test_abandon_in_the_middle_keeps_offsets_gap_free(region: Region) -> None:
     assert int(log.words[r2.payload_offset // 8 + 2]) == 2**64 - 1  # as the client sent it
 
 
+def test_complete_copy_stamps_the_source_only_for_the_next_batch(region: Region) -> None:
+    log = region.open()
+    sizes = [[1, 2], [3, 4, 5], [6], [7] * 4]
+
+    def staged(seq: int) -> tuple[Reservation, np.ndarray]:
+        data = np.frombuffer(bytearray(body(sizes[seq], first_order=seq * 10)), dtype=np.uint8)
+        r = log.get_cxl_buffer("a", header(len(data), len(sizes[seq]), batch_seq=seq))
+        return r, data
+
+    # Next in commit order: its records are stamped in the source, not again at commit.
+    r0, source0 = staged(0)
+    assert log.complete_copy(r0, source0, scan_records(source0, 2)) == [r0]
+    assert r0.stamped == 0
+    assert [rec[0] for rec in rawclient.parse_records(source0.tobytes())] == [0, 1]
+    # Behind a batch still being received: copied as it is, stamped at commit,
+    # at the offset the batch ahead leaves it (here it is given up: none).
+    r1, _ = staged(1)
+    r2, source2 = staged(2)
+    r3, source3 = staged(3)
+    sent = source2.tobytes()
+    assert log.complete_copy(r2, source2, scan_records(source2, 1)) == []
+    assert r2.stamped == -1
+    assert source2.tobytes() == sent
+    assert log.abandon(r1) == [r2]
+    assert r2.first_offset == 2
+    assert log.complete_copy(r3, source3, scan_records(source3, 4)) == [r3]
+    assert r3.stamped == 3
+    records = records_of(log, "a")
+    assert [rec[0] for rec in records] == list(range(7))
+    assert [rec[3] for rec in records] == [
+        rawclient.payload_for(1, seq * 10 + i, n)
+        for seq in (0, 2, 3)
+        for i, n in enumerate(sizes[seq])
+    ]
+
+
 def test_segment_rollover(region: Region) -> None:
     log = region.open()
     batch = [6000] * 3  # 3 x 6080 = 18240 payload bytes: three batches per segment

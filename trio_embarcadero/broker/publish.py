@@ -747,8 +747,7 @@ class PublishSession:
     ) -> None:
         """Reserve for a batch received aside, copy it in and commit it."""
         reservation = await self._reserve(header, session=claim)
-        np.copyto(reservation.payload, payload)
-        self._complete_direct(reservation, starts)
+        self._complete_direct(reservation, starts, payload)
 
     async def _reserve(
         self,
@@ -803,11 +802,20 @@ class PublishSession:
             self.ingest.log.detach_publisher(self._stream)
             self._stream = None
 
-    def _complete_direct(self, reservation: Reservation, starts: npt.NDArray[np.int64]) -> None:
+    def _complete_direct(
+        self,
+        reservation: Reservation,
+        starts: npt.NDArray[np.int64],
+        aside: npt.NDArray[np.uint8] | None = None,
+    ) -> None:
+        """Commit a batch received into its reservation, or into ``aside``."""
         self.ingest.counters.count_received(reservation.header)
         self.batches += 1
         self._in_flight(reservation.header.num_msg, reservation.session)
-        self.ingest.commits.complete(reservation, starts)
+        if aside is None:
+            self.ingest.commits.complete(reservation, starts)
+        else:
+            self.ingest.commits.complete_copy(reservation, aside, starts)
 
     async def _receive_payload(self, view: memoryview, clock: BatchClock) -> None:
         """Fill ``view`` (the caller holds a receive slot) while the client's clock runs.

@@ -199,6 +199,8 @@ class Reservation:
             batch (the broker: where its ack goes); the log never looks at it.
         session: The claim of a publish session's batch (see :mod:`.sessions`),
             or None.
+        stamped: The logical offset its records were stamped with before
+            they were copied in (see :meth:`CxlLog.complete_copy`), or -1.
     """
 
     __slots__ = (
@@ -209,6 +211,7 @@ class Reservation:
         "owner",
         "payload",
         "session",
+        "stamped",
         "starts",
         "state",
         "stream",
@@ -233,6 +236,7 @@ class Reservation:
         self.first_offset = -1
         self.batch_index = -1
         self.owner = owner
+        self.stamped = -1
 
     @property
     def payload_offset(self) -> int:
@@ -1011,6 +1015,42 @@ class CxlLog:
         self._refuse_if_foreign()
         return committed
 
+    def complete_copy(
+        self,
+        reservation: Reservation,
+        source: npt.NDArray[np.uint8],
+        starts: npt.NDArray[np.int64],
+    ) -> list[Reservation]:
+        """Copy a batch's payload in from ``source``, then :meth:`complete` it.
+
+        A batch next in its stream's commit order gets its records stamped
+        (the fields the log sets, as at commit) in ``source``, which this
+        changes, before the copy rather than in the region after it: a copy
+        this large streams past the CPU caches (non-temporal stores), so
+        stamping the region afterwards would read every record header back
+        from memory (~130 us for 1928 records of a 2 MiB batch, ~20 us in
+        ``source``, which the receive just wrote). Should the batch commit
+        at another offset after all, the commit stamps it as usual.
+
+        Args:
+            reservation: A reservation from :meth:`get_cxl_buffer`.
+            source: The payload, as long as the reservation's, 8-byte aligned.
+            starts: The record offsets from :func:`~trio_embarcadero.wire.scan_records`.
+
+        Returns:
+            What :meth:`complete` returns.
+
+        Raises:
+            LayoutError: Another process changed a batch of this broker.
+        """
+        self._refuse_if_foreign()
+        stream = reservation.stream
+        if stream.pending and stream.pending[0] is reservation:
+            stamp_records(source.view("<u8"), 0, starts, stream.next_offset)
+            reservation.stamped = stream.next_offset
+        np.copyto(reservation.payload, source)
+        return self.complete(reservation, starts)
+
     def _settle_sessions(self, committed: list[Reservation]) -> None:
         """Mark the publish session batches among ``committed`` stored (see
         :mod:`.sessions`): after their commit, before anyone acks them."""
@@ -1087,7 +1127,8 @@ class CxlLog:
         assert reservation.starts is not None
         first = stream.next_offset
         num = len(reservation.starts)
-        stamp_records(self.words, reservation.payload_offset, reservation.starts, first)
+        if reservation.stamped != first:
+            stamp_records(self.words, reservation.payload_offset, reservation.starts, first)
         U64.pack_into(self._mmap, reservation.header_offset + BH_START_LOGICAL_OFFSET, first)
         # The commit point: everything above is in place before this store.
         U32.pack_into(self._mmap, reservation.header_offset + BH_BATCH_COMPLETE, BATCH_COMMITTED)
