@@ -6,6 +6,7 @@ import gc
 import os
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,6 +160,57 @@ def test_fresh_region_is_formatted(region: Region) -> None:
     assert stats.reservations == stats.batches_committed == stats.log_full == 0
 
 
+def _mapping_kib(log: CxlLog) -> dict[str, int]:
+    """The ``/proc/self/smaps`` counters (kB) of the mapping that holds ``log``'s region."""
+    address = log.region.ctypes.data
+    counters: dict[str, int] = {}
+    inside = False
+    with open("/proc/self/smaps", encoding="ascii") as smaps:
+        for line in smaps:
+            first = line.split()[0]
+            if not first.endswith(":"):
+                low, high = (int(bound, 16) for bound in first.split("-"))
+                inside = low <= address < high
+            elif inside and line.split()[-1] == "kB":
+                counters[first[:-1]] = int(line.split()[1])
+    return counters
+
+
+def test_prefault_maps_a_region_in_memory_writable(region: Region) -> None:
+    # MAP_POPULATE would leave every page clean (Private_Clean), and the first
+    # store to each page would then pay for setting its dirty bit.
+    log = region.open(prefault=True)
+    kib = _mapping_kib(log)
+    assert kib["Rss"] >= SIZE // 1024
+    assert kib["Private_Dirty"] + kib["Shared_Dirty"] >= SIZE // 1024
+
+
+def test_prefault_reads_a_region_on_disk_in(tmp_path: Path) -> None:
+    # Faulting a file on a disk in for writing would dirty all of it.
+    path = str(tmp_path / "region")
+    if not os.path.exists("/proc/self/mountinfo") or _on_tmpfs(tmp_path):
+        pytest.skip("needs a temporary directory on a disk")
+    log = CxlLog.open(path, size=SIZE, segment_size=SEG, max_topics=4, max_brokers=2, broker_id=0)
+    try:
+        kib = _mapping_kib(log)
+        assert kib["Rss"] >= SIZE // 1024
+        # Only the tables format_region wrote are dirty.
+        assert kib["Private_Dirty"] + kib["Shared_Dirty"] <= DATA_OFFSET // 1024
+    finally:
+        log.close()
+
+
+def _on_tmpfs(directory: Path) -> bool:
+    device = os.stat(directory).st_dev
+    with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
+        for line in mounts:
+            fields = line.split()
+            major, _, minor = fields[2].partition(":")
+            if os.makedev(int(major), int(minor)) == device:
+                return fields[fields.index("-") + 1] in ("tmpfs", "ramfs")
+    return False
+
+
 def test_region_without_room_for_a_segment_is_refused(region: Region) -> None:
     with pytest.raises(LayoutError, match="has no room for one 65536-byte segment"):
         region.open(size=DATA_OFFSET + SEG - 1)
@@ -251,6 +303,42 @@ def test_abandon_in_the_middle_keeps_offsets_gap_free(region: Region) -> None:
     assert [r[0] for r in records_of(log, "a")] == [0, 1, 2, 3, 4]
     # The abandoned payload is never stamped.
     assert int(log.words[r2.payload_offset // 8 + 2]) == 2**64 - 1  # as the client sent it
+
+
+def test_complete_copy_stamps_the_source_only_for_the_next_batch(region: Region) -> None:
+    log = region.open()
+    sizes = [[1, 2], [3, 4, 5], [6], [7] * 4]
+
+    def staged(seq: int) -> tuple[Reservation, np.ndarray]:
+        data = np.frombuffer(bytearray(body(sizes[seq], first_order=seq * 10)), dtype=np.uint8)
+        r = log.get_cxl_buffer("a", header(len(data), len(sizes[seq]), batch_seq=seq))
+        return r, data
+
+    # Next in commit order: its records are stamped in the source, not again at commit.
+    r0, source0 = staged(0)
+    assert log.complete_copy(r0, source0, scan_records(source0, 2)) == [r0]
+    assert r0.stamped == 0
+    assert [rec[0] for rec in rawclient.parse_records(source0.tobytes())] == [0, 1]
+    # Behind a batch still being received: copied as it is, stamped at commit,
+    # at the offset the batch ahead leaves it (here it is given up: none).
+    r1, _ = staged(1)
+    r2, source2 = staged(2)
+    r3, source3 = staged(3)
+    sent = source2.tobytes()
+    assert log.complete_copy(r2, source2, scan_records(source2, 1)) == []
+    assert r2.stamped == -1
+    assert source2.tobytes() == sent
+    assert log.abandon(r1) == [r2]
+    assert r2.first_offset == 2
+    assert log.complete_copy(r3, source3, scan_records(source3, 4)) == [r3]
+    assert r3.stamped == 3
+    records = records_of(log, "a")
+    assert [rec[0] for rec in records] == list(range(7))
+    assert [rec[3] for rec in records] == [
+        rawclient.payload_for(1, seq * 10 + i, n)
+        for seq in (0, 2, 3)
+        for i, n in enumerate(sizes[seq])
+    ]
 
 
 def test_segment_rollover(region: Region) -> None:

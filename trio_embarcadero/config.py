@@ -541,8 +541,10 @@ class CxlConfig(_Checked):
         max_brokers: Brokers the region has room for, 1 to 32.
         max_inflight_batches: Per (topic, broker): reservations not yet
             committed.
-        prefault: Touch every page at start-up so the first batches don't pay
-            for page faults.
+        prefault: Fault every page in at start-up so the first batches don't
+            pay for page faults; a region in memory (tmpfs, as ``/dev/shm``)
+            is faulted in writable, so no store pays for its page's first
+            write either.
         mode: Permission bits of the file and its lock file (default 0o600:
             only the broker's user may read the log); 0o640 lets the file's
             group read it with ``open_log``. Existing files are set to it too.

@@ -58,12 +58,16 @@ class AckCounter:
 
     async def wait_news(self) -> bool:
         """Wait until there is a count to send; False once closed and flushed."""
+        if self.count != self.sent:
+            await trio.lowlevel.checkpoint()
+            return True
+        # Parking is the checkpoint: no second pass through the scheduler
+        # for every count.
         while self.count == self.sent:
             if self._closed:
                 await trio.lowlevel.checkpoint()
                 return False
             await self._lot.park()
-        await trio.lowlevel.checkpoint()
         return True
 
 

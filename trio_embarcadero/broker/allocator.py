@@ -292,8 +292,7 @@ async def place_batch(
             _discard(log, batch, exc)
             return
         total = batch.header.total_size
-        np.copyto(reservation.payload, batch.buffer.array[:total])
-        commits.complete(reservation, batch.starts)
+        commits.complete_copy(reservation, batch.buffer.array[:total], batch.starts)
     finally:
         batch.buffer.release()
         batch.done.set()

@@ -81,6 +81,16 @@ class CommitFeed:
         """The payload of ``reservation`` is in place: commit what can be."""
         self._fan_out(self._log.complete(reservation, starts))
 
+    def complete_copy(
+        self,
+        reservation: Reservation,
+        source: npt.NDArray[np.uint8],
+        starts: npt.NDArray[np.int64],
+    ) -> None:
+        """Copy the payload of ``reservation`` in from ``source`` (which may be
+        changed: see :meth:`CxlLog.complete_copy`) and commit what can be."""
+        self._fan_out(self._log.complete_copy(reservation, source, starts))
+
     def abandon(self, reservation: Reservation) -> None:
         """Give ``reservation`` up; batches it held back may commit now."""
         self._fan_out(self._log.abandon(reservation))
