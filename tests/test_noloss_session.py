@@ -14,11 +14,13 @@ import mmap
 import sys
 from array import array
 
+import numpy as np
 import pytest
 import trio
 import trio.testing
 from test_noloss import MAX_SIZE, Books
 
+from trio_embarcadero.log.stamps import stamp_batches
 from trio_embarcadero.tools.noloss import TOPIC
 from trio_embarcadero.tools.noloss_base import clean_environment
 from trio_embarcadero.tools.noloss_session import (
@@ -31,7 +33,7 @@ from trio_embarcadero.tools.noloss_session import (
     read_total_order,
     verify_sessions,
 )
-from trio_embarcadero.wire import MESSAGE_HEADER_SIZE, MH_TOTAL_ORDER
+from trio_embarcadero.wire import BATCH_HEADER_SIZE, MESSAGE_HEADER_SIZE, MH_TOTAL_ORDER
 
 # -- the verifier, on doctored data -------------------------------------------------------------
 
@@ -166,6 +168,11 @@ def test_the_total_order_is_read_record_by_record(cxl_path: str) -> None:
         fourth = region.find(b"2:1|")
         assert third > 0
         assert fourth > 0
+        # Client 2's batch as its broker leaves it once ordered: records stamped, header marked
+        # (an unstamped batch is read with the total orders of its header, not its records').
+        words = np.frombuffer(region, dtype="<u8")
+        stamp_batches(region, words, [third - MESSAGE_HEADER_SIZE - BATCH_HEADER_SIZE])
+        del words
         region[third - MESSAGE_HEADER_SIZE + 8 * MH_TOTAL_ORDER] = 9
         region[fourth] ^= 0xFF
     records = read_total_order(books.path, TOPIC, MAX_SIZE)
