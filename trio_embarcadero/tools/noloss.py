@@ -96,8 +96,10 @@ from .noloss_base import (
     BrokerProcess,
     RunError,
     clean_environment,
+    parse_faults,
     payload,
     proc_status_kib,
+    verdict_lines,
     write_broker_config,
 )
 from .rawwire import publish_handshake
@@ -695,21 +697,11 @@ def format_summary(s: dict[str, object]) -> str:
         )
     if s["log_full"]:
         lines.append("note: the log filled up, the run ended early (raise --cxl-mb)")
-    problems = s["problems"]
-    assert isinstance(problems, list)
-    lines.extend(f"PROBLEM: {p}" for p in problems)
-    lines.append("OK" if s["ok"] else "FAILED")
-    return "\n".join(lines)
+    return "\n".join([*lines, *verdict_lines(s)])
 
 
 def _faults(text: str) -> frozenset[str]:
-    names = frozenset(f.strip() for f in text.split(",") if f.strip() and f.strip() != "none")
-    unknown = names - set(FAULTS)
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown fault(s) {', '.join(sorted(unknown))}; choose from {', '.join(FAULTS)}"
-        )
-    return names
+    return parse_faults(text, FAULTS)
 
 
 def build_parser() -> argparse.ArgumentParser:

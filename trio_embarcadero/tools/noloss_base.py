@@ -7,11 +7,13 @@ configuration, and the payloads whose bytes follow from (client, index).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import trio
@@ -285,7 +287,28 @@ level = "INFO"
     )
 
 
+def parse_faults(text: str, known: Sequence[str]) -> frozenset[str]:
+    """An argparse type's body: the comma-separated fault names of ``text``
+    (``none`` for none), each one of ``known``."""
+    names = frozenset(f.strip() for f in text.split(",") if f.strip() and f.strip() != "none")
+    unknown = names - set(known)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown fault(s) {', '.join(sorted(unknown))}; choose from {', '.join(known)}"
+        )
+    return names
+
+
+def verdict_lines(summary: Mapping[str, object]) -> list[str]:
+    """A report's last lines: one per problem, then ``OK`` or ``FAILED``."""
+    problems = summary["problems"]
+    assert isinstance(problems, list)
+    return [*(f"PROBLEM: {p}" for p in problems), "OK" if summary["ok"] else "FAILED"]
+
+
 __all__ = [
+    "parse_faults",
+    "verdict_lines",
     "BrokerProcess",
     "RunError",
     "clean_environment",

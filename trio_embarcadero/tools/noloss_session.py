@@ -104,7 +104,14 @@ from ..wire import (
     scan_records,
 )
 from .failover import stop_outside_the_lock
-from .noloss_base import BrokerProcess, RunError, payload, write_broker_config
+from .noloss_base import (
+    BrokerProcess,
+    RunError,
+    parse_faults,
+    payload,
+    verdict_lines,
+    write_broker_config,
+)
 
 TOPIC = "nlsess"
 FAULTS = ("kill", "head", "stop", "disconnect")
@@ -852,21 +859,11 @@ def format_summary(s: dict[str, object]) -> str:
     assert isinstance(short, list)
     if short:
         lines.append(f"ended early (a prefix of the total order): {'; '.join(short)}")
-    problems = s["problems"]
-    assert isinstance(problems, list)
-    lines.extend(f"PROBLEM: {p}" for p in problems)
-    lines.append("OK" if s["ok"] else "FAILED")
-    return "\n".join(lines)
+    return "\n".join([*lines, *verdict_lines(s)])
 
 
 def _faults(text: str) -> frozenset[str]:
-    names = frozenset(f.strip() for f in text.split(",") if f.strip() and f.strip() != "none")
-    unknown = names - set(FAULTS)
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown fault(s) {', '.join(sorted(unknown))}; choose from {', '.join(FAULTS)}"
-        )
-    return names
+    return parse_faults(text, FAULTS)
 
 
 def build_parser() -> argparse.ArgumentParser:
