@@ -762,7 +762,7 @@ class SessionTable:
         else:
             U32.pack_into(self._buf, SESSION_TABLE_OFFSET, unit + 1)
         units.append(unit)
-        logger.info("sessions: the session table grew to %d entries", self.entries)
+        logger.info("sessions: the session table grew: room for %d sessions", self.entries)
         return len(units) - 1
 
     def _admit(self, entry: int, off: int, key: SessionKey, seq: int, now: int) -> Admission:
