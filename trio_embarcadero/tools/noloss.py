@@ -95,6 +95,7 @@ from ..wire import AckCount, AckDecoder, ErrorFrame
 from .noloss_base import (
     BrokerProcess,
     RunError,
+    Verdict,
     clean_environment,
     parse_faults,
     payload,
@@ -375,7 +376,7 @@ class Run:
 
 
 @attrs.define
-class Report:
+class Report(Verdict):
     """What the log holds, against what the publishers sent and were told."""
 
     published: int = 0
@@ -397,19 +398,6 @@ class Report:
     acked_reclaimed: int = 0
     ordered_messages: int = 0
     total_order_errors: int = 0
-    problems: list[str] = attrs.Factory(list)
-
-    @property
-    def ok(self) -> bool:
-        """Whether every check held."""
-        return not self.problems
-
-    def problem(self, text: str) -> None:
-        """Record a failed check (the first 20 are kept)."""
-        if len(self.problems) < 20:
-            self.problems.append(text)
-        elif len(self.problems) == 20:
-            self.problems.append("(more problems not listed)")
 
 
 def log_start_offset(cxl_path: str, topic: str = TOPIC, broker_id: int = 0) -> int:

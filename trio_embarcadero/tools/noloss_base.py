@@ -15,7 +15,9 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import ClassVar
 
+import attrs
 import trio
 
 from .procfs import process_memory
@@ -287,6 +289,27 @@ level = "INFO"
     )
 
 
+@attrs.define
+class Verdict:
+    """A checker's failed checks: the first ``limit`` of them, in the order found."""
+
+    problems: list[str] = attrs.Factory(list)
+    #: How many problems a report lists at most.
+    limit: ClassVar[int] = 20
+
+    @property
+    def ok(self) -> bool:
+        """Whether every check held."""
+        return not self.problems
+
+    def problem(self, text: str) -> None:
+        """Record a failed check (only the first ``limit`` are kept)."""
+        if len(self.problems) < self.limit:
+            self.problems.append(text)
+        elif len(self.problems) == self.limit:
+            self.problems.append("(more problems not listed)")
+
+
 def parse_faults(text: str, known: Sequence[str]) -> frozenset[str]:
     """An argparse type's body: the comma-separated fault names of ``text``
     (``none`` for none), each one of ``known``."""
@@ -307,6 +330,7 @@ def verdict_lines(summary: Mapping[str, object]) -> list[str]:
 
 
 __all__ = [
+    "Verdict",
     "parse_faults",
     "verdict_lines",
     "BrokerProcess",

@@ -82,7 +82,7 @@ import uuid
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import attrs
 import numpy as np
@@ -107,6 +107,7 @@ from .failover import stop_outside_the_lock
 from .noloss_base import (
     BrokerProcess,
     RunError,
+    Verdict,
     parse_faults,
     payload,
     verdict_lines,
@@ -246,7 +247,7 @@ def read_total_order(cxl_path: str, topic: str, max_size: int) -> list[OrderedRe
 
 
 @attrs.define
-class SessionReport:
+class SessionReport(Verdict):
     """The region's total order, the subscribers' and the publishers' books, compared."""
 
     published: int = 0
@@ -264,19 +265,8 @@ class SessionReport:
     subscriber_mismatches: int = 0
     subscribers_short: list[str] = attrs.Factory(list)
     publisher_errors: int = 0
-    problems: list[str] = attrs.Factory(list)
 
-    @property
-    def ok(self) -> bool:
-        """Whether every check held."""
-        return not self.problems
-
-    def problem(self, text: str) -> None:
-        """Record a failed check (the first 40 are kept)."""
-        if len(self.problems) < 40:
-            self.problems.append(text)
-        elif len(self.problems) == 40:
-            self.problems.append("(more problems not listed)")
+    limit: ClassVar[int] = 40
 
 
 def verify_sessions(
