@@ -71,17 +71,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import mmap
 import os
 import random
-import shutil
 import socket
 import struct
 import sys
-import tempfile
-import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -89,13 +84,14 @@ import attrs
 import trio
 
 from .. import wire
-from ..log import open_log, remove_region
+from ..log import open_log
 from ..log.layout import read_geometry, read_stream_entry, read_topics
 from ..wire import AckCount, AckDecoder, ErrorFrame
 from .noloss_base import (
     BrokerProcess,
     RunError,
     Verdict,
+    check_and_print,
     clean_environment,
     parse_faults,
     payload,
@@ -779,23 +775,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.direct and "pressure" in options.faults:
         print("noloss: the direct path has no staging pool: drop 'pressure'", file=sys.stderr)
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix="trio-embarcadero-noloss-"))
-    cxl_path = f"/dev/shm/trio-embarcadero-noloss-{uuid.uuid4().hex[:12]}"
-    started = time.monotonic()
-    try:
-        run, report = trio.run(run_checker, options, workdir, cxl_path)
-    except RunError as exc:
-        print(f"noloss: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if options.keep:
-            print(f"kept: {workdir} (config, disk log) and {cxl_path}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-            remove_region(cxl_path)
-    result = summary(options, run, report, time.monotonic() - started)
-    print(json.dumps(result) if args.json else format_summary(result))
-    return 0 if report.ok else 1
+    return check_and_print(
+        run_checker,
+        options,
+        kept="config, disk log",
+        summary=summary,
+        format_summary=format_summary,
+        as_json=args.json,
+    )
 
 
 if __name__ == "__main__":

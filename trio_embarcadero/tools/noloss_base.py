@@ -8,18 +8,24 @@ configuration, and the payloads whose bytes follow from (client, index).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import trio
 
+from ..log import remove_region
 from .procfs import process_memory
 
 _LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
@@ -329,7 +335,50 @@ def verdict_lines(summary: Mapping[str, object]) -> list[str]:
     return [*(f"PROBLEM: {p}" for p in problems), "OK" if summary["ok"] else "FAILED"]
 
 
+def check_and_print(
+    run: Callable[[Any, Path, str], Awaitable[tuple[Any, Verdict]]],
+    options: Any,
+    *,
+    kept: str,
+    summary: Callable[[Any, Any, Any, float], dict[str, object]],
+    format_summary: Callable[[dict[str, object]], str],
+    as_json: bool,
+) -> int:
+    """Run a checker on a private work directory and CXL file, print its
+    report, and clean both up (unless ``options.keep``).
+
+    Args:
+        run: The checker: ``run(options, workdir, cxl_path)`` in ``trio.run``.
+        options: Its options (they have ``keep``).
+        kept: What the work directory holds, for the line that says it is kept.
+        summary: ``summary(options, run, report, seconds)``: the report's numbers.
+        format_summary: The numbers as text.
+        as_json: Print the numbers as JSON instead.
+
+    Returns:
+        0 when every check held, 1 when one failed, 2 when the run could not be done.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="trio-embarcadero-noloss-"))
+    cxl_path = f"/dev/shm/trio-embarcadero-noloss-{uuid.uuid4().hex[:12]}"
+    started = time.monotonic()
+    try:
+        books, report = trio.run(run, options, workdir, cxl_path)
+    except RunError as exc:
+        print(f"noloss: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if options.keep:
+            print(f"kept: {workdir} ({kept}) and {cxl_path}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+            remove_region(cxl_path)
+    result = summary(options, books, report, time.monotonic() - started)
+    print(json.dumps(result) if as_json else format_summary(result))
+    return 0 if report.ok else 1
+
+
 __all__ = [
+    "check_and_print",
     "Verdict",
     "parse_faults",
     "verdict_lines",

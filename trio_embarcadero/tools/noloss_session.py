@@ -67,18 +67,13 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
-import json
 import mmap
 import os
 import random
-import shutil
 import signal
 import socket
 import struct
 import sys
-import tempfile
-import time
-import uuid
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,7 +87,7 @@ from ..client import Publisher, open_publisher, open_subscriber
 from ..client.connect import connect
 from ..client.failover import Dialer
 from ..errors import BrokerError, ConnectionLost, ProtocolError
-from ..log import open_log, remove_region
+from ..log import open_log
 from ..log.layout import read_geometry, read_topics
 from ..log.ordered import OrderedIndex
 from ..wire import (
@@ -108,6 +103,7 @@ from .noloss_base import (
     BrokerProcess,
     RunError,
     Verdict,
+    check_and_print,
     parse_faults,
     payload,
     verdict_lines,
@@ -934,23 +930,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep=args.keep,
         broker_log=args.broker_log,
     )
-    workdir = Path(tempfile.mkdtemp(prefix="trio-embarcadero-noloss-"))
-    cxl_path = f"/dev/shm/trio-embarcadero-noloss-{uuid.uuid4().hex[:12]}"
-    started = time.monotonic()
-    try:
-        run, report = trio.run(run_sessions, options, workdir, cxl_path)
-    except RunError as exc:
-        print(f"noloss: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if options.keep:
-            print(f"kept: {workdir} (config) and {cxl_path}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-            remove_region(cxl_path)
-    result = summary(options, run, report, time.monotonic() - started)
-    print(json.dumps(result) if args.json else format_summary(result))
-    return 0 if report.ok else 1
+    return check_and_print(
+        run_sessions,
+        options,
+        kept="config",
+        summary=summary,
+        format_summary=format_summary,
+        as_json=args.json,
+    )
 
 
 __all__ = [
