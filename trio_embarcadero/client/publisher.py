@@ -527,10 +527,9 @@ class Publisher:
             # Its batches are queued again only once its tasks are over (its
             # sender may be writing one). Until then no sender takes a newer
             # batch: one broker would store it before the older ones it then
-            # gets, and in a session on an order-5 topic the sequencer, which
-            # takes a broker's batches in the order it stored them, would
-            # hold the newer batch for the older ones behind it until
-            # cxl.sequencer_hole_timeout_s, then skip those (error 2).
+            # gets, and in a session on an order-5 topic the sequencer would
+            # have to hold the newer batch back until its predecessors, resent
+            # behind it, are ordered (the wire protocol's resend rule, 4.5).
             connection.requeue_pending = True
             self._requeues_pending += 1
         if connection.up:
