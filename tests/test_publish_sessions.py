@@ -303,6 +303,52 @@ async def test_on_an_order_5_topic_a_missing_batch_seq_is_skipped_and_refused_la
     assert ordered == [0, 1, 2, 20, 21, 22, 30, 31, 32]
 
 
+@pytest.mark.parametrize("duplicate", [False, True], ids=["stored", "duplicate"])
+async def test_a_batch_seq_resent_behind_later_ones_on_one_connection_is_read_and_ordered(
+    make_config: MakeConfig, cxl_path: str, autojump_clock: MockClock, duplicate: bool
+) -> None:
+    """A client whose connection failed resends its batch_seq behind later
+    ones on the connection it has left. Those wait for the order, and the
+    order waits for the resent batch: with one batch in flight per
+    connection, the broker must read on past them (or, before, the resent
+    batch stayed unread until the hole timeout skipped it: error 2)."""
+    config = make_config(
+        **{
+            "topics.order": 5,
+            "cxl.sequencer_hole_timeout_s": 5.0,
+            "network.max_buffers_per_connection": 1,
+        }
+    )
+    async with broker_and_clients(config) as (broker, _, _, connect):
+        stalled = await connect()
+        await stalled.send(hello() + batch(0))
+        assert await finish(stalled) == ([3], None)
+        left = await connect()
+        later = batch(2) + batch(3) + batch(4)
+        if duplicate:
+            # 2..4 stored from another connection already: here they are
+            # duplicates waiting for the order of their copies.
+            first_copy = await connect()
+            await first_copy.send(hello() + later)
+            await trio.sleep(1)
+            assert first_copy.acks()[1] == []  # 2 waits for 1
+        await left.send(hello() + later)
+        await trio.sleep(1)
+        await left.send(batch(1))  # the resend, behind the later batches
+        counts, error = await finish(left)
+        assert error is None
+        assert counts[-1] == 12
+        assert trio.current_time() < 4.0  # well before the hole timeout
+        if duplicate:
+            assert await finish(first_copy) == ([9], None)
+        seq = broker.ordering.sequencer
+        assert seq is not None
+        assert seq.statistics().session_skips == 0
+    with open_log(cxl_path) as log:
+        ordered = [m.client_order for m in log.ordered_messages(TOPIC)]
+    assert ordered == [c for s in range(5) for c in range(10 * s, 10 * s + 3)]
+
+
 # -- ack level 2 (real clock: the disk writer syncs on a worker thread) --------------------------
 
 

@@ -434,6 +434,8 @@ class NetworkConfig(_Checked):
             (received whole, not yet acked at its ack level): on the staged
             path each holds a staging buffer; on either path it bounds how
             far a publisher can run ahead of the disk log at ack level 2.
+            (A publish session's batches waiting only for the total order,
+            and its duplicates, do not count: wire protocol, section 8.3.)
         allowed_networks: Comma-separated client networks allowed to connect
             (CIDR, IPv4 or IPv6); empty allows every address that can reach
             ``broker.host``. Others get error 6 and are closed.

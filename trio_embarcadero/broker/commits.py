@@ -44,6 +44,8 @@ class CommitConsumer(Protocol):
 class OrderedConsumer(CommitConsumer, Protocol):
     """The owner of a batch of an order-5 topic, which may never be ordered."""
 
+    def batch_stored(self, reservation: Reservation) -> None: ...
+
     def batch_never_ordered(self, reservation: Reservation) -> None: ...
 
 
@@ -135,8 +137,9 @@ class CommitFeed:
                     waits.hold(reservation, None, None)
                 else:
                     # The log keeps owners opaque; the broker only ever sets sessions.
-                    deliver = cast(OrderedConsumer, owner).batch_committed
-                    never = cast(OrderedConsumer, owner).batch_never_ordered
+                    consumer = cast(OrderedConsumer, owner)
+                    self._guarded(consumer.batch_stored, reservation)
+                    deliver, never = consumer.batch_committed, consumer.batch_never_ordered
                     waits.hold(
                         reservation,
                         partial(self._guarded, deliver),

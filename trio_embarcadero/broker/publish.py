@@ -122,7 +122,7 @@ class _Ticket:
     """One batch of a session connection, in the order it arrived: its ack
     counts once it and every batch before it settled."""
 
-    __slots__ = ("entry", "messages", "seq", "state")
+    __slots__ = ("entry", "messages", "seq", "slot", "state")
 
     PENDING, ACKED, FAILED = range(3)
 
@@ -131,6 +131,8 @@ class _Ticket:
         self.entry = entry  # a duplicate's session entry and batch_seq
         self.seq = seq
         self.state = _Ticket.PENDING
+        #: It counts against ``max_buffers_per_connection`` (see _free_slot).
+        self.slot = True
 
 
 class PublishSession:
@@ -152,7 +154,10 @@ class PublishSession:
         self._error: ProtocolError | None = None
         self._placement_failed = False
         self._acks: AckCounter | None = None
+        # Batches received whole and not settled yet; of those, the ones that
+        # count against network.max_buffers_per_connection (see _free_slot).
         self._inflight = 0
+        self._slots = 0
         # When each batch in flight was received whole, oldest first (they
         # settle in order): the ack latency histogram's start times. The
         # process clock (perf_counter, what Trio's own clock reads) is the
@@ -192,6 +197,27 @@ class PublishSession:
             durability.when_durable(reservation, partial(self._made_durable, messages, ticket))
         else:
             self._acked(messages, ticket)
+
+    def batch_stored(self, reservation: Reservation) -> None:
+        """One of this session's batches of an order-5 topic is in the log;
+        its ack waits for its place in the total order."""
+        if reservation.session is not None and self._tickets is not None:
+            ticket = self._stored.get(reservation.session)
+            if ticket is not None:
+                self._free_slot(ticket)
+
+    def _free_slot(self, ticket: _Ticket) -> None:
+        """A session connection's batch stops counting against
+        ``max_buffers_per_connection`` before it settles: one stored whose
+        ack waits only for the total order, or a duplicate waiting for its
+        stored copy. Neither holds a buffer, the session's window bounds
+        them, and the sequencer may wait for a batch_seq that comes behind
+        them on this connection (a resend after another connection failed):
+        were they to hold it, it would never be read."""
+        if ticket.slot:
+            ticket.slot = False
+            self._slots -= 1
+            self._settled.unpark_all()
 
     def batch_never_ordered(self, reservation: Reservation) -> None:
         """One of this session's batches of an order-5 topic is stored but
@@ -264,7 +290,7 @@ class PublishSession:
             self._acks_stopped = not acked
             if acked and self._acks is not None:
                 self._acks.advance(done.messages)
-            self._settle(acked=acked)
+            self._settle(acked=acked, slot=done.slot)
 
     def _made_durable(
         self, messages: int, ticket: _Ticket | None, failure: StorageError | None
@@ -291,8 +317,9 @@ class PublishSession:
         self.ingest.counters.batches_discarded += 1
         self._settled_unacked(self._ticket_of(claim))
 
-    def _settle(self, *, acked: bool = False) -> None:
+    def _settle(self, *, acked: bool = False, slot: bool = True) -> None:
         self._inflight -= 1
+        self._slots -= slot
         received = self._received_at.popleft() if self._received_at else None
         if acked and received is not None and self.handshake.ack:
             self.ingest.counters.count_acked(self.handshake.ack, time.perf_counter() - received)
@@ -305,6 +332,7 @@ class PublishSession:
         session connection's gets a ticket: a stored batch's is found again
         by its claim, a duplicate's is given."""
         self._inflight += 1
+        self._slots += 1
         self._received_at.append(time.perf_counter())
         if self._tickets is not None:
             if ticket is None:
@@ -315,6 +343,7 @@ class PublishSession:
     def _not_in_flight(self, claim: Claim | None) -> None:
         """Undo the last :meth:`_in_flight` (a hand-off that failed)."""
         self._inflight -= 1
+        self._slots -= 1
         self._received_at.pop()
         if self._tickets is not None:
             self._tickets.pop()
@@ -508,6 +537,7 @@ class PublishSession:
         self.batches += 1
         ticket = _Ticket(header.num_msg, admission.entry, header.batch_seq)
         self._in_flight(header.num_msg, ticket=ticket)
+        self._free_slot(ticket)
         self._duplicates.append(ticket)
         self._duplicate_lot.unpark_all()
 
@@ -559,7 +589,7 @@ class PublishSession:
         # Batches received but not yet acked at this session's level: with the
         # staged path they hold buffers; at ack level 2 they wait for the
         # disk. Either way the publisher must not run further ahead.
-        while self._inflight >= self.ingest.network.max_buffers_per_connection:
+        while self._slots >= self.ingest.network.max_buffers_per_connection:
             self.connection.phase = ConnectionPhase.WAIT_CXL
             await self._settled.park()
 
