@@ -13,13 +13,15 @@ import contextlib
 import logging
 import os
 import re
+import struct
 from pathlib import Path
 
 import pytest
 import trio
 from conftest import MakeConfig, wait_until
 from memory import close_log
-from rawclient import payload_for
+from rawclient import handshake, payload_for
+from tcpclient import connect
 from test_cxl import commit, reserve
 
 from trio_embarcadero import Message, open_broker, open_publisher, open_subscriber
@@ -34,8 +36,9 @@ from trio_embarcadero.wire import BATCH_HEADER_SIZE, unpack_batch_header
 COUNT = 12_000  # 1000-byte messages: about three times the region
 
 
-def tiered_config(make_config: MakeConfig, tmp_path: Path) -> Config:
+def tiered_config(make_config: MakeConfig, tmp_path: Path, **more: object) -> Config:
     return make_config(
+        **more,
         **{
             "cxl.size_mb": 4,
             "cxl.segment_mb": 1,
@@ -43,7 +46,7 @@ def tiered_config(make_config: MakeConfig, tmp_path: Path) -> Config:
             "network.max_batch_bytes": 256 * 1024,
             "storage.dir": str(tmp_path / "disk"),
             "storage.sync_interval_ms": 5.0,
-        }
+        },
     )
 
 
@@ -424,3 +427,59 @@ async def test_a_deleted_topic_leaves_no_file_open(make_config: MakeConfig, tmp_
                 await pub.publish_many(payloads)
             assert open_aside() == []
             assert broker.statistics().errors == {}
+
+
+async def test_an_order_5_streams_disk_tier_is_sent_ordered_behind_batch_metadata(
+    make_config: MakeConfig, tmp_path: Path
+) -> None:
+    """client_req 1 on an order-5 topic reads this broker's stream; the part
+    the region dropped comes from the disk log exactly as the region would
+    send it: each batch behind its BatchMetadata, records with their total
+    orders (before, the disk part came as bare records)."""
+    config = tiered_config(make_config, tmp_path, **{"topics.order": 5})
+    payloads = [payload_for(8, i, 1000) for i in range(COUNT)]
+    with trio.fail_after(60):
+        async with open_broker(config) as broker:
+            async with open_publisher(
+                "127.0.0.1", broker.port, "tier5", client_id=8, batch_bytes=256 * 1024
+            ) as pub:
+                await pub.publish_many(payloads)
+            stream = broker.log.stream("tier5")
+            assert stream.start_offset > COUNT // 2  # the old part is disk-only
+            start = stream.start_offset // 2 + 7  # inside a batch the region dropped
+            async with await connect(broker.port) as sub:
+                await sub.send_all(handshake("tier5", client_id=99, ack=0, req=1, last_addr=start))
+                data = bytearray()
+                frames: list[tuple[int, int, list[tuple[int, int, int]]]] = []
+                while sum(count for _, count, _ in frames) < COUNT - start:
+                    data += await sub.receive_some(1 << 20)
+                    frames = whole_frames(data)
+    # With one broker and one connection, total order is logical offset.
+    assert frames[0][:2] == (start, frames[0][1])
+    records = [record for _, _, rs in frames for record in rs]
+    assert [(t, c, o) for t, c, o in records] == [(i, 8, i) for i in range(start, COUNT)]
+    for first, count, rs in frames:
+        assert [t for t, _, _ in rs] == list(range(first, first + count))
+
+
+def whole_frames(data: bytearray) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """The whole ``BatchMetadata`` frames at the front of ``data``, as
+    test_ordering's ``parse_ordered`` reads them."""
+    frames = []
+    pos = 0
+    while pos + 16 <= len(data):
+        first, count, version, flags = struct.unpack_from("<QIHH", data, pos)
+        assert (version, flags) == (1, 0)
+        at = pos + 16
+        records = []
+        for _ in range(count):
+            if at + 64 > len(data):
+                return frames
+            padded, _, _, _, total, corder, cid, _ = struct.unpack_from("<8Q", data, at)
+            records.append((total, cid, corder))
+            at += padded
+        if at > len(data):
+            break
+        frames.append((first, count, records))
+        pos = at
+    return frames

@@ -21,7 +21,8 @@ there.
 
 On an order-5 topic, the stream of this broker (``client_req = 1``) sends a
 batch only once it is ordered, with a ``BatchMetadata`` in front of its
-records; ``client_req = 3`` reads the topic's ordered index in the region
+records (from the disk tier too: the disk log holds it ordered), and never
+a batch that is never ordered; ``client_req = 3`` reads the topic's ordered index in the region
 (every broker's batches, in total order) from the total order ``last_addr``
 on. Both wake when this process orders batches (the head) and every
 ``cxl.sequencer_interval_ms`` otherwise.
@@ -164,7 +165,7 @@ async def _send_records(
             batch_on_disk = disk.batch_holding(topic, wanted)
             if batch_on_disk is not None:
                 ended = await _send_from_disk(
-                    connection, disk, topic, batch_on_disk, wanted, send_timeout
+                    connection, disk, topic, batch_on_disk, wanted, send_timeout, ordered_topic
                 )
                 if ended is not None:
                     return ended
@@ -319,20 +320,30 @@ async def _send_from_disk(
     batch: DiskBatch,
     wanted: int,
     send_timeout: float,
+    ordered_topic: bool,
 ) -> bool | None:
     """Send ``batch``'s records from ``wanted`` on, read from the disk log;
-    like :func:`_send`. A failed read costs this subscriber only."""
+    like :func:`_send`. A failed read costs this subscriber only. On an
+    order-5 topic as from the region: behind its ``BatchMetadata`` (the disk
+    holds it ordered and stamped), and not at all if it is never ordered."""
     try:
         # Retention may trim the file meanwhile: the pin keeps it readable.
         with disk.pinned(batch):
-            records = await trio.to_thread.run_sync(disk.read_records, batch)
+            header, records = await trio.to_thread.run_sync(disk.read_batch, batch)
     except StorageError as exc:
         logger.error("conn %d %s: %s; subscriber closed", connection.id, connection.peer, exc)
         return False
     skip = 0
+    start = 0
     if wanted > batch.first_offset:
-        skip = int(scan_records(records, batch.num_msg)[wanted - batch.first_offset])
-    return await _send(connection, records[skip:].data, send_timeout)
+        skip = wanted - batch.first_offset
+        start = int(scan_records(records, batch.num_msg)[skip])
+    if not ordered_topic:
+        return await _send(connection, records[start:].data, send_timeout)
+    if header.ordered == NEVER_ORDERED:
+        return None
+    frame = encode_batch_metadata(header.total_order + skip, batch.num_msg - skip)
+    return await _send(connection, memoryview(frame + records[start:].tobytes()), send_timeout)
 
 
 async def _send(connection: Connection, records: memoryview, send_timeout: float) -> bool | None:

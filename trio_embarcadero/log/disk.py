@@ -78,7 +78,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import LayoutError, LogFullError, StartupError, StorageError, UnsafeFileError
-from ..wire import BATCH_HEADER_SIZE, encode_topic, scan_records, unpack_batch_header
+from ..wire import BATCH_HEADER_SIZE, BatchHeader, encode_topic, scan_records, unpack_batch_header
 from .layout import (
     BH_ORDERED,
     BH_RESTORED,
@@ -737,15 +737,22 @@ class DiskLog:
         Raises:
             StorageError: The file cannot be read, or is shorter than it was.
         """
+        return self.read_batch(batch)[1]
+
+    def read_batch(self, batch: DiskBatch) -> tuple[BatchHeader, npt.NDArray[np.uint8]]:
+        """The header and records of ``batch``, as :meth:`read_records`: an
+        order-5 topic's header holds its ``ordered`` word and total order
+        (a batch goes to disk once it is ordered, or never will be)."""
         segment = batch.segment
+        header = bytearray(BATCH_HEADER_SIZE)
         data = np.empty(batch.total_size, dtype=np.uint8)
         if segment.fd < 0:  # trimmed before it was pinned
             raise StorageError("read", str(segment.path), errno.ENOENT)
         with _failing_as("read", segment.path):
-            got = os.preadv(segment.fd, [data.data], batch.position + BATCH_HEADER_SIZE)
-        if got != batch.total_size:
+            got = os.preadv(segment.fd, [header, data.data], batch.position)
+        if got != BATCH_HEADER_SIZE + batch.total_size:
             raise StorageError("read", str(segment.path), errno.EIO)
-        return data
+        return unpack_batch_header(header), data
 
     def statistics(self) -> DiskStatistics:
         """Return a snapshot of the disk log's counters."""
