@@ -4,7 +4,7 @@ The sequencer orders a publish session's batch that waits for its
 predecessor after later batches of its stream (deferred), so the stream's
 commit order and the total order differ; the broker sends its own batches
 in total order, from its topic's ordered index. In-memory brokers on the
-mock clock, raw wire clients.
+mock clock, raw wire clients, and the Python subscriber across a reconnect.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from conftest import MakeConfig, wait_until
 from memory import MemoryClient, MemoryListener, memory_broker, open_client, settle
 from trio.testing import MockClock
 
+from trio_embarcadero import Message, open_subscriber
 from trio_embarcadero.broker import Broker
 from trio_embarcadero.config import Config
 from trio_embarcadero.log.layout import BATCH_COMMITTED, NEVER_ORDERED
@@ -212,3 +213,41 @@ async def test_a_reader_waiting_at_a_deferred_batch_gets_the_later_ones_first(
         ]
         for client in (a, at_a2):
             await client.close()
+
+
+async def test_the_python_subscriber_resumes_below_a_deferred_batch_and_drops_what_comes_again(
+    make_config: MakeConfig, autojump_clock: MockClock
+) -> None:
+    """open_subscriber(ordered=False) on an order-5 topic: the broker's
+    stream is framed (before, the subscriber failed on its first
+    BatchMetadata). The connection breaks after A0 and P0 arrived while A2
+    waits: the subscriber resumes from A2's offset (3), the lowest not
+    received, drops P0 sent again, and gets A1 and A2 once each."""
+    async with order5_broker(make_config) as (_, listener, nursery):
+        a = await session(listener, nursery, SESSION)
+        await a.send(batch(0, SESSION) + batch(2, SESSION))
+        await settle()
+        await plain(listener, nursery, 0)
+        await settle()
+        got: list[Message] = []
+        async with open_subscriber(brokers=[listener.connect], topic=TOPIC) as sub:
+            while len(got) < 6:
+                got += await sub.receive_messages()
+            assert sub.position == 3
+            # The broker's end of the subscription breaks.
+            await listener.accepted[-1].aclose()
+            await a.send(batch(1, SESSION))
+            while len(got) < 12:
+                with trio.fail_after(10):
+                    got += await sub.receive_messages()
+            assert sub.reconnects == 1
+            assert sub.position == 12
+            with trio.move_on_after(1):  # nothing more comes: P0 was dropped
+                got += await sub.receive_messages()
+        await a.close()
+    assert [(m.offset, m.client_id, m.client_order) for m in got] == [
+        *((i, SESSION, i) for i in range(3)),  # A0
+        *((6 + i, PLAIN, i) for i in range(3)),  # P0
+        *((9 + i, SESSION, 10 + i) for i in range(3)),  # A1
+        *((3 + i, SESSION, 20 + i) for i in range(3)),  # A2
+    ]
