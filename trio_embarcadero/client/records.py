@@ -30,9 +30,12 @@ logical offsets rise but where the sequencer ordered a batch after later
 ones of the stream (a publish session's batch that waited for its
 predecessor); and after a reconnect the broker sends again what was handed
 out above the point the subscriber resumed from. There :attr:`RecordDecoder.position`
-is the lowest offset not handed out yet (every one below it was, or is in a
-batch the sequencer never ordered), and the decoder keeps the spans handed
-out above it, to drop what comes again.
+is the lowest offset not handed out yet (every one below it was), and the
+decoder keeps the spans handed out above it, to drop what comes again. A
+batch that never comes (one the sequencer never ordered, or that retention
+let go first) keeps the position at its first offset: a reconnect then gets
+everything after it again, which is dropped, and its span of offsets stays
+apart in the list.
 
 """
 
@@ -534,8 +537,8 @@ class RecordDecoder:
         """Take the ``BatchMetadata`` at ``pos``; False (and :attr:`error`)
         if it is not a valid one."""
         first, count, version, flags = BATCH_METADATA.unpack_from(self._buffer, pos)
-        # Total orders rise on an ordered stream; one broker's stream of an
-        # order-5 topic is checked by its records' offsets instead.
+        # Total orders rise on an ordered stream; not on one broker's stream
+        # of an order-5 topic, whose disk tier part is in stream order.
         behind = self.ordered and first < self.position
         if (version, flags) != (BATCH_METADATA_VERSION, 0) or not count or behind:
             self.error = ProtocolError(

@@ -155,8 +155,8 @@ class Subscriber:
         message received (the next one due, unless iteration still holds
         messages received before it). On one broker's stream of an order-5
         topic, the lowest logical offset not received yet: every one below it
-        was, or is in a batch the sequencer never ordered, and some above it
-        may have been."""
+        was, and some above it may have been (a batch never ordered, or let
+        go by retention before it was sent, keeps it at its first offset)."""
         return self._decoder.position
 
     @property
