@@ -316,3 +316,62 @@ def test_equal_sizes_at_unequal_distances_are_copied_one_by_one() -> None:
     assert decoder.error is None
     assert [m.payload for m in batch.messages()] == payloads
     assert [m.offset for m in batch.iter_messages()] == list(range(6))
+
+
+def own_frame(first_offset: int, total_order: int, count: int, size: int = 10) -> bytes:
+    """One batch of an order-5 topic's client_req 1 stream: its
+    BatchMetadata, then records with logical offsets and total orders."""
+    records = b""
+    for i in range(count):
+        head = MESSAGE_HEADER.pack(128, 0, first_offset + i, 0, total_order + i, i, 9, size)
+        records += head + bytes([first_offset + i]) * size + b"\0" * (64 - size)
+    return BATCH_METADATA.pack(total_order, count, BATCH_METADATA_VERSION, 0) + records
+
+
+def feed_all(
+    decoder: RecordDecoder, stream: bytes, piece: int
+) -> tuple[list[MessageBatch], list[bytes]]:
+    """The batches fed ``stream`` in receives of ``piece`` bytes gives, and
+    their payloads (read before the next receive reuses the buffer)."""
+    batches = []
+    payloads = []
+    for at in range(0, len(stream), piece):
+        chunk = stream[at : at + piece]
+        decoder.receive_buffer()[: len(chunk)] = chunk
+        batch = decoder.feed_batch(len(chunk))
+        if batch is not None:
+            batches.append(batch)
+            payloads += [batch.payload(i).tobytes() for i in range(len(batch))]
+    return batches, payloads
+
+
+@pytest.mark.parametrize("piece", [1, 7, 100, 10_000])
+def test_one_brokers_order_5_stream_is_told_by_its_framing_and_resumes_below_a_gap(
+    piece: int,
+) -> None:
+    """Batches in total order: offsets 0-2, 6-8, 9-11, then 3-5 (ordered
+    after the later ones). A break after 6-8: the position is 3, the lowest
+    not received; the stream sent again from 3 repeats 6-8, which is dropped."""
+    decoder = RecordDecoder(0, 4096)
+    first = own_frame(0, 0, 3) + own_frame(6, 3, 3)
+    got, _ = feed_all(decoder, first, piece)
+    assert decoder.framed is True
+    assert [int(o) for b in got for o in b.offsets] == [0, 1, 2, 6, 7, 8]
+    assert decoder.position == 3
+    decoder.restart()
+    again = own_frame(6, 3, 3) + own_frame(9, 6, 3) + own_frame(3, 9, 3)
+    got, payloads = feed_all(decoder, again, piece)
+    offsets = [int(o) for b in got for o in b.offsets]
+    assert offsets == [9, 10, 11, 3, 4, 5]
+    assert payloads == [bytes([o]) * 10 for o in offsets]
+    assert (decoder.position, decoder.skipped, decoder.error) == (12, 0, None)
+    if piece == 10_000:  # one receive: both batches in one MessageBatch
+        (whole,) = got
+        assert [int(o) for o in whole.since(3).offsets] == [3, 4, 5]
+
+
+def test_a_plain_stream_stays_unframed() -> None:
+    decoder = RecordDecoder(0, 4096)
+    got, _ = feed_all(decoder, record(b"x", 0) + record(b"y", 1), 1)
+    assert decoder.framed is False
+    assert [int(o) for b in got for o in b.offsets] == [0, 1]

@@ -881,3 +881,39 @@ def test_a_crash_at_any_store_of_stamping_leaves_no_batch_marked_before_its_reco
         stamp(log)
         assert record_orders(log) == expected
         assert all(is_stamped(region, h) for h in headers)
+
+
+def test_a_brokers_first_batch_from_an_offset_is_found_across_index_segments(
+    brokers: tuple[CxlLog, CxlLog],
+) -> None:
+    """OrderedIndex.next_of_broker (one vectorised pass per index segment)
+    finds what a walk of the entries, one at a time, finds: the first entry of
+    the broker's batches that holds the offset, or a later one."""
+    seq = brokers[0].sequencer(HOLE_NS)
+    per_segment = (brokers[0].geometry.unit_size - 64) // 32
+    for i in range(per_segment + 40):  # broker 1's batches: 2 messages each
+        commit(brokers[0], [10], 1, i)
+        if i % 3 == 0:
+            commit(brokers[1], [10, 10], 2, i)
+        seq.step(0)
+    buf, g = brokers[0].region, brokers[0].geometry
+    index = OrderedIndex(buf, g, brokers[0].topics()[TOPIC])
+    count = index.count()
+    assert len(index_chain(buf, g, index.topic_index).units) >= 2
+    entries = [index.entry(k) for k in range(count)]
+
+    def walk(broker_id: int, k: int, floor: int) -> int:
+        for at in range(k, count):
+            entry = entries[at]
+            assert entry is not None
+            batch = brokers[0].batch_at(entry.header_offset)
+            if entry.broker_id == broker_id and batch.first_offset + batch.num_msg > floor:
+                return at
+        return count
+
+    for broker_id, last in ((0, per_segment + 40), (1, 2 * ((per_segment + 40 + 2) // 3))):
+        for floor in (0, 1, 5, last // 2, last // 2 + 1, last - 1, last, last + 10):
+            for k in (0, per_segment - 1, per_segment + 3):
+                found = index.next_of_broker(broker_id, k, count, floor)
+                assert found == walk(broker_id, k, floor), (broker_id, floor, k)
+    seq.close()

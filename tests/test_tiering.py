@@ -20,7 +20,7 @@ import pytest
 import trio
 from conftest import MakeConfig, wait_until
 from memory import close_log
-from rawclient import handshake, payload_for
+from rawclient import batch, handshake, payload_for
 from tcpclient import connect
 from test_cxl import commit, reserve
 
@@ -477,6 +477,103 @@ def whole_frames(data: bytearray) -> list[tuple[int, int, list[tuple[int, int, i
                 return frames
             padded, _, _, _, total, corder, cid, _ = struct.unpack_from("<8Q", data, at)
             records.append((total, cid, corder))
+            at += padded
+        if at > len(data):
+            break
+        frames.append((first, count, records))
+        pos = at
+    return frames
+
+
+async def test_an_order_5_stream_goes_on_from_the_ordered_index_at_the_hand_off(
+    make_config: MakeConfig, tmp_path: Path
+) -> None:
+    """client_req 1 on an order-5 topic from offset 0: the part only the disk
+    holds comes in stream order, with session A's batch 2 (ordered after its
+    batch 1, which the region still holds); from the region's start on, the
+    ordered index in total order, with session B's batch 2 after the later
+    plain batch (before, the region part came in stream order too). Every
+    offset once: A2 is not sent again from the index, A1 not from the disk."""
+    config = tiered_config(make_config, tmp_path, **{"topics.order": 5})
+
+    def session_hello(client_id: int) -> bytes:
+        return handshake("hand", client_id=client_id, ack=1, req=2, last_addr=client_id << 8)
+
+    def small(seq: int, client_id: int) -> bytes:
+        return batch(seq, client_id, 10 * seq, 3, 100)[0]
+
+    plain_seq = 0
+
+    def plain() -> bytes:
+        nonlocal plain_seq
+        plain_seq += 1
+        return batch(plain_seq - 1, 3, 10 * (plain_seq - 1), 10, 1000)[0]
+
+    with trio.fail_after(20):
+        async with open_broker(config) as broker:
+            async with (
+                await connect(broker.port) as a,
+                await connect(broker.port) as b,
+                await connect(broker.port) as p,
+            ):
+                await p.send_all(handshake("hand", client_id=3, ack=0))
+                await a.send_all(session_hello(7) + small(0, 7) + small(2, 7))
+                await wait_until(lambda: broker.log.existing_stream("hand") is not None)
+                stream = broker.log.stream("hand")
+                await wait_until(lambda: stream.next_offset == 6)
+                for _ in range(8):  # past the stream's first segment (64 KiB)
+                    await p.send_all(plain())
+                await wait_until(lambda: stream.next_offset == 86)
+                await a.send_all(small(1, 7))  # A1, then A2 is ordered
+                await b.send_all(session_hello(8) + small(0, 8) + small(2, 8))
+                await wait_until(lambda: stream.next_offset == 95)
+                await p.send_all(plain())
+                await wait_until(lambda: stream.next_offset == 105)
+                await b.send_all(small(1, 8))  # B1, then B2 is ordered
+                disk = broker.durability.disk  # type: ignore[union-attr]
+                await wait_until(
+                    lambda: stream.next_offset == 108 and disk.durable_batches(stream) == 15
+                )
+                # The region lets its first segment go (the disk holds it).
+                assert broker.log.reclaim_oldest(stream) is not None
+                region_start = stream.start_offset
+                assert 6 < region_start <= 86 - 10
+                async with await connect(broker.port) as sub:
+                    await sub.send_all(handshake("hand", client_id=99, ack=0, req=1))
+                    data = bytearray()
+                    frames: list[tuple[int, int, list[tuple[int, int, int, int]]]] = []
+                    while sum(count for _, count, _ in frames) < 108:
+                        data += await sub.receive_some(1 << 20)
+                        frames = offset_frames(data)
+    firsts = [rs[0][0] for _, _, rs in frames]
+    offsets = sorted(o for _, _, rs in frames for o, _, _, _ in rs)
+    assert offsets == list(range(108))  # each once
+    on_disk = firsts[: sum(first < region_start for first in firsts)]
+    assert on_disk == sorted(on_disk)  # stream order, A2 (3) in it
+    assert on_disk[:2] == [0, 3]
+    from_index = frames[len(on_disk) :]
+    assert all(rs[0][0] >= region_start for _, _, rs in from_index)
+    totals = [t for _, _, rs in from_index for _, t, _, _ in rs]
+    assert totals == sorted(set(totals))  # total order
+    # B2 (offsets 92..94) after the plain batch and B1, committed behind it.
+    assert [rs[0][0] for _, _, rs in from_index[-3:]] == [95, 105, 92]
+
+
+def offset_frames(data: bytearray) -> list[tuple[int, int, list[tuple[int, int, int, int]]]]:
+    """As :func:`whole_frames`, each record as (logical offset, total
+    order, client id, client order)."""
+    frames = []
+    pos = 0
+    while pos + 16 <= len(data):
+        first, count, version, flags = struct.unpack_from("<QIHH", data, pos)
+        assert (version, flags) == (1, 0)
+        at = pos + 16
+        records = []
+        for _ in range(count):
+            if at + 64 > len(data):
+                return frames
+            padded, _, offset, _, total, corder, cid, _ = struct.unpack_from("<8Q", data, at)
+            records.append((offset, total, cid, corder))
             at += padded
         if at > len(data):
             break

@@ -19,12 +19,16 @@ time on a worker thread, and sent exactly as the region would have sent
 them; once the wanted offset is back in the region the stream goes on from
 there.
 
-On an order-5 topic, the stream of this broker (``client_req = 1``) sends a
-batch only once it is ordered, with a ``BatchMetadata`` in front of its
-records (from the disk tier too: the disk log holds it ordered), and never
-a batch that is never ordered; ``client_req = 3`` reads the topic's ordered index in the region
-(every broker's batches, in total order) from the total order ``last_addr``
-on. Both wake when this process orders batches (the head) and every
+On an order-5 topic, the stream of this broker (``client_req = 1``) reads
+the topic's ordered index in the region, this broker's entries: its
+batches in total order, each with a ``BatchMetadata`` in front of its
+records, and never a batch that is never ordered. A publish session's batch
+the sequencer ordered after later batches of the stream so comes after
+them, its offsets below theirs. The part only the disk tier holds comes in
+stream order (the index entries of segments let go are gone; the disk log
+holds each batch ordered). ``client_req = 3`` reads the same index (every
+broker's batches) from the total order ``last_addr`` on. Both wake when
+this process orders batches (the head) and every
 ``cxl.sequencer_interval_ms`` otherwise.
 """
 
@@ -40,8 +44,15 @@ import trio
 from ..errors import ConnectionLost, ErrorCode, ProtocolError, StorageError
 from ..log import CxlLog, DiskLog, Stream
 from ..log.disk import DiskBatch
-from ..log.layout import BH_ORDERED, BH_TOTAL_ORDER, NEVER_ORDERED, U32, U64, read_topic_order
+from ..log.layout import (
+    BH_ORDERED,
+    NEVER_ORDERED,
+    U32,
+    generation_holding,
+    read_topic_order,
+)
 from ..log.ordered import OrderedIndex, cut_records
+from ..log.region import CommittedBatch
 from ..log.stamps import is_stamped, stamp_copy
 from ..wire import (
     BATCH_METADATA,
@@ -141,9 +152,9 @@ async def _send_records(
     logger.debug(
         "conn %d %s subscribes to %r from %d", connection.id, connection.peer, topic, wanted
     )
+    if read_topic_order(log.region, log.geometry, stream.topic_index) == 5:
+        return await _send_own_ordered(connection, log, stream, wanted, commits, send_timeout, disk)
     region = log.region
-    # Order 5: each batch once ordered, with its BatchMetadata in front.
-    ordered_topic = read_topic_order(region, log.geometry, stream.topic_index) == 5
     while True:
         while wanted >= stream.next_offset:
             _check_not_deleted(log, stream)
@@ -165,7 +176,7 @@ async def _send_records(
             batch_on_disk = disk.batch_holding(topic, wanted)
             if batch_on_disk is not None:
                 ended = await _send_from_disk(
-                    connection, disk, topic, batch_on_disk, wanted, send_timeout, ordered_topic
+                    connection, disk, topic, batch_on_disk, wanted, send_timeout, False
                 )
                 if ended is not None:
                     return ended
@@ -187,13 +198,7 @@ async def _send_records(
             start += int(starts[skip])
         # Retention must not reuse the bytes while the socket still reads them.
         with stream.pinned(batch.header_offset):
-            if ordered_topic:
-                ended = await _send_when_ordered(
-                    connection, commits, region, batch.header_offset, start, end, skip,
-                    batch.num_msg, send_timeout,
-                )  # fmt: skip
-            else:
-                ended = await _send(connection, region[start:end].data, send_timeout)
+            ended = await _send(connection, region[start:end].data, send_timeout)
         if ended is not None:
             return ended
         wanted = batch.first_offset + batch.num_msg
@@ -203,42 +208,144 @@ async def _send_records(
             return True
 
 
-async def _send_when_ordered(
+async def _send_own_ordered(
     connection: Connection,
+    log: CxlLog,
+    stream: Stream,
+    wanted: int,
     commits: CommitFeed,
-    region: npt.NDArray[np.uint8],
-    header_offset: int,
-    start: int,
-    end: int,
-    skip: int,
-    num_msg: int,
     send_timeout: float,
-) -> bool | None:
-    """Wait until the batch at ``header_offset`` is ordered, then send its
-    records from ``start`` behind their ``BatchMetadata``; like :func:`_send`.
-    A batch that is never ordered (a publish session's batch_seq the
-    sequencer skipped) has no total order and is not sent."""
-    while not (ordered := U32.unpack_from(region.data, header_offset + BH_ORDERED)[0]):
-        with connection.at_boundary():
-            await commits.wait_ordered()
+    disk: DiskLog | None,
+) -> bool:
+    """``client_req = 1`` on an order-5 topic: this broker's batches that hold
+    a logical offset ``wanted`` or later, each once ordered and behind its
+    ``BatchMetadata``, in total order (the topic's ordered index, this
+    broker's entries); like :func:`_send_records`.
+
+    What the region let go is read from ``disk`` in stream order, as far as
+    the region's start; then the index goes on with the batches from there.
+
+    The offsets sent rise but where the sequencer ordered a publish
+    session's batch after later ones of the stream, so where the stream
+    stands is not one offset: ``floor`` is the lowest offset not sent yet
+    (every one below it was sent, or is in a batch never ordered), and
+    ``sent`` the batches sent above it (the first offset sent of each, and
+    its end). The floor is what the disk tier and retention are checked
+    against: it falls below the region's start only when the region let a
+    batch go that was not sent yet, which the disk tier then sends (or the
+    stream skips, without one), and the index skips once it gets there.
+    """
+    topic = stream.topic
+    region = log.region
+    index = OrderedIndex(region, log.geometry, stream.topic_index)
+    floor = wanted
+    sent: dict[int, int] = {}
+    k = 0  # the next index entry to look at
+    while True:
+        _check_not_deleted(log, stream)
+        floor = _raise_floor(stream, region, floor, sent)
+        jump_to = floor
+        if disk is not None:
+            on_disk_from = disk.first_offset(topic)
+            if on_disk_from is not None and floor < on_disk_from:
+                jump_to = on_disk_from  # as for an order-0 topic, above
+        if jump_to == floor and floor < stream.start_offset and disk is not None:
+            batch_on_disk = disk.batch_holding(topic, floor)
+            if batch_on_disk is not None:
+                ended = await _send_from_disk(
+                    connection, disk, topic, batch_on_disk, floor, send_timeout, True
+                )
+                if ended is not None:
+                    return ended
+                floor = batch_on_disk.first_offset + batch_on_disk.num_msg
+                if connection.stopping:
+                    return True
+                continue
+        if jump_to == floor and floor < stream.start_offset:
+            jump_to = stream.start_offset
+        if jump_to != floor:
+            floor = _skip_to(connection, topic, floor, jump_to)
+            for first in [first for first in sent if first < floor]:
+                del sent[first]
+            continue
+        count = index.count()
+        k = index.next_of_broker(stream.broker_id, k, count, floor)
+        if k >= count:
+            with connection.at_boundary():
+                await commits.wait_ordered()
+            if connection.stopping:
+                return True
+            continue
+        entry = index.entry(k)
+        k += 1
+        if entry is None:
+            k = max(k, index.first())  # its index segment is gone: go on from the first left
+            continue
+        header_offset = entry.header_offset
+        if entry.broker_id != stream.broker_id or not any(
+            segment.start <= header_offset < segment.end for segment in stream.segments
+        ):
+            continue  # another broker's, or gone (retention)
+        # Retention must not reuse the bytes while they are copied and sent.
+        with stream.pinned(header_offset):
+            if generation_holding(region, log.geometry, header_offset) != entry.generation:
+                continue  # gone: its segment was let go (and this stream took it again)
+            batch = log.batch_at(header_offset)
+            end = batch.first_offset + batch.num_msg
+            if end <= floor:
+                continue  # wanted no more: sent from the disk tier, or before ``wanted``
+            skip = max(0, floor - batch.first_offset)
+            frame = _framed_copy(region, batch, skip, entry.total_order)
+            ended = await _send(connection, memoryview(frame), send_timeout)
+        if ended is not None:
+            return ended
+        sent[batch.first_offset + skip] = end
+        # A shutdown stops the stream at the next batch boundary.
         if connection.stopping:
             return True
-    if ordered == NEVER_ORDERED:
-        return None
+
+
+def _raise_floor(
+    stream: Stream, region: npt.NDArray[np.uint8], floor: int, sent: dict[int, int]
+) -> int:
+    """``floor`` moved up past the batches in ``sent`` (taken out of it) and
+    the batches in the region never ordered (never sent)."""
+    while True:
+        end = sent.pop(floor, None)
+        if end is not None:
+            floor = end
+            continue
+        if not stream.start_offset <= floor < stream.next_offset:
+            return floor
+        i = bisect.bisect_right(stream.index_first, floor) - 1
+        (ordered,) = U32.unpack_from(region.data, stream.index_header[i] + BH_ORDERED)
+        if ordered != NEVER_ORDERED:
+            return floor
+        following = stream.index_first[i + 1 : i + 2]
+        floor = following[0] if following else stream.next_offset
+
+
+def _framed_copy(
+    region: npt.NDArray[np.uint8], batch: CommittedBatch, skip: int, total_order: int
+) -> bytearray:
+    """An ordered batch's records from record ``skip`` on, behind their
+    ``BatchMetadata``: a copy, its records' total orders written into it if
+    the broker that stored the batch has not stamped them yet (or is down)."""
+    start = batch.payload_offset
+    end = start + batch.total_size
+    if skip > 0:
+        start += int(scan_records(region[start:end], batch.num_msg)[skip])
     # Looked at before the copy: once set, the records copied are stamped.
-    stamped = is_stamped(region.data, header_offset)
-    (total_order,) = U64.unpack_from(region.data, header_offset + BH_TOTAL_ORDER)
+    stamped = is_stamped(region.data, batch.header_offset)
     frame = bytearray(BATCH_METADATA.size + end - start)
     BATCH_METADATA.pack_into(
-        frame, 0, total_order + skip, num_msg - skip, BATCH_METADATA_VERSION, 0
+        frame, 0, total_order + skip, batch.num_msg - skip, BATCH_METADATA_VERSION, 0
     )
     frame[BATCH_METADATA.size :] = region[start:end].data
     if not stamped:
-        # The broker that stored it has not written its records' total
-        # orders yet (or is down): the copy gets them, from the header.
         records = np.frombuffer(frame, dtype=np.uint8, offset=BATCH_METADATA.size)
-        stamp_copy(records, num_msg - skip, total_order + skip)
-    return await _send(connection, memoryview(frame), send_timeout)
+        stamp_copy(records, batch.num_msg - skip, total_order + skip)
+    return frame
 
 
 async def _send_ordered(

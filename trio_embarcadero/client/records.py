@@ -17,15 +17,31 @@ prepared for the whole batch (equal-sized payloads copied by numpy in one
 loop, others sliced from one copy of the received bytes), so handing one out
 takes a few bytecodes.
 
-An ordered subscription (``client_req = 3``, or ``1`` on an order-5 topic)
-has a 16-byte ``BatchMetadata`` in front of each batch's records; there the
-decoder follows total orders (every record's ``total_order`` field) instead
-of logical offsets, and hands them out as the messages' ``offset``.
+An ordered subscription (``client_req = 3``) has a 16-byte ``BatchMetadata``
+in front of each batch's records; there the decoder follows total orders
+(every record's ``total_order`` field) instead of logical offsets, and hands
+them out as the messages' ``offset``.
+
+One broker's stream of an order-5 topic (``client_req = 1``) has the same
+framing, which the decoder tells from a bare record by the stream's first
+bytes (the ``BatchMetadata``'s version word, where a record has the high
+half of its ``segment_header``, 0). Its batches come in total order, so their
+logical offsets rise but where the sequencer ordered a batch after later
+ones of the stream (a publish session's batch that waited for its
+predecessor); and after a reconnect the broker sends again what was handed
+out above the point the subscriber resumed from. There :attr:`RecordDecoder.position`
+is the lowest offset not handed out yet (every one below it was), and the
+decoder keeps the spans handed out above it, to drop what comes again. A
+batch that never comes (one the sequencer never ordered, or that retention
+let go first) keeps the position at its first offset: a reconnect then gets
+everything after it again, which is dropped, and its span of offsets stays
+apart in the list.
 
 """
 
 from __future__ import annotations
 
+import bisect
 import struct
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -59,6 +75,7 @@ MAX_RECORD_BYTES = 1 << 30
 #: Free space offered to each receive, at least.
 RECEIVE_SIZE = 1 << 16
 _U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
 # The first run of a receive is compared in one go, as far as records fit (a
 # receive of equal-sized records costs one comparison). After a record of
 # another size, a run is compared this many records ahead at first, twice as
@@ -110,7 +127,9 @@ class MessageBatch:
         offsets: Each message's logical offset (int64), ascending. They are
             consecutive except where the broker's retention had reclaimed
             messages (see :attr:`Subscriber.skipped
-            <trio_embarcadero.client.Subscriber.skipped>`).
+            <trio_embarcadero.client.Subscriber.skipped>`). On one broker's
+            stream of an order-5 topic they rise within each of its batches,
+            and the batches come in total order (see the module's docs).
         client_ids: The id of each message's publisher (int64).
         client_orders: Each message's index among its publisher's messages
             (int64).
@@ -211,9 +230,11 @@ class MessageBatch:
         return list(map(_new_view, zip(payloads, *self._fields(), strict=True)))
 
     def since(self, offset: int) -> MessageBatch:
-        """The messages from logical offset ``offset`` on (one of the
-        batch's offsets), as a batch."""
-        first = int(np.searchsorted(self.offsets, offset))
+        """The messages from the one with logical offset ``offset`` (one of
+        the batch's offsets) on, as a batch."""
+        # Found by value: one broker's stream of an order-5 topic has its
+        # batches in total order, their offsets not ascending throughout.
+        first = int(np.flatnonzero(self.offsets == offset)[0])
         cut = int(self.starts[first]) - MESSAGE_HEADER_SIZE
         return MessageBatch(
             self.data[cut:],
@@ -235,13 +256,18 @@ class RecordDecoder:
         position: Logical offset (ordered: total order) of the first record expected.
         buffer_bytes: Initial buffer size; it grows for larger records.
         ordered: The stream has a ``BatchMetadata`` in front of each batch,
-            and records follow total orders.
+            and records follow total orders (``client_req = 3``).
 
     Attributes:
-        position: Logical offset of the next record expected.
+        position: Logical offset of the next record expected; on one
+            broker's stream of an order-5 topic, the lowest one not handed
+            out yet (see the module's docs).
+        framed: Whether the stream has a ``BatchMetadata`` in front of each
+            batch; None until its first bytes show it.
         skipped: Messages the stream jumped over: the broker's retention had
             reclaimed them before they could be sent (offsets only ever move
-            forward; a jump is not corruption).
+            forward; a jump is not corruption). Not counted on one broker's
+            stream of an order-5 topic, whose offsets do not only move forward.
         error: Set once the stream holds an error frame or an invalid record;
             every message before it has been returned, and nothing after it
             is decoded.
@@ -250,7 +276,11 @@ class RecordDecoder:
     def __init__(self, position: int, buffer_bytes: int, *, ordered: bool = False) -> None:
         self.position = position
         self.ordered = ordered
-        self._batch_left = 0  # ordered: records of the batch still due
+        self.framed: bool | None = True if ordered else None
+        self._batch_left = 0  # framed: records of the batch still due
+        # Framed, not ordered: the spans [first, end) of offsets handed out
+        # above ``position``, in order and apart.
+        self._handed_out: list[tuple[int, int]] = []
         self.skipped = 0
         self.error: BrokerError | ProtocolError | None = None
         self._start = 0  # first byte not decoded yet
@@ -292,7 +322,7 @@ class RecordDecoder:
         start, end = self._start, self._end
         pending = end - start
         need = RECEIVE_SIZE
-        if pending >= _U64.size and self.error is None and not self._at_metadata():
+        if pending >= _U64.size and self.error is None and self._at_record():
             # The rest of the record, if its paddedSize is valid (a record
             # that is not ends the stream, and no buffer is grown for it).
             (padded,) = _U64.unpack_from(self._buffer, start)
@@ -351,6 +381,13 @@ class RecordDecoder:
         runs: list[tuple[int, int, int]] = []
         bad_size = None
         window = end - pos  # no limit for the first run
+        if self.framed is None:
+            if end - pos < BATCH_METADATA.size:
+                return runs, pos, bad_size
+            if unpack(buf, pos)[0] != ERROR_MARKER:
+                # A BatchMetadata's version (1) and flags (0), or the high
+                # half of a record's segment_header (0).
+                self.framed = _U32.unpack_from(buf, pos + 12)[0] == BATCH_METADATA_VERSION
         while end - pos >= _U64.size:
             if self._at_metadata():
                 if unpack(buf, pos)[0] == ERROR_MARKER:
@@ -370,7 +407,7 @@ class RecordDecoder:
                     bad_size = padded
                 break
             fit = (end - pos) // padded
-            if self.ordered:
+            if self.framed:
                 fit = min(fit, self._batch_left)  # a run never crosses into the next batch
             if not fit:
                 break
@@ -388,7 +425,7 @@ class RecordDecoder:
                     window *= 2
             runs.append((pos, count, padded))
             pos += count * padded
-            if self.ordered:
+            if self.framed:
                 self._batch_left -= count
         return runs, pos, bad_size
 
@@ -413,10 +450,11 @@ class RecordDecoder:
         offsets = heads[:, MH_TOTAL_ORDER if self.ordered else MH_LOGICAL_OFFSET]
         bad = sizes > padded - MESSAGE_HEADER_SIZE
         bad |= sizes < 0
-        # Offsets only move forward: each above the one before (retention may
-        # have reclaimed some in between), the first at least the one due.
-        bad[1:] |= offsets[1:] <= offsets[:-1]
-        bad[0] |= int(offsets[0]) < self.position
+        if not self._any_order:
+            # Offsets only move forward: each above the one before (retention
+            # may have reclaimed some in between), the first at least the one due.
+            bad[1:] |= offsets[1:] <= offsets[:-1]
+            bad[0] |= int(offsets[0]) < self.position
         if bad.any():
             first_bad = int(bad.argmax())
             due = self.position if not first_bad else int(offsets[first_bad - 1]) + 1
@@ -432,11 +470,19 @@ class RecordDecoder:
                 self._start = stop
                 return None
             heads, starts = heads[:first_bad], starts[:first_bad]
-        count = len(heads)
-        last = int(heads[-1, MH_TOTAL_ORDER if self.ordered else MH_LOGICAL_OFFSET])
-        self.skipped += last - self.position - (count - 1)
-        self.position = last + 1
         self._start = stop
+        if self._any_order:
+            fresh = self._not_handed_out(offsets[: len(heads)])
+            if not fresh.all():  # sent again after a reconnect: handed out before
+                heads, starts = heads[fresh], starts[fresh]
+                if not len(heads):
+                    return None
+            self._hand_out(heads[:, MH_LOGICAL_OFFSET])
+        else:
+            count = len(heads)
+            last = int(heads[-1, MH_TOTAL_ORDER if self.ordered else MH_LOGICAL_OFFSET])
+            self.skipped += last - self.position - (count - 1)
+            self.position = last + 1
         first = int(starts[0])
         return MessageBatch(
             self._view[first:stop].toreadonly(),
@@ -448,6 +494,42 @@ class RecordDecoder:
         )
 
     @property
+    def _any_order(self) -> bool:
+        """One broker's stream of an order-5 topic: offsets in its batches'
+        total order (see the module's docs)."""
+        return bool(self.framed) and not self.ordered
+
+    def _not_handed_out(self, offsets: Int64Array) -> npt.NDArray[np.bool_]:
+        """Which of ``offsets`` were not handed out yet."""
+        fresh: npt.NDArray[np.bool_] = offsets >= self.position
+        if self._handed_out:
+            spans = np.array(self._handed_out, dtype=np.int64)
+            at = np.searchsorted(spans[:, 0], offsets, side="right") - 1
+            fresh &= ~((at >= 0) & (offsets < spans[np.maximum(at, 0), 1]))
+        return fresh
+
+    def _hand_out(self, offsets: Int64Array) -> None:
+        """Note ``offsets`` (runs of consecutive ones) as handed out, and move
+        :attr:`position` up over what now is handed out below it."""
+        breaks = np.flatnonzero(np.diff(offsets) != 1) + 1
+        firsts = offsets[np.r_[0, breaks]].tolist()
+        lasts = offsets[np.r_[breaks - 1, len(offsets) - 1]].tolist()
+        spans = self._handed_out
+        for first, last in zip(firsts, lasts, strict=True):
+            end = last + 1
+            i = bisect.bisect_left(spans, (first, end))
+            if i and spans[i - 1][1] >= first:  # joins the span before
+                i -= 1
+                first, end = spans[i][0], max(end, spans[i][1])
+                del spans[i]
+            while i < len(spans) and spans[i][0] <= end:  # and those after
+                end = max(end, spans[i][1])
+                del spans[i]
+            spans.insert(i, (first, end))
+        while spans and spans[0][0] <= self.position:
+            self.position = max(self.position, spans.pop(0)[1])
+
+    @property
     def _numbering(self) -> str:
         return "total order" if self.ordered else "logical offset"
 
@@ -455,7 +537,10 @@ class RecordDecoder:
         """Take the ``BatchMetadata`` at ``pos``; False (and :attr:`error`)
         if it is not a valid one."""
         first, count, version, flags = BATCH_METADATA.unpack_from(self._buffer, pos)
-        if (version, flags) != (BATCH_METADATA_VERSION, 0) or not count or first < self.position:
+        # Total orders rise on an ordered stream; not on one broker's stream
+        # of an order-5 topic, whose disk tier part is in stream order.
+        behind = self.ordered and first < self.position
+        if (version, flags) != (BATCH_METADATA_VERSION, 0) or not count or behind:
             self.error = ProtocolError(
                 ErrorCode.BAD_MESSAGE_RECORDS,
                 f"BatchMetadata (total order {first}, {count} records, version {version}, "
@@ -466,8 +551,12 @@ class RecordDecoder:
         return True
 
     def _at_metadata(self) -> bool:
-        """Whether a ``BatchMetadata`` is due next (ordered streams)."""
-        return self.ordered and not self._batch_left
+        """Whether a ``BatchMetadata`` is due next (framed streams)."""
+        return bool(self.framed) and not self._batch_left
+
+    def _at_record(self) -> bool:
+        """Whether a record is due next (not known before the stream's first bytes)."""
+        return self.framed is False or (bool(self.framed) and self._batch_left > 0)
 
     def _error_frame(self, pos: int, end: int) -> int:
         """Decode the error frame at ``pos`` if it is whole; where decoding stops."""

@@ -72,7 +72,8 @@ class _Reconnect:
 
 
 class Subscriber:
-    """Receives a topic's messages in logical-offset order.
+    """Receives a topic's messages in logical-offset order (on an order-5
+    topic: one broker's in total order, or every broker's with ``ordered``).
 
     Get one from :func:`open_subscriber` or :func:`open_subscriber_on_stream`.
     Three ways to read, which may be mixed (each goes on where the other
@@ -106,6 +107,9 @@ class Subscriber:
         is reset, or the broker sends error 5 as it shuts down), the next
         receive connects again and asks for the first message not received
         yet (:attr:`position`), so no message is handed out twice or skipped.
+        One broker's stream of an order-5 topic comes in total order, its
+        logical offsets not always rising: it asks for the lowest offset not
+        received yet, and drops the messages above it that come again.
         One broker's stream (``ordered=False``) exists on that broker only:
         the subscriber waits for it to come back. The total order
         (``ordered=True``) is the same on every broker: it goes on at the next
@@ -149,7 +153,10 @@ class Subscriber:
     def position(self) -> int:
         """The logical offset (ordered: the total order) after the last
         message received (the next one due, unless iteration still holds
-        messages received before it)."""
+        messages received before it). On one broker's stream of an order-5
+        topic, the lowest logical offset not received yet: every one below it
+        was, and some above it may have been (a batch never ordered, or let
+        go by retention before it was sent, keeps it at its first offset)."""
         return self._decoder.position
 
     @property
@@ -163,7 +170,8 @@ class Subscriber:
     def skipped(self) -> int:
         """Messages the subscription jumped over because the broker's
         retention had reclaimed them (the offsets of the messages handed out
-        show where)."""
+        show where). Not counted on one broker's stream of an order-5 topic,
+        whose offsets do not only rise."""
         return self._decoder.skipped
 
     def __aiter__(self) -> Subscriber:

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..wire import BATCH_HEADER_SIZE, scan_records
+from ..wire import BATCH_HEADER_SIZE, BH_START_LOGICAL_OFFSET, scan_records
 from .layout import (
     BH_TOTAL_SIZE,
+    SEGMENT_HEADER_SIZE,
     U64,
     Geometry,
     IndexChain,
@@ -34,6 +35,12 @@ from .layout import (
     read_topic_state,
 )
 from .stamps import is_stamped, stamp_copy
+
+#: An index entry as numpy reads a run of them (see ``INDEX_ENTRY`` of :mod:`.layout`).
+_ENTRY_DTYPE = np.dtype(
+    [("broker", "<u4"), ("num_msg", "<u4"), ("total_order", "<u8"), ("header", "<u8"),
+     ("generation", "<u8")]
+)  # fmt: skip
 
 
 class OrderedIndex:
@@ -98,6 +105,58 @@ class OrderedIndex:
             else:
                 hi = mid
         return lo
+
+    def next_of_broker(self, broker_id: int, k: int, count: int, floor: int) -> int:
+        """The first entry from ``k`` (before ``count``) of a batch of broker
+        ``broker_id`` that holds a logical offset ``floor`` or later, or
+        ``count`` when there is none.
+
+        One vectorised pass per index segment: the entries' broker words,
+        then the first logical offsets in the headers of that broker's
+        batches. A batch that is gone (see :meth:`records`) may be taken for
+        one that qualifies, as its header may hold anything by now, but no
+        batch that qualifies is passed over: the caller reads the entry
+        found as usual, and goes on from the next one if it does not qualify.
+        """
+        per = self._per_segment
+        words = np.frombuffer(self._buf, dtype="<u8", count=len(self._buf) // 8)
+        while k < count:
+            chain = self._chain
+            position = k // per - chain.first
+            if not 0 <= position < len(chain.units):
+                chain = self._chain = index_chain(self._buf, self._g, self.topic_index)
+                position = k // per - chain.first
+                if position < 0:  # let go meanwhile: the first one left
+                    k = chain.first * per
+                    continue
+                if position >= len(chain.units):
+                    return k  # not in the chain as read: the caller reads it
+            upto = min(count, (k // per + 1) * per)
+            base = self._g.segment_offset(chain.units[position])
+            entries = np.frombuffer(
+                self._buf,
+                dtype=_ENTRY_DTYPE,
+                count=upto - k,
+                offset=base + SEGMENT_HEADER_SIZE + (k % per) * _ENTRY_DTYPE.itemsize,
+            )
+            headers = entries["header"].astype(np.int64)
+            # Only headers in the region, on a word: an entry read from a
+            # segment let go meanwhile may hold anything.
+            mine = (
+                (entries["broker"] == broker_id)
+                & (headers >= 0)
+                & (headers + BATCH_HEADER_SIZE <= len(words) * 8)
+                & (headers % 8 == 0)
+            )
+            candidates = np.flatnonzero(mine)
+            if len(candidates):
+                at = (headers[candidates] + BH_START_LOGICAL_OFFSET) // 8
+                ends = words[at] + entries["num_msg"][candidates].astype(np.uint64)
+                hits = np.flatnonzero(ends > floor)
+                if len(hits):
+                    return k + int(candidates[hits[0]])
+            k = upto
+        return count
 
     def records(self, entry: IndexEntry) -> npt.NDArray[np.uint8] | None:
         """A copy of ``entry``'s batch payload (its records), or None if the
