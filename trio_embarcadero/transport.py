@@ -11,6 +11,7 @@ else on failure: this module is the I/O boundary.
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import trio
@@ -25,16 +26,38 @@ class Receiver(Protocol):
         """Receive at most ``len(view)`` bytes into ``view``; 0 means EOF."""
         ...
 
+    def receive_into_nowait(self, view: memoryview) -> int | None:
+        """Take what has arrived already into ``view``, without waiting and
+        without a checkpoint: None when nothing has (or when this stream
+        cannot tell without waiting); 0 means EOF."""
+        ...
+
 
 class SocketReceiver:
-    """``recv_into`` straight from a trio socket."""
+    """``recv_into`` straight from a trio socket.
+
+    :meth:`receive_into_nowait` reads the (non-blocking) socket directly:
+    Trio's own ``recv_into`` passes through the scheduler after every call,
+    even one that found its bytes waiting, and a batch takes two or three of
+    them. The broker's receive loop checkpoints once per batch instead.
+    """
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self._sock = sock
+        self._fd = sock.fileno()
 
     async def receive_into(self, view: memoryview) -> int:
         try:
             return await self._sock.recv_into(view)
+        except OSError as exc:
+            raise ConnectionLost(f"receive failed: {exc}") from exc
+
+    def receive_into_nowait(self, view: memoryview) -> int | None:
+        try:
+            # read(2) on a socket is recv(2) without flags.
+            return os.readv(self._fd, [view])
+        except BlockingIOError:
+            return None
         except OSError as exc:
             raise ConnectionLost(f"receive failed: {exc}") from exc
 
@@ -52,6 +75,9 @@ class StreamReceiver:
             raise ConnectionLost(f"receive failed: {exc!r}") from exc
         view[: len(data)] = data
         return len(data)
+
+    def receive_into_nowait(self, view: memoryview) -> int | None:
+        return None  # a stream's buffered bytes are reached only by waiting
 
 
 def receiver_for(stream: trio.abc.ReceiveStream) -> Receiver:
@@ -88,6 +114,10 @@ class Sender:
     def __init__(self, stream: trio.abc.SendStream) -> None:
         self._stream = stream
         self._lock = trio.Lock()
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        # The rest of a frame :meth:`send_nowait` could write only in part;
+        # the next :meth:`send_all` writes it first.
+        self._rest = b""
 
     async def send_all(self, data: bytes | memoryview) -> None:
         """Write ``data`` whole.
@@ -97,6 +127,26 @@ class Sender:
         """
         async with self._lock:
             try:
+                if self._rest:
+                    rest, self._rest = self._rest, b""
+                    await self._stream.send_all(rest)
                 await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise ConnectionLost(f"send failed: {exc!r}") from exc
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Write the small frame ``data`` now, without waiting and without a
+        checkpoint, if the socket takes it whole and no :meth:`send_all` is
+        under way; False if it did not (then a :meth:`send_all` has to follow:
+        it writes whatever part of ``data`` went out only in part first, and
+        reports a broken stream)."""
+        if self._fd < 0 or self._rest or self._lock.locked():
+            return False
+        try:
+            sent = os.write(self._fd, data)
+        except OSError:  # full (BlockingIOError), or broken: send_all tells
+            return False
+        if sent < len(data):
+            self._rest = data[sent:]
+            return False
+        return True

@@ -41,6 +41,9 @@ class AckCounter:
         self.sent = 0
         self._closed = False
         self._lot = trio.lowlevel.ParkingLot()
+        # While an ack sender runs that can write a count without waiting:
+        # True if it wrote it (see write_at_once).
+        self._write_now: Callable[[int], bool] | None = None
 
     @property
     def closed(self) -> bool:
@@ -49,7 +52,18 @@ class AckCounter:
     def advance(self, messages: int) -> None:
         """Add ``messages`` newly acked messages."""
         self.count += messages
+        write_now = self._write_now
+        if write_now is not None and write_now(self.count):
+            # Written where it was acked: the ack sender need not wake (a
+            # task switch and a pass through the scheduler for every batch).
+            self.sent = self.count
+            return
         self._lot.unpark_all()
+
+    def write_at_once(self, write: Callable[[int], bool] | None) -> None:
+        """Have :meth:`advance` try ``write(count)`` itself (True: written),
+        waking the ack sender only when it did not; None stops it."""
+        self._write_now = write
 
     def close(self) -> None:
         """No more advances; senders flush the final count and stop."""
@@ -79,9 +93,14 @@ async def run_ack_sender(
     send_all: SendAll,
     broker_id: int,
     *,
+    send_nowait: Callable[[bytes], bool] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Write the ack stream: the broker id, then every growth of ``counter``.
+
+    With ``send_nowait`` (a frame written at once, or False), a count is
+    written by whoever advances the counter when the socket takes it at
+    once; this task writes the rest.
 
     Returns once the counter is closed and its final count is written.
 
@@ -90,9 +109,16 @@ async def run_ack_sender(
     """
     await send_all(encode_ack_start(broker_id))
     task_status.started()
-    while await counter.wait_news():
-        counter.sent = counter.count
-        await send_all(encode_ack(counter.sent))
+    if send_nowait is not None:
+        counter.write_at_once(lambda count: send_nowait(encode_ack(count)))
+    try:
+        while await counter.wait_news():
+            if counter.count == counter.sent:
+                continue  # written meanwhile, where it was acked
+            counter.sent = counter.count
+            await send_all(encode_ack(counter.sent))
+    finally:
+        counter.write_at_once(None)
 
 
 #: Who shares a dial-back ack connection: the client's address as the broker

@@ -78,6 +78,12 @@ class Connection:
         """
         await self._sender.send_all(data)
 
+    def send_frame_nowait(self, data: bytes) -> bool:
+        """Write one small frame now if the socket takes it at once (see
+        :meth:`~trio_embarcadero.transport.Sender.send_nowait`); False: it
+        is :meth:`send_frame`'s to write."""
+        return self._sender.send_nowait(data)
+
     @property
     def stopping(self) -> bool:
         """Whether a graceful shutdown asked this connection to stop."""

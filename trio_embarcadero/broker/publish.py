@@ -578,7 +578,12 @@ class PublishSession:
     async def _send_acks(self, counter: AckCounter, done: trio.Event) -> None:
         conn = self.connection
         try:
-            await run_ack_sender(counter, conn.send_frame, self.ingest.broker_id)
+            await run_ack_sender(
+                counter,
+                conn.send_frame,
+                self.ingest.broker_id,
+                send_nowait=conn.send_frame_nowait,
+            )
         except ConnectionLost as exc:
             logger.info("conn %d %s: ack stream: %s", conn.id, conn.peer, exc)
             self._receive_scope.cancel()
@@ -607,30 +612,13 @@ class PublishSession:
         previous: trio.Event | None = None
         while not conn.stopping:
             # The batch boundary: idle and paused waits hold no resources and
-            # are cut short by a graceful shutdown.
-            got = 0
-            with conn.at_boundary():
-                while True:
-                    if gate.paused:
-                        conn.phase = ConnectionPhase.PAUSED
-                        await gate.wait_open()
-                    conn.phase = ConnectionPhase.WAIT_HEADER
-                    # The idle clock restarts after a pause: waiting at the
-                    # gate is the broker's doing, not the client's.
-                    idle_deadline = (
-                        trio.current_time() + net.idle_timeout_s if net.idle_timeout_s else math.inf
-                    )
-                    with gate.interruptible() as wait:
-                        wait.deadline = idle_deadline
-                        got = await receiver.receive_into(header_view)
-                    if not wait.cancelled_caught:
-                        break
-                    # A pause may come and go before this task runs again, so
-                    # the clock, not the gate, tells a timeout from a pause.
-                    if trio.current_time() >= idle_deadline:
-                        raise ProtocolError(
-                            ErrorCode.TIMEOUT, f"idle for {net.idle_timeout_s} s between batches"
-                        )
+            # are cut short by a graceful shutdown. A header that has arrived
+            # is taken at once, with this loop's one checkpoint a batch.
+            got = None if gate.paused else receiver.receive_into_nowait(header_view)
+            if got is None:
+                got = await self._wait_for_header(header_view)
+            else:
+                await trio.lowlevel.checkpoint()
             if got == 0:  # EOF, or stopped while no batch had started
                 return
             # The batch has begun: from here the client's clock runs while
@@ -652,6 +640,39 @@ class PublishSession:
             else:
                 await self._receive_direct(header, clock, claim)
             conn.phase = ConnectionPhase.COMPLETE
+
+    async def _wait_for_header(self, header_view: memoryview) -> int:
+        """Wait at the batch boundary for the next header's first bytes (into
+        ``header_view``); how many came (0: EOF, or stopped meanwhile).
+
+        Raises:
+            ProtocolError: ``TIMEOUT`` after ``idle_timeout_s`` without one.
+        """
+        conn, net, gate = self.connection, self.ingest.network, self.ingest.gate
+        got = 0
+        with conn.at_boundary():
+            while True:
+                if gate.paused:
+                    conn.phase = ConnectionPhase.PAUSED
+                    await gate.wait_open()
+                conn.phase = ConnectionPhase.WAIT_HEADER
+                # The idle clock restarts after a pause: waiting at the
+                # gate is the broker's doing, not the client's.
+                idle_deadline = (
+                    trio.current_time() + net.idle_timeout_s if net.idle_timeout_s else math.inf
+                )
+                with gate.interruptible() as wait:
+                    wait.deadline = idle_deadline
+                    got = await conn.receiver.receive_into(header_view)
+                if not wait.cancelled_caught:
+                    break
+                # A pause may come and go before this task runs again, so
+                # the clock, not the gate, tells a timeout from a pause.
+                if trio.current_time() >= idle_deadline:
+                    raise ProtocolError(
+                        ErrorCode.TIMEOUT, f"idle for {net.idle_timeout_s} s between batches"
+                    )
+        return got  # 0 if stopped while no batch had started
 
     async def _receive_header(self, buf: bytearray, got: int, clock: BatchClock) -> BatchHeader:
         # No receive slot: a header costs the broker nothing but this
@@ -866,14 +887,19 @@ class PublishSession:
         got, want = 0, len(view)
         with clock.running() as deadline:
             while got < want:
-                with trio.move_on_at(min(deadline, trio.current_time() + stall)) as wait:
-                    n = await receiver.receive_into(view[got:])
-                if wait.cancelled_caught:
-                    if trio.current_time() >= deadline:
-                        raise clock.expired()
-                    raise ProtocolError(
-                        ErrorCode.TIMEOUT, f"batch payload made no progress for {stall} s"
-                    )
+                # What has arrived is taken without a wait (or a checkpoint:
+                # the receive loop has one a batch); only then the timeouts.
+                n = receiver.receive_into_nowait(view[got:])
+                if n is None:
+                    n = 0
+                    with trio.move_on_at(min(deadline, trio.current_time() + stall)) as wait:
+                        n = await receiver.receive_into(view[got:])
+                    if wait.cancelled_caught:
+                        if trio.current_time() >= deadline:
+                            raise clock.expired()
+                        raise ProtocolError(
+                            ErrorCode.TIMEOUT, f"batch payload made no progress for {stall} s"
+                        )
                 if n == 0:
                     raise ConnectionLost(f"peer closed after {got} of {want} bytes", received=got)
                 got += n
