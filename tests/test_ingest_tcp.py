@@ -8,8 +8,12 @@ subscribe connection.
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
@@ -25,6 +29,7 @@ from rawclient import (
     read_all,
     record,
 )
+from rawclient import batch as raw_batch
 from tcpclient import (
     ack_listener,
     closed_port,
@@ -858,3 +863,55 @@ async def test_shutdown_grace_bounds_a_stalled_batch(
     assert 0.3 <= elapsed < 2.0
     assert (broker_id, counts) == (0, [10])
     assert error is None or error[0] == ErrorCode.SHUTTING_DOWN
+
+
+_FLOOD = """
+import socket, sys
+hello, data = open(sys.argv[2], "rb").read(), open(sys.argv[3], "rb").read()
+with socket.create_connection(("127.0.0.1", int(sys.argv[1]))) as sock:
+    sock.sendall(hello)
+    print("flooding", flush=True)
+    while True:
+        sock.sendall(data)
+"""
+
+
+@PATHS
+async def test_a_connection_whose_bytes_are_always_there_does_not_starve_another(
+    make_config: MakeConfig, tmp_path: Path, use_nonblocking: bool
+) -> None:
+    """Bytes that have arrived are read without a pass through the scheduler
+    each; the receive loop still yields once a batch, so a publisher that
+    keeps the broker's socket full (another process, sending without end)
+    never holds up another connection: its batch is acked meanwhile."""
+    # Retention keeps the region from filling under the flood.
+    config = make_config(
+        **{"network.use_nonblocking": use_nonblocking, "topics.retention_bytes": 8 << 20}
+    )
+    hello = tmp_path / "hello"
+    hello.write_bytes(handshake("flood", client_id=1, ack=0))
+    data = tmp_path / "batches"
+    data.write_bytes(b"".join(raw_batch(s, 1, 16 * s, 16, 4000)[0] for s in range(64)))
+    with trio.fail_after(30):
+        async with open_broker(config) as broker, trio.open_nursery() as nursery:
+            flood = await nursery.start(
+                partial(
+                    trio.run_process,
+                    [sys.executable, "-c", _FLOOD, str(broker.port), str(hello), str(data)],
+                    stdout=subprocess.PIPE,
+                )
+            )
+            assert flood.stdout is not None
+            assert b"flooding" in await flood.stdout.receive_some(100)
+            await wait_until(lambda: broker.statistics().messages_received > 10_000)
+            async with await connect(broker.port) as other:
+                await other.send_all(handshake("other", client_id=2, ack=1))
+                await recv_broker_id(other)
+                before = broker.statistics().batches_received
+                await other.send_all(raw_batch(0, 2, 0, 16, 4000)[0])
+                assert await recv_ack_item(other) == 16
+                # Served in turn with the flood, a batch each: not after a
+                # long run of the flood's batches.
+                assert broker.statistics().batches_received - before < 50
+            assert flood.returncode is None  # acked while the flood went on
+            nursery.cancel_scope.cancel()

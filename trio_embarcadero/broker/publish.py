@@ -65,7 +65,7 @@ from ..wire import (
     scan_records,
 )
 from .acks import AckCounter, DialBackLease, DialBackRegistry, run_ack_sender
-from .allocator import AllocationCounters, Backoff, LogSpace, StagedBatch, reserve
+from .allocator import AllocationCounters, Backoff, LogSpace, StagedBatch, reserve, take_slot
 from .commits import CommitFeed
 from .connection import Connection, ConnectionPhase
 from .durability import Durability
@@ -715,8 +715,11 @@ class PublishSession:
             raise
         try:
             conn.phase = ConnectionPhase.WAIT_PAYLOAD
-            async with ingest.receive_limiter:
+            await take_slot(ingest.receive_limiter)
+            try:
                 await self._receive_payload(buffer.view[:total], clock)
+            finally:
+                ingest.receive_limiter.release()
             starts = scan_records(
                 buffer.array[:total], header.num_msg, client_id=self.handshake.client_id
             )
