@@ -343,6 +343,33 @@ async def test_run_allocator_drains_the_channel(log: CxlLog) -> None:
     assert np.array_equal([r[0] for r in committed_records(log)], np.arange(10))
 
 
+async def test_an_allocator_places_the_batches_waiting_for_it_in_one_pass(log: CxlLog) -> None:
+    """Each receiving task hands over a batch a pass through the scheduler;
+    with more of them than allocators, an allocator that placed one batch a
+    pass would fall behind and fill the staging pool. It places those
+    waiting (up to its burst) before another task runs."""
+    pool = StagingPool(16, 65536)
+    owner = Owner()
+    counters = AllocationCounters()
+    send, receive = trio.open_memory_channel[StagedBatch](16)
+    placed_when_looked: list[int] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_allocator, receive, log, CommitFeed(log), BACKOFF, counters)
+        async with send:
+            previous: trio.Event | None = None
+            for seq in range(6):
+                batch = staged(pool, owner, seq, 2, previous)
+                previous = batch.done
+                send.send_nowait(batch)
+            # One pass of the scheduler later, all six are in the log.
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+            placed_when_looked.append(len(owner.committed))
+    assert placed_when_looked == [6]
+    assert [seq for seq, _ in owner.committed] == list(range(6))
+    assert pool.used == 0
+
+
 # -- through a broker on memory streams ----------------------------------------------------
 
 

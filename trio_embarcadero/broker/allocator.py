@@ -316,6 +316,10 @@ def _discard(log: CxlLog, batch: StagedBatch, error: LogFullError | None) -> Non
     batch.owner.batch_discarded(error, batch.claim)
 
 
+#: Batches an allocator places at most in one pass through the scheduler.
+_BURST = 8
+
+
 async def run_allocator(
     batches: trio.MemoryReceiveChannel[StagedBatch],
     log: CxlLog,
@@ -351,3 +355,12 @@ async def run_allocator(
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             await place_batch(batch, log, commits, backoff, counters, make_room, space)
+            # More batches waiting are placed in the same pass, a few: each
+            # receiving task hands over one a pass, and there are usually
+            # more of them than allocators.
+            for _ in range(_BURST - 1):
+                try:
+                    batch = batches.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                await place_batch(batch, log, commits, backoff, counters, make_room, space)
