@@ -218,7 +218,14 @@ def read_total_order(cxl_path: str, topic: str, max_size: int) -> list[OrderedRe
             records = None if entry is None else ordered.records(entry)
             if entry is None or records is None:
                 raise RunError(f"ordered batch {k} of {topic!r} is gone")
-            starts = scan_records(records, entry.num_msg)
+            try:
+                starts = scan_records(records, entry.num_msg)
+            except ProtocolError as exc:
+                header = m[entry.header_offset : entry.header_offset + 128]
+                raise RunError(
+                    f"ordered batch {k} of {topic!r} ({entry}) does not hold what its index "
+                    f"entry says: {exc}; its header: {bytes(header).hex()}"
+                ) from exc
             words = records.view("<u8")
             heads = starts // 8
             data = records.tobytes()
