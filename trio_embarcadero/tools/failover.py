@@ -33,7 +33,8 @@ from ..broker.cluster import Cluster, open_cluster
 from ..client import open_publisher
 from ..config import Config, load_config
 from ..log import LogReader, open_log, remove_region
-from .procfs import holds_flock, process_state
+from ..log.ownership import SESSION_LOCK_OFFSET, region_lock_path
+from .procfs import holds_flock, process_state, range_locked
 
 TOPIC = "failover"
 #: Polls of the region for the new epoch, seconds apart.
@@ -128,16 +129,30 @@ async def _until(predicate: Callable[[], bool]) -> None:
 
 
 async def stop_outside_the_lock(pid: int, path: str) -> None:
-    """SIGSTOP process ``pid`` at a moment it does not hold the region's file
-    lock (a broker stopped inside a step keeps every other one from ordering
-    until it goes on: it is continued, and stopped again a little later)."""
+    """SIGSTOP process ``pid`` at a moment it holds neither the region's file
+    lock nor the session table's range lock (a broker stopped inside either
+    keeps every other one waiting until it goes on: it is continued, and
+    stopped again a little later). The range lock names no process, so one
+    still held a while after the stop is taken to be the stopped broker's."""
     while True:
         os.kill(pid, signal.SIGSTOP)
         await _until(lambda: process_state(pid) in ("T", ""))
-        if not holds_flock(pid, path):
+        if not holds_flock(pid, path) and not await _held_for(
+            lambda: range_locked(region_lock_path(path), SESSION_LOCK_OFFSET), 0.05
+        ):
             return
         os.kill(pid, signal.SIGCONT)
         await trio.sleep(0.01)
+
+
+async def _held_for(held: Callable[[], bool], seconds: float) -> bool:
+    """Whether ``held()`` stays true for ``seconds`` (polled every millisecond)."""
+    deadline = trio.current_time() + seconds
+    while held():
+        if trio.current_time() >= deadline:
+            return True
+        await trio.sleep(0.001)
+    return False
 
 
 async def _one_round(cluster: Cluster, path: str, fault: str) -> Round:

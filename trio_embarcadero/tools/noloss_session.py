@@ -29,8 +29,8 @@ disconnects on a schedule of their own):
   a restart;
 * ``head``: SIGKILL of the lease holder (the sequencer dies with it), then a
   restart; another broker takes the sequencer over;
-* ``stop``: SIGSTOP of the lease holder (at a moment it does not hold the
-  region's lock) for 1.5-2.5 lease times, then SIGCONT: another broker must
+* ``stop``: SIGSTOP of the lease holder (at a moment it holds neither the
+  region's lock nor the session table's) for 1.5-2.5 lease times, then SIGCONT: another broker must
   have taken the lease over meanwhile, and the deposed one must write
   nothing into the total order (a write would show as a repeated or
   misplaced total order, or a message twice);

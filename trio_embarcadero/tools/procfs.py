@@ -2,9 +2,10 @@
 
 The bench samples its receivers' CPU time and memory; the no-loss checker
 reads its broker's peak memory; the failover measurement stops a broker only
-outside the region's file lock. Every reader returns an empty or "unknown"
-answer rather than raising when a process is gone or ``/proc`` is missing:
-a sample that cannot be taken must not end a run.
+outside the region's file lock and the session table's range lock. Every
+reader returns an empty or "unknown" answer rather than raising when a
+process is gone or ``/proc`` is missing: a sample that cannot be taken must
+not end a run.
 """
 
 from __future__ import annotations
@@ -86,5 +87,28 @@ def holds_flock(pid: int, path: str) -> bool:
         fields = line.split()
         if len(fields) >= 6 and fields[1] == "FLOCK" and fields[4].isdigit():
             if int(fields[4]) == pid and fields[5].rsplit(":", 1)[-1] == str(inode):
+                return True
+    return False
+
+
+def range_locked(path: str, offset: int) -> bool:
+    """Whether byte ``offset`` of the file ``path`` is under an open file
+    description lock (``F_OFD_SETLK``) now, by any process: ``/proc/locks``
+    names no process for those (False if unreadable)."""
+    try:
+        inode = os.stat(path).st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        # "2: OFDLCK ADVISORY WRITE -1 00:1a:123456 4096 4096" (blocked waiters: "->").
+        fields = line.split()
+        if (
+            len(fields) >= 8
+            and fields[1] == "OFDLCK"
+            and fields[5].rsplit(":", 1)[-1] == str(inode)
+        ):
+            end = fields[7]
+            if int(fields[6]) <= offset and (end == "EOF" or offset <= int(end)):
                 return True
     return False
