@@ -18,6 +18,7 @@ and worst; ``--json`` prints the result as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -136,11 +137,16 @@ async def stop_outside_the_lock(pid: int, path: str) -> None:
     still held a while after the stop is taken to be the stopped broker's."""
     while True:
         os.kill(pid, signal.SIGSTOP)
-        await _until(lambda: process_state(pid) in ("T", ""))
-        if not holds_flock(pid, path) and not await _held_for(
-            lambda: range_locked(region_lock_path(path), SESSION_LOCK_OFFSET), 0.05
-        ):
-            return
+        try:
+            await _until(lambda: process_state(pid) in ("T", ""))
+            if not holds_flock(pid, path) and not await _held_for(
+                lambda: range_locked(region_lock_path(path), SESSION_LOCK_OFFSET), 0.05
+            ):
+                return
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)  # never left stopped by a cancelled stop
+            raise
         os.kill(pid, signal.SIGCONT)
         await trio.sleep(0.01)
 
