@@ -931,6 +931,18 @@ class Sequencer:
         n = len(run.offsets)
         if not n:
             return
+        if not all(run.num_msgs):
+            # A committed batch holds at least one record: its header was
+            # read where no header is (or while one was being written).
+            logger.error(
+                "sequencer: topic %r: broker %d's batches at bytes %s have record counts %s "
+                "(headers %s)",
+                topic.name,
+                broker,
+                run.offsets,
+                run.num_msgs,
+                [bytes(self._buf[o : o + BATCH_HEADER_SIZE]).hex() for o in run.offsets],
+            )
         entry = topic.entries
         totals = list(itertools.accumulate(run.num_msgs, initial=topic.next_total))
         if n <= _FEW_BATCHES:
