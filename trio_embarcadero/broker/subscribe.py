@@ -173,14 +173,11 @@ async def _send_records(
                 continue
         if wanted < stream.start_offset and disk is not None:
             # The region let these go (they were durable): the disk tier has them.
-            batch_on_disk = disk.batch_holding(topic, wanted)
-            if batch_on_disk is not None:
-                ended = await _send_from_disk(
-                    connection, disk, topic, batch_on_disk, wanted, send_timeout, False
-                )
+            from_disk = await _send_disk_batch(connection, disk, topic, wanted, send_timeout, False)
+            if from_disk is not None:
+                ended, wanted = from_disk
                 if ended is not None:
                     return ended
-                wanted = batch_on_disk.first_offset + batch_on_disk.num_msg
                 if connection.stopping:
                     return True
                 continue
@@ -250,14 +247,11 @@ async def _send_own_ordered(
             if on_disk_from is not None and floor < on_disk_from:
                 jump_to = on_disk_from  # as for an order-0 topic, above
         if jump_to == floor and floor < stream.start_offset and disk is not None:
-            batch_on_disk = disk.batch_holding(topic, floor)
-            if batch_on_disk is not None:
-                ended = await _send_from_disk(
-                    connection, disk, topic, batch_on_disk, floor, send_timeout, True
-                )
+            from_disk = await _send_disk_batch(connection, disk, topic, floor, send_timeout, True)
+            if from_disk is not None:
+                ended, floor = from_disk
                 if ended is not None:
                     return ended
-                floor = batch_on_disk.first_offset + batch_on_disk.num_msg
                 if connection.stopping:
                     return True
                 continue
@@ -418,6 +412,26 @@ def _skip_to(connection: Connection, topic: str, wanted: int, start: int) -> int
         start,
     )
     return start
+
+
+async def _send_disk_batch(
+    connection: Connection,
+    disk: DiskLog,
+    topic: str,
+    wanted: int,
+    send_timeout: float,
+    ordered_topic: bool,
+) -> tuple[bool | None, int] | None:
+    """Send the disk log's batch holding offset ``wanted`` (see
+    :func:`_send_from_disk`): what that returns and the offset after the
+    batch, or None when the disk log holds no such batch."""
+    batch = disk.batch_holding(topic, wanted)
+    if batch is None:
+        return None
+    ended = await _send_from_disk(
+        connection, disk, topic, batch, wanted, send_timeout, ordered_topic
+    )
+    return ended, batch.first_offset + batch.num_msg
 
 
 async def _send_from_disk(

@@ -77,38 +77,34 @@ def process_state(pid: int) -> str:
 def holds_flock(pid: int, path: str) -> bool:
     """Whether process ``pid`` holds a ``flock`` on the file ``path`` now (from
     ``/proc/locks``; False if unreadable)."""
+    # "1: FLOCK  ADVISORY  WRITE 4711 00:1a:123456 0 EOF" (blocked waiters: "->").
+    return any(
+        fields[1] == "FLOCK" and fields[4].isdigit() and int(fields[4]) == pid
+        for fields in _locks_on(path)
+    )
+
+
+def _locks_on(path: str) -> list[list[str]]:
+    """The fields of each line of ``/proc/locks`` about the file ``path``
+    (none if either is unreadable)."""
     try:
-        inode = os.stat(path).st_ino
+        inode = str(os.stat(path).st_ino)
         lines = Path("/proc/locks").read_text().splitlines()
     except OSError:
-        return False
-    for line in lines:
-        # "1: FLOCK  ADVISORY  WRITE 4711 00:1a:123456 0 EOF" (blocked waiters: "->").
-        fields = line.split()
-        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[4].isdigit():
-            if int(fields[4]) == pid and fields[5].rsplit(":", 1)[-1] == str(inode):
-                return True
-    return False
+        return []
+    # A waiter's line has "->" after the number: it holds nothing.
+    rows = (line.split() for line in lines)
+    return [f for f in rows if len(f) >= 8 and f[1] != "->" and f[5].rsplit(":", 1)[-1] == inode]
 
 
 def range_locked(path: str, offset: int) -> bool:
     """Whether byte ``offset`` of the file ``path`` is under an open file
     description lock (``F_OFD_SETLK``) now, by any process: ``/proc/locks``
     names no process for those (False if unreadable)."""
-    try:
-        inode = os.stat(path).st_ino
-        lines = Path("/proc/locks").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        # "2: OFDLCK ADVISORY WRITE -1 00:1a:123456 4096 4096" (blocked waiters: "->").
-        fields = line.split()
-        if (
-            len(fields) >= 8
-            and fields[1] == "OFDLCK"
-            and fields[5].rsplit(":", 1)[-1] == str(inode)
-        ):
-            end = fields[7]
-            if int(fields[6]) <= offset and (end == "EOF" or offset <= int(end)):
-                return True
-    return False
+    # "2: OFDLCK ADVISORY WRITE -1 00:1a:123456 4096 4096" (blocked waiters: "->").
+    return any(
+        fields[1] == "OFDLCK"
+        and int(fields[6]) <= offset
+        and (fields[7] == "EOF" or offset <= int(fields[7]))
+        for fields in _locks_on(path)
+    )
