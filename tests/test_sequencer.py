@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +44,13 @@ from trio_embarcadero.log.sequencer import Sequencer
 from trio_embarcadero.log.stamps import is_stamped, stamp_batches
 from trio_embarcadero.log.topics import delete_topic
 from trio_embarcadero.tools import seqbench
-from trio_embarcadero.wire import BATCH_HEADER_SIZE, BatchHeader, scan_records, stamp_records
+from trio_embarcadero.wire import (
+    BATCH_HEADER,
+    BATCH_HEADER_SIZE,
+    BatchHeader,
+    scan_records,
+    stamp_records,
+)
 
 TOPIC = "seq"
 HOLE_NS = 1_000_000_000
@@ -917,3 +924,80 @@ def test_a_brokers_first_batch_from_an_offset_is_found_across_index_segments(
                 found = index.next_of_broker(broker_id, k, count, floor)
                 assert found == walk(broker_id, k, floor), (broker_id, floor, k)
     seq.close()
+
+
+def test_a_header_read_while_another_process_writes_it_is_whole_once_committed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sequencer reads a stream's headers while their broker, another
+    process, reserves and commits batches. A reader preempted between two of
+    its reads sees each of them at another moment of the writer's stores: a
+    batch it finds committed must have the record count and size it was
+    written with (one read in one go could take the count from before the
+    header was written and the state from after the commit; a state read
+    first could be a recycled segment's old one)."""
+    offset = 128
+    fields = (469, 2, 15, 0, 1, 0, 1, 3712, 0, offset + 128, 0, 77)
+    for recycled in (bytes(256), _old_committed_header(offset)):
+        moments = _header_writes(recycled, offset, fields)
+        committed_at = len(moments) - 1  # the last store: the state word
+        seen = 0
+        # Every order of the reader's three reads over the writer's moments.
+        for i, first in enumerate(moments):
+            for j in range(i, len(moments)):
+                for k in range(j, len(moments)):
+                    reads = iter([first, moments[j], moments[k]])
+                    for name in ("U64", "U32", "_HEAD"):
+                        reading = _Reading(getattr(sequencer_module, name), reads)
+                        monkeypatch.setattr(sequencer_module, name, reading)
+                    head = sequencer_module._read_head(b"", offset)
+                    monkeypatch.undo()
+                    if head is not None and head[0] == 1:
+                        seen += 1
+                        assert k >= committed_at  # committed by the time it was read
+                        assert (head[3], head[4]) == (15, 3712)  # records, size
+        assert seen  # and a committed header is read as one
+
+
+def _header_writes(before: bytes, offset: int, fields: tuple[int, ...]) -> list[bytes]:
+    """The region after each store of a reservation and its commit, as
+    CPython makes them: the end of the data marked (the size word 0) before;
+    ``struct.pack_into`` zeroes its whole range, then writes field after
+    field; the commit writes the logical offset, then the state."""
+    region = bytearray(before)
+    region[offset + 32 : offset + 40] = bytes(8)
+    moments = [bytes(region)]
+    region[offset : offset + 128] = bytes(128)
+    moments.append(bytes(region))
+    packed = BATCH_HEADER.pack(*fields)
+    at = 0
+    for count, code in re.findall(r"(\d*)([a-zA-Z])", BATCH_HEADER.format):
+        size = struct.calcsize(f"<{count}{code}")
+        if code != "x":
+            region[offset + at : offset + at + size] = packed[at : at + size]
+            moments.append(bytes(region))
+        at += size
+    for start, value in ((40, (32541).to_bytes(8, "little")), (16, (1).to_bytes(4, "little"))):
+        region[offset + start : offset + start + len(value)] = bytes(len(value))
+        moments.append(bytes(region))
+        region[offset + start : offset + start + len(value)] = value
+        moments.append(bytes(region))
+    return moments
+
+
+class _Reading:
+    """A struct whose ``unpack_from`` reads the next of a series of snapshots."""
+
+    def __init__(self, struct_: struct.Struct, snapshots: Iterator[bytes]) -> None:
+        self._struct = struct_
+        self._snapshots = snapshots
+
+    def unpack_from(self, _buf: object, offset: int = 0) -> tuple[Any, ...]:
+        return self._struct.unpack_from(next(self._snapshots), offset)
+
+
+def _old_committed_header(offset: int) -> bytes:
+    """A recycled segment's bytes: another batch's committed header at ``offset``."""
+    region = bytearray(256)
+    region[offset : offset + 128] = BATCH_HEADER.pack(9, 5, 40, 1, 1, 1, 0, 4096, 7, 0, 0, 0)
+    return bytes(region)

@@ -870,8 +870,11 @@ def iter_batches(
     batch once the caller asks for the next one, so a caller that stops at a
     batch (say, one still reserved) resumes at that batch next time.
 
-    The state word is read before the rest of the header: the broker writes
-    it last, so a header seen as committed is final.
+    The size word is read first, then the state word, then the rest of the
+    header: the size is 0 until the broker has written the whole header (the
+    end of the data is marked there before), and the state is committed only
+    after that, so a header seen with a size is whole and one seen committed
+    is final (a state read first could be a recycled segment's old one).
 
     Raises:
         SegmentReclaimed: The segment the walk stood in was reclaimed (the
@@ -892,8 +895,8 @@ def iter_batches(
         (next_segment,) = U32.unpack_from(buf, base + SEGMENT_NEXT_OFFSET)
         state = total = 0
         if offset + BATCH_HEADER.size <= pos.end:
-            (state,) = U32.unpack_from(buf, offset + BH_BATCH_COMPLETE)
             (total,) = U64.unpack_from(buf, offset + BH_TOTAL_SIZE)
+            (state,) = U32.unpack_from(buf, offset + BH_BATCH_COMPLETE)
         check_segment(buf, g, pos)  # what was just read is the walk's own segment
         if total == 0 or offset + BATCH_HEADER.size + total > pos.end:
             if next_segment == NO_SEGMENT:

@@ -244,6 +244,27 @@ _HEAD = struct.Struct(f"<IIIIIQ{BH_RESTORED - 40}xI")
 assert _HEAD.size == BH_RESTORED + 4 - 12
 
 
+def _read_head(buf: Any, offset: int) -> tuple[int, int, int, int, int, int] | None:
+    """``(state, ordered, session, num_msg, total_size, restored)`` of the
+    batch header at ``offset``, or None where none is written yet.
+
+    Another process writes headers as this reads them: the size first (0
+    until the whole header is written: the end of the data is marked there
+    before, and the header's write ends with it), then the state (committed
+    only after that), then the rest. Read in one go, the record count could
+    come from before the header was written and the state from after the
+    commit (this process preempted between two fields while the other
+    reserves, copies and commits a small batch): a batch ordered with 0
+    records.
+    """
+    (total,) = U64.unpack_from(buf, offset + BH_TOTAL_SIZE)
+    if not total:
+        return None
+    (state,) = U32.unpack_from(buf, offset + BH_BATCH_COMPLETE)
+    num_msg, _, _, ordered, session, _, restored = _HEAD.unpack_from(buf, offset + 12)
+    return state, ordered, session, num_msg, total, restored
+
+
 def _walk(
     buf: Any, g: Geometry, topic_index: int, broker: int, pos: WalkPosition
 ) -> Iterator[tuple[int, int, int, int, int, int, int]]:
@@ -260,16 +281,14 @@ def _walk(
     header_room = pos.end - BATCH_HEADER_SIZE
     while True:
         offset = pos.offset
-        total = 0
-        if offset <= header_room:
-            num_msg, state, _, ordered, session, total, restored = _HEAD.unpack_from(
-                buf, offset + 12
-            )
-        end = offset + BATCH_HEADER_SIZE + total
-        if total and end <= pos.end:
-            yield offset, state, ordered, session, num_msg, total, restored
-            pos.offset = end
-            continue
+        head = _read_head(buf, offset) if offset <= header_room else None
+        if head is not None:
+            state, ordered, session, num_msg, total, restored = head
+            end = offset + BATCH_HEADER_SIZE + total
+            if end <= pos.end:
+                yield offset, state, ordered, session, num_msg, total, restored
+                pos.offset = end
+                continue
         # The end of the segment's data: on to the next segment, if linked.
         base = g.segment_offset(pos.segment)
         (link,) = U32.unpack_from(buf, base + SEGMENT_NEXT_OFFSET)
