@@ -118,3 +118,32 @@ def parse_records(data: bytes) -> list[tuple[int, int, int, bytes]]:
         pos += padded
     assert pos == len(data)
     return out
+
+
+#: A ``BatchMetadata`` frame: (total order of its first record, record
+#: count, [(logical offset, total order, client id, client order) of each]).
+Framed = tuple[int, int, list[tuple[int, int, int, int]]]
+
+
+def parse_framed(data: bytes | bytearray) -> tuple[list[Framed], int]:
+    """The whole ``BatchMetadata`` frames at the front of an ordered
+    subscribe stream (``client_req`` 3, or 1 on an order-5 topic), and the
+    bytes they take (a frame cut short at the end is left for later)."""
+    frames: list[Framed] = []
+    pos = 0
+    while pos + 16 <= len(data):
+        first, count, version, flags = struct.unpack_from("<QIHH", data, pos)
+        assert (version, flags) == (1, 0)
+        at = pos + 16
+        records = []
+        for _ in range(count):
+            if at + 64 > len(data):
+                return frames, pos
+            padded, _, offset, _, total, corder, cid, _ = MESSAGE_HEADER.unpack_from(data, at)
+            records.append((offset, total, cid, corder))
+            at += padded
+        if at > len(data):
+            break
+        frames.append((first, count, records))
+        pos = at
+    return frames, pos

@@ -341,19 +341,9 @@ def scrape(broker: Broker) -> dict[str, float]:
 def parse_ordered(data: bytes) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
     """An ordered subscribe stream: (first total order, count, [(total order,
     client id, client order) of each record]) of each BatchMetadata frame."""
-    frames = []
-    pos = 0
-    while pos < len(data):
-        first, count, version, flags = struct.unpack_from("<QIHH", data, pos)
-        assert (version, flags) == (1, 0)
-        pos += 16
-        records = []
-        for _ in range(count):
-            padded, _, _, _, total, corder, cid, _ = struct.unpack_from("<8Q", data, pos)
-            records.append((total, cid, corder))
-            pos += padded
-        frames.append((first, count, records))
-    return frames
+    frames, used = rawclient.parse_framed(data)
+    assert used == len(data)
+    return [(first, count, [r[1:] for r in records]) for first, count, records in frames]
 
 
 async def test_every_broker_serves_the_same_total_order(

@@ -9,7 +9,6 @@ mock clock, raw wire clients, and the Python subscriber across a reconnect.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -81,19 +80,9 @@ Frame = tuple[int, list[tuple[int, int, int, int]]]
 def frames_of(data: bytes) -> list[Frame]:
     """A framed subscribe stream: (BatchMetadata's total order, [(logical
     offset, total order, client id, client order) of each record]) per batch."""
-    frames = []
-    pos = 0
-    while pos < len(data):
-        first, count, version, flags = struct.unpack_from("<QIHH", data, pos)
-        assert (version, flags) == (1, 0)
-        pos += 16
-        records = []
-        for _ in range(count):
-            padded, _, offset, _, total, corder, cid, _ = struct.unpack_from("<8Q", data, pos)
-            records.append((offset, total, cid, corder))
-            pos += padded
-        frames.append((first, records))
-    return frames
+    frames, used = rawclient.parse_framed(data)
+    assert used == len(data)
+    return [(first, records) for first, _, records in frames]
 
 
 def frame(first_offset: int, total: int, client_id: int, seq: int, count: int = 3) -> Frame:

@@ -13,14 +13,13 @@ import contextlib
 import logging
 import os
 import re
-import struct
 from pathlib import Path
 
 import pytest
 import trio
 from conftest import MakeConfig, wait_until
 from memory import close_log
-from rawclient import batch, handshake, payload_for
+from rawclient import batch, handshake, parse_framed, payload_for
 from tcpclient import connect
 from test_cxl import commit, reserve
 
@@ -465,24 +464,8 @@ async def test_an_order_5_streams_disk_tier_is_sent_ordered_behind_batch_metadat
 def whole_frames(data: bytearray) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
     """The whole ``BatchMetadata`` frames at the front of ``data``, as
     test_ordering's ``parse_ordered`` reads them."""
-    frames = []
-    pos = 0
-    while pos + 16 <= len(data):
-        first, count, version, flags = struct.unpack_from("<QIHH", data, pos)
-        assert (version, flags) == (1, 0)
-        at = pos + 16
-        records = []
-        for _ in range(count):
-            if at + 64 > len(data):
-                return frames
-            padded, _, _, _, total, corder, cid, _ = struct.unpack_from("<8Q", data, at)
-            records.append((total, cid, corder))
-            at += padded
-        if at > len(data):
-            break
-        frames.append((first, count, records))
-        pos = at
-    return frames
+    frames = parse_framed(data)[0]
+    return [(first, count, [r[1:] for r in records]) for first, count, records in frames]
 
 
 async def test_an_order_5_stream_goes_on_from_the_ordered_index_at_the_hand_off(
@@ -562,21 +545,4 @@ async def test_an_order_5_stream_goes_on_from_the_ordered_index_at_the_hand_off(
 def offset_frames(data: bytearray) -> list[tuple[int, int, list[tuple[int, int, int, int]]]]:
     """As :func:`whole_frames`, each record as (logical offset, total
     order, client id, client order)."""
-    frames = []
-    pos = 0
-    while pos + 16 <= len(data):
-        first, count, version, flags = struct.unpack_from("<QIHH", data, pos)
-        assert (version, flags) == (1, 0)
-        at = pos + 16
-        records = []
-        for _ in range(count):
-            if at + 64 > len(data):
-                return frames
-            padded, _, offset, _, total, corder, cid, _ = struct.unpack_from("<8Q", data, at)
-            records.append((offset, total, cid, corder))
-            at += padded
-        if at > len(data):
-            break
-        frames.append((first, count, records))
-        pos = at
-    return frames
+    return parse_framed(data)[0]
