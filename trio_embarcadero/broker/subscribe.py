@@ -48,6 +48,7 @@ from ..log.layout import (
     BH_ORDERED,
     NEVER_ORDERED,
     U32,
+    IndexEntry,
     generation_holding,
     read_topic_order,
 )
@@ -265,15 +266,11 @@ async def _send_own_ordered(
         count = index.count()
         k = index.next_of_broker(stream.broker_id, k, count, floor)
         if k >= count:
-            with connection.at_boundary():
-                await commits.wait_ordered()
-            if connection.stopping:
+            if await _wait_for_order(connection, commits):
                 return True
             continue
-        entry = index.entry(k)
-        k += 1
+        entry, k = _take_entry(index, k)
         if entry is None:
-            k = max(k, index.first())  # its index segment is gone: go on from the first left
             continue
         header_offset = entry.header_offset
         if entry.broker_id != stream.broker_id or not any(
@@ -375,15 +372,11 @@ async def _send_ordered(
         if k < 0:
             k = index.find(wanted, count)
         if k >= count:
-            with connection.at_boundary():
-                await commits.wait_ordered()
-            if connection.stopping:
+            if await _wait_for_order(connection, commits):
                 return True
             continue
-        entry = index.entry(k)
-        k += 1
+        entry, k = _take_entry(index, k)
         if entry is None:
-            k = max(k, index.first())  # its index segment is gone: go on from the first left
             continue
         end = entry.total_order + entry.num_msg
         records = index.records(entry) if end > wanted else None
@@ -398,6 +391,23 @@ async def _send_ordered(
         wanted = end
         if connection.stopping:
             return True
+
+
+async def _wait_for_order(connection: Connection, commits: CommitFeed) -> bool:
+    """Wait, at a batch boundary, until more may be ordered; whether the
+    stream is to stop (a graceful shutdown)."""
+    with connection.at_boundary():
+        await commits.wait_ordered()
+    return connection.stopping
+
+
+def _take_entry(index: OrderedIndex, k: int) -> tuple[IndexEntry | None, int]:
+    """Index entry ``k`` (None if it is gone) and the next one to look at:
+    the one after it, or the first left when its index segment is gone."""
+    entry = index.entry(k)
+    if entry is None:
+        return None, max(k + 1, index.first())
+    return entry, k + 1
 
 
 def _skip_to(connection: Connection, topic: str, wanted: int, start: int) -> int:
