@@ -7,6 +7,7 @@ in-process through ``main``.
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import re
@@ -19,13 +20,16 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import pytest
+import trio
+from conftest import MakeConfig
 from rawclient import ERROR_MARKER, batch, handshake, parse_ack_stream
 
 import trio_embarcadero
-from trio_embarcadero.cli import main
+from trio_embarcadero.cli import _serve_until_signalled, main
 from trio_embarcadero.client import DEFAULT_BATCH_BYTES
 from trio_embarcadero.config import config_to_toml, load_config
 from trio_embarcadero.log import open_log
@@ -193,6 +197,27 @@ def test_serve_publish_then_sigint_drains(
     assert "Traceback" not in stderr
     # Everything acked is in the CXL file the broker left behind.
     assert committed_messages(cxl_path, "cli") == 60
+
+
+async def test_serve_hides_what_start_up_made_from_the_collector(
+    make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full collection walking start-up's objects stalled the event loop
+    # for 20 ms and more under load; serve freezes them once it has started.
+    frozen = trio.Event()
+    calls: list[int] = []
+
+    def freeze() -> None:
+        calls.append(1)
+        frozen.set()
+
+    monkeypatch.setattr(gc, "freeze", freeze)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(_serve_until_signalled, make_config(), reset=True))
+            await frozen.wait()
+            nursery.cancel_scope.cancel()
+    assert calls == [1]
 
 
 def test_sigterm_exits_0(tmp_path: Path, cxl_path: str, serve_cli: Callable[..., Served]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import logging
 import math
@@ -1069,6 +1070,12 @@ async def _serve_until_signalled(
         await nursery.start(partial(_watch_signals, serve_scope, abort))
         broker = await nursery.start(run_broker)
         brokers.append(broker)
+        # What start-up made (modules, config, the region's tables) lives as
+        # long as the process: out of the collector's sight, a full
+        # collection no longer walks it. Unfrozen, one took 21-25 ms of the
+        # event loop in each 2 GB run paced at 2 GB/s, holding up every
+        # connection's acks (p99 17-20 ms against 7.6 ms frozen).
+        gc.freeze()
         if supervisor_fd is not None:
             nursery.start_soon(
                 report_to_supervisor,
