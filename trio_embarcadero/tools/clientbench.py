@@ -67,8 +67,11 @@ _BATCH_BYTES = 2 * 2**20  # the client's default batch size
 
 
 def _broker_config(path: Path, cxl_path: str, cxl_mb: int) -> None:
-    """Shipped defaults (4 MiB staging buffers hold the 2 MiB client batches),
-    except what a private, quiet broker on port 0 needs."""
+    """Shipped defaults (4 MiB staging buffers hold the 2 MiB client batches,
+    the region faulted in at start), except what a private, quiet broker on
+    port 0 needs. Faulted in on first touch instead, the broker's stores into
+    fresh pages set the publishers' pace: publish_many made 1.1-4.6 M msg/s
+    so, 3.8-8.2 M with the region faulted in (the same session)."""
     path.write_text(
         f"""[broker]
 port = 0
@@ -79,7 +82,6 @@ stats_interval_s = 1000.0
 [cxl]
 path = "{cxl_path}"
 size_mb = {cxl_mb}
-prefault = false
 
 [logging]
 level = "INFO"
