@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -402,6 +403,60 @@ def test_tiny_real_run(cxl_dir: Path) -> None:
     assert staged["pool_size"] == 32
     assert staged["pool_peak"] >= 1
     assert list(cxl_dir.iterdir()) == []  # every CXL file was deleted
+
+
+def _mapped_under(directory: Path) -> list[str]:
+    """Processes that map a file under ``directory`` (``pid: path``)."""
+    found = []
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # gone, or not ours to read
+            continue
+        found += [
+            f"{maps.parent.name}: {line}" for line in text.splitlines() if str(directory) in line
+        ]
+    return found
+
+
+def test_sigterm_stops_the_bench_with_its_brokers_and_their_regions(cxl_dir: Path) -> None:
+    """SIGTERM (or SIGHUP) ends the bench as Ctrl-C does: the run under way is
+    given up, its broker stopped and its region removed, the runs done reported."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_EMBARCADERO_")}
+        with subprocess.Popen(
+            [
+                *(sys.executable, "-m", "trio_embarcadero", "bench", "--variants", "staged-ack1"),
+                *("--rounds", "50", "--connections", "1", "--bytes", str(4 * BATCH_PAYLOAD)),
+                *("--cxl-dir", str(cxl_dir), "--json", str(out)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        ) as proc:
+            try:
+                assert proc.stderr is not None
+                lines = []
+                for line in proc.stderr:  # the first run is done: the second is under way
+                    lines.append(line)
+                    if line.startswith("[1/50 r1] staged-ack1:"):
+                        break
+                else:
+                    raise AssertionError("".join(lines))
+                proc.send_signal(signal.SIGTERM)
+                rest = proc.stderr.read()
+                assert proc.wait(timeout=60) == 0, rest
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        assert "SIGTERM: stopped; reporting the runs done" in rest
+        report = json.loads(out.read_text())
+    assert 1 <= len(report["runs"]) < 50
+    assert all(run["ok"] for run in report["runs"])
+    assert list(cxl_dir.iterdir()) == []
+    assert _mapped_under(cxl_dir) == []
 
 
 def test_tiny_real_ack2_run(tmp_path: Path, cxl_dir: Path) -> None:

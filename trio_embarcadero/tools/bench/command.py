@@ -88,6 +88,11 @@ def run(args: argparse.Namespace) -> int:
             trio.run(bench.run)
         except* KeyboardInterrupt:
             print("trio-embarcadero bench: interrupted; reporting the runs done", file=sys.stderr)
+        if bench.stopped_by is not None:
+            print(
+                f"trio-embarcadero bench: {bench.stopped_by}: stopped; reporting the runs done",
+                file=sys.stderr,
+            )
         report = build_report(bench)
     finally:
         bench.close()

@@ -180,6 +180,8 @@ class Bench:
         self.plan = plan
         self.live = live
         self.runs: list[RunResult] = []
+        #: The signal that stopped :meth:`run` early (``"SIGTERM"``), if one did.
+        self.stopped_by: str | None = None
         self.broker_env = {
             k: v
             for k, v in os.environ.items()
@@ -287,7 +289,27 @@ class Bench:
 
     async def run(self) -> None:
         """Every variant once per round, in order, each paced run right after its
-        unpaced one; a run whose receiver failed is retried."""
+        unpaced one; a run whose receiver failed is retried.
+
+        SIGTERM or SIGHUP stops it as SIGINT does: the run under way is
+        given up, its processes are stopped and :attr:`stopped_by` names the
+        signal; the runs done are kept. (By default either signal would end
+        this process at once and leave its brokers running, each holding a
+        region of several GB.)
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._stop_on_signal, nursery.cancel_scope)
+            await self._run_all()
+            nursery.cancel_scope.cancel()
+
+    async def _stop_on_signal(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+            async for signum in signals:
+                self.stopped_by = signal.Signals(signum).name
+                scope.cancel()
+                return
+
+    async def _run_all(self) -> None:
         plan = self.plan
         per_round = sum(1 + (len(plan.rates) if v.paced else 0) for v in plan.variants)
         total = per_round * plan.rounds
