@@ -42,14 +42,17 @@ class CountingStream(trio.abc.HalfCloseableStream):
     Attributes:
         bytes_received: Bytes handed to the broker so far.
         receiving: Whether a ``receive_some`` call is in progress.
+        asked: The ``max_bytes`` of every ``receive_some`` call, in order.
     """
 
     def __init__(self, inner: ClientStream | LockstepStream) -> None:
         self.inner = inner
         self.bytes_received = 0
         self.receiving = False
+        self.asked: list[int | None] = []
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        self.asked.append(max_bytes)
         self.receiving = True
         try:
             data = await self.inner.receive_some(max_bytes)

@@ -76,6 +76,13 @@ from .statistics import IngestCounters
 
 logger = logging.getLogger(__name__)
 
+#: The most one read of a payload takes. The check of a batch's records
+#: right after its last byte then finds them in the CPU cache: read in one
+#: 2 MiB piece (what four busy connections get), a batch's record headers
+#: were read back from memory, the check took 94-152 us instead of 33-57,
+#: and the broker spent 10-20 % more CPU per GB.
+_RECEIVE_PIECE = 256 * 1024
+
 
 @attrs.frozen(eq=False)
 class IngestPath:
@@ -897,11 +904,12 @@ class PublishSession:
             while got < want:
                 # What has arrived is taken without a wait (or a checkpoint:
                 # the receive loop has one a batch); only then the timeouts.
-                n = receiver.receive_into_nowait(view[got:])
+                piece = view[got : got + _RECEIVE_PIECE]
+                n = receiver.receive_into_nowait(piece)
                 if n is None:
                     n = 0
                     with trio.move_on_at(min(deadline, trio.current_time() + stall)) as wait:
-                        n = await receiver.receive_into(view[got:])
+                        n = await receiver.receive_into(piece)
                     if wait.cancelled_caught:
                         if trio.current_time() >= deadline:
                             raise clock.expired()
