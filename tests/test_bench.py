@@ -1307,6 +1307,46 @@ def test_loadgen_spreads_its_connections_over_several_ports(
     assert received == [2 * HANDSHAKE_SIZE + wire[0], HANDSHAKE_SIZE + wire[1]]
 
 
+def test_loadgen_gives_every_connection_its_first_batch(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections 1 and 2 start only after connection 0 has finished: with a
+    budget of three batches each still sends one (one sink per connection)."""
+    servers = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]
+    ports = [server.getsockname()[1] for server in servers]
+
+    def drain(server: socket.socket) -> None:
+        conn = server.accept()[0]
+        with conn:
+            while conn.recv(1 << 16):
+                pass
+
+    send_loop = loadgen._Connection.send_loop
+    first_done = threading.Event()
+
+    def late_send_loop(self: loadgen._Connection, start: threading.Event) -> None:
+        if self.index:
+            assert first_done.wait(10)
+        send_loop(self, start)
+        if not self.index:
+            first_done.set()
+
+    monkeypatch.setattr(loadgen._Connection, "send_loop", late_send_loop)
+    threads = [threading.Thread(target=drain, args=(s,), daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    try:
+        argv = ["--port", ",".join(map(str, ports)), "--connections", "3", "--ack", "0"]
+        assert loadgen.main([*argv, "--batch-messages", "4", "--bytes", str(3 * 4 * 1024)]) == 0
+        for thread in threads:
+            thread.join(timeout=10)
+    finally:
+        for server in servers:
+            server.close()
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert [p["messages"] for p in result["per_port"]] == [4, 4, 4]
+
+
 def test_tiny_real_cluster_run(cxl_dir: Path) -> None:
     """Two brokers, order 5, one round of a few batches, in real processes:
     the aggregate, each broker's share, and the cluster table."""

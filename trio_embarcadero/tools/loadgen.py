@@ -17,7 +17,8 @@ is committed in the CXL log; ack 2: it is also on disk, fdatasync'ed to the
 disk log; a broker without ``storage.dir`` refuses ack 2 with error 6, which
 is reported). Connections draw batches from one shared budget (``--bytes`` of
 message payload, rounded up to whole batches) until it is spent or
-``--seconds`` have passed, whichever comes first.
+``--seconds`` have passed, whichever comes first; each connection's first
+batch is its own, so every connection sends one when the budget allows.
 
 Design, chosen so the generator is rarely the bottleneck:
 
@@ -189,9 +190,16 @@ class _Connection:
         window = self.window
         # Staggered, so paced connections do not all send at the same instants.
         due = gen.t0 + interval * self.index / len(gen.connections)
+        # Each connection's first batch is its own (while the budget has one for
+        # each): drawn from the shared count, a connection whose thread started
+        # late could find the budget spent, and a small run to several brokers
+        # would leave one of them nothing to measure.
+        owns_first = self.index < gen.reserved_batches
         try:
             seq = 0
-            while next(gen.budget) < gen.total_batches and time.perf_counter() < gen.deadline:
+            while (
+                owns_first if seq == 0 else next(gen.budget) < gen.total_batches
+            ) and time.perf_counter() < gen.deadline:
                 if window is not None and seq - self.acked_msgs // num_msg >= SESSION_WINDOW:
                     if not self._wait_for_window(window, seq):
                         break
@@ -295,7 +303,9 @@ class LoadGenerator:
         batch_payload = self.num_msg * self.message_size
         self.requested_bytes = int(args.bytes)
         self.total_batches = max(1, -(-self.requested_bytes // batch_payload))
-        self.budget = itertools.count()
+        # Batches reserved one per connection (the first of each), then the shared count.
+        self.reserved_batches = min(args.connections, self.total_batches)
+        self.budget = itertools.count(self.reserved_batches)
         self.t0 = 0.0
         self.deadline = float("inf")
         self.stop = threading.Event()
