@@ -11,6 +11,7 @@ import rawclient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trio_embarcadero import wire
 from trio_embarcadero.errors import ErrorCode, ProtocolError
 from trio_embarcadero.wire import (
     ERROR_MARKER,
@@ -468,6 +469,38 @@ def test_scan_does_not_modify_the_payload() -> None:
     before = array.copy()
     scan_records(array, 4)
     assert np.array_equal(array, before)
+
+
+def test_batches_of_one_shape_share_read_only_offsets() -> None:
+    one, two = build([100] * 5, client_id=4), build([90] * 5, client_id=4)
+    starts = scan_records(as_array(one), 5, client_id=4)
+    assert scan_records(as_array(two), 5, client_id=4) is starts  # 192-byte records both
+    assert starts.tolist() == [0, 192, 384, 576, 768]
+    assert not starts.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        starts[0] = 64
+    # Equal paddedSizes but not equal sizes: the same offsets all the same.
+    three = build([100, 90, 100, 80, 70], client_id=4)
+    assert scan_records(as_array(three), 5, client_id=4) is starts
+    mixed = scan_records(as_array(build([100, 0, 100, 100, 0])), 5)
+    assert mixed.tolist() == [0, 192, 256, 448, 640]
+
+
+def test_the_shared_offsets_are_bounded() -> None:
+    for n in range(1, 2 * wire._UNIFORM_SHAPES):
+        assert scan_records(as_array(build([0] * n)), n).tolist() == list(range(0, 64 * n, 64))
+        assert 0 < len(wire._UNIFORM) <= wire._UNIFORM_SHAPES
+
+
+def test_stamp_records_checks_spacing_it_was_not_given() -> None:
+    """Offsets spaced unevenly, with the count and first stride of shared
+    ones, are stamped record by record."""
+    scan_records(as_array(build([100] * 3)), 3)  # shares (3 records, 192 B)
+    data = build([100, 0, 200])  # 192 + 64 + 320 bytes
+    starts = np.array([0, 192, 256], dtype=np.int64)
+    region = np.frombuffer(bytearray(data), dtype=np.uint8)
+    stamp_records(region.view("<u8"), 0, starts, 7)
+    assert [p[0] for p in rawclient.parse_records(bytes(region))] == [7, 8, 9]
 
 
 record_sizes = st.lists(

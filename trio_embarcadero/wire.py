@@ -528,6 +528,27 @@ def encode_batch(
 # caps how far ahead one comparison looks, so mixed sizes cost O(n) in total.
 _RUN_WINDOW = 256
 
+#: The record offsets of batches of equal records, by (record count, record
+#: size): one read-only array shared by every batch of that shape, as a stream's
+#: batches nearly always are. A batch then costs no array of its own, and
+#: :func:`stamp_records` knows such an array by identity, so it need not check
+#: again that its records are evenly spaced. Emptied when it reaches
+#: ``_UNIFORM_SHAPES`` (a publisher of ever-new shapes costs an array a batch,
+#: as before); never pruned entry by entry, so threads may share it.
+_UNIFORM: dict[tuple[int, int], npt.NDArray[np.int64]] = {}
+_UNIFORM_SHAPES = 64
+
+
+def _uniform_starts(count: int, size: int) -> npt.NDArray[np.int64]:
+    starts = _UNIFORM.get((count, size))
+    if starts is None:
+        if len(_UNIFORM) >= _UNIFORM_SHAPES:
+            _UNIFORM.clear()
+        starts = np.arange(0, count * size, size, dtype=np.int64)
+        starts.flags.writeable = False
+        _UNIFORM[count, size] = starts
+    return starts
+
 
 def scan_records(
     payload: npt.NDArray[np.uint8], num_msg: int, *, client_id: int | None = None
@@ -544,7 +565,8 @@ def scan_records(
             publisher's, from its handshake); readers of the log pass nothing.
 
     Returns:
-        The start offsets, ascending, one per record.
+        The start offsets, ascending, one per record (read-only: batches of
+        one shape share them).
 
     Raises:
         ProtocolError: ``BAD_MESSAGE_RECORDS`` naming the first bad record.
@@ -556,8 +578,22 @@ def scan_records(
         # The common case (one message size per batch): one row per record, so
         # every header field is a strided column, compared without a gather.
         records = words.reshape(num_msg, first // 8)
+        # Commoner still, the records are alike: every paddedSize, client_id
+        # and size equal to the first record's, which is checked alone. Two
+        # byte-string comparisons tell, a few us in all where the column
+        # checks below take 20 (61 records of 1 KiB).
+        head = records[0]
+        size, owner = int(head[MH_SIZE]), int(head[MH_CLIENT_ID])
+        if (
+            first - MESSAGE_HEADER_SIZE - ALIGN < size <= first - MESSAGE_HEADER_SIZE
+            and (client_id is None or owner == client_id)
+            and records[:, MH_PADDED_SIZE].tobytes() == words[:1].tobytes() * num_msg
+            and records[:, MH_CLIENT_ID : MH_SIZE + 1].tobytes()
+            == head[MH_CLIENT_ID : MH_SIZE + 1].tobytes() * num_msg
+        ):
+            return _uniform_starts(num_msg, first)
         if bool((records[:, MH_PADDED_SIZE] == first).all()):
-            starts = np.arange(0, total, first, dtype=np.int64)
+            starts = _uniform_starts(num_msg, first)
             _check_records(
                 starts,
                 records[:, MH_PADDED_SIZE],
@@ -657,8 +693,12 @@ def stamp_records(
     """
     count = len(starts)
     offsets = np.arange(first_logical_offset, first_logical_offset + count, dtype=np.uint64)
-    step = int(starts[1]) // 8 if count > 1 else 0
-    if step and bool((np.diff(starts) == step * 8).all()):
+    stride = int(starts[1]) if count > 1 else 0
+    step = stride // 8
+    # Offsets scan_records shared are evenly spaced by construction.
+    if step and (
+        _UNIFORM.get((count, stride)) is starts or bool((np.diff(starts) == stride).all())
+    ):
         # Evenly spaced records (one message size: the common case): each
         # field is a strided column of the log, written without index
         # arrays, in half the time. Only header words are touched, so a last
