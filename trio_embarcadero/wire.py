@@ -692,8 +692,15 @@ def stamp_records(
         first_logical_offset: Logical offset given to the batch's first record.
     """
     count = len(starts)
+    if count <= 1:  # three words at most: no arrays (a batch of one large message)
+        if count:
+            at = (payload_offset + int(starts[0])) // 8
+            log_words[at + MH_SEGMENT_HEADER] = 0
+            log_words[at + MH_LOGICAL_OFFSET] = first_logical_offset
+            log_words[at + MH_NEXT_MSG_DIFF] = log_words[at + MH_PADDED_SIZE]
+        return
     offsets = np.arange(first_logical_offset, first_logical_offset + count, dtype=np.uint64)
-    stride = int(starts[1]) if count > 1 else 0
+    stride = int(starts[1])
     step = stride // 8
     # Offsets scan_records shared are evenly spaced by construction.
     if step and (
