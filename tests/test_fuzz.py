@@ -401,8 +401,10 @@ class Outcome:
 
     Attributes:
         reply: ``"acks"`` (broker id, counts, maybe an error frame), ``"error"``
-            (an error frame and nothing else), ``"silent"`` (nothing at all) or
-            ``"records"`` (a subscription: a prefix of the topic's records).
+            (an error frame and nothing else), ``"silent"`` (nothing at all),
+            ``"records"`` (a subscription: a prefix of the topic's records) or
+            ``"ordered"`` (a subscription to the total order: which of the
+            others depends on whether the topic exists).
         error: The error frame's code, None for none.
         topic: Where valid batches go (or what a subscriber reads).
         batches: The valid batches committed, each ``(header bytes, payload)``.
@@ -428,6 +430,8 @@ def expected_outcome(stream: bytes) -> Outcome | None:
         return Outcome("error", ErrorCode.BAD_HANDSHAKE)
     if hs.req == 1:
         return Outcome("records", topic=hs.topic, last_addr=hs.last_addr)
+    if hs.req == 3:
+        return Outcome("ordered", topic=hs.topic)
     if hs.ack == 2:
         return Outcome("error", ErrorCode.NOT_ALLOWED)  # no storage.dir
     if hs.ack == 1 and hs.port != 0:
@@ -597,6 +601,13 @@ def run_example(live: LiveBroker, stream: bytes, outcome: Outcome) -> None:
     topic = outcome.topic
     stats_before = live.idle_statistics()
     before = live.topic_state(topic)
+    if outcome.reply == "ordered":
+        # client_req 3 reads the total order of an order-5 topic, and these
+        # topics are order 0: once the topic exists (its first batch made it)
+        # the handshake is refused; before, the subscription waits for the
+        # topic, and the client's EOF ends it without a word.
+        exists = before.batches > 0
+        outcome = Outcome("error", ErrorCode.BAD_HANDSHAKE) if exists else Outcome("silent")
     reply = exchange(live.port, stream)
     stats = live.idle_statistics()
     # -- the reply on the wire
@@ -703,8 +714,13 @@ def test_any_stream(make_config: MakeConfig, use_nonblocking: bool) -> None:
     with LiveBroker(fuzz_config(make_config, use_nonblocking)).running() as live:
         seen: set[str] = set()
 
+        ordered = HANDSHAKE.pack(3, 1, 0, 0, 0, 3, TOPIC.encode().ljust(32, b"\0"))
+
         @settings(database=None, max_examples=60, deadline=None)
         @given(stream=ANY_STREAMS)
+        @example(stream=ordered)  # the topic is not there yet: it waits, then EOF
+        @example(stream=GOOD_HANDSHAKE + GOOD_BATCH)
+        @example(stream=ordered + GOOD_BATCH)  # order 0: refused, the bytes after ignored
         def check(stream: bytes) -> None:
             outcome = expected_outcome(stream)
             if outcome is None:
