@@ -15,11 +15,10 @@ every healthy publisher at the gate until their batch timeouts.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from fractions import Fraction
+from types import TracebackType
 from typing import NoReturn
 
 import trio
@@ -70,20 +69,39 @@ class PauseGate:
         """Return once the gate is open (at once if it is)."""
         await self._open.wait()
 
-    @contextlib.contextmanager
-    def interruptible(self) -> Iterator[trio.CancelScope]:
+    def interruptible(self) -> _Interruptible:
         """A scope that the next :meth:`pause` cancels.
 
         Connection tasks wrap their wait for the next batch header in it: an
         idle connection must not read a new batch after the gate closed, and
         a cancelled receive consumes no bytes.
         """
-        with trio.CancelScope() as scope:
-            self._interruptible.add(scope)
-            try:
-                yield scope
-            finally:
-                self._interruptible.discard(scope)
+        return _Interruptible(self._interruptible)
+
+
+class _Interruptible:
+    """The ``with`` block of :meth:`PauseGate.interruptible`: a plain context
+    manager, not a generator (it runs for every wait of an idle connection)."""
+
+    __slots__ = ("_scope", "_scopes")
+
+    def __init__(self, scopes: set[trio.CancelScope]) -> None:
+        self._scopes = scopes
+        self._scope = trio.CancelScope()
+
+    def __enter__(self) -> trio.CancelScope:
+        scope = self._scope.__enter__()
+        self._scopes.add(scope)
+        return scope
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self._scopes.discard(self._scope)
+        return self._scope.__exit__(exc_type, exc, tb)
 
 
 def watermark_counts(num_buffers: int, high: float, low: float) -> tuple[int, int]:
