@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1268,6 +1268,28 @@ def test_loadgen_runs_without_the_garbage_collector_and_restores_it(
         gc.enable()
 
 
+def _loadgen_against(
+    capsys: pytest.CaptureFixture[str],
+    servers: list[socket.socket],
+    serve: Callable[[int], None],
+    argv: list[str],
+) -> dict[str, Any]:
+    """Run the load generator in this process with ``argv`` while a thread a
+    server runs ``serve(k)``; its result line."""
+    threads = [threading.Thread(target=serve, args=(k,), daemon=True) for k in range(len(servers))]
+    for thread in threads:
+        thread.start()
+    try:
+        assert loadgen.main(argv) == 0
+        for thread in threads:
+            thread.join(timeout=10)
+    finally:
+        for server in servers:
+            server.close()
+    result: dict[str, Any] = json.loads(capsys.readouterr().out.splitlines()[-1])
+    return result
+
+
 def test_loadgen_spreads_its_connections_over_several_ports(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -1287,18 +1309,9 @@ def test_loadgen_spreads_its_connections_over_several_ports(
                 while data := conn.recv(1 << 16):
                     received[k] += len(data)
 
-    threads = [threading.Thread(target=serve, args=(k,), daemon=True) for k in range(2)]
-    for thread in threads:
-        thread.start()
-    try:
-        argv = ["--port", f"{ports[0]},{ports[1]}", "--connections", "3", "--ack", "0"]
-        assert loadgen.main([*argv, "--batch-messages", "4", "--bytes", str(12 * 4 * 1024)]) == 0
-        for thread in threads:
-            thread.join(timeout=10)
-    finally:
-        for server in servers:
-            server.close()
-    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    argv = ["--port", f"{ports[0]},{ports[1]}", "--connections", "3", "--ack", "0"]
+    argv += ["--batch-messages", "4", "--bytes", str(12 * 4 * 1024)]
+    result = _loadgen_against(capsys, servers, serve, argv)
     per_port = result["per_port"]
     assert [(p["port"], p["connections"]) for p in per_port] == [(ports[0], 2), (ports[1], 1)]
     assert sum(p["payload_bytes"] for p in per_port) == result["payload_bytes"] == 12 * 4 * 1024
@@ -1332,18 +1345,9 @@ def test_loadgen_gives_every_connection_its_first_batch(
             first_done.set()
 
     monkeypatch.setattr(loadgen._Connection, "send_loop", late_send_loop)
-    threads = [threading.Thread(target=drain, args=(s,), daemon=True) for s in servers]
-    for thread in threads:
-        thread.start()
-    try:
-        argv = ["--port", ",".join(map(str, ports)), "--connections", "3", "--ack", "0"]
-        assert loadgen.main([*argv, "--batch-messages", "4", "--bytes", str(3 * 4 * 1024)]) == 0
-        for thread in threads:
-            thread.join(timeout=10)
-    finally:
-        for server in servers:
-            server.close()
-    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    argv = ["--port", ",".join(map(str, ports)), "--connections", "3", "--ack", "0"]
+    argv += ["--batch-messages", "4", "--bytes", str(3 * 4 * 1024)]
+    result = _loadgen_against(capsys, servers, lambda k: drain(servers[k]), argv)
     assert [p["messages"] for p in result["per_port"]] == [4, 4, 4]
 
 

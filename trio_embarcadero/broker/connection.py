@@ -17,12 +17,12 @@ marks as batch boundaries (:meth:`Connection.at_boundary`).
 from __future__ import annotations
 
 import enum
-from types import TracebackType
 
 import trio
 
 from ..transport import Receiver, Sender, receiver_for
 from ..wire import Handshake
+from .scopes import TrackedScope
 
 
 class ConnectionPhase(enum.Enum):
@@ -94,34 +94,14 @@ class Connection:
         if self._boundary_scope is not None:
             self._boundary_scope.cancel()
 
-    def at_boundary(self) -> _Boundary:
+    def at_boundary(self) -> TrackedScope:
         """A scope around waits that hold no work; :meth:`request_stop` cancels it."""
-        return _Boundary(self)
+        return TrackedScope(self._boundary_entered, self._boundary_exited)
 
-
-class _Boundary:
-    """The ``with`` block of :meth:`Connection.at_boundary`: a plain context
-    manager, not a generator (it runs for every wait of an idle connection,
-    and a generator-based one costs several times as much)."""
-
-    __slots__ = ("_connection", "_scope")
-
-    def __init__(self, connection: Connection) -> None:
-        self._connection = connection
-        self._scope = trio.CancelScope()
-
-    def __enter__(self) -> trio.CancelScope:
-        scope = self._scope.__enter__()
-        if self._connection._stopping:
+    def _boundary_entered(self, scope: trio.CancelScope) -> None:
+        if self._stopping:
             scope.cancel()
-        self._connection._boundary_scope = scope
-        return scope
+        self._boundary_scope = scope
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        self._connection._boundary_scope = None
-        return self._scope.__exit__(exc_type, exc, tb)
+    def _boundary_exited(self, scope: trio.CancelScope) -> None:
+        self._boundary_scope = None

@@ -18,11 +18,11 @@ from __future__ import annotations
 import logging
 import math
 from fractions import Fraction
-from types import TracebackType
 from typing import NoReturn
 
 import trio
 
+from .scopes import TrackedScope
 from .staging import StagingPool
 
 logger = logging.getLogger(__name__)
@@ -69,39 +69,14 @@ class PauseGate:
         """Return once the gate is open (at once if it is)."""
         await self._open.wait()
 
-    def interruptible(self) -> _Interruptible:
+    def interruptible(self) -> TrackedScope:
         """A scope that the next :meth:`pause` cancels.
 
         Connection tasks wrap their wait for the next batch header in it: an
         idle connection must not read a new batch after the gate closed, and
         a cancelled receive consumes no bytes.
         """
-        return _Interruptible(self._interruptible)
-
-
-class _Interruptible:
-    """The ``with`` block of :meth:`PauseGate.interruptible`: a plain context
-    manager, not a generator (it runs for every wait of an idle connection)."""
-
-    __slots__ = ("_scope", "_scopes")
-
-    def __init__(self, scopes: set[trio.CancelScope]) -> None:
-        self._scopes = scopes
-        self._scope = trio.CancelScope()
-
-    def __enter__(self) -> trio.CancelScope:
-        scope = self._scope.__enter__()
-        self._scopes.add(scope)
-        return scope
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        self._scopes.discard(self._scope)
-        return self._scope.__exit__(exc_type, exc, tb)
+        return TrackedScope(self._interruptible.add, self._interruptible.discard)
 
 
 def watermark_counts(num_buffers: int, high: float, low: float) -> tuple[int, int]:
