@@ -15,6 +15,7 @@ import importlib.util
 import itertools
 import json
 import os
+import platform
 import re
 import select
 import signal
@@ -49,7 +50,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "broker": (f"{PACKAGE}.broker", f"{PACKAGE}.broker.*"),
     "client": (f"{PACKAGE}.client", f"{PACKAGE}.client.*"),
     "tools": (f"{PACKAGE}.tools", f"{PACKAGE}.tools.*"),
-    "top": (PACKAGE, f"{PACKAGE}.cli", f"{PACKAGE}.__main__"),
+    "top": (PACKAGE, f"{PACKAGE}.cli", f"{PACKAGE}.cli.*", f"{PACKAGE}.__main__"),
 }
 
 
@@ -86,7 +87,7 @@ RULES: tuple[Rule, ...] = (
     _rule("broker", forbidden="client tools top"),
     _rule("client", forbidden="log broker tools top"),
     _rule("tools", forbidden="top"),
-    # cli.py may load the tools, but only lazily, so `serve` never pays for them.
+    # The command line may load the tools, but only lazily, so `serve` never pays for them.
     _rule("top", lazy_only="tools"),
 )
 
@@ -606,9 +607,10 @@ def require_tools_package() -> None:
     assert importlib.util.find_spec(TOOLS) is not None, f"there is no {TOOLS} package yet"
 
 
-def test_importing_the_package_loads_no_tools() -> None:
+def _loaded_by(statement: str) -> list[str]:
+    """The package's modules a fresh interpreter has loaded after ``statement``."""
     code = (
-        f"import json, sys, {PACKAGE}; "
+        f"import json, sys; {statement}; "
         f"print(json.dumps(sorted(m for m in sys.modules if m.startswith('{PACKAGE}'))))"
     )
     result = subprocess.run(
@@ -620,10 +622,36 @@ def test_importing_the_package_loads_no_tools() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    loaded = json.loads(result.stdout)
-    assert PACKAGE in loaded
-    assert [m for m in loaded if is_tools(m)] == []
+    loaded: list[str] = json.loads(result.stdout)
+    return loaded
+
+
+def test_importing_the_package_loads_nothing_else() -> None:
+    """Its public names load their modules when first used: a process that
+    needs the wire format alone (the load generator) never loads the broker."""
+    assert _loaded_by(f"import {PACKAGE}") == [PACKAGE]
     require_tools_package()
+
+
+def test_a_public_name_loads_its_module_when_used() -> None:
+    loaded = _loaded_by(f"import {PACKAGE}; {PACKAGE}.open_broker; {PACKAGE}.Subscriber")
+    assert {f"{PACKAGE}.broker", f"{PACKAGE}.client"} <= set(loaded)
+    assert [m for m in loaded if is_tools(m)] == []
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        importlib.import_module(PACKAGE).nothing  # noqa: B018 (the access is the test)
+
+
+def test_the_command_line_loads_only_the_config_until_a_command_runs() -> None:
+    """``serve`` starts itself again once (a glibc tunable) before it loads the broker."""
+    loaded = _loaded_by(f"import {PACKAGE}.cli")
+    assert [m for m in loaded if m.startswith((f"{PACKAGE}.broker", f"{PACKAGE}.log"))] == []
+    assert [m for m in loaded if is_tools(m) or m.startswith(f"{PACKAGE}.client")] == []
+
+
+def test_the_load_generator_loads_no_broker() -> None:
+    loaded = _loaded_by(f"import {PACKAGE}.tools.loadgen")
+    assert f"{PACKAGE}.wire" in loaded
+    assert [m for m in loaded if m.startswith((f"{PACKAGE}.broker", f"{PACKAGE}.log"))] == []
 
 
 def test_serve_loads_no_tools(tmp_path: Path, cxl_path: str) -> None:
@@ -635,7 +663,8 @@ def test_serve_loads_no_tools(tmp_path: Path, cxl_path: str) -> None:
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=clean_env(),
+        # Unset, so that serve starts itself again to set it (x86-64 glibc).
+        env={k: v for k, v in clean_env().items() if k != "GLIBC_TUNABLES"},
     )
     try:
         assert proc.stderr is not None
@@ -665,4 +694,9 @@ def test_serve_loads_no_tools(tmp_path: Path, cxl_path: str) -> None:
     ]
     assert f"{PACKAGE}.cli" in imported, "no -X importtime lines seen"
     assert [m for m in imported if is_tools(m)] == []
+    # Where serve starts itself again (x86-64 glibc), the first start loaded
+    # the config only: the broker is loaded once, by the process that serves.
+    assert imported.count(f"{PACKAGE}.broker") == 1, imported
+    if platform.machine() == "x86_64" and platform.libc_ver()[0] == "glibc":
+        assert imported.count(f"{PACKAGE}.cli.main") == 2, "serve did not start itself again"
     require_tools_package()

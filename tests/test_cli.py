@@ -29,7 +29,8 @@ from conftest import MakeConfig
 from rawclient import ERROR_MARKER, batch, handshake, parse_ack_stream
 
 import trio_embarcadero
-from trio_embarcadero.cli import _serve_until_signalled, main
+from trio_embarcadero.cli import main
+from trio_embarcadero.cli.serving import serve_until_signalled
 from trio_embarcadero.client import DEFAULT_BATCH_BYTES
 from trio_embarcadero.config import config_to_toml, load_config
 from trio_embarcadero.log import open_log
@@ -214,7 +215,7 @@ async def test_serve_hides_what_start_up_made_from_the_collector(
     monkeypatch.setattr(gc, "freeze", freeze)
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(_serve_until_signalled, make_config(), reset=True))
+            nursery.start_soon(partial(serve_until_signalled, make_config(), reset=True))
             await frozen.wait()
             nursery.cancel_scope.cancel()
     assert calls == [1]

@@ -199,7 +199,7 @@ def test_the_cluster_command_restarts_a_killed_broker_and_drains_on_sigint(
     assert "broker 1 was killed by SIGKILL; starting it again in 0.30 s" in stderr
     assert "SIGINT: draining every broker" in stderr
     for broker in (0, 1):  # each drained on its own SIGTERM, its lines named
-        assert f" broker {broker} INFO trio_embarcadero.cli: SIGTERM: draining" in stderr
+        assert f" broker {broker} INFO trio_embarcadero.cli.serving: SIGTERM: draining" in stderr
     assert brokers(cxl_path) == []  # each left the table on its way out
     for broker in (0, 1):
         assert stream_of(cxl_path, broker) == [(broker, i) for i in range(200)]

@@ -24,7 +24,8 @@ from test_cli import (
     write_config,
 )
 
-from trio_embarcadero.cli import JsonLogFormatter, ProgressLine, main
+from trio_embarcadero.cli import JsonLogFormatter, main
+from trio_embarcadero.cli.clients import ProgressLine
 
 # -- --log-format json ------------------------------------------------------------------
 

@@ -54,6 +54,9 @@ MAX_ACK_LEVEL = 2
 MAX_BROKER_ID = 31
 MAX_TOPIC_BYTES = 31
 MAX_ERROR_TEXT = 4096
+#: The batch size a publisher fills by default, the C++ client's ``BATCH_SIZE``
+#: (a batch is sealed once it holds this much, header included).
+DEFAULT_BATCH_BYTES = 2 * 2**20
 
 # Byte offsets of batch-header fields the broker writes in place in the log.
 BH_BATCH_COMPLETE = 16

@@ -67,12 +67,12 @@ Error handling:
 """
 
 from ..errors import BROKER_FAILED as BROKER_FAILED
+from ..wire import DEFAULT_BATCH_BYTES as DEFAULT_BATCH_BYTES
 from ..wire import Message as Message
 from ..wire import MessageView as MessageView
 from .connect import random_client_id as random_client_id
 from .failover import BrokerAddress as BrokerAddress
 from .failover import Dialer as Dialer
-from .publisher import DEFAULT_BATCH_BYTES as DEFAULT_BATCH_BYTES
 from .publisher import DEFAULT_CLOSE_TIMEOUT as DEFAULT_CLOSE_TIMEOUT
 from .publisher import DEFAULT_DELIVERY_TIMEOUT as DEFAULT_DELIVERY_TIMEOUT
 from .publisher import DEFAULT_LINGER as DEFAULT_LINGER

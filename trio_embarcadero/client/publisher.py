@@ -34,6 +34,7 @@ import trio
 from ..errors import BROKER_FAILED, BrokerError, ConnectionLost, NoBrokerError
 from ..wire import (
     ALIGN,
+    DEFAULT_BATCH_BYTES,
     MAX_ACK_LEVEL,
     MESSAGE_HEADER_SIZE,
     AckCount,
@@ -58,8 +59,6 @@ from .failover import (
 
 logger = logging.getLogger(__name__)
 
-#: Default batch payload size; must not exceed the broker's ``max_batch_bytes``.
-DEFAULT_BATCH_BYTES = 2 * 2**20
 #: Default time a partly filled batch waits for more messages before it is sent.
 DEFAULT_LINGER = 0.005
 #: Seconds a closing publisher waits for the broker to confirm the end of the
