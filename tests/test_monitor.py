@@ -275,6 +275,54 @@ async def test_an_idle_connection_does_not_read_while_paused(
         assert read == 64
 
 
+async def test_a_pause_restarts_an_idle_connection_s_clock_and_a_stop_ends_its_wait(
+    make_config: MakeConfig, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An idle connection's one wait is cut short by a pause (it is then
+    PAUSED, and reads after the resume), by its idle deadline (counted again
+    from the resume: waiting at the gate is the broker's doing) and by a
+    graceful stop (which ends it without an error)."""
+    config = make_config(**POOL_CONFIG, **{"network.idle_timeout_s": 2.0})
+    async with trio.open_nursery() as nursery:
+        async with memory_broker(config) as (broker, listener):
+            client = await open_client(listener, nursery)
+            await client.send(rawclient.handshake("t", client_id=2, ack=1))
+            await trio.sleep(1.5)
+            held = [take(broker.pool) for _ in range(3)]
+            await settle()
+            assert broker.statistics().connections["paused"] == 1
+            await trio.sleep(10.0)  # paused well past its idle timeout: no error
+            assert client.eof_at is None
+            for b in held:
+                b.release()
+            await settle()
+            resumed = trio.current_time()
+            assert broker.statistics().connections["wait_header"] == 1
+            await trio.sleep(2.0 - 1e-3)
+            data, _ = rawclient.batch(0, 2, 0, 10, 100)
+            await client.send(data)
+            sent = trio.current_time()
+            await settle()
+            assert client.acks() == (0, [10], None)  # read after the resume
+            await trio.sleep(2.0 - 1e-3)
+            await settle()
+            assert client.eof_at is None
+            await trio.sleep(1e-3)
+            await settle()
+            assert client.eof_at == sent + 2.0  # idle again, counted from that batch
+            assert sent == resumed + 2.0 - 1e-3
+            assert client.acks() == (0, [10], (7, "idle for 2.0 s between batches"))
+
+            second = await open_client(listener, nursery)
+            await second.send(rawclient.handshake("t", client_id=3, ack=1))
+            await trio.sleep(1.0)
+            assert broker.statistics().connections["wait_header"] == 1
+            stopped = trio.current_time()
+            # Leave while it waits: a graceful stop ends the wait, not an error.
+    assert second.eof_at == stopped
+    assert second.acks() == (0, [], (5, "broker is shutting down"))
+
+
 async def test_allocator_backoff_fills_the_pool_and_pauses_the_publisher(
     make_config: MakeConfig, autojump_clock: trio.testing.MockClock
 ) -> None:

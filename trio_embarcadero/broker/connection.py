@@ -96,12 +96,15 @@ class Connection:
 
     def at_boundary(self) -> TrackedScope:
         """A scope around waits that hold no work; :meth:`request_stop` cancels it."""
-        return TrackedScope(self._boundary_entered, self._boundary_exited)
+        return TrackedScope(self)
 
-    def _boundary_entered(self, scope: trio.CancelScope) -> None:
+    def scope_entered(self, scope: trio.CancelScope) -> None:
+        """As a :class:`~.scopes.ScopeTracker`: ``scope`` is around a wait at
+        a batch boundary, which :meth:`request_stop` cancels."""
         if self._stopping:
             scope.cancel()
         self._boundary_scope = scope
 
-    def _boundary_exited(self, scope: trio.CancelScope) -> None:
+    def scope_exited(self, scope: trio.CancelScope) -> None:
+        """As a :class:`~.scopes.ScopeTracker`: the wait is over."""
         self._boundary_scope = None

@@ -22,7 +22,6 @@ from typing import NoReturn
 
 import trio
 
-from .scopes import TrackedScope
 from .staging import StagingPool
 
 logger = logging.getLogger(__name__)
@@ -69,14 +68,19 @@ class PauseGate:
         """Return once the gate is open (at once if it is)."""
         await self._open.wait()
 
-    def interruptible(self) -> TrackedScope:
-        """A scope that the next :meth:`pause` cancels.
+    def scope_entered(self, scope: trio.CancelScope) -> None:
+        """As a :class:`~.scopes.ScopeTracker`: the next :meth:`pause` cancels ``scope``.
 
-        Connection tasks wrap their wait for the next batch header in it: an
-        idle connection must not read a new batch after the gate closed, and
-        a cancelled receive consumes no bytes.
+        Connection tasks wait for the next batch header in a
+        :class:`~.scopes.TrackedScope` the gate tracks: an idle connection
+        must not read a new batch after the gate closed, and a cancelled
+        receive consumes no bytes.
         """
-        return TrackedScope(self._interruptible.add, self._interruptible.discard)
+        self._interruptible.add(scope)
+
+    def scope_exited(self, scope: trio.CancelScope) -> None:
+        """As a :class:`~.scopes.ScopeTracker`: forget ``scope``."""
+        self._interruptible.discard(scope)
 
 
 def watermark_counts(num_buffers: int, high: float, low: float) -> tuple[int, int]:

@@ -70,6 +70,7 @@ from .commits import CommitFeed
 from .connection import Connection, ConnectionPhase
 from .durability import Durability
 from .monitor import PauseGate
+from .scopes import TrackedScope
 from .sessions import SessionLink, Sessions
 from .staging import StagingPool
 from .statistics import IngestCounters
@@ -656,30 +657,34 @@ class PublishSession:
             ProtocolError: ``TIMEOUT`` after ``idle_timeout_s`` without one.
         """
         conn, net, gate = self.connection, self.ingest.network, self.ingest.gate
-        got = 0
-        with conn.at_boundary():
-            while True:
-                if gate.paused:
-                    conn.phase = ConnectionPhase.PAUSED
+        while True:
+            if gate.paused:
+                conn.phase = ConnectionPhase.PAUSED
+                with conn.at_boundary() as paused:
                     await gate.wait_open()
-                conn.phase = ConnectionPhase.WAIT_HEADER
-                # The idle clock restarts after a pause: waiting at the
-                # gate is the broker's doing, not the client's.
-                idle_deadline = (
-                    trio.current_time() + net.idle_timeout_s if net.idle_timeout_s else math.inf
+                if paused.cancelled_caught:
+                    return 0  # stopped while no batch had started
+            conn.phase = ConnectionPhase.WAIT_HEADER
+            # The idle clock restarts after a pause: waiting at the gate is
+            # the broker's doing, not the client's.
+            idle_deadline = (
+                trio.current_time() + net.idle_timeout_s if net.idle_timeout_s else math.inf
+            )
+            # One scope that a stop, the gate's next pause and the idle
+            # deadline all cancel: a paced connection waits once a batch,
+            # and a scope each cost it twice as much.
+            with TrackedScope(conn, gate, deadline=idle_deadline) as wait:
+                got = await conn.receiver.receive_into(header_view)
+            if not wait.cancelled_caught:
+                return got
+            if conn.stopping:
+                return 0  # stopped while no batch had started
+            # A pause may come and go before this task runs again, so the
+            # clock, not the gate, tells a timeout from a pause.
+            if trio.current_time() >= idle_deadline:
+                raise ProtocolError(
+                    ErrorCode.TIMEOUT, f"idle for {net.idle_timeout_s} s between batches"
                 )
-                with gate.interruptible() as wait:
-                    wait.deadline = idle_deadline
-                    got = await conn.receiver.receive_into(header_view)
-                if not wait.cancelled_caught:
-                    break
-                # A pause may come and go before this task runs again, so
-                # the clock, not the gate, tells a timeout from a pause.
-                if trio.current_time() >= idle_deadline:
-                    raise ProtocolError(
-                        ErrorCode.TIMEOUT, f"idle for {net.idle_timeout_s} s between batches"
-                    )
-        return got  # 0 if stopped while no batch had started
 
     async def _receive_header(self, buf: bytearray, got: int, clock: BatchClock) -> BatchHeader:
         # No receive slot: a header costs the broker nothing but this
