@@ -57,6 +57,41 @@ async def test_receive_into_nowait_takes_what_has_arrived_and_tells_eof() -> Non
         assert receiver.receive_into_nowait(view) == 0  # EOF
 
 
+@pytest.mark.parametrize("wait_first", [False, True])
+async def test_receive_into_waits_reads_and_consumes_nothing_when_cancelled(
+    wait_first: bool,
+) -> None:
+    """With or without ``wait_first`` (the caller found nothing waiting), a
+    receive takes what has arrived, waits for what has not, and a receive
+    cancelled before it reads leaves every byte in the socket."""
+    async with socket_pair() as (near, far):
+        receiver = receiver_for(near)
+        view = memoryview(bytearray(16))
+        await far.send_all(b"abc")
+        await trio.lowlevel.wait_readable(near.socket)
+        with trio.fail_after(5):
+            assert await receiver.receive_into(view, wait_first=wait_first) == 3
+        assert bytes(view[:3]) == b"abc"
+        async with trio.open_nursery() as nursery:
+
+            async def later() -> None:
+                await trio.testing.wait_all_tasks_blocked()  # the receive waits
+                await far.send_all(b"defg")
+
+            nursery.start_soon(later)
+            with trio.fail_after(5):
+                assert await receiver.receive_into(view, wait_first=wait_first) == 4
+        assert bytes(view[:4]) == b"defg"
+        await far.send_all(b"hij")
+        await trio.lowlevel.wait_readable(near.socket)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await receiver.receive_into(view, wait_first=wait_first)
+        assert scope.cancelled_caught
+        assert receiver.receive_into_nowait(view) == 3  # still there
+        assert bytes(view[:3]) == b"hij"
+
+
 async def test_receive_into_nowait_reports_a_reset_as_connection_lost() -> None:
     with trio.fail_after(5):
         (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")

@@ -22,8 +22,13 @@ from .errors import ConnectionLost
 class Receiver(Protocol):
     """Something that fills a caller's buffer from a byte stream."""
 
-    async def receive_into(self, view: memoryview) -> int:
-        """Receive at most ``len(view)`` bytes into ``view``; 0 means EOF."""
+    async def receive_into(self, view: memoryview, *, wait_first: bool = False) -> int:
+        """Receive at most ``len(view)`` bytes into ``view``; 0 means EOF.
+
+        ``wait_first``: the caller has just found nothing waiting (with
+        :meth:`receive_into_nowait`), so the receive may wait before it
+        tries to read.
+        """
         ...
 
     def receive_into_nowait(self, view: memoryview) -> int | None:
@@ -46,17 +51,18 @@ class SocketReceiver:
         self._sock = sock
         self._fd = sock.fileno()
 
-    async def receive_into(self, view: memoryview) -> int:
+    async def receive_into(self, view: memoryview, *, wait_first: bool = False) -> int:
         # Trio's recv_into, but one pass through the scheduler where it takes
         # two: after waiting for the socket it reads and then checkpoints
         # again, a second pass for every wait of an idle connection. Here the
         # wait is the checkpoint, and the read follows it with no checkpoint
         # between, so a cancelled wait still consumes no bytes.
-        await trio.lowlevel.checkpoint_if_cancelled()
-        got = self.receive_into_nowait(view)
-        if got is not None:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return got
+        if not wait_first:  # else a read now would fail as the caller's just did
+            await trio.lowlevel.checkpoint_if_cancelled()
+            got = self.receive_into_nowait(view)
+            if got is not None:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return got
         while True:
             await trio.lowlevel.wait_readable(self._sock)
             got = self.receive_into_nowait(view)
@@ -79,7 +85,7 @@ class StreamReceiver:
     def __init__(self, stream: trio.abc.ReceiveStream) -> None:
         self._stream = stream
 
-    async def receive_into(self, view: memoryview) -> int:
+    async def receive_into(self, view: memoryview, *, wait_first: bool = False) -> int:
         try:
             data = await self._stream.receive_some(len(view))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

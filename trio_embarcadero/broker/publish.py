@@ -674,7 +674,10 @@ class PublishSession:
             # deadline all cancel: a paced connection waits once a batch,
             # and a scope each cost it twice as much.
             with TrackedScope(conn, gate, deadline=idle_deadline) as wait:
-                got = await conn.receiver.receive_into(header_view)
+                # Called when nothing was waiting, or after a pause: a
+                # read before the wait would fail, or find what the wait
+                # finds at once.
+                got = await conn.receiver.receive_into(header_view, wait_first=True)
             if not wait.cancelled_caught:
                 return got
             if conn.stopping:
