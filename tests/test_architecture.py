@@ -641,6 +641,28 @@ def test_a_public_name_loads_its_module_when_used() -> None:
         importlib.import_module(PACKAGE).nothing  # noqa: B018 (the access is the test)
 
 
+def test_every_public_name_is_loaded_and_typed_as_the_package_lists_it() -> None:
+    """Each name of ``__all__`` resolves, and the type checkers' imports (under
+    ``if TYPE_CHECKING:``) name the same modules as the lazy table."""
+    package = importlib.import_module(PACKAGE)
+    exports: dict[str, str] = package._EXPORTS
+    for name in exports:
+        assert getattr(package, name) is getattr(
+            importlib.import_module(exports[name], PACKAGE), name
+        )
+    tree = ast.parse((PACKAGE_DIR / "__init__.py").read_text())
+    typed = {
+        alias.name: "." * node.level + (node.module or "")
+        for block in tree.body
+        if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert typed == exports
+    assert set(package.__all__) == {*exports, "__version__"}
+
+
 def test_the_command_line_loads_only_the_config_until_a_command_runs() -> None:
     """``serve`` starts itself again once (a glibc tunable) before it loads the broker."""
     loaded = _loaded_by(f"import {PACKAGE}.cli")
