@@ -15,7 +15,6 @@ import importlib.util
 import itertools
 import json
 import os
-import platform
 import re
 import select
 import signal
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import pytest
 from test_cli import clean_env, write_config
+
+from trio_embarcadero.cli.main import _is_x86_64_glibc
 
 # -- the layout -------------------------------------------------------------------------
 
@@ -719,6 +720,6 @@ def test_serve_loads_no_tools(tmp_path: Path, cxl_path: str) -> None:
     # Where serve starts itself again (x86-64 glibc), the first start loaded
     # the config only: the broker is loaded once, by the process that serves.
     assert imported.count(f"{PACKAGE}.broker") == 1, imported
-    if platform.machine() == "x86_64" and platform.libc_ver()[0] == "glibc":
+    if _is_x86_64_glibc():  # where serve starts itself again
         assert imported.count(f"{PACKAGE}.cli.main") == 2, "serve did not start itself again"
     require_tools_package()
