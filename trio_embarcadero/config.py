@@ -424,6 +424,12 @@ class NetworkConfig(_Checked):
         idle_timeout_s: Time a connection may sit between batches; 0 means
             forever.
         ack_connect_timeout_s: Time allowed to dial back an ack connection.
+        ack_coalesce_kb: While a connection reads batches that have already
+            arrived, one count on its ack stream may cover this many KiB of
+            acked batches; it goes out at the latest when the connection
+            waits for anything. 0 writes a count for every acked batch.
+            (Same-connection acks; a dial-back ack stream, shared by several
+            connections, always gets one per batch.)
         shutdown_grace_s: Time connections get to finish on shutdown.
         stats_interval_s: Period of the statistics log line.
         max_connections: Connections accepted at once.
@@ -485,6 +491,13 @@ class NetworkConfig(_Checked):
     payload_stall_timeout_s: float = attrs.field(default=1.0, validator=_positive_float)
     idle_timeout_s: float = attrs.field(default=0.0, validator=_non_negative_float)
     ack_connect_timeout_s: float = attrs.field(default=5.0, validator=_positive_float)
+    # A count per 64 KiB batch costs the broker about as much as reading the
+    # batch; 512 KiB makes it one per 8 such batches and one per batch of
+    # 512 KiB or more, and delays a count by at most the time it takes to
+    # read 512 KiB that has already arrived.
+    ack_coalesce_kb: int = attrs.field(
+        default=512, validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)]
+    )
     shutdown_grace_s: float = attrs.field(default=5.0, validator=_non_negative_float)
     stats_interval_s: float = attrs.field(default=5.0, validator=_positive_float)
     max_connections: int = attrs.field(default=1024, validator=_positive_int)

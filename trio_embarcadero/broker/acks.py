@@ -31,12 +31,26 @@ logger = logging.getLogger(__name__)
 class AckCounter:
     """A cumulative count that ack senders wait on.
 
+    A counter may be *held* (:meth:`hold`) while its connection works through
+    batches that have already arrived: advances then only add up, and the
+    count goes out once ``hold_bytes`` of batches were acked since the last
+    one, or at :meth:`release`, which the connection calls before it waits for
+    anything. A count written per 64 KiB batch costs the broker as much as
+    receiving the batch (one loopback segment each, and the wake-up of the
+    publisher's reader); a publisher whose batches queue up loses nothing by
+    getting one count for several, as it would get it only once the broker
+    had read them anyway.
+
+    Args:
+        hold_bytes: How many bytes of acked batches a held count may cover
+            before it is written anyway; 0 never holds.
+
     Attributes:
         count: Messages that reached the ack level so far.
         sent: The last count an ack sender wrote.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hold_bytes: int = 0) -> None:
         self.count = 0
         self.sent = 0
         self._closed = False
@@ -44,14 +58,43 @@ class AckCounter:
         # While an ack sender runs that can write a count without waiting:
         # True if it wrote it (see write_at_once).
         self._write_now: Callable[[int], bool] | None = None
+        self._hold_bytes = hold_bytes
+        self._held = False
+        self._held_bytes = 0  # acked since the last count went out, while held
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def advance(self, messages: int) -> None:
-        """Add ``messages`` newly acked messages."""
+    @property
+    def held(self) -> bool:
+        """Whether advances are adding up without being written."""
+        return self._held
+
+    def hold(self) -> None:
+        """Let advances add up until :meth:`release` (or ``hold_bytes``)."""
+        self._held = self._hold_bytes > 0
+
+    def release(self) -> None:
+        """Stop holding; a count held back goes out now."""
+        if self._held:
+            self._held = False
+            self._held_bytes = 0
+            if self.count != self.sent:
+                self._send()
+
+    def advance(self, messages: int, nbytes: int = 0) -> None:
+        """Add ``messages`` newly acked messages, of batches of ``nbytes`` in all."""
         self.count += messages
+        if self._held:
+            self._held_bytes += nbytes
+            if self._held_bytes < self._hold_bytes:
+                return
+            self._held_bytes = 0
+        self._send()
+
+    def _send(self) -> None:
+        """Write the count now if the socket takes it, else wake the sender."""
         write_now = self._write_now
         if write_now is not None and write_now(self.count):
             # Written where it was acked: the ack sender need not wake (a
@@ -68,16 +111,21 @@ class AckCounter:
     def close(self) -> None:
         """No more advances; senders flush the final count and stop."""
         self._closed = True
+        self._held = False
         self._lot.unpark_all()
+
+    def _news(self) -> bool:
+        """Whether there is a count to send now (one held back is not)."""
+        return self.count != self.sent and not self._held
 
     async def wait_news(self) -> bool:
         """Wait until there is a count to send; False once closed and flushed."""
-        if self.count != self.sent:
+        if self._news():
             await trio.lowlevel.checkpoint()
             return True
         # Parking is the checkpoint: no second pass through the scheduler
         # for every count.
-        while self.count == self.sent:
+        while not self._news():
             if self._closed:
                 await trio.lowlevel.checkpoint()
                 return False

@@ -139,14 +139,16 @@ class LogSpace:
         return not self._closed and trio.current_time() < deadline
 
 
-async def take_slot(slot: trio.CapacityLimiter) -> None:
+async def take_slot(slot: trio.CapacityLimiter, on_wait: Callable[[], None] | None = None) -> None:
     """Take a token of ``slot`` (a receive slot), waiting only when none is
-    free: the receive loop has its own checkpoint once a batch, and a pass
-    through the scheduler for every free token costs more than the rest of a
-    small batch's bookkeeping. The caller releases it."""
+    free (calling ``on_wait`` first): the receive loop has its own checkpoint
+    once a batch, and a pass through the scheduler for every free token costs
+    more than the rest of a small batch's bookkeeping. The caller releases it."""
     try:
         slot.acquire_nowait()
     except trio.WouldBlock:
+        if on_wait is not None:
+            on_wait()
         await slot.acquire()
 
 
@@ -162,6 +164,7 @@ async def reserve(
     make_room: Callable[[], int] | None = None,
     space: LogSpace | None = None,
     session: Claim | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> Reservation:
     """Reserve log space for a batch, backing off while the log is full.
 
@@ -182,6 +185,8 @@ async def reserve(
     backoff waits for a reclaim (see :class:`LogSpace`) and tries again, up
     to ``space.timeout`` in all, if retention could free one at all.
 
+    ``on_wait`` is called before every wait (for a slot, a backoff, room).
+
     Raises:
         LogFullError: Still no space after ``backoff.retries`` retries (and,
             with ``space``, after the wait for room).
@@ -194,7 +199,7 @@ async def reserve(
     await trio.lowlevel.checkpoint_if_cancelled()
     while True:
         if slot is not None:
-            await take_slot(slot)
+            await take_slot(slot, on_wait)
         try:
             return log.get_cxl_buffer(topic, header, owner, session)
         except LogFullError as exc:
@@ -208,6 +213,8 @@ async def reserve(
                     if deadline is None:
                         deadline = trio.current_time() + space.timeout
                         space.waits += 1
+                    if on_wait is not None:
+                        on_wait()
                     if await space.wait(deadline):
                         continue
                     if trio.current_time() >= deadline:
@@ -225,6 +232,8 @@ async def reserve(
             raise
         counters.retries += 1
         counters.backoff_seconds += delay
+        if on_wait is not None:
+            on_wait()
         await trio.sleep(delay)
 
 

@@ -339,7 +339,8 @@ def _local_host(stream: trio.abc.Stream) -> str:
 
 
 def _peer(stream: trio.abc.Stream) -> str:
-    if isinstance(stream, trio.SocketStream):
+    ip = (trio.socket.AF_INET, trio.socket.AF_INET6)
+    if isinstance(stream, trio.SocketStream) and stream.socket.family in ip:
         try:
             host, port, *_ = stream.socket.getpeername()
         except OSError:

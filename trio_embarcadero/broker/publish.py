@@ -130,12 +130,13 @@ class _Ticket:
     """One batch of a session connection, in the order it arrived: its ack
     counts once it and every batch before it settled."""
 
-    __slots__ = ("entry", "messages", "seq", "slot", "state")
+    __slots__ = ("entry", "messages", "nbytes", "seq", "slot", "state")
 
     PENDING, ACKED, FAILED = range(3)
 
-    def __init__(self, messages: int, entry: int = -1, seq: int = -1) -> None:
-        self.messages = messages
+    def __init__(self, header: BatchHeader, entry: int = -1, seq: int = -1) -> None:
+        self.messages = header.num_msg
+        self.nbytes = header.total_size
         self.entry = entry  # a duplicate's session entry and batch_seq
         self.seq = seq
         self.state = _Ticket.PENDING
@@ -199,12 +200,12 @@ class PublishSession:
         """One of this session's batches is in the log."""
         self.committed += 1
         durability = self.ingest.durability
-        messages = reservation.header.num_msg
+        header = reservation.header
         ticket = self._ticket_of(reservation.session)
         if self.handshake.ack == 2 and durability is not None:
-            durability.when_durable(reservation, partial(self._made_durable, messages, ticket))
+            durability.when_durable(reservation, partial(self._made_durable, header, ticket))
         else:
-            self._acked(messages, ticket)
+            self._acked(header, ticket)
 
     def batch_stored(self, reservation: Reservation) -> None:
         """One of this session's batches of an order-5 topic is in the log;
@@ -269,7 +270,7 @@ class PublishSession:
         """The ticket of a stored batch of a session connection (by its claim)."""
         return self._stored.pop(claim) if claim is not None and self._tickets is not None else None
 
-    def _acked(self, messages: int, ticket: _Ticket | None = None) -> None:
+    def _acked(self, header: BatchHeader, ticket: _Ticket | None = None) -> None:
         if ticket is not None:
             self._ticket_done(ticket, _Ticket.ACKED)
             return
@@ -277,7 +278,7 @@ class PublishSession:
             self._settle()
             return
         if self._acks is not None:
-            self._acks.advance(messages)
+            self._acks.advance(header.num_msg, header.total_size)
         self._settle(acked=True)
 
     def _settled_unacked(self, ticket: _Ticket | None) -> None:
@@ -297,14 +298,14 @@ class PublishSession:
             acked = done.state == _Ticket.ACKED and not self._acks_stopped
             self._acks_stopped = not acked
             if acked and self._acks is not None:
-                self._acks.advance(done.messages)
+                self._acks.advance(done.messages, done.nbytes)
             self._settle(acked=acked, slot=done.slot)
 
     def _made_durable(
-        self, messages: int, ticket: _Ticket | None, failure: StorageError | None
+        self, header: BatchHeader, ticket: _Ticket | None, failure: StorageError | None
     ) -> None:
         if failure is None:
-            self._acked(messages, ticket)
+            self._acked(header, ticket)
             return
         # Settled without a count: the final count stays what is durable.
         self.fail(
@@ -334,7 +335,7 @@ class PublishSession:
         self._settled.unpark_all()
 
     def _in_flight(
-        self, messages: int, claim: Claim | None = None, ticket: _Ticket | None = None
+        self, header: BatchHeader, claim: Claim | None = None, ticket: _Ticket | None = None
     ) -> None:
         """One more batch received whole and handed on, not yet settled. A
         session connection's gets a ticket: a stored batch's is found again
@@ -345,7 +346,7 @@ class PublishSession:
         if self._tickets is not None:
             if ticket is None:
                 assert claim is not None  # every batch stored in a session has one
-                ticket = self._stored[claim] = _Ticket(messages)
+                ticket = self._stored[claim] = _Ticket(header)
             self._tickets.append(ticket)
 
     def _not_in_flight(self, claim: Claim | None) -> None:
@@ -362,6 +363,18 @@ class PublishSession:
         if self._error is None:
             self._error = error
         self._receive_scope.cancel()
+
+    def _hold_acks(self) -> None:
+        """The next batch has arrived already: let the counts of the batches
+        acked meanwhile add up (see :class:`AckCounter`)."""
+        if self._acks is not None:
+            self._acks.hold()
+
+    def _release_acks(self) -> None:
+        """About to wait: the publisher first gets every count held back, so
+        it never waits for an ack while the broker waits too."""
+        if self._acks is not None:
+            self._acks.release()
 
     # -- the session -----------------------------------------------------------------
 
@@ -405,7 +418,7 @@ class PublishSession:
             async with trio.open_nursery() as nursery:
                 ack_sender_done = trio.Event()
                 if handshake.ack >= 1 and not dial_back:
-                    self._acks = counter = AckCounter()
+                    self._acks = counter = AckCounter(ingest.network.ack_coalesce_kb * 1024)
                     nursery.start_soon(self._send_acks, counter, ack_sender_done)
                 else:
                     ack_sender_done.set()
@@ -533,7 +546,7 @@ class PublishSession:
         if key is not link.key:  # the first, or the topic was made anew
             link.key, link.order5 = key, self._order5(key)
         self.connection.phase = ConnectionPhase.WAIT_CXL
-        return await link.admit(header, self.connection)
+        return await link.admit(header, self.connection, self._release_acks)
 
     async def _duplicate(self, header: BatchHeader, admission: Admission) -> None:
         """Count a duplicate in flight; its ack comes once its stored copy's does."""
@@ -543,8 +556,8 @@ class PublishSession:
         sessions.duplicate_messages += header.num_msg
         self.ingest.counters.count_received(header)
         self.batches += 1
-        ticket = _Ticket(header.num_msg, admission.entry, header.batch_seq)
-        self._in_flight(header.num_msg, ticket=ticket)
+        ticket = _Ticket(header, admission.entry, header.batch_seq)
+        self._in_flight(header, ticket=ticket)
         self._free_slot(ticket)
         self._duplicates.append(ticket)
         self._duplicate_lot.unpark_all()
@@ -604,9 +617,11 @@ class PublishSession:
         # disk. Either way the publisher must not run further ahead.
         while self._slots >= self.ingest.network.max_buffers_per_connection:
             self.connection.phase = ConnectionPhase.WAIT_CXL
+            self._release_acks()
             await self._settled.park()
 
     async def _wait_settled(self) -> None:
+        self._release_acks()
         while self._inflight:
             await self._settled.park()
 
@@ -624,8 +639,10 @@ class PublishSession:
             # is taken at once, with this loop's one checkpoint a batch.
             got = None if gate.paused else receiver.receive_into_nowait(header_view)
             if got is None:
+                self._release_acks()
                 got = await self._wait_for_header(header_view)
             else:
+                self._hold_acks()
                 await trio.lowlevel.checkpoint()
             if got == 0:  # EOF, or stopped while no batch had started
                 return
@@ -693,6 +710,7 @@ class PublishSession:
         # No receive slot: a header costs the broker nothing but this
         # connection, so a publisher that stops in one holds up nobody.
         net = self.ingest.network
+        self._release_acks()
         with clock.running() as batch_deadline:
             deadline = min(batch_deadline, trio.current_time() + net.header_timeout_s)
             with trio.move_on_at(deadline):
@@ -724,13 +742,14 @@ class PublishSession:
             buffer = ingest.pool.allocate()
             if buffer is None:
                 conn.phase = ConnectionPhase.PAUSED
+                self._release_acks()
                 buffer = await ingest.pool.acquire()
         except BaseException:
             self._give_up(claim)
             raise
         try:
             conn.phase = ConnectionPhase.WAIT_PAYLOAD
-            await take_slot(ingest.receive_limiter)
+            await take_slot(ingest.receive_limiter, self._release_acks)
             try:
                 await self._receive_payload(buffer.view[:total], clock)
             finally:
@@ -744,13 +763,14 @@ class PublishSession:
             batch = StagedBatch(self, header, buffer, starts, previous, claim)
             buffer.hand_off()
             conn.phase = ConnectionPhase.WAIT_CXL
-            self._in_flight(header.num_msg, claim)
+            self._in_flight(header, claim)
             try:
                 try:
                     # Room in the channel: no pass through the scheduler
                     # here (the receive loop has its checkpoint a batch).
                     ingest.batches.send_nowait(batch)
                 except trio.WouldBlock:
+                    self._release_acks()
                     await ingest.batches.send(batch)
             except BaseException:
                 self._not_in_flight(claim)
@@ -810,6 +830,7 @@ class PublishSession:
         self, header: BatchHeader, clock: BatchClock
     ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
         """A batch's payload, received into memory of its own and checked."""
+        self._release_acks()  # the slot may be taken
         async with self.ingest.receive_limiter:
             # Allocated under the slot: at most num_publish_receive_threads
             # of these are being filled at once.
@@ -851,6 +872,7 @@ class PublishSession:
                 make_room=ingest.make_room,
                 space=ingest.space,
                 session=session,
+                on_wait=self._release_acks,
             )
         except LogFullError as exc:
             self._give_up(session)
@@ -891,7 +913,7 @@ class PublishSession:
         """Commit a batch received into its reservation, or into ``aside``."""
         self.ingest.counters.count_received(reservation.header)
         self.batches += 1
-        self._in_flight(reservation.header.num_msg, reservation.session)
+        self._in_flight(reservation.header, reservation.session)
         if aside is None:
             self.ingest.commits.complete(reservation, starts)
         else:
@@ -916,6 +938,7 @@ class PublishSession:
                 n = receiver.receive_into_nowait(piece)
                 if n is None:
                     n = 0
+                    self._release_acks()
                     with trio.move_on_at(min(deadline, trio.current_time() + stall)) as wait:
                         n = await receiver.receive_into(piece)
                     if wait.cancelled_caught:

@@ -81,6 +81,10 @@ logger = logging.getLogger(__name__)
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+def _is_ip(sock: trio.socket.SocketType) -> bool:
+    return sock.family in (trio.socket.AF_INET, trio.socket.AF_INET6)
+
+
 def _client_address(host: str) -> _Address:
     """The client's address; an IPv4 client reaching an IPv6 socket counts as IPv4."""
     address = ipaddress.ip_address(host)
@@ -484,15 +488,19 @@ class Broker:
                     )
                 )
                 for listener in self._listeners:
-                    if isinstance(listener, trio.SocketListener):
+                    if isinstance(listener, trio.SocketListener) and _is_ip(listener.socket):
                         host, port, *_ = listener.socket.getsockname()
                         logger.info("listening on %s:%d", host, port)
+                    elif isinstance(listener, trio.SocketListener):
+                        logger.info("listening on %s", listener.socket.getsockname())
                 task_status.started()
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         """Serve one connection; nothing a peer does can raise out of here."""
         peer: tuple[str, int] | None = None
-        if isinstance(stream, trio.SocketStream):
+        # Only an IP peer has an address to check and count (a Unix socket
+        # of an embedding application has none, as an in-memory stream).
+        if isinstance(stream, trio.SocketStream) and _is_ip(stream.socket):
             try:
                 host, port, *_ = stream.socket.getpeername()
             except OSError as exc:  # reset before we got to it: nothing to serve

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import NoReturn
 
 import attrs
@@ -162,10 +163,15 @@ class SessionLink:
             self.sessions.closed(self.entry, self.key.token)
             self.entry = None
 
-    async def admit(self, header: BatchHeader, connection: Connection) -> Admission:
+    async def admit(
+        self,
+        header: BatchHeader,
+        connection: Connection,
+        on_wait: Callable[[], None] | None = None,
+    ) -> Admission:
         """Admit the batch whose header arrived: ``NEW`` (its claim to go on
         its reservation) or ``DUPLICATE``; waits while another connection
-        writes the batch_seq.
+        writes the batch_seq, calling ``on_wait`` first.
 
         Raises:
             ProtocolError: The batch is refused (collision 6, window or
@@ -201,6 +207,8 @@ class SessionLink:
                     f"batch_seq {header.batch_seq} of this session was not stored here: "
                     f"{who} and did not finish within {sessions.wait_limit} s; send it again",
                 )
+            if on_wait is not None:
+                on_wait()
             await self._pause(connection, deadline, header.batch_seq)
 
     async def wait_acked(self, entry: int, seq: int, connection: Connection) -> None:
