@@ -129,8 +129,7 @@ class OrderWaits:
 
     def ordered_topic(self, reservation: Reservation) -> bool:
         """Whether ``reservation``'s topic has order 5 (fixed in the region)."""
-        stream = reservation.stream
-        return read_topic_order(self._log.region, self._log.geometry, stream.topic_index) == 5
+        return reservation.stream.order == 5
 
     def hold(
         self, reservation: Reservation, deliver: Deliver | None, never: Deliver | None

@@ -793,7 +793,13 @@ class PublishSession:
         except BaseException:
             self._give_up(claim)
             raise
-        if claim is None and ingest.log.existing_stream(self.topic) is None:
+        # Attached (after its first batch), the topic cannot be deleted: no
+        # need to look it up again for every batch.
+        if (
+            claim is None
+            and self._stream is None
+            and ingest.log.existing_stream(self.topic) is None
+        ):
             await self._receive_first_batch(header, clock)
             return
         # Returns holding a receive slot, which it never held while backing off.

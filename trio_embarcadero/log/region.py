@@ -294,6 +294,10 @@ class Stream:
         #: the slot says otherwise, the topic was deleted.
         self.incarnation = incarnation
         self.broker_id = broker_id
+        #: The topic's order level (0 or 5): fixed while the topic lives
+        #: (see :func:`~.layout.write_topic`), and a stream is forgotten
+        #: with its topic's incarnation; read here once, not every commit.
+        self.order = read_topic_order(log.region, log.geometry, topic_index)
         self.entry_offset = log.geometry.stream_offset(topic_index, broker_id)
         self.last_segment = NO_SEGMENT
         self.last_order = -1  # the order of the last segment (-1: none yet)
@@ -1332,7 +1336,7 @@ class CxlLog:
         no limit.
         """
         segments = stream.segments
-        ordered_topic = read_topic_order(self._mmap, self.geometry, stream.topic_index) == 5
+        ordered_topic = stream.order == 5
         batches = 0
         # Only segments commits have moved past are whole.
         candidates = min(stream._commit_segment, len(segments) - 1)
