@@ -26,6 +26,9 @@ from trio_embarcadero.transport import Sender
 from trio_embarcadero.wire import encode_ack, encode_ack_start
 
 PATHS = pytest.mark.parametrize("use_nonblocking", [True, False], ids=["staged", "direct"])
+# A plain publish connection, and one of a publish session, whose acks go
+# through its batches' tickets.
+REQUESTS = pytest.mark.parametrize("session", [False, True], ids=["plain", "session"])
 
 MESSAGES = 4  # a batch
 SIZE = 1000  # a message's payload
@@ -34,6 +37,12 @@ BATCHES = 16
 
 def batches(count: int = BATCHES) -> list[bytes]:
     return [batch(seq, 3, seq * MESSAGES, MESSAGES, SIZE)[0] for seq in range(count)]
+
+
+def hello(topic: str, session: bool) -> bytes:
+    if session:
+        return handshake(topic, client_id=3, req=2, last_addr=0x5E55)
+    return handshake(topic, client_id=3)
 
 
 # -- the counter ---------------------------------------------------------------------------------
@@ -159,8 +168,9 @@ async def counts_until(stream: trio.SocketStream, total: int) -> list[int]:
 
 
 @PATHS
+@REQUESTS
 async def test_batches_that_arrived_together_get_few_counts_and_the_last_without_more_input(
-    make_config: MakeConfig, use_nonblocking: bool
+    make_config: MakeConfig, use_nonblocking: bool, session: bool
 ) -> None:
     """Every batch is there before the broker reads the first: the counts
     add up, and the last one comes although the client sends nothing more
@@ -175,7 +185,7 @@ async def test_batches_that_arrived_together_get_few_counts_and_the_last_without
         ) as (broker, listener):
             client, server = listener.connect()
             async with client:
-                await client.send_all(handshake("together", client_id=3) + b"".join(frames))
+                await client.send_all(hello("together", session) + b"".join(frames))
                 listener.hand_over(server)
                 counts = await counts_until(client, BATCHES * MESSAGES)
             assert counts == sorted(set(counts))
@@ -214,9 +224,10 @@ async def test_a_held_count_covers_at_most_ack_coalesce_kb(
 
 
 @PATHS
+@REQUESTS
 @pytest.mark.parametrize("cut", ["header", "payload"])
 async def test_a_held_count_goes_out_while_the_next_batch_is_awaited(
-    make_config: MakeConfig, use_nonblocking: bool, cut: str
+    make_config: MakeConfig, use_nonblocking: bool, session: bool, cut: str
 ) -> None:
     """The next batch's first bytes have arrived, the rest has not: the
     broker waits for them, but not before it wrote the counts it held."""
@@ -229,7 +240,7 @@ async def test_a_held_count_goes_out_while_the_next_batch_is_awaited(
         ) as (_broker, listener):
             client, server = listener.connect()
             async with client:
-                await client.send_all(handshake("cut", client_id=3) + whole + part)
+                await client.send_all(hello("cut", session) + whole + part)
                 listener.hand_over(server)
                 counts = await counts_until(client, 3 * MESSAGES)
                 assert counts[-1] == 3 * MESSAGES  # the first three, while it waits

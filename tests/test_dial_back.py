@@ -337,3 +337,24 @@ async def test_a_lease_is_released_once(autojump_clock: trio.testing.MockClock) 
             second.release()
             await eof.wait()
     assert len(dialer.dials) == 1
+
+
+async def test_a_shared_ack_stream_is_never_held(autojump_clock: trio.testing.MockClock) -> None:
+    """A publish connection holds its own counts while batches wait to be
+    read; a dial-back counter counts for several, so holding it does nothing."""
+    dialer = Dialer()
+    dialer.gate.set()
+    leases: list[DialBackLease] = []
+    with trio.fail_after(60):
+        async with registry_with(dialer) as (registry, nursery):
+            await attach_in(nursery, registry, leases)
+            (lease,) = leases
+            received, eof = bytearray(), trio.Event()
+            nursery.start_soon(read_client, dialer.clients[0], received, eof)
+            lease.counter.hold()
+            assert not lease.counter.held
+            lease.counter.advance(5, 10**6)
+            await trio.testing.wait_all_tasks_blocked()
+            assert bytes(received) == struct.pack("<iQ", 3, 5)
+            lease.release()
+            await eof.wait()
