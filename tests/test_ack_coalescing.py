@@ -91,6 +91,15 @@ def test_a_held_count_goes_out_once_it_covers_hold_bytes() -> None:
     assert written.counts == [3, 6, 7]
 
 
+def test_a_closed_counter_is_never_held() -> None:
+    counter = AckCounter(hold_bytes=1000)
+    counter.hold()
+    counter.close()
+    assert not counter.held
+    counter.hold()
+    assert not counter.held
+
+
 def test_hold_bytes_zero_never_holds() -> None:
     counter, written = AckCounter(), Written()
     counter.write_at_once(written)

@@ -37,9 +37,9 @@ class AckCounter:
     one, or at :meth:`release`, which the connection calls before it waits for
     anything. A count written per 64 KiB batch costs the broker as much as
     receiving the batch (one loopback segment each, and the wake-up of the
-    publisher's reader); a publisher whose batches queue up loses nothing by
-    getting one count for several, as it would get it only once the broker
-    had read them anyway.
+    publisher's reader). A publisher whose batches queue up loses little by
+    getting one count for several: a count waits at most while the broker
+    reads what has already arrived, ``hold_bytes`` of acked batches at most.
 
     Args:
         hold_bytes: How many bytes of acked batches a held count may cover
@@ -72,8 +72,9 @@ class AckCounter:
         return self._held
 
     def hold(self) -> None:
-        """Let advances add up until :meth:`release` (or ``hold_bytes``)."""
-        self._held = self._hold_bytes > 0
+        """Let advances add up until :meth:`release` (or ``hold_bytes``);
+        a closed counter is never held (its last count must go out)."""
+        self._held = self._hold_bytes > 0 and not self._closed
 
     def release(self) -> None:
         """Stop holding; a count held back goes out now."""
