@@ -22,7 +22,7 @@ import trio.testing
 
 from trio_embarcadero.broker.acks import AckCounter, run_ack_sender
 from trio_embarcadero.errors import ConnectionLost
-from trio_embarcadero.transport import Sender, SocketReceiver, receiver_for
+from trio_embarcadero.transport import Sender, SocketReceiver, is_ip_socket, receiver_for
 from trio_embarcadero.wire import encode_ack, encode_ack_start
 
 
@@ -158,3 +158,12 @@ async def test_counts_written_at_once_are_not_written_again() -> None:
             counter.close()
         expected = encode_ack_start(3) + encode_ack(5) + encode_ack(7) + encode_ack(8)
         assert await read_exactly(far, len(expected)) == expected
+
+
+async def test_only_ip_sockets_have_a_peer_address() -> None:
+    a, b = trio.socket.socketpair()
+    with a, b:
+        assert not is_ip_socket(a)  # a Unix socket: getpeername() gives no (host, port)
+    tcp = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    with tcp:
+        assert is_ip_socket(tcp)

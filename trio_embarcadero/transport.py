@@ -97,6 +97,12 @@ class StreamReceiver:
         return None  # a stream's buffered bytes are reached only by waiting
 
 
+def is_ip_socket(sock: trio.socket.SocketType) -> bool:
+    """Whether ``sock`` is an IPv4 or IPv6 socket: only those have a peer
+    address (a Unix socket an embedding application hands over has none)."""
+    return sock.family in (trio.socket.AF_INET, trio.socket.AF_INET6)
+
+
 def receiver_for(stream: trio.abc.ReceiveStream) -> Receiver:
     """The fastest receiver that works for ``stream``."""
     if isinstance(stream, trio.SocketStream):

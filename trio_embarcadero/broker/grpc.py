@@ -41,6 +41,7 @@ import attrs
 import trio
 
 from ..errors import RpcError, RpcStatus
+from ..transport import is_ip_socket
 from .grpcwire import (
     CallCancelled,
     CallStarted,
@@ -339,8 +340,7 @@ def _local_host(stream: trio.abc.Stream) -> str:
 
 
 def _peer(stream: trio.abc.Stream) -> str:
-    ip = (trio.socket.AF_INET, trio.socket.AF_INET6)
-    if isinstance(stream, trio.SocketStream) and stream.socket.family in ip:
+    if isinstance(stream, trio.SocketStream) and is_ip_socket(stream.socket):
         try:
             host, port, *_ = stream.socket.getpeername()
         except OSError:

@@ -57,6 +57,7 @@ from ..log.ownership import BrokerLock, claim_disk_log, claim_region, settings_p
 from ..log.region import check_memory_ordering
 from ..log.sessions import Claim
 from ..log.settings import TopicSettingsFile, remove_settings
+from ..transport import is_ip_socket
 from ..wire import encode_error_frame
 from .acks import DialBackRegistry, DialBackStatistics
 from .admin import AdminApi
@@ -79,10 +80,6 @@ logger = logging.getLogger(__name__)
 
 
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _is_ip(sock: trio.socket.SocketType) -> bool:
-    return sock.family in (trio.socket.AF_INET, trio.socket.AF_INET6)
 
 
 def _client_address(host: str) -> _Address:
@@ -488,7 +485,7 @@ class Broker:
                     )
                 )
                 for listener in self._listeners:
-                    if isinstance(listener, trio.SocketListener) and _is_ip(listener.socket):
+                    if isinstance(listener, trio.SocketListener) and is_ip_socket(listener.socket):
                         host, port, *_ = listener.socket.getsockname()
                         logger.info("listening on %s:%d", host, port)
                     elif isinstance(listener, trio.SocketListener):
@@ -500,7 +497,7 @@ class Broker:
         peer: tuple[str, int] | None = None
         # Only an IP peer has an address to check and count (a Unix socket
         # of an embedding application has none, as an in-memory stream).
-        if isinstance(stream, trio.SocketStream) and _is_ip(stream.socket):
+        if isinstance(stream, trio.SocketStream) and is_ip_socket(stream.socket):
             try:
                 host, port, *_ = stream.socket.getpeername()
             except OSError as exc:  # reset before we got to it: nothing to serve
