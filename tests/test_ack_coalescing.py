@@ -21,9 +21,7 @@ from tcpclient import recv_ack_item, recv_broker_id
 
 from trio_embarcadero import open_broker
 from trio_embarcadero.broker import Broker
-from trio_embarcadero.broker.acks import AckCounter, run_ack_sender
-from trio_embarcadero.transport import Sender
-from trio_embarcadero.wire import encode_ack, encode_ack_start
+from trio_embarcadero.broker.acks import AckCounter
 
 PATHS = pytest.mark.parametrize("use_nonblocking", [True, False], ids=["staged", "direct"])
 # A plain publish connection, and one of a publish session, whose acks go
@@ -108,27 +106,6 @@ def test_hold_bytes_zero_never_holds() -> None:
     counter.advance(1, 10**9)
     counter.advance(1, 10**9)
     assert written.counts == [1, 2]
-
-
-async def test_closing_a_held_counter_sends_its_final_count() -> None:
-    a, b = trio.socket.socketpair()
-    async with trio.SocketStream(a) as near, trio.SocketStream(b) as far:
-        sender = Sender(near)
-        counter = AckCounter(hold_bytes=10**6)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: run_ack_sender(
-                    counter, sender.send_all, 1, send_nowait=sender.send_nowait,
-                    task_status=task_status,
-                )
-            )  # fmt: skip
-            counter.hold()
-            counter.advance(5, 100)
-            counter.advance(6, 100)
-            counter.close()
-        await near.send_eof()
-        with trio.fail_after(5):
-            assert await read_all(far) == encode_ack_start(1) + encode_ack(11)
 
 
 # -- the broker ----------------------------------------------------------------------------------

@@ -139,17 +139,24 @@ async def test_a_frame_written_in_part_is_finished_first(monkeypatch: pytest.Mon
         assert await read_exactly(far, 10) == b"ABCDEFGHXY"
 
 
+async def start_ack_sender(
+    nursery: trio.Nursery, counter: AckCounter, stream: trio.SocketStream, broker_id: int
+) -> None:
+    """An ack sender for ``counter`` on ``stream``, writing counts at once where it can."""
+    sender = Sender(stream)
+    await nursery.start(
+        lambda task_status: run_ack_sender(
+            counter, sender.send_all, broker_id, send_nowait=sender.send_nowait,
+            task_status=task_status,
+        )
+    )  # fmt: skip
+
+
 async def test_counts_written_at_once_are_not_written_again() -> None:
     async with socket_pair() as (near, far):
-        sender = Sender(near)
         counter = AckCounter()
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: run_ack_sender(
-                    counter, sender.send_all, 3, send_nowait=sender.send_nowait,
-                    task_status=task_status,
-                )
-            )  # fmt: skip
+            await start_ack_sender(nursery, counter, near, 3)
             counter.advance(5)  # written here, at once: the sender stays asleep
             assert counter.sent == 5
             counter.advance(2)
@@ -157,6 +164,20 @@ async def test_counts_written_at_once_are_not_written_again() -> None:
             counter.advance(1)
             counter.close()
         expected = encode_ack_start(3) + encode_ack(5) + encode_ack(7) + encode_ack(8)
+        assert await read_exactly(far, len(expected)) == expected
+
+
+async def test_closing_a_held_counter_sends_its_final_count() -> None:
+    async with socket_pair() as (near, far):
+        counter = AckCounter(hold_bytes=10**6)
+        async with trio.open_nursery() as nursery:
+            await start_ack_sender(nursery, counter, near, 1)
+            counter.hold()
+            counter.advance(5, 100)
+            counter.advance(6, 100)
+            assert counter.sent == 0  # held
+            counter.close()
+        expected = encode_ack_start(1) + encode_ack(11)
         assert await read_exactly(far, len(expected)) == expected
 
 
