@@ -485,11 +485,12 @@ class Broker:
                     )
                 )
                 for listener in self._listeners:
-                    if isinstance(listener, trio.SocketListener) and is_ip_socket(listener.socket):
-                        host, port, *_ = listener.socket.getsockname()
-                        logger.info("listening on %s:%d", host, port)
-                    elif isinstance(listener, trio.SocketListener):
-                        logger.info("listening on %s", listener.socket.getsockname())
+                    if isinstance(listener, trio.SocketListener):
+                        address = listener.socket.getsockname()
+                        if is_ip_socket(listener.socket):
+                            host, port, *_ = address
+                            address = f"{host}:{port}"
+                        logger.info("listening on %s", address)
                 task_status.started()
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
