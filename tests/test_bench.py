@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import pytest
 
@@ -399,6 +401,9 @@ def test_tiny_real_run(cxl_dir: Path) -> None:
         else:
             assert latency["count"] == 0
     assert report["variants"]["trio-sink"]["ratio_to_trio_sink"] == pytest.approx(1.0)
+    assert report["setup"]["pin"] is None
+    for run in report["runs"]:  # unpinned: where this process may run
+        assert run["server_cpus"] == run["client_cpus"] == sorted(os.sched_getaffinity(0))
     staged = report["variants"]["staged-ack1"]
     assert staged["pool_size"] == 32
     assert staged["pool_peak"] >= 1
@@ -520,6 +525,29 @@ def test_tiny_real_read_run(cxl_dir: Path) -> None:
     )
     assert sub["cxl_size_mb"] > 0
     assert list(cxl_dir.iterdir()) == []  # the region and the sender's file are gone
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--pin needs two CPUs")
+def test_tiny_real_pinned_run(cxl_dir: Path) -> None:
+    """--pin: the sink, the broker and the read path's broker on the upper half
+    of the CPUs, the load generator and the reader on the rest, paced too."""
+    proc, report = _bench(
+        *("--variants", "trio-sink,staged-ack1,read-sub1", "--rounds", "1", "--rate", "0.5"),
+        *("--connections", "2", "--bytes", str(4 * BATCH_PAYLOAD), "--cxl-dir", str(cxl_dir)),
+        "--pin",
+    )
+    pin = bench.pinning("auto", os.sched_getaffinity(0))
+    assert report["setup"]["pin"] == {"servers": list(pin.servers), "clients": list(pin.clients)}
+    assert pin.describe() in proc.stdout  # the table's head line
+    assert pin.describe() in proc.stderr  # the start-up line
+    assert "Not pinned" not in proc.stdout
+    assert report["ok"] is True
+    assert len(report["runs"]) == 5  # the sink and the broker paced once each
+    for run in report["runs"]:
+        assert run["ok"], run
+        assert run["server_cpus"] == list(pin.servers), run["variant"]
+        assert run["client_cpus"] == list(pin.clients), run["variant"]
+    assert list(cxl_dir.iterdir()) == []
 
 
 def test_tiny_real_paced_run_with_a_retention_variant(cxl_dir: Path) -> None:
@@ -649,6 +677,56 @@ def test_several_batch_sizes_run_every_variant_at_each(tmp_path: Path) -> None:
 def test_rates_parse(text: str, rates: tuple[float, ...]) -> None:
     assert bench.make_plan(_args("--rate", text)).rates == rates
     assert bench.make_plan(_args()).rates == ()
+
+
+def test_pin_splits_the_cpus_or_takes_two_lists() -> None:
+    assert bench.pinning("auto", {0, 1}) == bench.Pinning(servers=(1,), clients=(0,))
+    assert bench.pinning("auto", {3, 0, 1, 2}) == bench.Pinning(servers=(2, 3), clients=(0, 1))
+    assert bench.pinning("auto", {4, 5, 6}) == bench.Pinning(servers=(5, 6), clients=(4,))
+    assert bench.pinning("2-3/0,1", {0, 1, 2, 3}) == bench.Pinning(servers=(2, 3), clients=(0, 1))
+    assert bench.pinning("0/1", {0, 1}).describe() == "servers on CPU 0, clients on CPU 1"
+    assert bench.make_plan(_args()).pin is None
+    mine = sorted(os.sched_getaffinity(0))
+    if len(mine) >= 2:
+        assert bench.make_plan(_args("--pin")).pin == bench.pinning("auto", mine)
+        text = f"{mine[0]}/{mine[1]}"
+        assert bench.make_plan(_args("--pin", text)).pin == bench.Pinning((mine[0],), (mine[1],))
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus", "complaint"),
+    [
+        ("auto", {0}, "may use only CPU 0: run without --pin"),
+        ("1/1", {0, 1}, "share CPU 1; give them separate CPUs"),
+        ("1-2/0", {0, 1}, "CPU 2 not among the CPUs this process may use (0-1)"),
+        ("1", {0, 1}, "not SERVERS/CLIENTS"),
+        ("1/", {0, 1}, "not a CPU list"),
+        ("b/0", {0, 1}, "give auto or SERVERS/CLIENTS, e.g. 1/0"),
+    ],
+)
+def test_bad_pins_name_the_problem(text: str, cpus: set[int], complaint: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(complaint)):
+        bench.pinning(text, cpus)
+
+
+def test_a_run_whose_pinning_did_not_hold_fails(tmp_path: Path) -> None:
+    plan = attrs.evolve(
+        bench.make_plan(_args("--variants", "trio-sink")),
+        pin=bench.Pinning(servers=(1,), clients=(0,)),
+    )
+    b = bench.Bench(plan, live=None)
+    try:
+        held = bench.RunResult("trio-sink", 1, ok=True, server_cpus=[1], client_cpus=[0])
+        b.check_pinning(held)
+        assert held.errors == []
+        gone = bench.RunResult("trio-sink", 1, ok=True)  # nothing read: the run says why
+        b.check_pinning(gone)
+        assert gone.errors == []
+        loose = bench.RunResult("trio-sink", 1, ok=True, server_cpus=[0, 1], client_cpus=[0])
+        b.check_pinning(loose)
+        assert loose.errors == ["--pin did not hold: the servers could run on CPUs 0-1, not only 1"]
+    finally:
+        b.close()
 
 
 @pytest.mark.parametrize("text", ["0", "1.5", "-0.5", "x", "0.5,0.5", ""])
@@ -810,9 +888,7 @@ def test_summary_of_read_paced_and_tagged_variants() -> None:
     assert any(n.startswith("+retention cost: staged-ack1+retention moves 93%") for n in notes)
     assert any(
         n.startswith("Target (staged-ack1, 2,097,664 B batches): ack p99 < 5 ms at 80%")
-        and n.endswith(
-            "-> 8.00 ms pooled; a run's own p99 (median [min-max] of 2): 8.00 [8.00-8.00] ms."
-        )
+        and "-> 8.00 ms pooled; a run's own p99 (median [min-max] of 2): 8.00 [8.00-8.00] ms." in n
         for n in notes
     )
 
@@ -837,6 +913,10 @@ def test_paced_runs_report_each_runs_p99_beside_the_pooled_one() -> None:
     assert len(per_run["values"]) == 3
     (note,) = [n for n in _notes(plan, summary, None) if n.startswith("Target (direct-ack1")]
     assert "ms pooled; a run's own p99 (median [min-max] of 3): 1.10 [1.10-50.0" in note
+    assert "Not pinned" in note  # unpinned, the note says how to keep the two apart
+    pinned = attrs.evolve(plan, pin=bench.Pinning(servers=(1,), clients=(0,)))
+    (note,) = [n for n in _notes(pinned, summary, None) if n.startswith("Target (direct-ack1")]
+    assert "pinned" not in note
 
 
 def test_table_shows_the_read_ratio_and_the_paced_latencies(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import socket
 import sys
@@ -129,5 +130,7 @@ def main(name: str, args: argparse.Namespace, make: Callable[[argparse.Namespace
         return 1
     finally:
         client.close()
+    # Where it could run (the bench's --pin checks it held).
+    result["cpus"] = sorted(os.sched_getaffinity(0))
     emit(result)
     return 0 if result["ok"] else 1

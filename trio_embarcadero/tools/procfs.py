@@ -1,6 +1,7 @@
 """What ``/proc`` says about the tools' child processes and the file systems they use.
 
-The bench samples its receivers' CPU time and memory; the no-loss checker
+The bench samples its receivers' CPU time, memory and the CPUs they may run
+on; the no-loss checker
 reads its broker's peak memory; the failover measurement stops a broker only
 outside the region's file lock and the session table's range lock. Every
 reader returns an empty or "unknown" answer rather than raising when a
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -42,6 +44,52 @@ def process_memory(pid: int) -> dict[str, int]:
         if len(value) == 2 and value[1] == "kB":
             found[key] = int(value[0]) * 1024
     return found
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """The CPUs of a kernel CPU list (``"0-3,6"``, as in ``Cpus_allowed_list``), sorted.
+
+    Raises:
+        ValueError: ``text`` is not such a list (or names no CPU).
+    """
+    cpus: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"not a CPU list (like 0-3,6): {text!r}")
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise ValueError(f"a CPU range runs upwards (like 2-3): {part!r} in {text!r}")
+        cpus.update(range(low, high + 1))
+    return sorted(cpus)
+
+
+def cpu_list_text(cpus: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` as the kernel writes it: ``"0-2,5"``."""
+    parts: list[str] = []
+    ordered = sorted(set(cpus))
+    start = 0
+    for i, cpu in enumerate(ordered):
+        if i + 1 == len(ordered) or ordered[i + 1] != cpu + 1:
+            first = ordered[start]
+            parts.append(str(cpu) if first == cpu else f"{first}-{cpu}")
+            start = i + 1
+    return ",".join(parts)
+
+
+def process_cpus(pid: int) -> list[int]:
+    """The CPUs any thread of a process may run on (the union of their
+    ``Cpus_allowed_list``), sorted; empty if unreadable."""
+    cpus: set[int] = set()
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            text = status.read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        for line in text.splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                cpus.update(parse_cpu_list(line.partition(":")[2].strip()))
+    return sorted(cpus)
 
 
 def filesystem(path: str) -> str:

@@ -47,7 +47,9 @@ and without them interleave in one run. With several ``--batch-size`` values
 every variant runs at each, as ``VARIANT@SIZE``. With ``--rate`` each ingest
 variant with acks runs again right after each unpaced run, paced at those
 fractions of the GB/s that run measured, and its ack latency is measured
-from each batch's scheduled send.
+from each batch's scheduled send. With ``--pin`` the servers (brokers,
+sinks, the read path's sender) and the clients (load generator, readers)
+are bound to separate CPUs, and every run checks that the binding held.
 
 Every receiver, sender, load generator and reader is a process of its own
 (:mod:`trio_embarcadero.tools.sink`, :mod:`trio_embarcadero.tools.loadgen`,
@@ -96,10 +98,12 @@ from .plan import (
     DEFAULT_VARIANTS,
     PRESETS,
     READ_VARIANTS,
+    Pinning,
     Plan,
     Variant,
     add_arguments,
     make_plan,
+    pinning,
 )
 from .report import build_report, plot, render_table, summarize
 from .results import RunResult, percentiles
@@ -113,6 +117,7 @@ __all__ = [
     "READ_VARIANTS",
     "Bench",
     "BenchError",
+    "Pinning",
     "Plan",
     "RunResult",
     "Variant",
@@ -124,6 +129,7 @@ __all__ = [
     "make_plan",
     "parse_size",
     "percentiles",
+    "pinning",
     "plot",
     "render_table",
     "run",

@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
                 else ""
             )
             + (f"; broker CXL regions: {', '.join(regions)}" if regions else "")
+            + (f"; {plan.pin.describe()}" if plan.pin is not None else "")
         )
         storage = bench.storage_setup()
         if storage is not None:

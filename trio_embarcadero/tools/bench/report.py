@@ -19,7 +19,7 @@ import attrs
 import numpy as np
 import trio
 
-from .plan import PROGRESS_INTERVAL, Plan, Variant
+from .plan import PROGRESS_INTERVAL, Pinning, Plan, Variant
 from .results import RunResult, percentile_source, percentiles_ms
 from .runner import Bench
 
@@ -257,6 +257,8 @@ def render_table(report: dict[str, Any]) -> str:
         f"{setup['message_size']} B messages, {shapes}, "
         f"{setup['bytes_per_run'] / 1e9:.2f} GB of message payload per run"
     )
+    if setup["pin"] is not None:
+        head += "; " + Pinning(**{k: tuple(v) for k, v in setup["pin"].items()}).describe()
     reading = any(v["readers"] for v in report["variants"].values())
     columns = [
         "variant",
@@ -493,6 +495,12 @@ def _variant_notes(
         f"64 KiB batches) -> {p['latency_ms']['p99']:.2f} ms pooled; a run's own p99 (median "
         f"[min-max] of {len(p['p99_per_run_ms']['values'])}): "
         f"{_median_range(p['p99_per_run_ms'])} ms."
+        + (
+            ""
+            if plan.pin is not None
+            else " Not pinned: the scheduler may put the broker on its load generator's core "
+            "(--pin keeps them apart)."
+        )
         for p in v["paced"]
         if variant.is_broker and p["rate"] == TARGET_P99_RATE and p["latency_ms"]["count"]
     )
@@ -532,6 +540,7 @@ def build_report(bench: Bench) -> dict[str, Any]:
             "bytes_requested": plan.bytes,
             "seconds_limit": plan.seconds,
             "rates": list(plan.rates),
+            "pin": None if plan.pin is None else plan.pin.to_json(),
             "broker_options": plan.broker_options,
             "variant_options": {v.name: v.options for v in plan.variants if v.options},
             "broker_env": bench.broker_env,

@@ -55,6 +55,9 @@ class RunResult:
     #: Cluster runs, per broker (by id): message payload it received, its CPU seconds.
     broker_payload_bytes: list[int] = attrs.Factory(list)
     broker_cpu_s: list[float] = attrs.Factory(list)
+    #: The CPUs the servers' threads and the client process could run on.
+    server_cpus: list[int] = attrs.Factory(list)
+    client_cpus: list[int] = attrs.Factory(list)
 
     @property
     def broker_gb_per_s(self) -> list[float]:
@@ -114,6 +117,8 @@ class RunResult:
             "fill_s": self.fill_s,
             "broker_gb_per_s": self.broker_gb_per_s,
             "broker_cpu_s": self.broker_cpu_s,
+            "server_cpus": self.server_cpus,
+            "client_cpus": self.client_cpus,
             "series": [[round(t, 3), b] for t, b in self.series],
         }
 

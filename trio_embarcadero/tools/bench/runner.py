@@ -15,6 +15,7 @@ watches.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -29,13 +30,19 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import trio
 
 from ...config import StorageConfig, load_config
 from ...log import remove_region
-from ..procfs import filesystem, process_cpu_seconds, process_memory
+from ..procfs import (
+    cpu_list_text,
+    filesystem,
+    process_cpu_seconds,
+    process_cpus,
+    process_memory,
+)
 from .plan import PROGRESS_INTERVAL, Plan, Variant
 from .results import RunResult, percentiles
 
@@ -397,6 +404,17 @@ class Bench:
             f"({r.payload_bytes / 1e9:.2f} GB in {r.elapsed_s:.2f} s{fill}; wall {wall:.1f} s)"
         )
 
+    def pin(self, process: trio.Process, role: Literal["servers", "clients"]) -> None:
+        """Bind a child just started to ``--pin``'s CPUs for ``role`` (if pinning)."""
+        pin = self.plan.pin
+        if pin is None:
+            return
+        # At once, while the child's interpreter is still starting up and runs
+        # no other thread: the threads it starts later (the load generator's,
+        # Trio's workers) inherit the setting. Each run checks it held.
+        with contextlib.suppress(ProcessLookupError):  # gone already: its run says why
+            os.sched_setaffinity(process.pid, getattr(pin, role))
+
     async def start_servers(
         self, nursery: trio.Nursery, variant: Variant, cxl: str, storage: str | None = None
     ) -> list[Server]:
@@ -458,6 +476,7 @@ class Bench:
         process = await trio.lowlevel.open_process(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
         )
+        self.pin(process, "servers")
         server = Server(variant, process)
         nursery.start_soon(_pump, process.stdout, server.on_line)
         nursery.start_soon(_pump, process.stderr, server.on_line)
@@ -667,6 +686,9 @@ class Bench:
                 await server.stats_seen.wait()
         cpu1 = [process_cpu_seconds(s.process.pid) for s in servers]
         memory1 = [process_memory(s.process.pid) for s in servers]
+        result.server_cpus = sorted({cpu for s in servers for cpu in process_cpus(s.process.pid)})
+        result.client_cpus = final.get("cpus", [])
+        self.check_pinning(result)
         for each in servers:
             if each.process.returncode is not None:
                 result.receiver_failed = True
@@ -689,6 +711,20 @@ class Bench:
             server.pauses,
         )
         return final
+
+    def check_pinning(self, result: RunResult) -> None:
+        """Fail ``result`` if ``--pin`` did not hold: a server thread or the
+        client ran on a CPU outside its set (say, one started before it was pinned)."""
+        pin = self.plan.pin
+        if pin is None:
+            return
+        for role, found in (("servers", result.server_cpus), ("clients", result.client_cpus)):
+            wanted = list(getattr(pin, role))
+            if found and found != wanted:  # empty: gone before it was read; the run says why
+                result.errors.append(
+                    f"--pin did not hold: the {role} could run on CPUs {cpu_list_text(found)}, "
+                    f"not only {cpu_list_text(wanted)}"
+                )
 
     async def client(
         self,
@@ -719,6 +755,7 @@ class Bench:
         process = await trio.lowlevel.open_process(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
+        self.pin(process, "clients")
         try:
             async with trio.open_nursery() as pumps:
                 pumps.start_soon(_pump, process.stdout, on_line)
