@@ -265,6 +265,21 @@ async def attach_in(
     return scope
 
 
+@asynccontextmanager
+async def dialed_leases(
+    count: int,
+) -> AsyncIterator[tuple[Dialer, trio.Nursery, list[DialBackLease]]]:
+    """A registry whose dial succeeds at once, and ``count`` attaches of client 7
+    (which share the one connection it dials)."""
+    dialer = Dialer()
+    dialer.gate.set()
+    leases: list[DialBackLease] = []
+    async with registry_with(dialer) as (registry, nursery):
+        for _ in range(count):
+            await attach_in(nursery, registry, leases)
+        yield dialer, nursery, leases
+
+
 @pytest.mark.parametrize("cancelled", ["first", "joiner"])
 async def test_an_attach_cancelled_during_the_dial_holds_no_share(
     autojump_clock: trio.testing.MockClock, cancelled: str
@@ -317,13 +332,8 @@ async def test_a_dial_nobody_waits_for_is_abandoned(
 
 
 async def test_a_lease_is_released_once(autojump_clock: trio.testing.MockClock) -> None:
-    dialer = Dialer()
-    dialer.gate.set()
-    leases: list[DialBackLease] = []
     with trio.fail_after(60):
-        async with registry_with(dialer) as (registry, nursery):
-            await attach_in(nursery, registry, leases)
-            await attach_in(nursery, registry, leases)
+        async with dialed_leases(2) as (dialer, nursery, leases):
             first, second = leases
             assert first.counter is second.counter
             with first:
@@ -342,12 +352,8 @@ async def test_a_lease_is_released_once(autojump_clock: trio.testing.MockClock) 
 async def test_a_shared_ack_stream_is_never_held(autojump_clock: trio.testing.MockClock) -> None:
     """A publish connection holds its own counts while batches wait to be
     read; a dial-back counter counts for several, so holding it does nothing."""
-    dialer = Dialer()
-    dialer.gate.set()
-    leases: list[DialBackLease] = []
     with trio.fail_after(60):
-        async with registry_with(dialer) as (registry, nursery):
-            await attach_in(nursery, registry, leases)
+        async with dialed_leases(1) as (dialer, nursery, leases):
             (lease,) = leases
             received, eof = bytearray(), trio.Event()
             nursery.start_soon(read_client, dialer.clients[0], received, eof)
