@@ -1453,3 +1453,64 @@ def test_tiny_real_cluster_run(cxl_dir: Path) -> None:
     assert run["payload_bytes"] == requested
     assert len(run["broker_cpu_s"]) == 2
     assert list(cxl_dir.iterdir()) == []  # every CXL file was deleted
+
+
+def test_the_load_generators_send_buffer_is_set_reported_and_can_be_left_to_the_kernel(
+    tmp_path: Path,
+) -> None:
+    """512 KiB unless told otherwise; 0 is the kernel's autotuning, which the
+    table says, since it changes what a receiver that falls behind pays."""
+    plan = bench.make_plan(_args("--variants", "staged-ack1", "--rounds", "1"))
+    autotuned = bench.make_plan(
+        _args("--variants", "staged-ack1", "--rounds", "1", "--send-buffer", "0")
+    )
+    assert (plan.send_buffer, autotuned.send_buffer) == (512 * 1024, 0)
+    for p, shown in ((plan, "publisher send buffer 512 KiB"), (autotuned, "autotuned")):
+        b = bench.Bench(p, live=None)
+        try:
+            command = b.loadgen_command([("127.0.0.1", 9)], p.variants[0], 1)
+            assert command[command.index("--send-buffer") + 1] == str(p.send_buffer)
+            b.runs = [_run("staged-ack1", 1, 1.0)]
+            report = bench.build_report(b)
+        finally:
+            b.close()
+        assert report["setup"]["send_buffer"] == p.send_buffer
+        assert shown in bench.render_table(report).splitlines()[0]
+    with pytest.raises(SystemExit):
+        _args("--send-buffer", "-1")
+
+
+@pytest.mark.parametrize(("argument", "expected"), [("64KiB", 64 * 1024), ("0", 0)])
+def test_loadgen_sets_its_send_buffer_before_the_first_byte(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argument: str,
+    expected: int,
+) -> None:
+    set_before_send: list[int] = []
+    handshake = loadgen._Connection.handshake
+
+    def checked_handshake(self: loadgen._Connection) -> None:
+        set_before_send.append(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+        handshake(self)
+
+    monkeypatch.setattr(loadgen._Connection, "handshake", checked_handshake)
+    port, thread, listener = _acking_receiver(stall=0.0)
+    try:
+        argv = ["--port", str(port), "--connections", "1", "--batch-messages", "10"]
+        code = loadgen.main([*argv, "--bytes", "20K", "--send-buffer", argument])
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["send_buffer"] == expected
+    assert result["send_buffer_actual"] == set_before_send[0]
+    if expected:
+        assert set_before_send[0] == 2 * expected  # Linux doubles what it is given
+    else:  # left alone: what any new loopback connection starts with
+        with (
+            socket.create_server(("127.0.0.1", 0)) as server,
+            socket.create_connection(server.getsockname()) as plain,
+        ):
+            assert set_before_send[0] == plain.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)

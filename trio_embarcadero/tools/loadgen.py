@@ -27,7 +27,18 @@ Design, chosen so the generator is rarely the bottleneck:
   work per batch is a ``pack_into`` and a few list appends;
 * with acks, one reader thread per connection decodes the counts and records
   each batch's ack latency;
-* nothing is validated or allocated per message.
+* nothing is validated or allocated per message;
+* each socket's send buffer is fixed (``--send-buffer``, default 512 KiB,
+  which the kernel doubles), not left to the kernel's autotuning (up to
+  ``net.ipv4.tcp_wmem``'s maximum, 4 MiB here). On loopback the receiver's
+  window updates run the sender's transmit path on the receiver's CPU: a
+  receiver that falls behind sends its publishers' queued bytes for them,
+  and the more a send buffer holds, the more of that lands on it. With
+  autotuned buffers a broker that fell behind four publishers once stayed
+  behind at twice its CPU per GB (0.25 -> 0.5 s/GB, staged, servers pinned
+  apart); on a network link the sender's host does that work. A sink fast
+  enough never falls behind, so the ratios to it measured mostly this
+  effect. ``--send-buffer 0`` gives the kernel's autotuning back.
 
 Output, on stdout, one JSON object per line: a ``progress`` line every
 ``--interval`` seconds, then one ``result`` line (see :func:`_result`). Times
@@ -99,6 +110,8 @@ SESSION_WINDOW = 256
 #: The C++ evaluation's batch: 2 MiB + one padded 1 KiB message of payload.
 DEFAULT_BATCH_MESSAGES = 1928
 DEFAULT_MESSAGE_SIZE = 1024
+#: SO_SNDBUF of each connection (see the module docstring); 0: autotuned.
+DEFAULT_SEND_BUFFER = 512 * 1024
 
 
 def build_batch(client_id: int, num_msg: int, message_size: int) -> bytearray:
@@ -130,6 +143,11 @@ class _Connection:
         self.batch = build_batch(self.client_id, gen.num_msg, gen.message_size)
         self.port = gen.ports[index % len(gen.ports)]
         self.sock = socket.create_connection((gen.host, self.port))
+        if gen.send_buffer:
+            # Before the first byte: the handshake is this socket's first send.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, gen.send_buffer)
+        # What the kernel made of it (Linux doubles the value set).
+        self.send_buffer_actual = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         # With --session: its token; the reader wakes a sender that waits
         # for the session's window.
         self.token = random.SystemRandom().randrange(1, 2**64) if gen.session else 0
@@ -300,6 +318,7 @@ class LoadGenerator:
         self.first_client_id: int = args.client_id
         self.seconds: float = args.seconds
         self.interval: float = args.interval
+        self.send_buffer: int = args.send_buffer
         batch_payload = self.num_msg * self.message_size
         self.requested_bytes = int(args.bytes)
         self.total_batches = max(1, -(-self.requested_bytes // batch_payload))
@@ -388,6 +407,8 @@ class LoadGenerator:
             "messages_per_s": messages / elapsed,
             "time_bounded": batches < self.total_batches,
             "window": _WINDOWS[self.ack],
+            "send_buffer": self.send_buffer,
+            "send_buffer_actual": conns[0].send_buffer_actual,
             "rate_bytes_per_s": self.rate,
             "latency_from": (
                 None if not self.ack else "scheduled send" if self.rate else "send start"
@@ -449,6 +470,11 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def parse_size_or_zero(text: str) -> int:
+    """:func:`parse_size`, or 0 (a setting left to the kernel)."""
+    return 0 if text.strip() == "0" else parse_size(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The load generator's command line."""
     parser = argparse.ArgumentParser(
@@ -492,6 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(needs --ack 1 or 2)",
     )
     parser.add_argument("--interval", type=float, default=1.0, help="progress line period")
+    parser.add_argument(
+        "--send-buffer",
+        type=parse_size_or_zero,
+        default=DEFAULT_SEND_BUFFER,
+        metavar="SIZE",
+        help="SO_SNDBUF of each connection (default: 512KiB; 0: the kernel autotunes it)",
+    )
     return parser
 
 

@@ -18,7 +18,7 @@ from collections.abc import Collection, Sequence
 import attrs
 
 from ...wire import BATCH_HEADER_SIZE, MAX_BROKER_ID, padded_size
-from ..loadgen import DEFAULT_MESSAGE_SIZE, parse_size
+from ..loadgen import DEFAULT_MESSAGE_SIZE, DEFAULT_SEND_BUFFER, parse_size, parse_size_or_zero
 from ..procfs import cpu_list_text, parse_cpu_list
 
 DEFAULT_VARIANTS = (
@@ -222,6 +222,8 @@ class Plan:
     rates: tuple[float, ...] = ()
     #: ``--pin``: the servers' and the clients' CPUs (None: wherever the scheduler puts them).
     pin: Pinning | None = None
+    #: ``--send-buffer``: the load generator's SO_SNDBUF a connection (0: autotuned).
+    send_buffer: int = DEFAULT_SEND_BUFFER
 
     def connections_for(self, variant: Variant) -> int:
         """Publisher connections of ``variant``'s runs: ``--connections``, and
@@ -353,6 +355,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         storage_dir=args.storage_dir or tempfile.gettempdir(),
         rates=rates,
         pin=None if args.pin is None else pinning(args.pin, os.sched_getaffinity(0)),
+        send_buffer=args.send_buffer,
     )
 
 
@@ -618,6 +621,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "separate CPUs: kernel CPU lists such as 1/0 or 2-3/0-1; alone, the upper half of "
         "the CPUs for the servers and the rest for the clients (recommended with --rate: "
         "otherwise the scheduler may put a receiver on its load generator's core)",
+    )
+    parser.add_argument(
+        "--send-buffer",
+        type=parse_size_or_zero,
+        default=DEFAULT_SEND_BUFFER,
+        metavar="SIZE",
+        help="the load generator's SO_SNDBUF a connection (default: 512KiB; 0: the kernel "
+        "autotunes it, up to net.ipv4.tcp_wmem's maximum, and a receiver that falls behind "
+        "then also runs its publishers' loopback transmits: see benchmarks/README.md)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to use")
     parser.add_argument(

@@ -259,6 +259,10 @@ def render_table(report: dict[str, Any]) -> str:
     )
     if setup["pin"] is not None:
         head += "; " + Pinning(**{k: tuple(v) for k, v in setup["pin"].items()}).describe()
+    send_buffer = setup["send_buffer"]
+    head += "; publisher send buffer " + (
+        f"{send_buffer // 1024} KiB" if send_buffer else "autotuned by the kernel"
+    )
     reading = any(v["readers"] for v in report["variants"].values())
     columns = [
         "variant",
@@ -541,6 +545,7 @@ def build_report(bench: Bench) -> dict[str, Any]:
             "seconds_limit": plan.seconds,
             "rates": list(plan.rates),
             "pin": None if plan.pin is None else plan.pin.to_json(),
+            "send_buffer": plan.send_buffer,
             "broker_options": plan.broker_options,
             "variant_options": {v.name: v.options for v in plan.variants if v.options},
             "broker_env": bench.broker_env,

@@ -574,6 +574,7 @@ class Bench:
             *("--batch-messages", str(variant.batch_messages)),
             *("--bytes", str(plan.bytes), "--seconds", str(plan.seconds)),
             *("--interval", str(PROGRESS_INTERVAL)),
+            *("--send-buffer", str(plan.send_buffer)),
             *(("--session",) if variant.session else ()),
         ]
         return cmd if rate is None else [*cmd, "--rate", str(round(rate))]
