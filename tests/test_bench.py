@@ -1455,17 +1455,22 @@ def test_tiny_real_cluster_run(cxl_dir: Path) -> None:
     assert list(cxl_dir.iterdir()) == []  # every CXL file was deleted
 
 
-def test_the_load_generators_send_buffer_is_set_reported_and_can_be_left_to_the_kernel(
-    tmp_path: Path,
-) -> None:
+def test_the_load_generators_send_buffer_is_set_reported_and_can_be_left_to_the_kernel() -> None:
     """512 KiB unless told otherwise; 0 is the kernel's autotuning, which the
     table says, since it changes what a receiver that falls behind pays."""
     plan = bench.make_plan(_args("--variants", "staged-ack1", "--rounds", "1"))
     autotuned = bench.make_plan(
         _args("--variants", "staged-ack1", "--rounds", "1", "--send-buffer", "0")
     )
+    odd = bench.make_plan(
+        _args("--variants", "staged-ack1", "--rounds", "1", "--send-buffer", "100000")
+    )
     assert (plan.send_buffer, autotuned.send_buffer) == (512 * 1024, 0)
-    for p, shown in ((plan, "publisher send buffer 512 KiB"), (autotuned, "autotuned")):
+    for p, shown in (
+        (plan, "publisher send buffer 512 KiB"),
+        (autotuned, "autotuned"),
+        (odd, "publisher send buffer 100,000 B"),
+    ):
         b = bench.Bench(p, live=None)
         try:
             command = b.loadgen_command([("127.0.0.1", 9)], p.variants[0], 1)

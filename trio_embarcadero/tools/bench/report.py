@@ -260,9 +260,12 @@ def render_table(report: dict[str, Any]) -> str:
     if setup["pin"] is not None:
         head += "; " + Pinning(**{k: tuple(v) for k, v in setup["pin"].items()}).describe()
     send_buffer = setup["send_buffer"]
-    head += "; publisher send buffer " + (
-        f"{send_buffer // 1024} KiB" if send_buffer else "autotuned by the kernel"
-    )
+    if not send_buffer:
+        head += "; publisher send buffer autotuned by the kernel"
+    elif send_buffer % 1024:  # as given, not rounded down to a KiB figure
+        head += f"; publisher send buffer {send_buffer:,} B"
+    else:
+        head += f"; publisher send buffer {send_buffer // 1024} KiB"
     reading = any(v["readers"] for v in report["variants"].values())
     columns = [
         "variant",
