@@ -14,6 +14,7 @@ from memory import header, memory_broker, next_deadline, open_client, settle
 
 from trio_embarcadero.broker.monitor import PauseGate, run_pool_monitor, watermark_counts
 from trio_embarcadero.broker.staging import StagingBuffer, StagingPool
+from trio_embarcadero.wire import BATCH_HEADER_SIZE
 
 
 def take(pool: StagingPool) -> StagingBuffer:
@@ -248,9 +249,12 @@ async def test_pool_pressure_pauses_connections_until_the_low_watermark(
         await client.close()
 
 
-async def test_an_idle_connection_does_not_read_while_paused(
+async def test_an_idle_connection_reads_no_more_than_a_header_while_paused(
     make_config: MakeConfig, autojump_clock: trio.testing.MockClock
 ) -> None:
+    """Without an idle clock the wait for a header is not cut short by a
+    pause: the batch that arrives meanwhile is read as far as its header,
+    which holds no buffer, and waits at the gate for its payload."""
     async with (
         trio.open_nursery() as nursery,
         memory_broker(make_config(**POOL_CONFIG)) as (
@@ -265,14 +269,19 @@ async def test_an_idle_connection_does_not_read_while_paused(
         held = [take(broker.pool) for _ in range(3)]
         await settle()
         assert broker.gate.paused
+        assert broker.statistics().connections["wait_header"] == 1
         data, _ = rawclient.batch(0, 2, 0, 10, 100)
         await client.send(data)
-        await settle()
-        read = client.server.bytes_received
+        await trio.sleep(10.0)
+        assert client.server.bytes_received == 64 + BATCH_HEADER_SIZE
+        assert broker.statistics().connections["paused"] == 1
+        assert client.acks() == (0, [], None)
         for b in held:
             b.release()
+        await settle()
+        assert client.server.bytes_received == 64 + len(data)
+        assert client.acks() == (0, [10], None)
         await client.close()
-        assert read == 64
 
 
 async def test_a_pause_restarts_an_idle_connection_s_clock_and_a_stop_ends_its_wait(
@@ -346,8 +355,8 @@ async def test_allocator_backoff_fills_the_pool_and_pauses_the_publisher(
         assert stats.connections["paused"] == 1
         assert stats.allocation_retries == 1
         assert next_deadline() == pytest.approx(100e-6, abs=1e-12)
-        # The fourth batch stays unread.
-        read = 64 + 3 * len(batches[0])
+        # The fourth batch is read as far as its header, which waits at the gate.
+        read = 64 + 3 * len(batches[0]) + BATCH_HEADER_SIZE
         assert client.server.bytes_received == read
         assert not client.server.receiving
         assert client.acks() == (0, [], None)
@@ -366,6 +375,6 @@ async def test_allocator_backoff_fills_the_pool_and_pauses_the_publisher(
         assert (stats.pauses, stats.resumes) == (1, 1)
         assert stats.batches_committed == 4
         assert stats.pool.used == 0
-        assert client.server.bytes_received == read + len(batches[3])
+        assert client.server.bytes_received == 64 + 4 * len(batches[0])
         assert client.acks()[1][-1] == 40
         await client.close()

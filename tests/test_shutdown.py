@@ -15,6 +15,7 @@ from trio.testing import MockClock
 
 from trio_embarcadero.broker import Broker
 from trio_embarcadero.config import Config
+from trio_embarcadero.wire import BATCH_HEADER_SIZE
 
 US = 1e-6
 EPS = 10 * US
@@ -152,6 +153,61 @@ async def test_a_paused_connection_stops_at_once(
     assert client.eof_at == 0.5
     assert client.acks() == (0, [], (5, "broker is shutting down"))
     assert client.server.bytes_received == 64  # the batch at the gate was never read
+    assert walk_file(config.cxl.path) == []
+
+
+@pytest.mark.parametrize("use_nonblocking", [True, False], ids=["staged", "direct"])
+async def test_an_idle_connection_without_an_idle_clock_stops_at_once(
+    make_config: MakeConfig, autojump_clock: MockClock, use_nonblocking: bool
+) -> None:
+    """Its wait for the next header has no cancel scope of its own: a stop
+    cancels the receive loop there, and the connection ends with error 5
+    after its acks, at the moment of the stop."""
+    config = quiet_config(make_config, **{"network.use_nonblocking": use_nonblocking})
+    async with one_client(config) as (broker, client):
+        await client.send(rawclient.handshake("t", client_id=5, ack=1))
+        await client.send(rawclient.batch(0, 5, 0, 10, 300)[0])
+        await trio.sleep(3.0)
+        assert broker.statistics().connections["wait_header"] == 1
+        # Leave while it waits.
+    assert client.eof_at == 3.0
+    assert client.acks() == (0, [10], (5, "broker is shutting down"))
+
+
+async def test_a_header_read_while_paused_goes_with_a_stop(
+    make_config: MakeConfig, autojump_clock: MockClock
+) -> None:
+    """A batch that arrives at an idle connection after the pool monitor
+    paused receivers is read as far as its header; a stop meanwhile ends the
+    connection at once, and the batch is neither acked nor in the log."""
+    config = quiet_config(
+        make_config,
+        **{
+            "network.staging_pool_num_buffers": 2,
+            "network.pause_high_watermark": 0.5,
+            "network.resume_low_watermark": 0.0,
+        },
+    )
+    async with trio.open_nursery() as nursery:
+        async with memory_broker(config) as (broker, listener):
+            client = await open_client(listener, nursery)
+            await client.send(rawclient.handshake("t", client_id=5, ack=1))
+            await settle()
+            held = broker.pool.allocate()
+            assert held is not None
+            held.hand_off()
+            await settle()
+            assert broker.gate.paused
+            await client.send(rawclient.batch(0, 5, 0, 10, 300)[0])
+            await settle()
+            assert broker.statistics().connections["paused"] == 1
+            await trio.sleep(0.5)
+            # Leave while its header waits at the gate.
+        assert trio.current_time() == 0.5
+    held.release()
+    assert client.eof_at == 0.5
+    assert client.acks() == (0, [], (5, "broker is shutting down"))
+    assert client.server.bytes_received == 64 + BATCH_HEADER_SIZE
     assert walk_file(config.cxl.path) == []
 
 

@@ -11,7 +11,8 @@ and a subscribe connection through ``INIT -> SUBSCRIBED -> CLOSED``. The
 sessions (:mod:`.publish`, :mod:`.subscribe`) set the phase; the broker
 reads it for its statistics and asks for a graceful stop with
 :meth:`Connection.request_stop`, which cuts short only the waits a session
-marks as batch boundaries (:meth:`Connection.at_boundary`).
+marks as batch boundaries (:meth:`Connection.at_boundary`, or a scope the
+session hands over with :meth:`Connection.scope_entered`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """The pool monitor and the pause/resume gate it drives.
 
 Connection tasks pass through the gate at every batch boundary. While the
-gate is closed they do not read their sockets, so the kernel's receive buffer
-fills and TCP flow control slows the publisher down: backpressure without
-dropping anything. The monitor closes the gate when the staging buffers
-queued for the log (whole batches waiting for or held by an allocator) reach
-the high watermark and opens it again only at the low watermark; the gap
-between the two keeps connections from flapping on every single release.
+gate is closed they do not read their sockets beyond the next batch header (a
+connection that was already waiting for one takes it when it comes; a header
+holds no buffer), so the kernel's receive buffer fills and TCP flow control
+slows the publisher down: backpressure without dropping anything. The
+monitor closes the gate when the staging buffers queued for the log (whole
+batches waiting for or held by an allocator) reach the high watermark and
+opens it again only at the low watermark; the gap between the two keeps
+connections from flapping on every single release.
 
 Buffers still being filled do not count: they are bounded by the receive
 limiter, and counting them would let clients that stall mid-payload hold
@@ -71,10 +73,11 @@ class PauseGate:
     def scope_entered(self, scope: trio.CancelScope) -> None:
         """As a :class:`~.scopes.ScopeTracker`: the next :meth:`pause` cancels ``scope``.
 
-        Connection tasks wait for the next batch header in a
-        :class:`~.scopes.TrackedScope` the gate tracks: an idle connection
-        must not read a new batch after the gate closed, and a cancelled
-        receive consumes no bytes.
+        With ``idle_timeout_s`` set, connection tasks wait for the next batch
+        header in a :class:`~.scopes.TrackedScope` the gate tracks: a pause
+        stops their idle clock (it restarts at the resume), and a cancelled
+        receive consumes no bytes. Without an idle clock the wait is not
+        cut short: the header that ends it waits at the gate.
         """
         self._interruptible.add(scope)
 
