@@ -124,17 +124,18 @@ async def test_error_5_at_shutdown_is_expected_not_an_error(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+#: Two staging buffers: one queued for the log closes the gate until none is.
+PAUSE_AT_ONE_BUFFER = {
+    "network.staging_pool_num_buffers": 2,
+    "network.pause_high_watermark": 0.5,
+    "network.resume_low_watermark": 0.0,
+}
+
+
 async def test_a_paused_connection_stops_at_once(
     make_config: MakeConfig, autojump_clock: MockClock
 ) -> None:
-    config = quiet_config(
-        make_config,
-        **{
-            "network.staging_pool_num_buffers": 2,
-            "network.pause_high_watermark": 0.5,
-            "network.resume_low_watermark": 0.0,
-        },
-    )
+    config = quiet_config(make_config, **PAUSE_AT_ONE_BUFFER)
     async with trio.open_nursery() as nursery:
         async with memory_broker(config) as (broker, listener):
             held = broker.pool.allocate()
@@ -180,14 +181,7 @@ async def test_a_header_read_while_paused_goes_with_a_stop(
     """A batch that arrives at an idle connection after the pool monitor
     paused receivers is read as far as its header; a stop meanwhile ends the
     connection at once, and the batch is neither acked nor in the log."""
-    config = quiet_config(
-        make_config,
-        **{
-            "network.staging_pool_num_buffers": 2,
-            "network.pause_high_watermark": 0.5,
-            "network.resume_low_watermark": 0.0,
-        },
-    )
+    config = quiet_config(make_config, **PAUSE_AT_ONE_BUFFER)
     async with trio.open_nursery() as nursery:
         async with memory_broker(config) as (broker, listener):
             client = await open_client(listener, nursery)
