@@ -586,6 +586,7 @@ def test_tiny_real_paced_run_with_a_retention_variant(cxl_dir: Path) -> None:
         assert half["rate"] == 0.5
         assert half["runs"] == 1
         assert half["latency_ms"]["count"] == 4
+        assert len(half["busy"]["values"]) == 1  # the receiver's CPU over the run's length
     assert report["variants"]["staged-ack1+retention"]["cxl_size_mb"] == 128
     assert list(cxl_dir.iterdir()) == []
 
@@ -847,12 +848,15 @@ def test_summary_of_read_paced_and_tagged_variants() -> None:
         _run("read-sink1", 2, 1.0), _run("read-sink4", 2, 2.0), _run("read-sub4", 2, 1.9),
         _run("staged-ack1", 2, 2.0), _run("staged-ack1+retention", 2, 1.9),
     ]  # fmt: skip
+    for run in runs:
+        run.server_cpu_s = 0.5  # for its 1 GB
     for rnd, peak in ((1, 1.0), (2, 2.0)):
         for rate in (0.5, 0.8):
             paced = _run("staged-ack1", rnd, peak * rate)
             paced.rate, paced.offered_bytes_per_s = rate, peak * rate * 1e9
             paced.latency_us = [int(10_000 * rate)] * 3
             paced.send_lag_us = [5, 7, 9]
+            paced.server_cpu_s = 0.6  # a paced batch costs more
             runs.append(paced)
     runs.append(bench.RunResult("staged-ack1", 2, ok=False, rate=0.8, errors=["x"]))
     summary = bench.summarize(plan, runs)
@@ -878,6 +882,13 @@ def test_summary_of_read_paced_and_tagged_variants() -> None:
     assert most["latency_ms"]["p99"] == pytest.approx(8.0, rel=0.01)
     assert most["failed_runs"] == 1
     assert most["send_lag_ms"]["max"] == pytest.approx(0.009)
+    # The receiver's cost against the unpaced runs', and how busy it was:
+    # CPU seconds over each run's own length (1.25 s and 0.625 s at 80 %).
+    assert most["server_cpu_s_per_gb"]["median"] == pytest.approx(0.6)
+    assert most["cpu_vs_unpaced"] == pytest.approx(1.2)
+    assert most["busy"]["values"] == pytest.approx([0.48, 0.96])
+    assert half["busy"]["values"] == pytest.approx([0.3, 0.6])
+    assert staged["busy"]["values"] == pytest.approx([0.5, 1.0])
     retained = summary["staged-ack1+retention"]
     assert retained["ratio_to_untagged"] == pytest.approx(1.4 / 1.5)
     assert retained["paired_ratio_to_untagged"] == pytest.approx((0.9 + 0.95) / 2)
@@ -888,7 +899,9 @@ def test_summary_of_read_paced_and_tagged_variants() -> None:
     assert any(n.startswith("+retention cost: staged-ack1+retention moves 93%") for n in notes)
     assert any(
         n.startswith("Target (staged-ack1, 2,097,664 B batches): ack p99 < 5 ms at 80%")
-        and "-> 8.00 ms pooled; a run's own p99 (median [min-max] of 2): 8.00 [8.00-8.00] ms." in n
+        and "-> 8.00 ms pooled; a run's own p99 (median [min-max] of 2): 8.00 [8.00-8.00] ms; "
+        "the broker was busy 0.72 [0.48-0.96] of each run (unpaced 0.75)."
+        in n
         for n in notes
     )
 
@@ -928,12 +941,14 @@ def test_table_shows_the_read_ratio_and_the_paced_latencies(tmp_path: Path) -> N
         paced = _run("staged-ack1", 1, 0.8)
         paced.rate, paced.offered_bytes_per_s = 0.8, 0.8e9
         paced.latency_us = [3000, 4000]
+        paced.server_cpu_s = 0.9
         b.runs = [
             _run("read-sink1", 1, 2.0),
             _run("read-sub1", 1, 1.0),
             _run("staged-ack1", 1, 1.0),
             paced,
         ]
+        b.runs[2].server_cpu_s = 0.75
         for run in b.runs[:2]:
             run.latency_us = []
         report = bench.build_report(b)
@@ -952,6 +967,9 @@ def test_table_shows_the_read_ratio_and_the_paced_latencies(tmp_path: Path) -> N
     assert paced_row.split()[1:3] == ["80%", "0.80"]
     assert "3.0/4.0/4.0" in paced_row
     assert "4.0 [4.0-4.0]" in paced_row  # the one run's own p99
+    # The broker's CPU against its unpaced run (0.75 s for its GB), and how
+    # busy that kept it over the paced run's 1.25 s.
+    assert paced_row.split()[-3:] == ["0.90", "(1.20x)", "0.72"]
     # Without read or paced variants the table is as it was.
     plan = bench.make_plan(_args("--variants", "staged-ack1", "--rounds", "1"))
     b = bench.Bench(plan, live=None)

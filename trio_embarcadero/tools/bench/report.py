@@ -115,6 +115,7 @@ def summarize(plan: Plan, runs: Sequence[RunResult]) -> dict[str, Any]:
             "latency_ms": percentiles_ms(latency),
             "latency_after_send_ms": percentiles_ms(after_send),
             "server_cpu_s_per_gb": _spread([r.cpu_s_per_gb for r in mine]),
+            "busy": _spread(_busy(mine)),
             "server_peak_rss_bytes": max((r.server_peak_rss for r in mine), default=None),
             "server_peak_anon_bytes": max((r.server_peak_anon for r in mine), default=None),
             "loadgen_cpu_s_per_gb": _spread(
@@ -193,6 +194,8 @@ def _paced(v: Variant, rate: float, runs: Sequence[RunResult]) -> dict[str, Any]
     """The figures of ``v``'s runs paced at ``rate`` of its peak, latencies pooled."""
     mine = [r for r in runs if r.variant == v.name and r.rate == rate]
     good = [r for r in mine if r.ok]
+    cpu = _spread([r.cpu_s_per_gb for r in good])
+    unpaced = [r.cpu_s_per_gb for r in runs if r.variant == v.name and r.rate is None and r.ok]
     return {
         "rate": rate,
         "runs": len(good),
@@ -209,7 +212,23 @@ def _paced(v: Variant, rate: float, runs: Sequence[RunResult]) -> dict[str, Any]
         "latency_after_send_ms": percentiles_ms([x for r in good for x in r.latency_after_send_us]),
         "send_lag_ms": percentiles_ms([x for r in good for x in r.send_lag_us]),
         "time_bounded_runs": sum(1 for r in good if r.time_bounded),
+        # What the receiver spent: a batch that arrives alone wakes it, and a
+        # wake-up costs CPU of its own, so a paced batch costs more than an
+        # unpaced one. How busy that leaves the receiver says how much room
+        # it has to catch up after a stall.
+        "server_cpu_s_per_gb": cpu,
+        "cpu_vs_unpaced": (
+            cpu["median"] / statistics.median(unpaced)
+            if cpu["median"] is not None and unpaced and statistics.median(unpaced)
+            else None
+        ),
+        "busy": _spread(_busy(good)),
     }
+
+
+def _busy(runs: Sequence[RunResult]) -> list[float]:
+    """Each run's receiver CPU seconds per second of the run (1.0: one CPU all the time)."""
+    return [r.server_cpu_s / r.elapsed_s for r in runs if r.elapsed_s]
 
 
 # -- the table, the notes, the JSON, the plot ------------------------------------------
@@ -310,6 +329,9 @@ def render_table(report: dict[str, Any]) -> str:
             _latency(p["latency_ms"], "-"),
             _median_range(p["p99_per_run_ms"], ".1f"),
             _fmt(p["send_lag_ms"]["p99"], ".2f"),
+            _fmt(p["server_cpu_s_per_gb"]["median"])
+            + (f" ({p['cpu_vs_unpaced']:.2f}x)" if p["cpu_vs_unpaced"] else ""),
+            _fmt(p["busy"]["median"]),
         ]
         for name, v in report["variants"].items()
         for p in v["paced"]
@@ -355,6 +377,8 @@ def render_table(report: dict[str, Any]) -> str:
             "ack ms p50/p99/p99.9",
             "p99 ms a run: median [min-max]",
             "send lag ms p99",
+            "CPU s/GB (x unpaced)",
+            "busy",
         ]
         lines.extend([*_table(columns, paced), ""])
     lines.extend(report["notes"])
@@ -399,7 +423,10 @@ def _notes(plan: Plan, variants: dict[str, Any], storage: dict[str, Any] | None)
             "that fraction of the run's GB/s, every connection sending on a fixed schedule; "
             "ack latency runs from a batch's scheduled send (so a batch queued behind late "
             "ones counts its wait), send lag is how late its send began. Paced runs stop at "
-            "--seconds too (low rates): their percentiles need no fixed byte count."
+            "--seconds too (low rates): their percentiles need no fixed byte count. CPU s/GB: "
+            "the receiver's, against its unpaced runs' (a batch that arrives alone pays for "
+            "waking the receiver); busy: its CPU seconds per second of the run (1.00: one CPU "
+            "all the time), which leaves 1 - busy to catch up after a stall."
         )
     for name, raw in variants.items():
         if raw["receiver"] == BEST_RAW and raw["gb_per_s"]["median"]:
@@ -501,7 +528,8 @@ def _variant_notes(
         f"p99 < {TARGET_P99_MS:g} ms at {TARGET_P99_RATE:.0%} of the peak (meant for "
         f"64 KiB batches) -> {p['latency_ms']['p99']:.2f} ms pooled; a run's own p99 (median "
         f"[min-max] of {len(p['p99_per_run_ms']['values'])}): "
-        f"{_median_range(p['p99_per_run_ms'])} ms."
+        f"{_median_range(p['p99_per_run_ms'])} ms; the broker was busy "
+        f"{_median_range(p['busy'])} of each run (unpaced {_fmt(v['busy']['median'])})."
         + (
             ""
             if plan.pin is not None
@@ -568,6 +596,9 @@ def build_report(bench: Bench) -> dict[str, Any]:
             "latency_after_send_ms": "per batch, send completion to covering ack",
             "send_lag_ms": "paced runs: per batch, scheduled send to the start of its sendall",
             "storage_bytes": "bytes in the ack-2 run's disk log after the broker stopped",
+            "busy": "the receiver's CPU seconds (utime+stime) per second of the run",
+            "cpu_vs_unpaced": "paced runs: the receiver's CPU s/GB over its unpaced runs' "
+            "(ratio of medians)",
         },
         "variants": variants,
         "runs": [r.to_json() for r in bench.runs],
