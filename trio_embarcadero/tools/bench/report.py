@@ -195,7 +195,9 @@ def _paced(v: Variant, rate: float, runs: Sequence[RunResult]) -> dict[str, Any]
     mine = [r for r in runs if r.variant == v.name and r.rate == rate]
     good = [r for r in mine if r.ok]
     cpu = _spread([r.cpu_s_per_gb for r in good])
-    unpaced = [r.cpu_s_per_gb for r in runs if r.variant == v.name and r.rate is None and r.ok]
+    unpaced = _spread(
+        [r.cpu_s_per_gb for r in runs if r.variant == v.name and r.rate is None and r.ok]
+    )
     return {
         "rate": rate,
         "runs": len(good),
@@ -218,8 +220,8 @@ def _paced(v: Variant, rate: float, runs: Sequence[RunResult]) -> dict[str, Any]
         # it has to catch up after a stall.
         "server_cpu_s_per_gb": cpu,
         "cpu_vs_unpaced": (
-            cpu["median"] / statistics.median(unpaced)
-            if cpu["median"] is not None and unpaced and statistics.median(unpaced)
+            cpu["median"] / unpaced["median"]
+            if cpu["median"] is not None and unpaced["median"]
             else None
         ),
         "busy": _spread(_busy(good)),
