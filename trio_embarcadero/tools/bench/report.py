@@ -94,6 +94,7 @@ def summarize(plan: Plan, runs: Sequence[RunResult]) -> dict[str, Any]:
         after_send = [x for r in mine for x in r.latency_after_send_us]
         pool_peaks = [r.pool_peak for r in mine if r.pool_peak is not None]
         pauses = [r.pauses for r in mine if r.pauses is not None]
+        cpu = _spread([r.cpu_s_per_gb for r in mine])
         variants[v.name] = {
             "receiver": v.kind,
             "ack": v.ack,
@@ -114,7 +115,7 @@ def summarize(plan: Plan, runs: Sequence[RunResult]) -> dict[str, Any]:
             **{f"paired_ratio_to_{key}": paired(v.name, base) for key, base in bases.items()},
             "latency_ms": percentiles_ms(latency),
             "latency_after_send_ms": percentiles_ms(after_send),
-            "server_cpu_s_per_gb": _spread([r.cpu_s_per_gb for r in mine]),
+            "server_cpu_s_per_gb": cpu,
             "busy": _spread(_busy(mine)),
             "server_peak_rss_bytes": max((r.server_peak_rss for r in mine), default=None),
             "server_peak_anon_bytes": max((r.server_peak_anon for r in mine), default=None),
@@ -128,7 +129,9 @@ def summarize(plan: Plan, runs: Sequence[RunResult]) -> dict[str, Any]:
             "storage_bytes": _spread(
                 [float(r.storage_bytes) for r in mine if r.storage_bytes is not None]
             ),
-            "paced": [_paced(v, rate, runs) for rate in plan.rates] if v.paced else [],
+            "paced": (
+                [_paced(v, rate, runs, cpu["median"]) for rate in plan.rates] if v.paced else []
+            ),
             "brokers": v.brokers,
             "order": v.order,
             "session": v.session,
@@ -190,14 +193,14 @@ def _baselines(plan: Plan, v: Variant) -> dict[str, Variant | None]:
     }
 
 
-def _paced(v: Variant, rate: float, runs: Sequence[RunResult]) -> dict[str, Any]:
-    """The figures of ``v``'s runs paced at ``rate`` of its peak, latencies pooled."""
+def _paced(
+    v: Variant, rate: float, runs: Sequence[RunResult], unpaced_cpu: float | None
+) -> dict[str, Any]:
+    """The figures of ``v``'s runs paced at ``rate`` of its peak, latencies
+    pooled; ``unpaced_cpu`` is its unpaced runs' median CPU s/GB."""
     mine = [r for r in runs if r.variant == v.name and r.rate == rate]
     good = [r for r in mine if r.ok]
     cpu = _spread([r.cpu_s_per_gb for r in good])
-    unpaced = _spread(
-        [r.cpu_s_per_gb for r in runs if r.variant == v.name and r.rate is None and r.ok]
-    )
     return {
         "rate": rate,
         "runs": len(good),
@@ -220,9 +223,7 @@ def _paced(v: Variant, rate: float, runs: Sequence[RunResult]) -> dict[str, Any]
         # it has to catch up after a stall.
         "server_cpu_s_per_gb": cpu,
         "cpu_vs_unpaced": (
-            cpu["median"] / unpaced["median"]
-            if cpu["median"] is not None and unpaced["median"]
-            else None
+            cpu["median"] / unpaced_cpu if cpu["median"] is not None and unpaced_cpu else None
         ),
         "busy": _spread(_busy(good)),
     }
