@@ -50,6 +50,10 @@ fractions of the GB/s that run measured, and its ack latency is measured
 from each batch's scheduled send. With ``--pin`` the servers (brokers,
 sinks, the read path's sender) and the clients (load generator, readers)
 are bound to separate CPUs, and every run checks that the binding held.
+With ``--stall-probe`` a process on each CPU in use watches for stalls of
+the machine itself (:mod:`trio_embarcadero.tools.stallprobe`), and every run
+reports the ones in its window, so a paced run's tail can be told apart from
+a stall of the machine.
 
 Every receiver, sender, load generator and reader is a process of its own
 (:mod:`trio_embarcadero.tools.sink`, :mod:`trio_embarcadero.tools.loadgen`,

@@ -18,6 +18,7 @@ from ...errors import ConfigError
 from .plan import add_arguments, make_plan
 from .report import build_report, plot, render_table
 from .runner import Bench
+from .stalls import StallProbeError
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,10 +86,17 @@ def run(args: argparse.Namespace) -> int:
                     "measure a disk",
                     file=sys.stderr,
                 )
+        probe_failed = False
         try:
             trio.run(bench.run)
         except* KeyboardInterrupt:
             print("trio-embarcadero bench: interrupted; reporting the runs done", file=sys.stderr)
+        except* StallProbeError as group:
+            probe_failed = True
+            for failure in group.exceptions:
+                print(
+                    f"trio-embarcadero bench: {failure}; reporting the runs done", file=sys.stderr
+                )
         if bench.stopped_by is not None:
             print(
                 f"trio-embarcadero bench: {bench.stopped_by}: stopped; reporting the runs done",
@@ -106,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         plot(report, bench.runs, args.plot)
         print(f"plot written to {args.plot}", file=table_out)
-    return 0 if report["ok"] and bench.runs else 1
+    return 0 if report["ok"] and bench.runs and not probe_failed else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -224,6 +224,15 @@ class Plan:
     pin: Pinning | None = None
     #: ``--send-buffer``: the load generator's SO_SNDBUF a connection (0: autotuned).
     send_buffer: int = DEFAULT_SEND_BUFFER
+    #: ``--stall-probe``: watch the CPUs in use for stalls of the machine itself.
+    stall_probe: bool = False
+
+    def probe_cpus(self) -> list[int]:
+        """The CPUs ``--stall-probe`` watches: those the servers and clients
+        run on (``--pin``'s, or every CPU this process may use)."""
+        if self.pin is not None:
+            return sorted({*self.pin.servers, *self.pin.clients})
+        return sorted(os.sched_getaffinity(0))
 
     def connections_for(self, variant: Variant) -> int:
         """Publisher connections of ``variant``'s runs: ``--connections``, and
@@ -356,6 +365,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         rates=rates,
         pin=None if args.pin is None else pinning(args.pin, os.sched_getaffinity(0)),
         send_buffer=args.send_buffer,
+        stall_probe=args.stall_probe,
     )
 
 
@@ -630,6 +640,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the load generator's SO_SNDBUF a connection (default: 512KiB; 0: the kernel "
         "autotunes it, up to net.ipv4.tcp_wmem's maximum, and a receiver that falls behind "
         "then also runs its publishers' loopback transmits: see benchmarks/README.md)",
+    )
+    parser.add_argument(
+        "--stall-probe",
+        action="store_true",
+        help="watch each CPU in use for stalls of the machine itself (a process per CPU "
+        "sleeping 2 ms in a loop at real-time priority, where allowed, and noting each "
+        "wake-up over 1 ms late) and report each run's beside its latencies",
     )
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to use")
     parser.add_argument(

@@ -19,9 +19,11 @@ import attrs
 import numpy as np
 import trio
 
+from ..procfs import cpu_list_text
 from .plan import PROGRESS_INTERVAL, Pinning, Plan, Variant
 from .results import RunResult, percentile_source, percentiles_ms
 from .runner import Bench
+from .stalls import QUIET_STALL_MS
 
 #: The variants the ratio columns compare against (the fair and the best receiver).
 BASELINE = "trio-sink"
@@ -226,6 +228,29 @@ def _paced(
             cpu["median"] / unpaced_cpu if cpu["median"] is not None and unpaced_cpu else None
         ),
         "busy": _spread(_busy(good)),
+        "machine_stalls": _stalls(good),
+    }
+
+
+def _stalls(runs: Sequence[RunResult]) -> dict[str, Any] | None:
+    """``--stall-probe``: the longest stall of the machine in each run, and each
+    run's own p99 split by whether the machine was quiet (None: not probed)."""
+    probed = [r for r in runs if r.longest_stall_ms is not None]
+    if not probed:
+        return None
+    quiet = [r for r in probed if (r.longest_stall_ms or 0.0) <= QUIET_STALL_MS]
+    stalled = [r for r in probed if r not in quiet]
+
+    def p99s(group: Sequence[RunResult]) -> dict[str, Any]:
+        return _spread(
+            [p99 for r in group if (p99 := percentiles_ms(r.latency_us)["p99"]) is not None]
+        )
+
+    return {
+        "longest_ms": _spread([r.longest_stall_ms or 0.0 for r in probed]),
+        "quiet_runs": len(quiet),
+        "p99_quiet_runs_ms": p99s(quiet),
+        "p99_stalled_runs_ms": p99s(stalled),
     }
 
 
@@ -289,6 +314,7 @@ def render_table(report: dict[str, Any]) -> str:
     else:
         head += f"; publisher send buffer {send_buffer // 1024} KiB"
     reading = any(v["readers"] for v in report["variants"].values())
+    probed = setup.get("stall_probe") is not None
     columns = [
         "variant",
         "GB/s median [min-max]",
@@ -335,6 +361,7 @@ def render_table(report: dict[str, Any]) -> str:
             _fmt(p["server_cpu_s_per_gb"]["median"])
             + (f" ({p['cpu_vs_unpaced']:.2f}x)" if p["cpu_vs_unpaced"] else ""),
             _fmt(p["busy"]["median"]),
+            *([_stall_cell(p["machine_stalls"])] if probed else []),
         ]
         for name, v in report["variants"].items()
         for p in v["paced"]
@@ -382,15 +409,30 @@ def render_table(report: dict[str, Any]) -> str:
             "send lag ms p99",
             "CPU s/GB (x unpaced)",
             "busy",
+            *(["longest machine stall ms (quiet runs)"] if probed else []),
         ]
         lines.extend([*_table(columns, paced), ""])
     lines.extend(report["notes"])
     return "\n".join(lines)
 
 
-def _notes(plan: Plan, variants: dict[str, Any], storage: dict[str, Any] | None) -> list[str]:
+def _stall_cell(stalls: dict[str, Any] | None) -> str:
+    """``"3.1 [0.0-27.6] (2/5)"``: the longest stall a run, and how many runs were quiet."""
+    if stalls is None:
+        return "-"
+    longest = stalls["longest_ms"]
+    return f"{_median_range(longest, '.1f')} ({stalls['quiet_runs']}/{len(longest['values'])})"
+
+
+def _notes(
+    plan: Plan,
+    variants: dict[str, Any],
+    storage: dict[str, Any] | None,
+    stall_probe: dict[str, Any] | None = None,
+) -> list[str]:
     """The lines under the tables: what the columns mean, the load generator's own rate,
-    the ack-2 set-up and cost, the targets, and runs cut short by ``--seconds``."""
+    the ack-2 set-up and cost, the stall probe, the targets, and runs cut short by
+    ``--seconds``."""
     notes = [
         "GB/s: message payload (message size x messages, 10**9 B) from the first send to the "
         "last ack (ack 1 and 2) or to the receiver closing after reading everything (ack 0).",
@@ -444,6 +486,20 @@ def _notes(plan: Plan, variants: dict[str, Any], storage: dict[str, Any] | None)
             f"(a fresh directory per run under {storage['dir']}, {storage['filesystem']}); "
             f"group commit: one sync {storage['sync_interval_ms']:g} ms after the first "
             f"unsynced commit, or once {storage['sync_bytes'] / 2**20:g} MiB wait."
+        )
+    if stall_probe is not None:
+        priority = (
+            "at real-time priority, so a late wake-up is the machine's (a hypervisor's pause, "
+            "a kernel section that cannot be preempted), not a busy process's"
+            if stall_probe["realtime"]
+            else "NOT at real-time priority (it needs root or CAP_SYS_NICE), so its stalls "
+            "include waits behind the bench's own busy processes"
+        )
+        notes.append(
+            f"Machine stalls: a probe on each of CPUs {cpu_list_text(stall_probe['cpus'])} "
+            f"sleeps {stall_probe['period_ms']:g} ms in a loop, {priority}; a stall is a "
+            f"wake-up over {stall_probe['threshold_ms']:g} ms late, and a run is quiet when "
+            f"none in its window was over {stall_probe['quiet_ms']:g} ms."
         )
     by_variant = {v.name: v for v in plan.variants}
     for name, v in variants.items():
@@ -539,10 +595,27 @@ def _variant_notes(
             else " Not pinned: the scheduler may put the broker on its load generator's core "
             "(--pin keeps them apart)."
         )
+        + _quiet_note(p["machine_stalls"])
         for p in v["paced"]
         if variant.is_broker and p["rate"] == TARGET_P99_RATE and p["latency_ms"]["count"]
     )
     return notes
+
+
+def _quiet_note(stalls: dict[str, Any] | None) -> str:
+    """The target note's words on the runs the machine left alone and the others."""
+    if stalls is None:
+        return ""
+    quiet, stalled = stalls["p99_quiet_runs_ms"], stalls["p99_stalled_runs_ms"]
+    text = (
+        f" Runs with no machine stall over {QUIET_STALL_MS:g} ms: {len(quiet['values'])} of "
+        f"{len(stalls['longest_ms']['values'])}"
+    )
+    if quiet["values"]:
+        text += f", their p99 {_median_range(quiet)} ms"
+    if stalled["values"]:
+        text += f"; the others' {_median_range(stalled)} ms"
+    return text + "."
 
 
 def build_report(bench: Bench) -> dict[str, Any]:
@@ -580,6 +653,7 @@ def build_report(bench: Bench) -> dict[str, Any]:
             "rates": list(plan.rates),
             "pin": None if plan.pin is None else plan.pin.to_json(),
             "send_buffer": plan.send_buffer,
+            "stall_probe": None if bench.stall_probes is None else bench.stall_probes.setup(),
             "broker_options": plan.broker_options,
             "variant_options": {v.name: v.options for v in plan.variants if v.options},
             "broker_env": bench.broker_env,
@@ -605,7 +679,12 @@ def build_report(bench: Bench) -> dict[str, Any]:
         },
         "variants": variants,
         "runs": [r.to_json() for r in bench.runs],
-        "notes": _notes(plan, variants, storage),
+        "notes": _notes(
+            plan,
+            variants,
+            storage,
+            None if bench.stall_probes is None else bench.stall_probes.setup(),
+        ),
         "ok": all(r.ok for r in bench.runs),
     }
 

@@ -58,6 +58,16 @@ class RunResult:
     #: The CPUs the servers' threads and the client process could run on.
     server_cpus: list[int] = attrs.Factory(list)
     client_cpus: list[int] = attrs.Factory(list)
+    #: The client's measured window, on the ``time.monotonic()`` clock.
+    window: tuple[float, float] | None = None
+    #: ``--stall-probe``: each stall of a probed CPU in the window, ms (None: no probe).
+    machine_stalls_ms: list[float] | None = None
+
+    @property
+    def longest_stall_ms(self) -> float | None:
+        """The longest stall of the machine in the run (0.0: none; None: not probed)."""
+        stalls = self.machine_stalls_ms
+        return None if stalls is None else max(stalls, default=0.0)
 
     @property
     def broker_gb_per_s(self) -> list[float]:
@@ -119,6 +129,8 @@ class RunResult:
             "broker_cpu_s": self.broker_cpu_s,
             "server_cpus": self.server_cpus,
             "client_cpus": self.client_cpus,
+            "machine_stalls_ms": self.machine_stalls_ms,
+            "longest_stall_ms": self.longest_stall_ms,
             "series": [[round(t, 3), b] for t, b in self.series],
         }
 

@@ -28,7 +28,7 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
@@ -43,8 +43,10 @@ from ..procfs import (
     process_cpus,
     process_memory,
 )
+from .children import pump, stop_process
 from .plan import PROGRESS_INTERVAL, Plan, Variant
 from .results import RunResult, percentiles
+from .stalls import StallProbes
 
 _LISTENING_RE = re.compile(r"listening on (\S+):(\d+)")
 # The broker's statistics line: "... staging 3 of 32 buffers in use (peak 12); ... 0 pauses, ...".
@@ -68,7 +70,6 @@ _CONTROLLED_ENV = frozenset(
 )
 _LIVE_INTERVAL = 1.0  # live lines printed here
 _STATS_INTERVAL = 0.5  # the broker's statistics log line
-_SERVER_STOP_TIMEOUT = 20.0
 _ATTEMPTS = 3  # per run, when the receiver fails (not when it is merely slow)
 
 
@@ -95,50 +96,6 @@ def _take_result(result: RunResult, final: dict[str, Any]) -> None:
     result.messages = final["messages"]
     result.elapsed_s = final["elapsed_s"]
     result.time_bounded = final["time_bounded"]
-
-
-# -- processes ---------------------------------------------------------------------
-
-
-async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[str]:
-    """The lines of a child's output stream, as they come."""
-    pending = b""
-    while True:
-        data = await stream.receive_some(1 << 16)
-        if not data:
-            break
-        pending += data
-        *complete, pending = pending.split(b"\n")
-        for line in complete:
-            yield line.decode("utf-8", "replace")
-    if pending:
-        yield pending.decode("utf-8", "replace")
-
-
-async def _pump(stream: trio.abc.ReceiveStream | None, on_line: Callable[[str], None]) -> None:
-    """Hand every line of ``stream`` to ``on_line`` until it ends."""
-    if stream is None:
-        return
-    try:
-        async for line in _lines(stream):
-            on_line(line)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-
-
-async def _stop_process(process: trio.Process, sig: int) -> None:
-    """Signal, wait (bounded), then kill; shielded so cleanup survives cancellation."""
-    with trio.CancelScope(shield=True):
-        if process.returncode is None:
-            try:
-                process.send_signal(sig)
-            except ProcessLookupError:
-                pass
-            with trio.move_on_after(_SERVER_STOP_TIMEOUT):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
 
 
 class Server:
@@ -195,6 +152,8 @@ class Bench:
             if (k.startswith("TRIO_EMBARCADERO_") or k.startswith("EMBARCADERO_"))
             and k not in _CONTROLLED_ENV
         }
+        #: ``--stall-probe``'s probes (None without it).
+        self.stall_probes = StallProbes(plan.probe_cpus()) if plan.stall_probe else None
         self._tmp = tempfile.TemporaryDirectory(prefix="trio-embarcadero-bench-")
         self._storage: StorageConfig | None = None
 
@@ -306,8 +265,23 @@ class Bench:
         """
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._stop_on_signal, nursery.cancel_scope)
-            await self._run_all()
+            if self.stall_probes is not None:
+                await nursery.start(self.stall_probes.serve)
+            try:
+                await self._run_all()
+            finally:
+                self._note_stalls()
             nursery.cancel_scope.cancel()
+
+    def _note_stalls(self) -> None:
+        """Give every run the stalls its window saw (again at the end: a stall
+        that ended a run's window may be reported just after it)."""
+        probes = self.stall_probes
+        if probes is None:
+            return
+        for run in self.runs:
+            if run.window is not None:
+                run.machine_stalls_ms = probes.during(*run.window)
 
     async def _stop_on_signal(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
@@ -331,6 +305,7 @@ class Bench:
                     started = time.monotonic()
                     result = await self.run_with_retries(variant, rnd, label, rate)
                     self.runs.append(result)
+                    self._note_stalls()
                     self.say(self.run_line(label, result, time.monotonic() - started))
 
     def peak(self, variant: Variant) -> float | None:
@@ -397,10 +372,18 @@ class Bench:
         )
         pool = f", pool peak {r.pool_peak}/{r.pool_size}, pauses {r.pauses}" if r.pool_size else ""
         disk = f", {r.storage_bytes / 1e9:.2f} GB on disk" if r.storage_bytes is not None else ""
+        stalls = r.machine_stalls_ms
+        machine = ""
+        if stalls is not None:
+            machine = (
+                f", {len(stalls)} machine stall(s), longest {max(stalls):.1f} ms"
+                if stalls
+                else ", no machine stall"
+            )
         fill = f"; untimed fill {r.fill_s:.1f} s" if r.fill_s is not None else ""
         return (
             f"{label}: {r.gb_per_s:.2f} GB/s{offered}, {r.msgs_per_s / 1e6:.2f} M msg/s, "
-            f"{lat_text}, receiver CPU {r.cpu_s_per_gb:.2f} s/GB{pool}{disk} "
+            f"{lat_text}, receiver CPU {r.cpu_s_per_gb:.2f} s/GB{pool}{disk}{machine} "
             f"({r.payload_bytes / 1e9:.2f} GB in {r.elapsed_s:.2f} s{fill}; wall {wall:.1f} s)"
         )
 
@@ -432,7 +415,7 @@ class Bench:
                 servers.append(server)
         except BaseException:
             for server in servers:
-                await _stop_process(server.process, signal.SIGKILL)
+                await stop_process(server.process, signal.SIGKILL)
             raise
         return servers
 
@@ -478,8 +461,8 @@ class Bench:
         )
         self.pin(process, "servers")
         server = Server(variant, process)
-        nursery.start_soon(_pump, process.stdout, server.on_line)
-        nursery.start_soon(_pump, process.stderr, server.on_line)
+        nursery.start_soon(pump, process.stdout, server.on_line)
+        nursery.start_soon(pump, process.stderr, server.on_line)
         # Broker start-up faults the whole CXL region in (~1 GB/s here); the
         # read sink fills its topic first.
         with trio.move_on_after(60 + prefault_mb / 200):
@@ -489,7 +472,7 @@ class Bench:
                 with trio.move_on_after(0.1):
                     await server.listening.wait()
         if server.address is None:
-            await _stop_process(process, signal.SIGKILL)
+            await stop_process(process, signal.SIGKILL)
             tail = " | ".join(server.tail)
             who = f" broker {broker_id}" if variant.is_cluster else ""
             raise BenchError(f"{variant.name}:{who} receiver did not start: {tail}")
@@ -527,7 +510,7 @@ class Bench:
                 finally:
                     # The others first: broker 0 (the head) orders their last batches.
                     for server in reversed(servers):
-                        await _stop_process(
+                        await stop_process(
                             server.process, signal.SIGINT if variant.is_broker else signal.SIGTERM
                         )
                 for server in servers:
@@ -750,6 +733,9 @@ class Bench:
                 return
             if record.get("type") == "result":
                 final.update(record)
+                # The client's own window, on the clock its stall probes share.
+                now = time.monotonic()
+                result.window = (now - float(record["elapsed_s"]), now)
             elif record.get("type") == "progress":
                 on_progress(record)
 
@@ -759,8 +745,8 @@ class Bench:
         self.pin(process, "clients")
         try:
             async with trio.open_nursery() as pumps:
-                pumps.start_soon(_pump, process.stdout, on_line)
-                pumps.start_soon(_pump, process.stderr, stderr.append)
+                pumps.start_soon(pump, process.stdout, on_line)
+                pumps.start_soon(pump, process.stderr, stderr.append)
                 with trio.move_on_after(self.plan.seconds + 120) as scope:
                     while process.poll() is None:
                         anon = sum(process_memory(s.process.pid).get("RssAnon", 0) for s in servers)
@@ -772,7 +758,7 @@ class Bench:
                 if scope.cancelled_caught:
                     result.errors.append(f"{name} did not finish in time")
         finally:
-            await _stop_process(process, signal.SIGKILL if result.errors else signal.SIGTERM)
+            await stop_process(process, signal.SIGKILL if result.errors else signal.SIGTERM)
         if not final:
             result.errors.append(f"{name} failed: " + " | ".join(stderr))
         return final
