@@ -1463,7 +1463,7 @@ def test_config_to_toml_defaults_text() -> None:
         "[topics]",
     ]
     keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line]
-    assert len(keys) == 5 + 4 + 26 + 16 + 5 + 3 + 2 + 3
+    assert len(keys) == 5 + 4 + 27 + 16 + 5 + 3 + 2 + 3
 
 
 @pytest.mark.parametrize(

@@ -430,6 +430,11 @@ class NetworkConfig(_Checked):
             waits for anything. 0 writes a count for every acked batch.
             (Same-connection acks; a dial-back ack stream, shared by several
             connections, always gets one per batch.)
+        socket_receive_buffer_kb: Receive buffer (``SO_RCVBUF``) of each
+            client connection, KiB; 0 leaves it to the kernel's autotuning.
+            Linux caps it at ``net.core.rmem_max``: where that is lower, the
+            broker keeps the autotuning (a capped buffer would be smaller)
+            and says so.
         shutdown_grace_s: Time connections get to finish on shutdown.
         stats_interval_s: Period of the statistics log line.
         max_connections: Connections accepted at once.
@@ -497,6 +502,22 @@ class NetworkConfig(_Checked):
     # read 512 KiB that has already arrived.
     ack_coalesce_kb: int = attrs.field(
         default=512, validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)]
+    )
+    # A publisher that gets ahead of the broker for a few milliseconds (a
+    # pause of the machine, a burst) leaves its bytes in this buffer. Once it
+    # is full the TCP window closes, and every read of the broker reopens it
+    # and sets the publisher's queued bytes moving again, in small pieces;
+    # on loopback the broker's CPU does that sending too, and a broker paced
+    # near its peak then never caught up (benchmarks/README.md). Autotuning
+    # sizes the buffer for the rate, not for a backlog (0.1-0.9 MiB here at
+    # 0.25 GB/s a connection); 4 MiB holds ~16 ms of such a publisher.
+    socket_receive_buffer_kb: int = attrs.field(
+        default=4096,
+        validator=[
+            attrs.validators.instance_of(int),
+            attrs.validators.ge(0),
+            attrs.validators.le(1 << 20),
+        ],
     )
     shutdown_grace_s: float = attrs.field(default=5.0, validator=_non_negative_float)
     stats_interval_s: float = attrs.field(default=5.0, validator=_positive_float)

@@ -11,6 +11,7 @@ else on failure: this module is the I/O boundary.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Protocol
 
@@ -95,6 +96,28 @@ class StreamReceiver:
 
     def receive_into_nowait(self, view: memoryview) -> int | None:
         return None  # a stream's buffered bytes are reached only by waiting
+
+
+_RMEM_MAX = "/proc/sys/net/core/rmem_max"
+
+
+def receive_buffer_cap() -> int | None:
+    """``net.core.rmem_max``: the most ``SO_RCVBUF`` may ask for (None: unknown)."""
+    try:
+        with open(_RMEM_MAX) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def set_receive_buffer(stream: trio.abc.Stream, size: int) -> None:
+    """Give an IP socket stream a receive buffer of ``size`` bytes
+    (``SO_RCVBUF``, which ends the kernel's autotuning of it); other streams
+    have none to set."""
+    if isinstance(stream, trio.SocketStream) and is_ip_socket(stream.socket):
+        # A connection reset meanwhile fails here: its first read says so.
+        with contextlib.suppress(OSError):
+            stream.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, size)
 
 
 def is_ip_socket(sock: trio.socket.SocketType) -> bool:

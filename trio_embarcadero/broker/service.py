@@ -57,7 +57,7 @@ from ..log.ownership import BrokerLock, claim_disk_log, claim_region, settings_p
 from ..log.region import check_memory_ordering
 from ..log.sessions import Claim
 from ..log.settings import TopicSettingsFile, remove_settings
-from ..transport import is_ip_socket
+from ..transport import is_ip_socket, receive_buffer_cap, set_receive_buffer
 from ..wire import encode_error_frame
 from .acks import DialBackRegistry, DialBackStatistics
 from .admin import AdminApi
@@ -139,6 +139,7 @@ class Broker:
         self.topic_settings = TopicSettingsFile(log.path, lambda: log.region, log.geometry)
         self.failure: StorageError | None = None
         self._failed = trio.Event()
+        self._receive_buffer = _receive_buffer_size(net.socket_receive_buffer_kb)
         self.durability = (
             Durability(disk, self._storage_failed, on_sync=self._synced)
             if disk is not None
@@ -513,6 +514,8 @@ class Broker:
             await self._refuse(stream, refusal)
             return
         self.counters.connections_accepted += 1
+        if self._receive_buffer:
+            set_receive_buffer(stream, self._receive_buffer)
         connection = Connection(stream, next(self._ids), peer)
         self.connections.add(connection)
         if address is not None:
@@ -592,6 +595,24 @@ class Broker:
     def _http_url(self) -> str:
         host = self.config.http.host
         return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}"
+
+
+def _receive_buffer_size(kib: int) -> int | None:
+    """The ``SO_RCVBUF`` to give client connections (None: the kernel's autotuning)."""
+    if not kib:
+        return None
+    cap = receive_buffer_cap()
+    if cap is not None and cap < kib * 1024:
+        # Capped, the buffer would be smaller than autotuning makes it.
+        logger.info(
+            "client receive buffers: autotuned by the kernel, as net.core.rmem_max (%d B) "
+            "is below network.socket_receive_buffer_kb (%d KiB); raise net.core.rmem_max "
+            "to give each connection that buffer",
+            cap,
+            kib,
+        )
+        return None
+    return kib * 1024
 
 
 def _bound_port(listeners: Sequence[trio.SocketListener]) -> int | None:
