@@ -239,7 +239,7 @@ def _stalls(runs: Sequence[RunResult]) -> dict[str, Any] | None:
     if not probed:
         return None
     quiet = [r for r in probed if (r.longest_stall_ms or 0.0) <= QUIET_STALL_MS]
-    stalled = [r for r in probed if r not in quiet]
+    stalled = [r for r in probed if (r.longest_stall_ms or 0.0) > QUIET_STALL_MS]
 
     def p99s(group: Sequence[RunResult]) -> dict[str, Any]:
         return _spread(
