@@ -62,6 +62,8 @@ class _Probe:
         self.realtime = False
         self.errors: deque[str] = deque(maxlen=5)
         self.output_ended = trio.Event()
+        #: Set once the probe is ready or has said all it ever will.
+        self.settled = trio.Event()
 
     async def read(self, process: trio.Process) -> None:
         """Take the process's output to its end."""
@@ -69,6 +71,7 @@ class _Probe:
             nursery.start_soon(pump, process.stdout, self.on_line)
             nursery.start_soon(pump, process.stderr, self.errors.append)
         self.output_ended.set()
+        self.settled.set()
 
     async def failure(self, what: str) -> StallProbeError:
         """``what`` happened to the probe, with the last it said (once it has said all)."""
@@ -91,6 +94,7 @@ class _Probe:
         elif record.get("type") == "ready":
             self.realtime = bool(record["realtime"])
             self.ready.set()
+            self.settled.set()
 
 
 class StallProbes:
@@ -135,10 +139,10 @@ class StallProbes:
                 raise StallProbeError(f"cannot bind a stall probe to CPU {cpu}: {exc}") from None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(probe.read, process)
+                # Its output, not its exit, tells: a probe may say it is
+                # ready and end before this task looks.
                 with trio.move_on_after(_START_TIMEOUT):
-                    while not probe.ready.is_set() and process.poll() is None:
-                        with trio.move_on_after(0.1):
-                            await probe.ready.wait()
+                    await probe.settled.wait()
                 if not probe.ready.is_set():
                     raise await probe.failure("did not start")
                 task_status.started(probe)
