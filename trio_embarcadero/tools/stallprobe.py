@@ -17,7 +17,7 @@ line says which it got.
 A paced receiver has ``1 - busy`` of its CPU to catch up with after a stall,
 so on a shared VM one stall of a few milliseconds can be a run's ack p99:
 the bench puts each run's stalls beside its latencies to tell the two apart.
-It costs a wake-up every period on each probed CPU: on a 2-core VM, 2-3 % of
+It costs a wake-up every period on each probed CPU: on a 2-core VM, 2-4 % of
 each CPU for the probe itself, and a few percent of a paced broker's CPU a
 batch (the wake-ups preempt it), so it is for runs that ask for it.
 
